@@ -1,0 +1,38 @@
+# fedsocial: `make demo` and `make test` do all the set-up on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
+export FLWR_DISABLE_UPDATE_CHECK := 1
+export FLWR_HOME := $(CURDIR)/.flwr
+DEMO_OUT ?= runs/demo
+
+.PHONY: venv demo test lint bench e2e clean
+
+venv: $(STAMP)
+
+# CPU torch first: a plain torch requirement would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/fedsocial train --config configs/demo.toml --out $(DEMO_OUT)
+	@echo "Results: $(DEMO_OUT)/metrics.json"
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+bench: $(STAMP)
+	$(VENV)/bin/python -m simulations.bench
+
+clean:
+	rm -rf $(VENV) runs .flwr

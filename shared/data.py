@@ -1,0 +1,60 @@
+"""The one in-memory representation of a social-recommendation dataset, and its split form.
+
+Ids are contiguous integers after cleaning: users ``0..n_users-1``, items ``0..n_items-1``.
+Interactions are implicit positives (one row per distinct (user, item) pair); social edges are
+directed (u, v): "u follows / trusts v"; undirected datasets list both directions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+class DataError(ValueError):
+    """Malformed input data; the message names the file, the line and the problem."""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    n_users: int
+    n_items: int
+    users: np.ndarray  # int64 [N] user of each interaction
+    items: np.ndarray  # int64 [N] item of each interaction
+    social_src: np.ndarray  # int64 [E] u in "u follows v"
+    social_dst: np.ndarray  # int64 [E] v
+    item_category: np.ndarray | None = None  # int64 [n_items] or None
+    name: str = ""
+    user_ids: np.ndarray | None = None  # original id of each user index (None: identity)
+    item_ids: np.ndarray | None = None  # original id of each item index
+    extra: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def n_interactions(self) -> int:
+        return int(self.users.shape[0])
+
+    @property
+    def n_edges(self) -> int:
+        return int(self.social_src.shape[0])
+
+
+@dataclass(frozen=True)
+class SplitData:
+    """A dataset with each user's interactions split into train / val / test (8:1:1 by default)."""
+
+    dataset: Dataset
+    train_users: np.ndarray
+    train_items: np.ndarray
+    val_users: np.ndarray
+    val_items: np.ndarray
+    test_users: np.ndarray
+    test_items: np.ndarray
+
+    @property
+    def n_users(self) -> int:
+        return self.dataset.n_users
+
+    @property
+    def n_items(self) -> int:
+        return self.dataset.n_items
