@@ -1,0 +1,56 @@
+"""The ``fedsocial`` command line: one entry point, subcommands implemented in their own modules.
+
+Each subcommand module exposes ``main(argv) -> int``; errors that are the user's (bad config, bad
+data, bad ledger) are printed as one line naming the file, line or key, without a traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from collections.abc import Callable
+
+# Flower must never install packages at run time or phone home; keep its state inside the project.
+os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+os.environ.setdefault("FLWR_HOME", os.path.join(os.getcwd(), ".flwr"))
+
+COMMANDS: dict[str, tuple[str, str, str]] = {  # name: (module, function, help)
+    "train": ("simulations.train", "main", "centralized training and full-ranking evaluation"),
+    "simulate": ("simulations.simulate", "main", "federated simulation (Flower, in-process)"),
+    "audit": ("simulations.audit", "main", "verify privacy ledgers and recompute the budget"),
+    "partition": ("simulations.partition_cmd", "main", "write one self-contained folder per partner"),
+    "certs": ("simulations.certs", "main_certs", "make a CA and a SuperLink TLS certificate"),
+    "keys": ("simulations.certs", "main_keys", "make a partner's SuperNode and ledger keys"),
+    "bench": ("simulations.bench", "main", "run the benchmark harness"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: fedsocial COMMAND [options]", "", "commands:"]
+    lines += [f"  {name:<10} {help_}" for name, (_, _, help_) in COMMANDS.items()]
+    lines.append("\n`fedsocial COMMAND --help` for a command's options.")
+    return "\n".join(lines)
+
+
+def _resolve(name: str) -> Callable[[list[str]], int]:
+    module_name, func, _ = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    return getattr(module, func)  # type: ignore[no-any-return]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    name, rest = args[0], args[1:]
+    if name not in COMMANDS:
+        print(f"fedsocial: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    return int(_resolve(name)(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""``fedsocial train``: centralized training (non-private or user-level DP) and full-ranking evaluation.
+
+Writes ``OUT/metrics.json`` with the test metrics at the top level (``ndcg@10`` ...), the config,
+seed, epochs, wall time, and ``epsilon``/``delta`` when DP is on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+from simulations.common import add_config_arguments, config_from_args, format_table, user_errors, write_json_atomic
+
+METRIC_KEYS = ("recall@10", "ndcg@10", "hr@10", "recall@20", "ndcg@20", "hr@20")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedsocial train", description=__doc__)
+    add_config_arguments(parser)
+    parser.add_argument("--out", default=None, help="run folder (default: runs/<config name>)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+class _Progress:
+    """A tqdm bar over epochs that shows the latest loss and validation NDCG@10."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, desc="epochs", unit="ep", disable=not enabled, dynamic_ncols=True)
+
+    def __call__(self, info: dict[str, Any]) -> None:
+        shown = {k: f"{v:.4f}" for k, v in info.items() if k in ("loss", "val_ndcg@10", "epsilon")
+                 and isinstance(v, float)}
+        self.bar.set_postfix(shown, refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def run_train(cfg: Any, data_dir: str | None, out: Path, progress: bool = True) -> dict[str, Any]:
+    """Load, split, train and evaluate; returns (and writes) the metrics document."""
+    from shared.loaders import load_dataset
+    from shared.split import split_dataset
+    from shared.trainer import train_centralized
+
+    t0 = time.perf_counter()
+    dataset = load_dataset(cfg.data, data_dir)
+    split = split_dataset(dataset, cfg.split)
+    load_s = time.perf_counter() - t0
+    epochs = (cfg.privacy.epochs or cfg.train.epochs) if cfg.privacy.enabled else cfg.train.epochs
+    bar = _Progress(epochs, progress)
+    try:
+        outcome = train_centralized(cfg, split, progress=bar)
+    finally:
+        bar.close()
+    doc: dict[str, Any] = {k: float(outcome.metrics[k]) for k in METRIC_KEYS}
+    doc.update(_outcome_fields(outcome))
+    doc.update({
+        "dataset": {"name": dataset.name, "users": dataset.n_users, "items": dataset.n_items,
+                    "interactions": dataset.n_interactions, "social_edges": dataset.n_edges},
+        "seed": cfg.train.seed,
+        "wall_time_s": time.perf_counter() - t0,
+        "load_time_s": load_s,
+        "platform": {"python": platform.python_version(), "machine": platform.machine()},
+        "config": cfg.to_dict(),
+    })
+    write_json_atomic(out / "metrics.json", doc)
+    return doc
+
+
+def _outcome_fields(outcome: Any) -> dict[str, Any]:
+    fields = dataclasses.asdict(outcome) if dataclasses.is_dataclass(outcome) else dict(vars(outcome))
+    fields.pop("metrics", None)
+    fields = {k: v for k, v in fields.items() if not k.startswith("_") and k != "state"}
+    if fields.get("epsilon") is None:  # DP off: no epsilon/delta keys at all
+        fields.pop("epsilon", None)
+        fields.pop("delta", None)
+    return fields
+
+
+def summary(doc: dict[str, Any]) -> str:
+    rows = [(k, f"{doc[k]:.4f}") for k in METRIC_KEYS]
+    if "epsilon" in doc:
+        rows.append(("epsilon", f"{doc['epsilon']:.3f} (delta {doc['delta']:g})"))
+    for key in ("best_epoch", "epochs_run"):
+        if key in doc:
+            rows.append((key.replace("_", " "), str(doc[key])))
+    rows.append(("wall time", f"{doc['wall_time_s']:.1f} s"))
+    return format_table(rows, title=f"test metrics ({doc['dataset']['name']}, seed {doc['seed']})")
+
+
+@user_errors
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = config_from_args(args)
+    out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
+    doc = run_train(cfg, args.data_dir, out, progress=not args.no_progress)
+    print(summary(doc))
+    print(f"metrics: {out / 'metrics.json'}")
+    return 0
