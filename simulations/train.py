@@ -7,7 +7,6 @@ seed, epochs, wall time, and ``epsilon``/``delta`` when DP is on.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import platform
 import time
 from pathlib import Path
@@ -76,7 +75,7 @@ def run_train(cfg: Any, data_dir: str | None, out: Path, progress: bool = True) 
 
 
 def _outcome_fields(outcome: Any) -> dict[str, Any]:
-    fields = dataclasses.asdict(outcome) if dataclasses.is_dataclass(outcome) else dict(vars(outcome))
+    fields = dict(vars(outcome))  # a TrainOutcome dataclass instance: its fields by name
     fields.pop("metrics", None)
     fields = {k: v for k, v in fields.items() if not k.startswith("_") and k != "state"}
     if fields.get("epsilon") is None:  # DP off: no epsilon/delta keys at all
