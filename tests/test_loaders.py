@@ -1,0 +1,263 @@
+"""Loaders: cleaning rules on small hand-made files of every format, and one clear error per bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from shared.config import DataConfig
+from shared.data import DataError
+from shared.loaders import clean, load_ciao, load_csv, load_dataset, load_douban, load_filmtrust, load_lastfm
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def tolist(a: np.ndarray | None) -> list:
+    assert a is not None
+    return a.tolist()
+
+
+def edges(ds) -> set[tuple[int, int]]:
+    return set(zip(ds.social_src.tolist(), ds.social_dst.tolist(), strict=True))
+
+
+def pairs(ds) -> set[tuple[int, int]]:
+    return set(zip(ds.users.tolist(), ds.items.tolist(), strict=True))
+
+
+# ------------------------------------------------------------------------------------- cleaning
+
+
+def test_clean_merges_duplicates_drops_self_loops_and_unknown_users_and_reindexes() -> None:
+    # Prepare: ids with gaps, a duplicate row, a self-loop, an edge to a user without interactions.
+    users = np.array([10, 10, 30, 10, 50])
+    items = np.array([7, 9, 7, 7, 100])
+    src, dst = np.array([10, 30, 30, 10]), np.array([30, 30, 99, 50])
+    # Execute
+    ds = clean(users, items, src, dst, undirected=False, name="toy")
+    # Assert
+    assert (ds.n_users, ds.n_items, ds.name) == (3, 3, "toy")
+    assert tolist(ds.user_ids) == [10, 30, 50] and tolist(ds.item_ids) == [7, 9, 100]
+    assert ds.users.tolist() == [0, 0, 1, 2] and ds.items.tolist() == [0, 1, 0, 2]
+    assert edges(ds) == {(0, 1), (0, 2)}
+
+
+def test_clean_undirected_lists_each_tie_once_in_both_directions() -> None:
+    # Prepare: a tie listed once, another listed in both directions already.
+    users, items = np.array([1, 2, 3]), np.array([1, 1, 1])
+    src, dst = np.array([1, 2, 3]), np.array([2, 1, 1])
+    # Execute
+    ds = clean(users, items, src, dst, undirected=True, name="u")
+    # Assert
+    assert edges(ds) == {(0, 1), (1, 0), (0, 2), (2, 0)}
+    assert ds.n_edges == 4
+
+
+def test_clean_item_category_is_the_most_frequent_per_item() -> None:
+    # Prepare: item 5 seen under category 2 twice and category 1 once.
+    users, items = np.array([1, 2, 3, 1]), np.array([5, 5, 5, 6])
+    cats = np.array([2, 1, 2, 4])
+    # Execute
+    ds = clean(users, items, np.zeros(0, int), np.zeros(0, int), undirected=False, name="c", categories=cats)
+    # Assert
+    assert tolist(ds.item_category) == [2, 4]
+
+
+# ------------------------------------------------------------------------------ research formats
+
+
+def test_load_lastfm_binarises_play_counts_and_symmetrises(tmp_path: Path) -> None:
+    # Prepare
+    write(tmp_path / "user_artists.dat", "userID\tartistID\tweight\n2\t51\t13883\n2\t52\t1\n4\t51\t7\n")
+    write(tmp_path / "user_friends.dat", "userID\tfriendID\n2\t4\n4\t2\n2\t9\n")
+    # Execute
+    ds = load_lastfm(tmp_path)
+    # Assert: user 9 has no interactions so its edge goes; the tie appears once per direction.
+    assert (ds.n_users, ds.n_items, ds.n_interactions, ds.name) == (2, 2, 3, "lastfm")
+    assert edges(ds) == {(0, 1), (1, 0)}
+
+
+def test_load_filmtrust_is_directed_and_merges_duplicate_rows(tmp_path: Path) -> None:
+    # Prepare
+    write(tmp_path / "ratings.txt", "1 1 2\n1 2 4\n1 1 3.5\n3 2 0.5\n")
+    write(tmp_path / "trust.txt", "1 3 1\n3 3 1\n")
+    # Execute
+    ds = load_filmtrust(tmp_path)
+    # Assert
+    assert ds.n_interactions == 3
+    assert edges(ds) == {(0, 1)}
+
+
+def test_load_douban_reads_derived_tsv_and_drops_self_loops(tmp_path: Path) -> None:
+    # Prepare
+    write(tmp_path / "derived" / "ratings.tsv", "0\t22\t4\t0\n1\t22\t2\t1\n2\t5\t1\t0\n")
+    write(tmp_path / "derived" / "social_W_users_nonzeros.tsv", "0\t1\n1\t0\n2\t2\n")
+    # Execute
+    ds = load_douban(tmp_path)
+    # Assert
+    assert (ds.n_users, ds.n_items, ds.name) == (3, 2, "douban")
+    assert edges(ds) == {(0, 1), (1, 0)}
+
+
+def test_load_ciao_keeps_categories_and_direction(tmp_path: Path) -> None:
+    # Prepare
+    write(tmp_path / "derived" / "rating.tsv", "1\t1\t3\t4\t1\n1\t1\t3\t5\t1\n2\t8\t7\t0\t2\n")
+    write(tmp_path / "derived" / "trustnetwork.tsv", "1\t2\n")
+    # Execute
+    ds = load_ciao(tmp_path)
+    # Assert
+    assert ds.n_interactions == 2 and tolist(ds.item_category) == [3, 7]
+    assert edges(ds) == {(0, 1)}
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("", "empty file"),
+        ("1 1 2\n1 x 4\n", ":2: column 2 is not a finite number: 'x'"),
+        ("1 1 2\n1 2\n", ":2: expected 3 whitespace-separated columns, found 2"),
+        ("1 1 2\n1 2.5 3\n", "item must be an integer id"),
+        ("1 1 2\n1 2 nan\n", ":2: column 3 is not a finite number"),
+    ],
+)
+def test_line_oriented_reader_names_file_line_and_problem(tmp_path: Path, text: str, needle: str) -> None:
+    # Prepare
+    write(tmp_path / "ratings.txt", text)
+    write(tmp_path / "trust.txt", "1 1 1\n")
+    # Execute / Assert
+    with pytest.raises(DataError) as err:
+        load_filmtrust(tmp_path)
+    assert needle in str(err.value) and "ratings.txt" in str(err.value)
+
+
+def test_missing_file_is_a_data_error(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="user_artists.dat: no such file"):
+        load_lastfm(tmp_path)
+
+
+# ----------------------------------------------------------------------------------- generic CSV
+
+
+def test_load_csv_string_ids_values_and_directed_edges(tmp_path: Path) -> None:
+    # Prepare
+    write(tmp_path / "interactions.csv", "user,item,value,timestamp\nalice,book,5,100\nbob,book,1,101\n"
+          "alice,pen,2.5,102\nalice,book,4,103\n")
+    write(tmp_path / "social.csv", "user,neighbour\nalice,bob\nbob,bob\n")
+    # Execute
+    ds = load_csv(tmp_path)
+    # Assert
+    assert tolist(ds.user_ids) == ["alice", "bob"] and tolist(ds.item_ids) == ["book", "pen"]
+    assert pairs(ds) == {(0, 0), (1, 0), (0, 1)}
+    assert edges(ds) == {(0, 1)}
+    assert ds.item_category is None
+
+
+def test_load_csv_integer_ids_sort_numerically_and_columns_in_any_order(tmp_path: Path) -> None:
+    # Prepare
+    write(tmp_path / "interactions.csv", "item,user\n1,10\n2,9\n1,100\n")
+    write(tmp_path / "social.csv", "neighbour,user\n9,100\n")
+    # Execute
+    ds = load_csv(tmp_path)
+    # Assert
+    assert tolist(ds.user_ids) == [9, 10, 100]
+    assert edges(ds) == {(2, 0)}
+
+
+def test_load_csv_items_file_adds_catalogue_and_categories(tmp_path: Path) -> None:
+    # Prepare: item "c" has no interaction but is in the catalogue.
+    write(tmp_path / "interactions.csv", "user,item\nu1,b\nu2,a\n")
+    write(tmp_path / "social.csv", "user,neighbour\n")
+    write(tmp_path / "items.csv", "item,category\nc,2\na,0\nb,1\n")
+    # Execute
+    ds = load_csv(tmp_path)
+    # Assert
+    assert tolist(ds.item_ids) == ["a", "b", "c"] and tolist(ds.item_category) == [0, 1, 2]
+    assert pairs(ds) == {(0, 1), (1, 0)} and ds.n_edges == 0
+
+
+GOOD_I = "user,item\na,x\nb,y\n"
+GOOD_S = "user,neighbour\na,b\n"
+INTER, SOCIAL = "interactions.csv", "social.csv"
+
+
+@pytest.mark.parametrize(
+    ("interactions", "social", "file", "needle"),
+    [
+        ("", GOOD_S, INTER, "empty file"),
+        ("\n\n", GOOD_S, INTER, "empty file"),
+        ("user,item\n", GOOD_S, INTER, "no interaction rows"),
+        ("user,value\na,1\n", GOOD_S, INTER, ":1: missing column 'item'"),
+        ("a,x\nb,y\n", GOOD_S, INTER, ":1: unknown column 'a'"),
+        ("1,2\n3,4\n", GOOD_S, INTER, "missing header line?"),
+        ("user,item,value\na,x,5\nb,y,lots\n", GOOD_S, INTER, ":3: column 'value' must be a number"),
+        ("user,item,timestamp\na,x,\n", GOOD_S, INTER, ":2: column 'timestamp' must be a number"),
+        ("user,item\na,x\nb,y,3\n", GOOD_S, INTER, ":3: expected 2 fields"),
+        ("user,item\na,x\n,y\n", GOOD_S, INTER, ":3: empty user id"),
+        ("user;item\na;x\n", GOOD_S, INTER, ":1: fields are separated by semicolons"),
+        ("user\titem\na\tx\n", GOOD_S, INTER, ":1: fields are separated by tabs"),
+        ("user,item\na,x\nb;y\n", GOOD_S, INTER, ":3: expected 2 fields (user,item), found 1; it looks"),
+        (GOOD_I, "user,neighbour\na,b\nb,zed\n", SOCIAL, ":3: unknown neighbour id 'zed'"),
+        (GOOD_I, "user,neighbour\nghost,a\n", SOCIAL, ":2: unknown user id 'ghost'"),
+        (GOOD_I, "", SOCIAL, "empty file"),
+        (GOOD_I, "user,friend\na,b\n", SOCIAL, ":1: unknown column 'friend'"),
+        (GOOD_I, "user;neighbour\na;b\n", SOCIAL, "separated by semicolons"),
+    ],
+)
+def test_load_csv_bad_input_names_file_line_and_problem(
+    tmp_path: Path, interactions: str, social: str, file: str, needle: str
+) -> None:
+    # Prepare
+    write(tmp_path / "interactions.csv", interactions)
+    write(tmp_path / "social.csv", social)
+    # Execute
+    with pytest.raises(DataError) as err:
+        load_csv(tmp_path)
+    # Assert: one message that names the file and says what is wrong (and where).
+    message = str(err.value)
+    assert str(tmp_path / file) in message and needle in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("items", "needle"),
+    [
+        ("item,category\nx,1\n", "interactions.csv:3: item 'y' is not listed in items.csv"),
+        ("item,category\nx,1\ny,music\n", "items.csv:3: column 'category' must be an integer code"),
+        ("item,category\nx,1\ny,2\nx,3\n", "items.csv:4: item 'x' listed twice"),
+    ],
+)
+def test_load_csv_bad_items_file(tmp_path: Path, items: str, needle: str) -> None:
+    # Prepare
+    write(tmp_path / "interactions.csv", GOOD_I)
+    write(tmp_path / "social.csv", GOOD_S)
+    write(tmp_path / "items.csv", items)
+    # Execute / Assert
+    with pytest.raises(DataError) as err:
+        load_csv(tmp_path)
+    assert needle in str(err.value)
+
+
+# ------------------------------------------------------------------------------------- dispatch
+
+
+def test_load_dataset_dispatches_on_format_and_resolves_relative_paths(tmp_path: Path) -> None:
+    # Prepare
+    write(tmp_path / "shop" / "interactions.csv", GOOD_I)
+    write(tmp_path / "shop" / "social.csv", GOOD_S)
+    cfg = DataConfig(format="csv", path="shop")
+    # Execute
+    ds = load_dataset(cfg, tmp_path)
+    # Assert
+    assert ds.name == "shop" and ds.n_users == 2 and ds.n_edges == 1
+
+
+def test_load_dataset_missing_folder_says_how_to_fix(tmp_path: Path) -> None:
+    cfg = DataConfig(format="lastfm", path="nowhere")
+    with pytest.raises(DataError, match="no such dataset folder.*--data-dir"):
+        load_dataset(cfg, tmp_path)
