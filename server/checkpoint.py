@@ -1,0 +1,86 @@
+"""Per-round checkpoints of the server: global shared parameters, strategy state, round, RNG state.
+
+One file per completed round, ``RUN_DIR/checkpoints/round_XXXX.npz``, written atomically (temporary
+file in the same folder, fsync, rename), so a crash leaves either the previous round's checkpoint or
+the new one, never a torn file. Arrays are stored as ``param/<name>``; the JSON-able strategy state
+(history, per-partner metrics, RNG state) as a UTF-8 byte array under ``__state__``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+_NAME = re.compile(r"^round_(\d{4,})\.npz$")
+STATE_KEY = "__state__"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unreadable or inconsistent (the message names the file)."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    round: int
+    names: list[str]
+    arrays: list[np.ndarray]
+    state: dict[str, Any]
+
+
+def save_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """``np.savez`` into a temporary file next to ``path``, fsync, then rename over it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, **arrays)  # type: ignore[arg-type]
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def checkpoint_path(run_dir: Path, round_: int) -> Path:
+    return run_dir / "checkpoints" / f"round_{round_:04d}.npz"
+
+
+def save_checkpoint(run_dir: Path, ckpt: Checkpoint) -> Path:
+    arrays = {f"param/{n}": a for n, a in zip(ckpt.names, ckpt.arrays, strict=True)}
+    doc = {"round": ckpt.round, "names": ckpt.names, "state": ckpt.state}
+    arrays[STATE_KEY] = np.frombuffer(json.dumps(doc).encode("utf-8"), dtype=np.uint8)
+    path = checkpoint_path(run_dir, ckpt.round)
+    save_npz_atomic(path, arrays)
+    return path
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            doc = json.loads(bytes(z[STATE_KEY]).decode("utf-8"))
+            arrays = [np.array(z[f"param/{n}"]) for n in doc["names"]]
+    except (OSError, KeyError, ValueError) as exc:
+        raise CheckpointError(f"{path}: unreadable checkpoint ({exc})") from None
+    return Checkpoint(int(doc["round"]), list(doc["names"]), arrays, dict(doc["state"]))
+
+
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    folder = run_dir / "checkpoints"
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name))]
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: Path) -> Checkpoint | None:
+    """The checkpoint of the last complete round, or None when the run has none."""
+    found = list_checkpoints(run_dir)
+    return load_checkpoint(found[-1][1]) if found else None

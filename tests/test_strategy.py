@@ -1,0 +1,177 @@
+"""Server strategy math and reply validation (pure functions), client-side clipping, checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from client.update import UpdateError, compute_clipped_update
+from server.aggregation import (
+    compute_applied,
+    compute_noised,
+    compute_server_noise_std,
+    compute_specs,
+    compute_update_norm,
+    compute_weighted_average,
+    compute_weighted_metrics,
+    compute_weights,
+    validate_update,
+)
+from server.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
+
+NAMES = ["item_emb", "item_bias"]
+
+
+def _good_reply(rng: np.random.Generator) -> list[np.ndarray]:
+    arrays = [rng.normal(size=(5, 3)).astype(np.float32), rng.normal(size=(5,)).astype(np.float32)]
+    clipped, _ = compute_clipped_update(arrays, [np.zeros_like(a) for a in arrays], 1.0)
+    return clipped
+
+
+def _validate(arrays: list[np.ndarray], names: list[str] | None = None, reply_round: object = 3,
+              num_examples: int = 10) -> str | None:
+    expected = compute_specs(NAMES, [np.zeros((5, 3), np.float32), np.zeros(5, np.float32)])
+    return validate_update(arrays, NAMES if names is None else names, expected, clipping_norm=1.0,
+                           norm_tolerance=1e-3, expected_round=3, reply_round=reply_round,
+                           num_examples=num_examples)
+
+
+# ---- client-side clipping -------------------------------------------------------------------------
+
+def test_clipped_update_is_inside_the_ball_and_keeps_direction() -> None:
+    rng = np.random.default_rng(0)
+    old = [rng.normal(size=(4, 2)).astype(np.float32), rng.normal(size=3).astype(np.float32)]
+    new = [o + 5 * rng.normal(size=o.shape).astype(np.float32) for o in old]
+
+    clipped, norm_before = compute_clipped_update(new, old, clipping_norm=0.5)
+
+    raw = [n.astype(np.float64) - o for n, o in zip(new, old, strict=True)]
+    assert norm_before == pytest.approx(compute_update_norm(raw))
+    assert norm_before > 0.5
+    assert compute_update_norm(clipped) <= 0.5
+    assert compute_update_norm(clipped) == pytest.approx(0.5, rel=1e-5)
+    cos = sum(float(np.sum(c * r)) for c, r in zip(clipped, raw, strict=True)) / (0.5 * norm_before)
+    assert cos == pytest.approx(1.0, abs=1e-5)
+    assert all(c.dtype == np.float32 for c in clipped)
+
+
+def test_small_update_passes_unchanged() -> None:
+    old = [np.ones((3,), np.float32)]
+    new = [np.array([1.1, 1.0, 0.9], np.float32)]
+
+    clipped, norm = compute_clipped_update(new, old, clipping_norm=10.0)
+
+    np.testing.assert_allclose(clipped[0], new[0] - old[0], atol=1e-7)
+    assert norm == pytest.approx(np.sqrt(0.02), rel=1e-5)
+
+
+def test_clipping_rejects_mismatched_and_non_finite_updates() -> None:
+    with pytest.raises(UpdateError, match="shape"):
+        compute_clipped_update([np.zeros(3)], [np.zeros(4)], 1.0)
+    with pytest.raises(UpdateError, match="non-finite"):
+        compute_clipped_update([np.array([np.nan])], [np.zeros(1)], 1.0)
+
+
+# ---- validation: one crafted bad reply per rule ----------------------------------------------------
+
+def test_a_well_formed_reply_is_accepted() -> None:
+    assert _validate(_good_reply(np.random.default_rng(1))) is None
+
+
+def test_reply_for_another_round_is_dropped() -> None:
+    arrays = _good_reply(np.random.default_rng(1))
+    assert "wrong round" in (_validate(arrays, reply_round=2) or "")
+    assert "wrong round" in (_validate(arrays, reply_round="3") or "")
+    assert "wrong round" in (_validate(arrays, reply_round=None) or "")
+
+
+def test_unexpected_or_missing_names_are_dropped() -> None:
+    arrays = _good_reply(np.random.default_rng(1))
+    reason = _validate(arrays, names=["item_emb", "user_emb"])
+    assert reason is not None and "user_emb" in reason and "item_bias" in reason
+    assert "order" in (_validate(arrays[::-1], names=NAMES[::-1]) or "")
+    extra = [*arrays, np.zeros((2, 3), np.float32)]
+    assert "user_emb" in (_validate(extra, names=[*NAMES, "user_emb"]) or "")
+
+
+def test_wrong_array_count_shape_or_dtype_is_dropped() -> None:
+    arrays = _good_reply(np.random.default_rng(1))
+    assert "arrays for" in (_validate(arrays[:1]) or "")
+    assert "shape" in (_validate([arrays[0][:4], arrays[1]]) or "")
+    assert "dtype" in (_validate([arrays[0].astype(np.float64), arrays[1]]) or "")
+
+
+def test_non_finite_values_are_dropped() -> None:
+    arrays = _good_reply(np.random.default_rng(1))
+    bad = arrays[1].copy()
+    bad[2] = np.inf
+    assert "non-finite" in (_validate([arrays[0], bad]) or "")
+    bad[2] = np.nan
+    assert "non-finite" in (_validate([arrays[0], bad]) or "")
+
+
+def test_update_above_the_clipping_bound_is_dropped_within_tolerance_accepted() -> None:
+    arrays = _good_reply(np.random.default_rng(1))  # norm exactly 1 (clipped)
+    assert _validate([a * np.float32(1.0005) for a in arrays]) is None  # inside the 1e-3 tolerance
+    reason = _validate([a * np.float32(1.01) for a in arrays])
+    assert reason is not None and "exceeds clipping_norm" in reason
+
+
+def test_negative_example_count_is_dropped() -> None:
+    assert "num_examples" in (_validate(_good_reply(np.random.default_rng(1)), num_examples=-1) or "")
+
+
+# ---- aggregation ----------------------------------------------------------------------------------
+
+def test_weights_are_user_counts_capped() -> None:
+    np.testing.assert_array_equal(compute_weights([10, 300, 50], 0), [10, 300, 50])
+    np.testing.assert_array_equal(compute_weights([10, 300, 50], 100), [10, 100, 50])
+
+
+def test_weighted_average_matches_hand_computation() -> None:
+    u1 = [np.array([1.0, 0.0]), np.array([[2.0]])]
+    u2 = [np.array([0.0, 4.0]), np.array([[-1.0]])]
+
+    avg = compute_weighted_average([u1, u2], np.array([3.0, 1.0]))
+
+    np.testing.assert_allclose(avg[0], [0.75, 1.0])
+    np.testing.assert_allclose(avg[1], [[1.25]])
+    zero = compute_weighted_average([u1, u2], np.array([0.0, 0.0]))
+    assert all(np.all(z == 0) for z in zero)
+
+
+def test_server_noise_has_the_configured_scale() -> None:
+    std = compute_server_noise_std(noise_multiplier=2.0, clipping_norm=0.5, n_partners=4)
+    assert std == pytest.approx(0.25)
+    noised = compute_noised([np.zeros(200_000)], std, np.random.default_rng(0))
+    assert float(np.std(noised[0])) == pytest.approx(0.25, rel=0.01)
+    assert compute_noised([np.ones(3)], 0.0, np.random.default_rng(0))[0].tolist() == [1, 1, 1]
+
+
+def test_applied_update_keeps_dtype() -> None:
+    new = compute_applied([np.ones(2, np.float32)], [np.array([0.5, -0.5])])
+    assert new[0].dtype == np.float32 and new[0].tolist() == [1.5, 0.5]
+
+
+def test_metrics_are_weighted_by_evaluated_users() -> None:
+    out = compute_weighted_metrics([{"ndcg@10": 0.2}, {"ndcg@10": 0.5}], [30, 10], ["ndcg@10"])
+    assert out["ndcg@10"] == pytest.approx((0.2 * 30 + 0.5 * 10) / 40)
+
+
+# ---- checkpoints ----------------------------------------------------------------------------------
+
+def test_checkpoint_round_trip_and_latest(tmp_path: Path) -> None:
+    arrays = [np.arange(6, dtype=np.float32).reshape(2, 3), np.array([1.5], np.float32)]
+    for r in (1, 2):
+        save_checkpoint(tmp_path, Checkpoint(r, NAMES, [a * r for a in arrays], {"history": [r]}))
+
+    latest = latest_checkpoint(tmp_path)
+
+    assert latest is not None and latest.round == 2 and latest.state == {"history": [2]}
+    np.testing.assert_array_equal(latest.arrays[0], arrays[0] * 2)
+    assert latest.arrays[0].dtype == np.float32
+    first = load_checkpoint(tmp_path / "checkpoints" / "round_0001.npz")
+    np.testing.assert_array_equal(first.arrays[1], arrays[1])
+    assert not list((tmp_path / "checkpoints").glob("*.tmp"))
