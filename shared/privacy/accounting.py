@@ -1,0 +1,278 @@
+"""Privacy accounting for user-level DP-SGD: pure functions over a history, plus a small stateful wrapper.
+
+A *history* is a list of ``(noise_multiplier, sample_rate, steps)`` tuples, the format of Opacus's
+``accountant.history``: ``steps`` applications of the Poisson-subsampled Gaussian mechanism with
+sampling rate ``sample_rate`` (q) and noise standard deviation ``noise_multiplier * max_grad_norm``.
+Everything here is pure analysis of such a history (the style of ``opacus.accountants.analysis``);
+:class:`PrivacyAccountant` is the only state, and it is rebuilt from the ledger each round.
+
+Three independent computations of epsilon are offered:
+
+* ``"rdp"``: Renyi DP of the sampled Gaussian mechanism (Mironov 2017; Mironov, Talwar, Zhang 2019)
+  via ``opacus.accountants.analysis.rdp`` with Opacus's default orders, converted to (epsilon, delta)
+  with Balle et al. 2020, Theorem 21. This is the accountant of record.
+* ``"prv"``: numerical composition of privacy loss random variables (Gopi, Lee, Wutschitz 2021) via
+  Opacus's ``PRVAccountant``: a tighter cross-check (the upper bound of its error interval).
+* :func:`compute_epsilon_dp_accounting`: Google's ``dp_accounting`` RDP accountant on composed
+  ``PoissonSampledDpEvent(GaussianDpEvent)`` events: an implementation independent of Opacus, used
+  by the auditor to recompute what a partner recorded.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+Event = tuple[float, float, int]  # (noise_multiplier, sample_rate, steps)
+History = Sequence[Event]
+
+# Opacus's RDPAccountant.DEFAULT_ALPHAS, spelled out so the orders of record are explicit.
+DEFAULT_ALPHAS: tuple[float, ...] = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)))
+
+
+class PrivacyConfigError(ValueError):
+    """A privacy parameter is invalid (the message names the field and the value)."""
+
+
+def validate_event(event: Sequence[Any]) -> Event:
+    """Return ``event`` as a checked ``(noise_multiplier, sample_rate, steps)`` tuple of Python numbers."""
+    if len(event) != 3:
+        raise PrivacyConfigError(f"history event must be (noise_multiplier, sample_rate, steps), got {event!r}")
+    sigma, q, steps = event
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float, np.floating, np.integer)):
+        raise PrivacyConfigError(f"noise_multiplier: expected a number, got {sigma!r}")
+    if not (math.isfinite(float(sigma)) and float(sigma) >= 0):
+        raise PrivacyConfigError(f"noise_multiplier: must be finite and >= 0, got {sigma!r}")
+    if isinstance(q, bool) or not isinstance(q, (int, float, np.floating, np.integer)):
+        raise PrivacyConfigError(f"sample_rate: expected a number, got {q!r}")
+    if not 0.0 < float(q) <= 1.0:
+        raise PrivacyConfigError(f"sample_rate: must be in (0, 1], got {q!r}")
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or int(steps) < 0:
+        raise PrivacyConfigError(f"steps: must be an integer >= 0, got {steps!r}")
+    return float(sigma), float(q), int(steps)
+
+
+def validate_history(history: History) -> list[Event]:
+    return [validate_event(e) for e in history]
+
+
+def _check_delta_value(target_delta: float) -> None:
+    if not 0.0 < float(target_delta) < 1.0:
+        raise PrivacyConfigError(f"target_delta: must be in (0, 1), got {target_delta!r}")
+
+
+def check_delta(target_delta: float, population: int) -> None:
+    """Refuse ``target_delta >= 1/population``: such a delta permits releasing one user's record outright.
+
+    (An (epsilon, delta) mechanism that publishes each record with probability delta is DP with any
+    epsilon; with delta >= 1/n that leaks about one whole record of n in expectation.)
+    """
+    _check_delta_value(target_delta)
+    if isinstance(population, bool) or not isinstance(population, (int, np.integer)) or population < 1:
+        raise PrivacyConfigError(f"population: must be an integer >= 1, got {population!r}")
+    if not float(target_delta) < 1.0 / int(population):
+        raise PrivacyConfigError(
+            f"target_delta {target_delta!r} must be < 1/population = 1/{int(population)} "
+            f"= {1.0 / int(population):.3g} (choose delta well below 1/n_p, e.g. 1/(10 n_p) or smaller)"
+        )
+
+
+def compute_rdp_curve(history: History, alphas: Sequence[float] = DEFAULT_ALPHAS) -> np.ndarray:
+    """RDP of the composed history at each order: RDP composes by addition (Mironov 2017, Prop. 1)."""
+    from opacus.accountants.analysis import rdp as opacus_rdp
+
+    total = np.zeros(len(alphas))
+    for sigma, q, steps in validate_history(history):
+        if steps == 0:
+            continue
+        total = total + np.asarray(
+            opacus_rdp.compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=list(alphas)), dtype=float
+        )
+    return total
+
+
+def epsilon_from_rdp(rdp: np.ndarray, target_delta: float, alphas: Sequence[float] = DEFAULT_ALPHAS) -> float:
+    """(epsilon, delta) from an RDP curve (Balle et al. 2020, Thm 21), as Opacus converts it."""
+    import warnings
+
+    from opacus.accountants.analysis import rdp as opacus_rdp
+
+    _check_delta_value(target_delta)
+    if not np.any(rdp):
+        return 0.0
+    with warnings.catch_warnings():  # "optimal order is the largest alpha": expected at tiny epsilons
+        warnings.simplefilter("ignore")
+        eps, _ = opacus_rdp.get_privacy_spent(orders=list(alphas), rdp=rdp, delta=target_delta)
+    return float(eps)
+
+
+def compute_epsilon_rdp(history: History, target_delta: float) -> float:
+    """Epsilon of ``history`` by Opacus's RDP analysis with its default orders."""
+    return epsilon_from_rdp(compute_rdp_curve(history), target_delta)
+
+
+def compute_epsilon_prv(history: History, target_delta: float, eps_error: float = 0.01) -> float:
+    """Epsilon of ``history`` by Opacus's PRV accountant (upper end of its error band); about 0.1-0.3 s."""
+    from opacus.accountants import PRVAccountant
+
+    _check_delta_value(target_delta)
+    events = [e for e in validate_history(history) if e[2] > 0]
+    if not events:
+        return 0.0
+    if any(sigma == 0.0 for sigma, _, _ in events):
+        return math.inf
+    acc = PRVAccountant()
+    acc.history = list(events)
+    return float(acc.get_epsilon(delta=target_delta, eps_error=eps_error))
+
+
+ACCOUNTANTS: dict[str, Callable[[History, float], float]] = {
+    "rdp": compute_epsilon_rdp,
+    "prv": compute_epsilon_prv,
+}
+
+
+def compute_epsilon(history: History, target_delta: float, accountant: str = "rdp") -> float:
+    """Cumulative epsilon of ``history`` at ``target_delta`` with the named accountant ("rdp" or "prv")."""
+    if accountant not in ACCOUNTANTS:
+        raise PrivacyConfigError(f"accountant: must be one of {sorted(ACCOUNTANTS)}, got {accountant!r}")
+    return ACCOUNTANTS[accountant](history, target_delta)
+
+
+def compute_epsilon_dp_accounting(
+    history: History, target_delta: float, orders: Sequence[float] | None = None
+) -> float:
+    """Epsilon of ``history`` recomputed with Google's ``dp_accounting`` (independent of Opacus).
+
+    Each event becomes ``SelfComposedDpEvent(PoissonSampledDpEvent(q, GaussianDpEvent(sigma)), steps)``
+    and the events are composed under add/remove-one adjacency. ``orders`` defaults to
+    ``dp_accounting``'s own grid, a superset of Opacus's (it adds 11 and 128..1024), so the result is
+    never above the Opacus RDP value by more than the two libraries' numerical differences.
+    """
+    import dp_accounting
+    from dp_accounting import rdp
+
+    _check_delta_value(target_delta)
+    events = [e for e in validate_history(history) if e[2] > 0]
+    if not events:
+        return 0.0
+    acc = rdp.RdpAccountant(orders=list(orders) if orders is not None else None)
+    composed = dp_accounting.ComposedDpEvent([
+        dp_accounting.SelfComposedDpEvent(
+            dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps
+        )
+        for sigma, q, steps in events
+    ])
+    acc.compose(composed)
+    return float(acc.get_epsilon(target_delta))
+
+
+def compute_round_epsilon(
+    history: History, next_event: Event, target_delta: float, accountant: str = "rdp"
+) -> float:
+    """The cumulative epsilon after one more round ``next_event`` on top of ``history`` (what a ledger records)."""
+    return compute_epsilon([*history, validate_event(next_event)], target_delta, accountant)
+
+
+def would_exceed(
+    history: History, next_event: Event, target_delta: float, max_epsilon: float, accountant: str = "rdp"
+) -> bool:
+    """True when training ``next_event`` would take the cumulative epsilon above ``max_epsilon``."""
+    if not max_epsilon > 0:
+        raise PrivacyConfigError(f"max_epsilon: must be > 0, got {max_epsilon!r}")
+    return compute_round_epsilon(history, next_event, target_delta, accountant) > max_epsilon
+
+
+def calibrate_noise_multiplier(
+    max_epsilon: float,
+    target_delta: float,
+    sample_rate: float,
+    steps_per_round: int,
+    rounds: int,
+    accountant: str = "rdp",
+    tolerance: float = 1e-3,
+    max_noise_multiplier: float = 1e4,
+) -> float:
+    """The smallest noise multiplier (up to relative ``tolerance``) whose epsilon after all rounds is <= cap.
+
+    Epsilon is non-increasing in sigma, so bisection keeps the invariant eps(lo) > cap >= eps(hi) and
+    returns ``hi``: the result never overshoots the cap, and ``hi * (1 - tolerance) <= lo``, so any
+    sigma smaller by a relative ``tolerance`` exceeds it.
+    """
+    if not max_epsilon > 0:
+        raise PrivacyConfigError(f"max_epsilon: must be > 0, got {max_epsilon!r}")
+    if steps_per_round < 1 or rounds < 1:
+        raise PrivacyConfigError(f"steps_per_round and rounds must be >= 1, got {steps_per_round}, {rounds}")
+    validate_event((1.0, sample_rate, steps_per_round))
+    total_steps = int(steps_per_round) * int(rounds)
+
+    def eps(sigma: float) -> float:
+        return compute_epsilon([(sigma, sample_rate, total_steps)], target_delta, accountant)
+
+    # Bracket [lo, hi] with eps(lo) > cap >= eps(hi), starting at sigma = 1 and moving geometrically:
+    # this avoids evaluating tiny sigmas, where Opacus's fractional-order series is slow.
+    lo, hi = 0.0, 1.0
+    if eps(hi) > max_epsilon:
+        while eps(hi) > max_epsilon:
+            lo, hi = hi, hi * 2.0
+            if hi > max_noise_multiplier:
+                raise PrivacyConfigError(
+                    f"max_epsilon {max_epsilon} unreachable with noise_multiplier <= {max_noise_multiplier}"
+                )
+    else:
+        lo = 0.5
+        while eps(lo) <= max_epsilon:
+            lo, hi = lo / 2.0, lo
+            if lo < 1e-6:
+                return hi
+    while hi - lo > tolerance * hi:
+        mid = math.sqrt(lo * hi)  # geometric bisection: relative tolerance in fewer steps
+        if eps(mid) > max_epsilon:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+class PrivacyAccountant:
+    """A history plus an accountant name; the only state in this module.
+
+    Rebuild it every round from the ledger (``PrivacyAccountant(history=ledger.history())``) so that
+    composition survives process restarts. ``step`` merges with the last event when sigma and q are
+    unchanged, as Opacus does.
+    """
+
+    def __init__(self, mechanism: str = "rdp", history: History | None = None) -> None:
+        if mechanism not in ACCOUNTANTS:
+            raise PrivacyConfigError(f"accountant: must be one of {sorted(ACCOUNTANTS)}, got {mechanism!r}")
+        self.mechanism = mechanism
+        self.history: list[Event] = validate_history(history or [])
+
+    def step(self, *, noise_multiplier: float, sample_rate: float, steps: int = 1) -> None:
+        sigma, q, n = validate_event((noise_multiplier, sample_rate, steps))
+        if self.history and self.history[-1][:2] == (sigma, q):
+            self.history[-1] = (sigma, q, self.history[-1][2] + n)
+        else:
+            self.history.append((sigma, q, n))
+
+    def get_epsilon(self, delta: float) -> float:
+        return compute_epsilon(self.history, delta, self.mechanism)
+
+    def total_steps(self) -> int:
+        return sum(n for _, _, n in self.history)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"mechanism": self.mechanism, "history": [list(e) for e in self.history]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        mechanism = state.get("mechanism", self.mechanism)
+        if mechanism not in ACCOUNTANTS:
+            raise PrivacyConfigError(f"accountant: must be one of {sorted(ACCOUNTANTS)}, got {mechanism!r}")
+        self.history = validate_history([tuple(e) for e in state.get("history", [])])
+        self.mechanism = mechanism
+
+    def __len__(self) -> int:
+        return len(self.history)
