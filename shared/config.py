@@ -195,6 +195,7 @@ class SecAggConfig:
     max_weight: float = 0.0  # 0: derived from the weights used
 
     def __post_init__(self) -> None:
+    precision: float = 1e-4  # largest per-coordinate quantisation error of the aggregate, / clipping_norm
         _check(self.num_shares >= 2, "secagg.num_shares", "must be >= 2")
         _check(2 <= self.reconstruction_threshold <= self.num_shares, "secagg.reconstruction_threshold",
                "must be in [2, num_shares]")
@@ -203,6 +204,7 @@ class SecAggConfig:
         _check(self.max_weight >= 0, "secagg.max_weight", "must be >= 0")
 
 
+        _check(0 < self.precision < 1, "secagg.precision", "must be in (0, 1)")
 @dataclass(frozen=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
