@@ -193,18 +193,18 @@ class SecAggConfig:
     quantization_range: int = 4194304
     clipping_range: float = 0.0  # 0: derived from federation.clipping_norm
     max_weight: float = 0.0  # 0: derived from the weights used
+    precision: float = 1e-4  # largest per-coordinate quantisation error of the aggregate, / clipping_norm
 
     def __post_init__(self) -> None:
-    precision: float = 1e-4  # largest per-coordinate quantisation error of the aggregate, / clipping_norm
         _check(self.num_shares >= 2, "secagg.num_shares", "must be >= 2")
         _check(2 <= self.reconstruction_threshold <= self.num_shares, "secagg.reconstruction_threshold",
                "must be in [2, num_shares]")
         _check(self.quantization_range >= 2, "secagg.quantization_range", "must be >= 2")
         _check(self.clipping_range >= 0, "secagg.clipping_range", "must be >= 0")
         _check(self.max_weight >= 0, "secagg.max_weight", "must be >= 0")
-
-
         _check(0 < self.precision < 1, "secagg.precision", "must be in (0, 1)")
+
+
 @dataclass(frozen=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
