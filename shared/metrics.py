@@ -1,0 +1,127 @@
+"""Top-K ranking metrics on full ranking over all items (RecBole conventions).
+
+Definitions (binary relevance, mean over users with at least one ground-truth item):
+
+- Recall@K = hits@K / |test items of u|  (RecBole's definition, not min(K, |test|));
+- NDCG@K = DCG@K / IDCG@K, DCG = sum_{rank r <= K, hit} 1 / log2(r + 1), and IDCG over the
+  min(K, |test|) ideal positions (Jarvelin and Kekalainen 2002);
+- HR@K = 1 if at least one hit in the top K, else 0.
+
+``compute_topk_metrics`` is pure numpy; ``evaluate_model`` ranks every item for the evaluated
+users with the model's ``full_sort_predict``, masking the user's training items (and validation
+items when testing).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from shared.data import SplitData
+
+if TYPE_CHECKING:
+    from shared.batching import ExampleBuilder
+    from shared.models import RecModel
+
+METRIC_KEYS = ("recall@10", "ndcg@10", "hr@10", "recall@20", "ndcg@20", "hr@20")
+
+
+class MetricsError(ValueError):
+    """Inputs to a metric have inconsistent shapes or an unknown split name."""
+
+
+def compute_hits(topk_items: np.ndarray, ground_truth: sp.csr_matrix) -> np.ndarray:
+    """Boolean [U, K]: whether the item at each rank is in the user's ground-truth row."""
+    rows = np.repeat(np.arange(topk_items.shape[0]), topk_items.shape[1])
+    vals = np.asarray(ground_truth[rows, topk_items.reshape(-1)]).reshape(topk_items.shape)
+    return vals > 0
+
+
+def compute_topk_metrics(
+    topk_items: np.ndarray, ground_truth: sp.csr_matrix, ks: Sequence[int] = (10, 20)
+) -> dict[str, float]:
+    """Recall, NDCG and HR at each K, averaged over the rows of ``ground_truth`` that are non-empty.
+
+    ``topk_items`` [U, >= max(ks)] lists item ids best first; row u of ``ground_truth`` (U x n_items)
+    holds u's relevant items. Rows without relevant items are skipped.
+    """
+    if topk_items.ndim != 2 or topk_items.shape[0] != ground_truth.shape[0]:
+        raise MetricsError(f"topk_items {topk_items.shape} does not match ground truth {ground_truth.shape}")
+    if topk_items.shape[1] < max(ks):
+        raise MetricsError(f"topk_items has {topk_items.shape[1]} columns, need {max(ks)}")
+    n_rel = np.diff(ground_truth.indptr).astype(np.float64)
+    keep = n_rel > 0
+    hits = compute_hits(topk_items, ground_truth)[keep].astype(np.float64)
+    n_rel = n_rel[keep]
+    discounts = 1.0 / np.log2(np.arange(2, topk_items.shape[1] + 2))
+    ideal_cum = np.cumsum(discounts)
+    out: dict[str, float] = {}
+    for k in ks:
+        h = hits[:, :k]
+        n_hits = h.sum(1)
+        dcg = (h * discounts[:k]).sum(1)
+        idcg = ideal_cum[np.minimum(n_rel, k).astype(np.int64) - 1]
+        out[f"recall@{k}"] = float(np.mean(n_hits / n_rel)) if len(n_rel) else 0.0
+        out[f"ndcg@{k}"] = float(np.mean(dcg / idcg)) if len(n_rel) else 0.0
+        out[f"hr@{k}"] = float(np.mean(n_hits > 0)) if len(n_rel) else 0.0
+    return out
+
+
+def interaction_matrix(users: np.ndarray, items: np.ndarray, n_users: int, n_items: int) -> sp.csr_matrix:
+    """Binary user x item CSR matrix (duplicates collapse to 1)."""
+    data = np.ones(len(users), dtype=np.float32)
+    m = sp.csr_matrix((data, (users, items)), shape=(n_users, n_items))
+    m.data[:] = 1.0
+    return m
+
+
+def evaluation_matrices(split: SplitData, which: str) -> tuple[sp.csr_matrix, sp.csr_matrix]:
+    """(ground truth, mask of already-seen items) for ``which`` in {"val", "test"}."""
+    nu, ni = split.n_users, split.n_items
+    train = interaction_matrix(split.train_users, split.train_items, nu, ni)
+    if which == "val":
+        return interaction_matrix(split.val_users, split.val_items, nu, ni), train
+    if which == "test":
+        seen = train + interaction_matrix(split.val_users, split.val_items, nu, ni)
+        return interaction_matrix(split.test_users, split.test_items, nu, ni), seen.tocsr()
+    raise MetricsError(f"unknown evaluation split {which!r} (expected 'val' or 'test')")
+
+
+@torch.no_grad()
+def evaluate_model(
+    model: RecModel,
+    split: SplitData,
+    which: str = "test",
+    builder: ExampleBuilder | None = None,
+    ks: Sequence[int] = (10, 20),
+    batch_size: int = 512,
+    device: str | torch.device = "cpu",
+) -> tuple[dict[str, float], int]:
+    """Full-ranking metrics of ``model`` on ``which``; returns (metrics, number of evaluated users)."""
+    from shared.batching import ExampleBuilder  # local import: batching imports nothing from here
+
+    builder = builder if builder is not None else ExampleBuilder.from_split(split, model.model_cfg)
+    truth, seen = evaluation_matrices(split, which)
+    users = np.flatnonzero(np.diff(truth.indptr) > 0)
+    kmax = max(ks)
+    was_training = model.training
+    model.eval()
+    tops = []
+    for start in range(0, len(users), batch_size):
+        ub = users[start:start + batch_size]
+        batch = {k: v.to(device) for k, v in builder.eval_batch(ub).items()}
+        scores = model.full_sort_predict(batch).float().clone()  # the mask below writes in place
+        mask = seen[ub]
+        rows = np.repeat(np.arange(len(ub)), np.diff(mask.indptr))
+        scores[torch.as_tensor(rows, device=scores.device), torch.as_tensor(mask.indices, device=scores.device)] = (
+            -torch.inf
+        )
+        tops.append(torch.topk(scores, kmax, dim=1).indices.cpu().numpy())
+    model.train(was_training)
+    if not len(users):
+        return {k: 0.0 for k in METRIC_KEYS}, 0
+    return compute_topk_metrics(np.concatenate(tops), truth[users], ks), int(len(users))

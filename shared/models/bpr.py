@@ -1,0 +1,40 @@
+"""BPR-MF: matrix factorisation trained with Bayesian Personalised Ranking.
+
+Rendle, Freudenthaler, Gantner and Schmidt-Thieme, "BPR: Bayesian Personalized Ranking from
+Implicit Feedback", UAI 2009. Score(u, i) = p_u . q_i; one example per user covers at most H of
+the user's training items, each against the user's sampled negatives.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from shared.config import ModelConfig
+from shared.models import Batch, RecModel, compute_loss_per_target, compute_user_mean, init_embedding_
+
+
+class BPRMF(RecModel):
+    """p_u . q_i; the user table is local to a partner, the item table is shared."""
+
+    shared_prefixes = ("item_emb.",)
+
+    def __init__(self, n_users: int, n_items: int, model_cfg: ModelConfig, **_: object) -> None:
+        super().__init__(n_users, n_items, model_cfg)
+        self.user_emb = nn.Embedding(n_users, model_cfg.dim)
+        self.item_emb = nn.Embedding(n_items, model_cfg.dim)
+        init_embedding_(self.user_emb, model_cfg.init_std)
+        init_embedding_(self.item_emb, model_cfg.init_std)
+
+    def calculate_loss(self, batch: Batch) -> torch.Tensor:
+        tg, neg = batch["targets"], batch["negatives"]
+        p = self.user_emb(batch["users"])  # each table is called once per forward (Opacus ghost mode)
+        q = self.item_emb(torch.cat([tg, neg], dim=1))
+        q_t, q_n = q[:, : tg.shape[1]], q[:, tg.shape[1]:]
+        pos = torch.einsum("bd,bhd->bh", p, q_t)
+        neg_s = torch.einsum("bd,bmd->bm", p, q_n)[:, None, :].expand(-1, tg.shape[1], -1)
+        per_target = compute_loss_per_target(pos, neg_s, batch["neg_mask"], self.model_cfg.loss)
+        return compute_user_mean(per_target, batch["target_mask"])
+
+    def full_sort_predict(self, batch: Batch) -> torch.Tensor:
+        return self.user_emb.weight[batch["users"]] @ self.item_emb.weight.T
