@@ -7,9 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shared.config import DataConfig
-from shared.data import DataError
+from shared.config import DataConfig, PartitionConfig, SplitConfig
+from shared.csvio import write_csv_dataset
+from shared.data import DataError, Dataset
 from shared.loaders import clean, load_ciao, load_csv, load_dataset, load_douban, load_filmtrust, load_lastfm
+from shared.partition import partition_users, partner_split
+from shared.split import split_dataset
+from shared.synthetic import generate
 
 
 def write(path: Path, text: str) -> Path:
@@ -261,3 +265,56 @@ def test_load_dataset_missing_folder_says_how_to_fix(tmp_path: Path) -> None:
     cfg = DataConfig(format="lastfm", path="nowhere")
     with pytest.raises(DataError, match="no such dataset folder.*--data-dir"):
         load_dataset(cfg, tmp_path)
+
+
+# ------------------------------------------------------------------------------ CSV round trip
+
+
+def assert_same_dataset(a: Dataset, b: Dataset) -> None:
+    assert (a.n_users, a.n_items) == (b.n_users, b.n_items)
+    for name in ("users", "items", "social_src", "social_dst"):
+        x, y = getattr(a, name), getattr(b, name)
+        np.testing.assert_array_equal(x, y)
+    if a.item_category is None or b.item_category is None:
+        assert a.item_category is None and b.item_category is None
+    else:
+        np.testing.assert_array_equal(a.item_category, b.item_category)
+
+
+def test_csv_round_trip_of_the_synthetic_dataset_keeps_catalogue_and_categories(tmp_path: Path) -> None:
+    # Prepare: a catalogue where some items have no interaction (they live only in items.csv).
+    ds = generate(DataConfig(n_users=200, n_items=3000))
+    assert np.bincount(ds.items, minlength=ds.n_items).min() == 0
+    # Execute
+    back = load_csv(write_csv_dataset(ds, tmp_path / "export"))
+    # Assert
+    assert_same_dataset(ds, back)
+    assert tolist(back.user_ids) == list(range(ds.n_users))
+
+
+def test_csv_round_trip_of_string_ids_with_commas_and_quotes(tmp_path: Path) -> None:
+    # Prepare
+    write(tmp_path / "in" / "interactions.csv",
+          'user,item\n"smith, anna","the ""best"" pen"\nbob,cup\n"smith, anna",cup\n')
+    write(tmp_path / "in" / "social.csv", 'user,neighbour\nbob,"smith, anna"\n')
+    ds = load_csv(tmp_path / "in")
+    # Execute
+    back = load_csv(write_csv_dataset(ds, tmp_path / "out"))
+    # Assert
+    assert tolist(back.user_ids) == ["bob", "smith, anna"]
+    assert tolist(back.item_ids) == ["cup", 'the "best" pen']
+    assert_same_dataset(ds, back)
+    assert not (tmp_path / "out" / "items.csv").exists()
+
+
+def test_csv_export_of_a_partner_uses_global_user_indices(tmp_path: Path) -> None:
+    # Prepare
+    ds = generate(DataConfig(n_users=120))
+    split = split_dataset(ds, SplitConfig())
+    assignment = partition_users(ds, 3, PartitionConfig(method="community"))
+    part = partner_split(split, assignment, 1).dataset
+    # Execute
+    back = load_csv(write_csv_dataset(part, tmp_path / "partner1"))
+    # Assert: the exported ids are the global user indices of the partner's users.
+    assert tolist(back.user_ids) == np.flatnonzero(assignment == 1).tolist()
+    assert_same_dataset(part, back)
