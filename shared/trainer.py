@@ -1,0 +1,359 @@
+"""Local and centralized training, non-private or with user-level DP-SGD (Opacus ghost clipping).
+
+One primitive, :class:`LocalTrainer`, trains one partner's model (or the whole data set, when
+used centrally): ``fit`` runs a number of epochs with a fresh optimizer (and, with DP, a fresh
+PrivacyEngine whose (sigma, q, steps) go to the caller's ledger). :func:`train_centralized` is
+``fit`` plus validation-based early stopping (non-private) or a fixed schedule (DP).
+
+Privacy model (DESIGN.md): one DP example = one user; the example reads only that user's record
+and parameters; Poisson sampling of users with rate q = 1 / len(data_loader) (Opacus' rule,
+about batch_size / n_users); per-user clipping to ``max_grad_norm`` and Gaussian noise
+``noise_multiplier * max_grad_norm`` on every trained parameter (Abadi et al. 2016, with
+ghost clipping, Li et al. 2022 / Bu et al. 2023). With ``user_embedding = "local"`` p_u is
+reconstructed after training from the user's own items only (billboard model: joint DP).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from shared.batching import Batch, ExampleBuilder
+from shared.config import Config
+from shared.data import SplitData
+from shared.metrics import evaluate_model
+from shared.models import RecModel, build_model
+
+
+class TrainerError(ValueError):
+    """Training cannot run with this configuration or these parameters."""
+
+
+@dataclass
+class FitResult:
+    num_examples: int  # users of this partner (the DP dataset size)
+    steps: int
+    sample_rate: float
+    noise_multiplier: float
+    max_grad_norm: float
+    train_loss: float
+    wall_time_s: float
+    epoch_losses: list[float] = field(default_factory=list)
+    epsilon: float | None = None  # this call's epsilon alone (None without DP)
+
+
+@dataclass
+class TrainOutcome:
+    metrics: dict[str, float]  # test metrics of the final (DP) or best (non-private) model
+    val_metrics: dict[str, float]
+    best_epoch: int
+    epochs_run: int
+    wall_time_s: float
+    epsilon: float | None
+    delta: float | None
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    max_grad_norm: float | None
+    history: list[dict[str, float]]
+    per_epoch_time_s: float
+    selected_on_validation: bool  # DP: whether validation data chose the epoch (a use of private data)
+    evaluated_users: int
+    state: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # the evaluated model's state
+
+
+class PerUserLoss(nn.Module):
+    """Identity criterion over the model's per-user loss [B]; Opacus ghost clipping sets ``reduction``."""
+
+    def __init__(self, reduction: str = "mean") -> None:
+        super().__init__()
+        self.reduction = reduction
+
+    def forward(self, per_user: torch.Tensor, _target: Any = None) -> torch.Tensor:
+        if self.reduction == "none":
+            return per_user
+        return per_user.sum() if self.reduction == "sum" else per_user.mean()
+
+
+def resolve_device(device: str) -> torch.device:
+    """"auto" -> cuda when available, else cpu; "cuda"/"cuda:N" must be available."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise TrainerError(f"train.device: {device!r} requested but CUDA is not available")
+    return torch.device(device)
+
+
+def compute_sample_rate(n_users: int, batch_size: int) -> float:
+    """Opacus' Poisson rate: 1 / len(data_loader) = 1 / ceil(n / batch_size)."""
+    return 1.0 / max(1, -(-n_users // batch_size))
+
+
+def calibrate_noise_multiplier(max_epsilon: float, delta: float, sample_rate: float, steps: int,
+                               accountant: str = "rdp") -> float:
+    """The smallest sigma whose epsilon after ``steps`` sampled-Gaussian steps is at most ``max_epsilon``."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    return float(get_noise_multiplier(target_epsilon=max_epsilon, target_delta=delta, sample_rate=sample_rate,
+                                      steps=steps, accountant=accountant, epsilon_tolerance=0.005))
+
+
+def compute_epsilon_history(history: list[tuple[float, float, int]], delta: float, accountant: str = "rdp") -> float:
+    """Epsilon of a composition of (noise_multiplier, sample_rate, steps) entries (Opacus accountant)."""
+    from opacus.accountants import create_accountant
+
+    acc = create_accountant(mechanism=accountant)
+    acc.history = list(history)
+    return float(acc.get_epsilon(delta=delta))
+
+
+class LocalTrainer:
+    """Trains one partner's model: users local 0..n_p-1, global item ids (``split``)."""
+
+    def __init__(self, cfg: Config, split: SplitData, device: str = "cpu", seed: int = 0) -> None:
+        self.cfg, self.split, self.seed = cfg, split, seed
+        self.device = resolve_device(device)
+        torch.manual_seed(seed)
+        self.builder = ExampleBuilder.from_split(split, cfg.model)
+        self.model: RecModel = build_model(cfg.model, split.n_users, split.n_items,
+                                           item_counts=self.builder.item_counts()).to(self.device)
+        self.rng = np.random.default_rng(seed)
+        self._fits = 0
+        if cfg.privacy.enabled and cfg.model.name == "social" and cfg.model.user_embedding == "trained":
+            warnings.warn("DP with a DP-trained per-user table: its rows are mostly noise (DESIGN.md); "
+                          "user_embedding = local usually does better", stacklevel=2)
+
+    # --- parameters --------------------------------------------------------------------------
+    def shared_names(self) -> list[str]:
+        return self.model.shared_parameter_names()
+
+    def get_shared(self) -> dict[str, np.ndarray]:
+        params = dict(self.model.named_parameters())
+        return {n: params[n].detach().cpu().numpy().astype(np.float32).copy() for n in self.shared_names()}
+
+    def set_shared(self, params: dict[str, np.ndarray]) -> None:
+        own = dict(self.model.named_parameters())
+        names = set(self.shared_names())
+        if set(params) != names:
+            raise TrainerError(f"shared parameters mismatch: missing {sorted(names - set(params))}, "
+                               f"unexpected {sorted(set(params) - names)}")
+        with torch.no_grad():
+            for n, v in params.items():
+                if tuple(v.shape) != tuple(own[n].shape):
+                    raise TrainerError(f"shared parameter {n}: shape {v.shape}, expected {tuple(own[n].shape)}")
+                own[n].copy_(torch.as_tensor(v, dtype=own[n].dtype))
+
+    def get_local_state(self) -> dict[str, np.ndarray]:
+        shared = set(self.shared_names())
+        return {n: v.detach().cpu().numpy().copy() for n, v in self.model.state_dict().items() if n not in shared}
+
+    def set_local_state(self, state: dict[str, np.ndarray]) -> None:
+        own = self.model.state_dict()
+        with torch.no_grad():
+            for n, v in state.items():
+                if n not in own or n in self.shared_names():
+                    raise TrainerError(f"local state: unknown entry {n!r}")
+                if tuple(v.shape) != tuple(own[n].shape):
+                    raise TrainerError(f"local state {n}: shape {v.shape}, expected {tuple(own[n].shape)}")
+                own[n].copy_(torch.as_tensor(v))
+
+    # --- training ----------------------------------------------------------------------------
+    def _optimizer(self) -> torch.optim.Optimizer:
+        tc = self.cfg.train
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if tc.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=tc.lr, weight_decay=tc.weight_decay)
+        return torch.optim.Adam(params, lr=tc.lr, weight_decay=tc.weight_decay)
+
+    def _batch(self, users: np.ndarray, rng: np.random.Generator) -> Batch:
+        return {k: v.to(self.device) for k, v in self.builder.train_batch(users, rng).items()}
+
+    def fit(self, epochs: int, noise_multiplier: float | None = None, rng_seed: int | None = None,
+            on_epoch: Callable[[int, float], bool] | None = None) -> FitResult:
+        """Train ``epochs`` epochs with a fresh optimizer; ``on_epoch(epoch, loss)`` returning True stops.
+
+        With DP on, ``noise_multiplier`` (default ``privacy.noise_multiplier``; must be > 0 here)
+        is used with a fresh PrivacyEngine; the result's (noise_multiplier, sample_rate, steps)
+        is this call's accountant entry.
+        """
+        if epochs < 1:
+            raise TrainerError(f"epochs must be >= 1, got {epochs}")
+        self._fits += 1
+        seed = rng_seed if rng_seed is not None else self.seed * 1_000_003 + self._fits
+        rng = np.random.default_rng(seed)
+        t0 = time.perf_counter()
+        if not self.model.trainable:
+            result = FitResult(self.split.n_users, 0, 0.0, 0.0, 0.0, 0.0, 0.0)
+        elif self.cfg.privacy.enabled:
+            result = self._fit_private(epochs, noise_multiplier, seed, rng, on_epoch)
+        else:
+            result = self._fit_plain(epochs, rng, on_epoch)
+        self.refit_local()
+        result.wall_time_s = time.perf_counter() - t0
+        return result
+
+    def _fit_plain(self, epochs: int, rng: np.random.Generator,
+                   on_epoch: Callable[[int, float], bool] | None) -> FitResult:
+        opt, bs, n = self._optimizer(), self.cfg.train.batch_size, self.split.n_users
+        users_all = self._example_users()
+        steps, losses = 0, []
+        self.model.train()
+        for epoch in range(epochs):
+            perm = rng.permutation(users_all)
+            total = 0.0
+            for start in range(0, len(perm), bs):
+                per_user = self.model(self._batch(perm[start:start + bs], rng))
+                loss = per_user.mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                steps += 1
+                total += float(loss.detach()) * per_user.shape[0]
+            losses.append(total / max(1, len(perm)))
+            if on_epoch is not None and on_epoch(epoch, losses[-1]):
+                break
+        return FitResult(n, steps, 1.0, 0.0, 0.0, losses[-1], 0.0, losses)
+
+    def _example_users(self) -> np.ndarray:
+        """Users with at least one training item (the others contribute a zero loss)."""
+        return np.flatnonzero(np.diff(self.builder.item_indptr) > 0)
+
+    def _fit_private(self, epochs: int, noise_multiplier: float | None, seed: int, rng: np.random.Generator,
+                     on_epoch: Callable[[int, float], bool] | None) -> FitResult:
+        from opacus import PrivacyEngine
+
+        pc, n = self.cfg.privacy, self.split.n_users
+        sigma = pc.noise_multiplier if noise_multiplier is None else noise_multiplier
+        if sigma <= 0:
+            raise TrainerError("privacy.noise_multiplier must be > 0 for a DP fit (calibrate it first)")
+        # the DP dataset is every user of the partner (a user without items is a zero example)
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.arange(n)),
+                                             batch_size=self.cfg.train.batch_size,
+                                             generator=torch.Generator().manual_seed(seed))
+        engine = PrivacyEngine(accountant=pc.accountant, secure_mode=pc.secure_rng)
+        noise_gen = None if pc.secure_rng else torch.Generator(device=self.device).manual_seed(seed + 1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Opacus' notices about secure RNG and the criterion
+            gsm, opt, crit, dl = engine.make_private(
+                module=self.model, optimizer=self._optimizer(), criterion=PerUserLoss(), data_loader=loader,
+                noise_multiplier=sigma, max_grad_norm=pc.max_grad_norm, grad_sample_mode="ghost",
+                poisson_sampling=True, noise_generator=noise_gen)
+        q = 1.0 / len(dl)
+        losses: list[float] = []
+        self.model.train()
+        with warnings.catch_warnings():
+            # Opacus' second backward pass triggers a harmless PyTorch notice about full backward hooks
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            steps = self._dp_epochs(epochs, gsm, opt, crit, dl, rng, on_epoch, losses)
+        eps = float(engine.get_epsilon(pc.target_delta))
+        return FitResult(n, steps, q, sigma, pc.max_grad_norm, losses[-1], 0.0, losses, eps)
+
+    def _dp_epochs(self, epochs: int, gsm: Any, opt: Any, crit: Any, dl: Any, rng: np.random.Generator,
+                   on_epoch: Callable[[int, float], bool] | None, losses: list[float]) -> int:
+        """The DP-SGD loop over Opacus' Poisson batches of user ids; returns the number of steps."""
+        steps = 0
+        try:
+            for epoch in range(epochs):
+                total, seen = 0.0, 0
+                for (uids,) in dl:
+                    opt.zero_grad(set_to_none=True)
+                    if uids.numel() == 0:  # an empty Poisson batch is still a (noise-only) step
+                        for p in self.model.parameters():
+                            if p.requires_grad:
+                                p.grad = torch.zeros_like(p)
+                    else:
+                        loss = crit(gsm(self._batch(uids.numpy(), rng)), None)
+                        loss.backward()
+                        total += float(loss.detach()) * uids.numel()
+                        seen += uids.numel()
+                    opt.step()
+                    steps += 1
+                losses.append(total / max(1, seen))
+                if on_epoch is not None and on_epoch(epoch, losses[-1]):
+                    break
+        finally:
+            gsm._close()  # remove Opacus' hooks: self.model is a plain module again
+            opt.zero_grad(set_to_none=True)
+        return steps
+
+    def refit_local(self) -> None:
+        """Reconstruct the local p_u (user_embedding = local) from each user's own training items."""
+        mc = self.cfg.model
+        refit = getattr(self.model, "refit_local_users", None)
+        if refit is None or mc.user_embedding != "local" or mc.local_refit_steps == 0:
+            return
+        rng = np.random.default_rng(self.seed + 17)
+        users = self._example_users()
+        for start in range(0, len(users), 1024):
+            refit(self._batch(users[start:start + 1024], rng), mc.local_refit_steps, mc.local_refit_l2)
+
+    def evaluate(self, which: str = "test") -> tuple[dict[str, float], int]:
+        return evaluate_model(self.model, self.split, which, builder=self.builder, device=self.device)
+
+
+def train_centralized(cfg: Config, split: SplitData, progress: Callable[[dict[str, Any]], None] | None = None,
+                      ) -> TrainOutcome:
+    """Train on all users; non-private: early stopping on validation NDCG@10 (best weights restored);
+    DP: a fixed schedule, the final model evaluated (unless privacy.select_on_validation)."""
+    t0 = time.perf_counter()
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    trainer = LocalTrainer(cfg, split, device=cfg.train.device, seed=cfg.train.seed)
+    pc, private = cfg.privacy, cfg.privacy.enabled
+    epochs = (pc.epochs or cfg.train.epochs) if private else cfg.train.epochs
+    select = (not private) or pc.select_on_validation
+    sigma, q = 0.0, 0.0
+    if private:
+        q = compute_sample_rate(split.n_users, cfg.train.batch_size)
+        steps_planned = epochs * int(round(1.0 / q))
+        sigma = pc.noise_multiplier or calibrate_noise_multiplier(pc.max_epsilon, pc.target_delta, q,
+                                                                    steps_planned, pc.accountant)
+    history: list[dict[str, float]] = []
+    best: dict[str, Any] = {"ndcg": -1.0, "epoch": -1, "state": None, "val": {}}
+    epoch_times: list[float] = []
+    last = [time.perf_counter()]
+
+    def on_epoch(epoch: int, loss: float) -> bool:
+        epoch_times.append(time.perf_counter() - last[0])
+        row: dict[str, float] = {"epoch": float(epoch + 1), "loss": loss, "epoch_time_s": epoch_times[-1]}
+        stop = False
+        if select and ((epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == epochs):
+            trainer.refit_local()
+            val, _ = trainer.evaluate("val")
+            row["val_ndcg@10"] = val["ndcg@10"]
+            if val["ndcg@10"] > best["ndcg"]:
+                best.update(ndcg=val["ndcg@10"], epoch=epoch + 1, val=val,
+                            state=copy.deepcopy(trainer.model.state_dict()))
+            patience = cfg.train.patience
+            stop = (not private) and patience > 0 and (epoch + 1 - best["epoch"]) >= patience
+        history.append(row)
+        if progress is not None:
+            progress(dict(row))
+        last[0] = time.perf_counter()
+        return stop
+
+    fit = trainer.fit(epochs, noise_multiplier=sigma if private else None, on_epoch=on_epoch)
+    if select and best["state"] is not None:
+        trainer.model.load_state_dict(best["state"])
+        val = best["val"]
+    else:
+        val, _ = trainer.evaluate("val")
+    test, n_eval = trainer.evaluate("test")
+    best_epoch = best["epoch"] if select and best["epoch"] > 0 else len(history)
+    return TrainOutcome(
+        metrics=test, val_metrics=val, best_epoch=best_epoch, epochs_run=len(history),
+        wall_time_s=time.perf_counter() - t0,
+        epsilon=fit.epsilon if private else None, delta=pc.target_delta if private else None,
+        noise_multiplier=fit.noise_multiplier, sample_rate=fit.sample_rate, steps=fit.steps,
+        max_grad_norm=pc.max_grad_norm if private else None, history=history,
+        per_epoch_time_s=float(np.mean(epoch_times)) if epoch_times else 0.0,
+        selected_on_validation=bool(private and select), evaluated_users=n_eval,
+        state={k: v.detach().cpu().numpy().copy() for k, v in trainer.model.state_dict().items()})
