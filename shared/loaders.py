@@ -148,7 +148,7 @@ def read_numeric_table(path: Path, n_cols: int, *, header: bool = False) -> np.n
     """
     if not path.is_file():
         raise DataError(f"{path}: no such file")
-    text = path.read_text(encoding="utf-8", errors="replace")
+    text = path.read_bytes().decode("utf-8-sig", errors="replace")
     lines = text.splitlines()
     first = 1 if header else 0
     if header and lines and _is_numeric_line(lines[0]):
@@ -277,8 +277,11 @@ def _read_csv_rows(path: Path, required: Sequence[str], optional: Sequence[str])
     """Header and (line number, fields) rows of a comma-separated file, with format checks."""
     if not path.is_file():
         raise DataError(f"{path}: no such file")
-    with path.open(encoding="utf-8", newline="") as fh:
-        text = fh.read()
+    try:  # utf-8-sig: spreadsheet exports often start with a byte-order mark
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     lines = text.splitlines()
     head_no = next((k for k, line in enumerate(lines) if line.strip()), None)
     if head_no is None:
@@ -305,9 +308,9 @@ def _read_csv_rows(path: Path, required: Sequence[str], optional: Sequence[str])
         if not fields or (len(fields) == 1 and not fields[0].strip()):
             continue  # blank line
         if len(fields) != len(header):
-            line = lines[k - 1]
+            raw_line = lines[k - 1]
             why = next((f"; it looks {label}-separated, this format needs commas"
-                        for d, label in ((";", "semicolon"), ("\t", "tab")) if d in line), "")
+                        for d, label in ((";", "semicolon"), ("\t", "tab")) if d in raw_line), "")
             raise DataError(f"{path}:{k}: expected {len(header)} fields ({','.join(header)}), "
                             f"found {len(fields)}{why}")
         rows.append((k, [f.strip() for f in fields]))

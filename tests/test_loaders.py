@@ -228,6 +228,23 @@ def test_load_csv_bad_input_names_file_line_and_problem(
     assert "\n" not in message
 
 
+def test_load_csv_accepts_byte_order_mark_and_windows_line_ends(tmp_path: Path) -> None:
+    # Prepare: what a spreadsheet's "CSV UTF-8" export looks like.
+    (tmp_path / "interactions.csv").write_bytes("\ufeffuser,item\r\nå,x\r\nb,y\r\n".encode())
+    (tmp_path / "social.csv").write_bytes(b"\xef\xbb\xbfuser,neighbour\r\nb,\xc3\xa5\r\n")
+    # Execute
+    ds = load_csv(tmp_path)
+    # Assert
+    assert tolist(ds.user_ids) == ["b", "å"] and edges(ds) == {(0, 1)}
+
+
+def test_load_csv_non_utf8_names_the_line(tmp_path: Path) -> None:
+    (tmp_path / "interactions.csv").write_bytes(b"user,item\na,x\nb\xe9,y\n")
+    write(tmp_path / "social.csv", GOOD_S)
+    with pytest.raises(DataError, match=r"interactions.csv:3: not UTF-8 text"):
+        load_csv(tmp_path)
+
+
 @pytest.mark.parametrize(
     ("items", "needle"),
     [
