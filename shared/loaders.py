@@ -20,6 +20,7 @@ import os
 import re
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,8 @@ from shared.config import DataConfig, resolve_data_path
 from shared.data import DataError, Dataset
 
 PathLike = str | os.PathLike[str]
+
+_INT_RE = re.compile(r"^[+-]?\d+$")
 
 INTERACTION_COLUMNS = ("user", "item", "value", "timestamp")
 SOCIAL_COLUMNS = ("user", "neighbour")
@@ -267,80 +270,154 @@ def load_ciao(folder: PathLike) -> Dataset:
 # the generic CSV format
 # ----------------------------------------------------------------------------------------------
 
-_INT_RE = re.compile(r"^[+-]?\d+$")
+_DELIMITERS = ((";", "semicolon"), ("\t", "tab"), ("|", "pipe"))
 
 
-Rows = list[tuple[int, list[str]]]  # (1-based line number, stripped fields)
+@dataclass(frozen=True)
+class CsvTable:
+    """A validated comma-separated file held by column (stripped strings) with each row's line number."""
+
+    path: Path
+    header: list[str]
+    columns: dict[str, np.ndarray]
+    line_no: np.ndarray  # int64, 1-based line of each row
+
+    def where(self, bad: np.ndarray) -> int:
+        """Line number of the first row flagged in the boolean array ``bad``."""
+        return int(self.line_no[int(np.argmax(bad))])
 
 
-def _read_csv_rows(path: Path, required: Sequence[str], optional: Sequence[str]) -> tuple[list[str], Rows]:
-    """Header and (line number, fields) rows of a comma-separated file, with format checks."""
+def _decode(path: Path) -> str:
     if not path.is_file():
         raise DataError(f"{path}: no such file")
+    data = path.read_bytes()
     try:  # utf-8-sig: spreadsheet exports often start with a byte-order mark
-        text = path.read_bytes().decode("utf-8-sig")
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        line = data[: exc.start].count(b"\n") + 1
         raise DataError(f"{path}:{line}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    lines = text.splitlines()
-    head_no = next((k for k, line in enumerate(lines) if line.strip()), None)
-    if head_no is None:
-        raise DataError(f"{path}: empty file (expected a header line {','.join(required)})")
+
+
+def _parse_header(
+    path: Path, line_no: int, line: str, required: Sequence[str], optional: Sequence[str]
+) -> list[str]:
     expected = ",".join([*required, *(f"[{c}]" for c in optional)])
-    head_line = lines[head_no]
-    if "," not in head_line and len(required) > 1:
-        for delim, label in ((";", "semicolons"), ("\t", "tabs"), ("|", "pipes")):
-            if delim in head_line:
-                raise DataError(f"{path}:{head_no + 1}: fields are separated by {label}; "
+    if "," not in line and len(required) > 1:
+        for delim, label in _DELIMITERS:
+            if delim in line:
+                raise DataError(f"{path}:{line_no}: fields are separated by {label}s; "
                                 f"this format needs commas (header {expected})")
-    header = [h.strip().lower() for h in next(csv.reader([head_line]))]
+    header = [h.strip().lower() for h in next(csv.reader([line]))]
     for col in header:
         if col not in (*required, *optional):
             hint = " (missing header line?)" if _INT_RE.match(col) or not col else ""
-            raise DataError(f"{path}:{head_no + 1}: unknown column {col!r}{hint}; expected header {expected}")
+            raise DataError(f"{path}:{line_no}: unknown column {col!r}{hint}; expected header {expected}")
     for col in required:
         if col not in header:
-            raise DataError(f"{path}:{head_no + 1}: missing column {col!r}; expected header {expected}")
+            raise DataError(f"{path}:{line_no}: missing column {col!r}; expected header {expected}")
     if len(set(header)) != len(header):
-        raise DataError(f"{path}:{head_no + 1}: repeated column in header {head_line!r}")
-    rows: Rows = []
-    for k, fields in enumerate(csv.reader(lines[head_no + 1:]), start=head_no + 2):
-        if not fields or (len(fields) == 1 and not fields[0].strip()):
-            continue  # blank line
-        if len(fields) != len(header):
-            raw_line = lines[k - 1]
-            why = next((f"; it looks {label}-separated, this format needs commas"
-                        for d, label in ((";", "semicolon"), ("\t", "tab")) if d in raw_line), "")
-            raise DataError(f"{path}:{k}: expected {len(header)} fields ({','.join(header)}), "
-                            f"found {len(fields)}{why}")
-        rows.append((k, [f.strip() for f in fields]))
-    return header, rows
+        raise DataError(f"{path}:{line_no}: repeated column in header {line!r}")
+    return header
 
 
-def _check_ids(path: Path, rows: Rows, cols: Sequence[int], names: Sequence[str]) -> None:
-    for line_no, fields in rows:
-        for c, name in zip(cols, names, strict=True):
-            if not fields[c]:
-                raise DataError(f"{path}:{line_no}: empty {name} id")
+def _field_count_error(path: Path, line_no: int, line: str, header: list[str], found: int) -> DataError:
+    why = next((f"; it looks {label}-separated, this format needs commas"
+                for d, label in _DELIMITERS if d in line), "")
+    expected = f"{len(header)} fields ({','.join(header)})"
+    return DataError(f"{path}:{line_no}: expected {expected}, found {found}{why}")
 
 
-def _check_numbers(path: Path, rows: Rows, col: int, name: str) -> None:
-    for line_no, fields in rows:
-        try:
-            ok = np.isfinite(float(fields[col]))
-        except ValueError:
-            ok = False
-        if not ok:
-            raise DataError(f"{path}:{line_no}: column {name!r} must be a number, got {fields[col]!r}")
+def read_csv_table(path: Path, required: Sequence[str], optional: Sequence[str] = ()) -> CsvTable:
+    """Read and check a comma-separated file with a header naming its columns (any order).
+
+    Files without quotes (the usual case) are split with vectorised numpy field counting; files
+    with quoted fields go through the csv module. Either way each row keeps its line number.
+    """
+    lines = _decode(path).splitlines()
+    head = next((k for k, line in enumerate(lines) if line.strip()), None)
+    if head is None:
+        raise DataError(f"{path}: empty file (expected a header line {','.join(required)})")
+    header = _parse_header(path, head + 1, lines[head], required, optional)
+    body = lines[head + 1:]
+    first_line = head + 2
+    if any('"' in line for line in body):
+        rows, numbers = [], []
+        for k, fields in enumerate(csv.reader(body)):
+            if not fields or (len(fields) == 1 and not fields[0].strip()):
+                continue  # blank line
+            if len(fields) != len(header):
+                raise _field_count_error(path, k + first_line, body[k], header, len(fields))
+            rows.append(fields)
+            numbers.append(k + first_line)
+        table = np.array(rows, dtype=str).reshape(len(rows), len(header))
+        line_no = np.array(numbers, dtype=np.int64)
+    else:
+        commas, blank = compute_line_commas("\n".join(body), len(body))
+        bad = ~blank & (commas != len(header) - 1)
+        if bad.any():
+            k = int(np.argmax(bad))
+            raise _field_count_error(path, k + first_line, body[k], header, int(commas[k]) + 1)
+        keep = np.flatnonzero(~blank)
+        text = ",".join([body[k] for k in keep.tolist()])
+        table = np.array(text.split(",") if keep.size else [], dtype=str).reshape(keep.size, len(header))
+        line_no = keep.astype(np.int64) + first_line
+    if table.size and (np.char.str_len(table) != np.char.str_len(np.char.strip(table))).any():
+        table = np.char.strip(table)
+    return CsvTable(path, header, {name: table[:, c] for c, name in enumerate(header)}, line_no)
+
+
+def compute_line_commas(text: str, n_lines: int) -> tuple[np.ndarray, np.ndarray]:
+    """Commas on each line of ``text``, and whether the line is blank (vectorised over bytes)."""
+    raw = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+    newline = raw == 10
+    line = np.cumsum(newline) - newline
+    space = newline | (raw == 32) | (raw == 9) | (raw == 13)
+    commas = np.bincount(line[raw == 44], minlength=n_lines)[:n_lines]
+    return commas, np.bincount(line[~space], minlength=n_lines)[:n_lines] == 0
+
+
+def _check_ids(table: CsvTable, names: Sequence[str]) -> None:
+    for name in names:
+        empty = table.columns[name] == ""
+        if empty.any():
+            raise DataError(f"{table.path}:{table.where(empty)}: empty {name} id")
+
+
+def _check_numbers(table: CsvTable, name: str) -> None:
+    col = table.columns[name]
+    try:
+        ok = np.isfinite(col.astype(np.float64))
+    except ValueError:
+        ok = np.array([_is_finite_number(s) for s in col.tolist()], dtype=bool)
+    if not ok.all():
+        k = int(np.argmax(~ok))
+        raise DataError(f"{table.path}:{table.line_no[k]}: column {name!r} must be a number, "
+                        f"got {str(col[k])!r}")
+
+
+def _is_finite_number(text: str) -> bool:
+    try:
+        return bool(np.isfinite(float(text)))
+    except ValueError:
+        return False
+
+
+def _check_known(table: CsvTable, name: str, known: np.ndarray, what: str, where: str) -> None:
+    missing = ~np.isin(table.columns[name], known)
+    if missing.any():
+        k = int(np.argmax(missing))
+        raise DataError(f"{table.path}:{table.line_no[k]}: {what} {str(table.columns[name][k])!r} {where}")
 
 
 def _typed_ids(ids: np.ndarray) -> np.ndarray:
-    """Integer ids when every id is an integer literal (so that they sort numerically), else strings."""
-    if ids.size and all(_INT_RE.match(s) for s in ids.tolist()):
-        as_int = np.array([int(s) for s in ids.tolist()], dtype=np.int64)
-        if np.unique(as_int).size == np.unique(ids).size:  # "01" and "1" would collide: keep strings
-            return as_int
-    return ids
+    """Integer ids when every id is a canonical integer literal (so they sort numerically), else strings."""
+    if ids.size == 0:
+        return ids
+    try:
+        as_int = ids.astype(np.int64)
+    except (ValueError, OverflowError):
+        return ids
+    return as_int if (as_int.astype(str) == ids).all() else ids  # "01" or "+1" stay strings
 
 
 def load_csv(folder: PathLike) -> Dataset:
@@ -348,70 +425,63 @@ def load_csv(folder: PathLike) -> Dataset:
     (``user,neighbour``, directed: user follows / trusts neighbour) and optional ``items.csv``
     (``item,category``, category an integer code; it also lists catalogue items without interactions).
 
-    Ids are arbitrary strings (integers sort numerically). A social row naming a user that is not in
-    ``interactions.csv`` is an error, as is an interaction with an item missing from ``items.csv``.
+    Ids are arbitrary strings (canonical integers sort numerically). A social row naming a user that
+    is not in ``interactions.csv`` is an error, as is an interaction with an item missing from
+    ``items.csv``. Values and timestamps are checked to be numbers; interactions are implicit.
     """
     folder = Path(folder)
-    i_path, s_path, c_path = folder / "interactions.csv", folder / "social.csv", folder / "items.csv"
-    header, rows = _read_csv_rows(i_path, ("user", "item"), ("value", "timestamp"))
-    if not rows:
-        raise DataError(f"{i_path}: no interaction rows after the header")
-    col = {name: header.index(name) for name in header}
-    _check_ids(i_path, rows, (col["user"], col["item"]), ("user", "item"))
+    inter = read_csv_table(folder / "interactions.csv", ("user", "item"), ("value", "timestamp"))
+    if inter.line_no.size == 0:
+        raise DataError(f"{inter.path}: no interaction rows after the header")
+    _check_ids(inter, ("user", "item"))
     for name in ("value", "timestamp"):
-        if name in col:
-            _check_numbers(i_path, rows, col[name], name)
-    users = np.array([f[col["user"]] for _, f in rows])
-    items = np.array([f[col["item"]] for _, f in rows])
+        if name in inter.columns:
+            _check_numbers(inter, name)
+    users, items = inter.columns["user"], inter.columns["item"]
 
-    s_header, s_rows = _read_csv_rows(s_path, SOCIAL_COLUMNS, ())
-    s_col = {name: s_header.index(name) for name in s_header}
-    _check_ids(s_path, s_rows, (s_col["user"], s_col["neighbour"]), ("user", "neighbour"))
-    known = set(users.tolist())
-    for line_no, fields in s_rows:
-        for name in SOCIAL_COLUMNS:
-            if fields[s_col[name]] not in known:
-                raise DataError(f"{s_path}:{line_no}: unknown {name} id {fields[s_col[name]]!r} "
-                                f"(not a user in {i_path.name})")
-    src = np.array([f[s_col["user"]] for _, f in s_rows], dtype=users.dtype)
-    dst = np.array([f[s_col["neighbour"]] for _, f in s_rows], dtype=users.dtype)
-
-    catalogue = _read_items_csv(c_path, i_path, rows, col["item"]) if c_path.is_file() else None
+    social = read_csv_table(folder / "social.csv", SOCIAL_COLUMNS)
+    _check_ids(social, SOCIAL_COLUMNS)
     u_str = np.unique(users)
-    u_typed = _typed_ids(u_str)  # aligned with u_str
+    for name in SOCIAL_COLUMNS:
+        _check_known(social, name, u_str, f"unknown {name} id", f"(not a user in {inter.path.name})")
+
+    catalogue = None
+    if (folder / "items.csv").is_file():
+        catalogue = _read_items_csv(folder / "items.csv")
+        _check_known(inter, "item", catalogue[0], "item", "is not listed in items.csv")
     i_str = np.unique(items if catalogue is None else catalogue[0])
-    i_typed = _typed_ids(i_str)
+    u_typed, i_typed = _typed_ids(u_str), _typed_ids(i_str)  # aligned with u_str / i_str
 
     def conv(values: np.ndarray, keys: np.ndarray, typed: np.ndarray) -> np.ndarray:
         return typed[np.searchsorted(keys, values)] if values.size else typed[:0]
 
     typed_catalogue = None if catalogue is None else (conv(catalogue[0], i_str, i_typed), catalogue[1])
+    src, dst = social.columns["user"], social.columns["neighbour"]
     return clean(conv(users, u_str, u_typed), conv(items, i_str, i_typed),
                  conv(src, u_str, u_typed), conv(dst, u_str, u_typed),
                  undirected=False, name=folder.resolve().name or "csv", item_catalogue=typed_catalogue)
 
 
-def _read_items_csv(path: Path, i_path: Path, rows: Rows,
-                    item_col: int) -> tuple[np.ndarray, np.ndarray]:
-    """``items.csv`` as (item ids, category codes); every interaction's item must be listed."""
-    header, c_rows = _read_csv_rows(path, ITEM_COLUMNS, ())
-    c = {name: header.index(name) for name in header}
-    _check_ids(path, c_rows, (c["item"],), ("item",))
-    seen: dict[str, int] = {}
-    for line_no, fields in c_rows:
-        if not _INT_RE.match(fields[c["category"]]):
-            raise DataError(f"{path}:{line_no}: column 'category' must be an integer code, "
-                            f"got {fields[c['category']]!r}")
-        if fields[c["item"]] in seen:
-            raise DataError(f"{path}:{line_no}: item {fields[c['item']]!r} listed twice "
-                            f"(first on line {seen[fields[c['item']]]})")
-        seen[fields[c["item"]]] = line_no
-    for line_no, fields in rows:
-        if fields[item_col] not in seen:
-            raise DataError(f"{i_path}:{line_no}: item {fields[item_col]!r} is not listed in {path.name}")
-    catalogue = np.array([f[c["item"]] for _, f in c_rows], dtype=str)
-    categories = np.array([int(f[c["category"]]) for _, f in c_rows], dtype=np.int64)
-    return catalogue, categories
+def _read_items_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """``items.csv`` as (item ids, integer category codes), each item listed once."""
+    table = read_csv_table(path, ITEM_COLUMNS)
+    _check_ids(table, ("item",))
+    ids, cats = table.columns["item"], table.columns["category"]
+    try:
+        codes = cats.astype(np.int64)
+    except (ValueError, OverflowError):
+        bad = np.array([not _INT_RE.match(c) for c in cats.tolist()], dtype=bool)
+        raise DataError(f"{path}:{table.where(bad)}: column 'category' must be an integer code, "
+                        f"got {str(cats[int(np.argmax(bad))])!r}") from None
+    order = np.argsort(ids, kind="stable")
+    repeated = np.zeros(ids.size, dtype=bool)
+    repeated[order[1:]] = ids[order[1:]] == ids[order[:-1]]
+    if repeated.any():
+        k = int(np.argmax(repeated))
+        first = int(table.line_no[order[np.searchsorted(ids[order], ids[k])]])
+        raise DataError(f"{path}:{table.line_no[k]}: item {str(ids[k])!r} listed twice "
+                        f"(first on line {first})")
+    return ids, codes
 
 
 # ----------------------------------------------------------------------------------------------
