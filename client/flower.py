@@ -1,0 +1,159 @@
+"""The Flower side of a partner (legacy path, so that SecAgg+ composes): NumPyClient, mods, ClientApp.
+
+Pipeline of a training message, outermost first: ``secagg_when_requested_mod`` (SecAgg+ masking when
+the server runs the SecAgg+ workflow), ``update_clipping_mod`` (the reply's new parameters become the
+update against the received global, clipped to the server's ``clipping_norm``; the same place as
+Flower's ``fixedclipping_mod``), then :class:`FedSocialClient`. So the only arrays that leave are
+clipped updates (masked under SecAgg+), and the partner's tables stay in its state directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import Context, Message
+from flwr.app.message_type import MessageType
+from flwr.client import NumPyClient
+from flwr.client.mod import secaggplus_mod
+from flwr.clientapp import ClientApp
+from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.compat.common import recorddict_compat as compat
+
+from client.partner import (
+    EVAL_METRIC_KEYS,
+    FIT_METRIC_KEYS,
+    PROPERTY_KEYS,
+    Partner,
+    get_partner,
+    settings_from_context,
+)
+from client.update import compute_clipped_update
+
+log = logging.getLogger("fedsocial.client")
+Mod = Callable[[Message, Context, Callable[[Message, Context], Message]], Message]
+
+
+def _whitelisted(metrics: Mapping[str, Any], allowed: frozenset[str]) -> dict[str, Any]:
+    """Drop anything not on the whitelist; values must be plain scalars (no arrays, no lists)."""
+    out = {}
+    for k, v in metrics.items():
+        if k not in allowed:
+            raise ValueError(f"metric {k!r} is not on the whitelist of what may leave a partner")
+        if not isinstance(v, (bool, int, float, str)):
+            raise ValueError(f"metric {k!r} must be a scalar, got {type(v).__name__}")
+        out[k] = v
+    return out
+
+
+class FedSocialClient(NumPyClient):
+    """Adapts :class:`client.partner.Partner` to Flower's legacy NumPyClient API."""
+
+    def __init__(self, partner: Partner) -> None:
+        self.partner = partner
+
+    def get_properties(self, config: Mapping[str, Any]) -> dict[str, Any]:  # type: ignore[override]
+        names, _ = self.partner.initial_parameters()
+        props = {"partner_id": self.partner.partner_id, "param_names": ",".join(names),
+                 "num_users": self.partner.num_users}
+        return _whitelisted(props, PROPERTY_KEYS)
+
+    def get_parameters(self, config: Mapping[str, Any]) -> list[np.ndarray]:  # type: ignore[override]
+        return self.partner.initial_parameters()[1]
+
+    def fit(self, parameters: list[np.ndarray], config: Mapping[str, Any]  # type: ignore[override]
+            ) -> tuple[list[np.ndarray], int, dict[str, Any]]:
+        arrays, weight, metrics = self.partner.fit(list(parameters), int(config["round"]))
+        return arrays, weight, _whitelisted(metrics, FIT_METRIC_KEYS)
+
+    def evaluate(self, parameters: list[np.ndarray], config: Mapping[str, Any]  # type: ignore[override]
+                 ) -> tuple[float, int, dict[str, Any]]:
+        round_ = int(config["round"])
+        metrics, n = self.partner.evaluate(list(parameters), round_)
+        out = {**metrics, "round": round_, "partner_id": self.partner.partner_id, "evaluated_users": n}
+        return 1.0 - float(metrics["ndcg@10"]), n, _whitelisted(out, EVAL_METRIC_KEYS)
+
+
+def secagg_when_requested_mod(msg: Message, ctxt: Context, call_next: Any) -> Message:
+    """``secaggplus_mod`` for training messages of the SecAgg+ workflow; other messages pass through.
+
+    One ClientApp then serves runs with and without secure aggregation (``secagg.enabled``).
+    """
+    if msg.metadata.message_type == MessageType.TRAIN and RECORD_KEY_CONFIGS in msg.content.config_records:
+        return secaggplus_mod(msg, ctxt, call_next)
+    return call_next(msg, ctxt)  # type: ignore[no-any-return]
+
+
+def update_clipping_mod(msg: Message, ctxt: Context, call_next: Any) -> Message:
+    """Replace the reply's new parameters by the clipped update ``new - received`` (client side)."""
+    if msg.metadata.message_type != MessageType.TRAIN:
+        return call_next(msg, ctxt)  # type: ignore[no-any-return]
+    fit_ins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+    if "clipping_norm" not in fit_ins.config:
+        raise KeyError("the server did not send clipping_norm in the fit config")
+    clipping_norm = float(fit_ins.config["clipping_norm"])
+    received = parameters_to_ndarrays(fit_ins.parameters)
+    out_msg: Message = call_next(msg, ctxt)
+    if out_msg.has_error():
+        return out_msg
+    fit_res = compat.recorddict_to_fitres(out_msg.content, keep_input=True)
+    clipped, norm = compute_clipped_update(parameters_to_ndarrays(fit_res.parameters), received, clipping_norm)
+    log.info("update norm %.4g, clipped to <= %.4g", norm, clipping_norm)  # stays in the partner's log
+    fit_res.parameters = ndarrays_to_parameters(clipped)
+    out_msg.content = compat.fitres_to_recorddict(fit_res, keep_input=True)
+    return out_msg
+
+
+def _describe_value(v: Any) -> Any:
+    if isinstance(v, bytes):
+        return {"bytes": len(v)}
+    if isinstance(v, list):
+        return {"list": len(v), "types": sorted({type(x).__name__ for x in v})}
+    return v
+
+
+def describe_message(msg: Message) -> dict[str, Any]:
+    """Everything a reply carries, arrays as name -> (shape, dtype), scalars as values (for audits/tests)."""
+    content = msg.content
+    return {
+        "message_type": msg.metadata.message_type,
+        "arrays": {rn: {k: [list(a.shape), a.dtype] for k, a in rec.items()}
+                   for rn, rec in content.array_records.items()},
+        "configs": {rn: {k: _describe_value(v) for k, v in rec.items()} for rn, rec in content.config_records.items()},
+        "metrics": {rn: {k: _describe_value(v) for k, v in rec.items()} for rn, rec in content.metric_records.items()},
+    }
+
+
+def make_egress_recorder(folder: str | os.PathLike[str]) -> Mod:
+    """A mod (place it first) that appends a description of every outgoing reply to ``folder``."""
+    folder = Path(folder)
+
+    def egress_recorder_mod(msg: Message, ctxt: Context, call_next: Any) -> Message:
+        out: Message = call_next(msg, ctxt)
+        if not out.has_error():
+            folder.mkdir(parents=True, exist_ok=True)
+            with open(folder / f"egress-{os.getpid()}.jsonl", "a", encoding="utf-8") as fh:
+                fh.write(json.dumps({"node_config": dict(ctxt.node_config), **describe_message(out)}) + "\n")
+        return out
+
+    return egress_recorder_mod
+
+
+def make_client_app(settings: Mapping[str, Any] | None = None, extra_mods: list[Mod] | None = None) -> ClientApp:
+    """The ClientApp; ``settings`` (config-path, data-dir, run-dir) override the run config (in-process
+    simulation passes them here because ``run_simulation`` does not read ``[tool.flwr.app.config]``)."""
+    fixed = dict(settings or {})
+
+    def client_fn(context: Context) -> Any:
+        run_config = {**dict(context.run_config), **fixed}
+        partner = get_partner(settings_from_context(run_config, context.node_config))
+        return FedSocialClient(partner).to_client()
+
+    mods: list[Any] = [*(extra_mods or []), secagg_when_requested_mod, update_clipping_mod]
+    return ClientApp(client_fn=client_fn, mods=mods)

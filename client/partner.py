@@ -1,0 +1,344 @@
+"""One partner platform: its data, one local training round, its evaluation, its privacy ledger.
+
+Nothing here imports Flower; :mod:`client.flower` adapts it to a NumPyClient. What a partner returns
+from :meth:`Partner.fit` is its *new* shared parameters (the clipping mod turns them into a clipped
+update before the message leaves) plus whitelisted scalar metrics; its user and social tables stay
+in ``state_dir`` on its own disk.
+
+Where a partner's data comes from:
+
+* simulation (node config ``partition-id`` / ``num-partitions``): every client loads the same
+  dataset, splits and partitions it with the config's seeds, and keeps its own partition;
+* deployment (node config ``partner-id``, ``data-dir``): the data folder holds only this partner's
+  users (item ids from the shared catalogue), loaded and split as is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from client.state import load_local_state, save_local_state
+from shared.config import Config, ConfigError, load_config
+from shared.data import SplitData
+
+log = logging.getLogger("fedsocial.client")
+
+METRIC_KEYS = ("recall@10", "ndcg@10", "hr@10", "recall@20", "ndcg@20", "hr@20")
+# Everything a partner's replies may carry besides shared-parameter arrays: scalars about the round,
+# never user ids, per-user values, interactions or social edges.
+FIT_METRIC_KEYS = frozenset({
+    "round", "partner_id", "param_names", "num_users", "train_loss", "fit_time_s", "budget_exhausted",
+    "epsilon", "delta", "noise_multiplier", "sample_rate", "steps", "max_grad_norm", "ledger_round",
+    "ledger_head",
+})
+EVAL_METRIC_KEYS = frozenset({*METRIC_KEYS, "round", "partner_id", "evaluated_users", "eval_time_s"})
+PROPERTY_KEYS = frozenset({"partner_id", "param_names", "num_users"})
+
+
+class PartnerError(RuntimeError):
+    """The partner cannot take part in this round (the message says why)."""
+
+
+@dataclass(frozen=True)
+class PartnerSettings:
+    """Where one partner's config, data, state and ledger are (from run config + node config)."""
+
+    config_path: Path
+    data_dir: str | None
+    run_dir: Path
+    partner_id: str
+    partner_index: int
+    num_partitions: int | None  # None: the data folder holds only this partner's users (deployment)
+    state_dir: Path
+    ledger_dir: Path
+    device: str | None
+    signing_key: Path | None
+    num_threads: int
+
+
+def _get(cfg: Mapping[str, Any], key: str, default: Any = None) -> Any:
+    value = cfg.get(key, default)
+    return default if value == "" else value
+
+
+def resolve_config_path(text: str) -> Path:
+    """A config path as given, else relative to the project root (where ``flwr run .`` installs the app)."""
+    p = Path(text)
+    if p.is_absolute() or p.is_file():
+        return p.resolve()
+    beside_app = Path(__file__).resolve().parents[1] / p
+    if beside_app.is_file():
+        return beside_app
+    raise ConfigError(f"run config config-path: no such config file {text!r}")
+
+
+def settings_from_context(run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> PartnerSettings:
+    """Read the run config (``config-path``, ``data-dir``, ``run-dir``) and the node config."""
+    if not _get(run_config, "config-path"):
+        raise ConfigError("run config: config-path is required")
+    run_dir = Path(str(_get(run_config, "run-dir", "runs/flwr-run"))).resolve()
+    if _get(node_config, "partner-id") is not None:  # deployment: this node is one named partner
+        pid = str(node_config["partner-id"])
+        index, num = zlib.crc32(pid.encode()) & 0x7FFFFFFF, None
+        data_dir = _get(node_config, "data-dir", _get(run_config, "data-dir"))
+    elif _get(node_config, "partition-id") is not None:  # simulation: one partition of the shared data
+        index, num = int(node_config["partition-id"]), int(node_config["num-partitions"])
+        pid, data_dir = f"partner-{index}", _get(run_config, "data-dir")
+    else:
+        raise ConfigError("node config: needs partner-id (deployment) or partition-id/num-partitions (simulation)")
+    state_dir = Path(str(_get(node_config, "state-dir", run_dir / "partners" / pid)))
+    key = _get(node_config, "signing-key")
+    return PartnerSettings(
+        config_path=resolve_config_path(str(run_config["config-path"])),
+        data_dir=None if data_dir is None else str(data_dir),
+        run_dir=run_dir, partner_id=pid, partner_index=index, num_partitions=num,
+        state_dir=state_dir.resolve(),
+        ledger_dir=Path(str(_get(node_config, "ledger-dir", run_dir / "ledgers"))).resolve(),
+        device=_get(node_config, "device"),
+        signing_key=None if key is None else Path(str(key)),
+        num_threads=int(_get(node_config, "num-threads", _get(run_config, "num-threads", 0))),
+    )
+
+
+def compute_round_seed(base_seed: int, partner_index: int, round_: int) -> int:
+    """A seed for (partner, round): the same on a re-run or a resume, distinct across partners and rounds."""
+    return int(np.random.SeedSequence([base_seed, partner_index, round_]).generate_state(1)[0])
+
+
+def compute_weight(num_users: int, weight_cap: int) -> int:
+    """The partner's aggregation weight: its user count, capped (SecAgg+ uses it as is, so cap it here)."""
+    return min(num_users, weight_cap) if weight_cap > 0 else num_users
+
+
+_SPLITS: dict[str, Any] = {}
+
+
+def load_partner_split(cfg: Config, s: PartnerSettings) -> SplitData:
+    """This partner's split (cached per process: a simulation actor serves several partners)."""
+    from shared.loaders import load_dataset
+    from shared.split import split_dataset
+
+    sections = {k: v for k, v in cfg.to_dict().items() if k in ("data", "split", "partition")}
+    base = json.dumps([sections, s.data_dir], sort_keys=True)
+    key = f"{base}|{s.partner_index}|{s.num_partitions}"
+    if key in _SPLITS:
+        return _SPLITS[key]  # type: ignore[no-any-return]
+    if s.num_partitions is None:
+        part = split_dataset(load_dataset(cfg.data, s.data_dir), cfg.split)
+    else:
+        from shared.partition import partition_users, partner_split
+
+        full_key = f"{base}|{s.num_partitions}|full"
+        if full_key not in _SPLITS:
+            dataset = load_dataset(cfg.data, s.data_dir)
+            _SPLITS[full_key] = (split_dataset(dataset, cfg.split),
+                                 partition_users(dataset, s.num_partitions, cfg.partition))
+        split, assignment = _SPLITS[full_key]
+        if not 0 <= s.partner_index < s.num_partitions:
+            raise ConfigError(f"node config partition-id: {s.partner_index} not in [0, {s.num_partitions})")
+        part = partner_split(split, assignment, s.partner_index)
+    _SPLITS[key] = part
+    return part
+
+
+@dataclass(frozen=True)
+class PrivacyPlan:
+    noise_multiplier: float
+    sample_rate: float
+    steps: int  # per round
+
+
+class Partner:
+    """One partner's round logic; holds config and data, never model state (that lives on disk)."""
+
+    def __init__(self, settings: PartnerSettings) -> None:
+        self.settings = settings
+        self.cfg = load_config(settings.config_path)
+        if settings.num_threads > 0 or self.cfg.train.num_threads > 0:
+            import torch
+
+            torch.set_num_threads(settings.num_threads or self.cfg.train.num_threads)
+        self.split = load_partner_split(self.cfg, settings)
+        self.seed = compute_round_seed(self.cfg.train.seed, settings.partner_index, 0)
+        self._plan: PrivacyPlan | None = None
+
+    @property
+    def partner_id(self) -> str:
+        return self.settings.partner_id
+
+    @property
+    def num_users(self) -> int:
+        return int(self.split.n_users)
+
+    def new_trainer(self) -> Any:
+        from shared.trainer import LocalTrainer
+
+        return LocalTrainer(self.cfg, self.split, device=self.settings.device or self.cfg.train.device,
+                            seed=self.seed)
+
+    def initial_parameters(self) -> tuple[list[str], list[np.ndarray]]:
+        """The shared parameters as this partner initialises them (the config's seed, so all agree)."""
+        from shared.trainer import LocalTrainer
+
+        trainer = LocalTrainer(self.cfg, self.split, device="cpu", seed=self.cfg.train.seed)
+        params = trainer.get_shared()
+        names = trainer.shared_names()
+        return names, [params[n] for n in names]
+
+    # --- privacy -----------------------------------------------------------------------------
+    def privacy_plan(self) -> PrivacyPlan:
+        """(sigma, q, steps) of one round; sigma calibrated to max_epsilon over all rounds when not set."""
+        if self._plan is None:
+            from shared.privacy.accounting import calibrate_noise_multiplier
+            from shared.trainer import compute_sample_rate
+
+            pc, fc = self.cfg.privacy, self.cfg.federation
+            q = compute_sample_rate(self.num_users, self.cfg.train.batch_size)
+            steps = fc.local_epochs * round(1.0 / q)
+            sigma = pc.noise_multiplier or calibrate_noise_multiplier(
+                pc.max_epsilon, pc.target_delta, q, steps, fc.rounds, accountant=pc.accountant)
+            self._plan = PrivacyPlan(float(sigma), q, int(steps))
+        return self._plan
+
+    def open_ledger(self) -> Any:
+        """This partner's ledger, with its signing key (created in the state dir on first use)."""
+        from shared import signing
+        from shared.privacy.ledger import Ledger
+
+        s = self.settings
+        if s.signing_key is not None:
+            key = signing.load_private_key(s.signing_key)
+        else:
+            key = signing.load_or_create_keypair(s.state_dir / "ledger_signing.key")
+        s.ledger_dir.mkdir(parents=True, exist_ok=True)
+        signing.save_public_key(key.public_key(), s.ledger_dir / f"{s.partner_id}.pub")
+        return Ledger(s.ledger_dir / f"{s.partner_id}.jsonl", key, s.partner_id)
+
+    # --- rounds ------------------------------------------------------------------------------
+    def _prepared_trainer(self, arrays: list[np.ndarray], local_round: int) -> tuple[Any, list[str]]:
+        trainer = self.new_trainer()
+        names = trainer.shared_names()
+        if len(arrays) != len(names):
+            raise PartnerError(f"{self.partner_id}: received {len(arrays)} arrays for {len(names)} shared parameters")
+        trainer.set_shared(dict(zip(names, arrays, strict=True)))
+        state = self._local_state_upto(local_round)
+        if state is not None:
+            trainer.set_local_state(state)
+        elif local_round > 0:
+            log.warning("%s: no local state for round %d; starting from the initial tables",
+                        self.partner_id, local_round)
+        return trainer, names
+
+    def _local_state_upto(self, round_: int) -> dict[str, np.ndarray] | None:
+        for r in range(round_, 0, -1):
+            state = load_local_state(self.settings.state_dir, r)
+            if state is not None:
+                return state
+        return None
+
+    def fit(self, arrays: list[np.ndarray], round_: int) -> tuple[list[np.ndarray], int, dict[str, Any]]:
+        """Train one round from the global ``arrays``; returns (new shared arrays, weight, metrics)."""
+        trainer, names = self._prepared_trainer(arrays, round_ - 1)
+        metrics: dict[str, Any] = {"round": round_, "partner_id": self.partner_id, "param_names": ",".join(names),
+                                   "num_users": self.num_users, "budget_exhausted": 0}
+        private = self.cfg.privacy.enabled and trainer.model.trainable
+        ledger, replay = None, False
+        history: list[Any] = []
+        if private:
+            ledger, history, replay = self._ledger_before(round_)
+            refusal = self._refuse_if_exhausted(history, round_, ledger)
+            if refusal is not None:
+                save_local_state(self.settings.state_dir, round_, trainer.get_local_state())
+                metrics.update(refusal)
+                return list(arrays), 0, metrics
+        plan = self.privacy_plan() if private else None
+        result = trainer.fit(self.cfg.federation.local_epochs,
+                             noise_multiplier=plan.noise_multiplier if plan else None,
+                             rng_seed=compute_round_seed(self.cfg.train.seed, self.settings.partner_index, round_))
+        if private:
+            metrics.update(self._ledger_after(ledger, history, replay, round_, result))
+        save_local_state(self.settings.state_dir, round_, trainer.get_local_state())
+        new = trainer.get_shared()
+        metrics.update(train_loss=float(result.train_loss), fit_time_s=float(result.wall_time_s))
+        return [new[n] for n in names], compute_weight(self.num_users, self.cfg.federation.weight_cap), metrics
+
+    def _ledger_before(self, round_: int) -> tuple[Any, list[Any], bool]:
+        """Restore the accountant history from the ledger (entries of earlier rounds only)."""
+        from shared.privacy.accounting import check_delta
+        from shared.privacy.ledger import history_of
+
+        check_delta(self.cfg.privacy.target_delta, self.num_users)
+        ledger = self.open_ledger()
+        entries = ledger.entries()
+        prior = [e for e in entries if int(e["round"]) < round_]
+        replay = len(prior) < len(entries)
+        if replay and self.cfg.privacy.secure_rng:
+            raise PartnerError(f"{self.partner_id}: round {round_} is already in the ledger and secure_rng "
+                               "makes a re-run a new release; refusing to train it again")
+        return ledger, history_of(prior), replay
+
+    def _refuse_if_exhausted(self, history: list[Any], round_: int, ledger: Any) -> dict[str, Any] | None:
+        from shared.privacy.accounting import compute_epsilon, would_exceed
+        from shared.privacy.ledger import record_refusal
+
+        pc, plan = self.cfg.privacy, self.privacy_plan()
+        event = (plan.noise_multiplier, plan.sample_rate, plan.steps)
+        if not would_exceed(history, event, pc.target_delta, pc.max_epsilon, pc.accountant):
+            return None
+        spent = compute_epsilon(history, pc.target_delta, pc.accountant) if history else 0.0
+        nxt = compute_epsilon([*history, event], pc.target_delta, pc.accountant)
+        record_refusal(ledger.path, partner_id=self.partner_id, round=round_, epsilon_spent=spent,
+                       epsilon_next=nxt, max_epsilon=pc.max_epsilon)
+        log.warning("%s: round %d would take epsilon to %.3f > %.3f; not training", self.partner_id, round_,
+                    nxt, pc.max_epsilon)
+        return {"budget_exhausted": 1, "epsilon": float(spent), "delta": float(pc.target_delta)}
+
+    def _ledger_after(self, ledger: Any, history: list[Any], replay: bool, round_: int, result: Any) -> dict[str, Any]:
+        """Append the signed entry before the update leaves; a deterministic re-run of a recorded round
+        (same inputs, same seed, no secure RNG) releases the same update again and adds no entry."""
+        from shared.privacy.accounting import compute_epsilon
+
+        pc = self.cfg.privacy
+        event = (float(result.noise_multiplier), float(result.sample_rate), int(result.steps))
+        if replay:
+            eps = compute_epsilon([*history, event], pc.target_delta, pc.accountant)
+        else:
+            entry = ledger.append_round(round=round_, noise_multiplier=event[0], sample_rate=event[1], steps=event[2],
+                                        max_grad_norm=float(result.max_grad_norm), target_delta=pc.target_delta,
+                                        population=self.num_users, secure_rng=pc.secure_rng, accountant=pc.accountant)
+            eps = float(entry["epsilon_prv"] if pc.accountant == "prv" else entry["epsilon_rdp"])
+        head_round, head_hash = ledger.head()
+        return {"epsilon": float(eps), "delta": float(pc.target_delta), "noise_multiplier": event[0],
+                "sample_rate": event[1], "steps": event[2], "max_grad_norm": float(result.max_grad_norm),
+                "ledger_round": int(head_round or 0), "ledger_head": str(head_hash)}
+
+    def evaluate(self, arrays: list[np.ndarray], round_: int) -> tuple[dict[str, float], int]:
+        """Score this partner's test users with its local tables (after ``round_``) and the global parameters."""
+        trainer, _ = self._prepared_trainer(arrays, round_)
+        trainer.refit_local()  # p_u from the user's own items against the new global (no-op unless local)
+        metrics, n = trainer.evaluate("test")
+        return {k: float(metrics[k]) for k in METRIC_KEYS}, int(n)
+
+
+_PARTNERS: dict[tuple[PartnerSettings, bytes], Partner] = {}
+
+
+def get_partner(settings: PartnerSettings) -> Partner:
+    """One :class:`Partner` per settings and config content per process (it holds only config and data)."""
+    key = (settings, settings.config_path.read_bytes())
+    if key not in _PARTNERS:
+        _PARTNERS[key] = Partner(settings)
+    return _PARTNERS[key]
+
+
+def settings_dict(s: PartnerSettings) -> dict[str, Any]:
+    return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(s).items()}

@@ -1,0 +1,188 @@
+"""The ServerApp's body: settings, bootstrap (or resume), the legacy workflow, the final metrics.json.
+
+Settings come from the run config: ``config-path``, ``run-dir`` (and, optionally, ``resume``,
+``wait-timeout``). A fresh run needs an empty run directory; ``resume = true`` continues from the
+newest checkpoint (the last complete round). The SecAgg+ workflow replaces the fit step when
+``secagg.enabled``; everything else is Flower's ``DefaultWorkflow`` with :class:`FedSocialStrategy`.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import Context, Message
+from flwr.common import GetParametersIns, GetPropertiesIns, parameters_to_ndarrays
+from flwr.common.constant import MessageTypeLegacy
+from flwr.compat.common import recorddict_compat as compat
+from flwr.server import LegacyContext, ServerConfig
+from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.serverapp import Grid
+
+from server.checkpoint import latest_checkpoint, list_checkpoints, rewrite_jsonl, write_json_atomic
+from server.strategy import METRIC_KEYS, FedSocialStrategy, QuorumError
+from shared.config import Config, ConfigError, load_config
+
+log = logging.getLogger("fedsocial.server")
+
+PRIVACY_MODEL = (
+    "user-level joint DP (billboard model): each partner's shared-parameter updates are (epsilon, delta)-DP "
+    "with respect to one user's record (interactions + out-neighbour list), via DP-SGD with Poisson "
+    "sampling, per-user clipping and Gaussian noise; epsilon/delta here are the largest over partners. "
+    "Not hidden: whether a user appears in another user's out-list, the item catalogue, per-partner user counts. "
+    "Client-side clipping of each update bounds a partner's influence; server noise (if any) adds partner-level DP."
+)
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    config_path: Path
+    run_dir: Path
+    resume: bool
+    wait_timeout: float
+
+
+def _resolve_config_path(text: str) -> Path:
+    p = Path(text)
+    if p.is_absolute() or p.is_file():
+        return p.resolve()
+    beside_app = Path(__file__).resolve().parents[1] / p  # where `flwr run .` installed the project
+    if beside_app.is_file():
+        return beside_app
+    raise ConfigError(f"run config config-path: no such config file {text!r}")
+
+
+def settings_from_run_config(run_config: Mapping[str, Any]) -> ServerSettings:
+    if not run_config.get("config-path"):
+        raise ConfigError("run config: config-path is required")
+    resume = run_config.get("resume", False)
+    if not isinstance(resume, bool):
+        raise ConfigError(f"run config resume: expected a boolean, got {resume!r}")
+    return ServerSettings(
+        config_path=_resolve_config_path(str(run_config["config-path"])),
+        run_dir=Path(str(run_config.get("run-dir") or "runs/flwr-run")).resolve(),
+        resume=resume,
+        wait_timeout=float(run_config.get("wait-timeout", 600.0)),
+    )
+
+
+def _ask(grid: Grid, node_id: int, message_type: str, content: Any) -> Message:
+    replies = list(grid.send_and_receive([Message(content=content, dst_node_id=node_id, message_type=message_type,
+                                                  group_id="0")]))
+    if not replies or replies[0].has_error():
+        err = replies[0].error if replies else "no reply"
+        raise QuorumError(f"node {node_id} did not answer {message_type}: {err}")
+    return replies[0]
+
+
+def wait_for_nodes(grid: Grid, cfg: Config, timeout: float) -> list[int]:
+    """All ``federation.partners`` nodes, or at least the quorum once ``timeout`` has passed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= cfg.federation.partners:
+            return nodes
+        if time.monotonic() > deadline:
+            if len(nodes) >= cfg.federation.min_partners:
+                return nodes
+            raise QuorumError(f"{len(nodes)} partners connected after {timeout:.0f} s; "
+                              f"federation.min_partners is {cfg.federation.min_partners}")
+        time.sleep(0.5)
+
+
+def query_partners(grid: Grid, nodes: list[int]) -> dict[int, dict[str, Any]]:
+    """Each node's properties: partner id, shared-parameter names, user count (not hidden by design)."""
+    content = compat.getpropertiesins_to_recorddict(GetPropertiesIns({}))
+    out = {}
+    for nid in nodes:
+        reply = _ask(grid, nid, MessageTypeLegacy.GET_PROPERTIES, content)
+        out[nid] = dict(compat.recorddict_to_getpropertiesres(reply.content).properties)
+    return out
+
+
+def initial_parameters(grid: Grid, node_id: int) -> list[np.ndarray]:
+    content = compat.getparametersins_to_recorddict(GetParametersIns({}))
+    reply = _ask(grid, node_id, MessageTypeLegacy.GET_PARAMETERS, content)
+    return parameters_to_ndarrays(compat.recorddict_to_getparametersres(reply.content, keep_input=False).parameters)
+
+
+def _check_run_dir(s: ServerSettings) -> None:
+    if s.resume or not s.run_dir.exists():
+        return
+    previous = ("checkpoints", "ledgers", "partners", "rounds.jsonl")
+    leftovers = [p.name for p in s.run_dir.iterdir() if p.name in previous]
+    if leftovers or list_checkpoints(s.run_dir):
+        raise ConfigError(f"run-dir {s.run_dir}: holds a previous run ({', '.join(sorted(leftovers))}); "
+                          "resume it, or choose a new run directory")
+
+
+def run_server(grid: Grid, context: Context, overrides: Mapping[str, Any] | None = None,
+               on_round: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run (or resume) the federation; returns the metrics document also written to ``metrics.json``."""
+    t0 = time.perf_counter()
+    s = settings_from_run_config({**dict(context.run_config), **dict(overrides or {})})
+    cfg = load_config(s.config_path)
+    _check_run_dir(s)
+    s.run_dir.mkdir(parents=True, exist_ok=True)
+    nodes = wait_for_nodes(grid, cfg, s.wait_timeout)
+    props = query_partners(grid, nodes)
+    ckpt = latest_checkpoint(s.run_dir) if s.resume else None
+    if ckpt is not None:
+        names, params, start, state = ckpt.names, ckpt.arrays, ckpt.round, ckpt.state
+        rewrite_jsonl(s.run_dir / "rounds.jsonl", list(state.get("history", [])))
+        log.info("resuming after round %d from %s", start, s.run_dir / "checkpoints")
+    else:
+        names = str(props[nodes[0]]["param_names"]).split(",")
+        params, start, state = initial_parameters(grid, nodes[0]), 0, {}
+    secagg_kwargs: dict[str, Any] = {}
+    if cfg.secagg.enabled:
+        from server.secagg import derive_secagg_settings
+
+        secagg_kwargs = derive_secagg_settings(cfg, [float(p["num_users"]) for p in props.values()])
+    strategy = FedSocialStrategy(cfg, s.run_dir, names, params, start_round=start, state=state,
+                                 secagg=cfg.secagg.enabled, secagg_precision=cfg.secagg.precision,
+                                 wait_timeout=s.wait_timeout, on_round=on_round)
+    remaining = cfg.federation.rounds - start
+    if remaining > 0:
+        fit_workflow = SecAggPlusWorkflow(**secagg_kwargs) if cfg.secagg.enabled else None
+        legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=remaining), strategy=strategy)
+        DefaultWorkflow(fit_workflow=fit_workflow)(grid, legacy)
+    doc = build_metrics(cfg, strategy, props, time.perf_counter() - t0, secagg_kwargs)
+    write_json_atomic(s.run_dir / "metrics.json", doc)
+    return doc
+
+
+def build_metrics(cfg: Config, strategy: FedSocialStrategy, props: Mapping[int, Mapping[str, Any]],
+                  wall_s: float, secagg_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """metrics.json: final test metrics at the top level, epsilon/delta (max over partners), history."""
+    last = strategy.history[-1] if strategy.history else {}
+    doc: dict[str, Any] = {k: float(last.get(k, float("nan"))) for k in METRIC_KEYS}
+    partners = {str(p.get("partner_id")): {"num_users": int(p.get("num_users", 0))} for p in props.values()}
+    for pid, info in strategy.partners.items():
+        partners.setdefault(pid, {}).update(info)
+    if cfg.privacy.enabled:
+        eps = [float(p["epsilon"]) for p in partners.values() if "epsilon" in p]
+        doc["epsilon"] = max(eps) if eps else 0.0
+        doc["delta"] = cfg.privacy.target_delta
+        doc["privacy_model"] = PRIVACY_MODEL
+    fit_total = sum(float(p.get("fit_time_s_total", 0.0)) for p in partners.values())
+    doc.update({
+        "rounds_completed": int(last.get("round", 0)),
+        "rounds": strategy.history,
+        "partners": partners,
+        "dropped_replies": [{"round": r["round"], **d} for r in strategy.history for d in r.get("dropped", [])],
+        "secure_aggregation": bool(cfg.secagg.enabled),
+        "secagg_settings": dict(secagg_kwargs),
+        "federation_time_s": strategy.elapsed_s,  # sum of round times (over resumes)
+        "partner_fit_time_s": fit_total,
+        "wall_time_s": wall_s,  # this process, including bootstrap
+        "platform": {"python": platform.python_version(), "machine": platform.machine()},
+        "config": cfg.to_dict(),
+    })
+    return doc

@@ -1,0 +1,156 @@
+"""A self-contained HTML report of a federated run: no external assets, inline SVG plots drawn here.
+
+``python -m simulations.report RUN_DIR`` (re)writes ``RUN_DIR/report.html`` from ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+METRIC_KEYS = ("recall@10", "ndcg@10", "hr@10", "recall@20", "ndcg@20", "hr@20")
+COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
+
+
+def compute_axis_range(values: Sequence[float]) -> tuple[float, float]:
+    """[lo, hi] covering the finite values with 5 % headroom; a flat series gets a unit-width window."""
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return 0.0, 1.0
+    lo, hi = min(finite), max(finite)
+    if hi - lo < 1e-12:
+        return lo - 0.5, hi + 0.5
+    pad = 0.05 * (hi - lo)
+    return lo - pad, hi + pad
+
+
+def compute_points(xs: Sequence[float], ys: Sequence[float], box: tuple[float, float, float, float],
+                   x_range: tuple[float, float], y_range: tuple[float, float]) -> list[tuple[float, float]]:
+    """Data -> SVG pixel coordinates inside ``box`` = (left, top, width, height); y grows downwards."""
+    left, top, width, height = box
+    (x0, x1), (y0, y1) = x_range, y_range
+    sx = width / (x1 - x0) if x1 > x0 else 0.0
+    sy = height / (y1 - y0) if y1 > y0 else 0.0
+    return [(left + (x - x0) * sx if x1 > x0 else left + width / 2, top + height - (y - y0) * sy)
+            for x, y in zip(xs, ys, strict=True) if math.isfinite(y)]
+
+
+def svg_line_plot(title: str, xs: Sequence[float], series: dict[str, Sequence[float]],
+                  width: int = 460, height: int = 260) -> str:
+    """An inline SVG line chart with axes, ticks and a legend."""
+    box = (52.0, 28.0, width - 70.0, height - 70.0)
+    all_y = [v for ys in series.values() for v in ys]
+    y_range = compute_axis_range(all_y)
+    x_range = (min(xs), max(xs)) if xs else (0.0, 1.0)
+    left, top, w, h = box
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
+             f'aria-label="{html.escape(title)}">',
+             f'<text x="{width / 2:.0f}" y="16" text-anchor="middle" font-size="13">{html.escape(title)}</text>',
+             f'<rect x="{left}" y="{top}" width="{w}" height="{h}" fill="none" stroke="#999"/>']
+    for i in range(5):
+        yv = y_range[0] + (y_range[1] - y_range[0]) * i / 4
+        (_, py), = compute_points([x_range[0]], [yv], box, x_range, y_range)
+        parts.append(f'<line x1="{left - 4}" y1="{py:.1f}" x2="{left + w}" y2="{py:.1f}" stroke="#eee"/>')
+        parts.append(f'<text x="{left - 6}" y="{py + 4:.1f}" text-anchor="end" font-size="10">{yv:.4g}</text>')
+    for xv in sorted(set(xs)):
+        (px, _), = compute_points([xv], [y_range[0]], box, x_range, y_range)
+        parts.append(f'<text x="{px:.1f}" y="{top + h + 14}" text-anchor="middle" font-size="10">{xv:g}</text>')
+    parts.append(f'<text x="{left + w / 2}" y="{top + h + 30}" text-anchor="middle" font-size="11">round</text>')
+    for k, (name, ys) in enumerate(series.items()):
+        colour = COLOURS[k % len(COLOURS)]
+        pts = compute_points(xs, ys, box, x_range, y_range)
+        path = " ".join(f"{x:.1f},{y:.1f}" for x, y in pts)
+        parts.append(f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-width="2"/>')
+        parts += [f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2.5" fill="{colour}"/>' for x, y in pts]
+        ly = height - 22 + 0 * k
+        lx = left + k * 110
+        parts.append(f'<rect x="{lx}" y="{ly - 8}" width="10" height="10" fill="{colour}"/>'
+                     f'<text x="{lx + 14}" y="{ly + 1}" font-size="11">{html.escape(name)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}" if abs(v) < 1e4 else f"{v:.4g}"
+    return html.escape(str(v))
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def render_report(doc: dict[str, Any], title: str = "fedsocial federated run") -> str:
+    """The whole report as one HTML string (inline CSS and SVG only)."""
+    rounds = doc.get("rounds", [])
+    xs = [float(r["round"]) for r in rounds]
+    plots = [svg_line_plot(f"{kind}@K per round", xs,
+                           {f"{kind}@{k}": [float(r.get(f"{kind}@{k}", math.nan)) for r in rounds] for k in (10, 20)})
+             for kind in ("ndcg", "recall", "hr")]
+    if any("epsilon_max" in r for r in rounds):
+        plots.append(svg_line_plot("epsilon (max over partners)", xs,
+                                   {"epsilon": [float(r.get("epsilon_max", math.nan)) for r in rounds]}))
+    final_rows = [(k, doc.get(k, math.nan)) for k in METRIC_KEYS]
+    if "epsilon" in doc:
+        final_rows += [("epsilon (max over partners)", doc["epsilon"]), ("delta", doc["delta"])]
+    for key in ("rounds_completed", "simulation_wall_time_s", "federation_time_s", "partner_fit_time_s",
+                "federation_overhead", "secure_aggregation"):
+        if doc.get(key) is not None:
+            final_rows.append((key.replace("_", " "), doc[key]))
+    partners = doc.get("partners", {})
+    p_cols = ["num_users", "evaluated_users", *METRIC_KEYS, "epsilon", "budget_exhausted", "fit_time_s_total"]
+    p_rows = [[pid, *[info.get(c, "") for c in p_cols]] for pid, info in sorted(partners.items())]
+    r_rows = [[r["round"], *[r.get(k, math.nan) for k in ("ndcg@10", "recall@10", "hr@10")],
+               len(r.get("accepted", [])), len(r.get("dropped", [])), ", ".join(r.get("budget_exhausted", [])),
+               r.get("epsilon_max", ""), r.get("round_time_s", math.nan)] for r in rounds]
+    dropped = doc.get("dropped_replies", [])
+    sections = [
+        f"<h1>{html.escape(title)}</h1>",
+        "<h2>Final test metrics</h2>", _table(["", "value"], final_rows),
+        "<h2>Per round</h2>", '<div class="plots">' + "".join(plots) + "</div>",
+        _table(["round", "ndcg@10", "recall@10", "hr@10", "accepted", "dropped", "out of budget", "epsilon",
+                "time (s)"], r_rows),
+        "<h2>Partners</h2>", _table(["partner", *[c.replace("_", " ") for c in p_cols]], p_rows),
+        "<h2>Dropped replies</h2>",
+        _table(["round", "partner", "reason"], [[d.get("round"), d.get("partner"), d.get("reason")] for d in dropped])
+        if dropped else "<p>none</p>",
+    ]
+    if "privacy_model" in doc:
+        sections += ["<h2>Privacy model</h2>", f"<p>{html.escape(doc['privacy_model'])}</p>"]
+    sections += ["<h2>Config</h2>", f"<pre>{html.escape(json.dumps(doc.get('config', {}), indent=2))}</pre>"]
+    css = ("body{font-family:sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse;margin:1em 0}"
+           "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f4f4f4}"
+           ".plots{display:flex;flex-wrap:wrap;gap:12px}pre{background:#f8f8f8;padding:1em}")
+    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f"<style>{css}</style></head><body>{''.join(sections)}</body></html>\n")
+
+
+def write_report(run_dir: Path, doc: dict[str, Any]) -> Path:
+    path = Path(run_dir) / "report.html"
+    path.write_text(render_report(doc, f"fedsocial federated run: {Path(run_dir).name}"), encoding="utf-8")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m simulations.report RUN_DIR", file=sys.stderr)
+        return 2
+    run_dir = Path(args[0])
+    metrics = run_dir / "metrics.json"
+    if not metrics.is_file():
+        print(f"error: {metrics}: no such file", file=sys.stderr)
+        return 2
+    print(write_report(run_dir, json.loads(metrics.read_text(encoding="utf-8"))))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

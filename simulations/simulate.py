@@ -1,0 +1,221 @@
+"""``fedsocial simulate``: the Flower federation in-process (the same ServerApp and ClientApp as ``flwr run .``).
+
+``fedsocial simulate --config configs/NAME.toml [--data-dir DIR] [--partners N] [--rounds R]
+[--set section.key=value ...] [--resume DIR] --out DIR``
+
+The run directory gets ``config.toml`` (the resolved config, which a resume reuses), ``metrics.json``,
+``rounds.jsonl``, ``checkpoints/``, ``partners/<id>/`` (each partner's local state), ``ledgers/`` (DP)
+and ``report.html``. ``run_simulation`` does not read ``[tool.flwr.app.config]``, so the settings reach
+the apps as constructor arguments (the module-level apps read the same keys from the run config).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from shared.config import Config, ConfigError, load_config, resolve_data_dir
+from simulations.common import format_table, user_errors, write_json_atomic
+
+METRIC_KEYS = ("recall@10", "ndcg@10", "hr@10", "recall@20", "ndcg@20", "hr@20")
+CONFIG_NAME = "config.toml"
+# Sections that fix the data, the partition and the model: a resume must not change them.
+FROZEN_SECTIONS = ("data", "split", "partition", "model", "train", "privacy", "secagg")
+
+
+def _toml_value(key: str, value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: cannot write the non-finite value {value!r}")
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a TOML basic string (JSON escapes are valid TOML escapes)
+    raise ConfigError(f"{key}: cannot write a {type(value).__name__} to TOML")
+
+
+def config_to_toml(cfg: Config) -> str:
+    """Every field of ``cfg`` as TOML; :func:`shared.config.load_config` reads it back to an equal config."""
+    lines = []
+    for section, values in cfg.to_dict().items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {_toml_value(f'{section}.{k}', v)}" for k, v in values.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_config(cfg: Config, run_dir: Path) -> Path:
+    path = run_dir / CONFIG_NAME
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(config_to_toml(cfg), encoding="utf-8")
+    if load_config(path) != cfg:  # the apps read this file: it must be exactly the config of record
+        raise ConfigError(f"{path}: the written config does not read back identically")
+    return path
+
+
+def check_resumable(saved: Config, cfg: Config, run_dir: Path) -> None:
+    """A resume may change rounds and federation settings, not what defines the data, model or privacy."""
+    for section in FROZEN_SECTIONS:
+        if getattr(saved, section) != getattr(cfg, section):
+            raise ConfigError(f"{run_dir / CONFIG_NAME}: [{section}] differs from the run being resumed")
+    if saved.federation.partners != cfg.federation.partners:
+        raise ConfigError("federation.partners: a resumed run must keep its number of partners")
+
+
+def backend_config(cfg: Config) -> dict[str, Any]:
+    """Ray settings: one CPU per ClientApp actor, as many actors as cores, no dashboard, quiet workers."""
+    n_cpus = max(1, min(os.cpu_count() or 1, cfg.federation.partners))
+    gpu = cfg.train.device.startswith("cuda") or cfg.train.device == "auto"
+    n_gpus = 0.0
+    if gpu:
+        import torch
+
+        n_gpus = 1.0 / max(1, cfg.federation.partners) if torch.cuda.is_available() else 0.0
+    return {
+        "client_resources": {"num_cpus": 1, "num_gpus": n_gpus},
+        "init_args": {"num_cpus": n_cpus, "include_dashboard": False, "log_to_driver": False,
+                      "logging_level": "error"},
+    }
+
+
+class RoundPrinter:
+    """One line per completed round: metrics, replies, privacy, time."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total, self.enabled = total, enabled
+
+    def __call__(self, rec: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        parts = [f"round {rec['round']}/{self.total}"]
+        parts += [f"{k} {rec[k]:.4f}" for k in ("ndcg@10", "recall@10") if k in rec]
+        parts.append(f"partners {len(rec.get('accepted', []))} ok")
+        if rec.get("dropped"):
+            parts.append(f"{len(rec['dropped'])} dropped")
+        if rec.get("budget_exhausted"):
+            parts.append(f"{len(rec['budget_exhausted'])} out of budget")
+        if "epsilon_max" in rec:
+            parts.append(f"eps {rec['epsilon_max']:.3f}")
+        parts.append(f"{rec.get('round_time_s', 0.0):.1f} s")
+        print("  ".join(parts), file=sys.stderr, flush=True)
+
+
+def run_simulation_from_config(cfg: Config, data_dir: str | os.PathLike[str] | None, out_dir: str | os.PathLike[str],
+                               resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) the federation of ``cfg`` in-process; writes the run directory, returns metrics.json."""
+    from flwr.simulation import run_simulation
+
+    from client.flower import make_client_app
+    from server.app import make_server_app
+    from server.checkpoint import latest_checkpoint
+
+    t0 = time.perf_counter()
+    run_dir = Path(out_dir).resolve()
+    if resume:
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is None:
+            raise ConfigError(f"--resume {run_dir}: no checkpoint to resume from")
+        check_resumable(load_config(run_dir / CONFIG_NAME), cfg, run_dir)
+    config_path = write_config(cfg, run_dir)
+    settings = {"config-path": str(config_path), "data-dir": str(resolve_data_dir(data_dir).resolve()),
+                "run-dir": str(run_dir), "resume": bool(resume)}
+    printer = RoundPrinter(cfg.federation.rounds, progress)
+    flwr_logger = logging.getLogger("flwr")
+    level = flwr_logger.level
+    flwr_logger.setLevel(logging.WARNING)  # our per-round line replaces Flower's INFO chatter
+    try:
+        run_simulation(server_app=make_server_app(settings, printer), client_app=make_client_app(settings),
+                       num_supernodes=cfg.federation.partners, backend_config=backend_config(cfg))  # type: ignore[arg-type]
+    finally:
+        flwr_logger.setLevel(level)
+    metrics_path = run_dir / "metrics.json"
+    if not metrics_path.is_file():
+        raise RuntimeError(f"the federation ended without writing {metrics_path} (see the log above)")
+    doc: dict[str, Any] = json.loads(metrics_path.read_text(encoding="utf-8"))
+    doc["simulation_wall_time_s"] = time.perf_counter() - t0
+    fit = float(doc.get("partner_fit_time_s", 0.0))
+    doc["federation_overhead"] = doc["simulation_wall_time_s"] / fit if fit > 0 else None
+    write_json_atomic(metrics_path, doc)
+    from simulations.report import write_report
+
+    write_report(run_dir, doc)
+    return doc
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedsocial simulate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=None, help="TOML config, e.g. configs/demo.toml "
+                        "(default with --resume: the run's own config.toml)")
+    parser.add_argument("--data-dir", default=None,
+                        help="folder that dataset paths are relative to (default: $FEDSOCIAL_DATA_DIR or ./data)")
+    parser.add_argument("--partners", type=int, default=None, help="number of partners (federation.partners)")
+    parser.add_argument("--rounds", type=int, default=None, help="number of rounds (federation.rounds)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one config key with a typed value (repeatable)")
+    parser.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR from its last round")
+    parser.add_argument("--out", default=None, help="run directory (required unless --resume)")
+    parser.add_argument("--no-progress", action="store_true", help="no per-round lines")
+    return parser
+
+
+def config_from_cli(args: argparse.Namespace) -> tuple[Config, Path, bool]:
+    if args.resume and args.out and Path(args.resume).resolve() != Path(args.out).resolve():
+        raise ConfigError("--resume DIR and --out DIR must name the same run directory")
+    run_dir = Path(args.resume or args.out or "")
+    if not (args.resume or args.out):
+        raise ConfigError("--out DIR is required (or --resume DIR)")
+    extra = list(args.overrides)
+    if args.partners is not None:
+        extra.append(f"federation.partners={args.partners}")
+        if args.partners < 2:
+            extra.append("federation.min_partners=1")
+    if args.rounds is not None:
+        extra.append(f"federation.rounds={args.rounds}")
+    if args.config is None and not args.resume:
+        raise ConfigError("--config is required (or --resume DIR)")
+    source = args.config if args.config is not None else run_dir / CONFIG_NAME
+    cfg = load_config(source, extra)
+    if cfg.federation.min_partners > cfg.federation.partners:
+        raise ConfigError(f"federation.min_partners {cfg.federation.min_partners} exceeds federation.partners "
+                          f"{cfg.federation.partners}")
+    if not args.resume and run_dir.exists() and any(run_dir.iterdir()):
+        raise ConfigError(f"--out {run_dir}: not empty; choose a new folder, or --resume {run_dir}")
+    return cfg, run_dir, bool(args.resume)
+
+
+def summary(doc: dict[str, Any], run_dir: Path) -> str:
+    rows = [(k, f"{doc[k]:.4f}") for k in METRIC_KEYS]
+    if "epsilon" in doc:
+        rows.append(("epsilon", f"{doc['epsilon']:.3f} (delta {doc['delta']:g}, max over partners)"))
+    rows.append(("rounds", str(doc.get("rounds_completed"))))
+    rows.append(("wall time", f"{doc['simulation_wall_time_s']:.1f} s (federation {doc['federation_time_s']:.1f} s, "
+                              f"partners' training {doc['partner_fit_time_s']:.1f} s)"))
+    rows.append(("run folder", str(run_dir)))
+    return format_table(rows, title="federated test metrics (weighted over partners' test users)")
+
+
+@user_errors
+def main(argv: list[str] | None = None) -> int:
+    from server.checkpoint import CheckpointError
+    from server.strategy import QuorumError
+
+    args = build_parser().parse_args(argv)
+    try:
+        cfg, run_dir, resume = config_from_cli(args)
+        doc = run_simulation_from_config(cfg, args.data_dir, run_dir, resume=resume, progress=not args.no_progress)
+    except (QuorumError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(summary(doc, run_dir))
+    return 0
