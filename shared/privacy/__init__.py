@@ -29,6 +29,7 @@ from shared.privacy.ledger import (
     recover_torn_tail,
     refusals_path,
     scan_ledger,
+    verify_head,
     verify_ledger,
 )
 
@@ -37,5 +38,5 @@ __all__ = [
     "LedgerError", "PrivacyAccountant", "PrivacyConfigError", "Problem", "TornTailWarning",
     "calibrate_noise_multiplier", "check_delta", "compute_epsilon", "compute_epsilon_dp_accounting",
     "compute_epsilon_prv", "compute_epsilon_rdp", "compute_round_epsilon", "read_ledger", "record_refusal",
-    "recover_torn_tail", "refusals_path", "scan_ledger", "verify_ledger", "would_exceed",
+    "recover_torn_tail", "refusals_path", "scan_ledger", "verify_head", "verify_ledger", "would_exceed",
 ]

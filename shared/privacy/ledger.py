@@ -91,7 +91,7 @@ class TornTailWarning(UserWarning):
 
 @dataclass(frozen=True)
 class Problem:
-    """One verification failure. ``kind``: schema|key|signature|chain|order|epsilon|partner."""
+    """One verification failure. ``kind``: schema|key|signature|chain|order|epsilon|partner|head."""
 
     partner: str | None
     round: int | None
@@ -119,6 +119,7 @@ class LedgerScan:
     path: Path
     entries: list[dict[str, Any]] = field(default_factory=list)
     lines: list[int] = field(default_factory=list)
+    raw: list[str] = field(default_factory=list)  # the complete lines as stored (without newline)
     valid_length: int = 0  # bytes up to and including the last complete line's newline
     torn_tail: bytes = b""
 
@@ -219,6 +220,7 @@ def scan_ledger(path: str | os.PathLike[str]) -> LedgerScan:
             raise LedgerError(partner, None, number, f"{path}: expected a JSON object")
         scan.entries.append(entry)
         scan.lines.append(number)
+        scan.raw.append(raw.decode("utf-8"))
     return scan
 
 
@@ -245,9 +247,14 @@ def verify_ledger(
     partner_id: str | None = None,
     lines: Sequence[int] | None = None,
     check_epsilon: bool = True,
+    raw: Sequence[str] | None = None,
 ) -> list[Problem]:
     """Every problem found: schema, key fingerprint, signatures, hash chain, rounds strictly
     increasing, one partner, and each cumulative ``epsilon_rdp`` re-derived from the recorded history.
+
+    With ``raw`` (the stored lines, from :func:`scan_ledger`), a line that is not exactly the canonical
+    JSON of its entry is reported too (kind ``format``): an edit that leaves the parsed values equal,
+    e.g. a changed 17th significant digit that rounds to the same double, is still an edit.
     """
     problems: list[Problem] = []
     fp = signing.fingerprint(public_key)
@@ -264,6 +271,8 @@ def verify_ledger(
             problems.append(Problem(pid, rnd, line, kind, message))
 
         bad = schema_problems(entry)
+        if raw is not None and _canonical_or_none(entry) != raw[i]:
+            add("format", "line is not the canonical JSON of its entry (edited after signing)")
         for msg in bad:
             add("schema", msg)
         if partner_id is not None and entry.get("partner_id") != partner_id:
@@ -300,6 +309,35 @@ def verify_ledger(
             add("epsilon", f"recorded cumulative epsilon_rdp {entry['epsilon_rdp']!r} but the recorded "
                            f"history gives {recomputed!r}")
     return problems
+
+
+def verify_head(
+    entries: Sequence[Mapping[str, Any]], head_round: int | None, head_hash: str, partner_id: str | None = None
+) -> list[Problem]:
+    """Check the newest entry against a head ``(round, hash)`` recorded by a third party (the server).
+
+    The chain alone cannot reveal that the newest entries were removed (a rolled-back tail); a head
+    recorded elsewhere can. An entry *beyond* the recorded head is fine (the head may be older).
+    """
+    for i, entry in enumerate(entries):
+        if entry.get("round") == head_round:
+            if entry_hash(entry) != head_hash:
+                return [Problem(partner_id, head_round, i + 1, "head",
+                                "entry differs from the head recorded by the server")]
+            return []
+    if head_round is None and head_hash == GENESIS_HASH:
+        return []
+    last = entries[-1].get("round") if entries else None
+    return [Problem(partner_id, head_round, None, "head",
+                    f"the server recorded an entry for round {head_round} that the ledger lacks "
+                    f"(last entry: round {last}); entries were removed")]
+
+
+def _canonical_or_none(entry: Mapping[str, Any]) -> str | None:
+    try:
+        return canonical_json(dict(entry))
+    except ValueError:
+        return None
 
 
 def _signature_ok(entry: Mapping[str, Any], public_key: Ed25519PublicKey) -> bool:
@@ -458,7 +496,7 @@ class Ledger:
 
     def verify(self) -> list[Problem]:
         scan = scan_ledger(self.path) if self.path.exists() else LedgerScan(self.path)
-        return verify_ledger(scan.entries, self.public_key, self.partner_id, scan.lines)
+        return verify_ledger(scan.entries, self.public_key, self.partner_id, scan.lines, raw=scan.raw)
 
     def append(self, entry_fields: Mapping[str, Any]) -> dict[str, Any]:
         """Complete, sign and durably append one entry; returns the entry as written.
