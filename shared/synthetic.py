@@ -5,7 +5,7 @@ Generative story (all steps vectorised numpy, seeded by ``DataConfig.synthetic_s
 1. items get a latent topic (``Dataset.item_category``) and a Zipf popularity ``rank^-s``
    (``item_popularity_exponent``), independent of the topic;
 2. users belong to one of ``n_communities`` planted communities; each community has a taste profile
-   over topics (a sparse Dirichlet draw), each user an individual one;
+   over topics (a sparse Dirichlet draw), each user an individual one (a few favourite topics);
 3. out-degrees follow a power law with mean ``friends_per_user``; an edge stays inside the user's
    community with probability ``homophily`` (else it goes to a uniform random user), and half of the
    edges are reciprocated, as in trust networks (about 48% of Ciao's trust edges are);
@@ -17,14 +17,14 @@ Generative story (all steps vectorised numpy, seeded by ``DataConfig.synthetic_s
    ``social_influence`` of the draws of users with friends copies an item a random friend drew
    (social influence / word of mouth). Repeated (user, item) draws are merged.
 
-So a user's friends' items predict the user's held-out items clearly better than random users'
-items or global popularity (``tests/test_synthetic.py`` measures this).
+Tastes are sampled as the mixtures they are (see ``sample_topics``), so memory and time stay
+linear in the number of draws. A user's friends' items predict the user's held-out items clearly
+better than random users' items or global popularity (``tests/test_synthetic.py`` measures this).
 """
 
 from __future__ import annotations
 
 import numpy as np
-import scipy.sparse as sp
 
 from shared.config import DataConfig
 from shared.data import Dataset
@@ -34,8 +34,9 @@ SOCIAL_INFLUENCE = 0.4  # share of draws copied from a friend's draws
 TASTE_SMOOTHING = 0.5  # weight of the friends' mean taste in a user's taste
 RECIPROCITY = 0.5  # share of edges that are reciprocated
 TOPICS_PER_COMMUNITY = 4  # number of item topics (categories) = 4 x n_communities
-TOPIC_CONCENTRATION = 0.1  # Dirichlet parameter of taste profiles: small -> few topics per profile
-TOP_UP_ROUNDS = 2  # extra draws replacing repeated (user, item) draws, so activity means stay close
+TOPIC_CONCENTRATION = 0.1  # Dirichlet parameter of community profiles: small -> few topics each
+FAVOURITE_TOPICS = 2  # a user's individual taste: uniform over this many random topics
+TOP_UP_ROUNDS = 3  # extra draws replacing repeated (user, item) draws, so activity means stay close
 POWER_LAW_SHAPE = 2.0  # Pareto shape of activity and out-degree (mean finite, variance infinite)
 
 
@@ -65,23 +66,33 @@ def compute_social_graph(
     return np.concatenate([src, dst[back]]), np.concatenate([dst, src[back]])
 
 
-def compute_tastes(
-    community: np.ndarray, n_topics: int, homophily: float, src: np.ndarray, dst: np.ndarray,
-    rng: np.random.Generator, smoothing: float = TASTE_SMOOTHING,
+def sample_neighbours(
+    users: np.ndarray, start: np.ndarray, count: np.ndarray, targets: np.ndarray, rng: np.random.Generator
 ) -> np.ndarray:
-    """Row-stochastic user x topic tastes: community profile + individual taste, mixed with friends'."""
-    n = community.size
-    n_comm = int(community.max()) + 1
-    profile = rng.dirichlet(np.full(n_topics, TOPIC_CONCENTRATION), size=n_comm)
-    own = rng.dirichlet(np.full(n_topics, TOPIC_CONCENTRATION), size=n)
-    base = homophily * profile[community] + (1.0 - homophily) * own
-    adj = sp.csr_matrix((np.ones(src.size), (src, dst)), shape=(n, n))
-    degree = np.asarray(adj.sum(axis=1)).ravel()
-    friends = adj @ base
-    has = degree > 0
-    taste = base.copy()
-    taste[has] = (1.0 - smoothing) * base[has] + smoothing * friends[has] / degree[has, None]
-    return taste / taste.sum(axis=1, keepdims=True)
+    """A uniform out-neighbour of each entry of ``users`` (CSR rows ``start``/``count`` over ``targets``)."""
+    return targets[start[users] + (rng.random(users.size) * count[users]).astype(np.int64)]
+
+
+def sample_topics(
+    users: np.ndarray, community: np.ndarray, profile_cum: np.ndarray, favourites: np.ndarray,
+    graph: tuple[np.ndarray, np.ndarray, np.ndarray], homophily: float, smoothing: float,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """One topic per draw from user u's taste, sampled as the mixture it is, without a user x topic table:
+
+    taste_u = (1 - smoothing) base_u + smoothing mean_{v friend of u} base_v, and
+    base_w = homophily profile[community_w] + (1 - homophily) uniform(favourite topics of w).
+    So: pick the source w (u, or a uniform friend w.p. ``smoothing``), then draw from w's
+    community profile w.p. ``homophily``, else one of w's favourite topics.
+    """
+    start, count, targets = graph
+    source = users.copy()
+    via_friend = (count[users] > 0) & (rng.random(users.size) < smoothing)
+    source[via_friend] = sample_neighbours(users[via_friend], start, count, targets, rng)
+    topics = favourites[source, rng.integers(0, favourites.shape[1], size=users.size)]
+    from_community = rng.random(users.size) < homophily
+    topics[from_community] = sample_rows(profile_cum, community[source[from_community]], rng)
+    return topics
 
 
 def sample_rows(weights_cum: np.ndarray, rows: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -112,20 +123,14 @@ def sample_items(
 
 
 def sample_copies(
-    copy_users: np.ndarray, src: np.ndarray, dst: np.ndarray, own_users: np.ndarray, own_items: np.ndarray,
-    n_users: int, rng: np.random.Generator,
+    copy_users: np.ndarray, graph: tuple[np.ndarray, np.ndarray, np.ndarray], own_users: np.ndarray,
+    own_items: np.ndarray, n_users: int, rng: np.random.Generator,
 ) -> np.ndarray:
-    """Each copying draw of user u: a uniform out-neighbour v of u, then a uniform one of v's own draws."""
-    e_order = np.argsort(src, kind="stable")
-    e_count = np.bincount(src, minlength=n_users)
-    e_start = np.cumsum(e_count) - e_count
-    pick = e_start[copy_users] + (rng.random(copy_users.size) * e_count[copy_users]).astype(np.int64)
-    friend = dst[e_order[pick]]
-    o_order = np.argsort(own_users, kind="stable")
+    """Each copying draw of user u: a uniform out-neighbour v of u, then a uniform one of v's own draws
+    (``own_users`` sorted)."""
+    friend = sample_neighbours(copy_users, *graph, rng)
     o_count = np.bincount(own_users, minlength=n_users)
-    o_start = np.cumsum(o_count) - o_count
-    take = o_start[friend] + (rng.random(friend.size) * o_count[friend]).astype(np.int64)
-    return own_items[o_order[take]]
+    return sample_neighbours(friend, np.cumsum(o_count) - o_count, o_count, own_items, rng)
 
 
 def generate(
@@ -150,24 +155,28 @@ def generate(
     raw_src, raw_dst = compute_social_graph(community, out_degree, cfg.homophily, rng)
     src, dst = compute_edges(raw_src, raw_dst, n, undirected=False)
 
-    taste = compute_tastes(community, n_topics, cfg.homophily, src, dst, rng, taste_smoothing)
+    e_count = np.bincount(src, minlength=n)  # src is sorted: (start, count, dst) is the CSR graph
+    graph = (np.cumsum(e_count) - e_count, e_count, dst)
+    n_comm = int(community.max()) + 1
+    profile_cum = np.cumsum(rng.dirichlet(np.full(n_topics, TOPIC_CONCENTRATION), size=n_comm), axis=1)
+    favourites = rng.integers(0, n_topics, size=(n, FAVOURITE_TOPICS))
     activity = compute_power_law_counts(cfg.interactions_per_user, n, rng, minimum=1, cap=max(1, m // 2))
-    has_friends = np.bincount(src, minlength=n) > 0
-    n_copy = np.where(has_friends, rng.binomial(np.maximum(activity - 1, 0), social_influence), 0)
-    taste_cum = np.cumsum(taste, axis=1)
+    n_copy = np.where(e_count > 0, rng.binomial(np.maximum(activity - 1, 0), social_influence), 0)
 
     def draw_own(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         users = np.repeat(np.arange(n, dtype=np.int64), counts)
-        return users, sample_items(sample_rows(taste_cum, users, rng), item_topic, popularity, rng)
+        topics = sample_topics(users, community, profile_cum, favourites, graph, cfg.homophily,
+                               taste_smoothing, rng)
+        return users, sample_items(topics, item_topic, popularity, rng)
 
     own_users, own_items = draw_own(activity - n_copy)  # >= 1 own draw each
     copy_users = np.repeat(np.arange(n, dtype=np.int64), n_copy)
-    copy_items = sample_copies(copy_users, src, dst, own_users, own_items, n, rng)
+    copy_items = sample_copies(copy_users, graph, own_users, own_items, n, rng)
     all_users, all_items = np.concatenate([own_users, copy_users]), np.concatenate([own_items, copy_items])
     key = compute_unique(all_users * m + all_items)
     for _ in range(TOP_UP_ROUNDS):  # popular items repeat: redraw the shortfall from the user's taste
         deficit = activity - np.bincount(key // m, minlength=n)
-        if not deficit.any():
+        if deficit.sum() <= 0.005 * activity.sum():
             break
         extra_users, extra_items = draw_own(deficit)
         key = compute_unique(np.concatenate([key, extra_users * m + extra_items]))

@@ -98,7 +98,7 @@ def test_friends_items_predict_held_out_items_better_than_strangers_and_populari
     ds = generate(DataConfig())
     # Execute
     hr = compute_hit_rates(ds)
-    # Assert: the social signal is real (measured: friends 0.43, random users 0.27, popularity 0.30).
+    # Assert: the social signal is real (measured: friends 0.46, random users 0.28, popularity 0.34).
     assert hr["friends"] > 1.3 * hr["random"]
     assert hr["friends"] > 1.2 * hr["popularity"]
 
@@ -122,9 +122,9 @@ def test_generation_scales_to_200k_users() -> None:
     # Prepare
     cfg = DataConfig(n_users=200_000, n_items=20_000)
     # Execute
-    start = time.perf_counter()
+    start = time.process_time()  # CPU time: other jobs on a shared machine do not count
     ds = generate(cfg)
-    elapsed = time.perf_counter() - start
-    # Assert: about 3 s on one loaded core here; the bound leaves room for a busy machine.
+    elapsed = time.process_time() - start
+    # Assert: about 2-3 s of CPU here; the bound leaves room for slower machines.
     assert ds.n_users == 200_000 and ds.n_interactions > 3_000_000
     assert elapsed < 20.0
