@@ -8,7 +8,7 @@ Generative story (all steps vectorised numpy, seeded by ``DataConfig.synthetic_s
    over topics (a sparse Dirichlet draw), each user an individual one (a few favourite topics);
 3. out-degrees follow a power law with mean ``friends_per_user``; an edge stays inside the user's
    community with probability ``homophily`` (else it goes to a uniform random user), and half of the
-   edges are reciprocated, as in trust networks (about 48% of Ciao's trust edges are);
+   drawn edges get a reverse edge, so about two thirds of edges are reciprocated (Ciao: 48%);
 4. a user's taste is ``homophily`` x community profile + the rest individual, then mixed with
    the friends' mean taste (weight ``taste_smoothing``): individual tastes correlate along edges,
    not only through the community;

@@ -140,6 +140,16 @@ def test_line_oriented_reader_names_file_line_and_problem(tmp_path: Path, text: 
     assert needle in str(err.value) and "ratings.txt" in str(err.value)
 
 
+def test_line_oriented_reader_accepts_crlf_blank_lines_and_a_missing_header(tmp_path: Path) -> None:
+    # Prepare: Windows line ends, blank lines, and LastFM files without their header lines.
+    (tmp_path / "user_artists.dat").write_bytes(b"2\t51\t13883\r\n\r\n2\t52\t1\r\n4\t51\t7\r\n\r\n")
+    (tmp_path / "user_friends.dat").write_bytes(b"2\t4\r\n")
+    # Execute
+    ds = load_lastfm(tmp_path)
+    # Assert
+    assert (ds.n_users, ds.n_items, ds.n_interactions, ds.n_edges) == (2, 2, 3, 2)
+
+
 def test_missing_file_is_a_data_error(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="user_artists.dat: no such file"):
         load_lastfm(tmp_path)
