@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {  # name: (module, function, help)
     "partition": ("simulations.partition_cmd", "main", "write one self-contained folder per partner"),
     "certs": ("simulations.certs", "main_certs", "make a CA and a SuperLink TLS certificate"),
     "keys": ("simulations.certs", "main_keys", "make a partner's SuperNode and ledger keys"),
+    "canary-audit": ("simulations.canary_audit", "main", "empirical lower bound on epsilon with canary users"),
     "bench": ("simulations.bench", "main", "run the benchmark harness"),
 }
 
