@@ -22,7 +22,7 @@ from flwr.app.message_type import MessageType
 from flwr.client import NumPyClient
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
-from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common import bytes_to_ndarray, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
 
@@ -118,13 +118,18 @@ def _describe_value(v: Any) -> Any:
     return v
 
 
+def _array_summary(a: Any) -> list[Any]:
+    """[shape, dtype] of a record's array; legacy parameters travel as serialised numpy bytes."""
+    arr = bytes_to_ndarray(a.data) if a.stype == "numpy.ndarray" and not a.shape else a.numpy()
+    return [list(arr.shape), str(arr.dtype)]
+
+
 def describe_message(msg: Message) -> dict[str, Any]:
     """Everything a reply carries, arrays as name -> (shape, dtype), scalars as values (for audits/tests)."""
     content = msg.content
     return {
         "message_type": msg.metadata.message_type,
-        "arrays": {rn: {k: [list(a.shape), a.dtype] for k, a in rec.items()}
-                   for rn, rec in content.array_records.items()},
+        "arrays": {rn: {k: _array_summary(a) for k, a in rec.items()} for rn, rec in content.array_records.items()},
         "configs": {rn: {k: _describe_value(v) for k, v in rec.items()} for rn, rec in content.config_records.items()},
         "metrics": {rn: {k: _describe_value(v) for k, v in rec.items()} for rn, rec in content.metric_records.items()},
     }

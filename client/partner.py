@@ -196,18 +196,35 @@ class Partner:
 
     # --- privacy -----------------------------------------------------------------------------
     def privacy_plan(self) -> PrivacyPlan:
-        """(sigma, q, steps) of one round; sigma calibrated to max_epsilon over all rounds when not set."""
+        """(sigma, q, steps) of one round; sigma calibrated to max_epsilon over all rounds when not set.
+
+        The calibration (a bisection over the accountant, seconds of CPU) is done once per partner and
+        kept in ``state_dir/privacy_plan.json``, keyed by everything it depends on.
+        """
         if self._plan is None:
-            from shared.privacy.accounting import calibrate_noise_multiplier
             from shared.trainer import compute_sample_rate
 
             pc, fc = self.cfg.privacy, self.cfg.federation
             q = compute_sample_rate(self.num_users, self.cfg.train.batch_size)
             steps = fc.local_epochs * round(1.0 / q)
-            sigma = pc.noise_multiplier or calibrate_noise_multiplier(
-                pc.max_epsilon, pc.target_delta, q, steps, fc.rounds, accountant=pc.accountant)
+            key = json.dumps([dataclasses.asdict(pc), fc.rounds, q, steps], sort_keys=True)
+            path = self.settings.state_dir / "privacy_plan.json"
+            cached = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+            if cached.get("key") == key:
+                sigma = float(cached["noise_multiplier"])
+            else:
+                sigma = pc.noise_multiplier or self._calibrate(q, steps)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps({"key": key, "noise_multiplier": sigma}), encoding="utf-8")
             self._plan = PrivacyPlan(float(sigma), q, int(steps))
         return self._plan
+
+    def _calibrate(self, sample_rate: float, steps: int) -> float:
+        from shared.privacy.accounting import calibrate_noise_multiplier
+
+        pc = self.cfg.privacy
+        return calibrate_noise_multiplier(pc.max_epsilon, pc.target_delta, sample_rate, steps,
+                                          self.cfg.federation.rounds, accountant=pc.accountant, tolerance=1e-3)
 
     def open_ledger(self) -> Any:
         """This partner's ledger, with its signing key (created in the state dir on first use)."""

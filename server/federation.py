@@ -1,7 +1,7 @@
 """The ServerApp's body: settings, bootstrap (or resume), the legacy workflow, the final metrics.json.
 
 Settings come from the run config: ``config-path``, ``run-dir`` (and, optionally, ``resume``,
-``wait-timeout``). A fresh run needs an empty run directory; ``resume = true`` continues from the
+``wait-timeout``, ``stop-after``). A fresh run needs an empty run directory; ``resume = true`` continues from the
 newest checkpoint (the last complete round). The SecAgg+ workflow replaces the fit step when
 ``secagg.enabled``; everything else is Flower's ``DefaultWorkflow`` with :class:`FedSocialStrategy`.
 """
@@ -46,6 +46,7 @@ class ServerSettings:
     run_dir: Path
     resume: bool
     wait_timeout: float
+    stop_after: int  # > 0: end this process after that global round (a planned interruption); 0: run to the end
 
 
 def _resolve_config_path(text: str) -> Path:
@@ -69,6 +70,7 @@ def settings_from_run_config(run_config: Mapping[str, Any]) -> ServerSettings:
         run_dir=Path(str(run_config.get("run-dir") or "runs/flwr-run")).resolve(),
         resume=resume,
         wait_timeout=float(run_config.get("wait-timeout", 600.0)),
+        stop_after=int(run_config.get("stop-after", 0)),
     )
 
 
@@ -148,7 +150,8 @@ def run_server(grid: Grid, context: Context, overrides: Mapping[str, Any] | None
     strategy = FedSocialStrategy(cfg, s.run_dir, names, params, start_round=start, state=state,
                                  secagg=cfg.secagg.enabled, secagg_precision=cfg.secagg.precision,
                                  wait_timeout=s.wait_timeout, on_round=on_round)
-    remaining = cfg.federation.rounds - start
+    last = min(cfg.federation.rounds, s.stop_after) if s.stop_after > 0 else cfg.federation.rounds
+    remaining = last - start
     if remaining > 0:
         fit_workflow = SecAggPlusWorkflow(**secagg_kwargs) if cfg.secagg.enabled else None
         legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=remaining), strategy=strategy)

@@ -93,7 +93,9 @@ class FedSocialStrategy(Strategy):
 
     def _sample(self, client_manager: ClientManager) -> list[ClientProxy]:
         fc = self.cfg.federation
-        client_manager.wait_for(fc.partners, timeout=int(self.wait_timeout))
+        # The bootstrap already waited for every partner; from then on, take whoever is connected
+        # (a partner that dropped out must not stall each round), as long as the quorum holds.
+        client_manager.wait_for(fc.min_partners, timeout=int(self.wait_timeout))
         if client_manager.num_available() < fc.min_partners:
             raise QuorumError(f"only {client_manager.num_available()} partners connected, "
                               f"federation.min_partners is {fc.min_partners}")
@@ -162,7 +164,7 @@ class FedSocialStrategy(Strategy):
                 continue
             accepted.append((proxy, res))
             updates.append(arrays)
-        self._check_quorum(g, accepted)
+        self._check_quorum(g, accepted, dropped)
         weights = compute_weights([r.num_examples for _, r in accepted], fc.weight_cap)
         return accepted, compute_weighted_average(updates, weights)
 
@@ -176,7 +178,7 @@ class FedSocialStrategy(Strategy):
                 dropped.append({"partner": _partner(res, proxy), "reason": f"wrong round {res.metrics.get('round')!r}"})
             else:
                 accepted.append((proxy, res))
-        self._check_quorum(g, accepted)
+        self._check_quorum(g, accepted, dropped)
         mean = parameters_to_ndarrays(results[0][1].parameters)
         dim = sum(int(np.prod(s.shape)) for s in self.specs)
         slack = math.sqrt(dim) * self.secagg_precision * fc.clipping_norm  # quantisation error bound
@@ -187,10 +189,10 @@ class FedSocialStrategy(Strategy):
             raise QuorumError(f"round {g}: the securely aggregated update is invalid: {reason}")
         return accepted, [a.astype(np.float64) for a in mean]
 
-    def _check_quorum(self, g: int, accepted: list[Any]) -> None:
+    def _check_quorum(self, g: int, accepted: list[Any], dropped: list[dict[str, Any]]) -> None:
         need = self.cfg.federation.min_partners
         if len(accepted) < need:
-            reasons = "; ".join(f"{d['partner']}: {d['reason']}" for d in self._round.get("dropped", []))
+            reasons = "; ".join(f"{d['partner']}: {d['reason']}" for d in dropped)
             raise QuorumError(f"round {g}: only {len(accepted)} valid replies, federation.min_partners is {need}"
                               + (f" ({reasons})" if reasons else ""))
 

@@ -111,8 +111,13 @@ class RoundPrinter:
 
 
 def run_simulation_from_config(cfg: Config, data_dir: str | os.PathLike[str] | None, out_dir: str | os.PathLike[str],
-                               resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Run (or resume) the federation of ``cfg`` in-process; writes the run directory, returns metrics.json."""
+                               resume: bool = False, progress: bool = True, *, stop_after: int = 0,
+                               client_mods: list[Any] | None = None) -> dict[str, Any]:
+    """Run (or resume) the federation of ``cfg`` in-process; writes the run directory, returns metrics.json.
+
+    ``stop_after`` > 0 ends the run after that round as an interruption would (resume it later);
+    ``client_mods`` are extra Flower mods placed outermost in every ClientApp (e.g. an egress recorder).
+    """
     from flwr.simulation import run_simulation
 
     from client.flower import make_client_app
@@ -128,13 +133,13 @@ def run_simulation_from_config(cfg: Config, data_dir: str | os.PathLike[str] | N
         check_resumable(load_config(run_dir / CONFIG_NAME), cfg, run_dir)
     config_path = write_config(cfg, run_dir)
     settings = {"config-path": str(config_path), "data-dir": str(resolve_data_dir(data_dir).resolve()),
-                "run-dir": str(run_dir), "resume": bool(resume)}
+                "run-dir": str(run_dir), "resume": bool(resume), "stop-after": int(stop_after)}
     printer = RoundPrinter(cfg.federation.rounds, progress)
     flwr_logger = logging.getLogger("flwr")
     level = flwr_logger.level
     flwr_logger.setLevel(logging.WARNING)  # our per-round line replaces Flower's INFO chatter
     try:
-        run_simulation(server_app=make_server_app(settings, printer), client_app=make_client_app(settings),
+        run_simulation(server_app=make_server_app(settings, printer), client_app=make_client_app(settings, client_mods),
                        num_supernodes=cfg.federation.partners, backend_config=backend_config(cfg))  # type: ignore[arg-type]
     finally:
         flwr_logger.setLevel(level)

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.server.client_proxy import ClientProxy
 
 from client.update import UpdateError, compute_clipped_update
 from server.aggregation import (
@@ -20,6 +22,8 @@ from server.aggregation import (
     validate_update,
 )
 from server.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
+from server.strategy import FedSocialStrategy, QuorumError
+from shared.config import Config
 
 NAMES = ["item_emb", "item_bias"]
 
@@ -175,3 +179,72 @@ def test_checkpoint_round_trip_and_latest(tmp_path: Path) -> None:
     first = load_checkpoint(tmp_path / "checkpoints" / "round_0001.npz")
     np.testing.assert_array_equal(first.arrays[1], arrays[1])
     assert not list((tmp_path / "checkpoints").glob("*.tmp"))
+
+
+# ---- the strategy drops bad replies, keeps the round going while the quorum holds -----------------
+
+class _Proxy(ClientProxy):
+    """Identifies a reply's sender; the strategy never calls it (the workflow does the messaging)."""
+
+    def __init__(self, node_id: int) -> None:
+        super().__init__(str(node_id))
+        self.node_id = node_id
+
+    def get_properties(self, ins, timeout, group_id):  # type: ignore[no-untyped-def]
+        raise NotImplementedError
+
+    def get_parameters(self, ins, timeout, group_id):  # type: ignore[no-untyped-def]
+        raise NotImplementedError
+
+    def fit(self, ins, timeout, group_id):  # type: ignore[no-untyped-def]
+        raise NotImplementedError
+
+    def evaluate(self, ins, timeout, group_id):  # type: ignore[no-untyped-def]
+        raise NotImplementedError
+
+    def reconnect(self, ins, timeout, group_id):  # type: ignore[no-untyped-def]
+        raise NotImplementedError
+
+
+def _reply(node: int, arrays: list[np.ndarray], round_: object, users: int = 10) -> tuple[ClientProxy, FitRes]:
+    metrics = {"round": round_, "partner_id": f"partner-{node}", "param_names": ",".join(NAMES), "num_users": users}
+    return _Proxy(node), FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), users, metrics)  # type: ignore[arg-type]
+
+
+def _strategy(tmp_path: Path, min_partners: int) -> FedSocialStrategy:
+    cfg = Config().replace("federation", partners=4, min_partners=min_partners, clipping_norm=1.0)
+    initial = [np.zeros((5, 3), np.float32), np.ones(5, np.float32)]
+    return FedSocialStrategy(cfg, tmp_path, NAMES, initial)
+
+
+def _bad_replies() -> list[tuple[ClientProxy, FitRes]]:
+    rng = np.random.default_rng(3)
+    good = _good_reply(rng)
+    nan = [a.copy() for a in good]
+    nan[0][0, 0] = np.nan
+    return [_reply(0, good, 1), _reply(1, good, 2), _reply(2, [a * np.float32(3) for a in good], 1), _reply(3, nan, 1)]
+
+
+def test_strategy_drops_each_bad_reply_with_partner_and_reason_and_aggregates_the_rest(tmp_path: Path) -> None:
+    strategy = _strategy(tmp_path, min_partners=1)
+    replies = _bad_replies()
+
+    params, info = strategy.aggregate_fit(1, replies, [])
+
+    assert params is not None and info == {"accepted": 1, "dropped": 3}
+    dropped = {d["partner"]: d["reason"] for d in strategy._round["dropped"]}
+    assert set(dropped) == {"partner-1", "partner-2", "partner-3"}
+    assert "wrong round" in dropped["partner-1"]
+    assert "exceeds clipping_norm" in dropped["partner-2"]
+    assert "non-finite" in dropped["partner-3"]
+    good = parameters_to_ndarrays(replies[0][1].parameters)
+    new = parameters_to_ndarrays(params)
+    np.testing.assert_allclose(new[0], good[0], atol=1e-6)
+    np.testing.assert_allclose(new[1], 1.0 + good[1], atol=1e-6)
+
+
+def test_strategy_fails_the_round_clearly_when_the_quorum_is_lost(tmp_path: Path) -> None:
+    strategy = _strategy(tmp_path, min_partners=2)
+
+    with pytest.raises(QuorumError, match=r"only 1 valid replies.*partner-2: update norm"):
+        strategy.aggregate_fit(1, _bad_replies(), [])
