@@ -115,6 +115,38 @@ def compute_epsilon_history(history: list[tuple[float, float, int]], delta: floa
     return float(acc.get_epsilon(delta=delta))
 
 
+def compute_embedding_norm_sample(layer: nn.Embedding, activations: list[torch.Tensor],
+                                  backprops: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
+    """Per-example gradient norm of an embedding table for ghost clipping, without materialising it.
+
+    Same quantity as Opacus' sampler (Li et al. 2022's ghost norm for lookups): for each example b,
+    the gradient's row j is the sum of the backprops at b's positions holding index j, and the norm
+    is sqrt(sum_j |row_j|^2). Opacus finds the (b, j) pairs with ``torch.unique(dim=0)``, which took
+    about 0.2 s per call here (90% of a DP step); a 1-D key b * vocab + j is two orders faster.
+    """
+    ids = activations[0]
+    ids = ids.reshape(ids.shape[0], -1)
+    grads = backprops.reshape(-1, backprops.shape[-1])
+    n_rows, vocab = ids.shape[0], layer.num_embeddings
+    rows = torch.arange(n_rows, device=ids.device).repeat_interleave(ids.shape[1])
+    keys, inverse = torch.unique(rows * vocab + ids.reshape(-1), return_inverse=True)
+    summed = torch.zeros(len(keys), grads.shape[1], dtype=grads.dtype, device=grads.device)
+    summed.index_add_(0, inverse, grads)
+    norm_sq = torch.zeros(n_rows, dtype=grads.dtype, device=grads.device)
+    norm_sq.index_add_(0, keys // vocab, (summed * summed).sum(1))
+    return {layer.weight: norm_sq.sqrt()}
+
+
+def register_fast_embedding_norm_sampler() -> None:
+    """Make Opacus' ghost clipping use :func:`compute_embedding_norm_sample` for ``nn.Embedding``."""
+    from opacus.grad_sample.utils import register_norm_sampler
+
+    register_norm_sampler(nn.Embedding)(compute_embedding_norm_sample)
+
+
+register_fast_embedding_norm_sampler()
+
+
 class LocalTrainer:
     """Trains one partner's model: users local 0..n_p-1, global item ids (``split``)."""
 
@@ -171,7 +203,9 @@ class LocalTrainer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         if tc.optimizer == "sgd":
             return torch.optim.SGD(params, lr=tc.lr, weight_decay=tc.weight_decay)
-        return torch.optim.Adam(params, lr=tc.lr, weight_decay=tc.weight_decay)
+        # decoupled weight decay (AdamW, Loshchilov and Hutter 2019): with Adam's coupled L2 the
+        # normalised update shrinks rarely seen rows at the full learning rate
+        return torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
 
     def _batch(self, users: np.ndarray, rng: np.random.Generator) -> Batch:
         return {k: v.to(self.device) for k, v in self.builder.train_batch(users, rng).items()}
