@@ -13,6 +13,7 @@ from shared.privacy.accounting import (
     compute_epsilon_dp_accounting,
     compute_epsilon_prv,
     compute_epsilon_rdp,
+    compute_epsilons_dp_accounting,
     compute_round_epsilon,
     would_exceed,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "ACCOUNTANTS", "ADJACENCY", "DEFAULT_ALPHAS", "GENESIS_HASH", "UNIT", "Event", "History", "Ledger",
     "LedgerError", "PrivacyAccountant", "PrivacyConfigError", "Problem", "TornTailWarning",
     "calibrate_noise_multiplier", "check_delta", "compute_epsilon", "compute_epsilon_dp_accounting",
+    "compute_epsilons_dp_accounting",
     "compute_epsilon_prv", "compute_epsilon_rdp", "compute_round_epsilon", "read_ledger", "record_refusal",
     "recover_torn_tail", "refusals_path", "scan_ledger", "verify_head", "verify_ledger", "would_exceed",
 ]

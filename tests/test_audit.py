@@ -1,0 +1,219 @@
+"""End-to-end tests of ``fedsocial audit`` on run directories holding real signed ledgers."""
+
+from __future__ import annotations
+
+import html
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shared import signing
+from shared.privacy.accounting import compute_epsilon
+from shared.privacy.ledger import Ledger, entry_hash, read_ledger
+from simulations.audit import EXIT_ACCOUNTING, EXIT_BUDGET, EXIT_INPUT, EXIT_OK, EXIT_TAMPER, main, run_audit
+
+PARTNERS = {  # partner: (sigma, q, steps per round, users, rounds)
+    "north": (1.2, 0.1, 10, 800, [1, 2, 3]),
+    "south": (0.9, 0.2, 5, 400, [1, 3]),
+}
+DELTA = 1e-4
+NUMERIC_FIELDS = ("round", "noise_multiplier", "sample_rate", "steps", "max_grad_norm", "target_delta",
+                  "epsilon_rdp", "epsilon_prv", "population")
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run directory as the federation writes it: ledgers, public keys, declarations, config."""
+    run = tmp_path_factory.mktemp("run")
+    ledgers = run / "ledgers"
+    for pid, (sigma, q, steps, users, rounds) in PARTNERS.items():
+        key, pub = signing.generate_keypair()
+        signing.save_public_key(pub, ledgers / f"{pid}.pub")
+        ledger = Ledger(ledgers / f"{pid}.jsonl", key, pid)
+        for r in rounds:
+            ledger.append_round(round=r, noise_multiplier=sigma, sample_rate=q, steps=steps, max_grad_norm=0.1,
+                                target_delta=DELTA, population=users, secure_rng=True)
+        (ledgers / f"{pid}.json").write_text(json.dumps({"max_epsilon": 8.0, "target_delta": DELTA,
+                                                         "population": users}))
+    (run / "config.json").write_text(json.dumps({"privacy": {"max_epsilon": 8.0, "select_on_validation": False},
+                                                 "secagg": {"enabled": False}}))
+    (run / "metrics.json").write_text(json.dumps({"ndcg@10": 0.1, "epsilon": 1.0, "delta": DELTA}))
+    return run
+
+
+@pytest.fixture
+def run(template: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(template, tmp_path / "run"))
+
+
+def audit(run: Path, capsys: pytest.CaptureFixture[str], *extra: str) -> tuple[int, str]:
+    code = main([str(run), *extra])
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
+def test_clean_run_passes_and_writes_a_self_contained_report(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Execute
+    code, output = audit(run, capsys)
+    # Assert: exit 0, both files, a summary row per partner
+    assert code == EXIT_OK, output
+    assert "north" in output and "south" in output and "all ledgers verified" in output
+    report = json.loads((run / "audit.json").read_text())
+    page = html.unescape((run / "privacy_report.html").read_text())
+    assert report["verified"] is True and report["exit_code"] == 0
+    for p in report["partners"]:
+        sigma, q, steps, users, rounds = PARTNERS[p["partner_id"]]
+        true_eps = compute_epsilon([(sigma, q, steps)] * len(rounds), DELTA)
+        assert p["epsilon"] == pytest.approx(true_eps, rel=1e-12)
+        assert p["rounds"][-1]["epsilon_dp_accounting"] == pytest.approx(true_eps, rel=0.02)
+        assert p["max_epsilon"] == 8.0 and p["cap_source"] == "north.json".replace("north", p["partner_id"])
+    # self-contained: no URL of any kind, an inline SVG with one polyline per partner
+    assert not re.search(r"https?:", page) and "<svg" in page and page.count("<polyline") == 2
+    for needed in ("Unit of privacy", "Adjacency", "add/remove one user's record", "joint differential privacy",
+                   "billboard", "Trust model", "SecAgg+ was OFF", "Compositions", "Caveats",
+                   "out-neighbour list", "Empirical lower bound", "RDP", "PRV", "dp_accounting"):
+        assert needed in page, needed
+
+
+def tamper_line(path: Path, index: int, field: str, rng: random.Random) -> dict[str, Any]:
+    lines = path.read_text().splitlines()
+    match = re.search(rf'"{field}":(-?[0-9.eE+-]+)', lines[index])
+    assert match is not None
+    pos = rng.choice([i for i in range(match.start(1), match.end(1)) if lines[index][i].isdigit()])
+    new = rng.choice([d for d in "0123456789" if d != lines[index][pos]])
+    lines[index] = lines[index][:pos] + new + lines[index][pos + 1:]
+    path.write_text("\n".join(lines) + "\n")
+    return dict(json.loads(lines[index]))
+
+
+@pytest.mark.parametrize("field", NUMERIC_FIELDS)
+def test_one_changed_digit_fails_naming_partner_and_round(
+    run: Path, capsys: pytest.CaptureFixture[str], field: str
+) -> None:
+    # Prepare: one digit of one number in one entry of one partner (seeded choices)
+    rng = random.Random(field)
+    partner = rng.choice(sorted(PARTNERS))
+    index = rng.randrange(len(PARTNERS[partner][4]))
+    tampered = tamper_line(run / "ledgers" / f"{partner}.jsonl", index, field, rng)
+    # Execute
+    code, output = audit(run, capsys)
+    # Assert
+    assert code == EXIT_TAMPER, output
+    assert re.search(rf"TAMPER: partner {partner}, round {tampered['round']}, line {index + 1}:", output), output
+
+
+def test_wrong_public_key_is_tampering(run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    trusted = tmp_path / "trusted"
+    for pid in PARTNERS:  # the auditor's copies do not match the keys that signed
+        signing.save_public_key(signing.generate_keypair()[1], trusted / f"{pid}.pub")
+    code, output = audit(run, capsys, "--public-keys", str(trusted))
+    assert code == EXIT_TAMPER
+    assert "partner north, round 1, line 1: signature" in output
+    # the genuine keys given as trusted copies pass
+    for pid in PARTNERS:
+        shutil.copy(run / "ledgers" / f"{pid}.pub", trusted / f"{pid}.pub")
+    assert audit(run, capsys, "--public-keys", str(trusted))[0] == EXIT_OK
+
+
+def test_budget_over_the_cap(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    eps = [e["epsilon_rdp"] for e in read_ledger(run / "ledgers" / "north.jsonl")]
+    cap = (eps[0] + eps[1]) / 2  # round 1 under, round 2 over
+    code, output = audit(run, capsys, "--max-epsilon", str(cap))
+    assert code == EXIT_BUDGET
+    assert "BUDGET: partner north, round 2:" in output and "--max-epsilon" in output
+
+
+def test_declared_cap_is_used_without_the_flag(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (run / "ledgers" / "south.json").write_text(json.dumps({"max_epsilon": 0.5, "target_delta": DELTA,
+                                                            "population": 400}))
+    code, output = audit(run, capsys)
+    assert code == EXIT_BUDGET and "BUDGET: partner south, round 1:" in output
+
+
+def test_delta_not_below_one_over_population(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    key, pub = signing.generate_keypair()
+    ledgers = tmp_path / "ledgers"
+    signing.save_public_key(pub, ledgers / "big.pub")
+    Ledger(ledgers / "big.jsonl", key, "big").append_round(
+        round=1, noise_multiplier=1.0, sample_rate=0.01, steps=10, max_grad_norm=1.0, target_delta=1e-4,
+        population=20000, secure_rng=False)
+    code, output = audit(tmp_path, capsys, "--max-epsilon", "10")
+    assert code == EXIT_BUDGET and "partner big, round 1: target_delta" in output
+
+
+def test_signed_underreported_epsilon_is_an_accounting_mismatch(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    key, pub = signing.generate_keypair()
+    ledgers = tmp_path / "ledgers"
+    signing.save_public_key(pub, ledgers / "liar.pub")
+    Ledger(ledgers / "liar.jsonl", key, "liar").append(dict(
+        round=4, noise_multiplier=1.0, sample_rate=0.1, steps=50, max_grad_norm=1.0, target_delta=1e-5,
+        population=1000, secure_rng=False, accountant="rdp", epsilon_rdp=1.0, epsilon_prv=1.0))
+    code, output = audit(tmp_path, capsys, "--max-epsilon", "10")
+    assert code == EXIT_ACCOUNTING
+    assert "ACCOUNTING: partner liar, round 4, line 1:" in output and "dp_accounting" in output
+
+
+def test_removed_newest_entry_caught_by_server_head(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = run / "ledgers" / "north.jsonl"
+    entries = read_ledger(path)
+    (run / "ledger_heads.json").write_text(json.dumps({"north": {"round": 3, "hash": entry_hash(entries[-1])}}))
+    assert audit(run, capsys)[0] == EXIT_OK
+    path.write_text("".join(x + "\n" for x in path.read_text().splitlines()[:-1]))
+    code, output = audit(run, capsys)
+    assert code == EXIT_TAMPER and "partner north, round 3: head" in output
+
+
+def test_torn_last_line_is_a_warning(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with open(run / "ledgers" / "south.jsonl", "a") as f:
+        f.write('{"round":4,"accou')
+    code, output = audit(run, capsys)
+    assert code == EXIT_OK and "WARNING: partner south, line 3: torn last line" in output
+
+
+@pytest.mark.parametrize("damage", ["garbage_line", "garbage_key", "missing_key", "garbage_config", "no_ledgers"])
+def test_unreadable_input(run: Path, capsys: pytest.CaptureFixture[str], damage: str) -> None:
+    ledgers = run / "ledgers"
+    if damage == "garbage_line":
+        lines = (ledgers / "north.jsonl").read_text().splitlines()
+        lines[1] = "\x00\x01 not json"
+        (ledgers / "north.jsonl").write_text("\n".join(lines) + "\n")
+    elif damage == "garbage_key":
+        (ledgers / "south.pub").write_text("-----BEGIN PUBLIC KEY-----\nxx\n")
+    elif damage == "missing_key":
+        (ledgers / "south.pub").unlink()
+    elif damage == "garbage_config":
+        (run / "config.json").write_text("{")
+    else:
+        shutil.rmtree(ledgers)
+    code, output = audit(run, capsys)
+    assert code == EXIT_INPUT, output
+    expected = {"garbage_line": "partner north, line 2:", "garbage_key": "partner south:",
+                "missing_key": "partner south: no public key", "garbage_config": "config.json",
+                "no_ledgers": "no ledgers"}[damage]
+    assert expected in output
+    assert "Traceback" not in output
+
+
+def test_canary_lower_bound_is_reported(run: Path) -> None:
+    (run / "canary_audit.json").write_text(json.dumps({"epsilon_lower_bound": 0.42, "canaries": 100}))
+    result = run_audit(run)
+    assert result.exit_code == EXIT_OK and result.canary == {"epsilon_lower_bound": 0.42, "canaries": 100}
+    assert "empirical epsilon lower bound <strong>0.42</strong>" in (run / "privacy_report.html").read_text()
+
+
+def test_refusals_appear_in_the_report(run: Path) -> None:
+    from shared.privacy.ledger import record_refusal
+
+    record_refusal(run / "ledgers" / "north.jsonl", partner_id="north", round=4, epsilon_spent=7.9,
+                   epsilon_next=8.3, max_epsilon=8.0)
+    result = run_audit(run)
+    assert result.exit_code == EXIT_OK  # a refusals log is not a ledger
+    assert [p.partner_id for p in result.partners] == ["north", "south"]
+    assert "Rounds refused (budget): 4" in (run / "privacy_report.html").read_text()
