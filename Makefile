@@ -34,5 +34,10 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/python -m simulations.bench
 
+# Real deployment on loopback (SuperLink with TLS, node auth and a database; 3 SuperNodes; SecAgg+ and
+# DP; refusals; a partner killed mid-round; audit). Every process is stopped by PID at the end.
+e2e: $(STAMP)
+	timeout 600 $(PY) -m simulations.e2e --work runs/e2e
+
 clean:
 	rm -rf $(VENV) runs .flwr
