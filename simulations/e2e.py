@@ -219,6 +219,12 @@ def superlink_argv(certs: Path, port: int, database: Path) -> list[str]:
             "--host", "127.0.0.1", "--port", str(port)]
 
 
+def format_node_config(values: dict[str, Any]) -> str:
+    from simulations.partition_cmd import format_node_config as fmt
+
+    return fmt(values)
+
+
 def supernode_argv(superlink: str, port: int, *, ca: Path | None, key: Path | None,
                    node_config: dict[str, Any] | None = None, max_wait: float | None = None) -> list[str]:
     argv = [str(BIN / "flower-supernode"), "--superlink", superlink, "--port", str(port)]
@@ -230,11 +236,6 @@ def supernode_argv(superlink: str, port: int, *, ca: Path | None, key: Path | No
     if max_wait is not None:
         argv += ["--max-retries", "3", "--max-wait-time", f"{max_wait:g}"]
     return argv
-
-
-def format_node_config(values: dict[str, Any]) -> str:
-    """``--node-config`` text: space-separated ``key=value`` with TOML values (strings quoted)."""
-    return " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in values.items())
 
 
 def register(c: Cluster, public_key: Path, name: str) -> int:

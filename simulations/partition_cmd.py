@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -155,6 +156,25 @@ def node_config(path: str | os.PathLike[str]) -> dict[str, Any]:
     return {"partner-id": str(table["id"]), **{k: table[k] for k in keys if k in table}}
 
 
+def format_node_config(values: dict[str, Any]) -> str:
+    """``--node-config`` text: space-separated ``key=value`` with TOML values (strings quoted)."""
+    return " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in values.items())
+
+
+def main_node_config(argv: list[str] | None = None) -> int:
+    """``python -m simulations.partition_cmd PARTNER_TOML``: print the partner's ``--node-config``."""
+    p = argparse.ArgumentParser(prog="python -m simulations.partition_cmd",
+                                description="Print flower-supernode --node-config for a partner.toml.")
+    p.add_argument("partner_toml")
+    args = p.parse_args(argv)
+    try:
+        print(format_node_config(node_config(args.partner_toml)))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedsocial partition",
                                 description="Write one self-contained folder per partner platform.")
@@ -180,3 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{folder}: {sizes[folder.name]['num_users']} users")
     print(f"{Path(args.out) / 'federation.toml'}: config for `flwr run --run-config config-path=...`")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main_node_config())
