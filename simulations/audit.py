@@ -443,8 +443,10 @@ def render_svg(result: AuditResult, width: int = 640, height: int = 320) -> str:
            f'aria-label="cumulative epsilon per partner per round" font-family="sans-serif" font-size="11">',
            f'<rect x="{left}" y="{top}" width="{width - left - right}" height="{height - top - bottom}" '
            'fill="none" stroke="#888"/>']
-    for i in range(6):  # y ticks
-        v = y1 * i / 5
+    step = _nice_step(y1 / 5)
+    y1 = math.ceil(y1 / step) * step
+    for i in range(int(round(y1 / step)) + 1):  # y ticks at round numbers
+        v = step * i
         out.append(f'<text x="{left - 6}" y="{sy(v) + 4:.1f}" text-anchor="end">{v:.3g}</text>'
                    f'<line x1="{left}" x2="{width - right}" y1="{sy(v):.1f}" y2="{sy(v):.1f}" stroke="#eee"/>')
     for x in sorted(set(xs))[:: max(1, len(set(xs)) // 10)]:  # x ticks: at most about ten
@@ -467,6 +469,12 @@ def render_svg(result: AuditResult, width: int = 640, height: int = 320) -> str:
                    f'{html.escape(name)}</text>')
     out.append("</svg>")
     return "\n".join(out)
+
+
+def _nice_step(raw: float) -> float:
+    """The smallest of 1, 2, 2.5, 5 times a power of ten that is >= ``raw``."""
+    power = 10.0 ** math.floor(math.log10(raw))
+    return next(m * power for m in (1.0, 2.0, 2.5, 5.0, 10.0) if m * power >= raw * (1 - 1e-12))
 
 
 def _trust_model(ctx: dict[str, Any]) -> str:

@@ -260,6 +260,23 @@ def test_torn_last_line_is_reported_and_recovered(built: tuple[Path, list[str]],
     assert path.read_bytes().startswith(complete)
 
 
+@pytest.mark.timeout(60)
+def test_open_writer_recovers_a_tail_torn_by_another_writer(tmp_path: Path, key: Any) -> None:
+    # Prepare: a long-lived Ledger object; meanwhile another writer dies mid-line
+    path = tmp_path / "alpha.jsonl"
+    ledger = Ledger(path, key, "alpha")
+    ledger.append_round(**round_fields(1))
+    complete = path.read_bytes()
+    with open(path, "ab") as f:
+        f.write(b'{"round":2,"noise')
+    # Execute: the next append must recover under its own lock (no self-deadlock) and chain on
+    with pytest.warns(TornTailWarning):
+        ledger.append_round(**round_fields(3))
+    # Assert
+    assert path.read_bytes().startswith(complete)
+    assert [e["round"] for e in read_ledger(path)] == [1, 3] and ledger.verify() == []
+
+
 WRITER = textwrap.dedent(
     """
     import sys

@@ -398,17 +398,20 @@ def _write_all_once(fd: int, path: Path, line: str) -> None:
     os.fsync(fd)
 
 
-def recover_torn_tail(path: str | os.PathLike[str]) -> bytes:
+def recover_torn_tail(path: str | os.PathLike[str], locked_fd: int | None = None) -> bytes:
     """Remove a torn last line (bytes after the last newline) and return it; complete lines untouched.
 
     A single ``ftruncate`` to the end of the last complete line, under the writers' lock, then fsync.
+    ``locked_fd``: a writable descriptor of ``path`` on which the caller already holds the lock
+    (flock is per open file, so taking it again on a new descriptor would deadlock).
     """
     path = Path(path)
-    if not path.exists():
+    if locked_fd is None and not path.exists():
         return b""
-    fd = os.open(path, os.O_RDWR)
+    fd = locked_fd if locked_fd is not None else os.open(path, os.O_RDWR)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        if locked_fd is None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
         data = path.read_bytes()
         end = data.rfind(b"\n") + 1
         tail = data[end:]
@@ -417,7 +420,8 @@ def recover_torn_tail(path: str | os.PathLike[str]) -> bytes:
             os.fsync(fd)
         return tail
     finally:
-        os.close(fd)
+        if locked_fd is None:
+            os.close(fd)
 
 
 def utc_timestamp() -> str:
@@ -450,15 +454,15 @@ class Ledger:
         self._cache_size = -1
         self._entries: list[dict[str, Any]] = []
         if self.path.exists():
-            self._load(self.path.stat().st_size)
+            self._load()
 
-    def _load(self, size: int) -> None:
+    def _load(self, locked_fd: int | None = None) -> None:
         scan = scan_ledger(self.path)
         if scan.torn_tail:
             if not self.recover:
                 raise LedgerError(self.partner_id, None, len(scan.entries) + 1,
                                   f"{self.path}: torn last line; call recover_torn_tail() before appending")
-            lost = recover_torn_tail(self.path)
+            lost = recover_torn_tail(self.path, locked_fd)
             warnings.warn(f"{self.path}: removed a torn last line ({len(lost)} bytes) left by an interrupted "
                           "write; that entry was never complete", TornTailWarning, stacklevel=3)
             scan = scan_ledger(self.path)
@@ -469,13 +473,13 @@ class Ledger:
         self._entries = scan.entries
         self._cache_size = scan.valid_length
 
-    def _refresh(self) -> None:
+    def _refresh(self, locked_fd: int | None = None) -> None:
         size = self.path.stat().st_size if self.path.exists() else 0
         if size != self._cache_size:  # someone else appended (or a torn tail appeared): re-read
             if size == 0:
                 self._entries, self._cache_size = [], 0
             else:
-                self._load(size)
+                self._load(locked_fd)
 
     def entries(self) -> list[dict[str, Any]]:
         self._refresh()
@@ -514,9 +518,9 @@ class Ledger:
         for k in _FLOAT_FIELDS:  # 1 -> 1.0: one canonical spelling per value
             if _is_number(fields.get(k)):
                 fields[k] = float(fields[k])
-        fd, created = _open_locked(self.path)
+        fd, _ = _open_locked(self.path)
         try:
-            self._refresh()
+            self._refresh(fd)
             prev = self._entries[-1] if self._entries else None
             entry: dict[str, Any] = {"unit": UNIT, "adjacency": ADJACENCY, "timestamp": utc_timestamp(), **fields}
             entry.update(
