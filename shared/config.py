@@ -95,6 +95,7 @@ class ModelConfig:
     max_targets: int = 64  # H: targets per user example
     num_negatives: int = 8  # sampled negatives per target
     max_history: int = 256  # cap on the history bag of a training example
+    temperature: float = 0.0  # > 0: score = cos(h_u, q_i) / temperature (+ c_i); 0: dot product
     loss: str = "bce"  # bce|bpr|softmax
     init_std: float = 0.01
     local_refit_steps: int = 50  # local reconstruction of p_u (user_embedding = local)
@@ -110,6 +111,7 @@ class ModelConfig:
         _check(self.max_targets >= 1, "model.max_targets", "must be >= 1")
         _check(self.num_negatives >= 1, "model.num_negatives", "must be >= 1")
         _check(self.max_history >= 1, "model.max_history", "must be >= 1")
+        _check(self.temperature >= 0, "model.temperature", "must be >= 0")
         _check(self.loss in ("bce", "bpr", "softmax"), "model.loss", "must be bce|bpr|softmax")
         _check(self.init_std > 0, "model.init_std", "must be > 0")
         _check(self.mlp_hidden >= 1, "model.mlp_hidden", "must be >= 1")

@@ -116,7 +116,7 @@ def compute_epsilon_history(history: list[tuple[float, float, int]], delta: floa
 
 
 def compute_embedding_norm_sample(layer: nn.Embedding, activations: list[torch.Tensor],
-                                  backprops: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
+                                  backprops: torch.Tensor) -> dict[torch.Tensor, torch.Tensor]:
     """Per-example gradient norm of an embedding table for ghost clipping, without materialising it.
 
     Same quantity as Opacus' sampler (Li et al. 2022's ghost norm for lookups): for each example b,

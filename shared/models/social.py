@@ -136,6 +136,7 @@ class SocialRec(RecModel):
     def score_targets(self, h: torch.Tensor, qv: torch.Tensor, cb: torch.Tensor, H: int) -> tuple[
             torch.Tensor, torch.Tensor]:
         """(positive scores [B, H], negative scores [B, H, M]) from per-target user vectors."""
+        h, qv = self._normalise(h), self._normalise(qv)
         pos = (h * qv[:, :H]).sum(-1) + cb[:, :H]
         neg = torch.einsum("bhd,bmd->bhm", h, qv[:, H:]) + cb[:, None, H:]
         return pos, neg
@@ -148,7 +149,13 @@ class SocialRec(RecModel):
 
     def full_sort_predict(self, batch: Batch) -> torch.Tensor:
         # outside DP: reading the weights directly is fine here
-        return self.user_vectors(batch) @ self.item_emb.weight.T + self.item_bias.weight.T
+        items = self._normalise(self.item_emb.weight)
+        return self._normalise(self.user_vectors(batch)) @ items.T + self.item_bias.weight.T
+
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """Cosine scoring with a temperature (Wu et al. 2022, sampled softmax for recommendation) when set."""
+        tau = self.model_cfg.temperature
+        return x if tau <= 0 else nn.functional.normalize(x, dim=-1) / tau ** 0.5
 
     def refit_local_users(self, batch: Batch, steps: int, l2: float, lr: float = 0.05) -> None:
         """Fit p_u for the batch's users on their own training items, shared parameters frozen.
