@@ -85,24 +85,27 @@ def test_registry_and_unknown_accountant() -> None:
 # (a) their order grids (dp_accounting adds 11 and 128..1024, which can only lower its epsilon) and
 # (b) the series at fractional orders, where dp_accounting truncates at 1000 terms and drops an
 # order that does not converge (so it is conservative). Over this practical grid (epsilon 0.3..20) the
-# measured worst relative difference was 1.0e-2; 2% leaves headroom without hiding a real bug
-# (a wrong q or sigma moves epsilon by far more).
+# measured worst relative difference was 6.8e-3 (sigma 1, q 0.2, 100 steps); 2% leaves headroom
+# without hiding a real bug (a wrong q or sigma moves epsilon by far more).
 AGREEMENT_RTOL = 0.02
 
 
-@pytest.mark.parametrize(
-    ("sigma", "q", "steps"),
-    [(s, q, n) for s, q, n in itertools.product([0.8, 1.0, 1.5, 3.0], [0.01, 0.04, 0.2], [10, 100, 1000])
-     if not (s == 3.0 and q == 0.01) and (s, q, n) not in {(0.8, 0.2, 100), (0.8, 0.2, 1000), (1.0, 0.2, 1000),
-                                                           (0.8, 0.04, 1000), (1.5, 0.01, 10)}],
-)
+# The grid {0.8, 1, 1.5, 3} x {0.01, 0.04, 0.2} x {10, 100, 1000} without the points whose epsilon
+# falls outside [0.3, 20], the range the tolerance is stated for (the test asserts the range too).
+OUT_OF_RANGE = {(0.8, 0.2, 100), (0.8, 0.2, 1000), (1.0, 0.2, 1000), (1.5, 0.2, 1000), (3.0, 0.01, 10),
+                (3.0, 0.01, 100), (3.0, 0.04, 10)}
+AGREEMENT_GRID = [g for g in itertools.product([0.8, 1.0, 1.5, 3.0], [0.01, 0.04, 0.2], [10, 100, 1000])
+                  if g not in OUT_OF_RANGE]
+
+
+@pytest.mark.parametrize(("sigma", "q", "steps"), AGREEMENT_GRID)
 def test_opacus_and_dp_accounting_agree(sigma: float, q: float, steps: int) -> None:
     history = [(sigma, q, steps)]
     opacus_eps = compute_epsilon(history, 1e-5, "rdp")
     google_eps = compute_epsilon_dp_accounting(history, 1e-5)
-    if not 0.3 <= opacus_eps <= 20:
-        pytest.skip(f"epsilon {opacus_eps:.3g} outside the practical range this tolerance is stated for")
+    assert 0.3 <= opacus_eps <= 20
     assert google_eps == pytest.approx(opacus_eps, rel=AGREEMENT_RTOL)
+    assert google_eps >= opacus_eps * (1 - 1e-6)  # dp_accounting is the conservative side here
 
 
 @pytest.mark.parametrize(("sigma", "q"), [(0.7, 0.01), (1.0, 0.04), (3.0, 0.5), (8.0, 0.001)])
