@@ -20,7 +20,7 @@ from shared.config import Config, DataConfig, ModelConfig
 from shared.models import RecModel, build_model
 from shared.split import split_dataset
 from shared.synthetic import generate
-from shared.trainer import PerUserLoss
+from shared.trainer import PerUserLoss, compute_embedding_norm_sample
 
 
 def _setup(mcfg: ModelConfig, n_batch: int = 12) -> tuple[RecModel, dict[str, torch.Tensor]]:
@@ -85,6 +85,7 @@ CASES = {
     "social-attention-bpr": ModelConfig(aggregator="attention", user_embedding="trained", loss="bpr"),
     "social-attention-local": ModelConfig(aggregator="attention", user_embedding="local", loss="softmax"),
     "social-capped-bag": ModelConfig(aggregator="mean", max_history=3, max_targets=4, max_neighbors=2),
+    "social-cosine-all-parts": ModelConfig(aggregator="gcn", user_embedding="trained", temperature=0.2),
     "bpr-mf": ModelConfig(name="bpr", loss="bpr"),
 }
 
@@ -123,3 +124,21 @@ def test_per_user_loss_is_independent_of_the_rest_of_the_batch(name: str) -> Non
     alone = torch.stack([model({k: v[i:i + 1] for k, v in batch.items()})[0] for i in range(together.shape[0])])
     # Assert: one DP example depends on its own user only
     torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-7)
+
+
+def test_fast_embedding_norm_sampler_matches_opacus_and_is_registered() -> None:
+    # Prepare: repeated and padded indices in a [B, L] lookup
+    from opacus.grad_sample.embedding_norm_sample import compute_embedding_norm_sample as opacus_norms
+    from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import (
+        GradSampleModuleFastGradientClipping as GSM,
+    )
+
+    layer = torch.nn.Embedding(7, 3)
+    ids = torch.tensor([[1, 1, 0, 6], [2, 0, 2, 2], [5, 5, 5, 5]])
+    backprops = torch.randn(3, 4, 3, generator=torch.Generator().manual_seed(0))
+    # Execute
+    ours = compute_embedding_norm_sample(layer, [ids], backprops)[layer.weight]
+    theirs = opacus_norms(layer, [ids], backprops)[layer.weight]
+    # Assert
+    torch.testing.assert_close(ours, theirs)
+    assert GSM.NORM_SAMPLERS[torch.nn.Embedding] is compute_embedding_norm_sample
