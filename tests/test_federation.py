@@ -62,7 +62,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     run_simulation_from_config(cfg, None, base / "resumed", progress=False, stop_after=1)
     after_stop = json.loads((base / "resumed" / "metrics.json").read_text())
     resumed = run_simulation_from_config(cfg, None, base / "resumed", resume=True, progress=False)
-    return {"base": base, "cfg": cfg, "straight": straight, "after_stop": after_stop, "resumed": resumed}
+    secure = cfg.replace("secagg", enabled=True, num_shares=3, reconstruction_threshold=2)
+    secagg = run_simulation_from_config(secure, None, base / "secagg", progress=False)
+    return {"base": base, "cfg": cfg, "straight": straight, "after_stop": after_stop, "resumed": resumed,
+            "secagg": secagg}
 
 
 def test_resume_gives_the_same_final_metrics_as_a_straight_run(runs: dict[str, Any]) -> None:
@@ -112,7 +115,7 @@ def test_only_shared_arrays_and_whitelisted_scalars_leave_a_client(runs: dict[st
             assert set(values) <= allowed[rec["message_type"]], (rname, set(values) - allowed[rec["message_type"]])
             assert all(isinstance(v, (bool, int, float, str)) for v in values.values()), values
         for values in rec["metrics"].values():
-            assert set(values) <= {"num_examples"}
+            assert set(values) <= {"num_examples", "loss"}  # loss = 1 - ndcg@10 of the partner
     assert local_names, "the partners' user/social tables exist locally"
 
 
@@ -179,3 +182,15 @@ def test_rerun_of_a_recorded_round_restores_history_without_a_second_entry(tmp_p
     for a, b in zip(out1, again, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6)
     assert len((tmp_path / "run" / "ledgers" / "partner-0.jsonl").read_text().splitlines()) == 1
+
+
+def test_secure_aggregation_gives_the_plain_aggregate_up_to_quantisation(runs: dict[str, Any]) -> None:
+    plain = latest_checkpoint(runs["base"] / "straight")
+    secure = latest_checkpoint(runs["base"] / "secagg")
+    doc = runs["secagg"]
+
+    assert plain is not None and secure is not None and secure.round == 2
+    assert doc["secure_aggregation"] is True and doc["secagg_settings"]["clipping_range"] == 1.0
+    for x, y in zip(plain.arrays, secure.arrays, strict=True):
+        np.testing.assert_allclose(x, y, atol=1e-4)
+    assert doc["ndcg@10"] == pytest.approx(runs["straight"]["ndcg@10"], abs=0.01)

@@ -3,7 +3,9 @@
 ``flwr run`` starts a detached local SuperLink that outlives the CLI. The test gives it a private
 FLWR_HOME and free ports (``FLWR_LOCAL_SUPERLINK_HTTP_API_PORT`` / ``FLWR_LOCAL_CONTROL_API_PORT``),
 then finds that SuperLink by its command line (its log file lives in this FLWR_HOME) and stops it and
-its descendants by PID.
+its descendants by PID. Flower 1.42's ``flwr run`` migrates ``[tool.flwr.federations]`` into
+``$FLWR_HOME/config.toml`` and comments that section out of ``pyproject.toml``, so the test runs a copy
+of the app, never the checkout itself.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -95,13 +98,25 @@ def flwr_env(tmp_path: Path) -> Iterator[dict[str, str]]:
             stop([*descendants(pid), pid])
 
 
+def copy_app(dest: Path) -> Path:
+    """The Flower app as ``flwr build`` sees it: pyproject, README and the packages (no caches)."""
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for name in ("client", "server", "shared", "simulations", "configs"):
+        shutil.copytree(REPO / name, dest / name, ignore=ignore)
+    for name in ("pyproject.toml", "README.md"):
+        if (REPO / name).is_file():
+            shutil.copy2(REPO / name, dest / name)
+    return dest
+
+
 def test_flwr_run_on_the_local_simulation_federation_completes(tmp_path: Path, flwr_env: dict[str, str]) -> None:
+    app = copy_app(tmp_path / "app")
     config_path = write_config(tiny_config(server_noise_multiplier=0.0), tmp_path / "cfg")
     run_dir = tmp_path / "run"
     overrides = f'config-path="{config_path}" run-dir="{run_dir}"'
 
     proc = subprocess.run([str(BIN / "flwr"), "run", ".", "local-simulation", "--stream", "--run-config", overrides],
-                          cwd=REPO, env=flwr_env, capture_output=True, text=True, timeout=540)
+                          cwd=app, env=flwr_env, capture_output=True, text=True, timeout=540)
 
     log = proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.returncode == 0, log
