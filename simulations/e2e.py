@@ -366,7 +366,23 @@ def verify_partner_ledgers(partners: Path, n: int) -> dict[str, int]:
     return counts
 
 
-def run_scenario(work: Path, kill: bool = True, app: Path = REPO) -> dict[str, Any]:
+APP_FILES = ("pyproject.toml", "client", "server", "shared", "simulations", "configs")
+
+
+def copy_app(dest: Path) -> Path:
+    """A copy of the Flower app to ``flwr run``: Flower 1.42's ``flwr run APP`` migrates a legacy
+    ``[tool.flwr.federations]`` table by rewriting ``APP/pyproject.toml``, which must not touch the repo."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in APP_FILES:
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            shutil.copy2(src, dest / name)
+    return dest
+
+
+def run_scenario(work: Path, kill: bool = True, app: Path | None = None) -> dict[str, Any]:
     """The whole deployment check (module docstring); returns a summary with timings."""
     tm = Timings()
     if work.exists():
@@ -415,6 +431,7 @@ def run_scenario(work: Path, kill: bool = True, app: Path = REPO) -> dict[str, A
         # round 2, which must still complete with the other two (quorum 2). Two separate runs would
         # cost twice the ClientApp start-ups (a fresh process per message) and not fit in 10 minutes.
         run_dir = work / "run"
+        app = app if app is not None else copy_app(work / "app")
         victim = sns[2] if kill else None
         summary["run"] = federated_run(c, app, partners / "federation.toml", run_dir, tm,
                                        "federated run", victim=victim, cluster_=c)
