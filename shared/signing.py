@@ -84,15 +84,19 @@ def load_public_key(path: str | os.PathLike[str]) -> Ed25519PublicKey:
 def load_or_create_keypair(
     private_path: str | os.PathLike[str], public_path: str | os.PathLike[str] | None = None
 ) -> Ed25519PrivateKey:
-    """Load the private key at ``private_path``, creating it (and its public PEM) on first use."""
+    """Load the private key at ``private_path``, creating it on first use; (re)write its public PEM at
+    ``public_path`` when missing or different."""
     private_path = Path(private_path)
     if private_path.exists():
         key = load_private_key(private_path)
     else:
         key, _ = generate_keypair()
         save_private_key(key, private_path)
-    if public_path is not None and not Path(public_path).exists():
-        save_public_key(key.public_key(), public_path)
+    if public_path is not None:
+        pem = public_key_pem(key.public_key())
+        existing = Path(public_path).read_bytes() if Path(public_path).exists() else None
+        if existing != pem:  # a stale public key from another private key would fail every audit
+            save_public_key(key.public_key(), public_path)
     return key
 
 

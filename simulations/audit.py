@@ -24,10 +24,12 @@ Layout contract (what a federated run writes; the auditor reads nothing else):
 
 What is checked, per partner: the chain, every signature and the key fingerprint, canonical form,
 strictly increasing rounds, the cumulative ``epsilon_rdp`` re-derived from the recorded
-(sigma, q, steps) with the accountant of record (Opacus RDP); then epsilon is recomputed with Google's
-``dp_accounting`` (independent of Opacus) and compared with the recorded value (see
-:data:`RECOMPUTE_RTOL`); the final epsilon against the cap (``--max-epsilon`` > the partner's
-declaration > ``config.json``); ``target_delta < 1/population`` for every round.
+(sigma, q, steps) with Opacus's RDP analysis; then both recorded epsilons are recomputed with Google's
+``dp_accounting`` (independent of Opacus): ``epsilon_rdp`` by its RDP accountant, ``epsilon_prv`` by its
+PLD accountant, and compared (see :data:`RECOMPUTE_RTOL`); the epsilon of the entry's accountant of
+record (``accountant``: rdp or prv) against the cap (``--max-epsilon`` > the partner's declaration >
+``config.json``); ``target_delta < 1/population`` for every round; and that ``metrics.json``'s
+``epsilon`` does not understate the ledgers (a warning).
 
 Writes ``RUN_DIR/audit.json`` and a self-contained ``RUN_DIR/privacy_report.html``, prints a summary.
 
@@ -56,6 +58,7 @@ from shared.privacy.accounting import (
     check_delta,
     compute_epsilon_dp_accounting,
     compute_epsilons_dp_accounting,
+    compute_epsilons_pld,
 )
 from shared.privacy.ledger import (
     ADJACENCY,
@@ -77,7 +80,9 @@ _PRECEDENCE = ("input", "tamper", "accounting", "budget")
 # dp_accounting is 0-2% higher for epsilon up to ~20; a shortfall beyond 5% means the recorded
 # epsilon does not follow from the recorded (sigma, q, steps). A recorded value *above* the
 # recomputation is conservative (e.g. dp_accounting's extra orders 128..1024 at tiny epsilon) and
-# is reported, not failed.
+# is reported, not failed. The same rule holds epsilon_prv against dp_accounting's PLD accountant
+# (both are tight; PRV's recorded value is the upper end of its error band, PLD's discretisation is
+# pessimistic, and they agree within about 0.2% in the tests).
 RECOMPUTE_RTOL = 0.05
 _CAP_SLACK = 1e-9  # float noise when comparing epsilon with the cap
 
@@ -110,9 +115,12 @@ class RoundRow:
     max_grad_norm: float
     target_delta: float
     population: int
+    accountant: str  # the accountant of record, whose epsilon is held to the cap
+    epsilon: float  # cumulative epsilon of record (epsilon_prv when accountant == "prv", else epsilon_rdp)
     epsilon_rdp: float
     epsilon_prv: float
-    epsilon_dp_accounting: float
+    epsilon_dp_accounting: float  # independent RDP recomputation (dp_accounting), checks epsilon_rdp
+    epsilon_pld: float  # independent PLD recomputation (dp_accounting), checks epsilon_prv
     timestamp: str
 
 
@@ -131,7 +139,7 @@ class PartnerReport:
 
     @property
     def epsilon(self) -> float:
-        return self.rounds[-1].epsilon_rdp if self.rounds else 0.0
+        return self.rounds[-1].epsilon if self.rounds else 0.0
 
     @property
     def total_steps(self) -> int:
@@ -181,8 +189,9 @@ PRIVACY_MODEL = {
                   "Jain, Kothari, Thakurta 2018)",
     "mechanism": "DP-SGD: per-user clipping to max_grad_norm, Gaussian noise noise_multiplier * "
                  "max_grad_norm, Poisson sampling at sample_rate",
-    "accountant": "RDP (Opacus, accountant of record); PRV (Opacus) cross-check; independent "
-                  "recomputation with Google dp_accounting (RDP)",
+    "accountant": "RDP (Opacus) or PRV (Opacus), as each entry's accountant field says (the other is a "
+                  "cross-check); independent recomputation with Google dp_accounting (RDP for epsilon_rdp, "
+                  "PLD for epsilon_prv)",
 }
 
 
@@ -291,25 +300,31 @@ def _audit_partner(partner: str, ledgers: Path, keys_dir: Path | None, cli_cap: 
 
 def _recompute(partner: str, entries: list[dict[str, Any]], lines: list[int],
                result: AuditResult) -> list[RoundRow]:
-    """Per-round rows with the dp_accounting recomputation of each cumulative epsilon."""
-    rows = []
+    """Per-round rows, with each cumulative epsilon recomputed by dp_accounting (RDP and PLD)."""
     history = history_of(entries)
     deltas = {e["target_delta"] for e in entries}
     if len(deltas) == 1:  # the usual case: one pass, cumulative values after each round
-        recomputed = compute_epsilons_dp_accounting(history, deltas.pop())
+        delta = deltas.pop()
+        rdp, pld = compute_epsilons_dp_accounting(history, delta), compute_epsilons_pld(history, delta)
     else:
-        recomputed = [compute_epsilon_dp_accounting(history[: i + 1], e["target_delta"]) for i, e in enumerate(entries)]
-    for entry, line, eps_dp in zip(entries, lines, recomputed, strict=True):
+        rdp = [compute_epsilon_dp_accounting(history[: i + 1], e["target_delta"]) for i, e in enumerate(entries)]
+        pld = [compute_epsilons_pld(history[: i + 1], e["target_delta"])[-1] for i, e in enumerate(entries)]
+    rows = []
+    for entry, line, eps_dp, eps_pld in zip(entries, lines, rdp, pld, strict=True):
+        of_record = entry["epsilon_prv"] if entry["accountant"] == "prv" else entry["epsilon_rdp"]
         rows.append(RoundRow(
             round=entry["round"], noise_multiplier=entry["noise_multiplier"], sample_rate=entry["sample_rate"],
             steps=entry["steps"], max_grad_norm=entry["max_grad_norm"], target_delta=entry["target_delta"],
-            population=entry["population"], epsilon_rdp=entry["epsilon_rdp"], epsilon_prv=entry["epsilon_prv"],
-            epsilon_dp_accounting=eps_dp, timestamp=str(entry.get("timestamp", "")),
+            population=entry["population"], accountant=entry["accountant"], epsilon=of_record,
+            epsilon_rdp=entry["epsilon_rdp"], epsilon_prv=entry["epsilon_prv"], epsilon_dp_accounting=eps_dp,
+            epsilon_pld=eps_pld, timestamp=str(entry.get("timestamp", "")),
         ))
-        if entry["epsilon_rdp"] < eps_dp * (1 - RECOMPUTE_RTOL):
-            result.add("accounting", partner, entry["round"], line,
-                       f"recorded epsilon_rdp {entry['epsilon_rdp']:.6g} is below the dp_accounting "
-                       f"recomputation {eps_dp:.6g} by more than {RECOMPUTE_RTOL:.0%}")
+        for name, recorded, recomputed, method in (("epsilon_rdp", entry["epsilon_rdp"], eps_dp, "RDP"),
+                                                   ("epsilon_prv", entry["epsilon_prv"], eps_pld, "PLD")):
+            if recorded < recomputed * (1 - RECOMPUTE_RTOL):
+                result.add("accounting", partner, entry["round"], line,
+                           f"recorded {name} {recorded:.6g} is below the dp_accounting {method} recomputation "
+                           f"{recomputed:.6g} by more than {RECOMPUTE_RTOL:.0%}")
     return rows
 
 
@@ -326,11 +341,11 @@ def _check_budget(report: PartnerReport, cli_cap: float | None, result: AuditRes
     else:
         result.add("warning", partner, None, None, "no epsilon cap declared: budget not checked")
     if report.max_epsilon is not None:
-        over = [r for r in report.rounds if r.epsilon_rdp > report.max_epsilon + _CAP_SLACK]
+        over = [r for r in report.rounds if r.epsilon > report.max_epsilon + _CAP_SLACK]
         if over:
             result.add("budget", partner, over[0].round, None,
-                       f"cumulative epsilon {over[0].epsilon_rdp:.4g} exceeds the cap {report.max_epsilon:g} "
-                       f"({report.cap_source}); final epsilon {report.epsilon:.4g}")
+                       f"cumulative epsilon ({over[0].accountant}) {over[0].epsilon:.4g} exceeds the cap "
+                       f"{report.max_epsilon:g} ({report.cap_source}); final epsilon {report.epsilon:.4g}")
     decl_delta, decl_pop = report.declared.get("target_delta"), report.declared.get("population")
     for r in report.rounds:
         try:
@@ -373,12 +388,22 @@ def run_audit(
             result.add("input", partner, None, None, f"ledger file name {partner!r}.jsonl is not a valid partner id")
             continue
         result.partners.append(_audit_partner(partner, ledgers, keys_dir, max_epsilon, heads, result))
+    _check_metrics(result)
     for pub in sorted(ledgers.glob("*.pub")) if ledgers.is_dir() else []:
         if pub.stem not in partners:
             result.add("warning", pub.stem, None, None, "a public key without a ledger (the partner never trained?)")
     if write:
         _write_outputs(run, result)
     return result
+
+
+def _check_metrics(result: AuditResult) -> None:
+    """metrics.json's ``epsilon`` (the largest over partners) must not understate the ledgers."""
+    reported = result.context.get("metrics", {}).get("epsilon")
+    ledger_max = max((p.epsilon for p in result.partners if p.rounds), default=None)
+    if isinstance(reported, (int, float)) and ledger_max is not None and reported < ledger_max * (1 - 1e-6):
+        result.add("warning", None, None, None,
+                   f"metrics.json reports epsilon {reported:.6g}, below the ledgers' largest {ledger_max:.6g}")
 
 
 def _write_outputs(run: Path, result: AuditResult) -> None:
@@ -394,8 +419,8 @@ def _write_outputs(run: Path, result: AuditResult) -> None:
 
 
 def summary_table(result: AuditResult) -> str:
-    header = ("partner", "rounds", "steps", "sigma", "q", "eps_rdp", "eps_prv", "eps_dp_acc", "cap", "delta",
-              "users", "status")
+    header = ("partner", "rounds", "steps", "sigma", "q", "acct", "epsilon", "eps_rdp", "eps_prv", "dp_rdp",
+              "dp_pld", "cap", "delta", "users", "status")
     rows = [header]
     for p in result.partners:
         last = p.rounds[-1] if p.rounds else None
@@ -403,8 +428,9 @@ def summary_table(result: AuditResult) -> str:
         rows.append((
             p.partner_id, str(len(p.rounds)), str(p.total_steps),
             _span({r.noise_multiplier for r in p.rounds}), _span({r.sample_rate for r in p.rounds}),
-            f"{p.epsilon:.4g}", f"{last.epsilon_prv:.4g}" if last else "-",
-            f"{last.epsilon_dp_accounting:.4g}" if last else "-",
+            last.accountant if last else "-", f"{p.epsilon:.4g}",
+            *((f"{last.epsilon_rdp:.4g}", f"{last.epsilon_prv:.4g}", f"{last.epsilon_dp_accounting:.4g}",
+               f"{last.epsilon_pld:.4g}") if last else ("-",) * 4),
             f"{p.max_epsilon:g}" if p.max_epsilon is not None else "-",
             f"{last.target_delta:.3g}" if last else "-", str(last.population) if last else "-",
             "ok" if not bad else "FAIL(" + ",".join(bad) + ")",
@@ -426,7 +452,7 @@ _COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#
 def render_svg(result: AuditResult, width: int = 640, height: int = 320) -> str:
     """Cumulative epsilon per partner per round, with each cap dashed: plain SVG, no library."""
     left, right, top, bottom = 56, 140, 16, 40
-    series = [(p.partner_id, [(r.round, r.epsilon_rdp) for r in p.rounds], p.max_epsilon) for p in result.partners]
+    series = [(p.partner_id, [(r.round, r.epsilon) for r in p.rounds], p.max_epsilon) for p in result.partners]
     xs = [x for _, pts, _ in series for x, _ in pts] or [0, 1]
     ys = [y for _, pts, _ in series for _, y in pts] + [c for _, _, c in series if c is not None] + [0.0]
     x0, x1 = min(xs), max(max(xs), min(xs) + 1)
@@ -574,11 +600,13 @@ def _partner_html(p: PartnerReport) -> str:
             f"<code>{esc(p.key_source)}</code>; cap {p.max_epsilon if p.max_epsilon is not None else 'none'} "
             f"({esc(p.cap_source or 'n/a')}); final epsilon {p.epsilon:.4g}; "
             f"{'verified' if p.verified else 'NOT verified'}.</p>")
-    cols = ("round", "sigma", "q", "steps", "C", "delta", "users", "eps RDP", "eps PRV", "eps dp_accounting")
+    cols = ("round", "sigma", "q", "steps", "C", "delta", "users", "accountant", "eps RDP", "eps PRV",
+            "dp_accounting RDP", "dp_accounting PLD")
     rows = "".join(
         f"<tr><td>{r.round}</td><td>{r.noise_multiplier:.4g}</td><td>{r.sample_rate:.4g}</td><td>{r.steps}</td>"
         f"<td>{r.max_grad_norm:.3g}</td><td>{r.target_delta:.3g}</td><td>{r.population}</td>"
-        f"<td>{r.epsilon_rdp:.4f}</td><td>{r.epsilon_prv:.4f}</td><td>{r.epsilon_dp_accounting:.4f}</td></tr>"
+        f"<td>{r.accountant}</td><td>{r.epsilon_rdp:.4f}</td><td>{r.epsilon_prv:.4f}</td>"
+        f"<td>{r.epsilon_dp_accounting:.4f}</td><td>{r.epsilon_pld:.4f}</td></tr>"
         for r in p.rounds
     )
     table = "<table><tr>" + "".join(f"<th>{c}</th>" for c in cols) + "</tr>" + rows + "</table>"

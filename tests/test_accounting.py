@@ -20,6 +20,8 @@ from shared.privacy.accounting import (
     check_delta,
     compute_epsilon,
     compute_epsilon_dp_accounting,
+    compute_epsilons_dp_accounting,
+    compute_epsilons_pld,
     compute_rdp_curve,
     compute_round_epsilon,
     epsilon_from_rdp,
@@ -106,6 +108,20 @@ def test_opacus_and_dp_accounting_agree(sigma: float, q: float, steps: int) -> N
     assert 0.3 <= opacus_eps <= 20
     assert google_eps == pytest.approx(opacus_eps, rel=AGREEMENT_RTOL)
     assert google_eps >= opacus_eps * (1 - 1e-6)  # dp_accounting is the conservative side here
+
+
+def test_independent_recomputations_are_cumulative_and_match_known_values() -> None:
+    # Prepare: the known history split into three rounds
+    rounds = [(1.5, 0.04, 750)] * 3
+    # Execute
+    rdp = compute_epsilons_dp_accounting(rounds, 1e-5)
+    pld = compute_epsilons_pld(rounds, 1e-5)
+    # Assert: cumulative (one value per round, increasing) and the last equals the whole history's
+    assert rdp == sorted(rdp) and pld == sorted(pld) and len(rdp) == len(pld) == 3
+    assert rdp[-1] == pytest.approx(compute_epsilon_dp_accounting(OPACUS_KNOWN, 1e-5), rel=1e-12)
+    assert rdp[-1] == pytest.approx(7.32911117143, rel=1e-3)  # dp_accounting vs Opacus's known RDP value
+    assert pld[-1] == pytest.approx(6.7774, abs=1e-2)  # PLD (dp_accounting) vs Opacus's known PRV value
+    assert pld[0] == pytest.approx(compute_epsilon(rounds[:1], 1e-5, "prv"), abs=2e-2)
 
 
 @pytest.mark.parametrize(("sigma", "q"), [(0.7, 0.01), (1.0, 0.04), (3.0, 0.5), (8.0, 0.001)])

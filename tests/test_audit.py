@@ -42,7 +42,8 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
                                                          "population": users}))
     (run / "config.json").write_text(json.dumps({"privacy": {"max_epsilon": 8.0, "select_on_validation": False},
                                                  "secagg": {"enabled": False}}))
-    (run / "metrics.json").write_text(json.dumps({"ndcg@10": 0.1, "epsilon": 1.0, "delta": DELTA}))
+    largest = max(read_ledger(ledgers / f"{pid}.jsonl")[-1]["epsilon_rdp"] for pid in PARTNERS)
+    (run / "metrics.json").write_text(json.dumps({"ndcg@10": 0.1, "epsilon": largest, "delta": DELTA}))
     return run
 
 
@@ -63,6 +64,7 @@ def test_clean_run_passes_and_writes_a_self_contained_report(run: Path, capsys: 
     # Assert: exit 0, both files, a summary row per partner
     assert code == EXIT_OK, output
     assert "north" in output and "south" in output and "all ledgers verified" in output
+    assert "WARNING" not in output
     report = json.loads((run / "audit.json").read_text())
     page = html.unescape((run / "privacy_report.html").read_text())
     assert report["verified"] is True and report["exit_code"] == 0
@@ -71,6 +73,8 @@ def test_clean_run_passes_and_writes_a_self_contained_report(run: Path, capsys: 
         true_eps = compute_epsilon([(sigma, q, steps)] * len(rounds), DELTA)
         assert p["epsilon"] == pytest.approx(true_eps, rel=1e-12)
         assert p["rounds"][-1]["epsilon_dp_accounting"] == pytest.approx(true_eps, rel=0.02)
+        true_prv = compute_epsilon([(sigma, q, steps)] * len(rounds), DELTA, "prv")
+        assert p["rounds"][-1]["epsilon_pld"] == pytest.approx(true_prv, rel=0.01)
         assert p["max_epsilon"] == 8.0 and p["cap_source"] == "north.json".replace("north", p["partner_id"])
     # self-contained: no URL of any kind, an inline SVG with one polyline per partner
     assert not re.search(r"https?:", page) and "<svg" in page and page.count("<polyline") == 2
@@ -217,3 +221,45 @@ def test_refusals_appear_in_the_report(run: Path) -> None:
     assert result.exit_code == EXIT_OK  # a refusals log is not a ledger
     assert [p.partner_id for p in result.partners] == ["north", "south"]
     assert "Rounds refused (budget): 4" in (run / "privacy_report.html").read_text()
+
+
+def _single_partner(tmp_path: Path, pid: str, **fields: Any) -> None:
+    key, pub = signing.generate_keypair()
+    signing.save_public_key(pub, tmp_path / "ledgers" / f"{pid}.pub")
+    ledger = Ledger(tmp_path / "ledgers" / f"{pid}.jsonl", key, pid)
+    base = dict(noise_multiplier=1.0, sample_rate=0.1, steps=50, max_grad_norm=1.0, target_delta=1e-5,
+                population=1000, secure_rng=False)
+    for r in (1, 2):
+        ledger.append_round(round=r, **{**base, **fields})
+
+
+def test_prv_accountant_of_record_is_held_to_the_cap(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Prepare: a partner whose accountant of record is PRV (tighter than RDP)
+    _single_partner(tmp_path, "tight", accountant="prv")
+    last = read_ledger(tmp_path / "ledgers" / "tight.jsonl")[-1]
+    assert last["epsilon_prv"] < last["epsilon_rdp"]
+    between = (last["epsilon_prv"] + last["epsilon_rdp"]) / 2
+    # Execute / Assert: a cap between the two passes (PRV is of record), a cap below PRV fails
+    assert audit(tmp_path, capsys, "--max-epsilon", str(between))[0] == EXIT_OK
+    code, output = audit(tmp_path, capsys, "--max-epsilon", str(last["epsilon_prv"] * 0.99))
+    assert code == EXIT_BUDGET and "BUDGET: partner tight, round 2: cumulative epsilon (prv)" in output
+
+
+def test_signed_underreported_prv_is_an_accounting_mismatch(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    key, pub = signing.generate_keypair()
+    signing.save_public_key(pub, tmp_path / "ledgers" / "liar.pub")
+    history = [(1.0, 0.1, 50)]
+    Ledger(tmp_path / "ledgers" / "liar.jsonl", key, "liar").append(dict(
+        round=1, noise_multiplier=1.0, sample_rate=0.1, steps=50, max_grad_norm=1.0, target_delta=1e-5,
+        population=1000, secure_rng=False, accountant="prv", epsilon_rdp=compute_epsilon(history, 1e-5),
+        epsilon_prv=compute_epsilon(history, 1e-5, "prv") * 0.8))
+    code, output = audit(tmp_path, capsys, "--max-epsilon", "10")
+    assert code == EXIT_ACCOUNTING and "partner liar, round 1, line 1: recorded epsilon_prv" in output
+
+
+def test_metrics_understating_epsilon_is_reported(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (run / "metrics.json").write_text(json.dumps({"epsilon": 0.5, "delta": DELTA}))
+    code, output = audit(run, capsys)
+    assert code == EXIT_OK and "WARNING: run: metrics.json reports epsilon 0.5" in output

@@ -139,6 +139,12 @@ def test_private_key_file_is_0600_and_round_trips(tmp_path: Path, key: Any) -> N
     assert signing.fingerprint(pub) == signing.fingerprint(key.public_key())
     with pytest.raises(signing.SigningError, match="already exists"):
         signing.save_private_key(key, tmp_path / "k.pem")
+    # load_or_create_keypair: created once, then loaded; a stale public key file is replaced
+    created = signing.load_or_create_keypair(tmp_path / "c.pem", tmp_path / "c.pub")
+    signing.save_public_key(signing.generate_keypair()[1], tmp_path / "c.pub")
+    again = signing.load_or_create_keypair(tmp_path / "c.pem", tmp_path / "c.pub")
+    assert signing.fingerprint(again.public_key()) == signing.fingerprint(created.public_key())
+    assert signing.fingerprint(signing.load_public_key(tmp_path / "c.pub")) == signing.fingerprint(created.public_key())
     (tmp_path / "bad.pub").write_text("not a key")
     with pytest.raises(signing.SigningError, match="bad.pub"):
         signing.load_public_key(tmp_path / "bad.pub")

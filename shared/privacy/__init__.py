@@ -14,6 +14,7 @@ from shared.privacy.accounting import (
     compute_epsilon_prv,
     compute_epsilon_rdp,
     compute_epsilons_dp_accounting,
+    compute_epsilons_pld,
     compute_round_epsilon,
     would_exceed,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "LedgerError", "PrivacyAccountant", "PrivacyConfigError", "Problem", "TornTailWarning",
     "calibrate_noise_multiplier", "check_delta", "compute_epsilon", "compute_epsilon_dp_accounting",
     "compute_epsilons_dp_accounting",
+    "compute_epsilons_pld",
     "compute_epsilon_prv", "compute_epsilon_rdp", "compute_round_epsilon", "read_ledger", "record_refusal",
     "recover_torn_tail", "refusals_path", "scan_ledger", "verify_head", "verify_ledger", "would_exceed",
 ]

@@ -187,6 +187,28 @@ def compute_epsilons_dp_accounting(
         absl_logger.setLevel(level)
 
 
+def compute_epsilons_pld(
+    history: History, target_delta: float, value_discretization_interval: float = 3e-3
+) -> list[float]:
+    """Cumulative epsilon after each event of ``history`` with ``dp_accounting``'s privacy loss
+    distribution accountant (Koskela et al. 2020; Doroshenko et al. 2022): tight like PRV and
+    independent of Opacus, so it cross-checks a recorded ``epsilon_prv``. The discretisation is
+    pessimistic; 3e-3 moves epsilon by about 0.1% here (Opacus's known value: 6.775 against PRV's 6.779).
+    """
+    import dp_accounting
+    from dp_accounting import pld
+
+    _check_delta_value(target_delta)
+    acc = pld.PLDAccountant(value_discretization_interval=value_discretization_interval)
+    out, composed = [], False
+    for sigma, q, steps in validate_history(history):
+        if steps > 0:
+            acc.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps)
+            composed = True
+        out.append(float(acc.get_epsilon(target_delta)) if composed else 0.0)
+    return out
+
+
 def compute_epsilon_dp_accounting(
     history: History, target_delta: float, orders: Sequence[float] | None = None
 ) -> float:
