@@ -2,10 +2,11 @@
 
 One module-scoped set of runs (3 partners, DP on, server noise on):
   A: 2 rounds straight, with an egress recorder on every ClientApp;
-  B: the same config interrupted after round 1, then resumed for round 2.
+  B: the same config interrupted after round 1, then resumed for round 2;
+  C: the same config with SecAgg+.
 Tests: B's final metrics equal A's; what left each client is only shared-parameter arrays and
-whitelisted scalars; the run directory has everything issue 3 asks for. Plus partner-level tests of
-the privacy budget (no Flower needed).
+whitelisted scalars; the run directory has everything issue 3 asks for; C's global parameters equal
+A's up to SecAgg+'s quantisation. Plus partner-level tests of the privacy budget (no Flower needed).
 """
 
 from __future__ import annotations
