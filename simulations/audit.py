@@ -16,8 +16,9 @@ Layout contract (what a federated run writes; the auditor reads nothing else):
 ``RUN_DIR/ledger_heads.json`` (optional)
     ``{"<partner_id>": {"round": int, "hash": "<sha256 hex>"}}``: the newest entry of each ledger as
     recorded by the server; reveals ledgers whose newest entries were removed.
-``RUN_DIR/config.json``, ``RUN_DIR/metrics.json`` (optional)
-    the run's configuration (``Config.to_dict()``) and metrics, for context (cap fallback:
+``RUN_DIR/config.json`` or ``RUN_DIR/config.toml``, ``RUN_DIR/metrics.json`` (optional)
+    the run's configuration (``Config.to_dict()``, or the config TOML read with
+    :func:`shared.config.load_config`) and metrics, for context (cap fallback:
     ``config.privacy.max_epsilon``; SecAgg+, server noise and validation-based selection are reported).
 ``RUN_DIR/canary_audit.json`` (optional)
     an empirical lower bound on epsilon from a canary audit: ``{"epsilon_lower_bound": float, ...}``.
@@ -216,6 +217,15 @@ def _load_context(run: Path, result: AuditResult) -> dict[str, Any]:
                 result.add("input", None, None, None, f"{p}: expected a JSON object")
             elif data is not None:
                 ctx[name] = data
+                ctx[f"{name}_file"] = p.name
+    if "config" not in ctx and (run / "config.toml").exists():  # the TOML a run copies, with defaults filled
+        from shared.config import ConfigError, load_config
+
+        try:
+            ctx["config"] = load_config(run / "config.toml").to_dict()
+            ctx["config_file"] = "config.toml"
+        except ConfigError as exc:
+            result.add("input", None, None, None, str(exc))
     canary = run / "canary_audit.json"
     if canary.exists():
         data = _read_json(canary, result, None)
@@ -337,7 +347,7 @@ def _check_budget(report: PartnerReport, cli_cap: float | None, result: AuditRes
     elif isinstance(declared_cap, (int, float)) and not isinstance(declared_cap, bool):
         report.max_epsilon, report.cap_source = float(declared_cap), f"{partner}.json"
     elif config_cap is not None:
-        report.max_epsilon, report.cap_source = config_cap, "config.json privacy.max_epsilon"
+        report.max_epsilon, report.cap_source = config_cap, f"{result.context['config_file']} privacy.max_epsilon"
     else:
         result.add("warning", partner, None, None, "no epsilon cap declared: budget not checked")
     if report.max_epsilon is not None:

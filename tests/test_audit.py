@@ -263,3 +263,20 @@ def test_metrics_understating_epsilon_is_reported(run: Path, capsys: pytest.Capt
     (run / "metrics.json").write_text(json.dumps({"epsilon": 0.5, "delta": DELTA}))
     code, output = audit(run, capsys)
     assert code == EXIT_OK and "WARNING: run: metrics.json reports epsilon 0.5" in output
+
+
+def test_cap_falls_back_to_the_run_config_toml(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Prepare: no declarations, no config.json; the run's config.toml sets a cap below south's epsilon
+    for pid in PARTNERS:
+        (run / "ledgers" / f"{pid}.json").unlink()
+    (run / "config.json").unlink()
+    (run / "config.toml").write_text("[privacy]\nenabled = true\nmax_epsilon = 5.0\n")
+    # Execute
+    code, output = audit(run, capsys)
+    # Assert: north (4.9) passes, south (5.8) fails against config.toml's cap
+    assert code == EXIT_BUDGET and "BUDGET: partner south, round 3:" in output
+    assert "(config.toml privacy.max_epsilon)" in output
+    assert "partner north" not in output.split("BUDGET")[1]
+    (run / "config.toml").write_text("[privacy]\nmax_epsilon = 'eight'\n")
+    code, output = audit(run, capsys)
+    assert code == EXIT_INPUT and "privacy.max_epsilon" in output
