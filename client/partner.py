@@ -16,6 +16,7 @@ Where a partner's data comes from:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import zlib
@@ -150,6 +151,15 @@ def load_partner_split(cfg: Config, s: PartnerSettings) -> SplitData:
     return part
 
 
+@functools.lru_cache(maxsize=64)
+def _calibrate(max_epsilon: float, delta: float, sample_rate: float, steps: int, rounds: int, accountant: str) -> float:
+    """Memoised per process: a simulation actor serving partners of equal size calibrates once."""
+    from shared.privacy.accounting import calibrate_noise_multiplier
+
+    return calibrate_noise_multiplier(max_epsilon, delta, sample_rate, steps, rounds, accountant=accountant,
+                                      tolerance=1e-3)
+
+
 @dataclass(frozen=True)
 class PrivacyPlan:
     noise_multiplier: float
@@ -220,11 +230,10 @@ class Partner:
         return self._plan
 
     def _calibrate(self, sample_rate: float, steps: int) -> float:
-        from shared.privacy.accounting import calibrate_noise_multiplier
-
         pc = self.cfg.privacy
-        return calibrate_noise_multiplier(pc.max_epsilon, pc.target_delta, sample_rate, steps,
-                                          self.cfg.federation.rounds, accountant=pc.accountant, tolerance=1e-3)
+        return _calibrate(pc.max_epsilon, pc.target_delta, sample_rate, steps, self.cfg.federation.rounds,
+                          pc.accountant)
+
 
     def open_ledger(self) -> Any:
         """This partner's ledger, with its signing key (created in the state dir on first use)."""
