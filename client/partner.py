@@ -365,6 +365,3 @@ def get_partner(settings: PartnerSettings) -> Partner:
         _PARTNERS[key] = Partner(settings)
     return _PARTNERS[key]
 
-
-def settings_dict(s: PartnerSettings) -> dict[str, Any]:
-    return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(s).items()}

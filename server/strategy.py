@@ -43,7 +43,7 @@ from server.aggregation import (
     compute_weights,
     validate_update,
 )
-from server.checkpoint import Checkpoint, append_jsonl, save_checkpoint
+from server.checkpoint import Checkpoint, append_jsonl, save_checkpoint, write_json_atomic
 from shared.config import Config
 
 log = logging.getLogger("fedsocial.server")
@@ -231,6 +231,10 @@ class FedSocialStrategy(Strategy):
             record["epsilon_max"] = max(eps.values())
         self.history.append(record)
         append_jsonl(self.run_dir / "rounds.jsonl", record)
+        heads = {pid: {"round": int(info["ledger_round"]), "hash": str(info["ledger_head"])}
+                 for pid, info in sorted(self.partners.items()) if "ledger_head" in info}
+        if heads:  # what each partner's ledger held when its update arrived: a truncated ledger shows
+            write_json_atomic(self.run_dir / "ledger_heads.json", heads)
         save_checkpoint(self.run_dir, Checkpoint(g, self.names, self.global_params, self.state_dict()))
         if self.on_round is not None:
             self.on_round(record)

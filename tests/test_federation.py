@@ -31,6 +31,7 @@ from client.state import load_npz
 from server.checkpoint import latest_checkpoint
 from shared.config import Config, config_from_dict
 from shared.privacy.accounting import compute_epsilon
+from simulations.audit import main as audit_main
 from simulations.simulate import run_simulation_from_config, write_config
 
 os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
@@ -135,6 +136,9 @@ def test_run_directory_holds_metrics_rounds_checkpoints_states_ledgers_and_repor
         assert (run_dir / "partners" / pid / "rounds" / "round_0002.npz").is_file()
         assert len((run_dir / "ledgers" / f"{pid}.jsonl").read_text().splitlines()) == 2
         assert (run_dir / "ledgers" / f"{pid}.pub").is_file()
+    heads = json.loads((run_dir / "ledger_heads.json").read_text())
+    assert {pid: h["round"] for pid, h in heads.items()} == dict.fromkeys(doc["partners"], 2)
+    assert audit_main([str(run_dir)]) == 0  # the partners' ledgers verify against the recorded heads
     report = (run_dir / "report.html").read_text()
     assert "<svg" in report and "partner-2" in report
     assert "http://" not in report.replace("http://www.w3.org/2000/svg", "")
