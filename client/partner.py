@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import json
 import logging
+import time
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -349,10 +350,11 @@ class Partner:
 
     def evaluate(self, arrays: list[np.ndarray], round_: int) -> tuple[dict[str, float], int]:
         """Score this partner's test users with its local tables (after ``round_``) and the global parameters."""
+        t0 = time.perf_counter()
         trainer, _ = self._prepared_trainer(arrays, round_)
         trainer.refit_local()  # p_u from the user's own items against the new global (no-op unless local)
         metrics, n = trainer.evaluate("test")
-        return {k: float(metrics[k]) for k in METRIC_KEYS}, int(n)
+        return {**{k: float(metrics[k]) for k in METRIC_KEYS}, "eval_time_s": time.perf_counter() - t0}, int(n)
 
 
 _PARTNERS: dict[tuple[PartnerSettings, bytes], Partner] = {}

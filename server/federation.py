@@ -175,6 +175,7 @@ def build_metrics(cfg: Config, strategy: FedSocialStrategy, props: Mapping[int, 
         doc["delta"] = cfg.privacy.target_delta
         doc["privacy_model"] = PRIVACY_MODEL
     fit_total = sum(float(p.get("fit_time_s_total", 0.0)) for p in partners.values())
+    eval_total = sum(float(p.get("eval_time_s_total", 0.0)) for p in partners.values())
     doc.update({
         "rounds_completed": int(last.get("round", 0)),
         "rounds": strategy.history,
@@ -183,7 +184,8 @@ def build_metrics(cfg: Config, strategy: FedSocialStrategy, props: Mapping[int, 
         "secure_aggregation": bool(cfg.secagg.enabled),
         "secagg_settings": dict(secagg_kwargs),
         "federation_time_s": strategy.elapsed_s,  # sum of round times (over resumes)
-        "partner_fit_time_s": fit_total,
+        "partner_fit_time_s": fit_total,  # local training (trainer.fit), summed over partners and rounds
+        "partner_eval_time_s": eval_total,  # local evaluation (incl. the local p_u refit), summed likewise
         "wall_time_s": wall_s,  # this process, including bootstrap
         "platform": {"python": platform.python_version(), "machine": platform.machine()},
         "config": cfg.to_dict(),

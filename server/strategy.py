@@ -213,6 +213,10 @@ class FedSocialStrategy(Strategy):
         agg = compute_weighted_metrics(metric_dicts, [r.num_examples for _, r in good], METRIC_KEYS)
         for pid, m in per_partner.items():
             self.partners.setdefault(pid, {}).update(m)
+        for p, r in good:
+            info = self.partners[_partner(r, p)]
+            eval_s = float(r.metrics.get("eval_time_s", 0.0))
+            info["eval_time_s_total"] = float(info.get("eval_time_s_total", 0.0)) + eval_s
         self._finish_round(g, agg, per_partner, len(failures) + len(results) - len(good))
         loss = None if not agg else 1.0 - agg["ndcg@10"]
         return loss, dict(agg)

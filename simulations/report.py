@@ -101,11 +101,12 @@ def render_report(doc: dict[str, Any], title: str = "fedsocial federated run") -
     if "epsilon" in doc:
         final_rows += [("epsilon (max over partners)", doc["epsilon"]), ("delta", doc["delta"])]
     for key in ("rounds_completed", "simulation_wall_time_s", "federation_time_s", "partner_fit_time_s",
-                "federation_overhead", "secure_aggregation"):
+                "partner_eval_time_s", "federation_overhead", "federation_overhead_incl_eval", "secure_aggregation"):
         if doc.get(key) is not None:
             final_rows.append((key.replace("_", " "), doc[key]))
     partners = doc.get("partners", {})
-    p_cols = ["num_users", "evaluated_users", *METRIC_KEYS, "epsilon", "budget_exhausted", "fit_time_s_total"]
+    p_cols = ["num_users", "evaluated_users", *METRIC_KEYS, "epsilon", "budget_exhausted", "fit_time_s_total",
+              "eval_time_s_total"]
     p_rows = [[pid, *[info.get(c, "") for c in p_cols]] for pid, info in sorted(partners.items())]
     r_rows = [[r["round"], *[r.get(k, math.nan) for k in ("ndcg@10", "recall@10", "hr@10")],
                len(r.get("accepted", [])), len(r.get("dropped", [])), ", ".join(r.get("budget_exhausted", [])),

@@ -149,7 +149,9 @@ def run_simulation_from_config(cfg: Config, data_dir: str | os.PathLike[str] | N
     doc: dict[str, Any] = json.loads(metrics_path.read_text(encoding="utf-8"))
     doc["simulation_wall_time_s"] = time.perf_counter() - t0
     fit = float(doc.get("partner_fit_time_s", 0.0))
+    work = fit + float(doc.get("partner_eval_time_s", 0.0))
     doc["federation_overhead"] = doc["simulation_wall_time_s"] / fit if fit > 0 else None
+    doc["federation_overhead_incl_eval"] = doc["simulation_wall_time_s"] / work if work > 0 else None
     write_json_atomic(metrics_path, doc)
     from simulations.report import write_report
 
