@@ -126,11 +126,18 @@ def run_simulation_from_config(cfg: Config, data_dir: str | os.PathLike[str] | N
 
     t0 = time.perf_counter()
     run_dir = Path(out_dir).resolve()
+    metrics_path = run_dir / "metrics.json"
+    before = 0.0  # wall time of earlier processes of this run (a resume adds to it)
     if resume:
         ckpt = latest_checkpoint(run_dir)
         if ckpt is None:
             raise ConfigError(f"--resume {run_dir}: no checkpoint to resume from")
         check_resumable(load_config(run_dir / CONFIG_NAME), cfg, run_dir)
+        if metrics_path.is_file():
+            before = float(json.loads(metrics_path.read_text(encoding="utf-8")).get("simulation_wall_time_s", 0.0))
+        if ckpt.round >= cfg.federation.rounds and metrics_path.is_file():
+            print(f"{run_dir}: already complete ({ckpt.round} of {cfg.federation.rounds} rounds)", file=sys.stderr)
+            return json.loads(metrics_path.read_text(encoding="utf-8"))  # type: ignore[no-any-return]
     config_path = write_config(cfg, run_dir)
     settings = {"config-path": str(config_path), "data-dir": str(resolve_data_dir(data_dir).resolve()),
                 "run-dir": str(run_dir), "resume": bool(resume), "stop-after": int(stop_after)}
@@ -143,11 +150,10 @@ def run_simulation_from_config(cfg: Config, data_dir: str | os.PathLike[str] | N
                        num_supernodes=cfg.federation.partners, backend_config=backend_config(cfg))  # type: ignore[arg-type]
     finally:
         flwr_logger.setLevel(level)
-    metrics_path = run_dir / "metrics.json"
     if not metrics_path.is_file():
         raise RuntimeError(f"the federation ended without writing {metrics_path} (see the log above)")
     doc: dict[str, Any] = json.loads(metrics_path.read_text(encoding="utf-8"))
-    doc["simulation_wall_time_s"] = time.perf_counter() - t0
+    doc["simulation_wall_time_s"] = before + time.perf_counter() - t0  # over all processes of this run
     fit = float(doc.get("partner_fit_time_s", 0.0))
     work = fit + float(doc.get("partner_eval_time_s", 0.0))
     doc["federation_overhead"] = doc["simulation_wall_time_s"] / fit if fit > 0 else None
