@@ -20,9 +20,14 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# The main job: a 3-partner federated simulation with user-level DP on the synthetic default,
+# then the audit of its own privacy ledgers.
 demo: $(STAMP)
-	$(VENV)/bin/fedsocial train --config configs/demo.toml --out $(DEMO_OUT)
-	@echo "Results: $(DEMO_OUT)/metrics.json"
+	$(VENV)/bin/fedsocial simulate --config configs/demo.toml --out $(DEMO_OUT)
+	$(VENV)/bin/fedsocial audit $(DEMO_OUT)
+	@echo "Run report:     $(DEMO_OUT)/report.html"
+	@echo "Privacy report: $(DEMO_OUT)/privacy_report.html"
+	@echo "Metrics:        $(DEMO_OUT)/metrics.json"
 
 test: $(STAMP)
 	$(PY) -m pytest -q
@@ -31,8 +36,12 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
+# Long measurements (hours on 2 cores): the commands behind docs/BENCHMARKS.md.
+DATA_DIR ?= ../shared/datasets
 bench: $(STAMP)
-	$(VENV)/bin/python -m simulations.bench
+	$(VENV)/bin/fedsocial bench quality --dataset lastfm --data-dir $(DATA_DIR) --out runs/bench
+	$(VENV)/bin/fedsocial bench quality --dataset ciao --data-dir $(DATA_DIR) --out runs/bench
+	$(VENV)/bin/fedsocial bench dp-cost --config configs/lastfm.toml --data-dir $(DATA_DIR)
 
 # Real deployment on loopback (SuperLink with TLS, node auth and a database; 3 SuperNodes; SecAgg+ and
 # DP; refusals; a partner killed mid-round; audit). Every process is stopped by PID at the end.
