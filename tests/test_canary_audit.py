@@ -10,7 +10,7 @@ from shared.split import split_dataset
 from simulations.canary_audit import plant_canaries, run_canary_audit
 
 SMALL = ["data.n_users=200", "data.n_items=300", "federation.partners=1", "federation.min_partners=1",
-         "federation.rounds=2", "federation.local_epochs=2", "train.batch_size=64", "train.lr=0.01",
+         "federation.rounds=2", "federation.local_epochs=4", "train.batch_size=64", "train.lr=0.01",
          "model.dim=16", "model.mlp_hidden=16", "model.user_embedding=\"local\"", "model.local_refit_steps=5"]
 
 
@@ -35,11 +35,11 @@ def test_attack_detects_non_private_training_and_dp_bound_stays_below_epsilon() 
     # Prepare
     cfg = load_config(None, SMALL)
     # Execute
-    plain = run_canary_audit(cfg, None, m=200, items_each=8, partner=0)
-    private = run_canary_audit(cfg.replace("privacy", enabled=True, max_epsilon=1.0), None, m=200,
-                               items_each=8, partner=0)
+    plain = run_canary_audit(cfg, None, m=300, items_each=5, partner=0)
+    private = run_canary_audit(cfg.replace("privacy", enabled=True, max_epsilon=1.0), None, m=300,
+                               items_each=5, partner=0)
     # Assert: the attack separates members without DP; with DP the bound respects the accounting
-    assert plain["score_gap"] > 0.02
-    assert plain["epsilon_lower_bound"] > 0.0
+    assert plain["score_gap"] > 0.05
+    assert plain["epsilon_lower_bound"] > 0.5
     assert private["reported_epsilon"] <= 1.0 + 1e-6
     assert private["epsilon_lower_bound"] <= private["reported_epsilon"]
