@@ -2,7 +2,8 @@
 
 Rendle, Freudenthaler, Gantner and Schmidt-Thieme, "BPR: Bayesian Personalized Ranking from
 Implicit Feedback", UAI 2009. Score(u, i) = p_u . q_i; one example per user covers at most H of
-the user's training items, each against the user's sampled negatives.
+the user's training items; with the BPR loss each is paired with its own uniform negative (set
+num_negatives >= max_targets), with the other losses each is scored against all the negatives.
 """
 
 from __future__ import annotations
@@ -32,7 +33,15 @@ class BPRMF(RecModel):
         q = self.item_emb(torch.cat([tg, neg], dim=1))
         q_t, q_n = q[:, : tg.shape[1]], q[:, tg.shape[1]:]
         pos = torch.einsum("bd,bhd->bh", p, q_t)
-        neg_s = torch.einsum("bd,bmd->bm", p, q_n)[:, None, :].expand(-1, tg.shape[1], -1)
+        neg = torch.einsum("bd,bmd->bm", p, q_n)
+        if self.model_cfg.loss == "bpr":
+            # Rendle et al.'s sampling: one uniform negative per (user, positive) pair; target t
+            # takes negative t mod M, so num_negatives >= max_targets gives independent pairs
+            pick = torch.arange(tg.shape[1], device=tg.device) % neg.shape[1]
+            valid = batch["target_mask"] * batch["neg_mask"][:, pick]
+            per_pair = nn.functional.softplus(neg[:, pick] - pos)
+            return compute_user_mean(per_pair, valid)
+        neg_s = neg[:, None, :].expand(-1, tg.shape[1], -1)
         per_target = compute_loss_per_target(pos, neg_s, batch["neg_mask"], self.model_cfg.loss)
         return compute_user_mean(per_target, batch["target_mask"])
 
