@@ -9,32 +9,17 @@ exactly the partners' state of round k, even if a crashed attempt already wrote 
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from shared.fileio import save_npz_atomic
 
 SNAPSHOTS = "rounds"
 LATEST = "state.npz"
 KEEP_SNAPSHOTS = 3  # the last complete round, plus slack for a crashed round in flight
 _NAME = re.compile(r"^round_(\d{4,})\.npz$")
-
-
-def save_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """``np.savez`` to a temporary file beside ``path``, fsync, rename: readers see old or new, never torn."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)  # type: ignore[arg-type]
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_npz(path: Path) -> dict[str, np.ndarray]:

@@ -11,12 +11,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from shared.fileio import json_default, save_npz_atomic, write_text_atomic
 
 _NAME = re.compile(r"^round_(\d{4,})\.npz$")
 STATE_KEY = "__state__"
@@ -32,21 +33,6 @@ class Checkpoint:
     names: list[str]
     arrays: list[np.ndarray]
     state: dict[str, Any]
-
-
-def save_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """``np.savez`` into a temporary file next to ``path``, fsync, then rename over it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)  # type: ignore[arg-type]
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def checkpoint_path(run_dir: Path, round_: int) -> Path:
@@ -86,43 +72,15 @@ def latest_checkpoint(run_dir: Path) -> Checkpoint | None:
     return load_checkpoint(found[-1][1]) if found else None
 
 
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
-
-
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
     """Append one JSON line (one write, then fsync)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(record, default=_json_default) + "\n")
+        fh.write(json.dumps(record, default=json_default) + "\n")
         fh.flush()
         os.fsync(fh.fileno())
 
 
 def rewrite_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
     """Replace the file by exactly ``records`` (a resume drops lines of rounds it will redo)."""
-    write_text_atomic(path, "".join(json.dumps(r, default=_json_default) + "\n" for r in records))
+    write_text_atomic(path, "".join(json.dumps(r, default=json_default) + "\n" for r in records))

@@ -25,9 +25,10 @@ from flwr.server import LegacyContext, ServerConfig
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid
 
-from server.checkpoint import latest_checkpoint, list_checkpoints, rewrite_jsonl, write_json_atomic
+from server.checkpoint import latest_checkpoint, list_checkpoints, rewrite_jsonl
 from server.strategy import METRIC_KEYS, FedSocialStrategy, QuorumError
 from shared.config import Config, ConfigError, load_config
+from shared.fileio import write_json_atomic
 
 log = logging.getLogger("fedsocial.server")
 

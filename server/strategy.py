@@ -43,8 +43,9 @@ from server.aggregation import (
     compute_weights,
     validate_update,
 )
-from server.checkpoint import Checkpoint, append_jsonl, save_checkpoint, write_json_atomic
+from server.checkpoint import Checkpoint, append_jsonl, save_checkpoint
 from shared.config import Config
+from shared.fileio import write_json_atomic
 
 log = logging.getLogger("fedsocial.server")
 

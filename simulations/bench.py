@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from shared.config import Config, load_config
-from simulations.common import user_errors, write_json_atomic
+from shared.fileio import write_json_atomic
+from simulations.common import user_errors
 
 # name -> (config file stem, overrides); the DP row's cap is the epsilon 8 at delta 1e-5
 METHODS: dict[str, tuple[str, list[str]]] = {

@@ -24,8 +24,9 @@ import torch
 
 from shared.config import Config
 from shared.data import SplitData
+from shared.fileio import write_json_atomic
 from shared.privacy.one_run import compute_audit_from_scores
-from simulations.common import add_config_arguments, config_from_args, format_table, user_errors, write_json_atomic
+from simulations.common import add_config_arguments, config_from_args, format_table, user_errors
 
 
 def plant_canaries(split: SplitData, m: int, items_each: int, rng: np.random.Generator

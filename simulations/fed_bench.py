@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from shared.config import Config, load_config
-from simulations.common import user_errors, write_json_atomic
+from shared.fileio import write_json_atomic
+from simulations.common import user_errors
 from simulations.simulate import METRIC_KEYS, run_simulation_from_config
 
 

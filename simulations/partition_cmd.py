@@ -32,7 +32,8 @@ import numpy as np
 
 from shared.config import Config, ConfigError, config_from_dict
 from shared.data import Dataset, SplitData
-from simulations.common import add_config_arguments, config_from_args, user_errors, write_json_atomic
+from shared.fileio import write_json_atomic
+from simulations.common import add_config_arguments, config_from_args, user_errors
 
 DATA_SUBDIR = "data"  # each partner's CSV folder, relative to its partner folder (= its data-dir)
 CONFIG_SECTIONS = ("data", "split", "model", "train", "privacy", "federation", "secagg")

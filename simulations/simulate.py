@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from shared.config import Config, ConfigError, load_config, resolve_data_dir
-from simulations.common import format_table, user_errors, write_json_atomic
+from shared.fileio import write_json_atomic
+from simulations.common import format_table, user_errors
 
 METRIC_KEYS = ("recall@10", "ndcg@10", "hr@10", "recall@20", "ndcg@20", "hr@20")
 CONFIG_NAME = "config.toml"
@@ -73,8 +74,17 @@ def check_resumable(saved: Config, cfg: Config, run_dir: Path) -> None:
 
 
 def backend_config(cfg: Config) -> dict[str, Any]:
-    """Ray settings: one CPU per ClientApp actor, as many actors as cores, no dashboard, quiet workers."""
+    """Ray settings: one CPU per ClientApp actor, as many actors as cores, no dashboard, quiet workers.
+
+    ``FEDSOCIAL_SIM_CPUS=N`` caps the actors (N = 1: partners train one after another, so the
+    simulation uses one core and its wall time is comparable with the sum of the partners' fit times).
+    """
     n_cpus = max(1, min(os.cpu_count() or 1, cfg.federation.partners))
+    cap = os.environ.get("FEDSOCIAL_SIM_CPUS", "").strip()
+    if cap:
+        if not cap.isdigit() or int(cap) < 1:
+            raise ConfigError(f"environment FEDSOCIAL_SIM_CPUS: expected a positive integer, got {cap!r}")
+        n_cpus = min(n_cpus, int(cap))
     gpu = cfg.train.device.startswith("cuda") or cfg.train.device == "auto"
     n_gpus = 0.0
     if gpu:

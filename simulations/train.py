@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from simulations.common import add_config_arguments, config_from_args, format_table, user_errors, write_json_atomic
+from shared.fileio import write_json_atomic
+from simulations.common import add_config_arguments, config_from_args, format_table, user_errors
 
 METRIC_KEYS = ("recall@10", "ndcg@10", "hr@10", "recall@20", "ndcg@20", "hr@20")
 

@@ -1,0 +1,61 @@
+"""Atomic, durable file writes: readers see the old file or the new one, never a torn one.
+
+Every writer goes to a temporary file in the destination folder, flushes and fsyncs it, then
+renames it over the destination (``os.replace`` is atomic on POSIX within one file system).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+
+def write_atomic(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) -> None:
+    """Call ``write`` on a temporary binary file beside ``path``, fsync, then rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_npz_atomic(path: str | os.PathLike[str], arrays: dict[str, np.ndarray]) -> None:
+    def write(fh: IO[bytes]) -> None:
+        np.savez(fh, **arrays)  # type: ignore[arg-type]
+
+    write_atomic(path, write)
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
+    def write(fh: IO[bytes]) -> None:
+        fh.write(text.encode("utf-8"))
+
+    write_atomic(path, write)
+
+
+def json_default(obj: Any) -> Any:
+    """JSON for numpy scalars and arrays, and paths."""
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, default=json_default) + "\n")
