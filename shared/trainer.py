@@ -31,6 +31,7 @@ from shared.config import Config
 from shared.data import SplitData
 from shared.metrics import evaluate_model
 from shared.models import RecModel, build_model
+from shared.privacy.accounting import calibrate_noise_multiplier
 
 
 class TrainerError(ValueError):
@@ -95,24 +96,6 @@ def resolve_device(device: str) -> torch.device:
 def compute_sample_rate(n_users: int, batch_size: int) -> float:
     """Opacus' Poisson rate: 1 / len(data_loader) = 1 / ceil(n / batch_size)."""
     return 1.0 / max(1, -(-n_users // batch_size))
-
-
-def calibrate_noise_multiplier(max_epsilon: float, delta: float, sample_rate: float, steps: int,
-                               accountant: str = "rdp") -> float:
-    """The smallest sigma whose epsilon after ``steps`` sampled-Gaussian steps is at most ``max_epsilon``."""
-    from opacus.accountants.utils import get_noise_multiplier
-
-    return float(get_noise_multiplier(target_epsilon=max_epsilon, target_delta=delta, sample_rate=sample_rate,
-                                      steps=steps, accountant=accountant, epsilon_tolerance=0.005))
-
-
-def compute_epsilon_history(history: list[tuple[float, float, int]], delta: float, accountant: str = "rdp") -> float:
-    """Epsilon of a composition of (noise_multiplier, sample_rate, steps) entries (Opacus accountant)."""
-    from opacus.accountants import create_accountant
-
-    acc = create_accountant(mechanism=accountant)
-    acc.history = list(history)
-    return float(acc.get_epsilon(delta=delta))
 
 
 def compute_embedding_norm_sample(layer: nn.Embedding, activations: list[torch.Tensor],
@@ -272,10 +255,10 @@ class LocalTrainer:
         loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.arange(n)),
                                              batch_size=self.cfg.train.batch_size,
                                              generator=torch.Generator().manual_seed(seed))
-        engine = PrivacyEngine(accountant=pc.accountant, secure_mode=pc.secure_rng)
         noise_gen = None if pc.secure_rng else torch.Generator(device=self.device).manual_seed(seed + 1)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Opacus' notices about secure RNG and the criterion
+            engine = PrivacyEngine(accountant=pc.accountant, secure_mode=pc.secure_rng)
             gsm, opt, crit, dl = engine.make_private(
                 module=self.model, optimizer=self._optimizer(), criterion=PerUserLoss(), data_loader=loader,
                 noise_multiplier=sigma, max_grad_norm=pc.max_grad_norm, grad_sample_mode="ghost",
@@ -349,7 +332,7 @@ def train_centralized(cfg: Config, split: SplitData, progress: Callable[[dict[st
         q = compute_sample_rate(split.n_users, cfg.train.batch_size)
         steps_planned = epochs * int(round(1.0 / q))
         sigma = pc.noise_multiplier or calibrate_noise_multiplier(pc.max_epsilon, pc.target_delta, q,
-                                                                    steps_planned, pc.accountant)
+                                                                    steps_planned, 1, pc.accountant)
     history: list[dict[str, float]] = []
     best: dict[str, Any] = {"ndcg": -1.0, "epoch": -1, "state": None, "val": {}}
     epoch_times: list[float] = []

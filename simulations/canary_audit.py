@@ -70,8 +70,9 @@ def run_canary_audit(cfg: Config, data_dir: str | None, m: int, items_each: int,
                      seed: int = 0) -> dict[str, Any]:
     from shared.loaders import load_dataset
     from shared.partition import partition_users, partner_split
+    from shared.privacy.accounting import calibrate_noise_multiplier, compute_epsilon
     from shared.split import split_dataset
-    from shared.trainer import LocalTrainer, calibrate_noise_multiplier, compute_epsilon_history, compute_sample_rate
+    from shared.trainer import LocalTrainer, compute_sample_rate
 
     sigma = 0.0
     split = split_dataset(load_dataset(cfg.data, data_dir), cfg.split)
@@ -84,13 +85,13 @@ def run_canary_audit(cfg: Config, data_dir: str | None, m: int, items_each: int,
     q = compute_sample_rate(planted.n_users, cfg.train.batch_size)
     if pc.enabled:
         steps = fc.rounds * fc.local_epochs * int(round(1.0 / q))
-        sigma = pc.noise_multiplier or calibrate_noise_multiplier(pc.max_epsilon, pc.target_delta, q, steps,
-                                                                  pc.accountant)
+        sigma = pc.noise_multiplier or calibrate_noise_multiplier(pc.max_epsilon, pc.target_delta, q,
+                                                                  steps, 1, pc.accountant)
     history: list[tuple[float, float, int]] = []
     for _ in range(fc.rounds):
         fit = trainer.fit(fc.local_epochs, noise_multiplier=sigma if pc.enabled else None)
         history.append((fit.noise_multiplier, fit.sample_rate, fit.steps))
-    epsilon = compute_epsilon_history(history, pc.target_delta, pc.accountant) if pc.enabled else float("inf")
+    epsilon = compute_epsilon(history, pc.target_delta, pc.accountant) if pc.enabled else float("inf")
     scores = compute_canary_scores(trainer.model, items)
     audit = compute_audit_from_scores(scores, included, delta=pc.target_delta)
     return {

@@ -9,13 +9,12 @@ import torch
 from shared.config import Config, DataConfig, ModelConfig, TrainConfig
 from shared.data import SplitData
 from shared.metrics import METRIC_KEYS, evaluate_model
+from shared.privacy.accounting import calibrate_noise_multiplier, compute_epsilon
 from shared.split import split_dataset
 from shared.synthetic import generate
 from shared.trainer import (
     LocalTrainer,
     TrainerError,
-    calibrate_noise_multiplier,
-    compute_epsilon_history,
     compute_sample_rate,
     train_centralized,
 )
@@ -48,12 +47,8 @@ def test_dp_fit_changes_parameters_and_reports_its_accounting_entry() -> None:
     q = compute_sample_rate(split.n_users, cfg.train.batch_size)
     assert res.sample_rate == pytest.approx(q) and res.steps == 2 * round(1 / q)
     assert res.noise_multiplier == 1.0 and res.max_grad_norm == 0.5 and res.num_examples == split.n_users
-    assert res.epsilon == pytest.approx(compute_epsilon_history([(1.0, q, res.steps)], cfg.privacy.target_delta))
+    assert res.epsilon == pytest.approx(compute_epsilon([(1.0, q, res.steps)], cfg.privacy.target_delta))
     assert not hasattr(next(trainer.model.parameters()), "grad_sample")  # Opacus hooks removed
-
-
-def test_known_rdp_epsilon() -> None:
-    assert compute_epsilon_history([(1.5, 0.04, 2250)], 1e-5) == pytest.approx(7.32911117143, abs=1e-6)
 
 
 def test_dp_training_calibrates_noise_to_the_budget() -> None:
@@ -64,8 +59,8 @@ def test_dp_training_calibrates_noise_to_the_budget() -> None:
     # Assert
     assert out.epsilon is not None and 0.95 * 4.0 <= out.epsilon <= 4.0 + 1e-9
     assert out.noise_multiplier == pytest.approx(
-        calibrate_noise_multiplier(4.0, 1e-5, out.sample_rate, out.steps))
-    assert out.epsilon == pytest.approx(compute_epsilon_history([(out.noise_multiplier, out.sample_rate, out.steps)],
+        calibrate_noise_multiplier(4.0, 1e-5, out.sample_rate, out.steps, 1))
+    assert out.epsilon == pytest.approx(compute_epsilon([(out.noise_multiplier, out.sample_rate, out.steps)],
                                                                 1e-5))
     assert out.epochs_run == 3 and not out.selected_on_validation and out.delta == 1e-5
     assert set(out.metrics) == set(METRIC_KEYS)
