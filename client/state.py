@@ -34,8 +34,8 @@ def snapshot_path(state_dir: Path, round_: int) -> Path:
 def save_local_state(state_dir: Path, round_: int, state: dict[str, np.ndarray]) -> Path:
     """Write the local state after ``round_`` (snapshot and latest), then prune old snapshots."""
     path = snapshot_path(state_dir, round_)
-    save_npz_atomic(path, state)
-    save_npz_atomic(state_dir / LATEST, {**state, "__round__": np.array(round_, dtype=np.int64)})
+    save_npz_atomic(path, state, mode=0o600)  # user and social embeddings: the partner's eyes only
+    save_npz_atomic(state_dir / LATEST, {**state, "__round__": np.array(round_, dtype=np.int64)}, mode=0o600)
     for r, old in list_snapshots(state_dir):
         if r <= round_ - KEEP_SNAPSHOTS:
             old.unlink(missing_ok=True)

@@ -16,12 +16,16 @@ from typing import IO, Any
 import numpy as np
 
 
-def write_atomic(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) -> None:
-    """Call ``write`` on a temporary binary file beside ``path``, fsync, then rename it over ``path``."""
+def write_atomic(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None], mode: int = 0o644) -> None:
+    """Call ``write`` on a temporary binary file beside ``path``, fsync, then rename it over ``path``.
+
+    ``mode``: the file's permissions (mkstemp's 0600 otherwise; partners' private state passes 0600).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
@@ -32,11 +36,11 @@ def write_atomic(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None
         raise
 
 
-def save_npz_atomic(path: str | os.PathLike[str], arrays: dict[str, np.ndarray]) -> None:
+def save_npz_atomic(path: str | os.PathLike[str], arrays: dict[str, np.ndarray], mode: int = 0o644) -> None:
     def write(fh: IO[bytes]) -> None:
         np.savez(fh, **arrays)  # type: ignore[arg-type]
 
-    write_atomic(path, write)
+    write_atomic(path, write, mode)
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:

@@ -1,0 +1,43 @@
+"""Atomic writes: complete files with the requested permissions, nothing left behind on failure."""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from shared.fileio import save_npz_atomic, write_atomic, write_json_atomic
+
+
+def test_json_written_whole_and_readable_by_others(tmp_path: Path) -> None:
+    # Execute
+    write_json_atomic(tmp_path / "a" / "m.json", {"x": np.float32(1.5), "y": np.arange(3)})
+    # Assert
+    path = tmp_path / "a" / "m.json"
+    assert json.loads(path.read_text()) == {"x": 1.5, "y": [0, 1, 2]}
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
+def test_private_npz_is_owner_only(tmp_path: Path) -> None:
+    save_npz_atomic(tmp_path / "s.npz", {"u": np.ones((2, 2))}, mode=0o600)
+    assert stat.S_IMODE((tmp_path / "s.npz").stat().st_mode) == 0o600
+    assert np.load(tmp_path / "s.npz")["u"].sum() == 4
+
+
+def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path: Path) -> None:
+    # Prepare
+    path = tmp_path / "m.json"
+    write_json_atomic(path, {"v": 1})
+
+    def boom(fh: object) -> None:
+        raise RuntimeError("disk full")
+
+    # Execute
+    with pytest.raises(RuntimeError):
+        write_atomic(path, boom)
+    # Assert
+    assert json.loads(path.read_text()) == {"v": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json"]
