@@ -152,6 +152,14 @@ def load_partner_split(cfg: Config, s: PartnerSettings) -> SplitData:
     return part
 
 
+def compute_local_config(cfg: Config) -> Config:
+    """The config a partner trains with: ``federation.local_batch_size`` (when > 0) replaces
+    ``train.batch_size``. A partner holds about 1/partners of the users, so at the centralized batch
+    size it takes that many times fewer steps per epoch; a smaller local batch restores the step count."""
+    size = cfg.federation.local_batch_size
+    return cfg if size <= 0 or size == cfg.train.batch_size else cfg.replace("train", batch_size=size)
+
+
 @functools.lru_cache(maxsize=64)
 def _calibrate(max_epsilon: float, delta: float, sample_rate: float, steps: int, rounds: int, accountant: str) -> float:
     """Memoised per process: a simulation actor serving partners of equal size calibrates once."""
@@ -173,7 +181,7 @@ class Partner:
 
     def __init__(self, settings: PartnerSettings) -> None:
         self.settings = settings
-        self.cfg = load_config(settings.config_path)
+        self.cfg = compute_local_config(load_config(settings.config_path))
         if settings.num_threads > 0 or self.cfg.train.num_threads > 0:
             import torch
 

@@ -177,6 +177,7 @@ class FederationConfig:
     weight_cap: int = 0  # cap on a partner's aggregation weight (user count); 0: no cap
     server_noise_multiplier: float = 0.0  # optional partner-level DP noise added by the server
     norm_tolerance: float = 1e-3  # relative slack when validating update norms
+    local_batch_size: int = 0  # a partner's batch size in local training; 0: train.batch_size
 
     def __post_init__(self) -> None:
         _check(self.partners >= 1, "federation.partners", "must be >= 1")
@@ -187,6 +188,7 @@ class FederationConfig:
         _check(self.weight_cap >= 0, "federation.weight_cap", "must be >= 0")
         _check(self.server_noise_multiplier >= 0, "federation.server_noise_multiplier", "must be >= 0")
         _check(self.norm_tolerance >= 0, "federation.norm_tolerance", "must be >= 0")
+        _check(self.local_batch_size >= 0, "federation.local_batch_size", "must be >= 0 (0: train.batch_size)")
 
 
 @dataclass(frozen=True)

@@ -31,17 +31,20 @@ def run_centralized(cfg: Config, data_dir: str | None) -> dict[str, Any]:
     t0 = time.perf_counter()
     outcome = train_centralized(cfg, split_dataset(load_dataset(cfg.data, data_dir), cfg.split))
     return {**{k: float(outcome.metrics[k]) for k in METRIC_KEYS}, "epsilon": outcome.epsilon,
-            "wall_time_s": time.perf_counter() - t0}
+            "wall_time_s": time.perf_counter() - t0, "epochs_run": outcome.epochs_run,
+            "best_epoch": outcome.best_epoch}
 
 
 def run_local_only(cfg: Config, data_dir: str | None) -> dict[str, Any]:
-    """Each partner alone; the metrics are the mean over all partners' test users."""
+    """Each partner alone (with the partners' local batch size); metrics: the mean over all test users."""
+    from client.partner import compute_local_config
     from shared.loaders import load_dataset
     from shared.partition import partition_users, partner_split
     from shared.split import split_dataset
     from shared.trainer import train_centralized
 
     t0 = time.perf_counter()
+    cfg = compute_local_config(cfg)
     dataset = load_dataset(cfg.data, data_dir)
     split = split_dataset(dataset, cfg.split)
     assignment = partition_users(dataset, cfg.federation.partners, cfg.partition)
@@ -86,7 +89,12 @@ def main(argv: list[str] | None = None) -> int:
         extra.append(f"federation.rounds={args.rounds}")
     base = load_config(args.config, extra)
     name = base.data.format
-    results: dict[str, Any] = {"config": args.config, "partners": args.partners}
+    # the training budget in epochs: centralized and local-only run at most train.epochs (early stopping
+    # on validation NDCG@10 unless train.patience = 0), the federation rounds x local_epochs
+    results: dict[str, Any] = {"config": args.config, "partners": args.partners, "overrides": args.overrides,
+                               "centralized_epochs": base.train.epochs,
+                               "federated_epochs": base.federation.rounds * base.federation.local_epochs,
+                               "local_batch_size": base.federation.local_batch_size or base.train.batch_size}
     rows = []
     if "centralized" not in skip:
         results["centralized"] = run_centralized(base, args.data_dir)

@@ -199,3 +199,25 @@ def test_secure_aggregation_gives_the_plain_aggregate_up_to_quantisation(runs: d
     for x, y in zip(plain.arrays, secure.arrays, strict=True):
         np.testing.assert_allclose(x, y, atol=1e-4)
     assert doc["ndcg@10"] == pytest.approx(runs["straight"]["ndcg@10"], abs=0.01)
+
+
+def test_local_batch_size_sets_the_partners_steps_per_round(tmp_path: Path) -> None:
+    node = {"partition-id": 0, "num-partitions": 3}
+
+    def plan_of(local_batch_size: int) -> Any:
+        cfg = tiny_config(local_batch_size=local_batch_size)
+        run = tmp_path / f"b{local_batch_size}"
+        partner = Partner(settings_from_context({"config-path": str(write_config(cfg, run)), "run-dir": str(run)},
+                                                node))
+        return partner, partner.privacy_plan()
+
+    default, plan_default = plan_of(0)
+    small, plan_small = plan_of(5)
+    _, initial = small.initial_parameters()
+    _, _, metrics = small.fit(initial, 1)
+
+    n = small.num_users
+    assert default.cfg.train.batch_size == 16 and small.cfg.train.batch_size == 5
+    assert plan_default.sample_rate == pytest.approx(1 / -(-n // 16))
+    assert plan_small.sample_rate == pytest.approx(1 / -(-n // 5))
+    assert metrics["steps"] == plan_small.steps == round(-(-n // 5))  # one local epoch of batches of 5
