@@ -65,6 +65,8 @@ class PartnerSettings:
     device: str | None
     signing_key: Path | None
     num_threads: int
+    max_epsilon: float | None = None  # the partner's own budget cap (node config), tighter than the run's
+    target_delta: float | None = None  # the partner's own delta (node config)
 
 
 def _get(cfg: Mapping[str, Any], key: str, default: Any = None) -> Any:
@@ -108,7 +110,36 @@ def settings_from_context(run_config: Mapping[str, Any], node_config: Mapping[st
         device=_get(node_config, "device"),
         signing_key=None if key is None else Path(str(key)),
         num_threads=int(_get(node_config, "num-threads", _get(run_config, "num-threads", 0))),
+        max_epsilon=_optional_float(node_config, "max-epsilon"),
+        target_delta=_optional_float(node_config, "target-delta"),
     )
+
+
+def _optional_float(node_config: Mapping[str, Any], key: str) -> float | None:
+    value = _get(node_config, key)
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"node config {key}: expected a number, got {value!r}") from None
+
+
+def compute_partner_config(cfg: Config, s: PartnerSettings) -> Config:
+    """The partner's own privacy settings win over the coordinator's: a partner enforces its budget.
+
+    A cap above the run's is refused (the coordinator's config is the federation's agreement), a
+    tighter one is applied; the noise is then calibrated to the partner's cap.
+    """
+    pc = cfg.privacy
+    if s.max_epsilon is not None and s.max_epsilon > pc.max_epsilon:
+        raise ConfigError(f"node config max-epsilon: {s.max_epsilon} exceeds the run's privacy.max_epsilon "
+                          f"{pc.max_epsilon}")
+    if s.target_delta is not None and s.target_delta > pc.target_delta:
+        raise ConfigError(f"node config target-delta: {s.target_delta} exceeds the run's privacy.target_delta "
+                          f"{pc.target_delta}")
+    return cfg.replace("privacy", max_epsilon=s.max_epsilon if s.max_epsilon is not None else pc.max_epsilon,
+                       target_delta=s.target_delta if s.target_delta is not None else pc.target_delta)
 
 
 def compute_round_seed(base_seed: int, partner_index: int, round_: int) -> int:
@@ -181,7 +212,7 @@ class Partner:
 
     def __init__(self, settings: PartnerSettings) -> None:
         self.settings = settings
-        self.cfg = compute_local_config(load_config(settings.config_path))
+        self.cfg = compute_partner_config(compute_local_config(load_config(settings.config_path)), settings)
         if settings.num_threads > 0 or self.cfg.train.num_threads > 0:
             import torch
 

@@ -154,7 +154,8 @@ def node_config(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The ``--node-config`` values of the partner described by ``partner.toml`` at ``path``."""
     table, _ = read_partner_toml(path)
     keys = ("data-dir", "state-dir", "ledger-dir", "signing-key", "device")
-    return {"partner-id": str(table["id"]), **{k: table[k] for k in keys if k in table}}
+    budget = {"max-epsilon": table["max_epsilon"], "target-delta": table["target_delta"]}  # the partner's own cap
+    return {"partner-id": str(table["id"]), **{k: table[k] for k in keys if k in table}, **budget}
 
 
 def format_node_config(values: dict[str, Any]) -> str:

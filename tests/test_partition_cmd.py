@@ -78,7 +78,9 @@ def test_partner_folder_is_self_contained(tmp_path: Path) -> None:
     # Assert: budget and settings travel with the folder; its data loads through its own config
     assert (table["max_epsilon"], table["target_delta"]) == (3.0, 1e-6)
     assert node["partner-id"] == "partner_1" and Path(node["data-dir"]) == (out / "partner_1").resolve()
-    assert set(node) == {"partner-id", "data-dir", "state-dir", "ledger-dir", "signing-key", "device"}
+    assert set(node) == {"partner-id", "data-dir", "state-dir", "ledger-dir", "signing-key", "device",
+                         "max-epsilon", "target-delta"}
+    assert (node["max-epsilon"], node["target-delta"]) == (3.0, 1e-6)  # the partner enforces its own cap
     assert partner_cfg.data.format == "csv" and partner_cfg.federation.partners == 2
     assert partner_cfg.federation.clipping_norm == 2.0 and partner_cfg.privacy.max_epsilon == 3.0
     own = load_dataset(partner_cfg.data, node["data-dir"])
