@@ -63,24 +63,37 @@ def quality_table(dataset: str, results: dict[str, list[dict[str, Any]]]) -> str
     return f"**{dataset}**\n\n" + "\n".join(lines)
 
 
-def measure_dp_cost(cfg: Config, data_dir: str | None, epochs: int) -> dict[str, float]:
-    """Seconds per epoch, non-private vs DP (ghost clipping), same model, batch and data."""
+def measure_dp_cost(cfg: Config, data_dir: str | None, epochs: int, repeats: int = 3) -> dict[str, float]:
+    """Seconds per epoch, non-private vs DP (ghost clipping), same model, batch and data.
+
+    The two are interleaved ``repeats`` times in one process and the medians compared, so that a
+    burst of load on a shared machine hits both sides rather than one.
+    """
     from shared.loaders import load_dataset
     from shared.split import split_dataset
     from shared.trainer import LocalTrainer
 
+    if cfg.train.num_threads:
+        import torch
+
+        torch.set_num_threads(cfg.train.num_threads)
     split = split_dataset(load_dataset(cfg.data, data_dir), cfg.split)
-    times: dict[str, float] = {}
-    for label, enabled in (("non-private", False), ("dp", True), ("non-private again", False)):
-        run_cfg = cfg.replace("privacy", enabled=enabled, noise_multiplier=1.0)
-        trainer = LocalTrainer(run_cfg, split, device=cfg.train.device, seed=cfg.train.seed)
+    trainers = {label: LocalTrainer(cfg.replace("privacy", enabled=enabled, noise_multiplier=1.0), split,
+                                    device=cfg.train.device, seed=cfg.train.seed)
+                for label, enabled in (("non-private", False), ("dp", True))}
+    for trainer in trainers.values():
         trainer.fit(1)  # warm-up: allocations, Opacus hooks
-        t0 = time.perf_counter()
-        trainer.fit(epochs)
-        times[label] = (time.perf_counter() - t0) / epochs
-    base = (times["non-private"] + times["non-private again"]) / 2
-    return {**times, "ratio": times["dp"] / base, "users": float(split.n_users),
-            "users_per_s_dp": split.n_users / times["dp"]}
+    times: dict[str, list[float]] = {label: [] for label in trainers}
+    for _ in range(repeats):
+        for label, trainer in trainers.items():
+            t0 = time.perf_counter()
+            trainer.fit(epochs)
+            times[label].append((time.perf_counter() - t0) / epochs)
+    med = {label: statistics.median(v) for label, v in times.items()}
+    return {"non-private_s_per_epoch": med["non-private"], "dp_s_per_epoch": med["dp"],
+            "ratio": med["dp"] / med["non-private"], "users": float(split.n_users),
+            "users_per_s_dp": split.n_users / med["dp"], "users_per_s_non_private": split.n_users / med["non-private"],
+            "samples": float(repeats), "batch_size": float(cfg.train.batch_size)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("dp-cost", help="DP over non-private time per epoch")
     c.add_argument("--config", required=True)
     c.add_argument("--data-dir", default=None)
-    c.add_argument("--epochs", type=int, default=3)
+    c.add_argument("--epochs", type=int, default=2)
+    c.add_argument("--repeats", type=int, default=3)
     c.add_argument("--set", dest="overrides", action="append", default=[])
     return parser
 
@@ -114,6 +128,6 @@ def main(argv: list[str] | None = None) -> int:
         print(table)
     else:
         cfg = load_config(args.config, args.overrides)
-        figures = measure_dp_cost(cfg, args.data_dir, args.epochs)
+        figures = measure_dp_cost(cfg, args.data_dir, args.epochs, args.repeats)
         print(json.dumps(figures, indent=2))
     return 0
