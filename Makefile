@@ -20,10 +20,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-# The main job: a 3-partner federated simulation with user-level DP on the synthetic default,
-# then the audit of its own privacy ledgers.
+# The main job: a 3-partner federated simulation with user-level DP on the synthetic default, an
+# empirical lower bound on epsilon from canary users (shown in the privacy report), then the audit
+# of its own privacy ledgers.
 demo: $(STAMP)
 	$(VENV)/bin/fedsocial simulate --config configs/demo.toml --out $(DEMO_OUT)
+	$(VENV)/bin/fedsocial canary-audit --config configs/demo.toml --canaries 300 --canary-items 5 --out $(DEMO_OUT)
 	$(VENV)/bin/fedsocial audit $(DEMO_OUT)
 	@echo "Run report:     $(DEMO_OUT)/report.html"
 	@echo "Privacy report: $(DEMO_OUT)/privacy_report.html"
