@@ -217,26 +217,30 @@ def _int_column(table: np.ndarray, col: int, path: Path, what: str) -> np.ndarra
     return values.astype(np.int64)
 
 
+def _load_pair(rating: tuple[Path, int, str, str], social: tuple[Path, int, str, str], *, header: bool,
+               undirected: bool, name: str) -> Dataset:
+    """Two whitespace tables whose first two columns are (user, item) and (user, neighbour)."""
+    (r_path, r_cols, r_user, r_item), (s_path, s_cols, s_src, s_dst) = rating, social
+    r = read_numeric_table(r_path, r_cols, header=header)
+    s = read_numeric_table(s_path, s_cols, header=header)
+    return clean(_int_column(r, 0, r_path, r_user), _int_column(r, 1, r_path, r_item),
+                 _int_column(s, 0, s_path, s_src), _int_column(s, 1, s_path, s_dst),
+                 undirected=undirected, name=name)
+
+
 def load_lastfm(folder: PathLike) -> Dataset:
     """HetRec 2011 LastFM: ``user_artists.dat`` (play counts, binarised) and ``user_friends.dat``."""
     folder = Path(folder)
-    ua_path, uf_path = folder / "user_artists.dat", folder / "user_friends.dat"
-    ua = read_numeric_table(ua_path, 3, header=True)
-    uf = read_numeric_table(uf_path, 2, header=True)
-    return clean(_int_column(ua, 0, ua_path, "userID"), _int_column(ua, 1, ua_path, "artistID"),
-                 _int_column(uf, 0, uf_path, "userID"), _int_column(uf, 1, uf_path, "friendID"),
-                 undirected=True, name="lastfm")
+    return _load_pair((folder / "user_artists.dat", 3, "userID", "artistID"),
+                      (folder / "user_friends.dat", 2, "userID", "friendID"),
+                      header=True, undirected=True, name="lastfm")
 
 
 def load_filmtrust(folder: PathLike) -> Dataset:
     """FilmTrust: ``ratings.txt`` (user item rating) and directed ``trust.txt`` (truster trustee 1)."""
     folder = Path(folder)
-    r_path, t_path = folder / "ratings.txt", folder / "trust.txt"
-    r = read_numeric_table(r_path, 3)
-    t = read_numeric_table(t_path, 3)
-    return clean(_int_column(r, 0, r_path, "user"), _int_column(r, 1, r_path, "item"),
-                 _int_column(t, 0, t_path, "truster"), _int_column(t, 1, t_path, "trustee"),
-                 undirected=False, name="filmtrust")
+    return _load_pair((folder / "ratings.txt", 3, "user", "item"), (folder / "trust.txt", 3, "truster", "trustee"),
+                      header=False, undirected=False, name="filmtrust")
 
 
 def load_douban(folder: PathLike) -> Dataset:
@@ -246,12 +250,9 @@ def load_douban(folder: PathLike) -> Dataset:
     Both original train and test rows are used; the project makes its own per-user split.
     """
     folder = Path(folder) / "derived"
-    r_path, s_path = folder / "ratings.tsv", folder / "social_W_users_nonzeros.tsv"
-    r = read_numeric_table(r_path, 4)
-    s = read_numeric_table(s_path, 2)
-    return clean(_int_column(r, 0, r_path, "user"), _int_column(r, 1, r_path, "item"),
-                 _int_column(s, 0, s_path, "i"), _int_column(s, 1, s_path, "j"),
-                 undirected=True, name="douban")
+    return _load_pair((folder / "ratings.tsv", 4, "user", "item"),
+                      (folder / "social_W_users_nonzeros.tsv", 2, "i", "j"),
+                      header=False, undirected=True, name="douban")
 
 
 def load_ciao(folder: PathLike) -> Dataset:
