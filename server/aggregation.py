@@ -122,3 +122,8 @@ def compute_weighted_metrics(
     if total <= 0:
         return {}
     return {k: float(sum(m[k] * c for m, c in zip(metrics, counts, strict=True)) / total) for k in keys}
+
+
+def compute_is_eval_round(round_: int, num_rounds: int, eval_every: int) -> bool:
+    """Whether the federated evaluation runs after ``round_``: every ``eval_every`` rounds and the last."""
+    return round_ % eval_every == 0 or round_ >= num_rounds

@@ -34,6 +34,7 @@ from flwr.server.strategy import Strategy
 
 from server.aggregation import (
     compute_applied,
+    compute_is_eval_round,
     compute_noised,
     compute_server_noise_std,
     compute_specs,
@@ -199,7 +200,11 @@ class FedSocialStrategy(Strategy):
 
     def configure_evaluate(self, server_round: int, parameters: Parameters, client_manager: ClientManager
                            ) -> list[tuple[ClientProxy, EvaluateIns]]:
-        ins = EvaluateIns(ndarrays_to_parameters(self.global_params), {"round": self.global_round(server_round)})
+        g = self.global_round(server_round)
+        if not compute_is_eval_round(g, self.cfg.federation.rounds, self.cfg.federation.eval_every):
+            self._finish_round(g, {}, {}, 0)  # Flower calls no aggregate_evaluate for an empty round
+            return []
+        ins = EvaluateIns(ndarrays_to_parameters(self.global_params), {"round": g})
         return [(proxy, ins) for proxy in self._sample(client_manager)]
 
     def aggregate_evaluate(self, server_round: int, results: list[tuple[ClientProxy, EvaluateRes]],

@@ -178,6 +178,7 @@ class FederationConfig:
     server_noise_multiplier: float = 0.0  # optional partner-level DP noise added by the server
     norm_tolerance: float = 1e-3  # relative slack when validating update norms
     local_batch_size: int = 0  # a partner's batch size in local training; 0: train.batch_size
+    eval_every: int = 1  # federated evaluation every k rounds, and always after the last round
 
     def __post_init__(self) -> None:
         _check(self.partners >= 1, "federation.partners", "must be >= 1")
@@ -189,6 +190,7 @@ class FederationConfig:
         _check(self.server_noise_multiplier >= 0, "federation.server_noise_multiplier", "must be >= 0")
         _check(self.norm_tolerance >= 0, "federation.norm_tolerance", "must be >= 0")
         _check(self.local_batch_size >= 0, "federation.local_batch_size", "must be >= 0 (0: train.batch_size)")
+        _check(self.eval_every >= 1, "federation.eval_every", "must be >= 1")
 
 
 @dataclass(frozen=True)

@@ -7,11 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.server.client_manager import SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
 
 from client.update import UpdateError, compute_clipped_update
 from server.aggregation import (
     compute_applied,
+    compute_is_eval_round,
     compute_noised,
     compute_server_noise_std,
     compute_specs,
@@ -248,3 +250,30 @@ def test_strategy_fails_the_round_clearly_when_the_quorum_is_lost(tmp_path: Path
 
     with pytest.raises(QuorumError, match=r"only 1 valid replies.*partner-2: update norm"):
         strategy.aggregate_fit(1, _bad_replies(), [])
+
+
+# ---- evaluation every k rounds ---------------------------------------------------------------------
+
+@pytest.mark.parametrize(("every", "expected"), [(1, [1, 2, 3, 4, 5]), (2, [2, 4, 5]), (3, [3, 5]), (9, [5])])
+def test_eval_rounds_are_every_kth_and_always_the_last(every: int, expected: list[int]) -> None:
+    assert [r for r in range(1, 6) if compute_is_eval_round(r, 5, every)] == expected
+
+
+def test_a_round_without_evaluation_is_still_recorded_and_checkpointed(tmp_path: Path) -> None:
+    # Prepare: round 1 of 2 with eval_every 2 (Flower calls no aggregate_evaluate for it)
+    cfg = Config().replace("federation", partners=4, rounds=2, min_partners=1, clipping_norm=1.0, eval_every=2)
+    strategy = FedSocialStrategy(cfg, tmp_path, NAMES, [np.zeros((5, 3), np.float32), np.ones(5, np.float32)])
+    manager = SimpleClientManager()
+    manager.register(_Proxy(0))
+    strategy.configure_fit(1, ndarrays_to_parameters([]), manager)
+    strategy.aggregate_fit(1, [_reply(0, _good_reply(np.random.default_rng(0)), 1)], [])
+
+    # Execute
+    ins = strategy.configure_evaluate(1, ndarrays_to_parameters([]), manager)
+
+    # Assert: no evaluation asked, yet the round is in the history, rounds.jsonl and a checkpoint
+    assert ins == []
+    assert [r["round"] for r in strategy.history] == [1] and "ndcg@10" not in strategy.history[0]
+    assert len((tmp_path / "rounds.jsonl").read_text().splitlines()) == 1
+    ckpt = latest_checkpoint(tmp_path)
+    assert ckpt is not None and ckpt.round == 1
