@@ -329,7 +329,8 @@ class Partner:
         plan = self.privacy_plan() if private else None
         result = trainer.fit(self.cfg.federation.local_epochs,
                              noise_multiplier=plan.noise_multiplier if plan else None,
-                             rng_seed=compute_round_seed(self.cfg.train.seed, self.settings.partner_index, round_))
+                             rng_seed=compute_round_seed(self.cfg.train.seed, self.settings.partner_index, round_),
+                             refit=False)  # evaluate() refits p_u against the new global parameters
         if private:
             metrics.update(self._ledger_after(ledger, history, replay, round_, result))
         save_local_state(self.settings.state_dir, round_, trainer.get_local_state())

@@ -194,8 +194,12 @@ class LocalTrainer:
         return {k: v.to(self.device) for k, v in self.builder.train_batch(users, rng).items()}
 
     def fit(self, epochs: int, noise_multiplier: float | None = None, rng_seed: int | None = None,
-            on_epoch: Callable[[int, float], bool] | None = None) -> FitResult:
+            on_epoch: Callable[[int, float], bool] | None = None, refit: bool = True) -> FitResult:
         """Train ``epochs`` epochs with a fresh optimizer; ``on_epoch(epoch, loss)`` returning True stops.
+
+        ``refit=False`` skips the local p_u reconstruction afterwards (a partner refits against the
+        new global parameters before it evaluates, and the refit starts from zero, so one made here
+        against its own pre-average parameters would be discarded).
 
         With DP on, ``noise_multiplier`` (default ``privacy.noise_multiplier``; must be > 0 here)
         is used with a fresh PrivacyEngine; the result's (noise_multiplier, sample_rate, steps)
@@ -213,7 +217,8 @@ class LocalTrainer:
             result = self._fit_private(epochs, noise_multiplier, seed, rng, on_epoch)
         else:
             result = self._fit_plain(epochs, rng, on_epoch)
-        self.refit_local()
+        if refit:
+            self.refit_local()
         result.wall_time_s = time.perf_counter() - t0
         return result
 

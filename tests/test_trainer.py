@@ -142,3 +142,21 @@ def test_device_auto_and_unavailable_cuda() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(TrainerError, match="CUDA"):
             LocalTrainer(cfg, _split(cfg), device="cuda:0")
+
+
+def test_fit_without_refit_leaves_p_u_and_a_later_refit_gives_the_same_vectors() -> None:
+    # Prepare: two trainers on the same data, the same seed for their fit
+    cfg = _cfg(model={"user_embedding": "local", "local_refit_steps": 5})
+    split = _split(cfg)
+    with_refit, without = LocalTrainer(cfg, split), LocalTrainer(cfg, split)
+
+    # Execute
+    with_refit.fit(1, rng_seed=5)
+    without.fit(1, rng_seed=5, refit=False)
+    untouched = without.get_local_state()["local_user"].copy()
+    without.refit_local()
+
+    # Assert: the partner's path (refit before evaluation only) loses nothing
+    assert np.abs(untouched).sum() == 0
+    np.testing.assert_allclose(without.get_local_state()["local_user"], with_refit.get_local_state()["local_user"],
+                               atol=1e-6)
