@@ -1,0 +1,116 @@
+"""Privacy-utility grid: federated NDCG@10 / Recall@10 per epsilon, for two ways of holding user vectors.
+
+``python -m simulations.privacy_grid --config configs/lastfm_dp.toml --data-dir ../shared/datasets
+[--epsilons 1,2,4,8,inf] [--variants local,trained] [--partners 5] [--set ...] --out runs/grid_lastfm``
+
+Each cell is one ``fedsocial simulate`` run of ``--config`` (5 partners by default) with
+``privacy.max_epsilon`` set to the cell's epsilon (noise calibrated so the last round reaches it) and
+``model.user_embedding`` set to the variant: ``local`` (joint DP: p_u reconstructed on the partner from
+the user's own items, never DP-trained) or ``trained`` (a per-user table trained under DP with the
+shared parameters). ``inf`` runs the same schedule without privacy. MostPop (popularity counted over
+all training interactions) is the floor. Cells already in ``OUT/grid.json`` are kept, so an
+interrupted grid continues where it stopped. Prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from shared.config import Config, load_config
+from shared.fileio import write_json_atomic
+from simulations.common import user_errors
+from simulations.fed_bench import run_centralized
+from simulations.simulate import METRIC_KEYS, run_simulation_from_config
+
+
+def compute_cell_overrides(epsilon: float, variant: str) -> list[str]:
+    """The config overrides of one grid cell (epsilon = inf turns privacy off)."""
+    sets = [f"model.user_embedding={variant}"]
+    if math.isinf(epsilon):
+        return [*sets, "privacy.enabled=false"]
+    return [*sets, "privacy.enabled=true", f"privacy.max_epsilon={epsilon}"]
+
+
+def run_cell(cfg: Config, data_dir: str | None, out: Path) -> dict[str, Any]:
+    doc = run_simulation_from_config(cfg, data_dir, out, progress=True)
+    res: dict[str, Any] = {k: float(doc[k]) for k in METRIC_KEYS}
+    res.update(epsilon=doc.get("epsilon"), wall_time_s=doc.get("simulation_wall_time_s"),
+               noise_multiplier=_noise_multiplier(doc))
+    return res
+
+
+def _noise_multiplier(doc: dict[str, Any]) -> float | None:
+    sigmas = [p.get("noise_multiplier") for p in doc.get("partners", {}).values() if isinstance(p, dict)]
+    found = [float(s) for s in sigmas if isinstance(s, (int, float))]
+    return max(found) if found else None
+
+
+def parse_epsilons(text: str) -> list[float]:
+    return [float(tok) for tok in text.split(",") if tok.strip()]  # float("inf") parses "inf"
+
+
+def markdown_table(results: dict[str, Any], epsilons: list[float], variants: list[str]) -> str:
+    lines = ["| epsilon | user vectors | NDCG@10 | Recall@10 | sigma | wall s |", "|---|---|---|---|---|---|"]
+    if "mostpop" in results:
+        mp = results["mostpop"]
+        lines.append(f"| – | MostPop | {mp['ndcg@10']:.4f} | {mp['recall@10']:.4f} | – | {mp['wall_time_s']:.0f} |")
+    for eps in sorted(epsilons):
+        for variant in variants:
+            res = results.get(cell_key(eps, variant))
+            if res is None:
+                continue
+            sigma = "–" if res.get("noise_multiplier") is None else f"{res['noise_multiplier']:.2f}"
+            lines.append(f"| {eps:g} | {variant} | {res['ndcg@10']:.4f} | {res['recall@10']:.4f} | {sigma} | "
+                         f"{res['wall_time_s'] or 0:.0f} |")
+    return "\n".join(lines)
+
+
+def cell_key(epsilon: float, variant: str) -> str:
+    return f"eps={epsilon:g}/{variant}"
+
+
+@user_errors
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="privacy_grid", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--epsilons", default="1,2,4,8,inf")
+    parser.add_argument("--variants", default="local,trained")
+    parser.add_argument("--partners", type=int, default=5)
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--no-mostpop", action="store_true")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    grid_path = out / "grid.json"
+    results: dict[str, Any] = json.loads(grid_path.read_text(encoding="utf-8")) if grid_path.is_file() else {}
+    results.update(config=args.config, partners=args.partners, overrides=args.overrides)
+    extra = [*args.overrides, f"federation.partners={args.partners}"]
+    epsilons, variants = parse_epsilons(args.epsilons), [v for v in args.variants.split(",") if v]
+    if not args.no_mostpop and "mostpop" not in results:
+        results["mostpop"] = run_centralized(load_config(args.config, [*extra, "model.name=mostpop"]),
+                                             args.data_dir)
+        write_json_atomic(grid_path, results)
+    for eps in epsilons:
+        for variant in variants:
+            key = cell_key(eps, variant)
+            if key in results:
+                continue
+            t0 = time.perf_counter()
+            cfg = load_config(args.config, [*extra, *compute_cell_overrides(eps, variant)])
+            slug = key.replace("=", "").replace("/", "-")
+            results[key] = run_cell(cfg, args.data_dir, out / slug)
+            print(f"{key}: ndcg@10 {results[key]['ndcg@10']:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+            write_json_atomic(grid_path, results)
+    print(markdown_table(results, epsilons, variants))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(None))
