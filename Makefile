@@ -8,7 +8,7 @@ export FLWR_DISABLE_UPDATE_CHECK := 1
 export FLWR_HOME := $(CURDIR)/.flwr
 DEMO_OUT ?= runs/demo
 
-.PHONY: venv demo test lint bench e2e clean
+.PHONY: venv demo test lint bench bench-fed bench-privacy e2e clean
 
 venv: $(STAMP)
 
@@ -44,6 +44,26 @@ bench: $(STAMP)
 	$(VENV)/bin/fedsocial bench quality --dataset lastfm --data-dir $(DATA_DIR) --out runs/bench
 	$(VENV)/bin/fedsocial bench quality --dataset ciao --data-dir $(DATA_DIR) --out runs/bench
 	$(VENV)/bin/fedsocial bench dp-cost --config configs/lastfm.toml --data-dir $(DATA_DIR)
+
+# Federated vs centralized vs local-only (issue 3) and the privacy-utility grid (issue 4): hours on 2 cores.
+GRID := FEDSOCIAL_SIM_CPUS=1 $(PY) -m simulations.privacy_grid --partners 5 --set train.num_threads=1
+bench-fed: $(STAMP)
+	FEDSOCIAL_SIM_CPUS=1 $(PY) -m simulations.fed_bench --config configs/lastfm_fed.toml --data-dir $(DATA_DIR) --partners 5 \
+		--set train.num_threads=1 --out runs/fed_bench_lastfm
+	FEDSOCIAL_SIM_CPUS=1 $(PY) -m simulations.fed_bench --config configs/ciao_fed.toml --data-dir $(DATA_DIR) --partners 5 \
+		--set train.num_threads=1 --out runs/fed_bench_ciao
+
+bench-privacy: $(STAMP)
+	$(GRID) --config configs/lastfm_dp.toml --data-dir $(DATA_DIR) --out runs/grid/lastfm
+	$(GRID) --config configs/ciao_dp.toml --data-dir $(DATA_DIR) --set partition.method=community \
+		--set model.max_targets=32 --set federation.rounds=10 --set federation.local_epochs=2 \
+		--set federation.local_batch_size=369 --set federation.clipping_norm=200.0 \
+		--set federation.eval_every=10 --out runs/grid/ciao
+	for n in 1000 10000 100000; do \
+		$(GRID) --config configs/synthetic_scale.toml --epsilons 2,8,inf --variants local \
+			--set data.n_users=$$((5 * n)) --set federation.local_batch_size=$$((n / 100)) \
+			--out runs/grid/synthetic_$$n || exit 1; \
+	done
 
 # Real deployment on loopback (SuperLink with TLS, node auth and a database; 3 SuperNodes; SecAgg+ and
 # DP; refusals; a partner killed mid-round; audit). Every process is stopped by PID at the end.
