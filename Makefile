@@ -55,10 +55,7 @@ bench-fed: $(STAMP)
 
 bench-privacy: $(STAMP)
 	$(GRID) --config configs/lastfm_dp.toml --data-dir $(DATA_DIR) --out runs/grid/lastfm
-	$(GRID) --config configs/ciao_dp.toml --data-dir $(DATA_DIR) --set partition.method=community \
-		--set model.max_targets=32 --set federation.rounds=10 --set federation.local_epochs=2 \
-		--set federation.local_batch_size=369 --set federation.clipping_norm=200.0 \
-		--set federation.eval_every=10 --out runs/grid/ciao
+	$(GRID) --config configs/ciao_dp.toml --data-dir $(DATA_DIR) --out runs/grid/ciao
 	for n in 1000 10000 100000; do \
 		$(GRID) --config configs/synthetic_scale.toml --epsilons 2,8,inf --variants local \
 			--set data.n_users=$$((5 * n)) --set federation.local_batch_size=$$((n / 100)) \
