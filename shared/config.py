@@ -87,6 +87,7 @@ class ModelConfig:
     dim: int = 64  # embedding size d
     use_social: bool = True  # the social term r_u
     use_history: bool = True  # the behaviour term b_u
+    use_category: bool = False  # add a vector per catalogue category to item and history vectors
     user_embedding: str = "trained"  # trained|local|none: how p_u is obtained (see DESIGN.md)
     use_mlp: bool = True  # residual MLP refinement, output layer starts at zero
     mlp_hidden: int = 64
@@ -98,6 +99,7 @@ class ModelConfig:
     temperature: float = 0.0  # > 0: score = cos(h_u, q_i) / temperature (+ c_i); 0: dot product
     loss: str = "bce"  # bce|bpr|softmax
     init_std: float = 0.01
+    bias_scale: float = 1.0  # c_i = bias_scale * b_i: > 1 gives the biases more of a flat DP clipping norm
     local_refit_steps: int = 50  # local reconstruction of p_u (user_embedding = local)
     local_refit_l2: float = 1.0
 
@@ -114,6 +116,7 @@ class ModelConfig:
         _check(self.temperature >= 0, "model.temperature", "must be >= 0")
         _check(self.loss in ("bce", "bpr", "softmax"), "model.loss", "must be bce|bpr|softmax")
         _check(self.init_std > 0, "model.init_std", "must be > 0")
+        _check(self.bias_scale > 0, "model.bias_scale", "must be > 0")
         _check(self.mlp_hidden >= 1, "model.mlp_hidden", "must be >= 1")
         _check(self.local_refit_steps >= 0, "model.local_refit_steps", "must be >= 0")
         _check(self.local_refit_l2 >= 0, "model.local_refit_l2", "must be >= 0")

@@ -139,7 +139,8 @@ class LocalTrainer:
         torch.manual_seed(seed)
         self.builder = ExampleBuilder.from_split(split, cfg.model)
         self.model: RecModel = build_model(cfg.model, split.n_users, split.n_items,
-                                           item_counts=self.builder.item_counts()).to(self.device)
+                                           item_counts=self.builder.item_counts(),
+                                           item_category=split.dataset.item_category).to(self.device)
         self.rng = np.random.default_rng(seed)
         self._fits = 0
         if cfg.privacy.enabled and cfg.model.name == "social" and cfg.model.user_embedding == "trained":

@@ -51,6 +51,7 @@ def test_set_overrides_are_typed(tmp_path: Path) -> None:
         ("train.epochs=1.5", "train.epochs"),
         ("train.lr=fast", "train.lr"),
         ("model.loss=hinge", "model.loss"),
+        ("model.bias_scale=0", "model.bias_scale"),
         ("train.device=tpu", "train.device"),
         ("trainlr", "expected section.key=value"),
     ],

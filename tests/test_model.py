@@ -8,7 +8,7 @@ import torch
 
 from shared.batching import ExampleBuilder, sample_padded
 from shared.config import Config, DataConfig, ModelConfig
-from shared.models import MODELS, SocialRec, build_model
+from shared.models import MODELS, ModelError, SocialRec, build_model
 from shared.split import split_dataset
 from shared.synthetic import generate
 
@@ -93,3 +93,60 @@ def test_negatives_that_are_positives_are_masked() -> None:
         own = set(builder.item_indices[builder.item_indptr[u]:builder.item_indptr[u + 1]].tolist())
         neg, m = batch["negatives"][b].numpy(), batch["neg_mask"][b].numpy()
         assert all((m[j] == 0) == (int(neg[j]) in own) for j in range(len(neg)))
+
+
+def test_bias_scale_reparameterises_the_bias_without_changing_scores() -> None:
+    # Prepare: two copies of one model, the second with c_i = 4 * b_i and b_i = c_i / 4
+    plain_cfg = ModelConfig(dim=8, mlp_hidden=8, temperature=0.5, loss="softmax")
+    scaled_cfg = ModelConfig(dim=8, mlp_hidden=8, temperature=0.5, loss="softmax", bias_scale=4.0)
+    builder, nu, ni = _data(plain_cfg)
+    torch.manual_seed(0)
+    plain = build_model(plain_cfg, nu, ni)
+    scaled = build_model(scaled_cfg, nu, ni)
+    scaled.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        plain.item_bias.weight.normal_(0.0, 1.0)
+        scaled.item_bias.weight.copy_(plain.item_bias.weight / 4.0)
+    users = np.arange(6)
+    batch = builder.train_batch(users, np.random.default_rng(0))
+    # Execute
+    plain(batch).sum().backward()
+    scaled(batch).sum().backward()
+    # Assert: same scores and losses; the bias gradient is 4x, every other gradient unchanged
+    torch.testing.assert_close(scaled.full_sort_predict(builder.eval_batch(users)),
+                               plain.full_sort_predict(builder.eval_batch(users)))
+    torch.testing.assert_close(scaled.item_bias.weight.grad, 4.0 * plain.item_bias.weight.grad)
+    torch.testing.assert_close(scaled.item_emb.weight.grad, plain.item_emb.weight.grad)
+
+
+def test_category_vectors_are_shared_by_the_items_of_a_category() -> None:
+    # Prepare: item vectors zeroed, so an item's score is its category's term plus its bias
+    mcfg = ModelConfig(dim=8, mlp_hidden=8, use_category=True, temperature=1.0, loss="softmax")
+    cfg = Config(data=DataConfig(n_users=30, n_items=40, interactions_per_user=8.0))
+    split = split_dataset(generate(cfg.data), cfg.split)
+    builder = ExampleBuilder.from_split(split, mcfg)
+    torch.manual_seed(0)
+    model = build_model(mcfg, split.n_users, split.n_items, item_category=split.dataset.item_category)
+    assert isinstance(model, SocialRec) and model.cat_emb is not None
+    cats = split.dataset.item_category
+    with torch.no_grad():
+        model.item_emb.weight.zero_()
+        model.cat_emb.weight.normal_(0.0, 1.0)
+    # Execute
+    scores = model.full_sort_predict(builder.eval_batch(np.arange(5))).detach()
+    with torch.no_grad():
+        model.cat_emb.weight[int(cats[0])] += 1.0
+    moved = model.full_sort_predict(builder.eval_batch(np.arange(5))).detach()
+    # Assert: equal scores within a category; moving one category's vector moves only its items
+    for c in np.unique(cats):
+        same = np.flatnonzero(cats == c)
+        torch.testing.assert_close(scores[:, same], scores[:, same[:1]].expand(-1, len(same)))
+    changed = (moved - scores).abs().amax(0) > 1e-6
+    assert changed.numpy().tolist() == (cats == cats[0]).tolist()
+    assert {"cat_emb.weight", "hist_cat_emb.weight"} <= set(model.shared_parameter_names())
+
+
+def test_category_model_without_categories_in_the_data_is_refused() -> None:
+    # Execute / Assert
+    with pytest.raises(ModelError, match="model.use_category"):
+        build_model(ModelConfig(dim=8, use_category=True), 10, 20)

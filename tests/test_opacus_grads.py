@@ -28,7 +28,8 @@ def _setup(mcfg: ModelConfig, n_batch: int = 12) -> tuple[RecModel, dict[str, to
     split = split_dataset(generate(cfg.data), cfg.split)
     builder = ExampleBuilder.from_split(split, mcfg)
     torch.manual_seed(0)
-    model = build_model(mcfg, split.n_users, split.n_items, item_counts=builder.item_counts())
+    model = build_model(mcfg, split.n_users, split.n_items, item_counts=builder.item_counts(),
+                        item_category=split.dataset.item_category)
     with torch.no_grad():  # move away from the zero-initialised MLP output so its gradients are generic
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -86,6 +87,8 @@ CASES = {
     "social-attention-local": ModelConfig(aggregator="attention", user_embedding="local", loss="softmax"),
     "social-capped-bag": ModelConfig(aggregator="mean", max_history=3, max_targets=4, max_neighbors=2),
     "social-cosine-all-parts": ModelConfig(aggregator="gcn", user_embedding="trained", temperature=0.2),
+    "social-category-cosine-local": ModelConfig(use_category=True, user_embedding="local", temperature=2.0,
+                                                loss="softmax", bias_scale=4.0),
     "bpr-mf": ModelConfig(name="bpr", loss="bpr"),
 }
 

@@ -6,10 +6,21 @@ KDD 2013) and SVD++ (Koren, KDD 2008), with the founding article's MLP as a resi
     b_u = sum_{j in bag(u)} y_j / sqrt(|bag(u)|)          (history table y; a target leaves the bag)
     r_u = sum_{v in N_K(u)} w_uv s_v                       (social table s, mean | gcn | attention)
     h_u = b_u + r_u (+ p_u) + MLP([b_u ; r_u (; p_u)])     (MLP output layer starts at zero)
-    score(u, i) = h_u . q_i + c_i
+    score(u, i) = h_u . q_i + c_i,   c_i = bias_scale * b_i
+    (use_category: q_i += g_cat(i) and y_j += k_cat(j), one vector per catalogue category)
 
 Inside a training example the user's vector is computed from the user's own record (items,
-out-neighbour ids) and parameters only. Each embedding table is called exactly once per forward
+out-neighbour ids) and parameters only. The bias is parameterised as c_i = bias_scale * b_i: the
+gradient of b_i is bias_scale times that of c_i, so under one flat per-user clipping norm the scale
+sets how much of the norm the biases get (at init with cosine scores they get under 1% of it on Ciao)
+and, with Adam, how fast they move; 1.0 is the plain parameterisation.
+
+With ``use_category`` the item catalogue's categories (public: DESIGN.md, what is not hidden) add a
+shared vector per category to the item and history vectors, as in feature-based factorisation
+(Rendle, ICDM 2010). Under DP-SGD a row of a large, long-tailed item table gets noise at every step
+but signal only from the few users of that item; a category row gets signal from every user of any
+of its items, so it is learnt where most item rows are not (DESIGN.md: prefer parameters that many
+users share). Each embedding table is called exactly once per forward
 with concatenated indices and padding is handled by masks, as Opacus ghost clipping requires.
 With ``user_embedding = "local"`` p_u is not a parameter: it is a buffer refitted per user
 against the frozen shared parameters (``refit_local_users``), added only to that user's scores.
@@ -17,21 +28,45 @@ against the frozen shared parameters (``refit_local_users``), added only to that
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
 from shared.config import ModelConfig
-from shared.models import Batch, RecModel, compute_loss_per_target, compute_user_mean, init_embedding_
+from shared.models import Batch, ModelError, RecModel, compute_loss_per_target, compute_user_mean, init_embedding_
+
+
+def compute_category_index(item_category: np.ndarray | None, n_items: int) -> torch.Tensor:
+    """The catalogue's category of every item as a long tensor [n_items] (codes 0..C-1)."""
+    if item_category is None:
+        raise ModelError("model.use_category: the data set has no item categories")
+    cats = np.asarray(item_category)
+    if cats.shape != (n_items,) or (cats < 0).any():
+        raise ModelError(f"model.use_category: expected {n_items} non-negative category codes, "
+                         f"got shape {cats.shape}")
+    return torch.as_tensor(cats, dtype=torch.long)
 
 
 class SocialRec(RecModel):
-    shared_prefixes = ("item_emb.", "item_bias.", "hist_emb.", "mlp.", "att.")
+    shared_prefixes = ("item_emb.", "item_bias.", "hist_emb.", "mlp.", "att.", "cat_emb.", "hist_cat_emb.")
     local_user: torch.Tensor
+    item_cat: torch.Tensor
 
-    def __init__(self, n_users: int, n_items: int, model_cfg: ModelConfig, **_: object) -> None:
+    def __init__(self, n_users: int, n_items: int, model_cfg: ModelConfig,
+                 item_category: np.ndarray | None = None, **_: object) -> None:
         super().__init__(n_users, n_items, model_cfg)
         d, c = model_cfg.dim, model_cfg
         self.item_emb = nn.Embedding(n_items, d)
+        self.cat_emb = self.hist_cat_emb = None
+        self.register_buffer("item_cat", torch.zeros(0, dtype=torch.long))
+        if c.use_category:
+            self.item_cat = compute_category_index(item_category, n_items)
+            n_cat = int(self.item_cat.max()) + 1
+            self.cat_emb = nn.Embedding(n_cat, d)
+            self.hist_cat_emb = nn.Embedding(n_cat, d) if c.use_history else None
+            for emb in (self.cat_emb, self.hist_cat_emb):
+                if emb is not None:
+                    init_embedding_(emb, c.init_std)
         self.item_bias = nn.Embedding(n_items, 1)
         init_embedding_(self.item_emb, c.init_std)
         nn.init.zeros_(self.item_bias.weight)
@@ -52,6 +87,18 @@ class SocialRec(RecModel):
             nn.init.zeros_(out.weight)  # residual: start as the dot-product model
             nn.init.zeros_(out.bias)
             self.mlp = nn.Sequential(nn.Linear(n_parts * d, c.mlp_hidden), nn.ReLU(), out)
+
+    # --- item side ----------------------------------------------------------------------------
+    def _item_vectors(self, idx: torch.Tensor) -> torch.Tensor:
+        """q_i (+ g_cat(i)); each table is looked up once, as ghost clipping requires."""
+        q = self.item_emb(idx)
+        return q if self.cat_emb is None else q + self.cat_emb(self.item_cat[idx])
+
+    def _history_vectors(self, idx: torch.Tensor) -> torch.Tensor:
+        """y_j (+ k_cat(j)) for the behaviour bag."""
+        assert self.hist_emb is not None
+        y = self.hist_emb(idx)
+        return y if self.hist_cat_emb is None else y + self.hist_cat_emb(self.item_cat[idx])
 
     # --- user tower -------------------------------------------------------------------------
     def _social(self, batch: Batch, bag_query: torch.Tensor | None) -> torch.Tensor | None:
@@ -91,13 +138,13 @@ class SocialRec(RecModel):
         tg, neg, users = batch["targets"], batch["negatives"], batch["users"]
         B, H = tg.shape
         item_idx = torch.cat([tg, neg], dim=1)
-        qv = self.item_emb(item_idx)
-        cb = self.item_bias(item_idx).squeeze(-1)
+        qv = self._item_vectors(item_idx)
+        cb = self.item_bias(item_idx).squeeze(-1) * self.model_cfg.bias_scale
         parts: list[torch.Tensor] = []
         bag_full = None
         if self.hist_emb is not None:
             bag, bmask, tin = batch["bag"], batch["bag_mask"], batch["target_in_bag"]
-            y = self.hist_emb(torch.cat([bag, tg], dim=1))
+            y = self._history_vectors(torch.cat([bag, tg], dim=1))
             y_bag, y_t = y[:, : bag.shape[1]], y[:, bag.shape[1]:]
             total = (y_bag * bmask[..., None]).sum(1)
             n = bmask.sum(1)
@@ -120,7 +167,7 @@ class SocialRec(RecModel):
         bag_full = None
         if self.hist_emb is not None:
             bmask = batch["bag_mask"]
-            total = (self.hist_emb(batch["bag"]) * bmask[..., None]).sum(1)
+            total = (self._history_vectors(batch["bag"]) * bmask[..., None]).sum(1)
             bag_full = total / bmask.sum(1).clamp(min=1.0).sqrt()[:, None]
             parts.append(bag_full)
         r = self._social(batch, bag_full)
@@ -149,8 +196,10 @@ class SocialRec(RecModel):
 
     def full_sort_predict(self, batch: Batch) -> torch.Tensor:
         # outside DP: reading the weights directly is fine here
-        items = self._normalise(self.item_emb.weight)
-        return self._normalise(self.user_vectors(batch)) @ items.T + self.item_bias.weight.T
+        items = self._normalise(self.item_emb.weight if self.cat_emb is None
+                                else self.item_emb.weight + self.cat_emb(self.item_cat))
+        bias = self.item_bias.weight.T * self.model_cfg.bias_scale
+        return self._normalise(self.user_vectors(batch)) @ items.T + bias
 
     def _normalise(self, x: torch.Tensor) -> torch.Tensor:
         """Cosine scoring with a temperature (Wu et al. 2022, sampled softmax for recommendation) when set."""
