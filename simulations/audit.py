@@ -523,7 +523,8 @@ def _trust_model(ctx: dict[str, Any]) -> str:
     noise = (f" Server-side noise multiplier: {server_noise} (partner-level DP on top)." if
              isinstance(server_noise, (int, float)) and server_noise > 0 else "")
     return ("The server (and every other partner) sees only clipped updates of the shared parameters "
-            "(item table, item biases, history table, MLP, aggregator); user-specific social embeddings "
+            "(item table, item biases, history table, per-category vectors if used, MLP, aggregator); "
+            "user-specific social embeddings "
             "and any per-user vectors stay on the partner. " + secagg_text + noise)
 
 

@@ -8,13 +8,17 @@ Each cell is one ``fedsocial simulate`` run of ``--config`` (5 partners by defau
 ``model.user_embedding`` set to the variant: ``local`` (joint DP: p_u reconstructed on the partner from
 the user's own items, never DP-trained) or ``trained`` (a per-user table trained under DP with the
 shared parameters). ``inf`` runs the same schedule without privacy. MostPop (popularity counted over
-all training interactions) is the floor. Cells already in ``OUT/grid.json`` are kept, so an
-interrupted grid continues where it stopped. Prints a markdown table.
+all training interactions) is the floor. A cell already in ``OUT/grid.json`` is kept only if it was
+run with the same resolved config (its SHA-256 is stored with it), so an interrupted grid continues
+where it stopped and a changed config or override reruns the cells it changes; a cell folder left
+by an interrupted or outdated run is moved aside (``<cell>.replaced-N``), never reused or deleted.
+Prints a markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import time
@@ -74,6 +78,28 @@ def cell_key(epsilon: float, variant: str) -> str:
     return f"eps={epsilon:g}/{variant}"
 
 
+def compute_config_sha256(cfg: Config) -> str:
+    """Fingerprint of a resolved config (every section and key), to tell a cached cell's config apart."""
+    return hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode()).hexdigest()
+
+
+def is_cached(results: dict[str, Any], key: str, config_sha256: str) -> bool:
+    cell = results.get(key)
+    return isinstance(cell, dict) and cell.get("config_sha256") == config_sha256
+
+
+def move_aside(run_dir: Path) -> Path | None:
+    """Rename a non-empty earlier cell folder to ``<name>.replaced-N`` (the first free N); None if nothing there."""
+    if not run_dir.is_dir() or not any(run_dir.iterdir()):
+        return None
+    n = 1
+    while run_dir.with_name(f"{run_dir.name}.replaced-{n}").exists():
+        n += 1
+    target = run_dir.with_name(f"{run_dir.name}.replaced-{n}")
+    run_dir.rename(target)
+    return target
+
+
 @user_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="privacy_grid", description=__doc__,
@@ -100,12 +126,16 @@ def main(argv: list[str] | None = None) -> int:
     for eps in epsilons:
         for variant in variants:
             key = cell_key(eps, variant)
-            if key in results:
+            cfg = load_config(args.config, [*extra, *compute_cell_overrides(eps, variant)])
+            sha = compute_config_sha256(cfg)
+            if is_cached(results, key, sha):
                 continue
             t0 = time.perf_counter()
-            cfg = load_config(args.config, [*extra, *compute_cell_overrides(eps, variant)])
-            slug = key.replace("=", "").replace("/", "-")
-            results[key] = run_cell(cfg, args.data_dir, out / slug)
+            run_dir = out / key.replace("=", "").replace("/", "-")
+            moved = move_aside(run_dir)  # its ledgers would otherwise count against the new run
+            if moved is not None:
+                print(f"{key}: earlier folder moved to {moved}", flush=True)
+            results[key] = {**run_cell(cfg, args.data_dir, run_dir), "config_sha256": sha}
             print(f"{key}: ndcg@10 {results[key]['ndcg@10']:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
             write_json_atomic(grid_path, results)
     print(markdown_table(results, epsilons, variants))

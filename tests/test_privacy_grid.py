@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 
 from shared.config import load_config
-from simulations.privacy_grid import cell_key, compute_cell_overrides, markdown_table, parse_epsilons
+from simulations.privacy_grid import (
+    cell_key,
+    compute_cell_overrides,
+    compute_config_sha256,
+    is_cached,
+    markdown_table,
+    move_aside,
+    parse_epsilons,
+)
 
 
 def test_each_epsilon_sets_the_cap_and_inf_turns_privacy_off() -> None:
@@ -43,3 +52,32 @@ def test_unknown_variant_is_a_config_error() -> None:
 
     with pytest.raises(ConfigError, match="model.user_embedding"):
         load_config("configs/demo.toml", compute_cell_overrides(8.0, "shared"))
+
+
+def test_cached_cell_is_kept_only_for_the_same_resolved_config() -> None:
+    # Prepare: a cell run with one config; the same cell under a changed override
+    cfg = load_config("configs/demo.toml", compute_cell_overrides(8.0, "local"))
+    changed = load_config("configs/demo.toml", [*compute_cell_overrides(8.0, "local"), "model.temperature=1.0"])
+    key = cell_key(8.0, "local")
+    results = {key: {"ndcg@10": 0.1, "config_sha256": compute_config_sha256(cfg)}}
+    # Execute / Assert: same config -> cached; changed config or a cell without fingerprint -> rerun
+    assert is_cached(results, key, compute_config_sha256(cfg))
+    assert not is_cached(results, key, compute_config_sha256(changed))
+    assert not is_cached({key: {"ndcg@10": 0.1}}, key, compute_config_sha256(cfg))
+    assert compute_config_sha256(cfg) == compute_config_sha256(load_config("configs/demo.toml",
+                                                                           compute_cell_overrides(8.0, "local")))
+
+
+def test_earlier_cell_folder_is_moved_aside_not_reused(tmp_path: Path) -> None:
+    # Prepare: an interrupted cell left a ledger; an earlier replacement already exists
+    cell = tmp_path / "eps8-local"
+    (cell / "ledgers").mkdir(parents=True)
+    (cell / "ledgers" / "partner-0.jsonl").write_text("{}\n", encoding="utf-8")
+    (tmp_path / "eps8-local.replaced-1").mkdir()
+    # Execute
+    moved = move_aside(cell)
+    # Assert: nothing lost, the cell folder is free, an empty or missing folder is left alone
+    assert moved == tmp_path / "eps8-local.replaced-2"
+    assert (moved / "ledgers" / "partner-0.jsonl").read_text(encoding="utf-8") == "{}\n"
+    assert not cell.exists()
+    assert move_aside(cell) is None

@@ -4,7 +4,7 @@ Every model is an ``nn.Module`` whose ``forward(batch)`` is ``calculate_loss(bat
 PER-USER loss, shape [B], one DP example per user (DESIGN.md). ``full_sort_predict(batch)`` scores
 every item for the users of an evaluation batch, ``predict(batch, items)`` scores given items.
 ``shared_parameter_names()`` lists the federated parameters (item table, item bias, history
-table, MLP, aggregator); ``local_parameter_names()`` the ones that never leave a partner (social
+table, category tables, MLP, aggregator); ``local_parameter_names()`` the ones that never leave a partner (social
 table, per-user table).
 """
 
