@@ -21,7 +21,9 @@ Layout contract (what a federated run writes; the auditor reads nothing else):
     :func:`shared.config.load_config`) and metrics, for context (cap fallback:
     ``config.privacy.max_epsilon``; SecAgg+, server noise and validation-based selection are reported).
 ``RUN_DIR/canary_audit.json`` (optional)
-    an empirical lower bound on epsilon from a canary audit: ``{"epsilon_lower_bound": float, ...}``.
+    an empirical lower bound on epsilon from a canary audit: ``{"epsilon_lower_bound": float,
+    "reported_epsilon": float, "private": bool, ...}``; a bound above the accounted epsilon of a
+    private canary run is an accounting finding (exit 5).
 
 What is checked, per partner: the chain, every signature and the key fingerprint, canonical form,
 strictly increasing rounds, the cumulative ``epsilon_rdp`` re-derived from the recorded
@@ -37,7 +39,8 @@ Writes ``RUN_DIR/audit.json`` and a self-contained ``RUN_DIR/privacy_report.html
 Exit codes (the most severe wins, in this order):
   2  unreadable or missing input (no ledgers, a garbage line, a missing or bad key file, bad JSON)
   3  tampering: a signature, key fingerprint, hash-chain, canonical-form, round-order or head failure
-  5  accounting mismatch: a recorded epsilon that the recorded history does not give
+  5  accounting mismatch: a recorded epsilon that the recorded history does not give, or a canary
+     lower bound above the accounted epsilon
   4  budget violation: epsilon over the cap, or target_delta >= 1/population
   0  everything verified
 """
@@ -51,7 +54,7 @@ import math
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from shared import signing
 from shared.privacy.accounting import (
@@ -399,6 +402,7 @@ def run_audit(
             continue
         result.partners.append(_audit_partner(partner, ledgers, keys_dir, max_epsilon, heads, result))
     _check_metrics(result)
+    _check_canary(result)
     for pub in sorted(ledgers.glob("*.pub")) if ledgers.is_dir() else []:
         if pub.stem not in partners:
             result.add("warning", pub.stem, None, None, "a public key without a ledger (the partner never trained?)")
@@ -414,6 +418,35 @@ def _check_metrics(result: AuditResult) -> None:
     if isinstance(reported, (int, float)) and ledger_max is not None and reported < ledger_max * (1 - 1e-6):
         result.add("warning", None, None, None,
                    f"metrics.json reports epsilon {reported:.6g}, below the ledgers' largest {ledger_max:.6g}")
+
+
+def _check_canary(result: AuditResult) -> None:
+    """A canary lower bound above the accounted epsilon refutes the guarantee (Steinke et al. 2023, Thm 5.2).
+
+    The bound holds with probability ``confidence`` for any mechanism that is (epsilon, delta)-DP, so
+    exceeding the epsilon the canary run was accounted at is evidence that the implementation or its
+    accounting is wrong, not bad luck (at most a 1 - confidence chance of a false alarm).
+    """
+    if result.canary is None:
+        return
+    lb, accounted = result.canary.get("epsilon_lower_bound"), result.canary.get("reported_epsilon")
+    if not _is_number(lb):
+        result.add("input", None, None, None, "canary_audit.json: epsilon_lower_bound is not a number")
+        return
+    if accounted is None:  # older files: fall back on the ledgers, which ran the same schedule
+        accounted = max((p.epsilon for p in result.partners if p.rounds), default=None)
+    if not _is_number(accounted) or not math.isfinite(accounted) or result.canary.get("private") is False:
+        return  # a non-private canary run is a power check of the attack: no epsilon to refute
+    if lb > accounted * (1 + _CAP_SLACK):
+        confidence = result.canary.get("confidence", "unknown")
+        result.add("accounting", None, None, None,
+                   f"canary_audit.json: empirical lower bound {lb:.4g} exceeds the accounted epsilon "
+                   f"{accounted:.4g} (confidence {confidence}): the released parameters leak more than the "
+                   "accountant allows; the DP implementation or its accounting is wrong")
+
+
+def _is_number(x: Any) -> TypeGuard[float]:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def _write_outputs(run: Path, result: AuditResult) -> None:

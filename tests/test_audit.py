@@ -212,6 +212,25 @@ def test_canary_lower_bound_is_reported(run: Path) -> None:
     assert "empirical epsilon lower bound <strong>0.42</strong>" in (run / "privacy_report.html").read_text()
 
 
+@pytest.mark.parametrize("canary, exit_code", [
+    ({"epsilon_lower_bound": 0.5, "reported_epsilon": 8.0, "private": True, "confidence": 0.95}, EXIT_OK),
+    ({"epsilon_lower_bound": 9.1, "reported_epsilon": 8.0, "private": True, "confidence": 0.95}, EXIT_ACCOUNTING),
+    ({"epsilon_lower_bound": 3.8, "reported_epsilon": None, "private": False}, EXIT_OK),  # power check
+    ({"epsilon_lower_bound": 50.0}, EXIT_ACCOUNTING),  # no reported epsilon: held to the ledgers'
+    ({"epsilon_lower_bound": "high"}, EXIT_INPUT),
+])
+def test_canary_bound_above_the_accounted_epsilon_fails(run: Path, capsys: pytest.CaptureFixture[str],
+                                                        canary: dict[str, Any], exit_code: int) -> None:
+    # Prepare
+    (run / "canary_audit.json").write_text(json.dumps(canary))
+    # Execute
+    code, output = audit(run, capsys)
+    # Assert
+    assert code == exit_code, output
+    if exit_code == EXIT_ACCOUNTING:
+        assert "canary_audit.json: empirical lower bound" in output and "exceeds the accounted epsilon" in output
+
+
 def test_refusals_appear_in_the_report(run: Path) -> None:
     from shared.privacy.ledger import record_refusal
 
