@@ -54,7 +54,7 @@ import math
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, TypeGuard
+from typing import Any
 
 from shared import signing
 from shared.privacy.accounting import (
@@ -70,6 +70,7 @@ from shared.privacy.ledger import (
     UNIT,
     LedgerError,
     history_of,
+    is_number,
     scan_ledger,
     verify_head,
     verify_ledger,
@@ -239,7 +240,7 @@ def _load_context(run: Path, result: AuditResult) -> dict[str, Any]:
 
 def _config_cap(ctx: dict[str, Any]) -> float | None:
     cap = ctx.get("config", {}).get("privacy", {}).get("max_epsilon")
-    return float(cap) if isinstance(cap, (int, float)) and not isinstance(cap, bool) else None
+    return float(cap) if is_number(cap) else None
 
 
 def _load_key(partner: str, ledgers: Path, keys_dir: Path | None, report: PartnerReport,
@@ -347,7 +348,7 @@ def _check_budget(report: PartnerReport, cli_cap: float | None, result: AuditRes
     config_cap = _config_cap(result.context)
     if cli_cap is not None:
         report.max_epsilon, report.cap_source = cli_cap, "--max-epsilon"
-    elif isinstance(declared_cap, (int, float)) and not isinstance(declared_cap, bool):
+    elif is_number(declared_cap):
         report.max_epsilon, report.cap_source = float(declared_cap), f"{partner}.json"
     elif config_cap is not None:
         report.max_epsilon, report.cap_source = config_cap, f"{result.context['config_file']} privacy.max_epsilon"
@@ -430,12 +431,12 @@ def _check_canary(result: AuditResult) -> None:
     if result.canary is None:
         return
     lb, accounted = result.canary.get("epsilon_lower_bound"), result.canary.get("reported_epsilon")
-    if not _is_number(lb):
+    if not is_number(lb):
         result.add("input", None, None, None, "canary_audit.json: epsilon_lower_bound is not a number")
         return
     if accounted is None:  # older files: fall back on the ledgers, which ran the same schedule
         accounted = max((p.epsilon for p in result.partners if p.rounds), default=None)
-    if not _is_number(accounted) or not math.isfinite(accounted) or result.canary.get("private") is False:
+    if not is_number(accounted) or not math.isfinite(accounted) or result.canary.get("private") is False:
         return  # a non-private canary run is a power check of the attack: no epsilon to refute
     if lb > accounted * (1 + _CAP_SLACK):
         confidence = result.canary.get("confidence", "unknown")
@@ -443,10 +444,6 @@ def _check_canary(result: AuditResult) -> None:
                    f"canary_audit.json: empirical lower bound {lb:.4g} exceeds the accounted epsilon "
                    f"{accounted:.4g} (confidence {confidence}): the released parameters leak more than the "
                    "accountant allows; the DP implementation or its accounting is wrong")
-
-
-def _is_number(x: Any) -> TypeGuard[float]:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def _write_outputs(run: Path, result: AuditResult) -> None:

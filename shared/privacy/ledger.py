@@ -42,7 +42,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -137,7 +137,8 @@ def signing_payload(entry: Mapping[str, Any]) -> bytes:
     return canonical_json({k: v for k, v in entry.items() if k != "signature"}).encode("ascii")
 
 
-def _is_number(x: Any) -> bool:
+def is_number(x: Any) -> TypeGuard[float]:
+    """A JSON number (bool is not one, although Python's bool is an int)."""
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
@@ -148,7 +149,7 @@ def schema_problems(entry: Mapping[str, Any]) -> list[str]:
         if k in entry and (not isinstance(entry[k], int) or isinstance(entry[k], bool)):
             out.append(f"{k}: expected an integer, got {entry[k]!r}")
     for k in _FLOAT_FIELDS:
-        if k in entry and not (_is_number(entry[k]) and math.isfinite(entry[k])):
+        if k in entry and not (is_number(entry[k]) and math.isfinite(entry[k])):
             out.append(f"{k}: expected a finite number, got {entry[k]!r}")
     for k in _STR_FIELDS:
         if k in entry and not isinstance(entry[k], str):
@@ -516,7 +517,7 @@ class Ledger:
             if k in fields and not (k == "partner_id" and fields[k] == self.partner_id):
                 raise LedgerError(self.partner_id, fields.get("round"), None, f"field {k!r} is managed by the ledger")
         for k in _FLOAT_FIELDS:  # 1 -> 1.0: one canonical spelling per value
-            if _is_number(fields.get(k)):
+            if is_number(fields.get(k)):
                 fields[k] = float(fields[k])
         fd, _ = _open_locked(self.path)
         try:
