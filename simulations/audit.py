@@ -161,6 +161,11 @@ class AuditResult:
     outputs_written: bool = False
 
     @property
+    def ledger_max_epsilon(self) -> float | None:
+        """The largest final epsilon over partners that trained (what metrics.json must not understate)."""
+        return max((p.epsilon for p in self.partners if p.rounds), default=None)
+
+    @property
     def exit_code(self) -> int:
         for severity in _PRECEDENCE:
             if any(f.severity == severity for f in self.findings):
@@ -415,7 +420,7 @@ def run_audit(
 def _check_metrics(result: AuditResult) -> None:
     """metrics.json's ``epsilon`` (the largest over partners) must not understate the ledgers."""
     reported = result.context.get("metrics", {}).get("epsilon")
-    ledger_max = max((p.epsilon for p in result.partners if p.rounds), default=None)
+    ledger_max = result.ledger_max_epsilon
     if isinstance(reported, (int, float)) and ledger_max is not None and reported < ledger_max * (1 - 1e-6):
         result.add("warning", None, None, None,
                    f"metrics.json reports epsilon {reported:.6g}, below the ledgers' largest {ledger_max:.6g}")
@@ -435,7 +440,7 @@ def _check_canary(result: AuditResult) -> None:
         result.add("input", None, None, None, "canary_audit.json: epsilon_lower_bound is not a number")
         return
     if accounted is None:  # older files: fall back on the ledgers, which ran the same schedule
-        accounted = max((p.epsilon for p in result.partners if p.rounds), default=None)
+        accounted = result.ledger_max_epsilon
     if not is_number(accounted) or not math.isfinite(accounted) or result.canary.get("private") is False:
         return  # a non-private canary run is a power check of the attack: no epsilon to refute
     if lb > accounted * (1 + _CAP_SLACK):
