@@ -46,11 +46,11 @@ bench: $(STAMP)
 	$(VENV)/bin/fedsocial bench dp-cost --config configs/lastfm.toml --data-dir $(DATA_DIR)
 
 # Federated vs centralized vs local-only (issue 3) and the privacy-utility grid (issue 4): hours on 2 cores.
-GRID := FEDSOCIAL_SIM_CPUS=1 $(PY) -m simulations.privacy_grid --partners 5 --set train.num_threads=1
+GRID := FEDSOCIAL_SIM_CPUS=1 $(PY) -m fedsocial.simulations.privacy_grid --partners 5 --set train.num_threads=1
 bench-fed: $(STAMP)
-	FEDSOCIAL_SIM_CPUS=1 $(PY) -m simulations.fed_bench --config configs/lastfm_fed.toml --data-dir $(DATA_DIR) --partners 5 \
+	FEDSOCIAL_SIM_CPUS=1 $(PY) -m fedsocial.simulations.fed_bench --config configs/lastfm_fed.toml --data-dir $(DATA_DIR) --partners 5 \
 		--set train.num_threads=1 --out runs/fed_bench_lastfm
-	FEDSOCIAL_SIM_CPUS=1 $(PY) -m simulations.fed_bench --config configs/ciao_fed.toml --data-dir $(DATA_DIR) --partners 5 \
+	FEDSOCIAL_SIM_CPUS=1 $(PY) -m fedsocial.simulations.fed_bench --config configs/ciao_fed.toml --data-dir $(DATA_DIR) --partners 5 \
 		--set train.num_threads=1 --out runs/fed_bench_ciao
 
 bench-privacy: $(STAMP)
@@ -65,7 +65,7 @@ bench-privacy: $(STAMP)
 # Real deployment on loopback (SuperLink with TLS, node auth and a database; 3 SuperNodes; SecAgg+ and
 # DP; refusals; a partner killed mid-round; audit). Every process is stopped by PID at the end.
 e2e: $(STAMP)
-	timeout 600 $(PY) -m simulations.e2e --work runs/e2e
+	timeout 600 $(PY) -m fedsocial.simulations.e2e --work runs/e2e
 
 clean:
 	rm -rf $(VENV) runs .flwr

@@ -26,7 +26,7 @@ from flwr.common import bytes_to_ndarray, ndarrays_to_parameters, parameters_to_
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
 
-from client.partner import (
+from fedsocial.client.partner import (
     EVAL_METRIC_KEYS,
     FIT_METRIC_KEYS,
     PROPERTY_KEYS,
@@ -34,7 +34,7 @@ from client.partner import (
     get_partner,
     settings_from_context,
 )
-from client.update import compute_clipped_update
+from fedsocial.client.update import compute_clipped_update
 
 log = logging.getLogger("fedsocial.client")
 Mod = Callable[[Message, Context, Callable[[Message, Context], Message]], Message]

@@ -28,9 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from client.state import load_local_state, save_local_state
-from shared.config import Config, ConfigError, load_config
-from shared.data import SplitData
+from fedsocial.client.state import load_local_state, save_local_state
+from fedsocial.shared.config import Config, ConfigError, load_config
+from fedsocial.shared.data import SplitData
 
 log = logging.getLogger("fedsocial.client")
 
@@ -157,8 +157,8 @@ _SPLITS: dict[str, Any] = {}
 
 def load_partner_split(cfg: Config, s: PartnerSettings) -> SplitData:
     """This partner's split (cached per process: a simulation actor serves several partners)."""
-    from shared.loaders import load_dataset
-    from shared.split import split_dataset
+    from fedsocial.shared.loaders import load_dataset
+    from fedsocial.shared.split import split_dataset
 
     sections = {k: v for k, v in cfg.to_dict().items() if k in ("data", "split", "partition")}
     base = json.dumps([sections, s.data_dir], sort_keys=True)
@@ -168,7 +168,7 @@ def load_partner_split(cfg: Config, s: PartnerSettings) -> SplitData:
     if s.num_partitions is None:
         part = split_dataset(load_dataset(cfg.data, s.data_dir), cfg.split)
     else:
-        from shared.partition import partition_users, partner_split
+        from fedsocial.shared.partition import partition_users, partner_split
 
         full_key = f"{base}|{s.num_partitions}|full"
         if full_key not in _SPLITS:
@@ -194,7 +194,7 @@ def compute_local_config(cfg: Config) -> Config:
 @functools.lru_cache(maxsize=64)
 def _calibrate(max_epsilon: float, delta: float, sample_rate: float, steps: int, rounds: int, accountant: str) -> float:
     """Memoised per process: a simulation actor serving partners of equal size calibrates once."""
-    from shared.privacy.accounting import calibrate_noise_multiplier
+    from fedsocial.shared.privacy.accounting import calibrate_noise_multiplier
 
     return calibrate_noise_multiplier(max_epsilon, delta, sample_rate, steps, rounds, accountant=accountant,
                                       tolerance=1e-3)
@@ -230,14 +230,14 @@ class Partner:
         return int(self.split.n_users)
 
     def new_trainer(self) -> Any:
-        from shared.trainer import LocalTrainer
+        from fedsocial.shared.trainer import LocalTrainer
 
         return LocalTrainer(self.cfg, self.split, device=self.settings.device or self.cfg.train.device,
                             seed=self.seed)
 
     def initial_parameters(self) -> tuple[list[str], list[np.ndarray]]:
         """The shared parameters as this partner initialises them (the config's seed, so all agree)."""
-        from shared.trainer import LocalTrainer
+        from fedsocial.shared.trainer import LocalTrainer
 
         trainer = LocalTrainer(self.cfg, self.split, device="cpu", seed=self.cfg.train.seed)
         params = trainer.get_shared()
@@ -252,7 +252,7 @@ class Partner:
         kept in ``state_dir/privacy_plan.json``, keyed by everything it depends on.
         """
         if self._plan is None:
-            from shared.trainer import compute_sample_rate
+            from fedsocial.shared.trainer import compute_sample_rate
 
             pc, fc = self.cfg.privacy, self.cfg.federation
             q = compute_sample_rate(self.num_users, self.cfg.train.batch_size)
@@ -277,8 +277,8 @@ class Partner:
 
     def open_ledger(self) -> Any:
         """This partner's ledger, with its signing key (created in the state dir on first use)."""
-        from shared import signing
-        from shared.privacy.ledger import Ledger
+        from fedsocial.shared import signing
+        from fedsocial.shared.privacy.ledger import Ledger
 
         s = self.settings
         if s.signing_key is not None:
@@ -340,8 +340,8 @@ class Partner:
 
     def _ledger_before(self, round_: int) -> tuple[Any, list[Any], bool]:
         """Restore the accountant history from the ledger (entries of earlier rounds only)."""
-        from shared.privacy.accounting import check_delta
-        from shared.privacy.ledger import history_of
+        from fedsocial.shared.privacy.accounting import check_delta
+        from fedsocial.shared.privacy.ledger import history_of
 
         check_delta(self.cfg.privacy.target_delta, self.num_users)
         ledger = self.open_ledger()
@@ -354,8 +354,8 @@ class Partner:
         return ledger, history_of(prior), replay
 
     def _refuse_if_exhausted(self, history: list[Any], round_: int, ledger: Any) -> dict[str, Any] | None:
-        from shared.privacy.accounting import compute_epsilon, would_exceed
-        from shared.privacy.ledger import record_refusal
+        from fedsocial.shared.privacy.accounting import compute_epsilon, would_exceed
+        from fedsocial.shared.privacy.ledger import record_refusal
 
         pc, plan = self.cfg.privacy, self.privacy_plan()
         event = (plan.noise_multiplier, plan.sample_rate, plan.steps)
@@ -372,7 +372,7 @@ class Partner:
     def _ledger_after(self, ledger: Any, history: list[Any], replay: bool, round_: int, result: Any) -> dict[str, Any]:
         """Append the signed entry before the update leaves; a deterministic re-run of a recorded round
         (same inputs, same seed, no secure RNG) releases the same update again and adds no entry."""
-        from shared.privacy.accounting import compute_epsilon
+        from fedsocial.shared.privacy.accounting import compute_epsilon
 
         pc = self.cfg.privacy
         event = (float(result.noise_multiplier), float(result.sample_rate), int(result.steps))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.fileio import save_npz_atomic
+from fedsocial.shared.fileio import save_npz_atomic
 
 SNAPSHOTS = "rounds"
 LATEST = "state.npz"

@@ -1,4 +1,4 @@
-"""Flower ServerApp of the coordinator (``[tool.flwr.app.components] serverapp = "server.app:app"``).
+"""Flower ServerApp of the coordinator (``[tool.flwr.app.components] serverapp = "fedsocial.server.app:app"``).
 
 Legacy path (``LegacyContext`` + ``DefaultWorkflow``, with ``SecAggPlusWorkflow`` as the fit step when
 ``secagg.enabled``), so that client-side clipping, SecAgg+ and DP compose. Logic: :mod:`server.federation`.
@@ -12,7 +12,7 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from server.federation import run_server
+from fedsocial.server.federation import run_server
 
 
 def make_server_app(settings: Mapping[str, Any] | None = None,

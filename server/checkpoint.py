@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from shared.fileio import json_default, save_npz_atomic, write_text_atomic
+from fedsocial.shared.fileio import json_default, save_npz_atomic, write_text_atomic
 
 _NAME = re.compile(r"^round_(\d{4,})\.npz$")
 STATE_KEY = "__state__"

@@ -25,10 +25,10 @@ from flwr.server import LegacyContext, ServerConfig
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid
 
-from server.checkpoint import latest_checkpoint, list_checkpoints, rewrite_jsonl
-from server.strategy import METRIC_KEYS, FedSocialStrategy, QuorumError
-from shared.config import Config, ConfigError, load_config
-from shared.fileio import write_json_atomic
+from fedsocial.server.checkpoint import latest_checkpoint, list_checkpoints, rewrite_jsonl
+from fedsocial.server.strategy import METRIC_KEYS, FedSocialStrategy, QuorumError
+from fedsocial.shared.config import Config, ConfigError, load_config
+from fedsocial.shared.fileio import write_json_atomic
 
 log = logging.getLogger("fedsocial.server")
 
@@ -145,7 +145,7 @@ def run_server(grid: Grid, context: Context, overrides: Mapping[str, Any] | None
         params, start, state = initial_parameters(grid, nodes[0]), 0, {}
     secagg_kwargs: dict[str, Any] = {}
     if cfg.secagg.enabled:
-        from server.secagg import derive_secagg_settings
+        from fedsocial.server.secagg import derive_secagg_settings
 
         secagg_kwargs = derive_secagg_settings(cfg, [float(p["num_users"]) for p in props.values()])
     strategy = FedSocialStrategy(cfg, s.run_dir, names, params, start_round=start, state=state,

@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from shared.config import Config, ConfigError
+from fedsocial.shared.config import Config, ConfigError
 
 MODULUS_RANGE = 2**32  # Flower's default and its maximum (masks are uint32)
 

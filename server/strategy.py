@@ -32,7 +32,7 @@ from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
-from server.aggregation import (
+from fedsocial.server.aggregation import (
     compute_applied,
     compute_is_eval_round,
     compute_noised,
@@ -44,9 +44,9 @@ from server.aggregation import (
     compute_weights,
     validate_update,
 )
-from server.checkpoint import Checkpoint, append_jsonl, save_checkpoint
-from shared.config import Config
-from shared.fileio import write_json_atomic
+from fedsocial.server.checkpoint import Checkpoint, append_jsonl, save_checkpoint
+from fedsocial.shared.config import Config
+from fedsocial.shared.fileio import write_json_atomic
 
 log = logging.getLogger("fedsocial.server")
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from shared.config import ModelConfig
-from shared.data import SplitData
+from fedsocial.shared.config import ModelConfig
+from fedsocial.shared.data import SplitData
 
 Batch = dict[str, torch.Tensor]
 

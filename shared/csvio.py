@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.data import Dataset
+from fedsocial.shared.data import Dataset
 
 
 def _ids(original: np.ndarray | None, n: int) -> np.ndarray:

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.config import DataConfig, resolve_data_path
-from shared.data import DataError, Dataset
+from fedsocial.shared.config import DataConfig, resolve_data_path
+from fedsocial.shared.data import DataError, Dataset
 
 PathLike = str | os.PathLike[str]
 
@@ -501,7 +501,7 @@ LOADERS = {
 def load_dataset(cfg: DataConfig, data_dir: PathLike | None = None) -> Dataset:
     """Load the dataset ``cfg`` names: the synthetic generator, or a real folder under ``data_dir``."""
     if cfg.format == "synthetic":
-        from shared.synthetic import generate
+        from fedsocial.shared.synthetic import generate
 
         return generate(cfg)
     folder = resolve_data_path(cfg, data_dir)

@@ -21,11 +21,11 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from shared.data import SplitData
+from fedsocial.shared.data import SplitData
 
 if TYPE_CHECKING:
-    from shared.batching import ExampleBuilder
-    from shared.models import RecModel
+    from fedsocial.shared.batching import ExampleBuilder
+    from fedsocial.shared.models import RecModel
 
 METRIC_KEYS = ("recall@10", "ndcg@10", "hr@10", "recall@20", "ndcg@20", "hr@20")
 
@@ -102,7 +102,7 @@ def evaluate_model(
     device: str | torch.device = "cpu",
 ) -> tuple[dict[str, float], int]:
     """Full-ranking metrics of ``model`` on ``which``; returns (metrics, number of evaluated users)."""
-    from shared.batching import ExampleBuilder  # local import: batching imports nothing from here
+    from fedsocial.shared.batching import ExampleBuilder  # local import: batching imports nothing from here
 
     builder = builder if builder is not None else ExampleBuilder.from_split(split, model.model_cfg)
     truth, seen = evaluation_matrices(split, which)

@@ -19,8 +19,8 @@ import heapq
 import networkx as nx
 import numpy as np
 
-from shared.config import ConfigError, PartitionConfig
-from shared.data import Dataset, SplitData
+from fedsocial.shared.config import ConfigError, PartitionConfig
+from fedsocial.shared.data import Dataset, SplitData
 
 
 def partition_users(ds: Dataset, n_partners: int, cfg: PartitionConfig) -> np.ndarray:

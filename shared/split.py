@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from shared.config import SplitConfig
-from shared.data import Dataset, SplitData
+from fedsocial.shared.config import SplitConfig
+from fedsocial.shared.data import Dataset, SplitData
 
 # floor(0.1 * 30) must be 3 although 0.1 * 30 is computed as 3.0000000000000004 or, for other
 # ratios, a hair below the integer: a tiny tolerance keeps the floor exact.

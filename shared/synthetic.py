@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from shared.config import DataConfig
-from shared.data import Dataset
-from shared.loaders import compute_edges, compute_unique
+from fedsocial.shared.config import DataConfig
+from fedsocial.shared.data import Dataset
+from fedsocial.shared.loaders import compute_edges, compute_unique
 
 SOCIAL_INFLUENCE = 0.4  # share of draws copied from a friend's draws
 TASTE_SMOOTHING = 0.5  # weight of the friends' mean taste in a user's taste

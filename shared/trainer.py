@@ -26,12 +26,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from shared.batching import Batch, ExampleBuilder
-from shared.config import Config
-from shared.data import SplitData
-from shared.metrics import evaluate_model
-from shared.models import RecModel, build_model
-from shared.privacy.accounting import calibrate_noise_multiplier
+from fedsocial.shared.batching import Batch, ExampleBuilder
+from fedsocial.shared.config import Config
+from fedsocial.shared.data import SplitData
+from fedsocial.shared.metrics import evaluate_model
+from fedsocial.shared.models import RecModel, build_model
+from fedsocial.shared.privacy.accounting import calibrate_noise_multiplier
 
 
 class TrainerError(ValueError):

@@ -56,15 +56,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shared import signing
-from shared.privacy.accounting import (
+from fedsocial.shared import signing
+from fedsocial.shared.privacy.accounting import (
     PrivacyConfigError,
     check_delta,
     compute_epsilon_dp_accounting,
     compute_epsilons_dp_accounting,
     compute_epsilons_pld,
 )
-from shared.privacy.ledger import (
+from fedsocial.shared.privacy.ledger import (
     ADJACENCY,
     PARTNER_ID_RE,
     UNIT,
@@ -228,7 +228,7 @@ def _load_context(run: Path, result: AuditResult) -> dict[str, Any]:
                 ctx[name] = data
                 ctx[f"{name}_file"] = p.name
     if "config" not in ctx and (run / "config.toml").exists():  # the TOML a run copies, with defaults filled
-        from shared.config import ConfigError, load_config
+        from fedsocial.shared.config import ConfigError, load_config
 
         try:
             ctx["config"] = load_config(run / "config.toml").to_dict()

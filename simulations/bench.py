@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from shared.config import Config, load_config
-from shared.fileio import write_json_atomic
-from simulations.common import user_errors
+from fedsocial.shared.config import Config, load_config
+from fedsocial.shared.fileio import write_json_atomic
+from fedsocial.simulations.common import user_errors
 
 # name -> (config file stem, overrides); the DP row's cap is the issue's epsilon 8 at delta 1e-5
 METHODS: dict[str, tuple[str, list[str]]] = {
@@ -33,7 +33,7 @@ SHOWN = ("ndcg@10", "recall@10", "ndcg@20", "recall@20")
 
 def run_quality(dataset: str, seeds: list[int], data_dir: str | None, out: Path,
                 methods: list[str], extra: list[str]) -> dict[str, list[dict[str, Any]]]:
-    from simulations.train import run_train
+    from fedsocial.simulations.train import run_train
 
     results: dict[str, list[dict[str, Any]]] = {}
     for method in methods:
@@ -69,9 +69,9 @@ def measure_dp_cost(cfg: Config, data_dir: str | None, epochs: int, repeats: int
     The two are interleaved ``repeats`` times in one process and the medians compared, so that a
     burst of load on a shared machine hits both sides rather than one.
     """
-    from shared.loaders import load_dataset
-    from shared.split import split_dataset
-    from shared.trainer import LocalTrainer
+    from fedsocial.shared.loaders import load_dataset
+    from fedsocial.shared.split import split_dataset
+    from fedsocial.shared.trainer import LocalTrainer
 
     if cfg.train.num_threads:
         import torch

@@ -1,6 +1,6 @@
 """Empirical check of the privacy guarantee: canary users and one-run auditing.
 
-``fedsocial-canary`` (``python -m simulations.canary_audit``) plants ``m`` canary users, each a
+``fedsocial-canary`` (``python -m fedsocial.simulations.canary_audit``) plants ``m`` canary users, each a
 record of random items, in one partner; each canary's record is included in training
 independently with probability 1/2 (the canary users exist either way; excluded ones have an empty
 record). The partner trains with the federation's schedule (``federation.rounds`` DP fits of
@@ -22,11 +22,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from shared.config import Config
-from shared.data import SplitData
-from shared.fileio import write_json_atomic
-from shared.privacy.one_run import compute_audit_from_scores
-from simulations.common import add_config_arguments, config_from_args, format_table, user_errors
+from fedsocial.shared.config import Config
+from fedsocial.shared.data import SplitData
+from fedsocial.shared.fileio import write_json_atomic
+from fedsocial.shared.privacy.one_run import compute_audit_from_scores
+from fedsocial.simulations.common import add_config_arguments, config_from_args, format_table, user_errors
 
 
 def plant_canaries(split: SplitData, m: int, items_each: int, rng: np.random.Generator
@@ -68,11 +68,11 @@ def compute_canary_scores(model: Any, canary_items: np.ndarray) -> np.ndarray:
 
 def run_canary_audit(cfg: Config, data_dir: str | None, m: int, items_each: int, partner: int,
                      seed: int = 0) -> dict[str, Any]:
-    from shared.loaders import load_dataset
-    from shared.partition import partition_users, partner_split
-    from shared.privacy.accounting import calibrate_noise_multiplier, compute_epsilon
-    from shared.split import split_dataset
-    from shared.trainer import LocalTrainer, compute_sample_rate
+    from fedsocial.shared.loaders import load_dataset
+    from fedsocial.shared.partition import partition_users, partner_split
+    from fedsocial.shared.privacy.accounting import calibrate_noise_multiplier, compute_epsilon
+    from fedsocial.shared.split import split_dataset
+    from fedsocial.shared.trainer import LocalTrainer, compute_sample_rate
 
     sigma = 0.0
     split = split_dataset(load_dataset(cfg.data, data_dir), cfg.split)

@@ -28,8 +28,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from shared import signing
-from simulations.common import EXIT_USER_ERROR, user_errors
+from fedsocial.shared import signing
+from fedsocial.simulations.common import EXIT_USER_ERROR, user_errors
 
 
 class KeyMaterialError(ValueError):

@@ -17,19 +17,19 @@ os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 os.environ.setdefault("FLWR_HOME", os.path.join(os.getcwd(), ".flwr"))
 
 COMMANDS: dict[str, tuple[str, str, str]] = {  # name: (module, function, help)
-    "train": ("simulations.train", "main", "centralized training and full-ranking evaluation"),
-    "simulate": ("simulations.simulate", "main", "federated simulation (Flower, in-process)"),
-    "audit": ("simulations.audit", "main", "verify privacy ledgers and recompute the budget"),
-    "partition": ("simulations.partition_cmd", "main", "write one self-contained folder per partner"),
-    "certs": ("simulations.certs", "main_certs", "make a CA and a SuperLink TLS certificate"),
-    "keys": ("simulations.certs", "main_keys", "make a partner's SuperNode and ledger keys"),
-    "canary-audit": ("simulations.canary_audit", "main", "empirical lower bound on epsilon with canary users"),
-    "bench": ("simulations.bench", "main", "run the benchmark harness"),
+    "train": ("fedsocial.simulations.train", "main", "centralized training and full-ranking evaluation"),
+    "simulate": ("fedsocial.simulations.simulate", "main", "federated simulation (Flower, in-process)"),
+    "audit": ("fedsocial.simulations.audit", "main", "verify privacy ledgers and recompute the budget"),
+    "partition": ("fedsocial.simulations.partition_cmd", "main", "write one self-contained folder per partner"),
+    "certs": ("fedsocial.simulations.certs", "main_certs", "make a CA and a SuperLink TLS certificate"),
+    "keys": ("fedsocial.simulations.certs", "main_keys", "make a partner's SuperNode and ledger keys"),
+    "canary-audit": ("fedsocial.simulations.canary_audit", "main", "empirical lower bound on epsilon (canaries)"),
+    "bench": ("fedsocial.simulations.bench", "main", "run the benchmark harness"),
 }
 
 
 def _usage() -> str:
-    lines = ["usage: fedsocial COMMAND [options]", "", "commands:"]
+    lines = ["usage: fedsocial [--version] COMMAND [options]", "", "commands:"]
     lines += [f"  {name:<10} {help_}" for name, (_, _, help_) in COMMANDS.items()]
     lines.append("\n`fedsocial COMMAND --help` for a command's options.")
     return "\n".join(lines)
@@ -45,6 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):
         print(_usage())
+        return 0
+    if args[0] in ("-V", "--version"):
+        from fedsocial import __version__
+
+        print(f"fedsocial {__version__}")
         return 0
     name, rest = args[0], args[1:]
     if name not in COMMANDS:

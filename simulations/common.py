@@ -7,8 +7,8 @@ import functools
 import sys
 from collections.abc import Callable
 
-from shared.config import Config, ConfigError, load_config
-from shared.data import DataError
+from fedsocial.shared.config import Config, ConfigError, load_config
+from fedsocial.shared.data import DataError
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DataError, FileNotFoundError)
 EXIT_USER_ERROR = 2

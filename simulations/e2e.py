@@ -220,7 +220,7 @@ def superlink_argv(certs: Path, port: int, database: Path) -> list[str]:
 
 
 def format_node_config(values: dict[str, Any]) -> str:
-    from simulations.partition_cmd import format_node_config as fmt
+    from fedsocial.simulations.partition_cmd import format_node_config as fmt
 
     return fmt(values)
 
@@ -350,8 +350,8 @@ def collect_ledgers(partners: Path, n: int, dest: Path) -> None:
 
 def verify_partner_ledgers(partners: Path, n: int) -> dict[str, int]:
     """verify_ledger on every partner's own ledger with its own public key; entries per partner."""
-    from shared import signing
-    from shared.privacy.ledger import read_ledger, verify_ledger
+    from fedsocial.shared import signing
+    from fedsocial.shared.privacy.ledger import read_ledger, verify_ledger
 
     counts = {}
     for p in range(n):
@@ -366,7 +366,7 @@ def verify_partner_ledgers(partners: Path, n: int) -> dict[str, int]:
     return counts
 
 
-APP_FILES = ("pyproject.toml", "client", "server", "shared", "simulations", "configs")
+APP_FILES = ("pyproject.toml", "fedsocial", "client", "server", "shared", "simulations", "configs")
 
 
 def copy_app(dest: Path) -> Path:
@@ -376,7 +376,8 @@ def copy_app(dest: Path) -> Path:
     for name in APP_FILES:
         src = REPO / name
         if src.is_dir():
-            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+                            symlinks=True)  # fedsocial/<name> are links to the top-level folders
         else:
             shutil.copy2(src, dest / name)
     return dest
@@ -417,7 +418,7 @@ def run_scenario(work: Path, kill: bool = True, app: Path | None = None) -> dict
         }, sl, {"rogue-supernode": NODE_REFUSED})
         tm.mark("; ".join(summary["refusals"]))
 
-        from simulations.partition_cmd import node_config
+        from fedsocial.simulations.partition_cmd import node_config
 
         sns = [c.start(f"supernode-partner_{p}",
                        supernode_argv(address, free_port(), ca=ca,
@@ -485,7 +486,7 @@ def write_json_summary(path: Path, obj: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m simulations.e2e", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m fedsocial.simulations.e2e", description=__doc__.split("\n\n")[0])
     p.add_argument("--work", default=str(REPO / "runs" / "e2e"), help="work folder (replaced)")
     p.add_argument("--no-kill", action="store_true", help="do not kill partner_2 during round 2")
     args = p.parse_args(argv)

@@ -1,6 +1,6 @@
 """Federated vs centralized vs local-only, per partition method, and the federation's overhead.
 
-``python -m simulations.fed_bench --config configs/lastfm.toml --data-dir ../shared/datasets
+``python -m fedsocial.simulations.fed_bench --config configs/lastfm.toml --data-dir ../shared/datasets
 [--partners 5] [--partitions community,random] [--rounds R] [--set ...] --out runs/fed_bench``
 
 For each partition method: the federation (``fedsocial simulate``), and local-only training (each
@@ -17,16 +17,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from shared.config import Config, load_config
-from shared.fileio import write_json_atomic
-from simulations.common import user_errors
-from simulations.simulate import METRIC_KEYS, run_simulation_from_config
+from fedsocial.shared.config import Config, load_config
+from fedsocial.shared.fileio import write_json_atomic
+from fedsocial.simulations.common import user_errors
+from fedsocial.simulations.simulate import METRIC_KEYS, run_simulation_from_config
 
 
 def run_centralized(cfg: Config, data_dir: str | None) -> dict[str, Any]:
-    from shared.loaders import load_dataset
-    from shared.split import split_dataset
-    from shared.trainer import train_centralized
+    from fedsocial.shared.loaders import load_dataset
+    from fedsocial.shared.split import split_dataset
+    from fedsocial.shared.trainer import train_centralized
 
     t0 = time.perf_counter()
     outcome = train_centralized(cfg, split_dataset(load_dataset(cfg.data, data_dir), cfg.split))
@@ -37,11 +37,11 @@ def run_centralized(cfg: Config, data_dir: str | None) -> dict[str, Any]:
 
 def run_local_only(cfg: Config, data_dir: str | None) -> dict[str, Any]:
     """Each partner alone (with the partners' local batch size); metrics: the mean over all test users."""
-    from client.partner import compute_local_config
-    from shared.loaders import load_dataset
-    from shared.partition import partition_users, partner_split
-    from shared.split import split_dataset
-    from shared.trainer import train_centralized
+    from fedsocial.client.partner import compute_local_config
+    from fedsocial.shared.loaders import load_dataset
+    from fedsocial.shared.partition import partition_users, partner_split
+    from fedsocial.shared.split import split_dataset
+    from fedsocial.shared.trainer import train_centralized
 
     t0 = time.perf_counter()
     cfg = compute_local_config(cfg)

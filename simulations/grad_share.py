@@ -1,6 +1,6 @@
 """Where a flat DP clipping norm goes: each parameter's share of the per-user squared gradient norm.
 
-``python -m simulations.grad_share --config configs/ciao_dp.toml --data-dir ../shared/datasets
+``python -m fedsocial.simulations.grad_share --config configs/ciao_dp.toml --data-dir ../shared/datasets
 [--users 60] [--set ...]``
 
 DP-SGD clips each user's whole gradient to ``max_grad_norm`` and adds the same noise to every
@@ -18,9 +18,9 @@ import argparse
 import numpy as np
 import torch
 
-from shared.config import Config
-from shared.trainer import LocalTrainer
-from simulations.common import add_config_arguments, config_from_args, user_errors
+from fedsocial.shared.config import Config
+from fedsocial.shared.trainer import LocalTrainer
+from fedsocial.simulations.common import add_config_arguments, config_from_args, user_errors
 
 
 def compute_gradient_shares(trainer: LocalTrainer, users: np.ndarray, seed: int = 0) -> tuple[dict[str, float], float]:
@@ -42,8 +42,8 @@ def compute_gradient_shares(trainer: LocalTrainer, users: np.ndarray, seed: int 
 
 
 def measure(cfg: Config, data_dir: str | None, n_users: int) -> tuple[dict[str, float], float]:
-    from shared.loaders import load_dataset
-    from shared.split import split_dataset
+    from fedsocial.shared.loaders import load_dataset
+    from fedsocial.shared.split import split_dataset
 
     torch.set_num_threads(cfg.train.num_threads or torch.get_num_threads())
     split = split_dataset(load_dataset(cfg.data, data_dir), cfg.split)

@@ -30,10 +30,10 @@ from typing import Any
 
 import numpy as np
 
-from shared.config import Config, ConfigError, config_from_dict
-from shared.data import Dataset, SplitData
-from shared.fileio import write_json_atomic
-from simulations.common import add_config_arguments, config_from_args, user_errors
+from fedsocial.shared.config import Config, ConfigError, config_from_dict
+from fedsocial.shared.data import Dataset, SplitData
+from fedsocial.shared.fileio import write_json_atomic
+from fedsocial.simulations.common import add_config_arguments, config_from_args, user_errors
 
 DATA_SUBDIR = "data"  # each partner's CSV folder, relative to its partner folder (= its data-dir)
 CONFIG_SECTIONS = ("data", "split", "model", "train", "privacy", "federation", "secagg")
@@ -47,7 +47,7 @@ def compute_partner_dataset(ds: Dataset, assignment: np.ndarray, partner: int) -
     """The partner's users with all their interactions and the social edges among them; the item
     table (``n_items``, ``item_ids``, ``item_category``) is the global one. Every item gets a category
     so that ``items.csv`` can list the whole catalogue (one category ``0`` when the data has none)."""
-    from shared.partition import partner_split
+    from fedsocial.shared.partition import partner_split
 
     empty = np.zeros(0, dtype=np.int64)
     whole = SplitData(dataset=ds, train_users=ds.users, train_items=ds.items, val_users=empty,
@@ -105,8 +105,8 @@ def partner_table(cfg: Config, index: int, partners: int) -> dict[str, Any]:
 
 def write_partitions(cfg: Config, ds: Dataset, partners: int, out: str | os.PathLike[str]) -> list[Path]:
     """Write every partner's folder, ``catalogue.json`` and ``federation.toml``; returns the folders."""
-    from shared.csvio import write_csv_dataset
-    from shared.partition import partition_users
+    from fedsocial.shared.csvio import write_csv_dataset
+    from fedsocial.shared.partition import partition_users
 
     out = Path(out)
     if out.exists() and any(out.glob("partner_*")):
@@ -164,8 +164,8 @@ def format_node_config(values: dict[str, Any]) -> str:
 
 
 def main_node_config(argv: list[str] | None = None) -> int:
-    """``python -m simulations.partition_cmd PARTNER_TOML``: print the partner's ``--node-config``."""
-    p = argparse.ArgumentParser(prog="python -m simulations.partition_cmd",
+    """``python -m fedsocial.simulations.partition_cmd PARTNER_TOML``: print the partner's ``--node-config``."""
+    p = argparse.ArgumentParser(prog="python -m fedsocial.simulations.partition_cmd",
                                 description="Print flower-supernode --node-config for a partner.toml.")
     p.add_argument("partner_toml")
     args = p.parse_args(argv)
@@ -189,7 +189,7 @@ def _parser() -> argparse.ArgumentParser:
 @user_errors
 def main(argv: list[str] | None = None) -> int:
     """``fedsocial partition --config C [--data-dir D] [--set k=v] --partners N --out DIR``."""
-    from shared.loaders import load_dataset
+    from fedsocial.shared.loaders import load_dataset
 
     args = _parser().parse_args(argv)
     if args.partners < 1:

@@ -1,6 +1,6 @@
 """Privacy-utility grid: federated NDCG@10 / Recall@10 per epsilon, for two ways of holding user vectors.
 
-``python -m simulations.privacy_grid --config configs/lastfm_dp.toml --data-dir ../shared/datasets
+``python -m fedsocial.simulations.privacy_grid --config configs/lastfm_dp.toml --data-dir ../shared/datasets
 [--epsilons 1,2,4,8,inf] [--variants local,trained] [--partners 5] [--set ...] --out runs/grid_lastfm``
 
 Each cell is one ``fedsocial simulate`` run of ``--config`` (5 partners by default) with
@@ -25,11 +25,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from shared.config import Config, load_config
-from shared.fileio import write_json_atomic
-from simulations.common import user_errors
-from simulations.fed_bench import run_centralized
-from simulations.simulate import METRIC_KEYS, run_simulation_from_config
+from fedsocial.shared.config import Config, load_config
+from fedsocial.shared.fileio import write_json_atomic
+from fedsocial.simulations.common import user_errors
+from fedsocial.simulations.fed_bench import run_centralized
+from fedsocial.simulations.simulate import METRIC_KEYS, run_simulation_from_config
 
 
 def compute_cell_overrides(epsilon: float, variant: str) -> list[str]:

@@ -1,6 +1,6 @@
 """A self-contained HTML report of a federated run: no external assets, inline SVG plots drawn here.
 
-``python -m simulations.report RUN_DIR`` (re)writes ``RUN_DIR/report.html`` from ``metrics.json``.
+``python -m fedsocial.simulations.report RUN_DIR`` (re)writes ``RUN_DIR/report.html`` from ``metrics.json``.
 """
 
 from __future__ import annotations
@@ -142,7 +142,7 @@ def write_report(run_dir: Path, doc: dict[str, Any]) -> Path:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: python -m simulations.report RUN_DIR", file=sys.stderr)
+        print("usage: python -m fedsocial.simulations.report RUN_DIR", file=sys.stderr)
         return 2
     run_dir = Path(args[0])
     metrics = run_dir / "metrics.json"

@@ -21,9 +21,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from shared.config import Config, ConfigError, load_config, resolve_data_dir
-from shared.fileio import write_json_atomic
-from simulations.common import format_table, user_errors
+from fedsocial.shared.config import Config, ConfigError, load_config, resolve_data_dir
+from fedsocial.shared.fileio import write_json_atomic
+from fedsocial.simulations.common import format_table, user_errors
 
 METRIC_KEYS = ("recall@10", "ndcg@10", "hr@10", "recall@20", "ndcg@20", "hr@20")
 CONFIG_NAME = "config.toml"
@@ -130,9 +130,9 @@ def run_simulation_from_config(cfg: Config, data_dir: str | os.PathLike[str] | N
     """
     from flwr.simulation import run_simulation
 
-    from client.flower import make_client_app
-    from server.app import make_server_app
-    from server.checkpoint import latest_checkpoint
+    from fedsocial.client.flower import make_client_app
+    from fedsocial.server.app import make_server_app
+    from fedsocial.server.checkpoint import latest_checkpoint
 
     t0 = time.perf_counter()
     run_dir = Path(out_dir).resolve()
@@ -169,7 +169,7 @@ def run_simulation_from_config(cfg: Config, data_dir: str | os.PathLike[str] | N
     doc["federation_overhead"] = doc["simulation_wall_time_s"] / fit if fit > 0 else None
     doc["federation_overhead_incl_eval"] = doc["simulation_wall_time_s"] / work if work > 0 else None
     write_json_atomic(metrics_path, doc)
-    from simulations.report import write_report
+    from fedsocial.simulations.report import write_report
 
     write_report(run_dir, doc)
     return doc
@@ -230,8 +230,8 @@ def summary(doc: dict[str, Any], run_dir: Path) -> str:
 
 @user_errors
 def main(argv: list[str] | None = None) -> int:
-    from server.checkpoint import CheckpointError
-    from server.strategy import QuorumError
+    from fedsocial.server.checkpoint import CheckpointError
+    from fedsocial.server.strategy import QuorumError
 
     args = build_parser().parse_args(argv)
     try:

@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from shared.fileio import write_json_atomic
-from simulations.common import add_config_arguments, config_from_args, format_table, user_errors
+from fedsocial.shared.fileio import write_json_atomic
+from fedsocial.simulations.common import add_config_arguments, config_from_args, format_table, user_errors
 
 METRIC_KEYS = ("recall@10", "ndcg@10", "hr@10", "recall@20", "ndcg@20", "hr@20")
 
@@ -46,9 +46,9 @@ class _Progress:
 
 def run_train(cfg: Any, data_dir: str | None, out: Path, progress: bool = True) -> dict[str, Any]:
     """Load, split, train and evaluate; returns (and writes) the metrics document."""
-    from shared.loaders import load_dataset
-    from shared.split import split_dataset
-    from shared.trainer import train_centralized
+    from fedsocial.shared.loaders import load_dataset
+    from fedsocial.shared.split import split_dataset
+    from fedsocial.shared.trainer import train_centralized
 
     t0 = time.perf_counter()
     dataset = load_dataset(cfg.data, data_dir)

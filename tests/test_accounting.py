@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy import integrate, optimize, stats
 
-from shared.privacy.accounting import (
+from fedsocial.shared.privacy.accounting import (
     ACCOUNTANTS,
     DEFAULT_ALPHAS,
     PrivacyAccountant,

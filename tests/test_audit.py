@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
-from shared import signing
-from shared.privacy.accounting import compute_epsilon
-from shared.privacy.ledger import Ledger, entry_hash, read_ledger
-from simulations.audit import EXIT_ACCOUNTING, EXIT_BUDGET, EXIT_INPUT, EXIT_OK, EXIT_TAMPER, main, run_audit
+from fedsocial.shared import signing
+from fedsocial.shared.privacy.accounting import compute_epsilon
+from fedsocial.shared.privacy.ledger import Ledger, entry_hash, read_ledger
+from fedsocial.simulations.audit import EXIT_ACCOUNTING, EXIT_BUDGET, EXIT_INPUT, EXIT_OK, EXIT_TAMPER, main, run_audit
 
 PARTNERS = {  # partner: (sigma, q, steps per round, users, rounds)
     "north": (1.2, 0.1, 10, 800, [1, 2, 3]),
@@ -232,7 +232,7 @@ def test_canary_bound_above_the_accounted_epsilon_fails(run: Path, capsys: pytes
 
 
 def test_refusals_appear_in_the_report(run: Path) -> None:
-    from shared.privacy.ledger import record_refusal
+    from fedsocial.shared.privacy.ledger import record_refusal
 
     record_refusal(run / "ledgers" / "north.jsonl", partner_id="north", round=4, epsilon_spent=7.9,
                    epsilon_next=8.3, max_epsilon=8.0)

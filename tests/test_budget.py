@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from client.partner import Partner, compute_partner_config, settings_from_context
-from shared.config import ConfigError
-from shared.privacy.accounting import compute_epsilon
-from simulations.audit import main as audit_main
-from simulations.simulate import run_simulation_from_config, write_config
+from fedsocial.client.partner import Partner, compute_partner_config, settings_from_context
+from fedsocial.shared.config import ConfigError
+from fedsocial.shared.privacy.accounting import compute_epsilon
+from fedsocial.simulations.audit import main as audit_main
+from fedsocial.simulations.simulate import run_simulation_from_config, write_config
 from tests.test_federation import tiny_config
 
 ROUNDS = 3

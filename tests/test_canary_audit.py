@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from shared.config import load_config
-from shared.loaders import load_dataset
-from shared.split import split_dataset
-from simulations.canary_audit import plant_canaries, run_canary_audit
+from fedsocial.shared.config import load_config
+from fedsocial.shared.loaders import load_dataset
+from fedsocial.shared.split import split_dataset
+from fedsocial.simulations.canary_audit import plant_canaries, run_canary_audit
 
 SMALL = ["data.n_users=200", "data.n_items=300", "federation.partners=1", "federation.min_partners=1",
          "federation.rounds=2", "federation.local_epochs=4", "train.batch_size=64", "train.lr=0.01",

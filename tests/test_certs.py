@@ -14,8 +14,8 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from shared import signing
-from simulations import certs
+from fedsocial.shared import signing
+from fedsocial.simulations import certs
 
 
 def _load_cert(path: Path) -> x509.Certificate:

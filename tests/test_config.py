@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.config import Config, ConfigError, load_config, parse_override, resolve_data_dir
+from fedsocial.shared.config import Config, ConfigError, load_config, parse_override, resolve_data_dir
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -19,20 +19,20 @@ from typing import Any
 import numpy as np
 import pytest
 
-from client.flower import make_egress_recorder
-from client.partner import (
+from fedsocial.client.flower import make_egress_recorder
+from fedsocial.client.partner import (
     EVAL_METRIC_KEYS,
     FIT_METRIC_KEYS,
     PROPERTY_KEYS,
     Partner,
     settings_from_context,
 )
-from client.state import load_npz
-from server.checkpoint import latest_checkpoint
-from shared.config import Config, config_from_dict
-from shared.privacy.accounting import compute_epsilon
-from simulations.audit import main as audit_main
-from simulations.simulate import run_simulation_from_config, write_config
+from fedsocial.client.state import load_npz
+from fedsocial.server.checkpoint import latest_checkpoint
+from fedsocial.shared.config import Config, config_from_dict
+from fedsocial.shared.privacy.accounting import compute_epsilon
+from fedsocial.simulations.audit import main as audit_main
+from fedsocial.simulations.simulate import run_simulation_from_config, write_config
 
 os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")

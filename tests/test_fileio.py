@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shared.fileio import save_npz_atomic, write_atomic, write_json_atomic
+from fedsocial.shared.fileio import save_npz_atomic, write_atomic, write_json_atomic
 
 
 def test_json_written_whole_and_readable_by_others(tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from simulations.simulate import write_config
+from fedsocial.simulations.simulate import write_config
 from tests.test_federation import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,6 +103,7 @@ def copy_app(dest: Path) -> Path:
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     for name in ("client", "server", "shared", "simulations", "configs"):
         shutil.copytree(REPO / name, dest / name, ignore=ignore)
+    shutil.copytree(REPO / "fedsocial", dest / "fedsocial", ignore=ignore, symlinks=True)  # links to the folders
     for name in ("pyproject.toml", "README.md"):
         if (REPO / name).is_file():
             shutil.copy2(REPO / name, dest / name)

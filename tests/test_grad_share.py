@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from shared.config import Config, DataConfig, ModelConfig
-from shared.split import split_dataset
-from shared.synthetic import generate
-from shared.trainer import LocalTrainer
-from simulations.grad_share import compute_gradient_shares, main
+from fedsocial.shared.config import Config, DataConfig, ModelConfig
+from fedsocial.shared.split import split_dataset
+from fedsocial.shared.synthetic import generate
+from fedsocial.shared.trainer import LocalTrainer
+from fedsocial.simulations.grad_share import compute_gradient_shares, main
 
 
 def _trainer(bias_scale: float) -> LocalTrainer:

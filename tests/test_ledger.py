@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
-from shared import signing
-from shared.privacy.accounting import PrivacyAccountant, compute_epsilon
-from shared.privacy.ledger import (
+from fedsocial.shared import signing
+from fedsocial.shared.privacy.accounting import PrivacyAccountant, compute_epsilon
+from fedsocial.shared.privacy.ledger import (
     GENESIS_HASH,
     Ledger,
     LedgerError,
@@ -286,8 +286,8 @@ def test_open_writer_recovers_a_tail_torn_by_another_writer(tmp_path: Path, key:
 WRITER = textwrap.dedent(
     """
     import sys
-    from shared import signing
-    from shared.privacy.ledger import Ledger
+    from fedsocial.shared import signing
+    from fedsocial.shared.privacy.ledger import Ledger
     key = signing.load_private_key(sys.argv[1])
     ledger = Ledger(sys.argv[2], key, "kill")
     r = (ledger.last_round() or 0) + 1

@@ -7,13 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shared.config import DataConfig, PartitionConfig, SplitConfig
-from shared.csvio import write_csv_dataset
-from shared.data import DataError, Dataset
-from shared.loaders import clean, load_ciao, load_csv, load_dataset, load_douban, load_filmtrust, load_lastfm
-from shared.partition import partition_users, partner_split
-from shared.split import split_dataset
-from shared.synthetic import generate
+from fedsocial.shared.config import DataConfig, PartitionConfig, SplitConfig
+from fedsocial.shared.csvio import write_csv_dataset
+from fedsocial.shared.data import DataError, Dataset
+from fedsocial.shared.loaders import clean, load_ciao, load_csv, load_dataset, load_douban, load_filmtrust, load_lastfm
+from fedsocial.shared.partition import partition_users, partner_split
+from fedsocial.shared.split import split_dataset
+from fedsocial.shared.synthetic import generate
 
 
 def write(path: Path, text: str) -> Path:

@@ -9,11 +9,17 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from shared.config import Config, DataConfig
-from shared.metrics import METRIC_KEYS, MetricsError, compute_topk_metrics, evaluate_model, evaluation_matrices
-from shared.models import build_model
-from shared.split import split_dataset
-from shared.synthetic import generate
+from fedsocial.shared.config import Config, DataConfig
+from fedsocial.shared.metrics import (
+    METRIC_KEYS,
+    MetricsError,
+    compute_topk_metrics,
+    evaluate_model,
+    evaluation_matrices,
+)
+from fedsocial.shared.models import build_model
+from fedsocial.shared.split import split_dataset
+from fedsocial.shared.synthetic import generate
 
 
 def _truth(rows: list[list[int]], n_items: int) -> sp.csr_matrix:
@@ -86,7 +92,7 @@ def test_evaluator_masks_seen_items_and_matches_manual_ranking() -> None:
     # Prepare: MostPop on synthetic data (deterministic scores)
     cfg = Config(data=DataConfig(n_users=50, n_items=70))
     split = split_dataset(generate(cfg.data), cfg.split)
-    from shared.batching import ExampleBuilder
+    from fedsocial.shared.batching import ExampleBuilder
 
     counts = ExampleBuilder.from_split(split, cfg.model).item_counts()
     model = build_model(cfg.model.__class__(name="mostpop"), split.n_users, split.n_items, item_counts=counts)

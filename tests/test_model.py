@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from shared.batching import ExampleBuilder, sample_padded
-from shared.config import Config, DataConfig, ModelConfig
-from shared.models import MODELS, ModelError, SocialRec, build_model
-from shared.split import split_dataset
-from shared.synthetic import generate
+from fedsocial.shared.batching import ExampleBuilder, sample_padded
+from fedsocial.shared.config import Config, DataConfig, ModelConfig
+from fedsocial.shared.models import MODELS, ModelError, SocialRec, build_model
+from fedsocial.shared.split import split_dataset
+from fedsocial.shared.synthetic import generate
 
 
 def _data(mcfg: ModelConfig) -> tuple[ExampleBuilder, int, int]:

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared.privacy.one_run import compute_audit_from_scores, compute_epsilon_lower_bound, compute_p_value
+from fedsocial.shared.privacy.one_run import compute_audit_from_scores, compute_epsilon_lower_bound, compute_p_value
 
 
 def test_p_value_without_delta_is_the_binomial_tail() -> None:

@@ -15,12 +15,12 @@ import torch
 from opacus import PrivacyEngine
 from opacus.validators import ModuleValidator
 
-from shared.batching import ExampleBuilder
-from shared.config import Config, DataConfig, ModelConfig
-from shared.models import RecModel, build_model
-from shared.split import split_dataset
-from shared.synthetic import generate
-from shared.trainer import PerUserLoss, compute_embedding_norm_sample
+from fedsocial.shared.batching import ExampleBuilder
+from fedsocial.shared.config import Config, DataConfig, ModelConfig
+from fedsocial.shared.models import RecModel, build_model
+from fedsocial.shared.split import split_dataset
+from fedsocial.shared.synthetic import generate
+from fedsocial.shared.trainer import PerUserLoss, compute_embedding_norm_sample
 
 
 def _setup(mcfg: ModelConfig, n_batch: int = 12) -> tuple[RecModel, dict[str, torch.Tensor]]:

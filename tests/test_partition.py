@@ -5,17 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from shared.config import ConfigError, DataConfig, PartitionConfig, SplitConfig
-from shared.data import Dataset
-from shared.partition import (
+from fedsocial.shared.config import ConfigError, DataConfig, PartitionConfig, SplitConfig
+from fedsocial.shared.data import Dataset
+from fedsocial.shared.partition import (
     compute_balanced_packing,
     compute_dominant_category,
     compute_within_share,
     partition_users,
     partner_split,
 )
-from shared.split import split_dataset
-from shared.synthetic import generate
+from fedsocial.shared.split import split_dataset
+from fedsocial.shared.synthetic import generate
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shared.config import ConfigError, load_config
-from shared.loaders import load_csv, load_dataset
-from simulations import partition_cmd
+from fedsocial.shared.config import ConfigError, load_config
+from fedsocial.shared.loaders import load_csv, load_dataset
+from fedsocial.simulations import partition_cmd
 
 SMALL = ["data.n_users=120", "data.n_items=150", "data.interactions_per_user=8.0", "data.friends_per_user=4.0"]
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from shared.config import load_config
-from simulations.privacy_grid import (
+from fedsocial.shared.config import load_config
+from fedsocial.simulations.privacy_grid import (
     cell_key,
     compute_cell_overrides,
     compute_config_sha256,
@@ -48,7 +48,7 @@ def test_table_lists_mostpop_then_cells_in_epsilon_order() -> None:
 
 
 def test_unknown_variant_is_a_config_error() -> None:
-    from shared.config import ConfigError
+    from fedsocial.shared.config import ConfigError
 
     with pytest.raises(ConfigError, match="model.user_embedding"):
         load_config("configs/demo.toml", compute_cell_overrides(8.0, "shared"))

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shared.config import DataConfig, SplitConfig
-from shared.data import Dataset
-from shared.loaders import load_ciao, load_dataset, load_douban, load_filmtrust, load_lastfm
-from shared.split import split_dataset
+from fedsocial.shared.config import DataConfig, SplitConfig
+from fedsocial.shared.data import Dataset
+from fedsocial.shared.loaders import load_ciao, load_dataset, load_douban, load_filmtrust, load_lastfm
+from fedsocial.shared.split import split_dataset
 
 DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 

@@ -13,8 +13,8 @@ from flwr.common.secure_aggregation.ndarrays_arithmetic import (
 from flwr.common.secure_aggregation.quantization import dequantize, quantize
 from flwr.server.workflow import SecAggPlusWorkflow
 
-from server.secagg import compute_quantization_error, derive_secagg_settings
-from shared.config import Config, ConfigError, config_from_dict
+from fedsocial.server.secagg import compute_quantization_error, derive_secagg_settings
+from fedsocial.shared.config import Config, ConfigError, config_from_dict
 
 
 def _cfg(**sections: dict[str, object]) -> Config:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from shared.config import SplitConfig
-from shared.data import Dataset
-from shared.split import compute_split_sizes, split_dataset, to_csr, user_item_lists
+from fedsocial.shared.config import SplitConfig
+from fedsocial.shared.data import Dataset
+from fedsocial.shared.split import compute_split_sizes, split_dataset, to_csr, user_item_lists
 
 
 def recbole_sizes(n: int, ratios: tuple[float, float, float]) -> tuple[int, int, int]:

@@ -10,8 +10,8 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 from flwr.server.client_manager import SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
 
-from client.update import UpdateError, compute_clipped_update
-from server.aggregation import (
+from fedsocial.client.update import UpdateError, compute_clipped_update
+from fedsocial.server.aggregation import (
     compute_applied,
     compute_is_eval_round,
     compute_noised,
@@ -23,9 +23,9 @@ from server.aggregation import (
     compute_weights,
     validate_update,
 )
-from server.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
-from server.strategy import FedSocialStrategy, QuorumError
-from shared.config import Config
+from fedsocial.server.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
+from fedsocial.server.strategy import FedSocialStrategy, QuorumError
+from fedsocial.shared.config import Config
 
 NAMES = ["item_emb", "item_bias"]
 

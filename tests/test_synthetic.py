@@ -6,11 +6,11 @@ import time
 
 import numpy as np
 
-from shared.config import DataConfig, SplitConfig
-from shared.data import Dataset
-from shared.loaders import load_dataset
-from shared.split import split_dataset, to_csr
-from shared.synthetic import generate
+from fedsocial.shared.config import DataConfig, SplitConfig
+from fedsocial.shared.data import Dataset
+from fedsocial.shared.loaders import load_dataset
+from fedsocial.shared.split import split_dataset, to_csr
+from fedsocial.shared.synthetic import generate
 
 
 def test_generate_is_valid_and_clean() -> None:

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from shared.config import Config, DataConfig, ModelConfig, TrainConfig
-from shared.data import SplitData
-from shared.metrics import METRIC_KEYS, evaluate_model
-from shared.privacy.accounting import calibrate_noise_multiplier, compute_epsilon
-from shared.split import split_dataset
-from shared.synthetic import generate
-from shared.trainer import (
+from fedsocial.shared.config import Config, DataConfig, ModelConfig, TrainConfig
+from fedsocial.shared.data import SplitData
+from fedsocial.shared.metrics import METRIC_KEYS, evaluate_model
+from fedsocial.shared.privacy.accounting import calibrate_noise_multiplier, compute_epsilon
+from fedsocial.shared.split import split_dataset
+from fedsocial.shared.synthetic import generate
+from fedsocial.shared.trainer import (
     LocalTrainer,
     TrainerError,
     compute_sample_rate,

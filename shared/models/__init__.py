@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from shared.config import ModelConfig
+from fedsocial.shared.config import ModelConfig
 
 Batch = dict[str, torch.Tensor]
 
@@ -98,9 +98,9 @@ def init_embedding_(emb: nn.Embedding, std: float, generator: torch.Generator | 
         emb.weight.normal_(0.0, std, generator=generator)
 
 
-from shared.models.bpr import BPRMF  # noqa: E402  (the registry needs the base classes above)
-from shared.models.mostpop import MostPop  # noqa: E402
-from shared.models.social import SocialRec  # noqa: E402
+from fedsocial.shared.models.bpr import BPRMF  # noqa: E402  (the registry needs the base classes above)
+from fedsocial.shared.models.mostpop import MostPop  # noqa: E402
+from fedsocial.shared.models.social import SocialRec  # noqa: E402
 
 MODELS: dict[str, type[RecModel]] = {"social": SocialRec, "bpr": BPRMF, "mostpop": MostPop}
 

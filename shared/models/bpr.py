@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from shared.config import ModelConfig
-from shared.models import Batch, RecModel, compute_loss_per_target, compute_user_mean, init_embedding_
+from fedsocial.shared.config import ModelConfig
+from fedsocial.shared.models import Batch, RecModel, compute_loss_per_target, compute_user_mean, init_embedding_
 
 
 class BPRMF(RecModel):

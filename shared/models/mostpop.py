@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from shared.config import ModelConfig
-from shared.models import Batch, RecModel
+from fedsocial.shared.config import ModelConfig
+from fedsocial.shared.models import Batch, RecModel
 
 
 class MostPop(RecModel):

@@ -32,8 +32,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from shared.config import ModelConfig
-from shared.models import Batch, ModelError, RecModel, compute_loss_per_target, compute_user_mean, init_embedding_
+from fedsocial.shared.config import ModelConfig
+from fedsocial.shared.models import (
+    Batch,
+    ModelError,
+    RecModel,
+    compute_loss_per_target,
+    compute_user_mean,
+    init_embedding_,
+)
 
 
 def compute_category_index(item_category: np.ndarray | None, n_items: int) -> torch.Tensor:

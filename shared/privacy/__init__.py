@@ -1,6 +1,6 @@
 """Privacy machinery: accounting (pure functions over a DP-SGD history) and the signed ledger."""
 
-from shared.privacy.accounting import (
+from fedsocial.shared.privacy.accounting import (
     ACCOUNTANTS,
     DEFAULT_ALPHAS,
     Event,
@@ -18,7 +18,7 @@ from shared.privacy.accounting import (
     compute_round_epsilon,
     would_exceed,
 )
-from shared.privacy.ledger import (
+from fedsocial.shared.privacy.ledger import (
     ADJACENCY,
     GENESIS_HASH,
     UNIT,

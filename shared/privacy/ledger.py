@@ -47,8 +47,8 @@ from typing import Any, TypeGuard
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from shared import signing
-from shared.privacy.accounting import (
+from fedsocial.shared import signing
+from fedsocial.shared.privacy.accounting import (
     DEFAULT_ALPHAS,
     Event,
     PrivacyConfigError,
