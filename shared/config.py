@@ -160,8 +160,10 @@ class PrivacyConfig:
     secure_rng: bool = False
     epochs: int = 0  # fixed DP schedule (0: use train.epochs); DP runs do not early-stop by default
     select_on_validation: bool = False  # choosing the epoch on validation data uses private data
+    scope: str = "joint"  # joint: billboard joint DP; partner: DP for all that leaves a partner (DESIGN.md)
 
     def __post_init__(self) -> None:
+        _check(self.scope in ("joint", "partner"), "privacy.scope", "must be joint|partner")
         _check(self.noise_multiplier >= 0, "privacy.noise_multiplier", "must be >= 0")
         _check(self.max_grad_norm > 0, "privacy.max_grad_norm", "must be > 0")
         _check(0 < self.target_delta < 1, "privacy.target_delta", "must be in (0, 1)")

@@ -105,3 +105,18 @@ def test_data_dir_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FEDSOCIAL_DATA_DIR", "/tmp/x")
     assert resolve_data_dir(None) == Path("/tmp/x")
     assert resolve_data_dir("given") == Path("given")
+
+
+@pytest.mark.parametrize("scope", ["joint", "partner"])
+def test_privacy_scope_accepts_the_two_scopes(scope: str) -> None:
+    # Execute
+    cfg = load_config(None, [f"privacy.scope={scope}"])
+    # Assert
+    assert cfg.privacy.scope == scope
+
+
+def test_privacy_scope_defaults_to_joint_and_refuses_others() -> None:
+    # Execute / Assert
+    assert load_config(None).privacy.scope == "joint"
+    with pytest.raises(ConfigError, match="privacy.scope"):
+        load_config(None, ["privacy.scope=central"])
