@@ -133,7 +133,9 @@ def run_simulation_from_config(cfg: Config, data_dir: str | os.PathLike[str] | N
     from fedsocial.client.flower import make_client_app
     from fedsocial.server.app import make_server_app
     from fedsocial.server.checkpoint import latest_checkpoint
+    from fedsocial.simulations.quiet import quiet_simulation_notices
 
+    quiet_simulation_notices()  # Ray's FutureWarning and Flower's run_simulation banner (see quiet.py)
     t0 = time.perf_counter()
     run_dir = Path(out_dir).resolve()
     metrics_path = run_dir / "metrics.json"
