@@ -26,58 +26,68 @@ from flwr.common import bytes_to_ndarray, ndarrays_to_parameters, parameters_to_
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
 
-from fedsocial.client.partner import (
-    EVAL_METRIC_KEYS,
-    FIT_METRIC_KEYS,
-    PROPERTY_KEYS,
-    Partner,
-    get_partner,
-    settings_from_context,
-)
+from fedsocial.client.partner import Partner, PartnerError, get_partner, settings_from_context
 from fedsocial.client.update import compute_clipped_update
+from fedsocial.shared import protocol
 
 log = logging.getLogger("fedsocial.client")
 Mod = Callable[[Message, Context, Callable[[Message, Context], Message]], Message]
 
 
-def _whitelisted(metrics: Mapping[str, Any], allowed: frozenset[str]) -> dict[str, Any]:
-    """Drop anything not on the whitelist; values must be plain scalars (no arrays, no lists)."""
-    out = {}
-    for k, v in metrics.items():
-        if k not in allowed:
-            raise ValueError(f"metric {k!r} is not on the whitelist of what may leave a partner")
-        if not isinstance(v, (bool, int, float, str)):
-            raise ValueError(f"metric {k!r} must be a scalar, got {type(v).__name__}")
-        out[k] = v
-    return out
+def checked(parsed: Any) -> dict[str, Any]:
+    """The metrics of a report that passed the protocol's own checks; a partner never sends a bad one."""
+    if isinstance(parsed, protocol.Rejected):
+        raise ValueError(f"this partner's reply breaks the protocol: {parsed}")
+    return parsed.to_metrics()  # type: ignore[no-any-return]
 
 
 class FedSocialClient(NumPyClient):
-    """Adapts :class:`client.partner.Partner` to Flower's legacy NumPyClient API."""
+    """Adapts :class:`client.partner.Partner` to Flower's legacy NumPyClient API.
+
+    Every reply is built as a report of :mod:`shared.protocol` and checked with the server's own
+    parser before it leaves, so a key outside the protocol or an out-of-range value never leaves.
+    """
 
     def __init__(self, partner: Partner) -> None:
         self.partner = partner
 
     def get_properties(self, config: Mapping[str, Any]) -> dict[str, Any]:  # type: ignore[override]
+        if "round" in config:  # the server asks whether this partner will train that round (SecAgg+)
+            round_ = int(config["round"])
+            intent = protocol.Intent(self.partner.partner_id, round_, self.partner.will_train(round_))
+            return checked(protocol.parse_intent(intent.to_metrics(), round_))
         names, _ = self.partner.initial_parameters()
-        props = {"partner_id": self.partner.partner_id, "param_names": ",".join(names),
-                 "num_users": self.partner.num_users}
-        return _whitelisted(props, PROPERTY_KEYS)
+        pc = self.partner.cfg.privacy
+        reg = protocol.Registration(self.partner.partner_id, tuple(names), self.partner.num_users,
+                                    pc.max_epsilon if pc.enabled else 0.0, pc.target_delta if pc.enabled else 0.0)
+        return checked(protocol.parse_registration(reg.to_metrics()))
 
     def get_parameters(self, config: Mapping[str, Any]) -> list[np.ndarray]:  # type: ignore[override]
         return self.partner.initial_parameters()[1]
 
     def fit(self, parameters: list[np.ndarray], config: Mapping[str, Any]  # type: ignore[override]
             ) -> tuple[list[np.ndarray], int, dict[str, Any]]:
-        arrays, weight, metrics = self.partner.fit(list(parameters), int(config["round"]))
-        return arrays, weight, _whitelisted(metrics, FIT_METRIC_KEYS)
+        round_ = int(config["round"])
+        arrays, weight, metrics = self.partner.fit(list(parameters), round_)
+        if "weight" in config:  # the bound the server derived from this partner's registration
+            weight = min(weight, int(config["weight"]))
+        out = checked(protocol.parse_fit_report(metrics, round_))
+        if out["budget_exhausted"] and int(config.get("secure_aggregation", 0)):
+            # Under SecAgg+ a weight-0 zero vector would still count toward the reconstruction
+            # threshold, so the secure sum could be one other partner's update alone. Failing the
+            # round makes this partner a dropout instead: Flower then counts only real contributors.
+            raise PartnerError(f"{self.partner.partner_id}: budget exhausted, not contributing to round {round_}")
+        return arrays, weight, out
 
     def evaluate(self, parameters: list[np.ndarray], config: Mapping[str, Any]  # type: ignore[override]
                  ) -> tuple[float, int, dict[str, Any]]:
         round_ = int(config["round"])
         metrics, n = self.partner.evaluate(list(parameters), round_)
-        out = {**metrics, "round": round_, "partner_id": self.partner.partner_id, "evaluated_users": n}
-        return 1.0 - float(metrics["ndcg@10"]), n, _whitelisted(out, EVAL_METRIC_KEYS)
+        report = protocol.EvalReport(round_, self.partner.partner_id, n,
+                                     {k: float(metrics[k]) for k in protocol.METRIC_KEYS},
+                                     float(metrics.get("eval_time_s", 0.0)))
+        out = checked(protocol.parse_eval_report(report.to_metrics(), round_))
+        return 1.0 - float(out["ndcg@10"]), n, out
 
 
 def secagg_when_requested_mod(msg: Message, ctxt: Context, call_next: Any) -> Message:

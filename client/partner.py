@@ -31,19 +31,15 @@ import numpy as np
 from fedsocial.client.state import load_local_state, save_local_state
 from fedsocial.shared.config import Config, ConfigError, load_config
 from fedsocial.shared.data import SplitData
+from fedsocial.shared.protocol import EVAL_METRIC_KEYS as EVAL_METRIC_KEYS
+from fedsocial.shared.protocol import FIT_METRIC_KEYS as FIT_METRIC_KEYS
+from fedsocial.shared.protocol import METRIC_KEYS, REGISTRATION_KEYS
 
 log = logging.getLogger("fedsocial.client")
 
-METRIC_KEYS = ("recall@10", "ndcg@10", "hr@10", "recall@20", "ndcg@20", "hr@20")
-# Everything a partner's replies may carry besides shared-parameter arrays: scalars about the round,
-# never user ids, per-user values, interactions or social edges.
-FIT_METRIC_KEYS = frozenset({
-    "round", "partner_id", "param_names", "num_users", "train_loss", "fit_time_s", "budget_exhausted",
-    "epsilon", "delta", "noise_multiplier", "sample_rate", "steps", "max_grad_norm", "ledger_round",
-    "ledger_head",
-})
-EVAL_METRIC_KEYS = frozenset({*METRIC_KEYS, "round", "partner_id", "evaluated_users", "eval_time_s"})
-PROPERTY_KEYS = frozenset({"partner_id", "param_names", "num_users"})
+# Everything a partner's replies may carry besides shared-parameter arrays (scalars about the round,
+# never user ids, per-user values, interactions or social edges) is defined by shared/protocol.py.
+PROPERTY_KEYS = REGISTRATION_KEYS
 
 
 class PartnerError(RuntimeError):
@@ -387,6 +383,21 @@ class Partner:
         return {"epsilon": float(eps), "delta": float(pc.target_delta), "noise_multiplier": event[0],
                 "sample_rate": event[1], "steps": event[2], "max_grad_norm": float(result.max_grad_norm),
                 "ledger_round": int(head_round or 0), "ledger_head": str(head_hash)}
+
+    def will_train(self, round_: int) -> bool:
+        """Whether :meth:`fit` of ``round_`` would train rather than refuse for budget; records nothing.
+
+        Asked before a SecAgg+ round, so that a partner out of budget is not counted as a contributor.
+        """
+        if not self.cfg.privacy.enabled:
+            return True
+        from fedsocial.shared.privacy.accounting import would_exceed
+        from fedsocial.shared.privacy.ledger import history_of
+
+        pc, plan = self.cfg.privacy, self.privacy_plan()
+        history = history_of([e for e in self.open_ledger().entries() if int(e["round"]) < round_])
+        event = (plan.noise_multiplier, plan.sample_rate, plan.steps)
+        return not would_exceed(history, event, pc.target_delta, pc.max_epsilon, pc.accountant)
 
     def evaluate(self, arrays: list[np.ndarray], round_: int) -> tuple[dict[str, float], int]:
         """Score this partner's test users with its local tables (after ``round_``) and the global parameters."""

@@ -7,7 +7,7 @@ never their new parameters, so the server's step is ``global + weighted_mean(upd
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -83,6 +83,23 @@ def compute_weights(num_users: Sequence[int], weight_cap: int) -> np.ndarray:
     return np.minimum(w, float(weight_cap)) if weight_cap > 0 else w
 
 
+def compute_weight_bounds(declared: Mapping[str, int], weight_cap: int, cap_ratio: float) -> dict[str, float]:
+    """Each partner's largest aggregation weight, from the user counts declared at registration.
+
+    A declared count is capped at ``weight_cap`` (when > 0) and at ``cap_ratio`` times the median
+    declared count (when > 0): a partner cannot take the aggregate by declaring (or replying) a huge
+    count; its share of the mean is at most ``cap_ratio / (cap_ratio + n - 1)`` against ``n - 1``
+    partners of median size. Bounding a client's weight is DP-FedAvg's ``min(n_k / w_hat, 1)``
+    (McMahan et al. 2018, "Learning differentially private recurrent language models", Sec. 2).
+    """
+    if not declared:
+        return {}
+    caps = [float(weight_cap)] if weight_cap > 0 else []
+    if cap_ratio > 0:
+        caps.append(cap_ratio * float(np.median(list(declared.values()))))
+    return {pid: float(min([float(n), *caps])) for pid, n in declared.items()}
+
+
 def compute_weighted_average(updates: Sequence[Sequence[np.ndarray]], weights: np.ndarray) -> list[np.ndarray]:
     """sum_k w_k u_k / sum_k w_k per array (float64); all zeros when the total weight is 0."""
     if len(updates) != len(weights) or not updates:
@@ -115,7 +132,7 @@ def compute_applied(global_params: Sequence[np.ndarray], update: Sequence[np.nda
 
 
 def compute_weighted_metrics(
-    metrics: Sequence[dict[str, float]], counts: Sequence[int], keys: Sequence[str]
+    metrics: Sequence[Mapping[str, float]], counts: Sequence[int], keys: Sequence[str]
 ) -> dict[str, float]:
     """Mean of each metric over partners weighted by their evaluated users (= the mean over all test users)."""
     total = float(sum(counts))

@@ -29,17 +29,9 @@ from fedsocial.server.checkpoint import latest_checkpoint, list_checkpoints, rew
 from fedsocial.server.strategy import METRIC_KEYS, FedSocialStrategy, QuorumError
 from fedsocial.shared.config import Config, ConfigError, load_config
 from fedsocial.shared.fileio import write_json_atomic
+from fedsocial.shared.protocol import PRIVACY_MODEL
 
 log = logging.getLogger("fedsocial.server")
-
-PRIVACY_MODEL = (
-    "user-level joint DP (billboard model): each partner's shared-parameter updates are (epsilon, delta)-DP "
-    "with respect to one user's record (interactions + out-neighbour list), via DP-SGD with Poisson "
-    "sampling, per-user clipping and Gaussian noise; epsilon/delta here are the largest over partners. "
-    "Not hidden: whether a user appears in another user's out-list, the item catalogue, per-partner user counts. "
-    "Client-side clipping of each update bounds a partner's influence; server noise (if any) adds partner-level DP."
-)
-
 
 @dataclass(frozen=True)
 class ServerSettings:
@@ -144,13 +136,13 @@ def run_server(grid: Grid, context: Context, overrides: Mapping[str, Any] | None
         names = str(props[nodes[0]]["param_names"]).split(",")
         params, start, state = initial_parameters(grid, nodes[0]), 0, {}
     secagg_kwargs: dict[str, Any] = {}
-    if cfg.secagg.enabled:
-        from fedsocial.server.secagg import derive_secagg_settings
+    from fedsocial.server.secagg import derive_secagg_settings
 
-        secagg_kwargs = derive_secagg_settings(cfg, [float(p["num_users"]) for p in props.values()])
     strategy = FedSocialStrategy(cfg, s.run_dir, names, params, start_round=start, state=state,
                                  secagg=cfg.secagg.enabled, secagg_precision=cfg.secagg.precision,
-                                 wait_timeout=s.wait_timeout, on_round=on_round)
+                                 wait_timeout=s.wait_timeout, on_round=on_round, registrations=props)
+    if cfg.secagg.enabled:  # the weights the strategy will send: declared users, bounded
+        secagg_kwargs = derive_secagg_settings(cfg, list(strategy.weight_bounds().values()))
     last = min(cfg.federation.rounds, s.stop_after) if s.stop_after > 0 else cfg.federation.rounds
     remaining = last - start
     if remaining > 0:
@@ -167,7 +159,7 @@ def build_metrics(cfg: Config, strategy: FedSocialStrategy, props: Mapping[int, 
     """metrics.json: final test metrics at the top level, epsilon/delta (max over partners), history."""
     last = strategy.history[-1] if strategy.history else {}
     doc: dict[str, Any] = {k: float(last.get(k, float("nan"))) for k in METRIC_KEYS}
-    partners = {str(p.get("partner_id")): {"num_users": int(p.get("num_users", 0))} for p in props.values()}
+    partners = {pid: {"num_users": int(r["num_users"])} for pid, r in strategy.registered.items()}
     for pid, info in strategy.partners.items():
         partners.setdefault(pid, {}).update(info)
     if cfg.privacy.enabled:
@@ -182,6 +174,10 @@ def build_metrics(cfg: Config, strategy: FedSocialStrategy, props: Mapping[int, 
         "rounds": strategy.history,
         "partners": partners,
         "dropped_replies": [{"round": r["round"], **d} for r in strategy.history for d in r.get("dropped", [])],
+        "skipped_rounds": [{"round": r["round"], "reason": r["skipped"]} for r in strategy.history if "skipped" in r],
+        "partners_trained": sorted({pid for r in strategy.history for pid in r.get("accepted", [])
+                                    if pid not in r.get("budget_exhausted", [])}),
+        "refused_nodes": {str(n): why for n, why in strategy.refused_nodes.items()},
         "secure_aggregation": bool(cfg.secagg.enabled),
         "secagg_settings": dict(secagg_kwargs),
         "federation_time_s": strategy.elapsed_s,  # sum of round times (over resumes)

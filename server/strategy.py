@@ -1,11 +1,18 @@
 """The coordinator's strategy (Flower legacy ``Strategy``): validated, weighted FedAvg of clipped updates.
 
-Each round: every available partner gets the global shared parameters and the round number; each
-replies with its clipped update. Without SecAgg+ the server checks every reply
-(:func:`server.aggregation.validate_update`), drops and logs bad ones, and averages the rest with
-weights = user counts (capped); with SecAgg+ it only ever sees the weighted mean, which it checks as
-a whole. Optional Gaussian noise on the mean, then federated evaluation (each partner scores its
-own test users), then the round's record, ``rounds.jsonl`` and a checkpoint.
+Each partner registers once (``get_properties``: id, parameter names, user count, budget cap); the
+server records that and bounds the partner's aggregation weight by it for the whole run
+(:func:`server.aggregation.compute_weight_bounds`), whatever a later reply says. Each round: every
+registered partner gets the global shared parameters and the round number; each replies with its
+clipped update. Without SecAgg+ the server reads every reply through :mod:`shared.protocol` and
+checks its arrays (:func:`server.aggregation.validate_update`), drops and logs bad ones (a reply
+claiming another partner's id, two replies with one id, a malformed or out-of-range metric), and
+averages the rest. With SecAgg+ it first asks who will train, so that only real contributors enter
+the secure sum; a round with fewer than ``max(2, reconstruction_threshold)`` of them is skipped and
+recorded, not aggregated. Optional Gaussian noise on the mean, then federated evaluation (each
+partner scores its own test users), then the round's record, ``rounds.jsonl`` and a checkpoint.
+Nothing a partner sends raises out of ``aggregate_fit`` / ``aggregate_evaluate``; only a lost
+quorum ends the run (:class:`QuorumError`).
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +30,7 @@ from flwr.common import (
     EvaluateRes,
     FitIns,
     FitRes,
+    GetPropertiesIns,
     Parameters,
     Scalar,
     ndarrays_to_parameters,
@@ -39,35 +47,43 @@ from fedsocial.server.aggregation import (
     compute_server_noise_std,
     compute_specs,
     compute_update_norm,
+    compute_weight_bounds,
     compute_weighted_average,
     compute_weighted_metrics,
-    compute_weights,
     validate_update,
 )
 from fedsocial.server.checkpoint import Checkpoint, append_jsonl, save_checkpoint
+from fedsocial.shared import protocol
 from fedsocial.shared.config import Config
 from fedsocial.shared.fileio import write_json_atomic
 
 log = logging.getLogger("fedsocial.server")
 
-METRIC_KEYS = ("recall@10", "ndcg@10", "hr@10", "recall@20", "ndcg@20", "hr@20")
+METRIC_KEYS = protocol.METRIC_KEYS
 
 
 class QuorumError(RuntimeError):
     """Fewer valid replies than ``federation.min_partners``: the round (and the run) cannot continue."""
 
 
-def _partner(res: FitRes | EvaluateRes, proxy: ClientProxy) -> str:
-    return str(res.metrics.get("partner_id", f"node-{proxy.node_id}"))
+def _node(proxy: ClientProxy) -> int:
+    return int(getattr(proxy, "node_id", -1))
 
 
 class FedSocialStrategy(Strategy):
-    """Weighted FedAvg of validated, clipped updates of the shared parameters; state in ``state_dict``."""
+    """Weighted FedAvg of validated, clipped updates of the shared parameters; state in ``state_dict``.
+
+    ``registrations`` maps node ids to the properties each node declared at the start of the run
+    (:func:`shared.protocol.parse_registration` reads them); a node that connects later is asked
+    when it is first sampled. The declared user counts are kept in the state: a resumed run bounds
+    the weights by the first declaration, not by a new one.
+    """
 
     def __init__(self, cfg: Config, run_dir: Path, names: list[str], initial: list[np.ndarray], *,
                  start_round: int = 0, state: dict[str, Any] | None = None, secagg: bool = False,
                  secagg_precision: float = 0.0, wait_timeout: float = 600.0,
-                 on_round: Callable[[dict[str, Any]], None] | None = None) -> None:
+                 on_round: Callable[[dict[str, Any]], None] | None = None,
+                 registrations: Mapping[int, Mapping[str, Any]] | None = None) -> None:
         self.cfg, self.run_dir, self.names = cfg, run_dir, list(names)
         self.specs = compute_specs(names, initial)
         self.global_params = [np.asarray(a) for a in initial]
@@ -77,12 +93,64 @@ class FedSocialStrategy(Strategy):
         state = state or {}
         self.history: list[dict[str, Any]] = list(state.get("history", []))
         self.partners: dict[str, dict[str, Any]] = dict(state.get("partners", {}))
+        # partner id -> what it declared at its first registration (user count, caps)
+        self.registered: dict[str, dict[str, Any]] = dict(state.get("registered", {}))
+        self.node_partner: dict[int, str] = {}  # node id -> partner id (this process's connections)
+        self.refused_nodes: dict[int, str] = {}  # node id -> why it is not part of the run
         self.elapsed_s = float(state.get("elapsed_s", 0.0))
         self.rng = np.random.default_rng(np.random.SeedSequence([cfg.train.seed, 0x5E]))
         if "rng" in state:
             self.rng.bit_generator.state = state["rng"]
         self._round: dict[str, Any] = {}
         self._t0 = time.perf_counter()
+        self.register_all(registrations or {})
+
+    # --- registration --------------------------------------------------------------------------
+    def register_all(self, registrations: Mapping[int, Mapping[str, Any]]) -> None:
+        """Record the nodes' declarations; a partner id declared by two nodes is refused for both."""
+        parsed = {nid: protocol.parse_registration(props) for nid, props in sorted(registrations.items())}
+        ids = [r.partner_id for r in parsed.values() if isinstance(r, protocol.Registration)]
+        for nid, reg in parsed.items():
+            if isinstance(reg, protocol.Rejected):
+                self._refuse_node(nid, f"registration refused: {reg}")
+            elif ids.count(reg.partner_id) > 1:
+                self._refuse_node(nid, f"registration refused: partner id {reg.partner_id!r} declared by two nodes")
+            else:
+                self._register(nid, reg)
+
+    def _register(self, nid: int, reg: protocol.Registration) -> None:
+        if reg.partner_id in self.node_partner.values():
+            self._refuse_node(nid, f"registration refused: partner id {reg.partner_id!r} is already connected")
+            return
+        if list(reg.param_names) != self.names:
+            self._refuse_node(nid, f"registration refused: {reg.partner_id} declares other shared parameters")
+            return
+        first = self.registered.setdefault(reg.partner_id, {"num_users": reg.num_users,
+                                                           "max_epsilon": reg.max_epsilon,
+                                                           "target_delta": reg.target_delta})
+        if first["num_users"] != reg.num_users:
+            log.warning("%s re-registered with %d users; its weight stays bounded by the %d it first declared",
+                        reg.partner_id, reg.num_users, first["num_users"])
+        self.node_partner[nid] = reg.partner_id
+
+    def _refuse_node(self, nid: int, reason: str) -> None:
+        log.warning("node %d: %s", nid, reason)
+        self.refused_nodes[nid] = reason
+
+    def weight_bounds(self) -> dict[str, float]:
+        """Each registered partner's largest aggregation weight (declared users, capped)."""
+        fc = self.cfg.federation
+        declared = {pid: int(r["num_users"]) for pid, r in self.registered.items()}
+        return compute_weight_bounds(declared, fc.weight_cap, fc.weight_cap_ratio)
+
+    def _ask_registration(self, proxy: ClientProxy) -> None:
+        """A node that connected after the start registers when it is first sampled."""
+        nid = _node(proxy)
+        try:
+            res = proxy.get_properties(GetPropertiesIns({}), timeout=self.wait_timeout, group_id=None)
+            self.register_all({nid: dict(res.properties)})
+        except Exception as exc:  # a node that cannot register is left out, not fatal
+            self._refuse_node(nid, f"registration failed: {type(exc).__name__}: {exc}")
 
     # --- bookkeeping -------------------------------------------------------------------------
     def global_round(self, server_round: int) -> int:
@@ -90,18 +158,26 @@ class FedSocialStrategy(Strategy):
         return self.offset + server_round
 
     def state_dict(self) -> dict[str, Any]:
-        return {"history": self.history, "partners": self.partners, "elapsed_s": self.elapsed_s,
-                "rng": self.rng.bit_generator.state}
+        return {"history": self.history, "partners": self.partners, "registered": self.registered,
+                "elapsed_s": self.elapsed_s, "rng": self.rng.bit_generator.state}
 
     def _sample(self, client_manager: ClientManager) -> list[ClientProxy]:
         fc = self.cfg.federation
         # The bootstrap already waited for every partner; from then on, take whoever is connected
         # (a partner that dropped out must not stall each round), as long as the quorum holds.
         client_manager.wait_for(fc.min_partners, timeout=int(self.wait_timeout))
-        if client_manager.num_available() < fc.min_partners:
-            raise QuorumError(f"only {client_manager.num_available()} partners connected, "
+        proxies = sorted(client_manager.all().values(), key=_node)
+        for proxy in proxies:
+            if _node(proxy) not in self.node_partner and _node(proxy) not in self.refused_nodes:
+                self._ask_registration(proxy)
+        registered = [p for p in proxies if _node(p) in self.node_partner]
+        if len(registered) < fc.min_partners:
+            raise QuorumError(f"only {len(registered)} registered partners connected, "
                               f"federation.min_partners is {fc.min_partners}")
-        return sorted(client_manager.all().values(), key=lambda p: p.node_id)
+        return registered
+
+    def _who(self, proxy: ClientProxy) -> str:
+        return self.node_partner.get(_node(proxy), f"node-{_node(proxy)}")
 
     # --- Flower Strategy API -----------------------------------------------------------------
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
@@ -112,75 +188,155 @@ class FedSocialStrategy(Strategy):
         g = self.global_round(server_round)
         self._round = {"round": g, "t0": time.perf_counter()}
         fc = self.cfg.federation
-        config: dict[str, Scalar] = {"round": g, "clipping_norm": fc.clipping_norm, "weight_cap": fc.weight_cap,
-                                     "num_rounds": fc.rounds}
-        ins = FitIns(ndarrays_to_parameters(self.global_params), config)
-        return [(proxy, ins) for proxy in self._sample(client_manager)]
+        proxies = self._sample(client_manager)
+        if self.secagg:
+            proxies = self._secagg_contributors(g, proxies)
+            if not proxies:
+                return []  # SecAggPlusWorkflow cancels the fit step; the round is recorded as skipped
+        bounds = self.weight_bounds()
+        out = []
+        for proxy in proxies:
+            config: dict[str, Scalar] = {"round": g, "clipping_norm": fc.clipping_norm, "weight_cap": fc.weight_cap,
+                                         "num_rounds": fc.rounds, "weight": int(bounds[self._who(proxy)]),
+                                         "secure_aggregation": int(self.secagg)}
+            out.append((proxy, FitIns(ndarrays_to_parameters(self.global_params), config)))
+        return out
+
+    def _secagg_contributors(self, g: int, proxies: list[ClientProxy]) -> list[ClientProxy]:
+        """The partners that will train round ``g``; none when too few to hide one update."""
+        will, exhausted, dropped = [], [], []
+        for proxy in proxies:
+            pid = self._who(proxy)
+            try:
+                res = proxy.get_properties(GetPropertiesIns({"round": g}), timeout=self.wait_timeout, group_id=None)
+                intent = protocol.parse_intent(dict(res.properties), g)
+            except Exception as exc:  # a partner that does not answer is not a contributor
+                intent = protocol.Rejected((f"no answer: {type(exc).__name__}: {exc}",))
+            if isinstance(intent, protocol.Rejected) or intent.partner_id != pid:
+                dropped.append({"partner": pid, "reason": f"intent: {intent}"})
+            elif intent.will_train:
+                will.append(proxy)
+            else:
+                exhausted.append(pid)
+        self._round.update(budget_exhausted=exhausted, dropped=dropped)
+        need = self.secagg_min_contributors()
+        if len(will) < need:
+            self._skip(g, f"only {len(will)} partners will contribute to the secure sum, fewer than "
+                          f"max(2, secagg.reconstruction_threshold) = {need}: a sum of so few could reveal "
+                          "one partner's update")
+            return []
+        return will
+
+    def secagg_min_contributors(self) -> int:
+        return max(2, self.cfg.secagg.reconstruction_threshold)
+
+    def _skip(self, g: int, reason: str) -> None:
+        log.warning("round %d skipped: %s", g, reason)
+        self._round.update(skipped=reason, accepted=[], update_norm=0.0, server_noise_std=0.0)
+        self._round.setdefault("dropped", [])
+        self._round.setdefault("budget_exhausted", [])
 
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
                       failures: list[tuple[ClientProxy, FitRes] | BaseException]
                       ) -> tuple[Parameters | None, dict[str, Scalar]]:
         g = self.global_round(server_round)
-        dropped = [{"partner": "?", "reason": f"no reply: {f if isinstance(f, BaseException) else f[1].status}"}
-                   for f in failures]
-        for d in dropped:
-            log.warning("round %d: dropped a reply: %s", g, d["reason"])
-        results = sorted(results, key=lambda r: _partner(r[1], r[0]))  # a fixed order: resumable sums
-        if self.secagg:
-            accepted, update = self._secagg_update(g, results, dropped)
-        else:
-            accepted, update = self._plain_update(g, results, dropped)
-        exhausted = [_partner(r, p) for p, r in accepted if int(r.metrics.get("budget_exhausted", 0)) == 1]
+        dropped: list[dict[str, Any]] = list(self._round.get("dropped", []))
+        for f in failures:
+            who = self._who(f[0]) if isinstance(f, tuple) else "?"
+            reason = f"no reply: {f if isinstance(f, BaseException) else f[1].status}"
+            log.warning("round %d: dropped a reply of %s: %s", g, who, reason)
+            dropped.append({"partner": who, "reason": reason})
+        reports = self._read_fit_replies(g, results, dropped)
+        exhausted = list(self._round.get("budget_exhausted", []))
+        exhausted += [r.partner_id for _, _, r in reports if r.budget_exhausted]
         for pid in exhausted:
             log.warning("round %d: %s has exhausted its privacy budget and did not train", g, pid)
+        self._round.update(dropped=dropped, budget_exhausted=exhausted)
+        if self.secagg:
+            update = self._secagg_update(g, results, reports, dropped)
+        else:
+            update = self._plain_update(g, reports, dropped)
+        if update is None:
+            return ndarrays_to_parameters(self.global_params), {"accepted": 0, "dropped": len(dropped)}
+        accepted = [r for _, _, r in reports]
         std = compute_server_noise_std(self.cfg.federation.server_noise_multiplier, self.cfg.federation.clipping_norm,
                                        len(accepted))
         update = compute_noised(update, std, self.rng)
         self.global_params = compute_applied(self.global_params, update)
-        for proxy, res in accepted:
-            info = self.partners.setdefault(_partner(res, proxy), {})
-            info.update({k: v for k, v in res.metrics.items() if k not in ("param_names", "partner_id")})
-            fit_s = float(res.metrics.get("fit_time_s", 0.0))
-            info["fit_time_s_total"] = float(info.get("fit_time_s_total", 0.0)) + fit_s
-        self._round.update(accepted=[_partner(r, p) for p, r in accepted], dropped=dropped,
-                           budget_exhausted=exhausted, update_norm=compute_update_norm(update),
-                           server_noise_std=std,
-                           fit_time_s={_partner(r, p): float(r.metrics.get("fit_time_s", 0.0)) for p, r in accepted},
-                           epsilon={_partner(r, p): float(r.metrics["epsilon"]) for p, r in accepted
-                                    if "epsilon" in r.metrics})
+        for rep in accepted:
+            info = self.partners.setdefault(rep.partner_id, {})
+            info.update({k: v for k, v in rep.to_metrics().items() if k not in ("param_names", "partner_id")})
+            info["fit_time_s_total"] = float(info.get("fit_time_s_total", 0.0)) + rep.fit_time_s
+        self._round.update(accepted=[r.partner_id for r in accepted], update_norm=compute_update_norm(update),
+                           server_noise_std=std, fit_time_s={r.partner_id: r.fit_time_s for r in accepted},
+                           epsilon={r.partner_id: r.epsilon for r in accepted if r.epsilon is not None})
         return ndarrays_to_parameters(self.global_params), {"accepted": len(accepted), "dropped": len(dropped)}
 
-    def _plain_update(self, g: int, results: list[tuple[ClientProxy, FitRes]], dropped: list[dict[str, Any]]
-                      ) -> tuple[list[tuple[ClientProxy, FitRes]], list[np.ndarray]]:
-        fc = self.cfg.federation
-        accepted, updates = [], []
-        for proxy, res in results:
-            arrays = parameters_to_ndarrays(res.parameters)
-            names = str(res.metrics.get("param_names", "")).split(",")
-            reason = validate_update(arrays, names, self.specs, clipping_norm=fc.clipping_norm,
-                                     norm_tolerance=fc.norm_tolerance, expected_round=g,
-                                     reply_round=res.metrics.get("round"), num_examples=res.num_examples)
-            if reason is not None:
-                log.warning("round %d: dropped the reply of %s: %s", g, _partner(res, proxy), reason)
-                dropped.append({"partner": _partner(res, proxy), "reason": reason})
-                continue
-            accepted.append((proxy, res))
-            updates.append(arrays)
-        self._check_quorum(g, accepted, dropped)
-        weights = compute_weights([r.num_examples for _, r in accepted], fc.weight_cap)
-        return accepted, compute_weighted_average(updates, weights)
+    def _read_fit_replies(self, g: int, results: list[tuple[ClientProxy, FitRes]], dropped: list[dict[str, Any]]
+                          ) -> list[tuple[ClientProxy, FitRes, protocol.FitReport]]:
+        """The replies that parse as fit reports of registered partners, one per partner id, in id order."""
 
-    def _secagg_update(self, g: int, results: list[tuple[ClientProxy, FitRes]], dropped: list[dict[str, Any]]
-                       ) -> tuple[list[tuple[ClientProxy, FitRes]], list[np.ndarray]]:
+        def drop(who: str, reason: str) -> None:
+            log.warning("round %d: dropped the reply of %s: %s", g, who, reason)
+            dropped.append({"partner": who, "reason": reason})
+
+        out = []
+        for proxy, res in results:
+            who = self._who(proxy)
+            if _node(proxy) not in self.node_partner:
+                drop(who, "the node is not a registered partner of this run")
+                continue
+            rep = protocol.parse_fit_report(dict(res.metrics), g)
+            if isinstance(rep, protocol.Rejected):
+                drop(who, f"malformed reply: {rep}")
+            elif rep.partner_id != who:
+                drop(who, f"the reply claims partner id {rep.partner_id!r}, the node registered as {who!r}")
+            else:
+                out.append((proxy, res, rep))
+        ids = [r.partner_id for _, _, r in out]
+        twice = {pid for pid in ids if ids.count(pid) > 1}
+        for pid in sorted(twice):
+            drop(pid, "two replies with one partner id in a round: both refused")
+        return sorted([t for t in out if t[2].partner_id not in twice], key=lambda t: t[2].partner_id)
+
+    def _plain_update(self, g: int, reports: list[tuple[ClientProxy, FitRes, protocol.FitReport]],
+                      dropped: list[dict[str, Any]]) -> list[np.ndarray] | None:
+        fc = self.cfg.federation
+        bounds = self.weight_bounds()
+        kept, updates, weights = [], [], []
+        for proxy, res, rep in reports:
+            arrays = parameters_to_ndarrays(res.parameters)
+            reason = validate_update(arrays, list(rep.param_names), self.specs, clipping_norm=fc.clipping_norm,
+                                     norm_tolerance=fc.norm_tolerance, expected_round=g, reply_round=rep.round,
+                                     num_examples=res.num_examples)
+            if reason is not None:
+                log.warning("round %d: dropped the reply of %s: %s", g, rep.partner_id, reason)
+                dropped.append({"partner": rep.partner_id, "reason": reason})
+                continue
+            bound = bounds[rep.partner_id]
+            if res.num_examples > bound:
+                log.warning("round %d: %s claims weight %d; bounded by its declared users to %g", g,
+                            rep.partner_id, res.num_examples, bound)
+            kept.append((proxy, res, rep))
+            updates.append(arrays)
+            weights.append(0.0 if rep.budget_exhausted else bound)
+        reports[:] = kept
+        self._check_quorum(g, kept, dropped)
+        return compute_weighted_average(updates, np.asarray(weights, dtype=np.float64))
+
+    def _secagg_update(self, g: int, results: list[tuple[ClientProxy, FitRes]],
+                       reports: list[tuple[ClientProxy, FitRes, protocol.FitReport]],
+                       dropped: list[dict[str, Any]]) -> list[np.ndarray] | None:
         """Under SecAgg+ every FitRes carries the same unmasked weighted mean; check it as a whole."""
         fc = self.cfg.federation
-        accepted = []
-        for proxy, res in results:
-            if res.metrics.get("round") != g:
-                dropped.append({"partner": _partner(res, proxy), "reason": f"wrong round {res.metrics.get('round')!r}"})
-            else:
-                accepted.append((proxy, res))
-        self._check_quorum(g, accepted, dropped)
+        contributors = [t for t in reports if not t[2].budget_exhausted and t[1].num_examples > 0]
+        need = self.secagg_min_contributors()
+        if len(contributors) < need or len(contributors) != len(results):
+            self._skip(g, f"{len(contributors)} valid contributors of {len(results)} in the secure sum "
+                          f"(at least {need} needed, and every summed reply valid): not aggregated")
+            reports[:] = []
+            return None
+        self._check_quorum(g, contributors, dropped)
         mean = parameters_to_ndarrays(results[0][1].parameters)
         dim = sum(int(np.prod(s.shape)) for s in self.specs)
         slack = math.sqrt(dim) * self.secagg_precision * fc.clipping_norm  # quantisation error bound
@@ -188,8 +344,10 @@ class FedSocialStrategy(Strategy):
                                  clipping_norm=fc.clipping_norm + slack, norm_tolerance=fc.norm_tolerance,
                                  expected_round=g, reply_round=g)
         if reason is not None:
-            raise QuorumError(f"round {g}: the securely aggregated update is invalid: {reason}")
-        return accepted, [a.astype(np.float64) for a in mean]
+            self._skip(g, f"the securely aggregated update is invalid: {reason}")
+            reports[:] = []
+            return None
+        return [a.astype(np.float64) for a in mean]
 
     def _check_quorum(self, g: int, accepted: list[Any], dropped: list[dict[str, Any]]) -> None:
         need = self.cfg.federation.min_partners
@@ -201,6 +359,9 @@ class FedSocialStrategy(Strategy):
     def configure_evaluate(self, server_round: int, parameters: Parameters, client_manager: ClientManager
                            ) -> list[tuple[ClientProxy, EvaluateIns]]:
         g = self.global_round(server_round)
+        if "accepted" not in self._round:  # the SecAgg+ workflow halted before aggregate_fit
+            self._round.setdefault("round", g)
+            self._skip(g, "secure aggregation halted (fewer live contributors than the reconstruction threshold)")
         if not compute_is_eval_round(g, self.cfg.federation.rounds, self.cfg.federation.eval_every):
             self._finish_round(g, {}, {}, 0)  # Flower calls no aggregate_evaluate for an empty round
             return []
@@ -211,21 +372,43 @@ class FedSocialStrategy(Strategy):
                            failures: list[tuple[ClientProxy, EvaluateRes] | BaseException]
                            ) -> tuple[float | None, dict[str, Scalar]]:
         g = self.global_round(server_round)
-        results = sorted(results, key=lambda r: _partner(r[1], r[0]))
-        good = [(p, r) for p, r in results if r.metrics.get("round") == g]
-        per_partner = {_partner(r, p): {**{k: float(r.metrics[k]) for k in METRIC_KEYS},
-                                        "evaluated_users": r.num_examples} for p, r in good}
-        metric_dicts = [{k: float(r.metrics[k]) for k in METRIC_KEYS} for _, r in good]
-        agg = compute_weighted_metrics(metric_dicts, [r.num_examples for _, r in good], METRIC_KEYS)
-        for pid, m in per_partner.items():
-            self.partners.setdefault(pid, {}).update(m)
-        for p, r in good:
-            info = self.partners[_partner(r, p)]
-            eval_s = float(r.metrics.get("eval_time_s", 0.0))
-            info["eval_time_s_total"] = float(info.get("eval_time_s_total", 0.0)) + eval_s
+        good = self._read_eval_replies(g, results)
+        per_partner = {r.partner_id: {**r.metrics, "evaluated_users": r.evaluated_users} for r in good}
+        agg = compute_weighted_metrics([r.metrics for r in good], [r.evaluated_users for r in good], METRIC_KEYS)
+        for rep in good:
+            info = self.partners.setdefault(rep.partner_id, {})
+            info.update(per_partner[rep.partner_id])
+            info["eval_time_s_total"] = float(info.get("eval_time_s_total", 0.0)) + rep.eval_time_s
         self._finish_round(g, agg, per_partner, len(failures) + len(results) - len(good))
         loss = None if not agg else 1.0 - agg["ndcg@10"]
         return loss, dict(agg)
+
+    def _read_eval_replies(self, g: int, results: list[tuple[ClientProxy, EvaluateRes]]) -> list[protocol.EvalReport]:
+        """Evaluation reports of registered partners, one per id, none evaluating more users than declared."""
+        out, dropped = [], []
+        for proxy, res in results:
+            who = self._who(proxy)
+            rep = protocol.parse_eval_report(dict(res.metrics), g)
+            if _node(proxy) not in self.node_partner:
+                reason = "the node is not a registered partner of this run"
+            elif isinstance(rep, protocol.Rejected):
+                reason = f"malformed evaluation: {rep}"
+            elif rep.partner_id != who:
+                reason = f"the evaluation claims partner id {rep.partner_id!r}, the node registered as {who!r}"
+            elif rep.evaluated_users > int(self.registered[who]["num_users"]):
+                declared = self.registered[who]["num_users"]
+                reason = f"evaluated_users {rep.evaluated_users} exceeds the {declared} users it declared"
+            else:
+                out.append(rep)
+                continue
+            log.warning("round %d: dropped the evaluation of %s: %s", g, who, reason)
+            dropped.append({"partner": who, "reason": reason})
+        ids = [r.partner_id for r in out]
+        for pid in sorted({p for p in ids if ids.count(p) > 1}):
+            log.warning("round %d: dropped the evaluations of %s: two replies with one partner id", g, pid)
+            dropped.append({"partner": pid, "reason": "two evaluation replies with one partner id: both refused"})
+        self._round["eval_dropped"] = dropped
+        return sorted([r for r in out if ids.count(r.partner_id) == 1], key=lambda r: r.partner_id)
 
     def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
         return None  # no central data: evaluation is federated
@@ -246,5 +429,6 @@ class FedSocialStrategy(Strategy):
         if heads:  # what each partner's ledger held when its update arrived: a truncated ledger shows
             write_json_atomic(self.run_dir / "ledger_heads.json", heads)
         save_checkpoint(self.run_dir, Checkpoint(g, self.names, self.global_params, self.state_dict()))
+        self._round = {}
         if self.on_round is not None:
             self.on_round(record)

@@ -40,6 +40,10 @@ class DataConfig:
     homophily: float = 0.8  # share of a user's tastes drawn from the community profile
     item_popularity_exponent: float = 1.0  # Zipf exponent of item popularity
     synthetic_seed: int = 7
+    # true: refuse social edges whose user has no interactions, listing every line; false: drop them, one warning
+    strict: bool = False
+    price_bins: int = 8  # items.csv price: quantile bins over the catalogue (a shared vector per bin)
+    text_dim: int = 32  # items.csv title/text: size of the offline text features (hashed TF-IDF + SVD)
 
     def __post_init__(self) -> None:
         formats = ("synthetic", "filmtrust", "lastfm", "douban", "ciao", "csv")
@@ -90,6 +94,8 @@ class ModelConfig:
     use_category: bool = False  # add a vector per catalogue category to item and history vectors
     user_embedding: str = "trained"  # trained|local|none: how p_u is obtained (see DESIGN.md)
     use_mlp: bool = True  # residual MLP refinement, output layer starts at zero
+    use_price: bool = False  # add a vector per price bin (items.csv price) to item and history vectors
+    use_text: bool = False  # add a shared projection of the items' offline text features to item vectors
     mlp_hidden: int = 64
     aggregator: str = "mean"  # mean|gcn|attention
     max_neighbors: int = 20  # K
@@ -180,6 +186,7 @@ class FederationConfig:
     clipping_norm: float = 10.0  # bound on the L2 norm of a partner's shared-parameter update
     min_partners: int = 2  # quorum
     weight_cap: int = 0  # cap on a partner's aggregation weight (user count); 0: no cap
+    weight_cap_ratio: float = 4.0  # a weight is at most this x the median declared user count; 0: off
     server_noise_multiplier: float = 0.0  # optional partner-level DP noise added by the server
     norm_tolerance: float = 1e-3  # relative slack when validating update norms
     local_batch_size: int = 0  # a partner's batch size in local training; 0: train.batch_size
@@ -192,6 +199,8 @@ class FederationConfig:
         _check(self.clipping_norm > 0, "federation.clipping_norm", "must be > 0")
         _check(1 <= self.min_partners <= self.partners, "federation.min_partners", "must be in [1, partners]")
         _check(self.weight_cap >= 0, "federation.weight_cap", "must be >= 0")
+        _check(self.weight_cap_ratio == 0 or self.weight_cap_ratio >= 1, "federation.weight_cap_ratio",
+               "must be 0 (off) or >= 1")
         _check(self.server_noise_multiplier >= 0, "federation.server_noise_multiplier", "must be >= 0")
         _check(self.norm_tolerance >= 0, "federation.norm_tolerance", "must be >= 0")
         _check(self.local_batch_size >= 0, "federation.local_batch_size", "must be >= 0 (0: train.batch_size)")

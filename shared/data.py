@@ -29,6 +29,12 @@ class Dataset:
     user_ids: np.ndarray | None = None  # original id of each user index (None: identity)
     item_ids: np.ndarray | None = None  # original id of each item index
     extra: dict[str, object] = field(default_factory=dict)
+    # optional catalogue features (items.csv; public, like the catalogue) and user features (users.csv;
+    # part of a user's record, so they stay on the user's partner)
+    item_price_bin: np.ndarray | None = None  # int64 [n_items] price bin code (the last code: no price)
+    item_text: np.ndarray | None = None  # float32 [n_items, text_dim] offline text features (zeros: no text)
+    user_features: np.ndarray | None = None  # int64 [n_users, F] categorical codes (0: missing)
+    user_feature_names: tuple[str, ...] = ()
 
     @property
     def n_interactions(self) -> int:

@@ -7,34 +7,48 @@ are merged, ids are re-indexed contiguously (originals kept in ``Dataset.user_id
 interactions, and undirected graphs (LastFM, Douban) are listed in both directions once.
 
 Errors in the files raise :class:`shared.data.DataError` whose message names the file, the line
-and the problem. Policy for the generic CSV format (``load_csv``): a ``social.csv`` row that names
-a user absent from ``interactions.csv`` is an error (it almost always means mismatched id spaces),
-while the real research releases, whose social graphs are known to contain such users, have those
-edges dropped silently as the protocol prescribes.
+and the problem. Rules common to every loader (README, "Data rules"):
+
+- a social edge whose user or neighbour has no interactions is dropped, and one notice on the
+  ``fedsocial.data`` logger counts them and names their first lines; with ``data.strict = true``
+  the load is refused instead, listing every such line;
+- lines are separated by ``\n`` (or ``\r\n``) only: a Unicode line or paragraph separator, a
+  form feed or another control separator inside a row is refused with its line, so that line
+  numbers are the ones an editor shows and a row is never silently split in two.
+
+The generic CSV format also refuses, with file:line, a row with the wrong number of fields, a
+repeated header line, a separator other than the comma inside an id (a stray ``;``, tab or ``|``),
+and an interaction with an item missing from ``items.csv``.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
+import logging
 import os
 import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from fedsocial.shared.config import DataConfig, resolve_data_path
 from fedsocial.shared.data import DataError, Dataset
+from fedsocial.shared.features import cached_text_features, compute_codes, compute_price_bins
 
 PathLike = str | os.PathLike[str]
+LOG = logging.getLogger("fedsocial.data")
 
 _INT_RE = re.compile(r"^[+-]?\d+$")
 
 INTERACTION_COLUMNS = ("user", "item", "value", "timestamp")
 SOCIAL_COLUMNS = ("user", "neighbour")
-ITEM_COLUMNS = ("item", "category")
+ITEM_COLUMNS = ("item",)
+ITEM_OPTIONAL = ("category", "title", "text", "price")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -139,12 +153,74 @@ def _lookup(sorted_ids: np.ndarray, query: np.ndarray) -> tuple[np.ndarray, np.n
 
 
 # ----------------------------------------------------------------------------------------------
+# rules every loader shares
+# ----------------------------------------------------------------------------------------------
+
+# What str.splitlines() would also break a line at: refused inside a row (a numeric table treats
+# vertical tab and form feed as whitespace, as the research releases' readers do).
+_ROW_BREAKS = re.compile("[\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
+_ROW_BREAKS_NUMERIC = re.compile("[\x1c\x1d\x1e\x85\u2028\u2029]")
+_SHOWN_LINES = 10
+
+
+def split_lines(path: Path, text: str, *, numeric: bool = False) -> list[str]:
+    """The lines of ``text`` split at ``\n`` / ``\r\n`` only (or ``\r`` in a file that has no ``\n``).
+
+    A Unicode line separator or another control separator inside a row is refused with its line.
+    """
+    found = (_ROW_BREAKS_NUMERIC if numeric else _ROW_BREAKS).search(text)
+    if found is not None:
+        line = text.count("\n", 0, found.start()) + 1
+        raise DataError(f"{path}:{line}: line separator U+{ord(found.group()):04X} inside a row "
+                        "(only \\n or \\r\\n may end a line)")
+    text = text.replace("\r\n", "\n")
+    if "\r" in text:
+        if "\n" not in text:
+            text = text.replace("\r", "\n")  # a file with old Mac line endings
+        else:
+            line = text.count("\n", 0, text.index("\r")) + 1
+            raise DataError(f"{path}:{line}: a carriage return inside a row")
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return lines
+
+
+def compute_unknown_edges(known_users: np.ndarray, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """Boolean mask of the social rows whose user or neighbour is not in ``known_users``."""
+    known = np.asarray(known_users)
+    return ~(np.isin(src, known) & np.isin(dst, known))
+
+
+def apply_edge_rule(path: Path, line_no: np.ndarray, unknown: np.ndarray, strict: bool) -> np.ndarray:
+    """The documented rule for social rows naming a user without interactions: drop them with one
+    notice that counts them (default), or refuse the load listing every line (``strict``).
+    Returns the mask of rows to keep."""
+    n = int(unknown.sum())
+    if n == 0:
+        return ~unknown
+    lines = line_no[unknown].tolist()
+    if strict:
+        raise DataError(f"{path}: {n} social row(s) name a user with no interactions (data.strict = true); "
+                        f"lines: {', '.join(map(str, lines))}")
+    shown = ", ".join(map(str, lines[:_SHOWN_LINES])) + (", ..." if n > _SHOWN_LINES else "")
+    LOG.warning("%s: dropped %d social edge(s) naming a user with no interactions (lines %s); "
+                "data.strict = true refuses them instead", path, n, shown)
+    return ~unknown
+
+
+# ----------------------------------------------------------------------------------------------
 # whitespace-separated numeric files (the research releases)
 # ----------------------------------------------------------------------------------------------
 
 
 def read_numeric_table(path: Path, n_cols: int, *, header: bool = False) -> np.ndarray:
-    """Read a whitespace-separated numeric file into a float64 array [rows, n_cols].
+    """Read a whitespace-separated numeric file into a float64 array [rows, n_cols]."""
+    return read_numeric_rows(path, n_cols, header=header)[0]
+
+
+def read_numeric_rows(path: Path, n_cols: int, *, header: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Read a whitespace-separated numeric file: (float64 array [rows, n_cols], 1-based line of each row).
 
     Fast path: one ``np.fromstring`` over the whole text (about 0.2 s for Ciao's 284k rows);
     only when a check fails is the file re-scanned line by line to name the first bad line.
@@ -152,7 +228,7 @@ def read_numeric_table(path: Path, n_cols: int, *, header: bool = False) -> np.n
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     text = path.read_bytes().decode("utf-8-sig", errors="replace")
-    lines = text.splitlines()
+    lines = split_lines(path, text, numeric=True)
     first = 1 if header else 0
     if header and lines and _is_numeric_line(lines[0]):
         first = 0  # tolerate a release without its header line
@@ -173,7 +249,7 @@ def read_numeric_table(path: Path, n_cols: int, *, header: bool = False) -> np.n
             values = np.zeros(0)
     if values.size != int(widths.sum()) or not np.isfinite(values).all():
         _raise_first_non_numeric(path, body, first)
-    return values.reshape(-1, n_cols)
+    return values.reshape(-1, n_cols), np.flatnonzero(widths != 0).astype(np.int64) + first + 1
 
 
 def compute_line_widths(text: str, n_lines: int) -> np.ndarray:
@@ -217,33 +293,41 @@ def _int_column(table: np.ndarray, col: int, path: Path, what: str) -> np.ndarra
     return values.astype(np.int64)
 
 
+def _social_pair(path: Path, n_cols: int, src: str, dst: str, users: np.ndarray, header: bool,
+                 strict: bool) -> tuple[np.ndarray, np.ndarray]:
+    """A whitespace social table's (user, neighbour) columns after the shared edge rule."""
+    table, line_no = read_numeric_rows(path, n_cols, header=header)
+    s, d = _int_column(table, 0, path, src), _int_column(table, 1, path, dst)
+    keep = apply_edge_rule(path, line_no, compute_unknown_edges(compute_unique(users), s, d), strict)
+    return s[keep], d[keep]
+
+
 def _load_pair(rating: tuple[Path, int, str, str], social: tuple[Path, int, str, str], *, header: bool,
-               undirected: bool, name: str) -> Dataset:
+               undirected: bool, name: str, strict: bool) -> Dataset:
     """Two whitespace tables whose first two columns are (user, item) and (user, neighbour)."""
     (r_path, r_cols, r_user, r_item), (s_path, s_cols, s_src, s_dst) = rating, social
     r = read_numeric_table(r_path, r_cols, header=header)
-    s = read_numeric_table(s_path, s_cols, header=header)
-    return clean(_int_column(r, 0, r_path, r_user), _int_column(r, 1, r_path, r_item),
-                 _int_column(s, 0, s_path, s_src), _int_column(s, 1, s_path, s_dst),
-                 undirected=undirected, name=name)
+    users = _int_column(r, 0, r_path, r_user)
+    src, dst = _social_pair(s_path, s_cols, s_src, s_dst, users, header, strict)
+    return clean(users, _int_column(r, 1, r_path, r_item), src, dst, undirected=undirected, name=name)
 
 
-def load_lastfm(folder: PathLike) -> Dataset:
+def load_lastfm(folder: PathLike, *, strict: bool = False) -> Dataset:
     """HetRec 2011 LastFM: ``user_artists.dat`` (play counts, binarised) and ``user_friends.dat``."""
     folder = Path(folder)
     return _load_pair((folder / "user_artists.dat", 3, "userID", "artistID"),
                       (folder / "user_friends.dat", 2, "userID", "friendID"),
-                      header=True, undirected=True, name="lastfm")
+                      header=True, undirected=True, name="lastfm", strict=strict)
 
 
-def load_filmtrust(folder: PathLike) -> Dataset:
+def load_filmtrust(folder: PathLike, *, strict: bool = False) -> Dataset:
     """FilmTrust: ``ratings.txt`` (user item rating) and directed ``trust.txt`` (truster trustee 1)."""
     folder = Path(folder)
     return _load_pair((folder / "ratings.txt", 3, "user", "item"), (folder / "trust.txt", 3, "truster", "trustee"),
-                      header=False, undirected=False, name="filmtrust")
+                      header=False, undirected=False, name="filmtrust", strict=strict)
 
 
-def load_douban(folder: PathLike) -> Dataset:
+def load_douban(folder: PathLike, *, strict: bool = False) -> Dataset:
     """Douban (Monti et al. 2017): ``derived/ratings.tsv`` and the symmetric
     ``derived/social_W_users_nonzeros.tsv``.
 
@@ -252,18 +336,18 @@ def load_douban(folder: PathLike) -> Dataset:
     folder = Path(folder) / "derived"
     return _load_pair((folder / "ratings.tsv", 4, "user", "item"),
                       (folder / "social_W_users_nonzeros.tsv", 2, "i", "j"),
-                      header=False, undirected=True, name="douban")
+                      header=False, undirected=True, name="douban", strict=strict)
 
 
-def load_ciao(folder: PathLike) -> Dataset:
+def load_ciao(folder: PathLike, *, strict: bool = False) -> Dataset:
     """Ciao (Tang et al. 2012): ``derived/rating.tsv`` (user item category rating helpfulness) and
     directed ``derived/trustnetwork.tsv``; the category column becomes ``Dataset.item_category``."""
     folder = Path(folder) / "derived"
     r_path, t_path = folder / "rating.tsv", folder / "trustnetwork.tsv"
     r = read_numeric_table(r_path, 5)
-    t = read_numeric_table(t_path, 2)
-    return clean(_int_column(r, 0, r_path, "user"), _int_column(r, 1, r_path, "item"),
-                 _int_column(t, 0, t_path, "truster"), _int_column(t, 1, t_path, "trustee"),
+    users = _int_column(r, 0, r_path, "user")
+    src, dst = _social_pair(t_path, 2, "truster", "trustee", users, False, strict)
+    return clean(users, _int_column(r, 1, r_path, "item"), src, dst,
                  undirected=False, name="ciao", categories=_int_column(r, 2, r_path, "category"))
 
 
@@ -300,7 +384,8 @@ def _decode(path: Path) -> str:
 
 
 def _parse_header(
-    path: Path, line_no: int, line: str, required: Sequence[str], optional: Sequence[str]
+    path: Path, line_no: int, line: str, required: Sequence[str], optional: Sequence[str],
+    any_columns: bool = False,
 ) -> list[str]:
     expected = ",".join([*required, *(f"[{c}]" for c in optional)])
     if "," not in line and len(required) > 1:
@@ -310,7 +395,7 @@ def _parse_header(
                                 f"this format needs commas (header {expected})")
     header = [h.strip().lower() for h in next(csv.reader([line]))]
     for col in header:
-        if col not in (*required, *optional):
+        if col not in (*required, *optional) and (not any_columns or not col or _INT_RE.match(col)):
             hint = " (missing header line?)" if _INT_RE.match(col) or not col else ""
             raise DataError(f"{path}:{line_no}: unknown column {col!r}{hint}; expected header {expected}")
     for col in required:
@@ -328,17 +413,19 @@ def _field_count_error(path: Path, line_no: int, line: str, header: list[str], f
     return DataError(f"{path}:{line_no}: expected {expected}, found {found}{why}")
 
 
-def read_csv_table(path: Path, required: Sequence[str], optional: Sequence[str] = ()) -> CsvTable:
+def read_csv_table(path: Path, required: Sequence[str], optional: Sequence[str] = (),
+                   any_columns: bool = False) -> CsvTable:
     """Read and check a comma-separated file with a header naming its columns (any order).
 
     Files without quotes (the usual case) are split with vectorised numpy field counting; files
     with quoted fields go through the csv module. Either way each row keeps its line number.
     """
-    lines = _decode(path).splitlines()
+    path = Path(path)
+    lines = split_lines(path, _decode(path))
     head = next((k for k, line in enumerate(lines) if line.strip()), None)
     if head is None:
         raise DataError(f"{path}: empty file (expected a header line {','.join(required)})")
-    header = _parse_header(path, head + 1, lines[head], required, optional)
+    header = _parse_header(path, head + 1, lines[head], required, optional, any_columns)
     body = lines[head + 1:]
     first_line = head + 2
     if any('"' in line for line in body):
@@ -364,6 +451,11 @@ def read_csv_table(path: Path, required: Sequence[str], optional: Sequence[str] 
         line_no = keep.astype(np.int64) + first_line
     if table.size and (np.char.str_len(table) != np.char.str_len(np.char.strip(table))).any():
         table = np.char.strip(table)
+    if table.size:
+        repeated = np.all(np.char.lower(table) == np.array(header, dtype=str)[None, :], axis=1)
+        if repeated.any():
+            raise DataError(f"{path}:{int(line_no[int(np.argmax(repeated))])}: the header line is repeated "
+                            f"(first on line {head + 1}); concatenated files keep one header")
     return CsvTable(path, header, {name: table[:, c] for c, name in enumerate(header)}, line_no)
 
 
@@ -378,10 +470,17 @@ def compute_line_commas(text: str, n_lines: int) -> tuple[np.ndarray, np.ndarray
 
 
 def _check_ids(table: CsvTable, names: Sequence[str]) -> None:
+    """Ids are non-empty and hold no other field separator (a stray ``;``, tab or ``|`` in a comma file)."""
     for name in names:
-        empty = table.columns[name] == ""
+        col = table.columns[name]
+        empty = col == ""
         if empty.any():
             raise DataError(f"{table.path}:{table.where(empty)}: empty {name} id")
+        for delim, label in _DELIMITERS:
+            stray = np.char.find(col, delim) >= 0 if col.size else np.zeros(0, dtype=bool)
+            if stray.any():
+                raise DataError(f"{table.path}:{table.where(stray)}: stray {label} separator in {name} id "
+                                f"{str(col[int(np.argmax(stray))])!r}; this format separates fields by commas")
 
 
 def _check_numbers(table: CsvTable, name: str) -> None:
@@ -421,14 +520,18 @@ def _typed_ids(ids: np.ndarray) -> np.ndarray:
     return as_int if (as_int.astype(str) == ids).all() else ids  # "01" or "+1" stay strings
 
 
-def load_csv(folder: PathLike) -> Dataset:
+def load_csv(folder: PathLike, *, strict: bool = False, price_bins: int = 8, text_dim: int = 32) -> Dataset:
     """The generic format: ``interactions.csv`` (``user,item[,value][,timestamp]``), ``social.csv``
-    (``user,neighbour``, directed: user follows / trusts neighbour) and optional ``items.csv``
-    (``item,category``, category an integer code; it also lists catalogue items without interactions).
+    (``user,neighbour``, directed: user follows / trusts neighbour), optional ``items.csv``
+    (``item[,category][,title][,text][,price]``: the catalogue, also items without interactions) and
+    optional ``users.csv`` (``user`` plus any categorical columns).
 
-    Ids are arbitrary strings (canonical integers sort numerically). A social row naming a user that
-    is not in ``interactions.csv`` is an error, as is an interaction with an item missing from
-    ``items.csv``. Values and timestamps are checked to be numbers; interactions are implicit.
+    Ids are arbitrary strings (canonical integers sort numerically). Social rows naming a user that
+    is not in ``interactions.csv`` follow :func:`apply_edge_rule`; an interaction with an item
+    missing from ``items.csv`` is an error. Values and timestamps are checked to be numbers;
+    interactions are implicit. Categories (integer codes or names) become ``item_category``, prices
+    ``item_price_bin`` (``price_bins`` quantile bins), titles and texts ``item_text`` (``text_dim``
+    offline features, :mod:`shared.features`), users.csv's columns ``user_features``.
     """
     folder = Path(folder)
     inter = read_csv_table(folder / "interactions.csv", ("user", "item"), ("value", "timestamp"))
@@ -443,46 +546,125 @@ def load_csv(folder: PathLike) -> Dataset:
     social = read_csv_table(folder / "social.csv", SOCIAL_COLUMNS)
     _check_ids(social, SOCIAL_COLUMNS)
     u_str = np.unique(users)
-    for name in SOCIAL_COLUMNS:
-        _check_known(social, name, u_str, f"unknown {name} id", f"(not a user in {inter.path.name})")
+    src, dst = social.columns["user"], social.columns["neighbour"]
+    keep = apply_edge_rule(social.path, social.line_no, compute_unknown_edges(u_str, src, dst), strict)
+    src, dst = src[keep], dst[keep]
 
     catalogue = None
     if (folder / "items.csv").is_file():
         catalogue = _read_items_csv(folder / "items.csv")
-        _check_known(inter, "item", catalogue[0], "item", "is not listed in items.csv")
-    i_str = np.unique(items if catalogue is None else catalogue[0])
+        _check_known(inter, "item", catalogue["ids"], "item", "is not listed in items.csv")
+    i_str = np.unique(items if catalogue is None else catalogue["ids"])
     u_typed, i_typed = _typed_ids(u_str), _typed_ids(i_str)  # aligned with u_str / i_str
 
     def conv(values: np.ndarray, keys: np.ndarray, typed: np.ndarray) -> np.ndarray:
         return typed[np.searchsorted(keys, values)] if values.size else typed[:0]
 
-    typed_catalogue = None if catalogue is None else (conv(catalogue[0], i_str, i_typed), catalogue[1])
-    src, dst = social.columns["user"], social.columns["neighbour"]
-    return clean(conv(users, u_str, u_typed), conv(items, i_str, i_typed),
-                 conv(src, u_str, u_typed), conv(dst, u_str, u_typed),
-                 undirected=False, name=folder.resolve().name or "csv", item_catalogue=typed_catalogue)
+    typed_catalogue = None
+    if catalogue is not None:
+        codes = catalogue.get("category")
+        typed_catalogue = (conv(catalogue["ids"], i_str, i_typed),
+                           codes if codes is not None else np.zeros(catalogue["ids"].size, dtype=np.int64))
+    ds = clean(conv(users, u_str, u_typed), conv(items, i_str, i_typed),
+               conv(src, u_str, u_typed), conv(dst, u_str, u_typed),
+               undirected=False, name=folder.resolve().name or "csv", item_catalogue=typed_catalogue)
+    if catalogue is not None:
+        ds = _with_item_features(ds, catalogue, np.searchsorted(i_str, catalogue["ids"]), price_bins, text_dim)
+    if (folder / "users.csv").is_file():
+        ds = _with_user_features(ds, folder / "users.csv", u_str)
+    return ds
 
 
-def _read_items_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """``items.csv`` as (item ids, integer category codes), each item listed once."""
-    table = read_csv_table(path, ITEM_COLUMNS)
-    _check_ids(table, ("item",))
-    ids, cats = table.columns["item"], table.columns["category"]
-    try:
-        codes = cats.astype(np.int64)
-    except (ValueError, OverflowError):
-        bad = np.array([not _INT_RE.match(c) for c in cats.tolist()], dtype=bool)
-        raise DataError(f"{path}:{table.where(bad)}: column 'category' must be an integer code, "
-                        f"got {str(cats[int(np.argmax(bad))])!r}") from None
+def _with_item_features(ds: Dataset, catalogue: dict[str, Any], index: np.ndarray, price_bins: int,
+                        text_dim: int) -> Dataset:
+    """``ds`` with items.csv's optional columns as features, ``index`` = each catalogue row's item index.
+
+    ``clean`` indexes items in sorted order of their ids, as ``i_str`` is sorted: row r is item index[r].
+    """
+    changes: dict[str, Any] = {}
+    if catalogue.get("category") is None:
+        changes["item_category"] = None
+    if catalogue.get("price") is not None:
+        bins = np.empty(ds.n_items, dtype=np.int64)
+        bins[index] = compute_price_bins(catalogue["price"], price_bins)
+        changes["item_price_bin"] = bins
+    if catalogue.get("text") is not None:
+        texts = [""] * ds.n_items
+        for r, text in zip(index.tolist(), catalogue["text"], strict=True):
+            texts[r] = text
+        changes["item_text"] = cached_text_features(texts, text_dim)
+    return dataclasses.replace(ds, **changes) if changes else ds
+
+
+def _with_user_features(ds: Dataset, path: Path, u_str: np.ndarray) -> Dataset:
+    """users.csv (``user`` + categorical columns) as codes [n_users, F], 0 for a missing value or user.
+
+    Rows for users without interactions are ignored (they have no record to train on).
+    """
+    table = read_csv_table(path, ("user",), any_columns=True)
+    _check_ids(table, ("user",))
+    ids = table.columns["user"]
+    _refuse_repeated(table, ids, "user")
+    names = tuple(c for c in table.header if c != "user")
+    pos = np.searchsorted(u_str, ids)
+    known = (pos < u_str.size) & (u_str[np.minimum(pos, u_str.size - 1)] == ids)
+    out = np.zeros((ds.n_users, len(names)), dtype=np.int64)
+    for f, name in enumerate(names):
+        col = table.columns[name]
+        present = col != ""
+        _, codes = np.unique(col[present], return_inverse=True) if present.any() else (None, np.zeros(0, int))
+        values = np.zeros(col.size, dtype=np.int64)
+        values[present] = codes + 1
+        out[pos[known], f] = values[known]
+    return dataclasses.replace(ds, user_features=out, user_feature_names=names)
+
+
+def _refuse_repeated(table: CsvTable, ids: np.ndarray, what: str) -> None:
     order = np.argsort(ids, kind="stable")
     repeated = np.zeros(ids.size, dtype=bool)
     repeated[order[1:]] = ids[order[1:]] == ids[order[:-1]]
     if repeated.any():
         k = int(np.argmax(repeated))
         first = int(table.line_no[order[np.searchsorted(ids[order], ids[k])]])
-        raise DataError(f"{path}:{table.line_no[k]}: item {str(ids[k])!r} listed twice "
+        raise DataError(f"{table.path}:{table.line_no[k]}: {what} {str(ids[k])!r} listed twice "
                         f"(first on line {first})")
-    return ids, codes
+
+
+def _read_items_csv(path: Path) -> dict[str, Any]:
+    """``items.csv`` by column: ``ids`` (each item once) and, where present, ``category`` (int64 codes),
+    ``price`` (float64, NaN where empty) and ``text`` (title and text joined)."""
+    table = read_csv_table(path, ITEM_COLUMNS, ITEM_OPTIONAL)
+    _check_ids(table, ("item",))
+    ids = table.columns["item"]
+    _refuse_repeated(table, ids, "item")
+    out: dict[str, Any] = {"ids": ids}
+    if "category" in table.columns:
+        cats = table.columns["category"]
+        empty = cats == ""
+        if empty.any():
+            raise DataError(f"{path}:{table.where(empty)}: empty category (leave the column out, "
+                            "or give every item one)")
+        out["category"] = compute_codes(cats)[0]
+    if "price" in table.columns:
+        out["price"] = _read_prices(table)
+    texts = [table.columns[c] for c in ("title", "text") if c in table.columns]
+    if texts:
+        out["text"] = [" ".join(parts) for parts in zip(*(t.tolist() for t in texts), strict=True)]
+    return out
+
+
+def _read_prices(table: CsvTable) -> np.ndarray:
+    """The price column as float64: empty is missing (NaN); anything else a finite number >= 0."""
+    col = table.columns["price"]
+    prices = np.full(col.size, np.nan)
+    for k, text in enumerate(col.tolist()):
+        if text == "":
+            continue
+        if not _is_finite_number(text) or float(text) < 0:
+            raise DataError(f"{table.path}:{table.line_no[k]}: column 'price' must be a number >= 0 "
+                            f"or empty, got {text!r}")
+        prices[k] = float(text)
+    return prices
 
 
 # ----------------------------------------------------------------------------------------------
@@ -508,4 +690,6 @@ def load_dataset(cfg: DataConfig, data_dir: PathLike | None = None) -> Dataset:
     if not folder.is_dir():
         raise DataError(f"{folder}: no such dataset folder (data.format = {cfg.format!r}, "
                         f"data.path = {cfg.path!r}; set --data-dir or FEDSOCIAL_DATA_DIR)")
-    return LOADERS[cfg.format](folder)
+    if cfg.format == "csv":
+        return load_csv(folder, strict=cfg.strict, price_bins=cfg.price_bins, text_dim=cfg.text_dim)
+    return LOADERS[cfg.format](folder, strict=cfg.strict)

@@ -209,14 +209,19 @@ class _Proxy(ClientProxy):
 
 
 def _reply(node: int, arrays: list[np.ndarray], round_: object, users: int = 10) -> tuple[ClientProxy, FitRes]:
-    metrics = {"round": round_, "partner_id": f"partner-{node}", "param_names": ",".join(NAMES), "num_users": users}
+    metrics = {"round": round_, "partner_id": f"partner-{node}", "param_names": ",".join(NAMES), "num_users": users,
+               "budget_exhausted": 0}
     return _Proxy(node), FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), users, metrics)  # type: ignore[arg-type]
+
+
+def _registrations(n: int, users: int = 10) -> dict[int, dict[str, object]]:
+    return {i: {"partner_id": f"partner-{i}", "param_names": ",".join(NAMES), "num_users": users} for i in range(n)}
 
 
 def _strategy(tmp_path: Path, min_partners: int) -> FedSocialStrategy:
     cfg = Config().replace("federation", partners=4, min_partners=min_partners, clipping_norm=1.0)
     initial = [np.zeros((5, 3), np.float32), np.ones(5, np.float32)]
-    return FedSocialStrategy(cfg, tmp_path, NAMES, initial)
+    return FedSocialStrategy(cfg, tmp_path, NAMES, initial, registrations=_registrations(4))
 
 
 def _bad_replies() -> list[tuple[ClientProxy, FitRes]]:
@@ -262,7 +267,8 @@ def test_eval_rounds_are_every_kth_and_always_the_last(every: int, expected: lis
 def test_a_round_without_evaluation_is_still_recorded_and_checkpointed(tmp_path: Path) -> None:
     # Prepare: round 1 of 2 with eval_every 2 (Flower calls no aggregate_evaluate for it)
     cfg = Config().replace("federation", partners=4, rounds=2, min_partners=1, clipping_norm=1.0, eval_every=2)
-    strategy = FedSocialStrategy(cfg, tmp_path, NAMES, [np.zeros((5, 3), np.float32), np.ones(5, np.float32)])
+    strategy = FedSocialStrategy(cfg, tmp_path, NAMES, [np.zeros((5, 3), np.float32), np.ones(5, np.float32)],
+                                 registrations=_registrations(1))
     manager = SimpleClientManager()
     manager.register(_Proxy(0))
     strategy.configure_fit(1, ndarrays_to_parameters([]), manager)

@@ -1,0 +1,306 @@
+"""The client-server protocol: what a partner may send the coordinator, and how the coordinator reads it.
+
+Both sides import this module (it imports no Flower). A partner builds a typed report and sends
+``report.to_metrics()``; the server turns the metrics dict of a reply back into a report with
+``parse_*``, which never raises on bad input: it returns :class:`Rejected` with every problem found,
+and the server drops and logs that reply like any other bad one. The server never reads a bare
+string key of a reply.
+
+Three messages carry scalars besides the shared-parameter arrays:
+
+* registration (``get_properties`` at the start of a run): the partner's id, the names of the
+  shared parameters, its user count (the bound on its aggregation weight for the whole run:
+  declared once, recorded by the server, never taken from a later reply) and its budget cap;
+  the same message with ``round`` in its config asks whether the partner will train that round
+  (:class:`Intent`), so that a partner out of budget is not counted as a SecAgg+ contributor;
+* fit reply (:class:`FitReport`): the round, the partner id, scalars about the local training and
+  the privacy accounting of its release;
+* evaluation reply (:class:`EvalReport`): the round, the partner id, the ranking metrics over its
+  test users and how many users were evaluated.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+METRIC_KEYS: tuple[str, ...] = ("recall@10", "ndcg@10", "hr@10", "recall@20", "ndcg@20", "hr@20")
+
+PRIVACY_MODEL = (
+    "user-level joint DP (billboard model): each partner's shared-parameter updates are (epsilon, delta)-DP "
+    "with respect to one user's record (interactions + out-neighbour list), via DP-SGD with Poisson "
+    "sampling, per-user clipping and Gaussian noise; epsilon/delta here are the largest over partners. "
+    "Not hidden: whether a user appears in another user's out-list, the item catalogue, per-partner user counts. "
+    "Client-side clipping of each update bounds a partner's influence; server noise (if any) adds partner-level DP."
+)
+
+# A partner id names files on the server (ledgers/<id>.jsonl): a short, plain token.
+_PARTNER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_PARAM_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]{0,127}")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+MAX_USERS = 10**9  # a declared user count above this is not a platform, it is an attempt to take the aggregate
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """A reply that cannot be read as its report; ``problems`` says why (one line each)."""
+
+    problems: tuple[str, ...]
+
+    def __str__(self) -> str:
+        return "; ".join(self.problems)
+
+
+# ---- field checks: each returns the typed value or appends a problem and returns None -------------
+
+def _int(m: Mapping[str, Any], key: str, errs: list[str], lo: int = 0, hi: int | None = None) -> int | None:
+    v = m.get(key)
+    # bool is an int in Python; on the wire True is not a count
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
+        errs.append(f"{key}: expected an integer in [{lo}, {hi if hi is not None else 'inf'}], got {v!r}")
+        return None
+    return v
+
+
+def _float(m: Mapping[str, Any], key: str, errs: list[str], lo: float = 0.0, hi: float = math.inf,
+           lo_open: bool = False) -> float | None:
+    v = m.get(key)
+    try:
+        x = float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan
+    except OverflowError:  # an integer of hundreds of digits
+        x = math.inf
+    if not (math.isfinite(x) and lo <= x <= hi and not (lo_open and x == lo)):
+        lo_b = "(" if lo_open else "["
+        errs.append(f"{key}: expected a finite number in {lo_b}{lo:g}, {hi:g}], got {v!r}")
+        return None
+    return x
+
+
+def _str(m: Mapping[str, Any], key: str, errs: list[str], pattern: re.Pattern[str]) -> str | None:
+    v = m.get(key)
+    if not isinstance(v, str) or pattern.fullmatch(v) is None:
+        shown = v if not isinstance(v, str) or len(v) <= 80 else v[:80] + "..."
+        errs.append(f"{key}: expected a string matching {pattern.pattern}, got {shown!r}")
+        return None
+    return v
+
+
+def _names(m: Mapping[str, Any], key: str, errs: list[str]) -> tuple[str, ...] | None:
+    v = m.get(key)
+    if not isinstance(v, str) or not v:
+        errs.append(f"{key}: expected comma-separated parameter names, got {v!r}")
+        return None
+    names = tuple(v.split(","))
+    bad = [n for n in names if _PARAM_NAME.fullmatch(n) is None]
+    if bad or len(set(names)) != len(names):
+        errs.append(f"{key}: invalid or repeated parameter names {bad[:3] or sorted(names)[:3]!r}")
+        return None
+    return names
+
+
+def _unknown(m: Mapping[str, Any], allowed: frozenset[str], errs: list[str]) -> None:
+    extra = sorted(str(k) for k in m if k not in allowed)
+    if extra:
+        errs.append(f"keys outside the protocol: {extra[:5]}")
+
+
+def _keys(cls: type) -> frozenset[str]:
+    return frozenset(f.name for f in fields(cls))
+
+
+# ---- registration ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Registration:
+    """What a partner declares once, at the start of a run (not hidden by the privacy model)."""
+
+    partner_id: str
+    param_names: tuple[str, ...]
+    num_users: int  # bounds the partner's aggregation weight for the whole run
+    max_epsilon: float = 0.0  # the partner's budget cap (0: privacy off)
+    target_delta: float = 0.0
+
+    def to_metrics(self) -> dict[str, Any]:
+        return {"partner_id": self.partner_id, "param_names": ",".join(self.param_names),
+                "num_users": self.num_users, "max_epsilon": self.max_epsilon, "target_delta": self.target_delta}
+
+
+REGISTRATION_KEYS = _keys(Registration)
+
+
+def parse_registration(m: Mapping[str, Any]) -> Registration | Rejected:
+    errs: list[str] = []
+    _unknown(m, REGISTRATION_KEYS, errs)
+    pid = _str(m, "partner_id", errs, _PARTNER_ID)
+    names = _names(m, "param_names", errs)
+    users = _int(m, "num_users", errs, lo=1, hi=MAX_USERS)
+    eps = _float(m, "max_epsilon", errs) if "max_epsilon" in m else 0.0
+    delta = _float(m, "target_delta", errs, hi=1.0) if "target_delta" in m else 0.0
+    if errs or pid is None or names is None or users is None or eps is None or delta is None:
+        return Rejected(tuple(errs))
+    return Registration(pid, names, users, eps, delta)
+
+
+@dataclass(frozen=True)
+class Intent:
+    """A partner's answer to "will you train round r?" (asked before a SecAgg+ round)."""
+
+    partner_id: str
+    round: int
+    will_train: bool
+
+    def to_metrics(self) -> dict[str, Any]:
+        return {"partner_id": self.partner_id, "round": self.round, "will_train": int(self.will_train)}
+
+
+INTENT_KEYS = _keys(Intent)
+
+
+def parse_intent(m: Mapping[str, Any], expected_round: int) -> Intent | Rejected:
+    errs: list[str] = []
+    _unknown(m, INTENT_KEYS, errs)
+    pid = _str(m, "partner_id", errs, _PARTNER_ID)
+    rnd = _round(m, expected_round, errs)
+    will = _int(m, "will_train", errs, hi=1)
+    if errs or pid is None or rnd is None or will is None:
+        return Rejected(tuple(errs))
+    return Intent(pid, rnd, bool(will))
+
+
+def _round(m: Mapping[str, Any], expected: int, errs: list[str]) -> int | None:
+    v = m.get("round")
+    if isinstance(v, bool) or not isinstance(v, int) or v != expected:
+        errs.append(f"wrong round: reply is for round {v!r}, the server is in round {expected}")
+        return None
+    return v
+
+
+# ---- fit reply ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class FitAccounting:
+    """The privacy accounting of one release, as the partner's ledger recorded it."""
+
+    epsilon: float
+    delta: float
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    max_grad_norm: float
+    ledger_round: int
+    ledger_head: str
+
+
+@dataclass(frozen=True)
+class FitReport:
+    """A partner's fit reply (besides the clipped update's arrays and the legacy ``num_examples``)."""
+
+    round: int
+    partner_id: str
+    param_names: tuple[str, ...]
+    num_users: int
+    budget_exhausted: bool  # True: the partner refused the round (its update is zero, its weight 0)
+    train_loss: float | None = None  # None when it did not train
+    fit_time_s: float = 0.0
+    epsilon: float | None = None  # spent so far (a refusal reports what it had spent)
+    delta: float | None = None
+    accounting: FitAccounting | None = None  # None without DP, or on a refusal
+
+    def to_metrics(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"round": self.round, "partner_id": self.partner_id,
+                               "param_names": ",".join(self.param_names), "num_users": self.num_users,
+                               "budget_exhausted": int(self.budget_exhausted), "fit_time_s": self.fit_time_s}
+        if self.train_loss is not None:
+            out["train_loss"] = self.train_loss
+        if self.epsilon is not None:
+            out["epsilon"] = self.epsilon
+        if self.delta is not None:
+            out["delta"] = self.delta
+        if self.accounting is not None:
+            out.update({f.name: getattr(self.accounting, f.name) for f in fields(FitAccounting)})
+        return out
+
+
+FIT_METRIC_KEYS = frozenset((_keys(FitReport) - {"accounting"}) | _keys(FitAccounting))
+
+
+def parse_fit_report(m: Mapping[str, Any], expected_round: int) -> FitReport | Rejected:
+    """A fit reply's metrics as a :class:`FitReport`, or every problem with them."""
+    errs: list[str] = []
+    _unknown(m, FIT_METRIC_KEYS, errs)
+    rnd = _round(m, expected_round, errs)
+    pid = _str(m, "partner_id", errs, _PARTNER_ID)
+    names = _names(m, "param_names", errs)
+    users = _int(m, "num_users", errs, lo=1, hi=MAX_USERS)
+    exhausted = _int(m, "budget_exhausted", errs, hi=1)
+    loss = _float(m, "train_loss", errs, lo=-math.inf) if "train_loss" in m else None
+    fit_s = _float(m, "fit_time_s", errs) if "fit_time_s" in m else 0.0
+    eps = _float(m, "epsilon", errs) if "epsilon" in m else None
+    delta = _float(m, "delta", errs, hi=1.0, lo_open=True) if "delta" in m else None
+    acc = _parse_accounting(m, errs)
+    if errs or None in (rnd, pid, names, users, exhausted, fit_s):
+        return Rejected(tuple(errs))
+    return FitReport(rnd, pid, names, users, bool(exhausted), loss, fit_s, eps, delta, acc)  # type: ignore[arg-type]
+
+
+def _parse_accounting(m: Mapping[str, Any], errs: list[str]) -> FitAccounting | None:
+    keys = [f.name for f in fields(FitAccounting)]
+    present = [k for k in keys if k in m]
+    if not set(present) - {"epsilon", "delta"}:  # a refusal reports epsilon and delta alone
+        return None
+    if len(present) != len(keys):
+        errs.append(f"privacy accounting incomplete: missing {sorted(set(keys) - set(present))}")
+        return None
+    n = len(errs)
+    values = (_float(m, "epsilon", errs), _float(m, "delta", errs, hi=1.0, lo_open=True),
+              _float(m, "noise_multiplier", errs), _float(m, "sample_rate", errs, hi=1.0, lo_open=True),
+              _int(m, "steps", errs), _float(m, "max_grad_norm", errs, lo_open=True),
+              _int(m, "ledger_round", errs), _str(m, "ledger_head", errs, _HEX64))
+    return None if len(errs) > n else FitAccounting(*values)  # type: ignore[arg-type]
+
+
+# ---- evaluation reply -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class EvalReport:
+    """A partner's evaluation reply: ranking metrics over its test users (each in [0, 1])."""
+
+    round: int
+    partner_id: str
+    evaluated_users: int
+    metrics: Mapping[str, float]  # exactly METRIC_KEYS
+    eval_time_s: float = 0.0
+
+    def to_metrics(self) -> dict[str, Any]:
+        return {**{k: float(self.metrics[k]) for k in METRIC_KEYS}, "round": self.round,
+                "partner_id": self.partner_id, "evaluated_users": self.evaluated_users,
+                "eval_time_s": self.eval_time_s}
+
+
+EVAL_METRIC_KEYS = frozenset((_keys(EvalReport) - {"metrics"}) | set(METRIC_KEYS))
+
+
+def parse_eval_report(m: Mapping[str, Any], expected_round: int) -> EvalReport | Rejected:
+    """An evaluation reply's metrics as an :class:`EvalReport`, or every problem with them.
+
+    A metric outside [0, 1] (NaN, 1e9, a string) or a missing one rejects the reply: it is never
+    averaged in.
+    """
+    errs: list[str] = []
+    _unknown(m, EVAL_METRIC_KEYS, errs)
+    rnd = _round(m, expected_round, errs)
+    pid = _str(m, "partner_id", errs, _PARTNER_ID)
+    users = _int(m, "evaluated_users", errs, hi=MAX_USERS)
+    values = {k: _float(m, k, errs, hi=1.0) for k in METRIC_KEYS}
+    eval_s = _float(m, "eval_time_s", errs) if "eval_time_s" in m else 0.0
+    if errs or None in (rnd, pid, users, eval_s):
+        return Rejected(tuple(errs))
+    return EvalReport(rnd, pid, users, {k: float(v) for k, v in values.items()}, eval_s)  # type: ignore[arg-type]
+
+
+def problems_of(parsed: object) -> tuple[str, ...]:
+    """The problems of a parse result (empty for a report)."""
+    return parsed.problems if isinstance(parsed, Rejected) else ()

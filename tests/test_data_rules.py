@@ -1,0 +1,272 @@
+"""The documented data rules of every loader, item / user features of the generic CSV format, and
+hypothesis fuzzing of the CSV loaders: a clear DataError naming file and line, or a correct result."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fedsocial.shared.config import DataConfig
+from fedsocial.shared.data import DataError
+from fedsocial.shared.features import compute_codes, compute_price_bins, compute_text_features
+from fedsocial.shared.loaders import load_csv, load_dataset, load_filmtrust, load_lastfm, read_numeric_table
+
+INTER = "user,item\na,x\nb,y\nc,x\n"
+SOCIAL_WITH_GHOSTS = "user,neighbour\na,b\nghost,a\nb,c\na,nobody\nspook,ghost\n"
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(text.encode("utf-8"))
+    return path
+
+
+def csv_folder(tmp: Path, inter: str = INTER, social: str = "user,neighbour\na,b\n") -> Path:
+    write(tmp / "interactions.csv", inter)
+    write(tmp / "social.csv", social)
+    return tmp
+
+
+# --- social edges to users without interactions: dropped with one counting notice, or refused -----
+
+
+def test_csv_edges_to_users_without_interactions_dropped_with_one_counting_notice(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # Prepare
+    folder = csv_folder(tmp_path, social=SOCIAL_WITH_GHOSTS)
+    # Execute
+    with caplog.at_level(logging.WARNING, logger="fedsocial.data"):
+        ds = load_csv(folder)
+    # Assert: the two clean edges a->b, b->c survive; one notice counts the 3 others with their lines
+    pairs = {(str(ds.user_ids[s]), str(ds.user_ids[d])) for s, d in zip(ds.social_src, ds.social_dst, strict=True)}
+    assert pairs == {("a", "b"), ("b", "c")}
+    notices = [r.getMessage() for r in caplog.records if r.name == "fedsocial.data"]
+    assert len(notices) == 1
+    assert "social.csv: dropped 3 social edge(s)" in notices[0] and "lines 3, 5, 6" in notices[0]
+
+
+def test_csv_strict_refuses_and_lists_every_line(tmp_path: Path) -> None:
+    # Prepare
+    folder = csv_folder(tmp_path, social=SOCIAL_WITH_GHOSTS)
+    # Execute / Assert
+    with pytest.raises(DataError, match=r"social.csv: 3 social row\(s\) .*lines: 3, 5, 6$"):
+        load_csv(folder, strict=True)
+
+
+def test_strict_reaches_the_loader_through_the_config(tmp_path: Path) -> None:
+    # Prepare
+    csv_folder(tmp_path / "d", social=SOCIAL_WITH_GHOSTS)
+    # Execute / Assert
+    assert load_dataset(DataConfig(format="csv", path="d"), tmp_path).n_edges == 2
+    with pytest.raises(DataError, match="data.strict"):
+        load_dataset(DataConfig(format="csv", path="d", strict=True), tmp_path)
+
+
+def test_research_loaders_follow_the_same_rule(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # Prepare: LastFM (header, undirected) and FilmTrust (no header, directed) with one ghost edge each
+    write(tmp_path / "lfm" / "user_artists.dat", "userID\tartistID\tweight\n1\t10\t5\n2\t11\t3\n")
+    write(tmp_path / "lfm" / "user_friends.dat", "userID\tfriendID\n1\t2\n1\t99\n")
+    write(tmp_path / "ft" / "ratings.txt", "1 10 4\n2 11 3\n")
+    write(tmp_path / "ft" / "trust.txt", "1 2 1\n\n77 1 1\n")
+    # Execute
+    with caplog.at_level(logging.WARNING, logger="fedsocial.data"):
+        lfm, ft = load_lastfm(tmp_path / "lfm"), load_filmtrust(tmp_path / "ft")
+    # Assert: kept edges as before; the notices name the right lines (FilmTrust's blank line counts)
+    assert lfm.n_edges == 2 and ft.n_edges == 1
+    notices = [r.getMessage() for r in caplog.records if r.name == "fedsocial.data"]
+    assert any("user_friends.dat: dropped 1" in m and "lines 3)" in m for m in notices)
+    assert any("trust.txt: dropped 1" in m and "lines 3)" in m for m in notices)
+    with pytest.raises(DataError, match=r"trust.txt: 1 social row.*lines: 3$"):
+        load_filmtrust(tmp_path / "ft", strict=True)
+
+
+# --- rows that do not parse cleanly are refused with file:line ------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("inter", "needle"),
+    [
+        ("user,item\na,x\nb,y\u2028z\n", "interactions.csv:3: line separator U+2028 inside a row"),
+        ("user,item\na,x\u2029\nb,y\n", "interactions.csv:2: line separator U+2029"),
+        ("user,item\na,x\x85\n", "interactions.csv:2: line separator U+0085"),
+        ("user,item\na,x\x0cb,y\n", "interactions.csv:2: line separator U+000C"),
+        ("user,item\na,x\nuser,item\nb,y\n", "interactions.csv:3: the header line is repeated (first on line 1)"),
+        ("user,item\na,x\n USER , Item \n", "interactions.csv:3: the header line is repeated"),
+        ("user,item\na,x\nb;c,y\n", "interactions.csv:3: stray semicolon separator in user id 'b;c'"),
+        ("user,item\na,x\tq\n", "interactions.csv:2: stray tab separator in item id"),
+        ('user,item\na,"x|y"\n', "interactions.csv:2: stray pipe separator in item id"),
+        ("user,item\na,x\rb,y\nc,z\n", "interactions.csv:2: a carriage return inside a row"),
+        ("user,item\na,x,\n", "interactions.csv:2: expected 2 fields (user,item), found 3"),
+    ],
+)
+def test_csv_rows_that_do_not_parse_cleanly_are_refused_with_file_and_line(
+        tmp_path: Path, inter: str, needle: str) -> None:
+    # Prepare
+    folder = csv_folder(tmp_path, inter=inter)
+    # Execute / Assert
+    with pytest.raises(DataError) as err:
+        load_csv(folder)
+    assert needle in str(err.value)
+
+
+def test_crlf_and_old_mac_line_endings_read_as_lines(tmp_path: Path) -> None:
+    # Prepare
+    a = csv_folder(tmp_path / "crlf", inter="user,item\r\na,x\r\nb,y\r\n", social="user,neighbour\r\na,b\r\n")
+    b = csv_folder(tmp_path / "cr", inter="user,item\ra,x\rb,y\r", social="user,neighbour\ra,b\r")
+    # Execute
+    ds_a, ds_b = load_csv(a), load_csv(b)
+    # Assert
+    for ds in (ds_a, ds_b):
+        assert (ds.n_users, ds.n_items, ds.n_interactions, ds.n_edges) == (2, 2, 2, 1)
+
+
+def test_numeric_tables_refuse_unicode_separators_with_the_editor_line(tmp_path: Path) -> None:
+    # Prepare
+    path = write(tmp_path / "ratings.txt", "1 2 3\n4 5 6\u2028 7 8 9\n")
+    # Execute / Assert
+    with pytest.raises(DataError, match=r"ratings.txt:2: line separator U\+2028"):
+        read_numeric_table(path, 3)
+
+
+# --- item and user features ------------------------------------------------------------------------
+
+
+def test_items_csv_names_prices_and_texts_become_features(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare
+    monkeypatch.setenv("FEDSOCIAL_CACHE_DIR", str(tmp_path / "cache"))
+    folder = csv_folder(tmp_path / "d")
+    write(folder / "items.csv", 'item,category,title,price\nx,shoes,"red running shoes",10\n'
+                                "y,books,chocolate cake recipes,\nz,shoes,blue running shoes,30\n")
+    # Execute
+    ds = load_csv(folder, price_bins=2, text_dim=4)
+    again = load_csv(folder, price_bins=2, text_dim=4)
+    # Assert: items sorted x, y, z; category names coded books=0, shoes=1; y has no price (code 2)
+    assert ds.item_ids.tolist() == ["x", "y", "z"]
+    assert ds.item_category.tolist() == [1, 0, 1]
+    assert ds.item_price_bin.tolist() == [0, 2, 1]
+    assert ds.item_text.shape == (3, 4) and ds.item_text.dtype == np.float32
+    cos = ds.item_text @ ds.item_text.T / np.outer(*[np.linalg.norm(ds.item_text, axis=1)] * 2)
+    assert cos[0, 2] > 0.4 and abs(cos[0, 1]) < 1e-5  # the two shoes are alike (TF-IDF cosine), the book is not
+    cached = list((tmp_path / "cache" / "text").glob("*.npy"))
+    assert len(cached) == 1 and np.array_equal(again.item_text, ds.item_text)
+
+
+def test_items_csv_without_category_keeps_no_category(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare
+    monkeypatch.setenv("FEDSOCIAL_CACHE_DIR", str(tmp_path / "cache"))
+    folder = csv_folder(tmp_path / "d")
+    write(folder / "items.csv", "item,price\nx,1.5\ny,2\nw,3\n")
+    # Execute
+    ds = load_csv(folder, price_bins=3)
+    # Assert: the catalogue item w without interactions is kept; no category, no text
+    assert ds.item_ids.tolist() == ["w", "x", "y"] and ds.n_items == 3
+    assert ds.item_category is None and ds.item_text is None
+    assert ds.item_price_bin.tolist() == [2, 0, 1]
+
+
+def test_users_csv_columns_become_local_categorical_codes(tmp_path: Path) -> None:
+    # Prepare: c has no age band, d has no interactions (ignored), a gender column is partly empty
+    folder = csv_folder(tmp_path)
+    write(folder / "users.csv", "user,age_band,gender\na,18-24,f\nb,25-34,\nc,,m\nd,65+,f\n")
+    # Execute
+    ds = load_csv(folder)
+    # Assert: codes per column are 1 + rank of the value, 0 missing
+    assert ds.user_feature_names == ("age_band", "gender")
+    assert ds.user_ids.tolist() == ["a", "b", "c"]
+    assert ds.user_features.tolist() == [[1, 1], [2, 0], [0, 2]]
+
+
+@pytest.mark.parametrize(
+    ("users", "needle"),
+    [
+        ("user,age\na,1\na,2\n", "users.csv:3: user 'a' listed twice (first on line 2)"),
+        ("user,7\na,1\n", "users.csv:1: unknown column '7'"),
+        ("user,age\na\n", "users.csv:2: expected 2 fields"),
+    ],
+)
+def test_bad_users_csv_names_file_and_line(tmp_path: Path, users: str, needle: str) -> None:
+    # Prepare
+    folder = csv_folder(tmp_path)
+    write(folder / "users.csv", users)
+    # Execute / Assert
+    with pytest.raises(DataError) as err:
+        load_csv(folder)
+    assert needle in str(err.value)
+
+
+def test_price_bins_known_values() -> None:
+    # Prepare / Execute
+    bins = compute_price_bins(np.array([1, 2, 3, 4, np.nan, 100.0]), 3)
+    # Assert: edges at the 1/3 and 2/3 quantiles of the known prices (2.33, 3.67); NaN gets code 3
+    assert bins.tolist() == [0, 0, 1, 2, 3, 2]
+
+
+def test_codes_keep_integer_category_ids_and_rank_names() -> None:
+    assert compute_codes(np.array(["3", "10", "3"]))[0].tolist() == [3, 10, 3]
+    assert compute_codes(np.array(["b", "a", "b"]))[0].tolist() == [1, 0, 1]
+
+
+def test_text_features_deterministic_and_zero_for_empty_text() -> None:
+    # Prepare
+    texts = ["wireless mouse", "wireless keyboard", "", "garden hose", "garden chair"]
+    # Execute
+    a, b = compute_text_features(texts, 3), compute_text_features(list(texts), 3)
+    # Assert
+    assert np.array_equal(a, b)
+    assert not a[2].any()
+
+
+# --- fuzzing -----------------------------------------------------------------------------------------
+
+_ALPHABET = st.sampled_from(list("ab1,;\t|\"' \n\r\u2028\x85xy-") + ["user", "item", "neighbour"])
+_FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@_FUZZ
+@given(inter=st.lists(_ALPHABET, max_size=40).map("".join), social=st.lists(_ALPHABET, max_size=30).map("".join),
+       items=st.one_of(st.none(), st.lists(_ALPHABET, max_size=30).map("".join)))
+def test_fuzz_csv_loader_gives_a_data_error_or_a_dataset(tmp_path_factory: pytest.TempPathFactory, inter: str,
+                                                         social: str, items: str | None) -> None:
+    # Prepare: headers most of the time, then random bytes of the format's alphabet
+    folder = tmp_path_factory.mktemp("fuzz")
+    write(folder / "interactions.csv", "user,item\n" + inter)
+    write(folder / "social.csv", "user,neighbour\n" + social)
+    if items is not None:
+        write(folder / "items.csv", "item,category,price\n" + items)
+    # Execute / Assert: a DataError naming a file of the folder, or a self-consistent Dataset
+    try:
+        ds = load_csv(folder)
+    except DataError as exc:
+        assert any(name in str(exc) for name in ("interactions.csv", "social.csv", "items.csv"))
+        return
+    assert ds.n_interactions >= 1 and ds.users.max() < ds.n_users and ds.items.max() < ds.n_items
+    assert ds.n_edges == 0 or (ds.social_src.max() < ds.n_users and ds.social_dst.max() < ds.n_users)
+
+
+_IDS = st.text(alphabet=st.sampled_from(list("abcXYZ019_-é ")), min_size=1, max_size=4).map(str.strip).filter(bool)
+
+
+@_FUZZ
+@given(rows=st.lists(st.tuples(_IDS, _IDS), min_size=1, max_size=25),
+       edges=st.lists(st.tuples(_IDS, _IDS), max_size=25))
+def test_fuzz_well_formed_csv_loads_exactly(tmp_path_factory: pytest.TempPathFactory,
+                                            rows: list[tuple[str, str]], edges: list[tuple[str, str]]) -> None:
+    # Prepare: any well-formed file (ids may need no quoting; spaces around fields are stripped)
+    folder = tmp_path_factory.mktemp("wellformed")
+    write(folder / "interactions.csv", "user,item\n" + "".join(f" {u},{i} \n" for u, i in rows))
+    write(folder / "social.csv", "user,neighbour\n" + "".join(f"{u},{v}\n" for u, v in edges))
+    # Execute
+    ds = load_csv(folder)
+    # Assert: against a brute-force reading of the same rows
+    users = {u for u, _ in rows}
+    got = {(str(ds.user_ids[u]), str(ds.item_ids[i])) for u, i in zip(ds.users, ds.items, strict=True)}
+    assert got == set(rows)
+    want_edges = {(u, v) for u, v in edges if u in users and v in users and u != v}
+    got_edges = {(str(ds.user_ids[s]), str(ds.user_ids[d])) for s, d in zip(ds.social_src, ds.social_dst,
+                                                                             strict=True)}
+    assert got_edges == want_edges
