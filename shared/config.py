@@ -46,6 +46,8 @@ class DataConfig:
     text_dim: int = 32  # items.csv title/text: size of the offline text features (hashed TF-IDF + SVD)
 
     def __post_init__(self) -> None:
+        _check(self.price_bins >= 1, "data.price_bins", "must be >= 1")
+        _check(self.text_dim >= 1, "data.text_dim", "must be >= 1")
         formats = ("synthetic", "filmtrust", "lastfm", "douban", "ciao", "csv")
         _check(self.format in formats, "data.format", f"must be one of {formats}, got {self.format!r}")
         _check(self.format == "synthetic" or bool(self.path), "data.path", "required for real data")
@@ -92,10 +94,10 @@ class ModelConfig:
     use_social: bool = True  # the social term r_u
     use_history: bool = True  # the behaviour term b_u
     use_category: bool = False  # add a vector per catalogue category to item and history vectors
-    user_embedding: str = "trained"  # trained|local|none: how p_u is obtained (see DESIGN.md)
-    use_mlp: bool = True  # residual MLP refinement, output layer starts at zero
     use_price: bool = False  # add a vector per price bin (items.csv price) to item and history vectors
     use_text: bool = False  # add a shared projection of the items' offline text features to item vectors
+    user_embedding: str = "trained"  # trained|local|none: how p_u is obtained (see DESIGN.md)
+    use_mlp: bool = True  # residual MLP refinement, output layer starts at zero
     mlp_hidden: int = 64
     aggregator: str = "mean"  # mean|gcn|attention
     max_neighbors: int = 20  # K
