@@ -1,0 +1,212 @@
+"""``fedsocial init --data DIR --out CONFIG [--private] [--partners N]``: a config sized to a CSV data set.
+
+Reads the data set in the generic CSV format (``interactions.csv``, ``social.csv``, optional
+``items.csv`` / ``users.csv``; every loader rule applies, errors name file and line), measures it,
+and writes a TOML config whose size-dependent settings follow from the data: embedding size, batch
+size (the DP sample rate), sampled negatives, evaluation cadence and patience, epochs and rounds,
+and the DP noise plan (delta below 1 / users, fixed schedule, calibrated noise). Each such setting
+carries a comment saying what it was derived from. ``data.path`` is written as an absolute path, so
+``fedsocial train --config CONFIG --out RUN`` and ``fedsocial simulate --config CONFIG --out RUN``
+need no other flag. A non-private config lists the exact keys that DP changes, and the ``--set``
+line that applies them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedsocial.shared.config import ConfigError, DataConfig, load_config
+from fedsocial.shared.data import Dataset
+from fedsocial.simulations.common import user_errors
+
+Settings = dict[str, dict[str, tuple[Any, str]]]  # section -> key -> (value, why)
+
+
+@dataclass(frozen=True)
+class DataStats:
+    users: int
+    items: int
+    interactions: int
+    edges: int
+    has_category: bool
+    has_price: bool
+    has_text: bool
+    user_features: int
+
+
+def compute_stats(ds: Dataset) -> DataStats:
+    """The sizes that the settings depend on."""
+    return DataStats(ds.n_users, ds.n_items, ds.n_interactions, ds.n_edges, ds.item_category is not None,
+                     ds.item_price_bin is not None, ds.item_text is not None, len(ds.user_feature_names))
+
+
+def compute_clip_pow2(x: float, lo: int, hi: int) -> int:
+    """The power of two nearest ``x`` (in log scale), clipped to [lo, hi]."""
+    return int(min(hi, max(lo, 2 ** round(math.log2(max(x, 1.0))))))
+
+
+def compute_delta(n_users: int) -> float:
+    """A power of ten at most 1e-5 and at most 1 / (10 n): delta must be well below 1 / users."""
+    return float(min(1e-5, 10.0 ** math.floor(math.log10(0.1 / max(n_users, 1)))))
+
+
+def compute_settings(s: DataStats, private: bool, partners: int) -> Settings:
+    """Size-dependent settings for non-private (``private`` False) or user-level DP training.
+
+    Reasons (DESIGN.md, BENCHMARKS.md): small catalogues overfit large embeddings; sampled-softmax
+    negatives beyond ~1/20 of the catalogue add cost, not signal; a full-ranking evaluation costs
+    users x items, so large data sets evaluate less often with proportionally longer patience;
+    epochs follow a budget of interactions processed. Under DP the per-user vector is reconstructed
+    locally (a DP-trained per-user table is mostly noise), the MLP is off, the sample rate is about
+    1/4 (LastFM's measured setting) or the batch is capped at 1024 users, the schedule is fixed and
+    the noise multiplier calibrated to reach ``max_epsilon`` at its end.
+    """
+    dim = compute_clip_pow2(math.sqrt(s.items) / 2, 16, 64)
+    negatives = int(min(128, max(8, s.items // 20)))
+    cost = s.users * s.items  # score entries per full-ranking evaluation
+    eval_every = int(min(10, max(1, math.ceil(cost / 5e7))))
+    epochs = int(min(100, max(10, round(2e6 / max(s.interactions, 1)))))
+    epochs = int(math.ceil(epochs / eval_every) * eval_every)
+    per_partner = max(1, s.users // partners)
+    rounds = int(min(20, max(5, epochs // 5)))
+    model: dict[str, tuple[Any, str]] = {
+        "name": ("social", "behaviour bag + social term (DESIGN.md)"),
+        "dim": (dim, f"~sqrt({s.items} items)/2 as a power of two in [16, 64]"),
+        "num_negatives": (negatives, f"~{s.items} items / 20, in [8, 128]"),
+        "loss": ("softmax", "sampled softmax"),
+        "temperature": (0.2, "cosine scores / 0.2"),
+        "max_targets": (64, "targets per user example"),
+        "max_neighbors": (20, "K sampled out-neighbours"),
+        "use_category": (s.has_category, "items.csv has a category column" if s.has_category else "no categories"),
+        "use_price": (s.has_price, "items.csv has a price column" if s.has_price else "no prices"),
+        "use_text": (s.has_text, "items.csv has a title/text column" if s.has_text else "no texts"),
+    }
+    train: dict[str, tuple[Any, str]] = {
+        "epochs": (epochs, f"~2e6 / {s.interactions} interactions, in [10, 100], a multiple of eval_every"),
+        "eval_every": (eval_every, f"full ranking costs {s.users} x {s.items} scores: every ~5e7 scores"),
+        "patience": (max(10, 3 * eval_every), "early stopping: 3 evaluations, at least 10 epochs"),
+        "lr": (0.005, "Adam"),
+        "seed": (0, "fixed seed"),
+        "device": ("auto", "cuda when available, else cpu"),
+    }
+    fed: dict[str, tuple[Any, str]] = {
+        "partners": (partners, "partner platforms in a simulation"),
+        "min_partners": (max(1, min(partners, partners - 1)), "quorum"),
+        "rounds": (rounds, "epochs / 5 in [5, 20]: each round has a fixed coordination cost"),
+        "local_epochs": (max(1, round(epochs / rounds)), "rounds x local_epochs ~ the centralized epochs"),
+        "eval_every": (max(1, eval_every // 2), "federated evaluation cadence, in rounds"),
+    }
+    privacy: dict[str, tuple[Any, str]] = {"enabled": (private, "user-level DP-SGD")}
+    if private:
+        batch = int(min(1024, max(16, round(s.users / 4))))
+        local_batch = int(min(1024, max(8, round(per_partner / 4))))
+        model["user_embedding"] = ("local", "DP: p_u reconstructed from the user's own items, not DP-trained")
+        model["use_mlp"] = (False, "DP: the residual MLP costs clipping norm and measured no gain")
+        train["batch_size"] = (batch, f"DP: sample rate ~{batch}/{s.users} users (about 1/4, at most 1024)")
+        train["patience"] = (0, "DP: a fixed schedule (choosing the epoch on validation spends privacy)")
+        privacy.update({
+            "max_epsilon": (8.0, "budget cap"),
+            "target_delta": (compute_delta(s.users), f"a power of ten below 1 / (10 x {s.users} users)"),
+            "noise_multiplier": (0.0, "0: calibrated so that epsilon reaches max_epsilon at the end"),
+            "max_grad_norm": (0.1, "per-user clipping bound (per-user gradient norms measured ~0.1)"),
+            "epochs": (epochs, "fixed DP schedule"),
+            "accountant": ("rdp", "RDP accountant, cross-checked by PRV in the audit"),
+        })
+        fed["local_batch_size"] = (local_batch, f"DP: ~1/4 of a partner's ~{per_partner} users")
+        fed["clipping_norm"] = (100.0, "DP: a partner-update bound that does not cut the noisy signal")
+    else:
+        batch = compute_clip_pow2(s.users / 32, 32, 512)
+        model["user_embedding"] = ("trained", "non-private: a trained per-user vector")
+        model["use_mlp"] = (True, "residual MLP, starts at zero")
+        train["batch_size"] = (batch, f"~{s.users} users / 32 as a power of two in [32, 512]")
+        fed["local_batch_size"] = (0, "0: train.batch_size")
+        fed["clipping_norm"] = (10.0, "bound on a partner's update norm")
+    return {"model": model, "train": train, "privacy": privacy, "federation": fed}
+
+
+def compute_dp_changes(current: Settings, private: Settings) -> list[str]:
+    """The ``section.key=value`` overrides that turn the non-private settings into the DP ones."""
+    out = []
+    for section, values in private.items():
+        for key, (value, _) in values.items():
+            if current.get(section, {}).get(key, (None, ""))[0] != value:
+                out.append(f"{section}.{key}={value if isinstance(value, str) else _toml(value)}")
+    return out
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    return repr(value)
+
+
+def render_config(data_dir: Path, stats: DataStats, settings: Settings, dp_changes: list[str]) -> str:
+    """The TOML text: data and split first, then each section with each value's reason."""
+    lines = [f"# Written by `fedsocial init` for {data_dir.name}: {stats.users} users, {stats.items} items, "
+             f"{stats.interactions} interactions, {stats.edges} social edges.",
+             "# Size-dependent settings say what they follow from; every other key keeps its default "
+             "(shared/config.py)."]
+    if dp_changes:
+        lines += ["# User-level DP: rerun `fedsocial init` with --private, or change exactly these keys:",
+                  "#   " + " ".join(f"--set {c}" for c in dp_changes)]
+    lines += ["", "[data]", 'format = "csv"', f"path = {json.dumps(str(data_dir))}  # absolute: no --data-dir needed",
+              "", "[split]", "seed = 2024", "", "[partition]", 'method = "random"', ""]
+    for section in ("model", "train", "privacy", "federation"):
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {_toml(v)}  # {why}" for k, (v, why) in settings[section].items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedsocial init", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True, help="folder with interactions.csv and social.csv")
+    parser.add_argument("--out", required=True, help="config file to write (TOML)")
+    parser.add_argument("--private", action="store_true", help="settings for user-level DP training")
+    parser.add_argument("--partners", type=int, default=3, help="partners of a simulation (default 3)")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing config")
+    return parser
+
+
+def write_init_config(data: Path, out: Path, private: bool, partners: int, force: bool = False) -> DataStats:
+    """Inspect ``data``, write the config to ``out`` (checked by reading it back); returns the stats."""
+    from fedsocial.shared.loaders import load_dataset
+
+    if partners < 1:
+        raise ConfigError(f"--partners: must be >= 1, got {partners}")
+    if out.exists() and not force:
+        raise ConfigError(f"--out {out}: exists; choose another name or pass --force")
+    data_dir = data.resolve()
+    stats = compute_stats(load_dataset(DataConfig(format="csv", path=str(data_dir))))
+    if stats.users < 2 * partners:
+        raise ConfigError(f"{data_dir}: {stats.users} users cannot be split into {partners} partners "
+                          "(pass a smaller --partners)")
+    settings = compute_settings(stats, private, partners)
+    dp_changes = [] if private else compute_dp_changes(settings, compute_settings(stats, True, partners))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(render_config(data_dir, stats, settings, dp_changes), encoding="utf-8")
+    load_config(tmp)  # the written file must be a valid config
+    tmp.replace(out)
+    return stats
+
+
+@user_errors
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    out = Path(args.out)
+    stats = write_init_config(Path(args.data), out, args.private, args.partners, args.force)
+    kind = "user-level DP" if args.private else "non-private"
+    print(f"{out}: {kind} config for {stats.users} users, {stats.items} items, {stats.interactions} interactions",
+          file=sys.stderr)
+    print(f"next: fedsocial train --config {out} --out runs/{out.stem}   (or: fedsocial simulate ...)", file=sys.stderr)
+    return 0
