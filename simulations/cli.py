@@ -25,6 +25,9 @@ COMMANDS: dict[str, tuple[str, str, str]] = {  # name: (module, function, help)
     "keys": ("fedsocial.simulations.certs", "main_keys", "make a partner's SuperNode and ledger keys"),
     "canary-audit": ("fedsocial.simulations.canary_audit", "main", "empirical lower bound on epsilon (canaries)"),
     "bench": ("fedsocial.simulations.bench", "main", "run the benchmark harness"),
+    "init": ("fedsocial.simulations.init_cmd", "main", "write a config sized to a CSV data set"),
+    "recommend": ("fedsocial.simulations.recommend", "main", "top-K lists with explanations for a partner's users"),
+    "serve": ("fedsocial.simulations.serve", "main", "a partner's recommendation service and page (HTTP)"),
 }
 
 
