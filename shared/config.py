@@ -9,6 +9,7 @@ the field's type) and returns a :class:`Config`. Unknown sections or keys, and w
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 import types
@@ -169,13 +170,20 @@ class PrivacyConfig:
     epochs: int = 0  # fixed DP schedule (0: use train.epochs); DP runs do not early-stop by default
     select_on_validation: bool = False  # choosing the epoch on validation data uses private data
     scope: str = "joint"  # joint: billboard joint DP; partner: DP for all that leaves a partner (DESIGN.md)
+    clipping: str = "onepass"  # onepass: ghost norms + book-keeping in one backward; ghost: Opacus's (two)
 
     def __post_init__(self) -> None:
         _check(self.scope in ("joint", "partner"), "privacy.scope", "must be joint|partner")
+        _check(self.clipping in ("onepass", "ghost"), "privacy.clipping", "must be onepass|ghost")
         _check(self.noise_multiplier >= 0, "privacy.noise_multiplier", "must be >= 0")
         _check(self.max_grad_norm > 0, "privacy.max_grad_norm", "must be > 0")
         _check(0 < self.target_delta < 1, "privacy.target_delta", "must be in (0, 1)")
         _check(self.max_epsilon > 0, "privacy.max_epsilon", "must be > 0")
+        # An infinite cap is no budget: every round would be admitted, whatever it costs.
+        _check(not self.enabled or math.isfinite(self.max_epsilon), "privacy.max_epsilon",
+               f"must be finite when privacy.enabled (got {self.max_epsilon}); turn privacy off instead")
+        _check(math.isfinite(self.noise_multiplier), "privacy.noise_multiplier", "must be finite")
+        _check(math.isfinite(self.max_grad_norm), "privacy.max_grad_norm", "must be finite")
         _check(self.accountant in ("rdp", "prv"), "privacy.accountant", "must be rdp|prv")
         _check(self.epochs >= 0, "privacy.epochs", "must be >= 0")
 
@@ -193,6 +201,10 @@ class FederationConfig:
     norm_tolerance: float = 1e-3  # relative slack when validating update norms
     local_batch_size: int = 0  # a partner's batch size in local training; 0: train.batch_size
     eval_every: int = 1  # federated evaluation every k rounds, and always after the last round
+    # privacy.scope = partner: non-private local adaptation epochs on a separate copy (client/personalize.py);
+    # 0: the alone budget, rounds x local_epochs
+    personal_epochs: int = 0
+    compare_alone: bool = False  # also train each partner alone, non-private, same budget (metrics.json alone)
 
     def __post_init__(self) -> None:
         _check(self.partners >= 1, "federation.partners", "must be >= 1")
@@ -207,6 +219,7 @@ class FederationConfig:
         _check(self.norm_tolerance >= 0, "federation.norm_tolerance", "must be >= 0")
         _check(self.local_batch_size >= 0, "federation.local_batch_size", "must be >= 0 (0: train.batch_size)")
         _check(self.eval_every >= 1, "federation.eval_every", "must be >= 1")
+        _check(self.personal_epochs >= 0, "federation.personal_epochs", "must be >= 0 (0: rounds x local_epochs)")
 
 
 @dataclass(frozen=True)
@@ -269,7 +282,13 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
     if typ is float:
         _check(isinstance(value, (int, float)) and not isinstance(value, bool), key,
                f"expected a number, got {value!r}")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer of hundreds of digits
+            raise ConfigError(f"{key}: {str(value)[:20]}... is too large for a float") from None
+        # nan slips past every bound check, and no setting here means anything at infinity
+        _check(math.isfinite(number), key, f"expected a finite number, got {value!r}")
+        return number
     if typ is str:
         _check(isinstance(value, str), key, f"expected a string, got {value!r}")
         return value

@@ -1,0 +1,150 @@
+"""User-level DP-SGD clipping in one backward pass: ghost norms plus book-keeping.
+
+Opacus's ghost clipping (Li et al. 2022) runs two backward passes per step: one to get each
+example's gradient norm from the layers' activations and output gradients, a second one of the
+loss re-weighted by the clip factors to get the clipped sum. Book-keeping (Bu, Wang, Zha and
+Karypis, ICML 2023, "Differentially private optimization on large model at small cost") keeps the
+activations and output gradients of the first pass and assembles the clipped sum from them, so the
+second pass disappears. Here the one pass asks autograd only for the gradients of the layers'
+outputs (``torch.autograd.grad``): the parameters' own (unclipped) gradients are never formed.
+
+For the two layer types the models use (every trained parameter lives in one of them; anything else
+is refused), with example b's rows ``a_b`` (inputs) and ``g_b`` (output gradients):
+
+- ``nn.Embedding``: example b's gradient row j is the sum of g_b at b's positions holding index j;
+  its squared norm is summed over the distinct (b, j) pairs (the fast sampler of shared/trainer.py),
+  and the clipped sum is one ``index_add_`` of the re-weighted g;
+- ``nn.Linear``: the per-example gradient ``g_b^T a_b`` [out, in] (and ``sum g_b`` for the bias) is
+  formed explicitly (the models' layers are small), squared norms summed, clipped sum one einsum.
+
+A module called several times per forward is handled (its calls' contributions per example add up).
+The clip factor is Opacus's, ``min(1, C / (norm + 1e-6))``; ``tests/test_onepass.py`` checks norms
+and clipped sums against a brute-force per-user loop and against Opacus's ghost clipping.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+SUPPORTED = (nn.Embedding, nn.Linear)
+
+
+class OnePassError(ValueError):
+    """The model has a trained parameter in a layer type the one-pass clipper cannot handle."""
+
+
+def compute_embedding_norm_sq(ids: torch.Tensor, grads: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Squared per-example gradient norm of an embedding table: ids [B, L], output grads [B, L, d] -> [B].
+
+    Rows of one example with the same index add up before squaring (a 1-D key b * vocab + j).
+    """
+    n_rows, width = ids.shape
+    rows = torch.arange(n_rows, device=ids.device).repeat_interleave(width)
+    keys, inverse = torch.unique(rows * vocab + ids.reshape(-1), return_inverse=True)
+    summed = torch.zeros(len(keys), grads.shape[-1], dtype=grads.dtype, device=grads.device)
+    summed.index_add_(0, inverse, grads.reshape(-1, grads.shape[-1]))
+    norm_sq = torch.zeros(n_rows, dtype=grads.dtype, device=grads.device)
+    return norm_sq.index_add_(0, keys // vocab, (summed * summed).sum(1))
+
+
+def compute_linear_per_example(acts: torch.Tensor, grads: torch.Tensor,
+                               bias: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-example gradients of a linear layer: inputs [B, T, in], output grads [B, T, out] ->
+    (weight [B, out, in], bias [B, out] or None)."""
+    weight = torch.einsum("bto,bti->boi", grads, acts)
+    return weight, (grads.sum(1) if bias else None)
+
+
+def compute_clip_factors(norm_sq: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
+    """Opacus's per-example factor min(1, C / (||g_b|| + 1e-6))."""
+    return (max_grad_norm / (norm_sq.sqrt() + 1e-6)).clamp(max=1.0)
+
+
+class OnePassClipper:
+    """Records the inputs and outputs of the model's trained layers during a forward pass, then
+    turns the per-example loss into the sum of per-example clipped gradients (``p.grad``).
+
+    Use: ``clipper.start()``, ``losses = model(batch)`` (shape [B], one example per row),
+    ``norms = clipper.clipped_backward(losses, C)``; ``close()`` removes the hooks.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.layers: list[nn.Module] = []
+        for name, module in model.named_modules():
+            own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+            if not own:
+                continue
+            if not isinstance(module, SUPPORTED):
+                raise OnePassError(f"one-pass DP clipping: layer {name or '<root>'} is a {type(module).__name__}; "
+                                   "only nn.Embedding and nn.Linear are supported (use privacy.clipping = ghost)")
+            if isinstance(module, nn.Embedding) and (module.padding_idx is not None or module.max_norm is not None
+                                                      or module.sparse):
+                raise OnePassError(f"one-pass DP clipping: embedding {name} uses padding_idx, max_norm or sparse")
+            self.layers.append(module)
+        self._records: dict[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._recording = False
+        self._handles = [m.register_forward_hook(self._hook) for m in self.layers]
+
+    def _hook(self, module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+        if self._recording and torch.is_grad_enabled():
+            self._records.setdefault(module, []).append((inputs[0].detach(), output))
+
+    def start(self) -> None:
+        """Record the next forward pass (earlier records are dropped)."""
+        self._records, self._recording = {}, True
+
+    def clipped_backward(self, per_example_loss: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
+        """Set every trained parameter's ``.grad`` to sum_b clip_b * grad_b; returns the norms [B]."""
+        self._recording = False
+        n = per_example_loss.shape[0]
+        calls = [(m, a, o) for m, recs in self._records.items() for a, o in recs]
+        outs = [o for _, _, o in calls]
+        grads = torch.autograd.grad(per_example_loss.sum(), outs, allow_unused=True) if outs else ()
+        norm_sq = torch.zeros(n, dtype=per_example_loss.dtype, device=per_example_loss.device)
+        linear: dict[nn.Module, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        emb: dict[nn.Module, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        for (module, acts, out), g in zip(calls, grads, strict=True):
+            g = torch.zeros_like(out) if g is None else g
+            if isinstance(module, nn.Embedding):
+                ids_list, g_list = emb.setdefault(module, ([], []))
+                ids_list.append(acts.reshape(n, -1))
+                g_list.append(g.reshape(n, -1, g.shape[-1]))
+                continue
+            assert isinstance(module, nn.Linear)
+            gw, gb = compute_linear_per_example(acts.reshape(n, -1, acts.shape[-1]),
+                                                g.reshape(n, -1, g.shape[-1]), module.bias is not None)
+            if module in linear:  # a layer called twice: its per-example gradients add up
+                w0, b0 = linear[module]
+                gw, gb = w0 + gw, (None if gb is None or b0 is None else b0 + gb)
+            linear[module] = (gw, gb)
+        for gw, gb in linear.values():
+            norm_sq += (gw * gw).sum((1, 2)) + (0.0 if gb is None else (gb * gb).sum(1))
+        for module, (ids_list, g_list) in emb.items():
+            assert isinstance(module, nn.Embedding)
+            norm_sq += compute_embedding_norm_sq(torch.cat(ids_list, 1), torch.cat(g_list, 1), module.num_embeddings)
+        factors = compute_clip_factors(norm_sq, max_grad_norm)
+        for module, (gw, gb) in linear.items():
+            assert isinstance(module, nn.Linear)
+            module.weight.grad = torch.einsum("b,boi->oi", factors, gw)
+            if module.bias is not None and gb is not None:
+                module.bias.grad = factors @ gb
+        for module, (ids_list, g_list) in emb.items():
+            assert isinstance(module, nn.Embedding)
+            ids, g = torch.cat(ids_list, 1), torch.cat(g_list, 1)
+            weighted = (g * factors[:, None, None]).reshape(-1, g.shape[-1])
+            module.weight.grad = torch.zeros_like(module.weight).index_add_(0, ids.reshape(-1), weighted)
+        for module in self.layers:  # a layer this forward did not use: a zero gradient (noise still goes on it)
+            for p in module.parameters(recurse=False):
+                if p.requires_grad and p.grad is None:
+                    p.grad = torch.zeros_like(p)
+        self._records = {}
+        return norm_sq.sqrt()
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles, self._records = [], {}
