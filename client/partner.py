@@ -404,7 +404,14 @@ class Partner:
         t0 = time.perf_counter()
         trainer, _ = self._prepared_trainer(arrays, round_)
         trainer.refit_local()  # p_u from the user's own items against the new global (no-op unless local)
-        metrics, n = trainer.evaluate("test")
+        if self.cfg.privacy.scope == "partner":  # + local non-DP learning on copies, never sent (personalize.py)
+            from fedsocial.client.personalize import evaluate_personalised
+
+            metrics, n = evaluate_personalised(self.cfg, self.split, trainer.model, self.settings.state_dir, round_,
+                                               compute_round_seed(self.cfg.train.seed, self.settings.partner_index,
+                                                                  round_) + 1)
+        else:
+            metrics, n = trainer.evaluate("test")
         return {**{k: float(metrics[k]) for k in METRIC_KEYS}, "eval_time_s": time.perf_counter() - t0}, int(n)
 
 

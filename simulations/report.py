@@ -112,6 +112,10 @@ def render_report(doc: dict[str, Any], title: str = "fedsocial federated run") -
                len(r.get("accepted", [])), len(r.get("dropped", [])), ", ".join(r.get("budget_exhausted", [])),
                r.get("epsilon_max", ""), r.get("round_time_s", math.nan)] for r in rounds]
     dropped = doc.get("dropped_replies", [])
+    alone_rows = [[pid, info.get("ndcg@10", math.nan), info["alone"].get("ndcg@10", math.nan),
+                   info.get("served_over_alone", math.nan), info.get("recall@10", math.nan),
+                   info["alone"].get("recall@10", math.nan), info.get("personalisation", {}).get("choice", "")]
+                  for pid, info in sorted(partners.items()) if isinstance(info.get("alone"), dict)]
     sections = [
         f"<h1>{html.escape(title)}</h1>",
         "<h2>Final test metrics</h2>", _table(["", "value"], final_rows),
@@ -119,6 +123,10 @@ def render_report(doc: dict[str, Any], title: str = "fedsocial federated run") -
         _table(["round", "ndcg@10", "recall@10", "hr@10", "accepted", "dropped", "out of budget", "epsilon",
                 "time (s)"], r_rows),
         "<h2>Partners</h2>", _table(["partner", *[c.replace("_", " ") for c in p_cols]], p_rows),
+        *(["<h2>Served vs alone (--compare-alone)</h2>",
+           f"<p>federation gain (mean of served / alone NDCG@10): {_fmt(doc.get('federation_gain', math.nan))}</p>",
+           _table(["partner", "served ndcg@10", "alone ndcg@10", "served / alone", "served recall@10",
+                   "alone recall@10", "served model"], alone_rows)] if alone_rows else []),
         "<h2>Dropped replies</h2>",
         _table(["round", "partner", "reason"], [[d.get("round"), d.get("partner"), d.get("reason")] for d in dropped])
         if dropped else "<p>none</p>",

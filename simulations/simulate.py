@@ -170,6 +170,10 @@ def run_simulation_from_config(cfg: Config, data_dir: str | os.PathLike[str] | N
     work = fit + float(doc.get("partner_eval_time_s", 0.0))
     doc["federation_overhead"] = doc["simulation_wall_time_s"] / fit if fit > 0 else None
     doc["federation_overhead_incl_eval"] = doc["simulation_wall_time_s"] / work if work > 0 else None
+    if cfg.federation.compare_alone:  # each partner alone, non-private, same budget (compare_alone.py)
+        from fedsocial.simulations.compare_alone import add_alone_metrics_inplace
+
+        add_alone_metrics_inplace(doc, cfg, str(settings["data-dir"]), run_dir)
     write_json_atomic(metrics_path, doc)
     from fedsocial.simulations.report import write_report
 
@@ -191,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR from its last round")
     parser.add_argument("--out", default=None, help="run directory (required unless --resume)")
     parser.add_argument("--no-progress", action="store_true", help="no per-round lines")
+    parser.add_argument("--compare-alone", action="store_true",
+                        help="also train each partner alone, non-private, same budget (federation.compare_alone)")
     return parser
 
 
@@ -207,6 +213,8 @@ def config_from_cli(args: argparse.Namespace) -> tuple[Config, Path, bool]:
             extra.append("federation.min_partners=1")
     if args.rounds is not None:
         extra.append(f"federation.rounds={args.rounds}")
+    if getattr(args, "compare_alone", False):
+        extra.append("federation.compare_alone=true")
     if args.config is None and not args.resume:
         raise ConfigError("--config is required (or --resume DIR)")
     source = args.config if args.config is not None else run_dir / CONFIG_NAME

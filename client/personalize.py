@@ -1,0 +1,205 @@
+"""``privacy.scope = "partner"``: the model a partner serves = DP shared parameters + local, non-private learning.
+
+In ``partner`` scope everything that leaves a partner stays user-level DP (DESIGN.md, two scopes), but
+the model it serves to its *own* users may also learn from its own users' data without DP, as any
+platform's recommender does (the partner holds that data anyway). What is learnt here:
+
+* ``shared``: the federation's DP shared parameters with the local p_u refit (the joint-scope model);
+* ``alone``: a model trained by the partner alone, non-private, on its own data, with the alone budget
+  (rounds x local_epochs epochs at the partner's batch size, early stopping on its own validation data);
+* ``finetune``: a separate copy of the shared model fine-tuned, non-private, on the partner's own data
+  (personalised FL by local fine-tuning; Wang et al. 2019, "Federated evaluation of on-device
+  personalization"), the epoch chosen on validation;
+* ``mix:<base>:<alpha>``: a mixture of per-user standardised scores, alpha x base + (1 - alpha) x alone
+  (the model-mixture view of personalisation; Mansour et al. 2020, "Three approaches for
+  personalization with applications to federated learning").
+
+The served candidate is the one with the best validation NDCG@10 of the partner's own users (ties go to
+the earlier candidate, ``shared`` first), so on validation data it is never below ``shared`` or
+``alone``. All of it runs *after* the DP round, on copies: nothing here writes the round snapshots that
+feed the next DP update, and nothing returns through the wire except the scalar test metrics the joint
+scope reports too. The local models are kept under ``STATE_DIR/personal/`` (mode 0600).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedsocial.shared.batching import ExampleBuilder
+from fedsocial.shared.config import Config
+from fedsocial.shared.data import SplitData
+from fedsocial.shared.fileio import save_npz_atomic, write_json_atomic
+from fedsocial.shared.metrics import evaluate_model
+from fedsocial.shared.models import RecModel
+
+PERSONAL_DIR = "personal"
+MIX_ALPHAS = (0.25, 0.5, 0.75)
+
+
+def compute_alone_epochs(cfg: Config) -> int:
+    """The alone budget in epochs: what a partner trains in the federation (rounds x local_epochs)."""
+    return cfg.federation.rounds * cfg.federation.local_epochs
+
+
+def compute_alone_config(cfg: Config) -> Config:
+    """A partner alone: non-private, the partner's batch size, at most the federation's epochs.
+
+    Same model, loss and learning rate as the federation; early stopping on the partner's own
+    validation data (``train.patience``), as a platform training by itself would.
+    """
+    size = cfg.federation.local_batch_size or cfg.train.batch_size
+    return (cfg.replace("privacy", enabled=False)
+            .replace("train", epochs=compute_alone_epochs(cfg), batch_size=size))
+
+
+def compute_personal_epochs(cfg: Config) -> int:
+    """Fine-tuning epochs: ``federation.personal_epochs``, 0 meaning the alone budget."""
+    return cfg.federation.personal_epochs or compute_alone_epochs(cfg)
+
+
+def compute_standardised_scores(scores: torch.Tensor) -> torch.Tensor:
+    """Per-user (row) z-scores, so that two models' score scales can be mixed (ranks are unchanged)."""
+    mean = scores.mean(dim=1, keepdim=True)
+    std = scores.std(dim=1, keepdim=True).clamp(min=1e-12)
+    return (scores - mean) / std
+
+
+def choose_on_validation(val_ndcg: dict[str, float]) -> str:
+    """The candidate with the highest validation NDCG@10; ties go to the earliest (insertion order)."""
+    if not val_ndcg:
+        raise ValueError("no personalisation candidate to choose from")
+    best = next(iter(val_ndcg))
+    for name, value in val_ndcg.items():
+        if value > val_ndcg[best]:
+            best = name
+    return best
+
+
+class ScoreMixture(RecModel):
+    """alpha x z(base scores) + (1 - alpha) x z(other scores): both models read the same eval batch."""
+
+    def __init__(self, base: RecModel, other: RecModel, alpha: float) -> None:
+        super().__init__(base.n_users, base.n_items, base.model_cfg)
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"mixture weight alpha must be in [0, 1], got {alpha}")
+        self.base, self.other, self.alpha = base, other, float(alpha)
+
+    def full_sort_predict(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        a = compute_standardised_scores(self.base.full_sort_predict(batch).float())
+        b = compute_standardised_scores(self.other.full_sort_predict(batch).float())
+        return self.alpha * a + (1.0 - self.alpha) * b
+
+
+@dataclass
+class Personalisation:
+    """What a partner serves in partner scope, and the measurements behind the choice."""
+
+    choice: str
+    model: RecModel
+    val: dict[str, dict[str, float]] = field(default_factory=dict)  # candidate -> validation metrics
+    test: dict[str, dict[str, float]] = field(default_factory=dict)  # candidate -> test metrics
+    evaluated_users: int = 0
+    finetune_epoch: int = 0
+
+    def record(self) -> dict[str, Any]:
+        return {"choice": self.choice, "finetune_epoch": self.finetune_epoch, "evaluated_users": self.evaluated_users,
+                "val": self.val, "test": self.test}
+
+
+def _config_key(cfg: Config, split: SplitData) -> str:
+    text = json.dumps([cfg.to_dict(), int(split.n_users), int(split.n_items)], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def train_alone_model(cfg: Config, split: SplitData, cache_dir: Path | None = None) -> tuple[RecModel, Any]:
+    """The partner's alone model (see :func:`compute_alone_config`); cached in ``cache_dir`` by config.
+
+    Returns (model, outcome or None when loaded from the cache)."""
+    from fedsocial.shared.trainer import LocalTrainer, train_centralized
+
+    alone_cfg = compute_alone_config(cfg)
+    trainer = LocalTrainer(alone_cfg, split, device="cpu", seed=alone_cfg.train.seed)
+    key = _config_key(alone_cfg, split)
+    path = None if cache_dir is None else cache_dir / "alone.npz"
+    if path is not None and path.is_file():
+        with np.load(path, allow_pickle=False) as z:
+            if str(z["__key__"]) == key:
+                trainer.model.load_state_dict({k: torch.as_tensor(z[k]) for k in z.files if k != "__key__"})
+                return trainer.model, None
+    outcome = train_centralized(alone_cfg, split)
+    trainer.model.load_state_dict({k: torch.as_tensor(v) for k, v in outcome.state.items()})
+    if path is not None:
+        save_npz_atomic(path, {**outcome.state, "__key__": np.array(key)}, mode=0o600)
+    return trainer.model, outcome
+
+
+def fine_tune(cfg: Config, split: SplitData, start: RecModel, epochs: int, seed: int) -> tuple[RecModel, int]:
+    """A separate copy of ``start`` trained non-privately on the partner's data; best validation epoch kept.
+
+    Epoch 0 (``start`` as is) is a candidate, so the result is never below ``start`` on validation.
+    """
+    from fedsocial.shared.trainer import LocalTrainer
+
+    tuned_cfg = compute_alone_config(cfg)
+    trainer = LocalTrainer(tuned_cfg, split, device="cpu", seed=seed)
+    trainer.model.load_state_dict(copy.deepcopy(start.state_dict()))
+    best: dict[str, Any] = {"ndcg": evaluate_model(trainer.model, split, "val", builder=trainer.builder)[0]["ndcg@10"],
+                            "epoch": 0, "state": copy.deepcopy(trainer.model.state_dict())}
+    every, patience = tuned_cfg.train.eval_every, tuned_cfg.train.patience
+
+    def on_epoch(epoch: int, _loss: float) -> bool:
+        if (epoch + 1) % every and epoch + 1 != epochs:
+            return False
+        trainer.refit_local()
+        ndcg = trainer.evaluate("val")[0]["ndcg@10"]
+        if ndcg > best["ndcg"]:
+            best.update(ndcg=ndcg, epoch=epoch + 1, state=copy.deepcopy(trainer.model.state_dict()))
+        return patience > 0 and epoch + 1 - int(best["epoch"]) >= patience
+
+    trainer.fit(epochs, rng_seed=seed, on_epoch=on_epoch, refit=False)
+    trainer.model.load_state_dict(best["state"])
+    return trainer.model, int(best["epoch"])
+
+
+def personalise(cfg: Config, split: SplitData, shared: RecModel, state_dir: Path | None, seed: int) -> Personalisation:
+    """Build the candidates on copies of ``shared`` (the global DP model with p_u refitted) and choose one.
+
+    ``shared`` itself is not modified. Test metrics of every candidate are measured for the record
+    (the benchmark's shared-only and alone columns); only validation metrics drive the choice.
+    """
+    cache = None if state_dir is None else state_dir / PERSONAL_DIR
+    alone, _ = train_alone_model(cfg, split, cache)
+    tuned, tuned_epoch = fine_tune(cfg, split, shared, compute_personal_epochs(cfg), seed)
+    models: dict[str, RecModel] = {"shared": shared, "alone": alone, "finetune": tuned}
+    builder = ExampleBuilder.from_split(split, cfg.model)  # the same examples for every candidate
+    for base in ("shared", "finetune"):
+        for alpha in MIX_ALPHAS:
+            models[f"mix:{base}:{alpha:g}"] = ScoreMixture(models[base], alone, alpha)
+    val = {name: evaluate_model(m, split, "val", builder=builder)[0] for name, m in models.items()}
+    choice = choose_on_validation({name: v["ndcg@10"] for name, v in val.items()})
+    test: dict[str, dict[str, float]] = {}
+    n = 0
+    for name, m in models.items():
+        test[name], n_name = evaluate_model(m, split, "test", builder=builder)
+        n = n_name if name == choice else n
+    out = Personalisation(choice, models[choice], val, test, n, tuned_epoch)
+    if cache is not None:
+        save_npz_atomic(cache / "finetune.npz", {k: v.detach().cpu().numpy() for k, v in tuned.state_dict().items()},
+                        mode=0o600)
+    return out
+
+
+def evaluate_personalised(cfg: Config, split: SplitData, shared: RecModel, state_dir: Path, round_: int,
+                          seed: int) -> tuple[dict[str, float], int]:
+    """Partner scope's evaluate: the served candidate's test metrics; the record stays on the partner's disk."""
+    result = personalise(cfg, split, shared, state_dir, seed)
+    write_json_atomic(state_dir / PERSONAL_DIR / f"round_{round_:04d}.json", {"round": round_, **result.record()})
+    return dict(result.test[result.choice]), result.evaluated_users

@@ -1,0 +1,97 @@
+"""``fedsocial simulate ... --compare-alone``: what each partner would serve training alone, next to what it serves.
+
+Each partner also trains alone, non-private, on its own data with the federation's budget
+(:func:`fedsocial.client.personalize.compute_alone_config`: rounds x local_epochs epochs at the
+partner's batch size, early stopping on its own validation data). ``metrics.json`` gains, per partner,
+``alone`` (its test metrics) next to its served metrics, and at the top level ``federation_gain``: the
+mean over partners of served NDCG@10 / alone NDCG@10 (above 1: joining pays).
+
+In a simulation the driver stands in for each partner: it rebuilds the partner's split exactly as the
+partner does, and in ``partner`` scope it reuses the alone model the partner already trained for its
+served mixture (``partners/<id>/personal/alone.npz``, keyed by config) instead of training it twice.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from fedsocial.shared.config import Config
+
+METRIC_KEYS = ("recall@10", "ndcg@10", "hr@10", "recall@20", "ndcg@20", "hr@20")
+
+
+def compute_federation_gain(served_ndcg: dict[str, float], alone_ndcg: dict[str, float]) -> float:
+    """Mean over partners of served NDCG@10 / alone NDCG@10 (partners in both maps).
+
+    A partner whose alone NDCG@10 is 0 has no finite ratio: the gain is then +inf if it is served
+    anything above 0, else 1 (equal).
+    """
+    common = sorted(set(served_ndcg) & set(alone_ndcg))
+    if not common:
+        raise ValueError("federation_gain: no partner has both served and alone metrics")
+    ratios = [compute_ratio(served_ndcg[p], alone_ndcg[p]) for p in common]
+    return float(sum(ratios) / len(ratios))
+
+
+def compute_ratio(served: float, alone: float) -> float:
+    if alone > 0:
+        return served / alone
+    return math.inf if served > 0 else 1.0
+
+
+def alone_metrics(cfg: Config, data_dir: str | None, run_dir: Path) -> dict[str, dict[str, float]]:
+    """Test metrics of every partner trained alone (partner ids as the simulation names them)."""
+    from fedsocial.client.partner import compute_local_config
+    from fedsocial.client.personalize import PERSONAL_DIR, train_alone_model
+    from fedsocial.shared.batching import ExampleBuilder
+    from fedsocial.shared.loaders import load_dataset
+    from fedsocial.shared.metrics import evaluate_model
+    from fedsocial.shared.partition import partition_users, partner_split
+    from fedsocial.shared.split import split_dataset
+
+    local = compute_local_config(cfg)
+    dataset = load_dataset(local.data, data_dir)
+    split = split_dataset(dataset, local.split)
+    assignment = partition_users(dataset, local.federation.partners, local.partition)
+    out: dict[str, dict[str, float]] = {}
+    for index in range(local.federation.partners):
+        pid = f"partner-{index}"
+        part = partner_split(split, assignment, index)
+        cache = run_dir / "partners" / pid / PERSONAL_DIR
+        model, _ = train_alone_model(local, part, cache if cache.is_dir() else None)
+        metrics, n = evaluate_model(model, part, "test", builder=ExampleBuilder.from_split(part, local.model))
+        out[pid] = {**{k: float(metrics[k]) for k in METRIC_KEYS}, "evaluated_users": int(n)}
+    return out
+
+
+def personal_record(run_dir: Path, pid: str) -> dict[str, Any] | None:
+    """The partner's last personalisation record (partner scope), from its own state folder."""
+    from fedsocial.client.personalize import PERSONAL_DIR
+
+    records = sorted((run_dir / "partners" / pid / PERSONAL_DIR).glob("round_*.json"))
+    return json.loads(records[-1].read_text(encoding="utf-8")) if records else None
+
+
+def add_alone_metrics_inplace(doc: dict[str, Any], cfg: Config, data_dir: str | None, run_dir: Path) -> None:
+    """metrics.json: ``partners.<id>.alone``, ``partners.<id>.served_over_alone`` and ``federation_gain``."""
+    alone = alone_metrics(cfg, data_dir, run_dir)
+    partners = doc.setdefault("partners", {})
+    served: dict[str, float] = {}
+    for pid, metrics in alone.items():
+        info = partners.setdefault(pid, {})
+        info["alone"] = metrics
+        if "ndcg@10" in info:
+            served[pid] = float(info["ndcg@10"])
+            info["served_over_alone"] = compute_ratio(served[pid], metrics["ndcg@10"])
+        record = personal_record(run_dir, pid)
+        if record is not None:
+            info["personalisation"] = {"choice": record["choice"], "round": record["round"],
+                                       "shared_test": record["test"]["shared"], "val_ndcg@10": {
+                                           k: v["ndcg@10"] for k, v in record["val"].items()}}
+    doc["federation_gain"] = compute_federation_gain(served, {p: m["ndcg@10"] for p, m in alone.items()})
+    doc["alone_budget"] = {"epochs": cfg.federation.rounds * cfg.federation.local_epochs,
+                           "batch_size": cfg.federation.local_batch_size or cfg.train.batch_size,
+                           "private": False}

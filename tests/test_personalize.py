@@ -1,0 +1,265 @@
+"""privacy.scope = partner (client/personalize.py) and --compare-alone (simulations/compare_alone.py).
+
+Pure functions on known values; the personalisation on a tiny synthetic partner (never below the
+shared model or the alone model on validation, the shared model untouched, the alone model non-private
+with the federation's budget); and two federations on the same tiny data, one per scope, with a
+recorder that hashes every byte a client sends: the training replies are identical in both scopes,
+so nothing learnt without DP leaves a partner or feeds its DP update.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from fedsocial.client.partner import EVAL_METRIC_KEYS, compute_local_config
+from fedsocial.client.personalize import (
+    PERSONAL_DIR,
+    ScoreMixture,
+    choose_on_validation,
+    compute_alone_config,
+    compute_standardised_scores,
+    personalise,
+    train_alone_model,
+)
+from fedsocial.server.checkpoint import latest_checkpoint
+from fedsocial.shared.config import Config, config_from_dict
+from fedsocial.shared.metrics import evaluate_model
+from fedsocial.shared.partition import partition_users, partner_split
+from fedsocial.shared.split import split_dataset
+from fedsocial.shared.synthetic import generate
+from fedsocial.shared.trainer import LocalTrainer
+from fedsocial.simulations.audit import main as audit_main
+from fedsocial.simulations.compare_alone import compute_federation_gain, compute_ratio
+from fedsocial.simulations.simulate import build_parser, config_from_cli, run_simulation_from_config
+
+os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+
+
+def tiny_config(scope: str = "joint", **federation: Any) -> Config:
+    fed = {"partners": 2, "rounds": 2, "local_epochs": 1, "clipping_norm": 1.0, "min_partners": 2, **federation}
+    return config_from_dict({
+        "data": {"format": "synthetic", "n_users": 120, "n_items": 80, "n_communities": 2,
+                 "interactions_per_user": 12.0, "friends_per_user": 4.0},
+        "model": {"dim": 8, "mlp_hidden": 8, "max_neighbors": 5, "max_targets": 8, "num_negatives": 4,
+                  "user_embedding": "local", "local_refit_steps": 5},
+        "train": {"batch_size": 16, "lr": 0.01, "seed": 1, "num_threads": 1, "eval_every": 1},
+        "privacy": {"enabled": True, "noise_multiplier": 1.0, "max_grad_norm": 0.5, "target_delta": 1e-4,
+                    "max_epsilon": 50.0, "scope": scope},
+        "federation": fed,
+    })
+
+
+# --- pure functions --------------------------------------------------------------------------
+def test_federation_gain_is_the_mean_of_per_partner_ratios() -> None:
+    served = {"a": 0.2, "b": 0.1, "c": 0.3}
+    alone = {"a": 0.1, "b": 0.1, "c": 0.6, "d": 0.5}  # d has no served metrics: not counted
+
+    gain = compute_federation_gain(served, alone)
+
+    assert gain == pytest.approx((2.0 + 1.0 + 0.5) / 3)
+
+
+def test_ratio_with_a_zero_alone_score() -> None:
+    assert compute_ratio(0.0, 0.0) == 1.0
+    assert compute_ratio(0.1, 0.0) == math.inf
+    with pytest.raises(ValueError, match="no partner"):
+        compute_federation_gain({"a": 0.1}, {"b": 0.1})
+
+
+def test_choice_is_the_best_validation_score_ties_to_the_first() -> None:
+    assert choose_on_validation({"shared": 0.2, "alone": 0.3, "mix": 0.25}) == "alone"
+    assert choose_on_validation({"shared": 0.3, "alone": 0.3}) == "shared"
+    with pytest.raises(ValueError):
+        choose_on_validation({})
+
+
+def test_standardised_scores_keep_ranks_and_have_unit_rows() -> None:
+    rng = np.random.default_rng(0)
+    scores = torch.as_tensor(rng.normal(3.0, 5.0, size=(4, 50)))
+
+    z = compute_standardised_scores(scores)
+
+    np.testing.assert_allclose(z.mean(1).numpy(), 0.0, atol=1e-12)
+    np.testing.assert_allclose(z.std(1).numpy(), 1.0, atol=1e-12)
+    assert torch.equal(z.argsort(1), scores.argsort(1))
+
+
+def test_alone_config_is_non_private_with_the_federation_budget() -> None:
+    cfg = tiny_config(rounds=3, local_epochs=2, local_batch_size=8)
+
+    alone = compute_alone_config(cfg)
+
+    assert not alone.privacy.enabled
+    assert alone.train.epochs == 3 * 2 and alone.train.batch_size == 8
+    assert alone.model == cfg.model and alone.train.lr == cfg.train.lr
+
+
+# --- personalisation on one tiny partner -----------------------------------------------------
+@pytest.fixture(scope="module")
+def partner_split_and_cfg() -> tuple[Any, Config]:
+    cfg = compute_local_config(tiny_config("partner", rounds=3))
+    dataset = generate(cfg.data)
+    split = split_dataset(dataset, cfg.split)
+    return partner_split(split, partition_users(dataset, 2, cfg.partition), 0), cfg
+
+
+def test_alone_model_is_trained_without_dp_and_within_the_budget(partner_split_and_cfg: tuple[Any, Config],
+                                                                 tmp_path: Path) -> None:
+    part, cfg = partner_split_and_cfg
+
+    model, outcome = train_alone_model(cfg, part, tmp_path)
+    cached, again = train_alone_model(cfg, part, tmp_path)
+
+    assert outcome is not None and again is None  # the second call loads the cache
+    assert outcome.epsilon is None and outcome.noise_multiplier == 0.0
+    assert 1 <= outcome.epochs_run <= cfg.federation.rounds * cfg.federation.local_epochs
+    for a, b in zip(model.state_dict().values(), cached.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_served_is_never_below_shared_or_alone_on_validation(partner_split_and_cfg: tuple[Any, Config],
+                                                             tmp_path: Path) -> None:
+    part, cfg = partner_split_and_cfg
+    trainer = LocalTrainer(cfg, part, seed=3)
+    trainer.fit(1, noise_multiplier=1.0, rng_seed=5)  # a (weak) DP model as the shared one
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+
+    result = personalise(cfg, part, trainer.model, tmp_path, seed=7)
+
+    chosen = result.val[result.choice]["ndcg@10"]
+    assert chosen >= result.val["shared"]["ndcg@10"]
+    assert chosen >= result.val["alone"]["ndcg@10"]
+    assert chosen == max(v["ndcg@10"] for v in result.val.values())
+    served, n = evaluate_model(result.model, part, "test")
+    assert served == pytest.approx(result.test[result.choice]) and n == result.evaluated_users > 0
+    for k, v in trainer.model.state_dict().items():  # the DP model the next round starts from is untouched
+        assert torch.equal(v, before[k]), k
+    assert {"shared", "alone", "finetune", "mix:finetune:0.5"} <= set(result.val)
+    assert (tmp_path / PERSONAL_DIR / "alone.npz").is_file()
+
+
+def test_mixture_with_weight_one_ranks_as_its_base(partner_split_and_cfg: tuple[Any, Config]) -> None:
+    part, cfg = partner_split_and_cfg
+    a, b = LocalTrainer(cfg, part, seed=1).model, LocalTrainer(cfg, part, seed=2).model
+
+    pure, _ = evaluate_model(ScoreMixture(a, b, 1.0), part, "val")
+    base, _ = evaluate_model(a, part, "val")
+
+    assert pure == pytest.approx(base)
+    with pytest.raises(ValueError, match="alpha"):
+        ScoreMixture(a, b, 1.5)
+
+
+# --- the federation in both scopes ------------------------------------------------------------
+def make_hashing_recorder(folder: Path) -> Any:
+    """A Flower mod: SHA-256 of every array and the value of every scalar in each reply a client sends."""
+
+    def hashing_recorder_mod(msg: Any, ctxt: Any, call_next: Any) -> Any:
+        out = call_next(msg, ctxt)
+        if not out.has_error():
+            content = out.content
+            rec = {"partition": int(ctxt.node_config["partition-id"]), "type": out.metadata.message_type,
+                   "arrays": {rn: {k: hashlib.sha256(a.data).hexdigest() for k, a in r.items()}
+                              for rn, r in content.array_records.items()},
+                   "configs": {rn: {k: v for k, v in r.items() if isinstance(v, (bool, int, float, str))}
+                               for rn, r in content.config_records.items()},
+                   "metrics": {rn: dict(r) for rn, r in content.metric_records.items()}}
+            folder.mkdir(parents=True, exist_ok=True)
+            with open(folder / f"egress-{os.getpid()}.jsonl", "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(rec, default=str) + "\n")
+        return out
+
+    return hashing_recorder_mod
+
+
+def read_egress(folder: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for f in sorted(folder.glob("*.jsonl")) for line in f.read_text().splitlines()]
+
+
+def train_replies(records: list[dict[str, Any]]) -> dict[tuple[int, int], Any]:
+    out = {}
+    for r in records:
+        if r["type"] == "train":
+            rounds = [v["round"] for rn, v in r["configs"].items() if "round" in v]
+            out[(r["partition"], int(rounds[0]))] = (r["arrays"], r["configs"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def scoped_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    base = tmp_path_factory.mktemp("scopes")
+    docs = {}
+    for scope in ("joint", "partner"):
+        cfg = tiny_config(scope, compare_alone=(scope == "partner"))
+        docs[scope] = run_simulation_from_config(cfg, None, base / scope, progress=False,
+                                                 client_mods=[make_hashing_recorder(base / f"egress-{scope}")])
+    return {"base": base, **docs}
+
+
+def test_nothing_learnt_without_dp_leaves_a_partner_in_either_scope(scoped_runs: dict[str, Any]) -> None:
+    base = scoped_runs["base"]
+    joint, partner = read_egress(base / "egress-joint"), read_egress(base / "egress-partner")
+    tj, tp = train_replies(joint), train_replies(partner)
+
+    assert set(tj) == set(tp) == {(p, r) for p in (0, 1) for r in (1, 2)}
+    for key in tj:  # byte-identical updates (the clipped DP update is all a training reply carries)
+        assert tj[key][0] == tp[key][0], key
+    for name in ("joint", "partner"):
+        ckpt = latest_checkpoint(base / name)
+        assert ckpt is not None
+    a, b = latest_checkpoint(base / "joint"), latest_checkpoint(base / "partner")
+    for x, y in zip(a.arrays, b.arrays, strict=True):  # type: ignore[union-attr]
+        np.testing.assert_array_equal(x, y)
+    for rec in joint + partner:  # evaluation replies: no arrays, only the whitelisted scalars
+        if rec["type"] == "evaluate":
+            assert all(not arrays for arrays in rec["arrays"].values())
+            for rn, values in rec["configs"].items():
+                if not rn.endswith(".status"):
+                    assert set(values) <= EVAL_METRIC_KEYS, set(values) - EVAL_METRIC_KEYS
+    for pid in ("partner-0", "partner-1"):  # the partner's DP-round snapshots are the same in both scopes
+        sj = np.load(base / "joint" / "partners" / pid / "state.npz")
+        sp = np.load(base / "partner" / "partners" / pid / "state.npz")
+        assert sorted(sj.files) == sorted(sp.files)
+        for k in sj.files:
+            np.testing.assert_array_equal(sj[k], sp[k])
+        assert (base / "partner" / "partners" / pid / PERSONAL_DIR / "alone.npz").is_file()
+        assert not (base / "joint" / "partners" / pid / PERSONAL_DIR).exists()
+
+
+def test_compare_alone_writes_alone_metrics_and_the_federation_gain(scoped_runs: dict[str, Any]) -> None:
+    doc, run_dir = scoped_runs["partner"], scoped_runs["base"] / "partner"
+    on_disk = json.loads((run_dir / "metrics.json").read_text())
+    partners = on_disk["partners"]
+
+    ratios = [p["ndcg@10"] / p["alone"]["ndcg@10"] for p in partners.values()]
+    assert on_disk["federation_gain"] == pytest.approx(sum(ratios) / len(ratios))
+    assert doc["federation_gain"] == on_disk["federation_gain"]
+    for pid, p in partners.items():
+        assert set(p["alone"]) >= {"ndcg@10", "recall@10", "evaluated_users"}
+        assert p["personalisation"]["choice"] in p["personalisation"]["val_ndcg@10"]
+        assert p["personalisation"]["shared_test"]["ndcg@10"] == pytest.approx(
+            scoped_runs["joint"]["partners"][pid]["ndcg@10"])  # shared-only = what joint scope serves
+    assert on_disk["alone_budget"] == {"epochs": 2, "batch_size": 16, "private": False}
+    assert "federation_gain" not in scoped_runs["joint"]
+    assert audit_main([str(run_dir)]) == 0
+    report = (run_dir / "report.html").read_text()
+    assert "alone" in report
+
+
+def test_compare_alone_flag_sets_the_config_key(tmp_path: Path) -> None:
+    args = build_parser().parse_args(["--config", "configs/demo.toml", "--compare-alone", "--out",
+                                      str(tmp_path / "run")])
+
+    cfg, _, _ = config_from_cli(args)
+
+    assert cfg.federation.compare_alone
