@@ -31,6 +31,7 @@ import numpy as np
 from fedsocial.client.state import load_local_state, save_local_state
 from fedsocial.shared.config import Config, ConfigError, load_config
 from fedsocial.shared.data import SplitData
+from fedsocial.shared.events import compute_grown_local_state, load_split_with_events
 from fedsocial.shared.protocol import EVAL_METRIC_KEYS as EVAL_METRIC_KEYS
 from fedsocial.shared.protocol import FIT_METRIC_KEYS as FIT_METRIC_KEYS
 from fedsocial.shared.protocol import METRIC_KEYS, REGISTRATION_KEYS
@@ -213,7 +214,8 @@ class Partner:
             import torch
 
             torch.set_num_threads(settings.num_threads or self.cfg.train.num_threads)
-        self.split = load_partner_split(self.cfg, settings)
+        # the served users' feedback (fedsocial serve, shared/events.py) trains with the next round
+        self.split = load_split_with_events(load_partner_split(self.cfg, settings), settings.state_dir)
         self.seed = compute_round_seed(self.cfg.train.seed, settings.partner_index, 0)
         self._plan: PrivacyPlan | None = None
 
@@ -294,7 +296,7 @@ class Partner:
         trainer.set_shared(dict(zip(names, arrays, strict=True)))
         state = self._local_state_upto(local_round)
         if state is not None:
-            trainer.set_local_state(state)
+            trainer.set_local_state(compute_grown_local_state(state, self.num_users))  # users added by events
         elif local_round > 0:
             log.warning("%s: no local state for round %d; starting from the initial tables",
                         self.partner_id, local_round)

@@ -1,0 +1,491 @@
+"""Serving one partner's users: top-K lists, exact explanations, calibrated probabilities, live events.
+
+The model a partner serves (DESIGN.md, the recommendation loop) is the global shared parameters plus
+its local state (social table, per-user vectors) and its users' own records (histories, out-neighbours).
+A user's vector is rebuilt from the user's own items and friends against the shared parameters with the
+model's own ``user_vectors``, so an event changes that user's list at once, without retraining; scores
+are the model's own ``_normalise(h_u) . _normalise(q_i) + c_i`` over an item matrix precomputed once,
+so a request costs one matrix-vector product and a ``torch.topk``.
+
+Exact explanations: with g = _normalise, g(h) = alpha h (alpha = 1 for dot-product scores, else
+1 / (|h| sqrt(temperature))), and h = sum_j y_j / sqrt(n) + sum_v w_v s_v + p_u + MLP(...), so
+
+    score(u, i) = sum_j alpha y_j.q_i / sqrt(n)  +  sum_v alpha w_v s_v.q_i  +  alpha p_u.q_i
+                  + alpha MLP(...).q_i  +  c_i
+
+term by term (history items, friends, per-user vector, MLP residual, bias): the terms sum to the score
+to float precision (tests check it for every aggregator, p_u mode, scoring and category setting).
+The normaliser alpha is the user's, common to all of the user's terms, so shares within one list compare.
+
+Privacy (DESIGN.md): in the ``joint`` scope a user's list uses only the user's own record and the DP
+shared parameters (plus the social vectors of the user's friends, parameters, never their records);
+nothing here leaves the partner. In the ``partner`` scope a locally adapted model
+(``client/personalize.py``) may replace the model: pass it as ``model`` (a :class:`SocialRec`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedsocial.shared.batching import ExampleBuilder, compute_csr
+from fedsocial.shared.data import SplitData
+from fedsocial.shared.events import (
+    SOCIAL,
+    Event,
+    append_events_durably,
+    compute_external_id,
+    compute_external_ids,
+    compute_item_external_ids,
+)
+from fedsocial.shared.models.social import SocialRec
+
+_EPS = 1e-12  # torch.nn.functional.normalize's eps: the model's cosine uses it
+
+
+class ServingError(ValueError):
+    """A request the service cannot answer (unknown item, bad k, ...); the message says which field."""
+
+
+class UnknownUserError(ServingError):
+    """The user id is not one of the partner's users."""
+
+
+# --- calibration (pure numpy) -----------------------------------------------------------------
+def compute_platt_params(scores: np.ndarray, labels: np.ndarray, weights: np.ndarray, iters: int = 100,
+                         ridge: float = 1e-6) -> tuple[float, float]:
+    """(a, b) of P(y=1|s) = sigmoid(a s + b) by weighted Newton on the log-loss (Platt 1999)."""
+    x = np.stack([scores, np.ones_like(scores)], 1).astype(np.float64)
+    theta = np.zeros(2)
+    for _ in range(iters):
+        p = 1.0 / (1.0 + np.exp(-np.clip(x @ theta, -50, 50)))
+        grad = x.T @ (weights * (p - labels)) + ridge * theta
+        hess = (x * (weights * p * (1 - p))[:, None]).T @ x + ridge * np.eye(2)
+        step = np.linalg.solve(hess, grad)
+        theta -= step
+        if np.abs(step).max() < 1e-10:
+            break
+    return float(theta[0]), float(theta[1])
+
+
+def compute_isotonic_fit(scores: np.ndarray, labels: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted isotonic regression by pool-adjacent-violators (Zadrozny and Elkan 2002): knots (x, y),
+    x and y non-decreasing; predict with ``np.interp``."""
+    order = np.argsort(scores, kind="stable")
+    s, y, w = scores[order], labels[order].astype(np.float64), weights[order].astype(np.float64)
+    means: list[float] = []  # one block per run of pooled points: mean, weight, score range
+    wsum: list[float] = []
+    lo: list[float] = []
+    hi: list[float] = []
+    for k in range(len(s)):
+        means.append(float(y[k]))
+        wsum.append(float(w[k]))
+        lo.append(float(s[k]))
+        hi.append(float(s[k]))
+        while len(means) > 1 and means[-2] >= means[-1]:
+            w2 = wsum[-2] + wsum[-1]
+            m = (means[-2] * wsum[-2] + means[-1] * wsum[-1]) / w2
+            means[-2:], wsum[-2:], hi[-2:], lo[-2:] = [m], [w2], [hi[-1]], [lo[-2]]
+    # both ends of every block: constant inside a block (as the fit is), linear between blocks
+    x = np.array([v for a, b in zip(lo, hi, strict=True) for v in (a, b)])
+    return x, np.repeat(np.array(means), 2)
+
+
+@dataclass(frozen=True)
+class Calibrator:
+    """Score -> probability of interaction; ``method`` platt | isotonic | none (sigmoid of the score)."""
+
+    method: str
+    params: tuple[float, float] = (1.0, 0.0)
+    knots_x: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    knots_y: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+    def predict(self, scores: np.ndarray) -> np.ndarray:
+        s = np.asarray(scores, dtype=np.float64)
+        if self.method == "isotonic" and len(self.knots_x):
+            return np.interp(s, self.knots_x, self.knots_y)
+        a, b = self.params
+        return 1.0 / (1.0 + np.exp(-np.clip(a * s + b, -50, 50)))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"method": self.method, "params": list(self.params), "knots": len(self.knots_x)}
+
+
+def fit_calibrator(scores: np.ndarray, labels: np.ndarray, weights: np.ndarray, method: str) -> Calibrator:
+    if method == "platt":
+        return Calibrator("platt", compute_platt_params(scores, labels, weights))
+    if method == "isotonic":
+        x, y = compute_isotonic_fit(scores, labels, weights)
+        return Calibrator("isotonic", knots_x=x, knots_y=y)
+    if method == "none":
+        return Calibrator("none")
+    raise ServingError(f"calibration: must be platt|isotonic|none, got {method!r}")
+
+
+# --- the served model ---------------------------------------------------------------------------
+@dataclass
+class Terms:
+    """One user's additive score terms, for a set of items (arrays over those items)."""
+
+    history: np.ndarray  # [n_bag, k] one row per history item
+    friends: np.ndarray  # [n_friends, k]
+    user: np.ndarray  # [k] per-user vector p_u (trained + local)
+    mlp: np.ndarray  # [k] residual MLP
+    bias: np.ndarray  # [k] c_i
+
+    def total(self) -> np.ndarray:
+        return self.history.sum(0) + self.friends.sum(0) + self.user + self.mlp + self.bias
+
+
+def _user_rows(items: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.as_tensor(list(items) or [0], dtype=torch.long)[None, :]
+    return ids, torch.full(ids.shape, 1.0 if items else 0.0)
+
+
+class Recommender:
+    """A partner's served model over its users; ids in and out are the partner's external ids."""
+
+    def __init__(self, model: SocialRec, split: SplitData, calibration: str = "platt",
+                 events_path: Path | None = None, seed: int = 0) -> None:
+        if not isinstance(model, SocialRec):
+            raise ServingError(f"serving needs the social model (model.name = social), got {type(model).__name__}")
+        self.model, self.split, self.cfg = model.eval(), split, model.model_cfg
+        self.events_path, self.seed = events_path, seed
+        ds = split.dataset
+        self.users: list[int | str] = compute_external_ids(ds)
+        self.user_index = {u: i for i, u in enumerate(self.users)}
+        self.items: list[int | str] = compute_item_external_ids(ds)
+        self.item_index = {it: i for i, it in enumerate(self.items)}
+        self.item_category = None if ds.item_category is None else np.asarray(ds.item_category)
+        # each user's own record as the service sees it: every known interaction, out-neighbours
+        self.history: list[list[int]] = [[] for _ in self.users]
+        self.seen: list[set[int]] = [set() for _ in self.users]
+        for u, i in zip(*(np.concatenate([a, b, c]).tolist() for a, b, c in (
+                (split.train_users, split.val_users, split.test_users),
+                (split.train_items, split.val_items, split.test_items))), strict=True):
+            self._add_item(u, i)
+        self.friends: list[list[int]] = [[] for _ in self.users]
+        for a, b in zip(ds.social_src.tolist(), ds.social_dst.tolist(), strict=True):
+            if a != b and b not in self.friends[a]:
+                self.friends[a].append(b)
+        self.popularity = np.bincount(split.train_items, minlength=ds.n_items).astype(np.float64)
+        self._refresh_items()
+        self._h: dict[int, torch.Tensor] = {}
+        self.calibrator = self.fit_calibration(calibration)  # p_u as refitted on training items
+        self.refit_all_local_vectors()  # then p_u from everything the user did, for serving
+
+    def refit_all_local_vectors(self, chunk: int = 1024) -> None:
+        """Reconstruct every user's local p_u from all their known items (``refit_local_users``, batched)."""
+        mc = self.cfg
+        if mc.user_embedding != "local" or mc.local_refit_steps == 0 or not self.model.local_user.shape[0]:
+            return
+        n = len(self.users)
+        rows = np.repeat(np.arange(n), [len(h) for h in self.history])
+        cols = np.fromiter((i for h in self.history for i in h), dtype=np.int64, count=len(rows))
+        src = np.repeat(np.arange(n), [len(f) for f in self.friends])
+        dst = np.fromiter((v for f in self.friends for v in f), dtype=np.int64, count=len(src))
+        ip, ii = compute_csr(rows, cols, n)
+        np_, ni = compute_csr(src, dst, n)
+        builder = ExampleBuilder(n, self.model.n_items, ip, ii, np_, ni, mc.max_targets, mc.num_negatives,
+                                 mc.max_neighbors, mc.max_history)
+        rng = np.random.default_rng([self.seed, 17])
+        users = np.arange(n)
+        with torch.no_grad():
+            self.model.local_user[:n] = 0.0
+        for start in range(0, n, chunk):
+            ub = users[start:start + chunk]
+            self.model.refit_local_users(builder.train_batch(ub, rng), mc.local_refit_steps, mc.local_refit_l2)
+        self._h.clear()
+
+    # --- item side, computed once -------------------------------------------------------------
+    def _refresh_items(self) -> None:
+        with torch.no_grad():
+            m = self.model
+            self.item_matrix = m._normalise(m._item_vectors(torch.arange(m.n_items))).contiguous()
+            self.item_bias = (m.item_bias.weight[:, 0] * self.cfg.bias_scale).contiguous()
+
+    # --- user side ------------------------------------------------------------------------------
+    def _add_item(self, u: int, i: int) -> bool:
+        if i in self.seen[u]:
+            return False
+        self.seen[u].add(i)
+        self.history[u].append(i)
+        return True
+
+    def index_of(self, user: int | str) -> int:
+        key = compute_external_id(user)
+        if key not in self.user_index:
+            raise UnknownUserError(f"unknown user {user!r}")
+        return self.user_index[key]
+
+    def _item_of(self, item: int | str, what: str = "item") -> int:
+        key = compute_external_id(item)
+        if key not in self.item_index:
+            raise ServingError(f"field {what!r}: unknown item {item!r} (not in the catalogue)")
+        return self.item_index[key]
+
+    def add_user(self, user: int | str) -> int:
+        """A new local user with no record (served from friends and popularity until they have items)."""
+        key = compute_external_id(user)
+        if key in self.user_index:
+            return self.user_index[key]
+        u = len(self.users)
+        self.users.append(key)
+        self.user_index[key] = u
+        self.history.append([])
+        self.seen.append(set())
+        self.friends.append([])
+        self._grow_tables(u + 1)
+        return u
+
+    def _grow_tables(self, n: int) -> None:
+        """Zero rows for new users in the per-user tables (grown by a quarter, so adding users is amortised O(1))."""
+        m = self.model
+        sizes = [e.num_embeddings for e in (m.social_emb, m.user_emb) if e is not None]
+        sizes += [m.local_user.shape[0]] if m.local_user.shape[0] else []
+        if not sizes or n <= min(sizes):
+            return
+        size = max(n, int(min(sizes) * 1.25) + 16)
+        with torch.no_grad():
+            for name in ("social_emb", "user_emb"):
+                emb = getattr(m, name)
+                if emb is not None and emb.num_embeddings < size:
+                    new = nn.Embedding(size, emb.embedding_dim)
+                    new.weight.zero_()
+                    new.weight[: emb.num_embeddings] = emb.weight
+                    setattr(m, name, new)
+            if m.local_user.shape[0] and m.local_user.shape[0] < size:
+                pad = torch.zeros(size - m.local_user.shape[0], m.local_user.shape[1])
+                m.local_user = torch.cat([m.local_user, pad])
+
+    def _batch(self, u: int, bag: Sequence[int], friends: Sequence[int]) -> dict[str, torch.Tensor]:
+        b, bm = _user_rows(bag)
+        n, nm = _user_rows(friends)
+        return {"users": torch.tensor([u]), "bag": b, "bag_mask": bm, "nbrs": n, "nbr_mask": nm}
+
+    def user_vector(self, u: int, bag: Sequence[int] | None = None, friends: Sequence[int] | None = None
+                    ) -> torch.Tensor:
+        """g(h_u) [d] with the model's own ``user_vectors`` and ``_normalise`` (cached for the live record)."""
+        live = bag is None and friends is None
+        if live and u in self._h:
+            return self._h[u]
+        batch = self._batch(u, self.history[u] if bag is None else bag, self.friends[u] if friends is None else friends)
+        with torch.no_grad():
+            h = self.model._normalise(self.model.user_vectors(batch))[0]
+        if live:
+            self._h[u] = h
+        return h
+
+    def refit_local_vector(self, u: int) -> None:
+        """Reconstruct p_u (``user_embedding = local``) from the user's own items, as the partner's evaluation
+        does (``refit_local_users``), with a per-user seed so the result is reproducible."""
+        mc = self.cfg
+        if mc.user_embedding != "local" or mc.local_refit_steps == 0 or not self.model.local_user.shape[0]:
+            return
+        items = self.history[u]
+        if not items:
+            self.model.local_user[u] = 0.0
+            return
+        ip, ii = compute_csr(np.full(len(items), u), np.asarray(items), u + 1)
+        np_, ni = compute_csr(np.full(len(self.friends[u]), u), np.asarray(self.friends[u], dtype=np.int64), u + 1)
+        builder = ExampleBuilder(u + 1, self.model.n_items, ip, ii, np_, ni, mc.max_targets, mc.num_negatives,
+                                 max(1, len(self.friends[u])), mc.max_history)
+        batch = builder.train_batch(np.array([u]), np.random.default_rng([self.seed, u]))
+        self.model.refit_local_users(batch, mc.local_refit_steps, mc.local_refit_l2)
+
+    def scores(self, u: int, bag: Sequence[int] | None = None, friends: Sequence[int] | None = None) -> torch.Tensor:
+        """The model's score of every item for user u: g(h_u) . g(q_i) + c_i  [n_items]."""
+        return torch.mv(self.item_matrix, self.user_vector(u, bag, friends)) + self.item_bias
+
+    # --- lists ----------------------------------------------------------------------------------
+    def recommend(self, user: int | str, k: int = 10, category: int | None = None,
+                  explain: bool = True) -> list[dict[str, Any]]:
+        """Top-``k`` unseen items for ``user`` (optionally within one catalogue category)."""
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 1000:
+            raise ServingError(f"field 'k': must be an integer in [1, 1000], got {k!r}")
+        u = self.index_of(user)
+        cold = not self.history[u] and not self.friends[u]
+        scores = self.scores(u)
+        # no items and no friends: the model's vector is empty, so rank by popularity (the model's score kept)
+        rank_by = torch.as_tensor(self.popularity, dtype=scores.dtype) if cold else scores.clone()
+        if self.seen[u]:
+            rank_by[torch.as_tensor(sorted(self.seen[u]))] = -torch.inf
+        if category is not None:
+            if self.item_category is None:
+                raise ServingError("field 'category': this catalogue has no categories")
+            rank_by[torch.as_tensor(self.item_category != category)] = -torch.inf
+        top = torch.topk(rank_by, min(k, rank_by.shape[0]))
+        keep = torch.isfinite(top.values)
+        idx = top.indices[keep].numpy()
+        top_scores = scores[idx].numpy().astype(np.float64)
+        probs = self.calibrator.predict(top_scores)
+        expl = self.explain(u, idx, cold=cold) if explain else [{} for _ in idx]
+        return [{"item": self.items[i], "score": float(s), "probability": float(p), "explanation": e}
+                for i, s, p, e in zip(idx.tolist(), top_scores, probs, expl, strict=True)]
+
+    # --- explanations ---------------------------------------------------------------------------
+    def terms(self, u: int, items: np.ndarray, bag: Sequence[int] | None = None,
+              friends: Sequence[int] | None = None) -> Terms:
+        """Additive terms of user u's score for ``items``; ``Terms.total()`` equals the model's score."""
+        m, mc = self.model, self.cfg
+        bag = self.history[u] if bag is None else list(bag)
+        friends = self.friends[u] if friends is None else list(friends)
+        idx = torch.as_tensor(np.asarray(items, dtype=np.int64))
+        qv = self.item_matrix[idx]  # [k, d]
+        with torch.no_grad():
+            parts, hist_rows, friend_rows = [], torch.zeros(0, mc.dim), torch.zeros(0, mc.dim)
+            bag_full = None
+            if m.hist_emb is not None:
+                hist_rows = (m._history_vectors(torch.as_tensor(bag, dtype=torch.long)) / math.sqrt(max(len(bag), 1))
+                             if bag else torch.zeros(0, mc.dim))
+                bag_full = hist_rows.sum(0)
+                parts.append(bag_full)
+            if m.social_emb is not None:
+                friend_rows = self._friend_rows(friends, bag_full)
+                parts.append(friend_rows.sum(0))
+            user_vec = torch.zeros(mc.dim)
+            if m.user_emb is not None:
+                user_vec = user_vec + m.user_emb.weight[u]
+                parts.append(m.user_emb.weight[u])
+            if m.local_user.shape[0]:
+                user_vec = user_vec + m.local_user[u]
+            mlp = m.mlp(torch.cat(parts)[None])[0] if m.mlp is not None and parts else torch.zeros(mc.dim)
+            h = hist_rows.sum(0) + friend_rows.sum(0) + user_vec + mlp
+            alpha = 1.0 if mc.temperature <= 0 else 1.0 / (max(float(h.norm()), _EPS) * mc.temperature ** 0.5)
+            return Terms(history=(alpha * hist_rows @ qv.T).numpy().astype(np.float64),
+                         friends=(alpha * friend_rows @ qv.T).numpy().astype(np.float64),
+                         user=(alpha * qv @ user_vec).numpy().astype(np.float64),
+                         mlp=(alpha * qv @ mlp).numpy().astype(np.float64),
+                         bias=self.item_bias[idx].numpy().astype(np.float64))
+
+    def _friend_rows(self, friends: Sequence[int], bag_full: torch.Tensor | None) -> torch.Tensor:
+        """w_v s_v for each friend, with the model's aggregator weights (SocialRec._social)."""
+        m = self.model
+        assert m.social_emb is not None
+        if not friends:
+            return torch.zeros(0, self.cfg.dim)
+        s = m.social_emb(torch.as_tensor(friends, dtype=torch.long))
+        n = float(len(friends))
+        if self.cfg.aggregator == "mean":
+            w = torch.full((len(friends),), 1.0 / n)
+        elif self.cfg.aggregator == "gcn":
+            w = torch.full((len(friends),), 1.0 / math.sqrt(n))
+        else:
+            assert m.att is not None
+            q = torch.zeros_like(s) if bag_full is None else bag_full[None, :].expand_as(s)
+            w = torch.softmax(m.att(torch.cat([q, s], dim=-1)).squeeze(-1), dim=0)
+        return w[:, None] * s
+
+    def explain(self, u: int, items: np.ndarray, top: int = 3, cold: bool = False) -> list[dict[str, Any]]:
+        """Per item: the terms, and the ``top`` history items and friends that contributed most, each with
+        its share = contribution / sum of |all contributions| to that item's score."""
+        t = self.terms(u, items)
+        bag, friends = self.history[u], self.friends[u]
+        out = []
+        for k in range(len(items)):
+            parts = [t.history[:, k], t.friends[:, k], np.array([t.user[k], t.mlp[k], t.bias[k]])]
+            scale = float(sum(np.abs(p).sum() for p in parts)) or 1.0
+            out.append({
+                "reason": "popularity" if cold else "model",
+                "terms": {"history": float(t.history[:, k].sum()), "social": float(t.friends[:, k].sum()),
+                          "user": float(t.user[k]), "mlp": float(t.mlp[k]), "bias": float(t.bias[k])},
+                "history": _top_terms(t.history[:, k], [self.items[i] for i in bag], "item", top, scale),
+                "friends": _top_terms(t.friends[:, k], [self.users[v] for v in friends], "user", top, scale),
+            })
+        return out
+
+    # --- events ---------------------------------------------------------------------------------
+    def apply_events(self, events: Iterable[Event]) -> dict[str, Any]:
+        """Apply events in order (all validated first, so a bad one changes nothing), append them durably,
+        and rebuild the touched users' vectors. Returns counts."""
+        events = list(events)
+        for n, e in enumerate(events):
+            if e.type in SOCIAL:
+                if compute_external_id(e.neighbour) not in self.user_index:  # type: ignore[arg-type]
+                    raise ServingError(f"event #{n}: field 'neighbour': unknown user {e.neighbour!r}")
+            else:
+                self._item_of(e.item, "item")  # type: ignore[arg-type]
+        if self.events_path is not None:
+            append_events_durably(self.events_path, events)
+        created, touched = 0, set()
+        for e in events:
+            if compute_external_id(e.user) not in self.user_index:
+                self.add_user(e.user)
+                created += 1
+            u = self.index_of(e.user)
+            touched.add(u)
+            if e.type in SOCIAL:
+                v = self.index_of(e.neighbour)  # type: ignore[arg-type]
+                if e.type == "follow" and v not in self.friends[u]:
+                    self.friends[u].append(v)
+                elif e.type == "unfollow" and v in self.friends[u]:
+                    self.friends[u].remove(v)
+            elif self._add_item(u, self._item_of(e.item)):  # type: ignore[arg-type]
+                self.popularity[self._item_of(e.item)] += 1  # type: ignore[arg-type]
+        for u in touched:
+            self._h.pop(u, None)
+            self.refit_local_vector(u)
+        return {"accepted": len(events), "created_users": created, "durable": self.events_path is not None}
+
+    # --- calibration on the partner's validation data -----------------------------------------
+    def fit_calibration(self, method: str, max_users: int = 2000, negatives: int = 50) -> Calibrator:
+        """Fit score -> P(interaction) on validation data: each user's vector from training items only,
+        validation items as positives, ``negatives`` uniform unseen items per user each weighted as the
+        (unseen catalogue / negatives) items it stands for, so the probabilities keep the true base rate."""
+        if method == "none":
+            return Calibrator("none")
+        s, y, w = self.validation_scores(max_users, negatives)
+        if not len(s) or y.sum() == 0:
+            return Calibrator("none")
+        return fit_calibrator(s, y, w, method)
+
+    def validation_scores(self, max_users: int = 2000, negatives: int = 50) -> tuple[np.ndarray, np.ndarray,
+                                                                                      np.ndarray]:
+        sp = self.split
+        rng = np.random.default_rng(self.seed)
+        train: dict[int, list[int]] = {}
+        for a, b in zip(sp.train_users.tolist(), sp.train_items.tolist(), strict=True):
+            train.setdefault(a, []).append(b)
+        val: dict[int, list[int]] = {}
+        for a, b in zip(sp.val_users.tolist(), sp.val_items.tolist(), strict=True):
+            val.setdefault(a, []).append(b)
+        users = sorted(val)
+        if len(users) > max_users:
+            users = sorted(rng.choice(users, max_users, replace=False).tolist())
+        ss, ys, ws = [], [], []
+        n_items = self.model.n_items
+        for u in users:
+            # the local p_u of the model was refitted on training items: it is part of this vector
+            sc = self.scores(u, bag=train.get(u, []), friends=self.friends[u]).numpy()
+            pos = np.asarray(val[u])
+            excluded = set(train.get(u, [])) | set(val[u])
+            neg = rng.integers(0, n_items, size=negatives)
+            neg = neg[[i not in excluded for i in neg.tolist()]]
+            weight = (n_items - len(excluded)) / negatives
+            ss += [sc[pos], sc[neg]]
+            ys += [np.ones(len(pos)), np.zeros(len(neg))]
+            ws += [np.ones(len(pos)), np.full(len(neg), weight)]
+        if not ss:
+            return np.zeros(0), np.zeros(0), np.zeros(0)
+        return np.concatenate(ss).astype(np.float64), np.concatenate(ys), np.concatenate(ws)
+
+    # --- user facts for the page ----------------------------------------------------------------
+    def user_profile(self, user: int | str, limit: int = 50) -> dict[str, Any]:
+        u = self.index_of(user)
+        return {"user": self.users[u], "items": [self.items[i] for i in self.history[u][-limit:]],
+                "n_items": len(self.history[u]), "friends": [self.users[v] for v in self.friends[u][:limit]],
+                "n_friends": len(self.friends[u])}
+
+
+def _top_terms(values: np.ndarray, ids: list[Any], key: str, top: int, scale: float) -> list[dict[str, Any]]:
+    if not len(values):
+        return []
+    order = np.argsort(-np.abs(values), kind="stable")[:top]
+    return [{key: ids[j], "contribution": float(values[j]), "share": float(values[j] / scale)} for j in order]

@@ -1,0 +1,189 @@
+"""``fedsocial recommend RUN_DIR --partner ID --k K --out FILE [--users U ...]``: batch top-K lists.
+
+Loads the model a partner serves (:func:`load_recommender`): the global shared parameters of the
+run's last checkpoint, the partner's local state of that round (social table, per-user tables), the
+partner's data (re-derived from the run's config, as its client does) with its recorded events
+(``partners/ID/events.jsonl``) replayed. A deployed partner's folder works too: pass ``--config``,
+``--checkpoint`` (the global parameters the partner received) and ``--state-dir``; RUN_DIR is then the
+partner's own data folder. Writes one row per (user, rank): ``user, rank, item, score, probability,
+explanation`` as JSON Lines (``.jsonl``) or CSV (``.csv``, the explanation as a JSON string).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedsocial.shared.config import Config, ConfigError, load_config
+from fedsocial.shared.data import SplitData
+from fedsocial.shared.events import EVENTS_FILE, EventError, compute_grown_local_state, load_split_with_events
+from fedsocial.shared.fileio import json_default, write_text_atomic
+from fedsocial.shared.models.social import SocialRec
+from fedsocial.shared.serving import Recommender, ServingError
+from fedsocial.simulations.common import EXIT_USER_ERROR, USER_ERRORS
+
+SERVING_ERRORS: tuple[type[BaseException], ...] = (*USER_ERRORS, ServingError, EventError)
+# partner scope (DESIGN.md): a hook that returns the locally adapted model to serve (client/personalize.py)
+Adapter = Callable[[Config, SplitData, SocialRec, Path], SocialRec]
+
+
+@dataclass(frozen=True)
+class ServedSource:
+    """Where a partner's served model comes from."""
+
+    config_path: Path
+    checkpoint: Path | None  # None: the run's last checkpoint
+    state_dir: Path
+    run_dir: Path | None  # simulation run folder, or None for a deployed partner
+    partner_id: str
+    data_dir: str | None
+
+
+def resolve_source(path: Path, partner_id: str, data_dir: str | None = None, config: str | None = None,
+                   checkpoint: str | None = None, state_dir: str | None = None) -> ServedSource:
+    """A simulation run folder (``config.toml``, ``checkpoints/``, ``partners/ID``), or a deployed partner."""
+    if (path / "config.toml").is_file() and config is None:
+        sd = Path(state_dir) if state_dir else path / "partners" / partner_id
+        if not sd.is_dir():
+            known = sorted(p.name for p in (path / "partners").iterdir()) if (path / "partners").is_dir() else []
+            raise ConfigError(f"--partner {partner_id}: no folder {sd} (partners of this run: {', '.join(known)})")
+        return ServedSource(path / "config.toml", Path(checkpoint) if checkpoint else None, sd, path, partner_id,
+                            data_dir)
+    if config is None or checkpoint is None or state_dir is None:
+        raise ConfigError(f"{path}: not a simulation run folder (no config.toml); for a deployed partner's data "
+                          "folder pass --config, --checkpoint and --state-dir")
+    return ServedSource(Path(config), Path(checkpoint), Path(state_dir), None, partner_id, str(path))
+
+
+def load_partner_data(cfg: Config, src: ServedSource) -> SplitData:
+    """The partner's split exactly as its client derives it (client.partner.load_partner_split)."""
+    from fedsocial.client.partner import PartnerSettings, load_partner_split
+
+    if src.run_dir is not None:
+        try:
+            index = int(src.partner_id.rsplit("-", 1)[1])
+        except (IndexError, ValueError):
+            raise ConfigError(f"--partner {src.partner_id!r}: simulation partners are named partner-N") from None
+        num: int | None = cfg.federation.partners
+        data_dir = src.data_dir
+    else:
+        index, num, data_dir = 0, None, src.data_dir
+    settings = PartnerSettings(config_path=src.config_path, data_dir=data_dir, run_dir=src.run_dir or src.state_dir,
+                               partner_id=src.partner_id, partner_index=index, num_partitions=num,
+                               state_dir=src.state_dir, ledger_dir=src.state_dir, device="cpu", signing_key=None,
+                               num_threads=0)
+    return load_partner_split(cfg, settings)
+
+
+def _parameters(src: ServedSource) -> tuple[int, dict[str, Any]]:
+    from fedsocial.server.checkpoint import latest_checkpoint, load_checkpoint
+
+    ckpt = load_checkpoint(src.checkpoint) if src.checkpoint else latest_checkpoint(src.run_dir)  # type: ignore[arg-type]
+    if ckpt is None:
+        raise ConfigError(f"{src.run_dir}: the run has no checkpoint yet (no finished round)")
+    return ckpt.round, dict(zip(ckpt.names, ckpt.arrays, strict=True))
+
+
+def _local_state(state_dir: Path, round_: int) -> dict[str, Any] | None:
+    from fedsocial.client.state import LATEST, load_local_state, load_npz
+
+    for r in range(round_, 0, -1):
+        state = load_local_state(state_dir, r)
+        if state is not None:
+            return state
+    latest = state_dir / LATEST
+    return {k: v for k, v in load_npz(latest).items() if k != "__round__"} if latest.is_file() else None
+
+
+def load_recommender(src: ServedSource, calibration: str = "platt", adapt: Adapter | None = None) -> Recommender:
+    """The partner's served model: shared parameters + local state of the same round + its data and events."""
+    from fedsocial.shared.trainer import LocalTrainer
+
+    cfg = load_config(src.config_path)
+    split = load_split_with_events(load_partner_data(cfg, src), src.state_dir)
+    round_, shared = _parameters(src)
+    trainer = LocalTrainer(cfg, split, device="cpu", seed=cfg.train.seed)
+    trainer.set_shared(shared)
+    state = _local_state(src.state_dir, round_)
+    if state is not None:
+        trainer.set_local_state(compute_grown_local_state(state, split.n_users))
+    trainer.refit_local()  # p_u from training items, for calibration on validation data
+    model = trainer.model
+    if not isinstance(model, SocialRec):
+        raise ConfigError(f"{src.config_path}: model.name = {cfg.model.name}: serving needs the social model")
+    if adapt is not None and cfg.privacy.scope == "partner":
+        model = adapt(cfg, split, model, src.state_dir)  # the local, non-DP adaptation stays inside the partner
+    return Recommender(model, split, calibration=calibration, events_path=src.state_dir / EVENTS_FILE,
+                       seed=cfg.train.seed)
+
+
+def add_source_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="simulation run folder (or a deployed partner's data)")
+    parser.add_argument("--partner", required=True, help="partner id, e.g. partner-0")
+    parser.add_argument("--data-dir", default=None, help="data folder of the run's config (default: "
+                        "$FEDSOCIAL_DATA_DIR or ./data); for a deployed partner, its data folder is RUN_DIR")
+    parser.add_argument("--config", default=None, help="deployed partner: the federation's config")
+    parser.add_argument("--checkpoint", default=None, help="global shared parameters (a checkpoint .npz)")
+    parser.add_argument("--state-dir", default=None, help="the partner's state folder")
+    parser.add_argument("--calibration", default="platt", choices=("platt", "isotonic", "none"),
+                        help="score -> probability, fitted on the partner's validation data")
+
+
+def source_from_args(args: argparse.Namespace) -> ServedSource:
+    return resolve_source(Path(args.run_dir), args.partner, args.data_dir, args.config, args.checkpoint,
+                          args.state_dir)
+
+
+def compute_rows(rec: Recommender, users: list[Any], k: int, category: int | None = None) -> list[dict[str, Any]]:
+    rows = []
+    for user in users:
+        for rank, item in enumerate(rec.recommend(user, k, category=category), start=1):
+            rows.append({"user": user, "rank": rank, **item})
+    return rows
+
+
+def format_rows(rows: list[dict[str, Any]], suffix: str) -> str:
+    if suffix == ".jsonl":
+        return "".join(json.dumps(r, default=json_default) + "\n" for r in rows)
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["user", "rank", "item", "score", "probability", "explanation"])
+    for r in rows:
+        writer.writerow([r["user"], r["rank"], r["item"], repr(r["score"]), repr(r["probability"]),
+                         json.dumps(r["explanation"], default=json_default)])
+    return buf.getvalue()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fedsocial recommend", description=__doc__.splitlines()[0])
+    add_source_arguments(parser)
+    parser.add_argument("--k", type=int, default=10, help="list length (default 10)")
+    parser.add_argument("--out", required=True, help="output file: .jsonl (JSON Lines) or .csv")
+    parser.add_argument("--users", nargs="+", default=None, help="only these users (default: all of the partner's)")
+    parser.add_argument("--category", type=int, default=None, help="only items of this catalogue category")
+    args = parser.parse_args(argv)
+    try:
+        out = Path(args.out)
+        if out.suffix not in (".jsonl", ".csv"):
+            raise ConfigError(f"--out {out}: the file must end in .jsonl or .csv")
+        rec = load_recommender(source_from_args(args), args.calibration)
+        users = list(rec.users) if args.users is None else [rec.users[rec.index_of(u)] for u in args.users]
+        rows = compute_rows(rec, users, args.k, args.category)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out, format_rows(rows, out.suffix))
+    except SERVING_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    print(f"{len(rows)} recommendations for {len(users)} users of {args.partner} -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

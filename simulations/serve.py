@@ -1,0 +1,158 @@
+"""``fedsocial serve RUN_DIR --partner ID --port P``: one partner's recommendation service (FastAPI on uvicorn).
+
+Routes (the OpenAPI schema at ``/openapi.json`` is the contract; ``/docs`` renders it):
+
+* ``GET /health``
+* ``GET /users/{user}/recommendations?k=10[&category=C]`` -> ``{"user", "items": [{"item", "score",
+  "probability", "explanation"}]}``
+* ``GET /users/{user}`` (the user's items and friends), ``GET /users?prefix=&limit=`` (find a user)
+* ``POST /events``: one event object or a list: ``{"user", "item", "type": view|click|purchase|rating}``
+  or ``{"user", "neighbour", "type": follow|unfollow}``; an unknown user is created; events change the
+  user's list at once and are appended (fsync) to ``STATE_DIR/events.jsonl`` for the next rounds
+* ``GET /social`` (communities, influencers, social share; cached until the next event)
+* ``GET /``: the operator's page (``serve_page.html``, one static file, no external resources)
+
+Bad requests get a 4xx with a one-line ``detail``; handlers catch everything else, so a client never
+sees a traceback. Requests are handled on the event loop, one at a time (the model state is mutated
+by events; a top-10 takes milliseconds). Bind to 127.0.0.1 (the default) and put the partner's own
+gateway (TLS, authentication) in front: docs/SERVING.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from fedsocial.shared.events import EventError, parse_event
+from fedsocial.shared.serving import Recommender, ServingError, UnknownUserError
+
+log = logging.getLogger("fedsocial.serve")
+PAGE = Path(__file__).with_name("serve_page.html")
+MAX_EVENTS = 10_000  # per request
+
+
+def create_app(rec: Recommender, partner_id: str = "") -> FastAPI:
+    """The FastAPI application over one :class:`Recommender`."""
+    app = FastAPI(title="fedsocial partner recommendations", version="1",
+                  description="One partner's served model: lists, explanations, events, social analysis.")
+    cache: dict[str, Any] = {}
+
+    def error(status: int, detail: str) -> JSONResponse:
+        return JSONResponse({"detail": detail}, status_code=status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        return error(422, f"{where}: {first.get('msg', 'invalid request')}")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(UnknownUserError)
+    async def _unknown(_: Request, exc: UnknownUserError) -> JSONResponse:
+        return error(404, str(exc))
+
+    @app.exception_handler(ServingError)
+    async def _serving(_: Request, exc: ServingError) -> JSONResponse:
+        return error(422, str(exc))
+
+    @app.exception_handler(EventError)
+    async def _event(_: Request, exc: EventError) -> JSONResponse:
+        return error(422, str(exc))
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, exc: Exception) -> JSONResponse:  # a bug, not the client's fault
+        log.exception("internal error")
+        return error(500, f"internal error: {type(exc).__name__}")
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "partner": partner_id, "users": len(rec.users), "items": len(rec.items),
+                "calibration": rec.calibrator.to_json()}
+
+    @app.get("/users/{user}/recommendations")
+    async def recommendations(user: str, k: int = Query(10, ge=1, le=1000),
+                              category: int | None = Query(None, ge=0),
+                              explain: bool = True) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        items = rec.recommend(user, k, category=category, explain=explain)
+        return {"user": rec.users[rec.index_of(user)], "items": items,
+                "elapsed_ms": (time.perf_counter() - t0) * 1e3}
+
+    @app.get("/users/{user}")
+    async def profile(user: str) -> dict[str, Any]:
+        return rec.user_profile(user)
+
+    @app.get("/users")
+    async def find_users(prefix: str = "", limit: int = Query(20, ge=1, le=1000)) -> dict[str, Any]:
+        found = [u for u in rec.users if str(u).startswith(prefix)][:limit]
+        return {"users": found, "total": len(rec.users)}
+
+    @app.post("/events", response_model=None)
+    async def events(request: Request) -> dict[str, Any] | JSONResponse:
+        try:
+            body = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            return error(400, f"body: not valid JSON ({exc})")
+        docs = body if isinstance(body, list) else [body]
+        if not docs or len(docs) > MAX_EVENTS:
+            return error(422, f"body: expected one event or a list of 1..{MAX_EVENTS} events")
+        parsed = [parse_event(d, where=f"event #{n}: " if isinstance(body, list) else "") for n, d in enumerate(docs)]
+        result = rec.apply_events(parsed)
+        cache.clear()
+        return result
+
+    @app.get("/social")
+    async def social(k: int = Query(10, ge=1, le=100)) -> dict[str, Any]:
+        from fedsocial.shared.social_analysis import analyse
+
+        if cache.get("k") != k:
+            cache.update(k=k, doc=analyse(rec, k=k))
+        return cache["doc"]  # type: ignore[no-any-return]
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page() -> HTMLResponse:
+        return HTMLResponse(PAGE.read_text(encoding="utf-8"))
+
+    return app
+
+
+def main(argv: list[str] | None = None) -> int:
+    from fedsocial.simulations.recommend import SERVING_ERRORS, add_source_arguments, load_recommender, source_from_args
+
+    parser = argparse.ArgumentParser(prog="fedsocial serve", description=__doc__.splitlines()[0])
+    add_source_arguments(parser)
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: loopback only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    args = parser.parse_args(argv)
+    try:
+        import torch
+
+        torch.set_num_threads(max(1, args.threads))
+        rec = load_recommender(source_from_args(args), args.calibration)
+    except SERVING_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    import uvicorn
+
+    print(f"serving {args.partner}: {len(rec.users)} users, {len(rec.items)} items on http://{args.host}:{args.port}/",
+          flush=True)
+    uvicorn.run(create_app(rec, args.partner), host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

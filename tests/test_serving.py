@@ -1,0 +1,344 @@
+"""Serving: exact score decomposition, calibration, events, batch lists, social analysis (shared/serving.py)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fedsocial.shared.batching import ExampleBuilder
+from fedsocial.shared.config import ModelConfig
+from fedsocial.shared.data import Dataset, SplitData
+from fedsocial.shared.events import (
+    EventError,
+    append_events_durably,
+    compute_grown_local_state,
+    compute_split_with_events,
+    parse_event,
+    read_events,
+)
+from fedsocial.shared.models import RecModel, build_model
+from fedsocial.shared.serving import (
+    Calibrator,
+    Recommender,
+    ServingError,
+    UnknownUserError,
+    compute_isotonic_fit,
+    compute_platt_params,
+    fit_calibrator,
+)
+from fedsocial.shared.social_analysis import analyse, compute_communities, compute_item_lift
+from fedsocial.simulations import recommend
+from tests.serving_run import make_run
+
+torch.set_num_threads(1)
+
+
+def tiny_split(seed: int = 0, n_users: int = 24, n_items: int = 40) -> SplitData:
+    """A hand-made split: random interactions (user 0 has none), a random graph, 4 item categories."""
+    rng = np.random.default_rng(seed)
+    users = np.repeat(np.arange(1, n_users), 6)
+    items = rng.integers(0, n_items, users.size)
+    pairs = np.unique(np.stack([users, items], 1), axis=0)
+    src = rng.integers(0, n_users, 60)
+    dst = rng.integers(0, n_users, 60)
+    keep = (src != dst) & (src != 0)
+    ds = Dataset(n_users, n_items, pairs[:, 0], pairs[:, 1], src[keep], dst[keep],
+                 item_category=np.arange(n_items) % 4)
+    val = rng.random(len(pairs)) < 0.2
+    return SplitData(ds, pairs[~val, 0], pairs[~val, 1], pairs[val, 0], pairs[val, 1],
+                     np.zeros(0, np.int64), np.zeros(0, np.int64))
+
+
+def randomised_model(mc: ModelConfig, split: SplitData, seed: int) -> RecModel:
+    """Every parameter random (the MLP's zero output layer too), so that every term is non-trivial."""
+    torch.manual_seed(seed)
+    model = build_model(mc, split.n_users, split.n_items, item_category=split.dataset.item_category)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    return model
+
+
+VARIANTS = [dict(aggregator=a, user_embedding=p, temperature=t, use_category=bool(n % 2), bias_scale=1.0 + n % 3,
+                 use_mlp=n % 4 != 3)
+            for n, (a, p, t) in enumerate(itertools.product(("mean", "gcn", "attention"), ("trained", "local", "none"),
+                                                            (0.0, 0.2)))]
+VARIANTS += [dict(use_social=False, user_embedding="local"), dict(use_history=False, aggregator="attention"),
+             dict(use_history=False, use_social=False, user_embedding="trained")]
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: ",".join(f"{k}={x}" for k, x in v.items()))
+def test_terms_sum_to_the_models_own_score(variant: dict[str, object]) -> None:
+    # Prepare
+    split = tiny_split()
+    mc = ModelConfig(dim=8, mlp_hidden=8, local_refit_steps=3, **variant)  # type: ignore[arg-type]
+    model = randomised_model(mc, split, seed=len(str(variant)))
+    rec = Recommender(model, split, calibration="none")  # type: ignore[arg-type]
+    rec.apply_events([parse_event({"user": "new", "neighbour": 3, "type": "follow"})])  # a cold-start user
+    eval_builder = ExampleBuilder.from_split(split, mc)
+    all_items = np.arange(split.n_items)
+    for u in [0, 1, 5, 17, rec.index_of("new")]:
+        # Execute
+        terms = rec.terms(u, all_items)
+        batch = rec._batch(u, rec.history[u], rec.friends[u])
+        with torch.no_grad():
+            expected = model.full_sort_predict(batch)[0].double().numpy()
+        # Assert: the terms sum to the model's score, and the served score is that score
+        np.testing.assert_allclose(terms.total(), expected, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(rec.scores(u).double().numpy(), expected, rtol=1e-5, atol=1e-5)
+    # the served vector from training items equals the model's own evaluation batch (ExampleBuilder.eval_batch)
+    train = {int(u): split.train_items[split.train_users == u].tolist() for u in (1, 5)}
+    for u, bag in train.items():
+        with torch.no_grad():
+            own = model.full_sort_predict(eval_builder.eval_batch(np.array([u])))[0].numpy()
+        np.testing.assert_allclose(rec.scores(u, bag=bag).numpy(), own, rtol=1e-5, atol=1e-5)
+
+
+def test_explanations_name_the_largest_terms_and_exclude_seen_items() -> None:
+    # Prepare
+    split = tiny_split(seed=1)
+    model = randomised_model(ModelConfig(dim=8, mlp_hidden=8, user_embedding="none"), split, seed=3)
+    rec = Recommender(model, split, calibration="none")  # type: ignore[arg-type]
+    user = 4
+    # Execute
+    items = rec.recommend(user, k=5)
+    # Assert
+    assert len(items) == 5 and not {rec.item_index[x["item"]] for x in items} & rec.seen[user]
+    terms = rec.terms(user, np.array([rec.item_index[items[0]["item"]]]))
+    e = items[0]["explanation"]
+    assert abs(sum(e["terms"].values()) - items[0]["score"]) < 1e-5
+    assert e["history"][0]["contribution"] == pytest.approx(terms.history[np.abs(terms.history[:, 0]).argmax(), 0])
+    assert [x["score"] for x in items] == sorted((x["score"] for x in items), reverse=True)
+
+
+# --- calibration ---------------------------------------------------------------------------------
+def reliability_gap(pred: np.ndarray, labels: np.ndarray, bins: int = 10) -> float:
+    """Largest |mean predicted - observed rate| over equal-count bins of the prediction."""
+    order = np.argsort(pred)
+    return max(abs(pred[b].mean() - labels[b].mean()) for b in np.array_split(order, bins))
+
+
+def test_platt_recovers_known_parameters_and_is_calibrated() -> None:
+    # Prepare
+    rng = np.random.default_rng(0)
+    s = rng.normal(size=40000)
+    y = (rng.random(s.size) < 1 / (1 + np.exp(-(2 * s - 1)))).astype(float)
+    # Execute
+    cal = fit_calibrator(s, y, np.ones_like(s), "platt")
+    # Assert
+    a, b = cal.params
+    assert a == pytest.approx(2.0, abs=0.1) and b == pytest.approx(-1.0, abs=0.1)
+    assert reliability_gap(cal.predict(s), y) < 0.02
+
+
+def test_platt_weights_equal_repeated_rows() -> None:
+    # Prepare: a weight of 3 must act exactly as three copies of the row (the negative weighting relies on it)
+    rng = np.random.default_rng(1)
+    s, y = rng.normal(size=300), (rng.random(300) < 0.3).astype(float)
+    w = rng.integers(1, 4, 300).astype(float)
+    # Execute
+    weighted = compute_platt_params(s, y, w)
+    repeated = compute_platt_params(np.repeat(s, w.astype(int)), np.repeat(y, w.astype(int)),
+                                    np.ones(int(w.sum())))
+    # Assert
+    np.testing.assert_allclose(weighted, repeated, rtol=1e-6)
+
+
+def test_isotonic_known_value_and_calibrated() -> None:
+    # Prepare / Execute: PAV pools the violating pair (1, 0) into 0.5
+    x, y = compute_isotonic_fit(np.array([1.0, 2, 3, 4]), np.array([1.0, 0, 1, 1]), np.ones(4))
+    # Assert
+    np.testing.assert_allclose(y, [0.5, 0.5, 1.0, 1.0])
+    np.testing.assert_allclose(x, [1.0, 2.0, 3.0, 4.0])
+    rng = np.random.default_rng(2)
+    s = rng.uniform(-3, 3, 30000)
+    truth = np.clip(0.05 + 0.15 * np.floor(s + 3), 0, 1)  # a monotone step function, not a sigmoid
+    labels = (rng.random(s.size) < truth).astype(float)
+    cal = fit_calibrator(s, labels, np.ones_like(s), "isotonic")
+    assert reliability_gap(cal.predict(s), labels) < 0.02
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.floats(-5, 5), st.booleans(), st.floats(0.1, 10)), min_size=1, max_size=60),
+       st.sampled_from(["platt", "isotonic"]))
+def test_calibrated_probability_is_monotone_in_the_score(rows: list[tuple[float, bool, float]], method: str) -> None:
+    # Prepare
+    s, y, w = (np.array([r[k] for r in rows], dtype=float) for k in range(3))
+    # Execute
+    cal = fit_calibrator(s, y, w, method)
+    grid = np.linspace(-6, 6, 200)
+    p = cal.predict(grid)
+    # Assert: non-decreasing in the score (Platt's slope can be fitted negative only on anti-correlated data)
+    assert np.all((p >= 0) & (p <= 1))
+    if method == "isotonic" or cal.params[0] >= 0:
+        assert np.all(np.diff(p) >= -1e-12)
+
+
+def test_unknown_calibration_is_refused() -> None:
+    with pytest.raises(ServingError, match="calibration"):
+        fit_calibrator(np.zeros(2), np.zeros(2), np.ones(2), "magic")
+    assert Calibrator("none").predict(np.array([0.0]))[0] == pytest.approx(0.5)
+
+
+# --- events --------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("doc", "field"), [
+    ({"user": 1, "item": 2, "type": "buy"}, "type"), ({"item": 2, "type": "click"}, "user"),
+    ({"user": 1, "type": "follow"}, "neighbour"), ({"user": 1, "item": 2, "type": "rating", "value": "x"}, "value"),
+    ({"user": 1, "neighbour": 1, "type": "follow"}, "neighbour"), ({"user": True, "item": 2, "type": "view"}, "user"),
+    ({"user": 1, "item": 2, "type": "view", "colour": 1}, "colour"), ([1, 2], "object")])
+def test_malformed_events_name_the_field(doc: object, field: str) -> None:
+    with pytest.raises(EventError, match=field):
+        parse_event(doc)
+
+
+def test_events_replay_into_the_split_and_grow_local_state(tmp_path: Path) -> None:
+    # Prepare
+    split = tiny_split()
+    path = tmp_path / "events.jsonl"
+    docs = [{"user": 0, "item": 5, "type": "purchase"}, {"user": "nova", "item": 7, "type": "click"},
+            {"user": "nova", "neighbour": 2, "type": "follow"}, {"user": "nova", "neighbour": 2, "type": "unfollow"},
+            {"user": "nova", "neighbour": 3, "type": "follow"}, {"user": 0, "item": 5, "type": "view"}]
+    # Execute
+    append_events_durably(path, [parse_event(d) for d in docs])
+    grown = compute_split_with_events(split, read_events(path))
+    # Assert
+    assert grown.n_users == split.n_users + 1
+    nova = grown.n_users - 1
+    assert len(grown.train_items) == len(split.train_items) + 2  # the repeated (0, 5) counts once
+    assert {(0, 5), (nova, 7)} <= set(zip(grown.train_users.tolist(), grown.train_items.tolist(), strict=True))
+    edges = set(zip(grown.dataset.social_src.tolist(), grown.dataset.social_dst.tolist(), strict=True))
+    assert (nova, 3) in edges and (nova, 2) not in edges
+    state = compute_grown_local_state({"social_emb.weight": np.ones((split.n_users, 4)), "item_cat": np.ones(40)},
+                                      grown.n_users)
+    assert state["social_emb.weight"].shape == (grown.n_users, 4) and not state["social_emb.weight"][-1].any()
+    assert state["item_cat"].shape == (40,)
+    with pytest.raises(EventError, match="unknown item"):
+        compute_split_with_events(split, [parse_event({"user": 0, "item": 999, "type": "view"})])
+    path.write_text(path.read_text() + "{not json\n")
+    with pytest.raises(EventError, match=r"events.jsonl:7"):
+        read_events(path)
+
+
+def test_an_event_changes_the_list_at_once_and_a_bad_batch_changes_nothing(tmp_path: Path) -> None:
+    # Prepare
+    split = tiny_split()
+    rec = Recommender(randomised_model(ModelConfig(dim=8, user_embedding="local", local_refit_steps=3), split, 5),  # type: ignore[arg-type]
+                      split, calibration="none", events_path=tmp_path / "events.jsonl")
+    user = 3
+    before = [x["item"] for x in rec.recommend(user, 5, explain=False)]
+    # Execute
+    with pytest.raises(ServingError, match="unknown item"):
+        rec.apply_events([parse_event({"user": user, "item": before[0], "type": "purchase"}),
+                          parse_event({"user": user, "item": 999, "type": "purchase"})])
+    unchanged = [x["item"] for x in rec.recommend(user, 5, explain=False)]
+    appended_nothing = not (tmp_path / "events.jsonl").exists()
+    rec.apply_events([parse_event({"user": user, "item": i, "type": "purchase"}) for i in before[:2]])
+    after = [x["item"] for x in rec.recommend(user, 5, explain=False)]
+    # Assert
+    assert unchanged == before and appended_nothing
+    assert after != before and not set(before[:2]) & set(after)
+    assert len(read_events(tmp_path / "events.jsonl")) == 2
+    with pytest.raises(UnknownUserError):
+        rec.recommend("nobody", 5)
+
+
+# --- batch lists from a run folder ----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_run(tmp_path_factory.mktemp("serving") / "run")
+
+
+def test_recommend_writes_k_items_per_user_jsonl_and_csv(run_dir: Path, tmp_path: Path) -> None:
+    # Prepare
+    out_jsonl, out_csv = tmp_path / "lists.jsonl", tmp_path / "lists.csv"
+    # Execute
+    rc1 = recommend.main([str(run_dir), "--partner", "partner-0", "--k", "10", "--out", str(out_jsonl)])
+    rc2 = recommend.main([str(run_dir), "--partner", "partner-1", "--k", "3", "--out", str(out_csv),
+                          "--calibration", "isotonic"])
+    # Assert
+    assert rc1 == 0 and rc2 == 0
+    rows = [json.loads(line) for line in out_jsonl.read_text().splitlines()]
+    per_user: dict[object, list[int]] = {}
+    for r in rows:
+        assert set(r) == {"user", "rank", "item", "score", "probability", "explanation"}
+        assert 0.0 <= r["probability"] <= 1.0
+        per_user.setdefault(r["user"], []).append(r["rank"])
+    rec = recommend.load_recommender(recommend.resolve_source(run_dir, "partner-0"))
+    assert set(per_user) == set(rec.users) and all(v == list(range(1, 11)) for v in per_user.values())
+    probs = [r["probability"] for r in rows if r["user"] == rows[0]["user"]]
+    assert probs == sorted(probs, reverse=True)  # monotone in the score
+    lines = out_csv.read_text().splitlines()
+    assert lines[0] == "user,rank,item,score,probability,explanation" and len(lines) > 1
+
+
+def test_recommend_refuses_bad_arguments_with_one_line(run_dir: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    # Execute
+    bad_suffix = recommend.main([str(run_dir), "--partner", "partner-0", "--out", str(tmp_path / "x.txt")])
+    bad_partner = recommend.main([str(run_dir), "--partner", "partner-9", "--out", str(tmp_path / "x.jsonl")])
+    bad_user = recommend.main([str(run_dir), "--partner", "partner-0", "--users", "no-such-user",
+                               "--out", str(tmp_path / "x.jsonl")])
+    not_a_run = recommend.main([str(tmp_path), "--partner", "partner-0", "--out", str(tmp_path / "x.jsonl")])
+    # Assert
+    err = capsys.readouterr().err
+    assert (bad_suffix, bad_partner, bad_user, not_a_run) == (2, 2, 2, 2)
+    assert ".jsonl or .csv" in err and "partner-9" in err and "no-such-user" in err and "--checkpoint" in err
+    assert "Traceback" not in err
+
+
+def test_partner_training_data_includes_served_events(run_dir: Path) -> None:
+    """Regression for the loop: the partner's loader (client/partner.py) replays events.jsonl."""
+    from fedsocial.client.partner import Partner, PartnerSettings
+
+    # Prepare
+    rec = recommend.load_recommender(recommend.resolve_source(run_dir, "partner-1"), calibration="none")
+    user, item = rec.users[0], next(it for it in rec.items if rec.item_index[it] not in rec.seen[0])
+    rec.apply_events([parse_event({"user": user, "item": item, "type": "purchase"}),
+                      parse_event({"user": "fresh", "neighbour": user, "type": "follow"})])
+    settings = PartnerSettings(config_path=run_dir / "config.toml", data_dir=None, run_dir=run_dir,
+                               partner_id="partner-1", partner_index=1, num_partitions=2,
+                               state_dir=run_dir / "partners" / "partner-1", ledger_dir=run_dir / "ledgers",
+                               device="cpu", signing_key=None, num_threads=1)
+    # Execute
+    partner = Partner(settings)
+    reloaded = recommend.load_recommender(recommend.resolve_source(run_dir, "partner-1"), calibration="none")
+    # Assert
+    pairs = set(zip(partner.split.train_users.tolist(), partner.split.train_items.tolist(), strict=True))
+    assert (0, rec.item_index[item]) in pairs and partner.num_users == len(rec.users)
+    assert "fresh" in reloaded.user_index and rec.item_index[item] in reloaded.seen[0]
+
+
+# --- social analysis -----------------------------------------------------------------------------
+def test_communities_and_lift_known_values() -> None:
+    # Prepare: two 4-cliques joined by one edge
+    src, dst = [], []
+    for block in (range(4), range(4, 8)):
+        for a, b in itertools.permutations(block, 2):
+            src.append(a), dst.append(b)  # type: ignore[func-returns-value]
+    src.append(3), dst.append(4)  # type: ignore[func-returns-value]
+    # Execute
+    comms = compute_communities(9, src, dst, seed=0)
+    lift = compute_item_lift([1, 1, 2], np.array([1, 1, 2, 2, 3, 3]), 4, min_support=1)
+    # Assert
+    assert comms[:2] == [[0, 1, 2, 3], [4, 5, 6, 7]] and comms[2] == [8]
+    assert lift[0][:2] == (1, pytest.approx((2 / 3) / (2 / 6)))  # item 1: 2/3 of the community vs 1/3 overall
+    assert lift[1][:2] == (2, pytest.approx((1 / 3) / (2 / 6)))
+
+
+def test_social_analysis_of_a_partner(run_dir: Path) -> None:
+    # Prepare
+    rec = recommend.load_recommender(recommend.resolve_source(run_dir, "partner-0"), calibration="none")
+    # Execute
+    doc = analyse(rec, k=5)
+    # Assert
+    assert doc["communities"] and all(0.0 <= c["social_share"] <= 1.0 for c in doc["communities"])
+    assert sum(c["size"] for c in doc["communities"]) + doc["isolated_users"] == len(rec.users)
+    infl = [x["influence"] for x in doc["influencers"]]
+    assert infl == sorted(infl, reverse=True) and all(x > 0 for x in infl)
