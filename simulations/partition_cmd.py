@@ -113,9 +113,14 @@ def write_partitions(cfg: Config, ds: Dataset, partners: int, out: str | os.Path
         raise ConfigError(f"--out {out}: already holds partner folders; choose an empty folder")
     assignment = partition_users(ds, partners, cfg.partition)
     fed = federation_config(cfg, partners)
+    # Users' records (interactions, out-lists) are personal data: owner-only from the first byte, the
+    # folders 0700 before anything is written into them.
+    out.mkdir(parents=True, exist_ok=True, mode=0o700)
+    out.chmod(0o700)
     folders = []
     for p in range(partners):
         folder = out / partner_name(p)
+        folder.mkdir(mode=0o700)
         write_csv_dataset(compute_partner_dataset(ds, assignment, p), folder / DATA_SUBDIR)
         tables = {"partner": partner_table(cfg, p, partners), **{f"config.{k}": v for k, v in fed.items()}}
         header = (f"Partner {p} of {partners} (fedsocial partition of {ds.name}).\n"
@@ -131,7 +136,17 @@ def write_partitions(cfg: Config, ds: Dataset, partners: int, out: str | os.Path
         "partners": {partner_name(p): {"folder": partner_name(p), "num_users": int(sizes[p])}
                      for p in range(partners)},
     })
+    for folder in folders:
+        make_owner_only_inplace(folder)
     return folders
+
+
+def make_owner_only_inplace(root: Path) -> None:
+    """``root`` and everything under it owner-only: directories 0700, files 0600 (links left alone)."""
+    for path in [root, *root.rglob("*")]:
+        if path.is_symlink():
+            continue
+        path.chmod(0o700 if path.is_dir() else 0o600)
 
 
 def read_partner_toml(path: str | os.PathLike[str]) -> tuple[dict[str, Any], Config]:

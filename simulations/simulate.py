@@ -24,11 +24,39 @@ from typing import Any
 from fedsocial.shared.config import Config, ConfigError, load_config, resolve_data_dir
 from fedsocial.shared.fileio import write_json_atomic
 from fedsocial.simulations.common import format_table, user_errors
+from fedsocial.simulations.preflight import run_preflight
 
 METRIC_KEYS = ("recall@10", "ndcg@10", "hr@10", "recall@20", "ndcg@20", "hr@20")
 CONFIG_NAME = "config.toml"
 # Sections that fix the data, the partition and the model: a resume must not change them.
 FROZEN_SECTIONS = ("data", "split", "partition", "model", "train", "privacy", "secagg")
+
+
+EXIT_NOTHING_TRAINED = 3
+
+
+class FederationError(RuntimeError):
+    """The federation ran but did not finish (a partner or the server failed); the log says why."""
+
+
+def compute_why_untrained(doc: dict[str, Any]) -> str:
+    """One line: why no partner's update went into the model (budget refusals, dropped replies, skips)."""
+    rounds = doc.get("rounds", [])
+    refused = sorted({p for r in rounds for p in r.get("budget_exhausted", [])})
+    dropped = sorted({d.get("partner", "?") for r in rounds for d in r.get("dropped", [])})
+    skipped = sum(1 for r in rounds if "skipped" in r)
+    parts = [f"out of privacy budget: {', '.join(refused)}" if refused else "",
+             f"replies dropped: {', '.join(dropped)}" if dropped else "",
+             f"{skipped} rounds skipped by secure aggregation" if skipped else ""]
+    return "; ".join(p for p in parts if p) or "no round completed"
+
+
+def compute_outcome(doc: dict[str, Any]) -> tuple[int, str]:
+    """The exit code of a finished run and its error line: a run where no partner trained is a failure."""
+    if doc.get("partners_trained", ["?"]):  # every partner refused (budget) or was dropped, every round
+        return 0, ""
+    why = compute_why_untrained(doc)
+    return EXIT_NOTHING_TRAINED, f"no partner trained in any round ({why}); the model is the initial one"
 
 
 def _toml_value(key: str, value: Any) -> str:
@@ -98,6 +126,37 @@ def backend_config(cfg: Config) -> dict[str, Any]:
     }
 
 
+# What a start that failed before any round completed leaves in --out (the apps' own files only).
+FAILED_START_LEFTOVERS = frozenset({CONFIG_NAME, "partners", "ledgers", "run_manifest.json", "server.pub", "server"})
+
+
+def compute_failed_start(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds only what a start that failed before any release left behind.
+
+    No checkpoint, no metrics, no line in any ledger (a ledger line is a release or a refusal on
+    record: that run must be resumed, never wiped), and nothing but the apps' own files.
+    """
+    if not run_dir.is_dir():
+        return False
+    names = {p.name for p in run_dir.iterdir()}
+    if not names or names - FAILED_START_LEFTOVERS:
+        return False
+    ledgers = run_dir / "ledgers"
+    return not (ledgers.is_dir() and any(f.stat().st_size > 0 for f in ledgers.glob("*.jsonl")))
+
+
+def clear_failed_start_inplace(run_dir: Path) -> None:
+    """Remove a failed start's leftovers (see :func:`compute_failed_start`) so that --out is reusable."""
+    import shutil
+
+    for name in sorted(FAILED_START_LEFTOVERS):
+        path = run_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+
+
 class RoundPrinter:
     """One line per completed round: metrics, replies, privacy, time."""
 
@@ -140,14 +199,21 @@ def run_simulation_from_config(cfg: Config, data_dir: str | os.PathLike[str] | N
     run_dir = Path(out_dir).resolve()
     metrics_path = run_dir / "metrics.json"
     before = 0.0  # wall time of earlier processes of this run (a resume adds to it)
+    run_preflight(cfg, data_dir)  # data and config mistakes: one line and exit 2, before Ray starts
+    if resume and latest_checkpoint(run_dir) is None and compute_failed_start(run_dir):
+        resume = False  # a start that failed before any release: nothing to continue, start afresh
+    if not resume and run_dir.is_dir() and compute_failed_start(run_dir):
+        clear_failed_start_inplace(run_dir)
     if resume:
         ckpt = latest_checkpoint(run_dir)
-        if ckpt is None:
-            raise ConfigError(f"--resume {run_dir}: no checkpoint to resume from")
+        if not (run_dir / CONFIG_NAME).is_file():
+            raise ConfigError(f"--resume {run_dir}: no {CONFIG_NAME} there, so no run to resume")
+        # no checkpoint yet: a start that failed after a partner's release; resume from round 0, the
+        # partners' ledgers and saved releases carry what was charged
         check_resumable(load_config(run_dir / CONFIG_NAME), cfg, run_dir)
         if metrics_path.is_file():
             before = float(json.loads(metrics_path.read_text(encoding="utf-8")).get("simulation_wall_time_s", 0.0))
-        if ckpt.round >= cfg.federation.rounds and metrics_path.is_file():
+        if ckpt is not None and ckpt.round >= cfg.federation.rounds and metrics_path.is_file():
             print(f"{run_dir}: already complete ({ckpt.round} of {cfg.federation.rounds} rounds)", file=sys.stderr)
             return json.loads(metrics_path.read_text(encoding="utf-8"))  # type: ignore[no-any-return]
     config_path = write_config(cfg, run_dir)
@@ -163,7 +229,7 @@ def run_simulation_from_config(cfg: Config, data_dir: str | os.PathLike[str] | N
     finally:
         flwr_logger.setLevel(level)
     if not metrics_path.is_file():
-        raise RuntimeError(f"the federation ended without writing {metrics_path} (see the log above)")
+        raise FederationError(f"the federation ended without writing {metrics_path} (see the log above)")
     doc: dict[str, Any] = json.loads(metrics_path.read_text(encoding="utf-8"))
     doc["simulation_wall_time_s"] = before + time.perf_counter() - t0  # over all processes of this run
     fit = float(doc.get("partner_fit_time_s", 0.0))
@@ -222,7 +288,7 @@ def config_from_cli(args: argparse.Namespace) -> tuple[Config, Path, bool]:
     if cfg.federation.min_partners > cfg.federation.partners:
         raise ConfigError(f"federation.min_partners {cfg.federation.min_partners} exceeds federation.partners "
                           f"{cfg.federation.partners}")
-    if not args.resume and run_dir.exists() and any(run_dir.iterdir()):
+    if not args.resume and run_dir.exists() and any(run_dir.iterdir()) and not compute_failed_start(run_dir):
         raise ConfigError(f"--out {run_dir}: not empty; choose a new folder, or --resume {run_dir}")
     return cfg, run_dir, bool(args.resume)
 
@@ -247,8 +313,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg, run_dir, resume = config_from_cli(args)
         doc = run_simulation_from_config(cfg, args.data_dir, run_dir, resume=resume, progress=not args.no_progress)
-    except (QuorumError, CheckpointError) as exc:
+    except (QuorumError, CheckpointError, FederationError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(summary(doc, run_dir))
-    return 0
+    code, message = compute_outcome(doc)
+    if message:
+        print(f"error: {message}", file=sys.stderr)
+    return code

@@ -53,6 +53,10 @@ def run_train(cfg: Any, data_dir: str | None, out: Path, progress: bool = True) 
     t0 = time.perf_counter()
     dataset = load_dataset(cfg.data, data_dir)
     split = split_dataset(dataset, cfg.split)
+    from fedsocial.simulations.preflight import check_evaluable
+
+    check_evaluable(split, f"data ({cfg.data.format}{': ' + cfg.data.path if cfg.data.path else ''})",
+                    cfg.split.min_interactions)
     load_s = time.perf_counter() - t0
     epochs = (cfg.privacy.epochs or cfg.train.epochs) if cfg.privacy.enabled else cfg.train.epochs
     bar = _Progress(epochs, progress)

@@ -1,0 +1,71 @@
+"""Checks a run's data and config before anything starts (Ray, Flower, training), so that a mistake is
+one clear line and exit code 2, never a worker's traceback or a half-made run folder.
+
+``fedsocial simulate`` loads, splits and partitions the data exactly as each partner will, and checks
+what would otherwise fail inside a partner: a partner without users, a federation without a single
+user to evaluate, a ``privacy.target_delta`` not below 1/n for a partner of n users. ``fedsocial train``
+uses :func:`check_evaluable` on its split.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedsocial.shared.config import Config, ConfigError
+from fedsocial.shared.data import DataError, SplitData
+
+
+@dataclass(frozen=True)
+class Preflight:
+    """What the checks found: each partner's users and users with test interactions."""
+
+    partner_users: tuple[int, ...]
+    partner_test_users: tuple[int, ...]
+
+
+def compute_evaluable_users(split: SplitData) -> int:
+    """Users with at least one test interaction (the users a full-ranking evaluation averages over)."""
+    return int(np.unique(split.test_users).size)
+
+
+def check_evaluable(split: SplitData, where: str, min_interactions: int) -> None:
+    """Refuse a split with no user to evaluate: its metrics would be 0.0 for no reason anyone could see."""
+    if compute_evaluable_users(split) == 0:
+        raise DataError(f"{where}: no user has a test interaction ({split.n_users} users); a user needs at "
+                        f"least split.min_interactions = {min_interactions} interactions to be split into "
+                        "train/val/test, so there is nothing to evaluate: use more data or lower "
+                        "split.min_interactions")
+
+
+def run_preflight(cfg: Config, data_dir: str | os.PathLike[str] | None) -> Preflight:
+    """Load, split and partition the data as the partners will; raise DataError / ConfigError on a problem."""
+    from fedsocial.shared.loaders import load_dataset
+    from fedsocial.shared.partition import partition_users, partner_split
+    from fedsocial.shared.split import split_dataset
+
+    dataset = load_dataset(cfg.data, data_dir)
+    split = split_dataset(dataset, cfg.split)
+    where = f"data ({cfg.data.format}{': ' + cfg.data.path if cfg.data.path else ''})"
+    check_evaluable(split, where, cfg.split.min_interactions)
+    n = cfg.federation.partners
+    if dataset.n_users < n:
+        raise ConfigError(f"federation.partners: {n} partners for {dataset.n_users} users")
+    assignment = partition_users(dataset, n, cfg.partition)
+    parts = [partner_split(split, assignment, p) for p in range(n)]
+    users = tuple(int(p.n_users) for p in parts)
+    empty = [f"partner-{i}" for i, u in enumerate(users) if u == 0]
+    if empty:
+        raise ConfigError(f"partition.method = {cfg.partition.method}: {', '.join(empty)} would have no users; "
+                          "use fewer partners or another partition method")
+    if cfg.privacy.enabled:
+        from fedsocial.shared.privacy.accounting import PrivacyConfigError, check_delta
+
+        for i, u in enumerate(users):
+            try:
+                check_delta(cfg.privacy.target_delta, u)
+            except PrivacyConfigError as exc:
+                raise ConfigError(f"privacy.target_delta: partner-{i} has {u} users: {exc}") from None
+    return Preflight(users, tuple(compute_evaluable_users(p) for p in parts))

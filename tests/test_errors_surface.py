@@ -1,0 +1,161 @@
+"""Issue 11 item 7: errors that surface (one line, exit 2, before Ray), reusable --out, refusals."""
+
+from __future__ import annotations
+
+import math
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+
+from fedsocial.server.federation import build_metrics
+from fedsocial.server.strategy import FedSocialStrategy
+from fedsocial.shared.config import Config, ConfigError
+from fedsocial.simulations import partition_cmd, simulate, train
+from fedsocial.simulations.simulate import (
+    EXIT_NOTHING_TRAINED,
+    clear_failed_start_inplace,
+    compute_failed_start,
+    compute_outcome,
+    write_config,
+)
+from tests.test_strategy import NAMES, _good_reply, _Proxy, _registrations
+
+
+def _csv(folder: Path, rows: list[str]) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "interactions.csv").write_text("user,item\n" + "".join(r + "\n" for r in rows), encoding="utf-8")
+    (folder / "social.csv").write_text("user,neighbour\n1,2\n", encoding="utf-8")
+    return folder
+
+
+def test_simulate_refuses_a_malformed_csv_before_ray_in_one_line(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    # Prepare: a CSV whose third line has a stray field
+    data = _csv(tmp_path / "bad", ["1,2", "2,3,4", "3,1"])
+    out = tmp_path / "out"
+
+    # Execute
+    code = simulate.main(["--config", "configs/demo.toml", "--set", "data.format=csv",
+                          "--set", f"data.path={data}", "--out", str(out), "--no-progress"])
+
+    # Assert: exit 2, a line or two naming file and line, Ray never started, --out untouched
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert 1 <= len(err) <= 3 and "interactions.csv:3" in err[-1]
+    import ray
+
+    assert not ray.is_initialized()
+    assert not out.exists()
+
+
+def test_data_with_no_evaluable_user_is_refused_by_simulate_and_train(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    data = _csv(tmp_path / "single", [f"{u},{u}" for u in range(1, 31)])  # one interaction per user
+    sets = ["--set", "data.format=csv", "--set", f"data.path={data}"]
+
+    sim = simulate.main(["--config", "configs/demo.toml", *sets, "--out", str(tmp_path / "s"), "--no-progress"])
+    sim_err = capsys.readouterr().err
+    trn = train.main(["--config", "configs/demo.toml", *sets, "--out", str(tmp_path / "t"), "--no-progress"])
+    trn_err = capsys.readouterr().err
+
+    assert sim == 2 and trn == 2
+    for err in (sim_err, trn_err):
+        assert "no user has a test interaction" in err and "split.min_interactions" in err
+        assert len(err.strip().splitlines()) == 1
+
+
+def test_an_infinite_epsilon_cap_with_dp_on_is_refused_everywhere(capsys: pytest.CaptureFixture[str]) -> None:
+    code = train.main(["--config", "configs/demo.toml", "--set", "privacy.enabled=true",
+                       "--set", "privacy.max_epsilon=inf", "--no-progress"])
+
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "privacy.max_epsilon" in err[0]
+    with pytest.raises(ConfigError, match="privacy.max_epsilon"):
+        Config().replace("privacy", enabled=True, max_epsilon=math.inf)
+    assert Config().replace("privacy", enabled=False, max_epsilon=math.inf).privacy.max_epsilon == math.inf
+    for bad in ("train.lr=nan", "federation.clipping_norm=inf", "privacy.noise_multiplier=1e400"):
+        with pytest.raises(ConfigError, match=bad.split("=")[0]):
+            from fedsocial.shared.config import load_config
+
+            load_config("configs/demo.toml", [bad])
+
+
+def _failed_start(run_dir: Path, ledger_line: str = "") -> None:
+    """What a start that failed inside the federation leaves: the config, partner state, empty ledgers."""
+    write_config(Config(), run_dir)
+    (run_dir / "partners" / "partner-0").mkdir(parents=True)
+    (run_dir / "partners" / "partner-0" / "privacy_plan.json").write_text("{}", encoding="utf-8")
+    (run_dir / "ledgers").mkdir()
+    (run_dir / "ledgers" / "partner-0.pub").write_text("key", encoding="utf-8")
+    (run_dir / "ledgers" / "partner-0.jsonl").write_text(ledger_line, encoding="utf-8")
+
+
+def test_a_failed_start_leaves_out_reusable_but_never_wipes_a_release(tmp_path: Path) -> None:
+    # Prepare: one failed start with nothing released, one where a partner's release is on record
+    clean, charged, mine = tmp_path / "clean", tmp_path / "charged", tmp_path / "mine"
+    _failed_start(clean)
+    _failed_start(charged, '{"round": 1}\n')
+    _failed_start(mine)
+    (mine / "notes.txt").write_text("the user's own file", encoding="utf-8")
+    parser = simulate.build_parser()
+
+    # Execute / Assert: the clean one is accepted again as --out, and cleared of the leftovers
+    cfg, run_dir, resume = simulate.config_from_cli(parser.parse_args(["--config", "configs/demo.toml",
+                                                                       "--out", str(clean)]))
+    assert compute_failed_start(clean) and not resume
+    clear_failed_start_inplace(clean)
+    assert list(clean.iterdir()) == []
+    # a release on record must be resumed, never restarted; a folder with the user's own files is refused
+    assert not compute_failed_start(charged) and not compute_failed_start(mine)
+    for folder in (charged, mine):
+        with pytest.raises(ConfigError, match="not empty"):
+            simulate.config_from_cli(parser.parse_args(["--config", "configs/demo.toml", "--out", str(folder)]))
+    _, _, resume = simulate.config_from_cli(parser.parse_args(["--config", "configs/demo.toml",
+                                                               "--resume", str(charged)]))
+    assert resume and (mine / "notes.txt").is_file()
+
+
+def test_a_run_where_no_partner_trained_says_so_and_exits_non_zero(tmp_path: Path) -> None:
+    # Prepare: every partner refuses the round (budget exhausted: weight 0, unchanged parameters)
+    cfg = Config().replace("federation", partners=2, rounds=1, min_partners=2, clipping_norm=1.0)
+    strategy = FedSocialStrategy(cfg, tmp_path, NAMES, [np.zeros((5, 3), np.float32), np.ones(5, np.float32)],
+                                 registrations=_registrations(2))
+    zeros = [np.zeros((5, 3), np.float32), np.zeros(5, np.float32)]
+    replies = []
+    for node in range(2):
+        metrics = {"round": 1, "partner_id": f"partner-{node}", "param_names": ",".join(NAMES), "num_users": 10,
+                   "budget_exhausted": 1, "epsilon": 7.9, "delta": 1e-5}
+        replies.append((_Proxy(node), FitRes(Status(Code.OK, ""), ndarrays_to_parameters(zeros), 0, metrics)))
+
+    # Execute
+    strategy.aggregate_fit(1, replies, [])  # type: ignore[arg-type]
+    strategy._finish_round(1, {}, {}, 0)
+    doc = build_metrics(cfg, strategy, {}, 1.0, {})
+    code, message = compute_outcome(doc)
+
+    # Assert
+    assert doc["partners_trained"] == []
+    assert code == EXIT_NOTHING_TRAINED
+    assert "no partner trained" in message and "partner-0, partner-1" in message
+    good = {"round": 1, "partner_id": "partner-0", "param_names": ",".join(NAMES), "num_users": 10,
+            "budget_exhausted": 0}
+    strategy.aggregate_fit(1, [(_Proxy(0), FitRes(Status(Code.OK, ""), ndarrays_to_parameters(
+        _good_reply(np.random.default_rng(0))), 10, good)), replies[1]], [])  # type: ignore[list-item]
+    strategy._finish_round(1, {}, {}, 0)
+    assert compute_outcome(build_metrics(cfg, strategy, {}, 1.0, {}))[0] == 0
+
+
+def test_partition_output_holding_users_records_is_owner_only(tmp_path: Path) -> None:
+    out = tmp_path / "parts"
+
+    code = partition_cmd.main(["--config", "configs/demo.toml", "--partners", "2", "--out", str(out)])
+
+    assert code == 0
+    assert stat.S_IMODE(out.stat().st_mode) == 0o700
+    paths = [p for folder in out.glob("partner_*") for p in [folder, *folder.rglob("*")]]
+    assert any(p.name == "interactions.csv" for p in paths)
+    for p in paths:
+        assert stat.S_IMODE(p.stat().st_mode) == (0o700 if p.is_dir() else 0o600), p
