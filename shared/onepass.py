@@ -108,6 +108,9 @@ class OnePassClipper:
         linear: dict[nn.Module, tuple[torch.Tensor, torch.Tensor | None]] = {}
         emb: dict[nn.Module, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         for (module, acts, out), g in zip(calls, grads, strict=True):
+            if acts.shape[0] != n or out.shape[0] != n:  # rows shared by examples would be misattributed
+                raise OnePassError(f"one-pass DP clipping: a call of {type(module).__name__} has leading dimension "
+                                   f"{acts.shape[0]}, not the batch's {n}; every layer input must be per example")
             g = torch.zeros_like(out) if g is None else g
             if isinstance(module, nn.Embedding):
                 ids_list, g_list = emb.setdefault(module, ([], []))

@@ -175,3 +175,24 @@ def test_onepass_fit_charges_the_same_accounting_as_opacus() -> None:
     assert (a.noise_multiplier, a.sample_rate, a.steps) == (b.noise_multiplier, b.sample_rate, b.steps)
     assert a.epsilon == pytest.approx(b.epsilon, rel=1e-12)
     assert np.isfinite(a.train_loss)
+
+
+def test_a_layer_input_shared_by_the_batch_is_refused() -> None:
+    # Prepare: an embedding looked up once for the whole batch (shared negatives, say): its rows belong to
+    # no single example, so attributing them by reshaping to [B, -1] would break the per-user bound
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(10, 3)
+
+        def forward(self, users: torch.Tensor) -> torch.Tensor:
+            shared = self.emb(torch.arange(4))  # [4, 3], not [B, ...]
+            return (users[:, None] * shared.sum(0)[None, :]).sum(1)
+
+    model = Shared()
+    clipper = OnePassClipper(model)
+    clipper.start()
+    loss = model(torch.ones(2))
+    # Execute / Assert
+    with pytest.raises(OnePassError, match="leading dimension 4, not the batch's 2"):
+        clipper.clipped_backward(loss, 1.0)
