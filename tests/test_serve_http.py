@@ -1,0 +1,164 @@
+"""`fedsocial serve` as a real process on a free loopback port, driven over HTTP and in headless chromium."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.browser import open_page, require_chromium, screenshot_variance
+from tests.serving_run import ROOT, make_run
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def call(base: str, path: str, body: Any = None, raw: bytes | None = None) -> tuple[int, Any]:
+    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+    req = urllib.request.Request(base + path, data=data, method="POST" if data is not None else "GET",
+                                 headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    run_dir = make_run(tmp_path_factory.mktemp("serve") / "run")
+    port = free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    log = open(run_dir / "serve.log", "w")  # noqa: SIM115 (closed below, after the process)
+    proc = subprocess.Popen([sys.executable, "-m", "fedsocial.simulations.serve", str(run_dir), "--partner",
+                             "partner-0", "--port", str(port)], cwd=ROOT, env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError(f"server exited: {(run_dir / 'serve.log').read_text()}")
+            try:
+                if call(base, "/health")[0] == 200:
+                    break
+            except (urllib.error.URLError, ConnectionError):
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError("server did not come up in 120 s")
+            time.sleep(0.3)
+        yield base, run_dir
+    finally:
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+def first_user(base: str) -> Any:
+    return call(base, "/users?limit=1")[1]["users"][0]
+
+
+def test_ten_items_then_purchases_change_the_list_and_are_excluded(server: tuple[str, Path]) -> None:
+    # Prepare
+    base, run_dir = server
+    user = first_user(base)
+    status, first = call(base, f"/users/{user}/recommendations?k=10")
+    bought = [x["item"] for x in first["items"][:3]]
+    # Execute
+    post = call(base, "/events", [{"user": user, "item": i, "type": "purchase"} for i in bought])
+    status2, second = call(base, f"/users/{user}/recommendations?k=10")
+    # Assert
+    assert status == 200 and len(first["items"]) == 10 and first["user"] == user
+    assert all({"item", "score", "probability", "explanation"} <= set(x) for x in first["items"])
+    assert post == (200, {"accepted": 3, "created_users": 0, "durable": True})
+    after = [x["item"] for x in second["items"]]
+    assert status2 == 200 and len(after) == 10 and after != [x["item"] for x in first["items"]]
+    assert not set(bought) & set(after)
+    lines = (run_dir / "partners" / "partner-0" / "events.jsonl").read_text().splitlines()
+    assert [json.loads(x)["item"] for x in lines[-3:]] == bought  # appended durably for the next round
+
+
+def test_unknown_user_with_friends_gets_a_list(server: tuple[str, Path]) -> None:
+    # Prepare
+    base, _ = server
+    friend = first_user(base)
+    # Execute
+    status, created = call(base, "/events", {"user": "newcomer-1", "neighbour": friend, "type": "follow"})
+    code, answer = call(base, "/users/newcomer-1/recommendations?k=10")
+    # Assert
+    assert status == 200 and created["created_users"] == 1
+    assert code == 200 and len(answer["items"]) == 10
+    assert answer["items"][0]["explanation"]["friends"][0]["user"] == friend  # served from the friend
+
+
+@pytest.mark.parametrize(("path", "body", "raw", "code", "words"), [
+    ("/events", None, b"{not json", 400, "JSON"),
+    ("/events", {"user": 1, "item": 1, "type": "like"}, None, 422, "type"),
+    ("/events", {"user": 1, "type": "purchase"}, None, 422, "item"),
+    ("/events", {"user": 1, "item": 10**9, "type": "purchase"}, None, 422, "unknown item"),
+    ("/events", {"user": 1, "neighbour": "ghost", "type": "follow"}, None, 422, "neighbour"),
+    ("/events", [], None, 422, "list"),
+    ("/users/1/recommendations?k=0", None, None, 422, "k"),
+    ("/users/1/recommendations?k=ten", None, None, 422, "k"),
+    ("/users/nobody-at-all/recommendations", None, None, 404, "unknown user"),
+    ("/no/such/route", None, None, 404, "Not Found"),
+])
+def test_malformed_requests_get_a_clear_4xx(server: tuple[str, Path], path: str, body: Any, raw: bytes | None,
+                                            code: int, words: str) -> None:
+    # Execute
+    status, doc = call(server[0], path, body, raw)
+    # Assert
+    assert status == code and words in doc["detail"]
+
+
+def test_openapi_schema_lists_the_contract(server: tuple[str, Path]) -> None:
+    # Execute
+    status, schema = call(server[0], "/openapi.json")
+    # Assert
+    assert status == 200
+    assert {"/health", "/users/{user}/recommendations", "/events", "/social", "/users/{user}"} <= set(schema["paths"])
+    assert "post" in schema["paths"]["/events"]
+
+
+def test_page_shows_the_list_an_event_changes_it_and_social_view(server: tuple[str, Path], tmp_path: Path) -> None:
+    # Prepare
+    require_chromium()
+    base, _ = server
+    user = first_user(base)
+    # Execute
+    with open_page(f"{base}/?user={user}") as page:
+        page.wait_for_function("document.querySelectorAll('#list li').length === 10")
+        before = page.eval_on_selector_all("#list li", "els => els.map(e => e.dataset.item)")
+        page.fill("#etarget", before[0])
+        page.select_option("#etype", "purchase")
+        page.click("#post")
+        page.wait_for_function(f"document.querySelector('#list li').dataset.item !== '{before[0]}'")
+        after = page.eval_on_selector_all("#list li", "els => els.map(e => e.dataset.item)")
+        page.screenshot(path=str(tmp_path / "list.png"))
+        page.click("#tab-social")
+        page.wait_for_selector("#communities tbody tr")
+        communities = page.eval_on_selector_all("#communities tbody tr", "els => els.length")
+        page.screenshot(path=str(tmp_path / "social.png"))
+    # Assert
+    assert len(after) == 10 and before[0] not in after
+    assert communities >= 1
+    assert screenshot_variance(tmp_path / "list.png") > 50.0
+    assert screenshot_variance(tmp_path / "social.png") > 50.0
