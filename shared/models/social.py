@@ -7,7 +7,9 @@ KDD 2013) and SVD++ (Koren, KDD 2008), with the founding article's MLP as a resi
     r_u = sum_{v in N_K(u)} w_uv s_v                       (social table s, mean | gcn | attention)
     h_u = b_u + r_u (+ p_u) + MLP([b_u ; r_u (; p_u)])     (MLP output layer starts at zero)
     score(u, i) = h_u . q_i + c_i,   c_i = bias_scale * b_i
-    (use_category: q_i += g_cat(i) and y_j += k_cat(j), one vector per catalogue category)
+    (use_category: q_i += g_cat(i) and y_j += k_cat(j), one vector per catalogue category;
+     use_price: q_i += g_price(i) and y_j += k_price(j), one vector per price bin;
+     use_text: q_i += W t_i, a shared projection of the item's offline text features t_i)
 
 Inside a training example the user's vector is computed from the user's own record (items,
 out-neighbour ids) and parameters only. The bias is parameterised as c_i = bias_scale * b_i: the
@@ -20,7 +22,8 @@ shared vector per category to the item and history vectors, as in feature-based 
 (Rendle, ICDM 2010). Under DP-SGD a row of a large, long-tailed item table gets noise at every step
 but signal only from the few users of that item; a category row gets signal from every user of any
 of its items, so it is learnt where most item rows are not (DESIGN.md: prefer parameters that many
-users share). Each embedding table is called exactly once per forward
+users share). Price bins work the same way; text features are fixed inputs (the catalogue is public)
+and only their projection W is trained. Each embedding table is called exactly once per forward
 with concatenated indices and padding is handled by masks, as Opacus ghost clipping requires.
 With ``user_embedding = "local"`` p_u is not a parameter: it is a buffer refitted per user
 against the frozen shared parameters (``refit_local_users``), added only to that user's scores.
@@ -43,24 +46,38 @@ from fedsocial.shared.models import (
 )
 
 
-def compute_category_index(item_category: np.ndarray | None, n_items: int) -> torch.Tensor:
-    """The catalogue's category of every item as a long tensor [n_items] (codes 0..C-1)."""
+def compute_category_index(item_category: np.ndarray | None, n_items: int, key: str = "model.use_category",
+                           what: str = "item categories") -> torch.Tensor:
+    """The catalogue's category (or price bin) of every item as a long tensor [n_items] (codes 0..C-1)."""
     if item_category is None:
-        raise ModelError("model.use_category: the data set has no item categories")
+        raise ModelError(f"{key}: the data set has no {what}")
     cats = np.asarray(item_category)
     if cats.shape != (n_items,) or (cats < 0).any():
-        raise ModelError(f"model.use_category: expected {n_items} non-negative category codes, "
-                         f"got shape {cats.shape}")
+        raise ModelError(f"{key}: expected {n_items} non-negative codes, got shape {cats.shape}")
     return torch.as_tensor(cats, dtype=torch.long)
 
 
+def compute_text_matrix(item_text: np.ndarray | None, n_items: int) -> torch.Tensor:
+    """The items' offline text features as a float tensor [n_items, t] (shared/features.py)."""
+    if item_text is None:
+        raise ModelError("model.use_text: the data set has no item texts (items.csv title or text)")
+    feats = np.asarray(item_text, dtype=np.float32)
+    if feats.ndim != 2 or feats.shape[0] != n_items or not np.isfinite(feats).all():
+        raise ModelError(f"model.use_text: expected finite features [{n_items}, t], got shape {feats.shape}")
+    return torch.as_tensor(feats)
+
+
 class SocialRec(RecModel):
-    shared_prefixes = ("item_emb.", "item_bias.", "hist_emb.", "mlp.", "att.", "cat_emb.", "hist_cat_emb.")
+    shared_prefixes = ("item_emb.", "item_bias.", "hist_emb.", "mlp.", "att.", "cat_emb.", "hist_cat_emb.",
+                       "price_emb.", "hist_price_emb.", "text_proj.")
     local_user: torch.Tensor
     item_cat: torch.Tensor
+    item_price: torch.Tensor
+    item_text: torch.Tensor
 
     def __init__(self, n_users: int, n_items: int, model_cfg: ModelConfig,
-                 item_category: np.ndarray | None = None, **_: object) -> None:
+                 item_category: np.ndarray | None = None, item_price_bin: np.ndarray | None = None,
+                 item_text: np.ndarray | None = None, **_: object) -> None:
         super().__init__(n_users, n_items, model_cfg)
         d, c = model_cfg.dim, model_cfg
         self.item_emb = nn.Embedding(n_items, d)
@@ -74,6 +91,23 @@ class SocialRec(RecModel):
             for emb in (self.cat_emb, self.hist_cat_emb):
                 if emb is not None:
                     init_embedding_(emb, c.init_std)
+        self.price_emb = self.hist_price_emb = None
+        self.register_buffer("item_price", torch.zeros(0, dtype=torch.long))
+        if c.use_price:
+            self.item_price = compute_category_index(item_price_bin, n_items, "model.use_price",
+                                                     "item prices (items.csv price)")
+            n_bins = int(self.item_price.max()) + 1
+            self.price_emb = nn.Embedding(n_bins, d)
+            self.hist_price_emb = nn.Embedding(n_bins, d) if c.use_history else None
+            for emb in (self.price_emb, self.hist_price_emb):
+                if emb is not None:
+                    init_embedding_(emb, c.init_std)
+        self.text_proj = None
+        self.register_buffer("item_text", torch.zeros(0, 0))
+        if c.use_text:
+            self.item_text = compute_text_matrix(item_text, n_items)
+            self.text_proj = nn.Linear(self.item_text.shape[1], d, bias=False)
+            nn.init.normal_(self.text_proj.weight, std=c.init_std)
         self.item_bias = nn.Embedding(n_items, 1)
         init_embedding_(self.item_emb, c.init_std)
         nn.init.zeros_(self.item_bias.weight)
@@ -97,15 +131,25 @@ class SocialRec(RecModel):
 
     # --- item side ----------------------------------------------------------------------------
     def _item_vectors(self, idx: torch.Tensor) -> torch.Tensor:
-        """q_i (+ g_cat(i)); each table is looked up once, as ghost clipping requires."""
+        """q_i (+ g_cat(i)) (+ g_price(i)) (+ W t_i); each table is looked up once, as ghost clipping requires."""
         q = self.item_emb(idx)
-        return q if self.cat_emb is None else q + self.cat_emb(self.item_cat[idx])
+        if self.cat_emb is not None:
+            q = q + self.cat_emb(self.item_cat[idx])
+        if self.price_emb is not None:
+            q = q + self.price_emb(self.item_price[idx])
+        if self.text_proj is not None:
+            q = q + self.text_proj(self.item_text[idx])
+        return q
 
     def _history_vectors(self, idx: torch.Tensor) -> torch.Tensor:
         """y_j (+ k_cat(j)) for the behaviour bag."""
         assert self.hist_emb is not None
         y = self.hist_emb(idx)
-        return y if self.hist_cat_emb is None else y + self.hist_cat_emb(self.item_cat[idx])
+        if self.hist_cat_emb is not None:
+            y = y + self.hist_cat_emb(self.item_cat[idx])
+        if self.hist_price_emb is not None:
+            y = y + self.hist_price_emb(self.item_price[idx])
+        return y
 
     # --- user tower -------------------------------------------------------------------------
     def _social(self, batch: Batch, bag_query: torch.Tensor | None) -> torch.Tensor | None:
@@ -202,11 +246,23 @@ class SocialRec(RecModel):
         return compute_user_mean(per_target, batch["target_mask"])
 
     def full_sort_predict(self, batch: Batch) -> torch.Tensor:
+        return self.score_all(batch, self.item_side())
+
+    def item_side(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scored item vectors [I, d], biases [I]), computed once per evaluation pass."""
         # outside DP: reading the weights directly is fine here
-        items = self._normalise(self.item_emb.weight if self.cat_emb is None
-                                else self.item_emb.weight + self.cat_emb(self.item_cat))
-        bias = self.item_bias.weight.T * self.model_cfg.bias_scale
-        return self._normalise(self.user_vectors(batch)) @ items.T + bias
+        items = self.item_emb.weight
+        if self.cat_emb is not None:
+            items = items + self.cat_emb(self.item_cat)
+        if self.price_emb is not None:
+            items = items + self.price_emb(self.item_price)
+        if self.text_proj is not None:
+            items = items + self.text_proj(self.item_text)
+        return self._normalise(items), self.item_bias.weight[:, 0] * self.model_cfg.bias_scale
+
+    def score_all(self, batch: Batch, item_side: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        items, bias = item_side
+        return torch.addmm(bias, self._normalise(self.user_vectors(batch)), items.T)  # bias + h q^T in one pass
 
     def _normalise(self, x: torch.Tensor) -> torch.Tensor:
         """Cosine scoring with a temperature (Wu et al. 2022, sampled softmax for recommendation) when set."""

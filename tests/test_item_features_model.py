@@ -1,0 +1,133 @@
+"""Price bins and text features in the model: shared vectors like categories, exact per-user clipping."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from opacus import PrivacyEngine
+
+from fedsocial.shared.batching import ExampleBuilder
+from fedsocial.shared.config import Config, DataConfig, ModelConfig, PrivacyConfig, TrainConfig
+from fedsocial.shared.data import SplitData
+from fedsocial.shared.features import compute_price_bins
+from fedsocial.shared.models import ModelError, build_model
+from fedsocial.shared.split import split_dataset
+from fedsocial.shared.synthetic import generate
+from fedsocial.shared.trainer import LocalTrainer, PerUserLoss
+
+MCFG = ModelConfig(dim=8, mlp_hidden=8, use_price=True, use_text=True, user_embedding="none", max_targets=8,
+                   num_negatives=4, max_history=16)
+
+
+def _split(seed: int = 0) -> SplitData:
+    cfg = DataConfig(n_users=40, n_items=60, interactions_per_user=8.0, friends_per_user=4.0)
+    ds = generate(cfg)
+    rng = np.random.default_rng(seed)
+    ds = dataclasses.replace(ds, item_price_bin=compute_price_bins(rng.lognormal(size=ds.n_items), 4),
+                             item_text=rng.normal(size=(ds.n_items, 5)).astype(np.float32))
+    return split_dataset(ds, Config().split)
+
+
+def _model(split: SplitData, mcfg: ModelConfig = MCFG) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = build_model(mcfg, split.n_users, split.n_items, item_price_bin=split.dataset.item_price_bin,
+                        item_text=split.dataset.item_text)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def test_price_and_text_parameters_are_shared_and_scored_in_full_ranking() -> None:
+    # Prepare
+    split = _split()
+    model = _model(split)
+    # Execute
+    names = model.shared_parameter_names()
+    items = torch.arange(split.n_items)
+    q = model._item_vectors(items)
+    manual = (model.item_emb.weight + model.price_emb.weight[torch.as_tensor(split.dataset.item_price_bin)]
+              + torch.as_tensor(split.dataset.item_text) @ model.text_proj.weight.T)
+    # Assert: the item vector is q_i + g_price(i) + W t_i, and these tables are federated (shared)
+    assert torch.allclose(q, manual, atol=1e-6)
+    assert {"price_emb.weight", "hist_price_emb.weight", "text_proj.weight"} <= set(names)
+    assert "item_text" not in names and "item_price" not in names  # fixed inputs, not parameters
+
+
+def test_items_in_one_price_bin_share_its_vector() -> None:
+    # Prepare
+    split = _split()
+    model = _model(split)
+    bins = split.dataset.item_price_bin
+    a, b = np.flatnonzero(bins == bins[0])[:2]
+    # Execute
+    with torch.no_grad():
+        model.price_emb.weight[int(bins[0])] += 1.0
+    # Assert: both items of that bin moved by the same vector, another bin's item did not
+    other = int(np.flatnonzero(bins != bins[0])[0])
+    delta = model._item_vectors(torch.tensor([a, b, other])) - (
+        model.item_emb.weight[[a, b, other]] + model.text_proj(model.item_text[[a, b, other]])
+        + model.price_emb.weight[torch.as_tensor(bins[[a, b, other]])])
+    assert torch.allclose(delta, torch.zeros_like(delta), atol=1e-6)
+    assert model.price_emb.weight[int(bins[0])].abs().min() > 0.5
+
+
+@pytest.mark.parametrize(("flag", "missing"), [("use_price", "item_price_bin"), ("use_text", "item_text")])
+def test_feature_flag_without_the_feature_is_refused(flag: str, missing: str) -> None:
+    # Prepare
+    split = _split()
+    kwargs = {"item_price_bin": split.dataset.item_price_bin, "item_text": split.dataset.item_text}
+    kwargs[missing] = None
+    # Execute / Assert
+    with pytest.raises(ModelError, match=f"model.{flag}"):
+        build_model(ModelConfig(dim=8, **{flag: True}), split.n_users, split.n_items, **kwargs)
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+def test_ghost_clipping_matches_brute_force_with_price_and_text() -> None:
+    # Prepare
+    split = _split()
+    model = _model(split)
+    builder = ExampleBuilder.from_split(split, MCFG)
+    batch = builder.train_batch(np.array([0, 3, 3, 7, 11, 19, 23, 39]), np.random.default_rng(1))
+    clip = 0.01  # below every per-user norm: each contribution is rescaled
+    brute = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    for i in range(batch["users"].shape[0]):
+        model.zero_grad()
+        model({k: v[i:i + 1] for k, v in batch.items()}).sum().backward()
+        grads = {n: p.grad.clone() if p.grad is not None else torch.zeros_like(p) for n, p in model.named_parameters()}
+        norm = torch.sqrt(sum((g * g).sum() for g in grads.values()))
+        for n in brute:
+            brute[n] += (clip / (norm + 1e-6)).clamp(max=1.0) * grads[n]
+    # Execute
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.arange(40)), batch_size=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gsm, opt, crit, _ = PrivacyEngine().make_private(
+            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), criterion=PerUserLoss(),
+            data_loader=loader, noise_multiplier=0.0, max_grad_norm=clip, grad_sample_mode="ghost")
+    opt.zero_grad()
+    crit(gsm(batch), None).backward()
+    ghost = {n.removeprefix("_module."): p.grad.clone() for n, p in gsm.named_parameters() if p.grad is not None}
+    gsm._close()
+    # Assert
+    for name in ("price_emb.weight", "hist_price_emb.weight", "text_proj.weight", "item_emb.weight"):
+        assert torch.allclose(ghost[name], brute[name], rtol=1e-4, atol=1e-8), name
+
+
+def test_dp_fit_with_price_and_text_runs_and_charges_the_ledger_entry() -> None:
+    # Prepare: the default DP clipping path of the trainer, on features
+    split = _split()
+    cfg = Config(model=MCFG, train=TrainConfig(batch_size=10, epochs=1),
+                 privacy=PrivacyConfig(enabled=True, noise_multiplier=1.0, max_grad_norm=0.1))
+    trainer = LocalTrainer(cfg, split)
+    before = trainer.get_shared()["text_proj.weight"].copy()
+    # Execute
+    result = trainer.fit(1)
+    # Assert: the text projection was trained (DP noise at least), the accounting entry is sane
+    assert not np.array_equal(before, trainer.get_shared()["text_proj.weight"])
+    assert result.steps >= 1 and result.noise_multiplier == 1.0 and result.epsilon is not None
