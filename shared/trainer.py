@@ -154,7 +154,9 @@ class LocalTrainer:
         self.builder = ExampleBuilder.from_split(split, cfg.model)
         self.model: RecModel = build_model(cfg.model, split.n_users, split.n_items,
                                            item_counts=self.builder.item_counts(),
-                                           item_category=split.dataset.item_category).to(self.device)
+                                           item_category=split.dataset.item_category,
+                                           item_price_bin=split.dataset.item_price_bin,
+                                           item_text=split.dataset.item_text).to(self.device)
         self.rng = np.random.default_rng(seed)
         self._fits = 0
         if cfg.privacy.enabled and cfg.model.name == "social" and cfg.model.user_embedding == "trained":
