@@ -156,6 +156,9 @@ def partner_split(split: SplitData, assignment: np.ndarray, partner: int) -> Spl
         social_src=local[ds.social_src[keep]], social_dst=local[ds.social_dst[keep]],
         item_category=ds.item_category, name=f"{ds.name}/partner{partner}", user_ids=members,
         item_ids=ds.item_ids, extra={"partner": partner, "original_user_ids": original},
+        item_price_bin=ds.item_price_bin, item_text=ds.item_text,  # the catalogue's features are public
+        user_features=None if ds.user_features is None else ds.user_features[members],  # stay with the partner
+        user_feature_names=ds.user_feature_names,
     )
     tu, ti = cut(split.train_users, split.train_items)
     vu, vi = cut(split.val_users, split.val_items)
