@@ -295,8 +295,8 @@ class FedSocialStrategy(Strategy):
                 out.append((proxy, res, rep))
         ids = [r.partner_id for _, _, r in out]
         twice = {pid for pid in ids if ids.count(pid) > 1}
-        for pid in sorted(twice):
-            drop(pid, "two replies with one partner id in a round: both refused")
+        for pid in sorted(p for p in ids if p in twice):  # each of them: which one is genuine is unknowable
+            drop(pid, "two replies with one partner id in a round: all refused")
         return sorted([t for t in out if t[2].partner_id not in twice], key=lambda t: t[2].partner_id)
 
     def _plain_update(self, g: int, reports: list[tuple[ClientProxy, FitRes, protocol.FitReport]],

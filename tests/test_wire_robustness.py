@@ -1,0 +1,257 @@
+"""Issue 11 items 4 and 5: an aggregate no partner can capture; SecAgg+ that hides single updates.
+
+The strategy is driven through Flower's legacy Strategy API with real FitRes / EvaluateRes messages;
+proxies stand in for the network only (they answer ``get_properties`` as a partner's ClientApp does).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from flwr.common import Code, EvaluateRes, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.compat.common.typing import GetPropertiesRes
+from flwr.server.client_manager import SimpleClientManager
+
+from fedsocial.client.flower import FedSocialClient
+from fedsocial.client.partner import Partner, PartnerError, settings_from_context
+from fedsocial.server.aggregation import compute_weight_bounds
+from fedsocial.server.strategy import FedSocialStrategy
+from fedsocial.shared import protocol
+from fedsocial.shared.config import Config
+from fedsocial.shared.privacy.accounting import compute_epsilon
+from fedsocial.simulations.simulate import write_config
+from tests.test_federation import tiny_config
+from tests.test_strategy import NAMES, _good_reply, _Proxy, _registrations
+
+INITIAL = [np.zeros((5, 3), np.float32), np.ones(5, np.float32)]
+
+
+def _fit(node: int, arrays: list[np.ndarray], num_examples: int, **metrics: Any) -> tuple[_Proxy, FitRes]:
+    m = {"round": 1, "partner_id": f"partner-{node}", "param_names": ",".join(NAMES), "num_users": 10,
+         "budget_exhausted": 0, **metrics}
+    return _Proxy(node), FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), num_examples, m)
+
+
+def _eval(node: int, users: int = 20, **metrics: Any) -> tuple[_Proxy, EvaluateRes]:
+    m = {**dict.fromkeys(protocol.METRIC_KEYS, 0.2), "round": 1, "partner_id": f"partner-{node}",
+         "evaluated_users": users, "eval_time_s": 0.1, **metrics}
+    return _Proxy(node), EvaluateRes(Status(Code.OK, ""), 0.8, users, m)
+
+
+def _strategy(tmp_path: Path, n: int = 3, users: int = 10, secagg: bool = False, **fed: Any) -> FedSocialStrategy:
+    cfg = Config().replace("federation", **{"partners": n, "min_partners": min(2, n), "clipping_norm": 1.0, **fed})
+    return FedSocialStrategy(cfg, tmp_path, NAMES, INITIAL, registrations=_registrations(n, users), secagg=secagg)
+
+
+def _direction(seed: int) -> list[np.ndarray]:
+    return _good_reply(np.random.default_rng(seed))
+
+
+# ---- item 4: weights bounded by the registration ----------------------------------------------------
+
+def test_a_reply_claiming_1e9_examples_does_not_become_the_aggregate(tmp_path: Path) -> None:
+    # Prepare: three partners of 10 declared users; partner-2 replies num_examples = 1e9
+    strategy = _strategy(tmp_path)
+    ups = [_direction(s) for s in range(3)]
+    replies = [_fit(0, ups[0], 10), _fit(1, ups[1], 10), _fit(2, ups[2], 10**9)]
+
+    # Execute
+    params, _ = strategy.aggregate_fit(1, replies, [])  # type: ignore[arg-type]
+
+    # Assert: the plain mean of the three updates (equal declared weights), not partner-2's update
+    new = parameters_to_ndarrays(params)  # type: ignore[arg-type]
+    for k in range(2):
+        expect = INITIAL[k] + (ups[0][k].astype(np.float64) + ups[1][k] + ups[2][k]) / 3
+        np.testing.assert_allclose(new[k], expect, atol=1e-6)
+
+
+def test_a_huge_declared_user_count_is_capped_relative_to_the_median(tmp_path: Path) -> None:
+    # Prepare: partner-2 declared 10**6 users at registration, the others 10
+    cfg = Config().replace("federation", partners=3, min_partners=2, clipping_norm=1.0)
+    regs = _registrations(3)
+    regs[2]["num_users"] = 10**6
+    strategy = FedSocialStrategy(cfg, tmp_path, NAMES, INITIAL, registrations=regs)
+    ups = [_direction(s) for s in range(3)]
+
+    # Execute
+    params, _ = strategy.aggregate_fit(1, [_fit(n, ups[n], 10) for n in range(3)], [])  # type: ignore[arg-type]
+
+    # Assert: weights 10, 10, 4 x median = 40 (share 2/3, never the whole aggregate)
+    assert strategy.weight_bounds() == {"partner-0": 10.0, "partner-1": 10.0, "partner-2": 40.0}
+    new = parameters_to_ndarrays(params)  # type: ignore[arg-type]
+    expect = INITIAL[0] + (10 * ups[0][0].astype(np.float64) + 10 * ups[1][0] + 40 * ups[2][0]) / 60
+    np.testing.assert_allclose(new[0], expect, atol=1e-6)
+
+
+@pytest.mark.parametrize(("declared", "cap", "ratio", "expected"), [
+    ({"a": 10, "b": 20, "c": 1000}, 0, 4.0, {"a": 10, "b": 20, "c": 80}),
+    ({"a": 10, "b": 20, "c": 1000}, 15, 4.0, {"a": 10, "b": 15, "c": 15}),
+    ({"a": 10, "b": 20, "c": 1000}, 0, 0.0, {"a": 10, "b": 20, "c": 1000}),
+    ({"a": 7}, 0, 4.0, {"a": 7}),
+])
+def test_weight_bounds_known_values(declared: dict[str, int], cap: int, ratio: float,
+                                    expected: dict[str, float]) -> None:
+    assert compute_weight_bounds(declared, cap, ratio) == expected
+
+
+def test_a_re_registration_cannot_raise_the_declared_bound_of_a_resumed_run(tmp_path: Path) -> None:
+    first = _strategy(tmp_path)
+    regs = _registrations(3)
+    regs[1]["num_users"] = 10**6  # the same partner declares more after a restart
+
+    resumed = FedSocialStrategy(first.cfg, tmp_path, NAMES, INITIAL, state=first.state_dict(), registrations=regs)
+
+    assert resumed.weight_bounds()["partner-1"] == 10.0
+
+
+@pytest.mark.parametrize(("metrics", "problem"), [
+    ({"epsilon": "abc"}, "epsilon"),
+    ({"budget_exhausted": "yes"}, "budget_exhausted"),
+    ({"steps": 10**400, "epsilon": 1.0, "delta": 1e-5, "noise_multiplier": 1e-300, "sample_rate": 0.1,
+      "max_grad_norm": 0.1, "ledger_round": 1, "ledger_head": "z"}, "ledger_head"),
+    ({"partner_id": "partner-0"}, "claims partner id"),
+])
+def test_a_malformed_fit_reply_is_dropped_and_logged_never_raised(tmp_path: Path, metrics: dict[str, Any],
+                                                                   problem: str) -> None:
+    strategy = _strategy(tmp_path)
+    replies = [_fit(0, _direction(0), 10), _fit(1, _direction(1), 10), _fit(2, _direction(2), 10, **metrics)]
+
+    _, info = strategy.aggregate_fit(1, replies, [])  # type: ignore[arg-type]
+
+    assert info == {"accepted": 2, "dropped": 1}
+    (dropped,) = strategy._round["dropped"]
+    assert dropped["partner"] == "partner-2" and problem in dropped["reason"]
+
+
+def test_two_replies_with_one_partner_id_in_a_round_are_both_refused(tmp_path: Path) -> None:
+    # Prepare: two nodes registered under one id are refused at registration ...
+    regs = _registrations(3)
+    regs[2]["partner_id"] = "partner-1"
+    cfg = Config().replace("federation", partners=3, min_partners=1, clipping_norm=1.0)
+    strategy = FedSocialStrategy(cfg, tmp_path, NAMES, INITIAL, registrations=regs)
+    assert set(strategy.node_partner.values()) == {"partner-0"} and set(strategy.refused_nodes) == {1, 2}
+
+    # ... and two replies carrying one id in a round (one node's reply relayed twice) are both dropped
+    strategy = _strategy(tmp_path, min_partners=1)
+    twice = _fit(1, _direction(1), 10)
+    _, info = strategy.aggregate_fit(1, [_fit(0, _direction(0), 10), twice, twice], [])  # type: ignore[arg-type]
+
+    assert info == {"accepted": 1, "dropped": 2}
+    assert all("two replies with one partner id" in d["reason"] for d in strategy._round["dropped"])
+
+
+def test_an_unregistered_node_cannot_contribute(tmp_path: Path) -> None:
+    strategy = _strategy(tmp_path, n=2)
+
+    _, info = strategy.aggregate_fit(1, [_fit(0, _direction(0), 10), _fit(1, _direction(1), 10),
+                                         _fit(7, _direction(2), 10)], [])  # type: ignore[arg-type]
+
+    assert info == {"accepted": 2, "dropped": 1}
+    assert "not a registered partner" in strategy._round["dropped"][0]["reason"]
+
+
+@pytest.mark.parametrize("bad", [{"ndcg@10": math.nan}, {"ndcg@10": 1e9}, {"hr@20": None}, {"recall@10": "x"},
+                                 {"evaluated_users": 10**6}])
+def test_a_bad_evaluation_is_never_averaged_in(tmp_path: Path, bad: dict[str, Any]) -> None:
+    strategy = _strategy(tmp_path, users=100)
+    broken = _eval(2, **bad)
+    if bad.get("hr@20", 0) is None:
+        del broken[1].metrics["hr@20"]
+
+    loss, agg = strategy.aggregate_evaluate(1, [_eval(0), _eval(1, users=60, **{"ndcg@10": 0.5}), broken], [])
+
+    assert agg["ndcg@10"] == pytest.approx((0.2 * 20 + 0.5 * 60) / 80)
+    assert loss == pytest.approx(1 - float(agg["ndcg@10"]))
+    assert strategy.history[-1]["eval_failures"] == 1
+    assert set(strategy.history[-1]["partners"]) == {"partner-0", "partner-1"}
+
+
+# ---- item 5: SecAgg+ counts contributors only -------------------------------------------------------
+
+class _IntentProxy(_Proxy):
+    """Answers the server's "will you train round r?" as a partner's ClientApp does."""
+
+    def __init__(self, node_id: int, will: bool) -> None:
+        super().__init__(node_id)
+        self.will = will
+
+    def get_properties(self, ins, timeout, group_id):  # type: ignore[no-untyped-def]
+        intent = protocol.Intent(f"partner-{self.node_id}", int(ins.config["round"]), self.will)
+        return GetPropertiesRes(Status(Code.OK, ""), intent.to_metrics())
+
+
+def _manager(wills: list[bool]) -> SimpleClientManager:
+    manager = SimpleClientManager()
+    for node, will in enumerate(wills):
+        manager.register(_IntentProxy(node, will))
+    return manager
+
+
+def test_secagg_round_with_one_contributor_is_skipped_and_recorded(tmp_path: Path) -> None:
+    # Prepare: 3 partners, 2 out of budget: a secure "sum" would be partner-0's update alone
+    strategy = _strategy(tmp_path, secagg=True)
+    manager = _manager([True, False, False])
+
+    # Execute: the SecAgg+ workflow asks configure_fit, then (no aggregate_fit) configure_evaluate
+    fit_ins = strategy.configure_fit(1, ndarrays_to_parameters([]), manager)
+    strategy.configure_evaluate(1, ndarrays_to_parameters([]), manager)
+    strategy.aggregate_evaluate(1, [_eval(n) for n in range(3)], [])
+
+    # Assert: nobody is asked to send a masked update; the round is recorded as skipped, params unchanged
+    assert fit_ins == []
+    record = strategy.history[-1]
+    assert "max(2, secagg.reconstruction_threshold) = 2" in record["skipped"]
+    assert record["budget_exhausted"] == ["partner-1", "partner-2"] and record["accepted"] == []
+    assert all(np.array_equal(a, b) for a, b in zip(strategy.global_params, INITIAL, strict=True))
+
+
+def test_secagg_round_samples_only_contributors_and_tells_them(tmp_path: Path) -> None:
+    strategy = _strategy(tmp_path, secagg=True)
+
+    fit_ins = strategy.configure_fit(1, ndarrays_to_parameters([]), _manager([True, False, True]))
+
+    assert [p.node_id for p, _ in fit_ins] == [0, 2]  # type: ignore[attr-defined]
+    assert all(ins.config["secure_aggregation"] == 1 and ins.config["weight"] == 10 for _, ins in fit_ins)
+
+
+def test_secagg_sum_with_a_weight_0_reply_is_not_aggregated(tmp_path: Path) -> None:
+    # Prepare: a partner that refused at fit time anyway (weight 0) is in the secure sum of 2
+    strategy = _strategy(tmp_path, secagg=True)
+    mean = _direction(0)
+    replies = [_fit(0, mean, 10), _fit(1, mean, 0, budget_exhausted=1, epsilon=7.9, delta=1e-5)]
+
+    params, info = strategy.aggregate_fit(1, replies, [])  # type: ignore[arg-type]
+
+    assert info["accepted"] == 0 and "skipped" in strategy._round
+    new = parameters_to_ndarrays(params)  # type: ignore[arg-type]
+    assert all(np.array_equal(a, b) for a, b in zip(new, INITIAL, strict=True))
+
+
+def test_an_exhausted_partner_drops_out_of_a_secagg_round_instead_of_sending_zeros(tmp_path: Path) -> None:
+    # Prepare: a real partner with room for one round, not two (as in test_federation)
+    cfg = tiny_config()
+    node = {"partition-id": 1, "num-partitions": 3}
+    probe = Partner(settings_from_context({"config-path": str(write_config(cfg, tmp_path / "probe")),
+                                           "run-dir": str(tmp_path / "probe")}, node))
+    plan = probe.privacy_plan()
+    event = (plan.noise_multiplier, plan.sample_rate, plan.steps)
+    eps1, eps2 = compute_epsilon([event], 1e-4), compute_epsilon([event, event], 1e-4)
+    cfg = cfg.replace("privacy", max_epsilon=(eps1 + eps2) / 2)
+    partner = Partner(settings_from_context({"config-path": str(write_config(cfg, tmp_path / "run")),
+                                             "run-dir": str(tmp_path / "run")}, node))
+    client = FedSocialClient(partner)
+    _, initial = partner.initial_parameters()
+    config = {"round": 1, "secure_aggregation": 1, "weight": 10**9, "clipping_norm": 1.0}
+
+    # Execute / Assert: round 1 trains (weight bounded by its own count), round 2 is refused by failing
+    assert client.get_properties({"round": 1})["will_train"] == 1
+    first, weight, metrics = client.fit(initial, config)
+    assert weight == partner.num_users and metrics["budget_exhausted"] == 0
+    assert client.get_properties({"round": 2})["will_train"] == 0
+    with pytest.raises(PartnerError, match="not contributing"):
+        client.fit(first, {**config, "round": 2})
+    assert client.fit(first, {**config, "round": 2, "secure_aggregation": 0})[1] == 0  # plain path: weight 0
