@@ -45,7 +45,40 @@ def run_cell(cfg: Config, data_dir: str | None, out: Path) -> dict[str, Any]:
     res: dict[str, Any] = {k: float(doc[k]) for k in METRIC_KEYS}
     res.update(epsilon=doc.get("epsilon"), wall_time_s=doc.get("simulation_wall_time_s"),
                noise_multiplier=_noise_multiplier(doc))
+    if "federation_gain" in doc:  # --set federation.compare_alone=true
+        res.update(federation_gain=doc["federation_gain"], scope=cfg.privacy.scope,
+                   per_partner=compute_partner_summary(doc))
     return res
+
+
+def compute_partner_summary(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per partner NDCG@10: alone, shared-only (the joint-scope model), served, and the served model's name."""
+    out = {}
+    for pid, info in sorted(doc.get("partners", {}).items()):
+        if not isinstance(info, dict) or "alone" not in info:
+            continue
+        personal = info.get("personalisation", {})
+        out[pid] = {"num_users": info.get("num_users"), "alone": info["alone"]["ndcg@10"],
+                    "served": info.get("ndcg@10"), "choice": personal.get("choice", "shared"),
+                    "shared": personal.get("shared_test", {}).get("ndcg@10", info.get("ndcg@10"))}
+    return out
+
+
+def partner_table(results: dict[str, Any], epsilons: list[float], variants: list[str]) -> str:
+    """Markdown: per epsilon and partner, alone / shared-only (= joint scope served) / served, and the gain."""
+    lines = ["| epsilon | partner | users | alone | shared-only = joint served | partner-scope served | served model "
+             "| served / alone |", "|---|---|---|---|---|---|---|---|"]
+    for eps in sorted(epsilons):
+        for variant in variants:
+            res = results.get(cell_key(eps, variant))
+            if not isinstance(res, dict) or "per_partner" not in res:
+                continue
+            for pid, p in res["per_partner"].items():
+                ratio = p["served"] / p["alone"] if p["alone"] else math.inf
+                lines.append(f"| {eps:g} | {pid} | {p['num_users']} | {p['alone']:.4f} | {p['shared']:.4f} | "
+                             f"{p['served']:.4f} | {p['choice']} | {ratio:.3f} |")
+            lines.append(f"| {eps:g} | **mean gain** | | | | | | **{res['federation_gain']:.3f}** |")
+    return "\n".join(lines)
 
 
 def _noise_multiplier(doc: dict[str, Any]) -> float | None:
@@ -139,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{key}: ndcg@10 {results[key]['ndcg@10']:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
             write_json_atomic(grid_path, results)
     print(markdown_table(results, epsilons, variants))
+    if any(isinstance(v, dict) and "per_partner" in v for v in results.values()):
+        print()
+        print(partner_table(results, epsilons, variants))
     return 0
 
 
