@@ -8,7 +8,7 @@ export FLWR_DISABLE_UPDATE_CHECK := 1
 export FLWR_HOME := $(CURDIR)/.flwr
 DEMO_OUT ?= runs/demo
 
-.PHONY: venv demo test lint bench bench-fed bench-privacy e2e clean
+.PHONY: venv demo test lint bench bench-fed bench-privacy bench-serve e2e clean
 
 venv: $(STAMP)
 
@@ -61,6 +61,13 @@ bench-privacy: $(STAMP)
 			--set data.n_users=$$((5 * n)) --set federation.local_batch_size=$$((n / 100)) \
 			--out runs/grid/synthetic_$$n || exit 1; \
 	done
+
+# Serving (docs/BENCHMARKS.md, serving): top-10 latency at 100k / 1M items, single and 32 concurrent
+# clients on 127.0.0.1, event-to-list latency; cold-start NDCG@10 with / without the social term.
+bench-serve: $(STAMP)
+	timeout 3600 $(PY) -m fedsocial.simulations.serve_bench latency --items 100000 1000000 --out runs/bench_serve/latency.json
+	timeout 3600 $(PY) -m fedsocial.simulations.serve_bench cold-start --config configs/lastfm.toml --data-dir $(DATA_DIR) \
+		--set train.num_threads=1 --out runs/bench_serve/cold_start_lastfm.json
 
 # Real deployment on loopback (SuperLink with TLS, node auth and a database; 3 SuperNodes; SecAgg+ and
 # DP; refusals; a partner killed mid-round; audit). Every process is stopped by PID at the end.

@@ -153,11 +153,14 @@ class Recommender:
     """A partner's served model over its users; ids in and out are the partner's external ids."""
 
     def __init__(self, model: SocialRec, split: SplitData, calibration: str = "platt",
-                 events_path: Path | None = None, seed: int = 0) -> None:
+                 events_path: Path | None = None, seed: int = 0, refit_on_event: bool = True) -> None:
         if not isinstance(model, SocialRec):
             raise ServingError(f"serving needs the social model (model.name = social), got {type(model).__name__}")
         self.model, self.split, self.cfg = model.eval(), split, model.model_cfg
         self.events_path, self.seed = events_path, seed
+        # local p_u refit after an event (the partner's evaluation procedure, ~50 Adam steps); False: the
+        # history and friends terms change at once, p_u at the next refit_all_local_vectors
+        self.refit_on_event = refit_on_event
         ds = split.dataset
         self.users: list[int | str] = compute_external_ids(ds)
         self.user_index = {u: i for i, u in enumerate(self.users)}
@@ -431,7 +434,8 @@ class Recommender:
                 self.popularity[self._item_of(e.item)] += 1  # type: ignore[arg-type]
         for u in touched:
             self._h.pop(u, None)
-            self.refit_local_vector(u)
+            if self.refit_on_event:
+                self.refit_local_vector(u)
         return {"accepted": len(events), "created_users": created, "durable": self.events_path is not None}
 
     # --- calibration on the partner's validation data -----------------------------------------
