@@ -342,3 +342,30 @@ def test_social_analysis_of_a_partner(run_dir: Path) -> None:
     assert sum(c["size"] for c in doc["communities"]) + doc["isolated_users"] == len(rec.users)
     infl = [x["influence"] for x in doc["influencers"]]
     assert infl == sorted(infl, reverse=True) and all(x > 0 for x in infl)
+
+
+# --- the serving benchmark's pure parts ---------------------------------------------------------
+def test_cold_split_keeps_at_most_two_items_and_moves_the_rest_to_test() -> None:
+    from fedsocial.simulations.serve_bench import compute_cold_split, compute_percentiles
+
+    # Prepare
+    rng = np.random.default_rng(3)
+    pairs = np.unique(np.stack([np.repeat(np.arange(30), 10), rng.integers(0, 200, 300)], 1), axis=0)
+    test = rng.random(len(pairs)) < 0.2
+    ds = Dataset(30, 200, pairs[:, 0], pairs[:, 1], np.zeros(0, np.int64), np.zeros(0, np.int64))
+    split = SplitData(ds, pairs[~test, 0], pairs[~test, 1], np.zeros(0, np.int64), np.zeros(0, np.int64),
+                      pairs[test, 0], pairs[test, 1])
+    # Execute
+    cold_split, cold = compute_cold_split(split, share=0.5, max_items=2, seed=0)
+    # Assert: every interaction of a cold user is either one of its <= 2 training items or a test item
+    assert len(cold) == round(0.5 * len(np.unique(split.test_users)))
+    for u in cold.tolist():
+        kept = cold_split.train_items[cold_split.train_users == u]
+        tested = cold_split.test_items[cold_split.test_users == u]
+        assert 1 <= len(kept) <= 2 and not set(kept) & set(tested)
+        assert sorted([*kept, *tested]) == sorted(pairs[pairs[:, 0] == u, 1].tolist())
+    assert set(np.unique(cold_split.test_users)) == set(cold.tolist())
+    warm = ~np.isin(split.train_users, cold)
+    assert int(np.isin(cold_split.train_users, cold, invert=True).sum()) == int(warm.sum())
+    p = compute_percentiles([float(v) for v in range(1, 101)])
+    assert p["p50_ms"] == pytest.approx(50.5) and p["p99_ms"] == pytest.approx(99.01) and p["n"] == 100
