@@ -29,6 +29,41 @@ def compute_axis_range(values: Sequence[float]) -> tuple[float, float]:
     return lo - pad, hi + pad
 
 
+def compute_nice_step(span: float, n: int = 4) -> float:
+    """A 1-2-5 x 10^k step giving about ``n`` intervals over ``span`` (Heckbert, "Nice numbers for
+    graph labels", Graphics Gems 1990)."""
+    raw = span / max(n, 1)
+    if not math.isfinite(raw) or raw <= 0:
+        return 1.0
+    base = 10.0 ** math.floor(math.log10(raw))
+    frac = raw / base
+    return base * (1.0 if frac < 1.5 else 2.0 if frac < 3.0 else 5.0 if frac < 7.0 else 10.0)
+
+
+def compute_ticks(lo: float, hi: float, n: int = 4, min_step: float = 0.0) -> tuple[list[float], int]:
+    """Tick values at multiples of a nice step (at least ``min_step``) inside [lo, hi], and the decimals
+    that show the step."""
+    step = max(compute_nice_step(hi - lo, n), min_step)
+    first, last = math.ceil(lo / step - 1e-9), math.floor(hi / step + 1e-9)
+    decimals = max(0, -math.floor(math.log10(step) + 1e-9))
+    return [round(k * step, decimals) + 0.0 for k in range(first, last + 1)], decimals
+
+
+def format_number(value: Any, key: str = "") -> str:
+    """A number for people: delta and other tiny or huge magnitudes in scientific notation
+    (``1e-05``, not ``0.0000``), integers as integers, the rest with four decimals."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return html.escape(str(value))
+    if isinstance(value, int):
+        return str(value)
+    if not math.isfinite(value):
+        return "n/a" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if key == "delta" or (value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e5)):
+        mantissa, exp = f"{value:.2e}".split("e")
+        return f"{mantissa.rstrip('0').rstrip('.')}e{int(exp):+03d}"
+    return f"{value:.4f}"
+
+
 def compute_points(xs: Sequence[float], ys: Sequence[float], box: tuple[float, float, float, float],
                    x_range: tuple[float, float], y_range: tuple[float, float]) -> list[tuple[float, float]]:
     """Data -> SVG pixel coordinates inside ``box`` = (left, top, width, height); y grows downwards."""
@@ -52,14 +87,18 @@ def svg_line_plot(title: str, xs: Sequence[float], series: dict[str, Sequence[fl
              f'aria-label="{html.escape(title)}">',
              f'<text x="{width / 2:.0f}" y="16" text-anchor="middle" font-size="13">{html.escape(title)}</text>',
              f'<rect x="{left}" y="{top}" width="{w}" height="{h}" fill="none" stroke="#999"/>']
-    for i in range(5):
-        yv = y_range[0] + (y_range[1] - y_range[0]) * i / 4
+    ticks, decimals = compute_ticks(*y_range)
+    for yv in ticks:  # rounded values at a 1-2-5 step, not the raw range's fractions
         (_, py), = compute_points([x_range[0]], [yv], box, x_range, y_range)
         parts.append(f'<line x1="{left - 4}" y1="{py:.1f}" x2="{left + w}" y2="{py:.1f}" stroke="#eee"/>')
-        parts.append(f'<text x="{left - 6}" y="{py + 4:.1f}" text-anchor="end" font-size="10">{yv:.4g}</text>')
-    for xv in sorted(set(xs)):
+        parts.append(f'<text x="{left - 6}" y="{py + 4:.1f}" text-anchor="end" font-size="10">'
+                     f'{yv:.{decimals}f}</text>')
+    x_ticks, x_decimals = (compute_ticks(*x_range, n=min(8, len(set(xs)) - 1), min_step=1.0)  # whole rounds
+                           if len(set(xs)) > 1 else (sorted(set(xs)), 0))
+    for xv in x_ticks:
         (px, _), = compute_points([xv], [y_range[0]], box, x_range, y_range)
-        parts.append(f'<text x="{px:.1f}" y="{top + h + 14}" text-anchor="middle" font-size="10">{xv:g}</text>')
+        parts.append(f'<text x="{px:.1f}" y="{top + h + 14}" text-anchor="middle" font-size="10">'
+                     f'{xv:.{x_decimals}f}</text>')
     parts.append(f'<text x="{left + w / 2}" y="{top + h + 30}" text-anchor="middle" font-size="11">round</text>')
     for k, (name, ys) in enumerate(series.items()):
         colour = COLOURS[k % len(COLOURS)]
@@ -76,14 +115,14 @@ def svg_line_plot(title: str, xs: Sequence[float], series: dict[str, Sequence[fl
 
 
 def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4f}" if abs(v) < 1e4 else f"{v:.4g}"
-    return html.escape(str(v))
+    return format_number(v)
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A table; a row whose first cell is "delta" shows its value in scientific notation."""
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in row) + "</tr>" for row in rows)
+    body = "".join("<tr>" + "".join(f"<td>{format_number(c, str(row[0]) if j else '')}</td>"
+                                    for j, c in enumerate(row)) + "</tr>" for row in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
