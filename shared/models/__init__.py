@@ -69,6 +69,14 @@ class RecModel(nn.Module):
     def full_sort_predict(self, batch: Batch) -> torch.Tensor:
         raise NotImplementedError
 
+    def item_side(self) -> Any:
+        """What ``score_all`` needs of the item side, computed once per evaluation pass (None: nothing)."""
+        return None
+
+    def score_all(self, batch: Batch, item_side: Any) -> torch.Tensor:
+        """``full_sort_predict`` with the item side precomputed by ``item_side()`` (same scores)."""
+        return self.full_sort_predict(batch)
+
     def predict(self, batch: Batch, items: torch.Tensor) -> torch.Tensor:
         """Scores [B, T] of ``items`` [B, T] for the users of an evaluation ``batch``."""
         return torch.gather(self.full_sort_predict(batch), 1, items)
