@@ -25,6 +25,7 @@ from fedsocial.shared.config import Config, ConfigError, load_config, resolve_da
 from fedsocial.shared.fileio import write_json_atomic
 from fedsocial.simulations.common import format_table, user_errors
 from fedsocial.simulations.preflight import run_preflight
+from fedsocial.simulations.tracking import add_track_argument
 
 METRIC_KEYS = ("recall@10", "ndcg@10", "hr@10", "recall@20", "ndcg@20", "hr@20")
 CONFIG_NAME = "config.toml"
@@ -181,7 +182,7 @@ class RoundPrinter:
 
 def run_simulation_from_config(cfg: Config, data_dir: str | os.PathLike[str] | None, out_dir: str | os.PathLike[str],
                                resume: bool = False, progress: bool = True, *, stop_after: int = 0,
-                               client_mods: list[Any] | None = None) -> dict[str, Any]:
+                               client_mods: list[Any] | None = None, track: str = "none") -> dict[str, Any]:
     """Run (or resume) the federation of ``cfg`` in-process; writes the run directory, returns metrics.json.
 
     ``stop_after`` > 0 ends the run after that round as an interruption would (resume it later);
@@ -193,6 +194,7 @@ def run_simulation_from_config(cfg: Config, data_dir: str | os.PathLike[str] | N
     from fedsocial.server.app import make_server_app
     from fedsocial.server.checkpoint import latest_checkpoint
     from fedsocial.simulations.quiet import quiet_simulation_notices
+    from fedsocial.simulations.tracking import TrackedRounds, compute_final_scalars, make_tracker
 
     quiet_simulation_notices()  # Ray's FutureWarning and Flower's run_simulation banner (see quiet.py)
     t0 = time.perf_counter()
@@ -219,7 +221,9 @@ def run_simulation_from_config(cfg: Config, data_dir: str | os.PathLike[str] | N
     config_path = write_config(cfg, run_dir)
     settings = {"config-path": str(config_path), "data-dir": str(resolve_data_dir(data_dir).resolve()),
                 "run-dir": str(run_dir), "resume": bool(resume), "stop-after": int(stop_after)}
-    printer = RoundPrinter(cfg.federation.rounds, progress)
+    tracker = make_tracker(track, run_dir)  # --track: TensorBoard events under RUN/tensorboard (tracking.py)
+    tracker.log_config(cfg.to_dict())
+    printer = TrackedRounds(RoundPrinter(cfg.federation.rounds, progress), tracker)
     flwr_logger = logging.getLogger("flwr")
     level = flwr_logger.level
     flwr_logger.setLevel(logging.WARNING)  # our per-round line replaces Flower's INFO chatter
@@ -244,6 +248,8 @@ def run_simulation_from_config(cfg: Config, data_dir: str | os.PathLike[str] | N
     from fedsocial.simulations.report import write_report
 
     write_report(run_dir, doc)
+    tracker.log_scalars(compute_final_scalars(doc), int(doc.get("rounds_completed") or cfg.federation.rounds))
+    tracker.close()
     return doc
 
 
@@ -260,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="override one config key with a typed value (repeatable)")
     parser.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR from its last round")
     parser.add_argument("--out", default=None, help="run directory (required unless --resume)")
+    add_track_argument(parser)
     parser.add_argument("--no-progress", action="store_true", help="no per-round lines")
     parser.add_argument("--compare-alone", action="store_true",
                         help="also train each partner alone, non-private, same budget (federation.compare_alone)")
@@ -312,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg, run_dir, resume = config_from_cli(args)
-        doc = run_simulation_from_config(cfg, args.data_dir, run_dir, resume=resume, progress=not args.no_progress)
+        doc = run_simulation_from_config(cfg, args.data_dir, run_dir, resume=resume, progress=not args.no_progress,
+                                         track=args.track)
     except (QuorumError, CheckpointError, FederationError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -14,6 +14,7 @@ from typing import Any
 
 from fedsocial.shared.fileio import write_json_atomic
 from fedsocial.simulations.common import add_config_arguments, config_from_args, format_table, user_errors
+from fedsocial.simulations.tracking import TrackedEpochs, add_track_argument, compute_final_scalars, make_tracker
 
 METRIC_KEYS = ("recall@10", "ndcg@10", "hr@10", "recall@20", "ndcg@20", "hr@20")
 
@@ -23,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(parser)
     parser.add_argument("--out", default=None, help="run folder (default: runs/<config name>)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_track_argument(parser)
     return parser
 
 
@@ -44,7 +46,7 @@ class _Progress:
         self.bar.close()
 
 
-def run_train(cfg: Any, data_dir: str | None, out: Path, progress: bool = True) -> dict[str, Any]:
+def run_train(cfg: Any, data_dir: str | None, out: Path, progress: bool = True, track: str = "none") -> dict[str, Any]:
     """Load, split, train and evaluate; returns (and writes) the metrics document."""
     from fedsocial.shared.loaders import load_dataset
     from fedsocial.shared.split import split_dataset
@@ -59,9 +61,12 @@ def run_train(cfg: Any, data_dir: str | None, out: Path, progress: bool = True) 
                     cfg.split.min_interactions)
     load_s = time.perf_counter() - t0
     epochs = (cfg.privacy.epochs or cfg.train.epochs) if cfg.privacy.enabled else cfg.train.epochs
-    bar = _Progress(epochs, progress)
+    # MostPop has no epochs (nothing to train): no epoch bar that would stay at 0/N
+    bar = _Progress(epochs, progress and cfg.model.name != "mostpop")
+    tracker = make_tracker(track, out)  # --track: TensorBoard events under OUT/tensorboard (tracking.py)
+    tracker.log_config(cfg.to_dict())
     try:
-        outcome = train_centralized(cfg, split, progress=bar)
+        outcome = train_centralized(cfg, split, progress=TrackedEpochs(bar, tracker))
     finally:
         bar.close()
     doc: dict[str, Any] = {k: float(outcome.metrics[k]) for k in METRIC_KEYS}
@@ -76,6 +81,8 @@ def run_train(cfg: Any, data_dir: str | None, out: Path, progress: bool = True) 
         "config": cfg.to_dict(),
     })
     write_json_atomic(out / "metrics.json", doc)
+    tracker.log_scalars(compute_final_scalars(doc), int(doc.get("epochs_run") or epochs))
+    tracker.close()
     return doc
 
 
@@ -105,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
-    doc = run_train(cfg, args.data_dir, out, progress=not args.no_progress)
+    doc = run_train(cfg, args.data_dir, out, progress=not args.no_progress, track=args.track)
     print(summary(doc))
     print(f"metrics: {out / 'metrics.json'}")
     return 0

@@ -1,0 +1,256 @@
+"""A newcomer's path: `fedsocial init` on their own CSV data, train / simulate with the written config
+and nothing else, tracking read back with TensorBoard's own reader, and a first run free of
+third-party warnings (the commands of `make demo` on a tiny config)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedsocial.shared.config import DataConfig, load_config
+from fedsocial.shared.csvio import write_csv_dataset
+from fedsocial.shared.synthetic import generate
+from fedsocial.simulations.init_cmd import DataStats, compute_delta, compute_settings
+from fedsocial.simulations.quiet import RunSimulationDeprecationFilter
+
+REPO = Path(__file__).resolve().parents[1]
+WARNING_LINE = re.compile(r"warning|deprecat", re.IGNORECASE)
+METRICS = ("recall@10", "ndcg@10", "hr@10", "recall@20", "ndcg@20", "hr@20")
+
+
+def _env(tmp: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", FLWR_DISABLE_UPDATE_CHECK="1",
+               FLWR_HOME=str(tmp / ".flwr"), FEDSOCIAL_SIM_CPUS="1", FEDSOCIAL_CACHE_DIR=str(tmp / "cache"))
+    env.pop("PYTHONWARNINGS", None)
+    return env
+
+
+def fedsocial(tmp: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess[str]:
+    """Run the installed CLI as a user would, from the repository root; output merged as a terminal shows it."""
+    proc = subprocess.run([sys.executable, "-m", "fedsocial.simulations.cli", *args], cwd=REPO, env=_env(tmp),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"fedsocial {' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-3000:]}"
+    return proc
+
+
+def warning_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if WARNING_LINE.search(line)]
+
+
+def _dataset(folder: Path, n_users: int, n_items: int, features: bool) -> Path:
+    """Generated data in the generic CSV format; with ``features``, items.csv with names, titles and
+    prices and users.csv with two categorical columns."""
+    ds = generate(DataConfig(n_users=n_users, n_items=n_items, interactions_per_user=10.0, friends_per_user=4.0))
+    write_csv_dataset(ds, folder)
+    if features:
+        words = ["red", "blue", "shoe", "book", "cake", "lamp", "garden", "phone", "shirt", "chair"]
+        rng = np.random.default_rng(0)
+        rows = ["item,category,title,price"]
+        for i in range(ds.n_items):
+            cat = int(ds.item_category[i])
+            title = " ".join([words[cat % len(words)], words[(cat * 3 + 1) % len(words)], f"model{i % 7}"])
+            price = "" if i % 11 == 0 else f"{rng.lognormal(3.0, 1.0):.2f}"
+            rows.append(f"{i},cat-{cat},{title},{price}")
+        (folder / "items.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+        users = ["user,age_band,region"] + [f"{u},{['18-24', '25-34', '35+'][u % 3]},{'nsew'[u % 4]}"
+                                            for u in range(ds.n_users)]
+        (folder / "users.csv").write_text("\n".join(users) + "\n", encoding="utf-8")
+    return folder
+
+
+# --- the settings init derives (pure, fast) ---------------------------------------------------------
+
+
+def _stats(users: int, items: int, interactions: int) -> DataStats:
+    return DataStats(users, items, interactions, users * 5, False, False, False, 0)
+
+
+def test_settings_follow_the_data_size() -> None:
+    # Prepare
+    small, large = _stats(60, 80, 600), _stats(20000, 40000, 2_000_000)
+    # Execute
+    s, big = compute_settings(small, False, 3), compute_settings(large, False, 3)
+    # Assert: bigger catalogue -> bigger embedding, more negatives, rarer evaluation, fewer epochs
+    assert s["model"]["dim"][0] < big["model"]["dim"][0]
+    assert s["model"]["num_negatives"][0] < big["model"]["num_negatives"][0]
+    assert s["train"]["eval_every"][0] == 1 < big["train"]["eval_every"][0]
+    assert s["train"]["epochs"][0] > big["train"]["epochs"][0]
+    assert big["train"]["epochs"][0] % big["train"]["eval_every"][0] == 0
+    assert s["train"]["batch_size"][0] < big["train"]["batch_size"][0]
+
+
+def test_dp_settings_are_the_dp_ones() -> None:
+    # Prepare
+    stats = _stats(3000, 4000, 30000)
+    # Execute
+    dp = compute_settings(stats, True, 3)
+    # Assert: DESIGN.md's DP choices, delta well below 1 / users, about 1/4 of users per batch
+    assert dp["privacy"]["enabled"][0] is True
+    assert dp["model"]["user_embedding"][0] == "local" and dp["model"]["use_mlp"][0] is False
+    assert dp["privacy"]["target_delta"][0] < 1 / (10 * stats.users)
+    assert dp["train"]["batch_size"][0] == 750 and dp["train"]["patience"][0] == 0
+    assert dp["privacy"]["epochs"][0] == dp["train"]["epochs"][0]
+
+
+def test_delta_known_values() -> None:
+    assert compute_delta(60) == 1e-5
+    assert compute_delta(17000) == 1e-6
+    assert compute_delta(2_000_000) == 1e-8
+
+
+def test_non_private_config_lists_the_exact_dp_overrides(tmp_path: Path) -> None:
+    # Prepare
+    data = _dataset(tmp_path / "data", 60, 80, features=False)
+    # Execute
+    fedsocial(tmp_path, "init", "--data", str(data), "--out", str(tmp_path / "c.toml"))
+    text = (tmp_path / "c.toml").read_text(encoding="utf-8")
+    overrides = re.findall(r"--set (\S+)", text)
+    # Assert: applying the listed overrides gives exactly the config `init --private` writes
+    fedsocial(tmp_path, "init", "--data", str(data), "--out", str(tmp_path / "dp.toml"), "--private")
+    assert load_config(tmp_path / "c.toml", overrides) == load_config(tmp_path / "dp.toml")
+    assert "privacy.enabled=true" in overrides
+
+
+def test_init_refuses_to_overwrite_and_names_bad_data(tmp_path: Path) -> None:
+    # Prepare
+    data = _dataset(tmp_path / "data", 60, 80, features=False)
+    (tmp_path / "c.toml").write_text("# mine\n", encoding="utf-8")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "interactions.csv").write_text("user,item\na,x\nuser,item\n", encoding="utf-8")
+    (tmp_path / "bad" / "social.csv").write_text("user,neighbour\n", encoding="utf-8")
+    env = _env(tmp_path)
+    cmd = [sys.executable, "-m", "fedsocial.simulations.cli", "init", "--out"]
+    # Execute
+    exists = subprocess.run([*cmd, str(tmp_path / "c.toml"), "--data", str(data)], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=120)
+    bad = subprocess.run([*cmd, str(tmp_path / "d.toml"), "--data", str(tmp_path / "bad")], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=120)
+    # Assert: one line each, exit 2, nothing overwritten or written
+    assert exists.returncode == 2 and "exists" in exists.stderr and "Traceback" not in exists.stderr
+    assert (tmp_path / "c.toml").read_text(encoding="utf-8") == "# mine\n"
+    assert bad.returncode == 2 and "interactions.csv:3: the header line is repeated" in bad.stderr
+    assert not (tmp_path / "d.toml").exists()
+
+
+# --- the written config works as is -----------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("n_users", "n_items", "features", "budget"), [
+    (60, 80, False, []),  # small: the sizes keep it fast, nothing overridden for train
+    (2000, 3000, True, ["--set", "train.epochs=2"]),  # large, with items.csv and users.csv: budget only
+])
+def test_init_config_trains_with_no_other_flag(tmp_path: Path, n_users: int, n_items: int, features: bool,
+                                               budget: list[str]) -> None:
+    # Prepare
+    data = _dataset(tmp_path / "data", n_users, n_items, features)
+    config = tmp_path / "mine.toml"
+    fedsocial(tmp_path, "init", "--data", str(data), "--out", str(config))
+    # Execute: from the repository root, a different working directory than the data's
+    proc = fedsocial(tmp_path, "train", "--config", str(config), "--out", str(tmp_path / "run"), "--no-progress",
+                     *budget, timeout=400)
+    # Assert
+    doc = json.loads((tmp_path / "run" / "metrics.json").read_text(encoding="utf-8"))
+    assert all(0.0 <= doc[k] <= 1.0 for k in METRICS) and doc["ndcg@10"] > 0.0
+    assert doc["dataset"]["users"] == n_users
+    written = tomllib.loads(config.read_text(encoding="utf-8"))
+    assert Path(written["data"]["path"]).is_absolute()
+    assert written["model"]["use_price"] is features and written["model"]["use_text"] is features
+    assert warning_lines(proc.stdout) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("n_users", "n_items", "features"), [(60, 80, False), (2000, 3000, True)])
+def test_init_config_simulates_with_no_other_flag(tmp_path: Path, n_users: int, n_items: int,
+                                                  features: bool) -> None:
+    # Prepare: a DP config for the federation (the harder case); one round only, for the test's budget
+    data = _dataset(tmp_path / "data", n_users, n_items, features)
+    config = tmp_path / "mine.toml"
+    fedsocial(tmp_path, "init", "--data", str(data), "--out", str(config), "--private")
+    # Execute
+    proc = fedsocial(tmp_path, "simulate", "--config", str(config), "--out", str(tmp_path / "run"),
+                     "--set", "federation.rounds=1", "--set", "federation.local_epochs=1", timeout=400)
+    # Assert
+    doc = json.loads((tmp_path / "run" / "metrics.json").read_text(encoding="utf-8"))
+    assert all(0.0 <= doc[k] <= 1.0 for k in METRICS)
+    assert 0 < doc["epsilon"] <= 8.0 + 1e-6 and doc["delta"] < 1 / (10 * n_users)
+    assert warning_lines(proc.stdout) == []
+
+
+# --- tracking ---------------------------------------------------------------------------------------
+
+
+def test_train_track_tensorboard_reads_back(tmp_path: Path) -> None:
+    # Prepare
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from fedsocial.shared.config import load_config as load
+    from fedsocial.simulations.train import run_train
+
+    data = _dataset(tmp_path / "data", 60, 80, features=False)
+    fedsocial(tmp_path, "init", "--data", str(data), "--out", str(tmp_path / "c.toml"))
+    cfg = load(tmp_path / "c.toml", ["train.epochs=3", "train.device=cpu"])
+    # Execute
+    doc = run_train(cfg, None, tmp_path / "run", progress=False, track="tensorboard")
+    acc = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    acc.Reload()
+    # Assert: per-epoch loss and timings, the final test metrics equal metrics.json, the config text
+    tags = acc.Tags()
+    assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3]
+    assert len(acc.Scalars("time/epoch_s")) == 3
+    assert acc.Scalars("test/ndcg@10")[-1].value == pytest.approx(doc["ndcg@10"], rel=1e-6)
+    text = acc.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert '"num_negatives"' in text and "config/text_summary" in tags["tensors"]
+
+
+def test_flower_deprecation_filter_is_narrow() -> None:
+    # Prepare
+    import logging
+
+    filt = RunSimulationDeprecationFilter()
+
+    def record(msg: str) -> logging.LogRecord:
+        return logging.LogRecord("flwr", logging.WARNING, __file__, 1, msg, None, None)
+
+    # Execute / Assert: only the run_simulation banner is dropped
+    assert not filt.filter(record("DEPRECATED FEATURE: The `run_simulation` function is deprecated and will be"))
+    assert filt.filter(record("DEPRECATED FEATURE: something else"))
+    assert filt.filter(record("Connection lost"))
+
+
+@pytest.mark.slow
+def test_demo_commands_print_no_warning_and_track_per_partner_epsilon(tmp_path: Path) -> None:
+    # Prepare: `make demo`'s three commands on a tiny copy of configs/demo.toml
+    tiny = ["--set", "data.n_users=90", "--set", "data.n_items=120", "--set", "federation.rounds=2",
+            "--set", "federation.local_epochs=1", "--set", "privacy.epochs=2", "--set", "train.epochs=2",
+            "--set", "train.num_threads=1"]
+    run = tmp_path / "demo"
+    # Execute
+    outputs = [
+        fedsocial(tmp_path, "simulate", "--config", "configs/demo.toml", "--out", str(run), "--track",
+                  "tensorboard", *tiny, timeout=400).stdout,
+        fedsocial(tmp_path, "canary-audit", "--config", "configs/demo.toml", "--canaries", "20",
+                  "--canary-items", "3", "--out", str(run), *tiny, timeout=400).stdout,
+        fedsocial(tmp_path, "audit", str(run)).stdout,
+    ]
+    # Assert: no Warning / DEPRECATED line anywhere; the tracked run holds each partner's epsilon per round
+    assert [line for out in outputs for line in warning_lines(out)] == []
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    scalars = acc.Tags()["scalars"]
+    doc = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
+    for pid, info in doc["partners"].items():
+        eps = acc.Scalars(f"privacy/epsilon/{pid}")
+        assert [e.step for e in eps] == [1, 2] and eps[-1].value == pytest.approx(info["epsilon"], rel=1e-6)
+    assert {"federated/ndcg@10", "time/round_s", "test/ndcg@10"} <= set(scalars)
