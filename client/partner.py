@@ -15,7 +15,6 @@ Where a partner's data comes from:
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import logging
@@ -28,10 +27,13 @@ from typing import Any
 
 import numpy as np
 
-from fedsocial.client.state import load_local_state, save_local_state
+from fedsocial.client.state import load_local_state, load_release, save_local_state, save_release
 from fedsocial.shared.config import Config, ConfigError, load_config
 from fedsocial.shared.data import SplitData
 from fedsocial.shared.events import compute_grown_local_state, load_split_with_events
+from fedsocial.shared.faults import fault_point
+from fedsocial.shared.fileio import write_json_atomic
+from fedsocial.shared.privacy.round import RoundPlan
 from fedsocial.shared.protocol import EVAL_METRIC_KEYS as EVAL_METRIC_KEYS
 from fedsocial.shared.protocol import FIT_METRIC_KEYS as FIT_METRIC_KEYS
 from fedsocial.shared.protocol import METRIC_KEYS, REGISTRATION_KEYS
@@ -197,13 +199,6 @@ def _calibrate(max_epsilon: float, delta: float, sample_rate: float, steps: int,
                                       tolerance=1e-3)
 
 
-@dataclass(frozen=True)
-class PrivacyPlan:
-    noise_multiplier: float
-    sample_rate: float
-    steps: int  # per round
-
-
 class Partner:
     """One partner's round logic; holds config and data, never model state (that lives on disk)."""
 
@@ -217,7 +212,7 @@ class Partner:
         # the served users' feedback (fedsocial serve, shared/events.py) trains with the next round
         self.split = load_split_with_events(load_partner_split(self.cfg, settings), settings.state_dir)
         self.seed = compute_round_seed(self.cfg.train.seed, settings.partner_index, 0)
-        self._plan: PrivacyPlan | None = None
+        self._plan: RoundPlan | None = None
 
     @property
     def partner_id(self) -> str:
@@ -243,35 +238,36 @@ class Partner:
         return names, [params[n] for n in names]
 
     # --- privacy -----------------------------------------------------------------------------
-    def privacy_plan(self) -> PrivacyPlan:
-        """(sigma, q, steps) of one round; sigma calibrated to max_epsilon over all rounds when not set.
+    def privacy_plan(self) -> RoundPlan:
+        """(sigma, q, steps) of one round (:func:`shared.privacy.round.plan_round`); sigma calibrated to
+        max_epsilon over all rounds when not set.
 
         The calibration (a bisection over the accountant, seconds of CPU) is done once per partner and
         kept in ``state_dir/privacy_plan.json``, keyed by everything it depends on.
         """
         if self._plan is None:
-            from fedsocial.shared.trainer import compute_sample_rate
+            from fedsocial.shared.privacy.round import plan_round
 
             pc, fc = self.cfg.privacy, self.cfg.federation
-            q = compute_sample_rate(self.num_users, self.cfg.train.batch_size)
-            steps = fc.local_epochs * round(1.0 / q)
-            key = json.dumps([dataclasses.asdict(pc), fc.rounds, q, steps], sort_keys=True)
-            path = self.settings.state_dir / "privacy_plan.json"
-            cached = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-            if cached.get("key") == key:
-                sigma = float(cached["noise_multiplier"])
-            else:
-                sigma = pc.noise_multiplier or self._calibrate(q, steps)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(json.dumps({"key": key, "noise_multiplier": sigma}), encoding="utf-8")
-            self._plan = PrivacyPlan(float(sigma), q, int(steps))
+            batch_key = "federation.local_batch_size" if fc.local_batch_size > 0 else "train.batch_size"
+            self._plan = plan_round(pc, n_users=self.num_users, batch_size=self.cfg.train.batch_size,
+                                    epochs=fc.local_epochs, rounds=fc.rounds, batch_key=batch_key,
+                                    calibrate=self._cached_calibration)
         return self._plan
 
-    def _calibrate(self, sample_rate: float, steps: int) -> float:
-        pc = self.cfg.privacy
-        return _calibrate(pc.max_epsilon, pc.target_delta, sample_rate, steps, self.cfg.federation.rounds,
-                          pc.accountant)
-
+    def _cached_calibration(self, max_epsilon: float, delta: float, q: float, steps: int, rounds: int,
+                            accountant: str) -> float:
+        key = json.dumps([max_epsilon, delta, q, steps, rounds, accountant], sort_keys=True)
+        path = self.settings.state_dir / "privacy_plan.json"
+        try:
+            cached = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        except (OSError, ValueError):
+            cached = {}  # a damaged cache only costs a recalibration
+        if isinstance(cached, dict) and cached.get("key") == key:
+            return float(cached["noise_multiplier"])
+        sigma = _calibrate(max_epsilon, delta, q, steps, rounds, accountant)
+        write_json_atomic(path, {"key": key, "noise_multiplier": sigma})
+        return sigma
 
     def open_ledger(self) -> Any:
         """This partner's ledger, with its signing key (created in the state dir on first use)."""
@@ -310,81 +306,111 @@ class Partner:
         return None
 
     def fit(self, arrays: list[np.ndarray], round_: int) -> tuple[list[np.ndarray], int, dict[str, Any]]:
-        """Train one round from the global ``arrays``; returns (new shared arrays, weight, metrics)."""
+        """Train one round from the global ``arrays``; returns (new shared arrays, weight, metrics).
+
+        With DP, the order is what makes every release charged exactly once (DESIGN.md, integrity of
+        the accounting): train; save the local state and the release itself (arrays, weight, reply
+        metrics) on the partner's disk; append the signed ledger entry that charges it, naming the
+        release's digest; only then return it. A round the ledger already charged is never trained
+        again: its saved release is sent again, bit-for-bit, or the partner refuses.
+        """
         trainer, names = self._prepared_trainer(arrays, round_ - 1)
         metrics: dict[str, Any] = {"round": round_, "partner_id": self.partner_id, "param_names": ",".join(names),
                                    "num_users": self.num_users, "budget_exhausted": 0}
         private = self.cfg.privacy.enabled and trainer.model.trainable
-        ledger, replay = None, False
-        history: list[Any] = []
-        if private:
-            ledger, history, replay = self._ledger_before(round_)
-            refusal = self._refuse_if_exhausted(history, round_, ledger)
-            if refusal is not None:
-                save_local_state(self.settings.state_dir, round_, trainer.get_local_state())
-                metrics.update(refusal)
-                return list(arrays), 0, metrics
-        plan = self.privacy_plan() if private else None
-        result = trainer.fit(self.cfg.federation.local_epochs,
-                             noise_multiplier=plan.noise_multiplier if plan else None,
-                             rng_seed=compute_round_seed(self.cfg.train.seed, self.settings.partner_index, round_),
-                             refit=False)  # evaluate() refits p_u against the new global parameters
-        if private:
-            metrics.update(self._ledger_after(ledger, history, replay, round_, result))
+        if not private:
+            result = self._train(trainer, round_, None)
+            save_local_state(self.settings.state_dir, round_, trainer.get_local_state())
+            new = trainer.get_shared()
+            metrics.update(train_loss=float(result.train_loss), fit_time_s=float(result.wall_time_s))
+            return [new[n] for n in names], compute_weight(self.num_users, self.cfg.federation.weight_cap), metrics
+        ledger, pround, recorded = self._ledger_before(round_)
+        if recorded is not None:
+            return self._resend(ledger, pround, recorded, names, metrics)
+        admission = pround.admit()
+        if not admission.admitted:
+            save_local_state(self.settings.state_dir, round_, trainer.get_local_state())
+            metrics.update(self._refuse(ledger, round_, admission))
+            return list(arrays), 0, metrics
+        result = self._train(trainer, round_, pround.plan.noise_multiplier)
         save_local_state(self.settings.state_dir, round_, trainer.get_local_state())
         new = trainer.get_shared()
-        metrics.update(train_loss=float(result.train_loss), fit_time_s=float(result.wall_time_s))
-        return [new[n] for n in names], compute_weight(self.num_users, self.cfg.federation.weight_cap), metrics
+        out, weight = [new[n] for n in names], compute_weight(self.num_users, self.cfg.federation.weight_cap)
+        reply = {"train_loss": float(result.train_loss), "fit_time_s": float(result.wall_time_s)}
+        digest = save_release(self.settings.state_dir, round_, names, out, {"weight": weight, "reply": reply})
+        fault_point("before_ledger_append", round_, self.partner_id)
+        used = (float(result.noise_multiplier), float(result.sample_rate), int(result.steps))
+        entry = pround.record(ledger, round_, used, self.num_users, self.cfg.privacy.secure_rng,
+                              extra={"release_sha256": digest})
+        fault_point("after_ledger_append", round_, self.partner_id)
+        metrics.update(reply)
+        metrics.update(self._accounting(pround, entry))
+        return out, weight, metrics
 
-    def _ledger_before(self, round_: int) -> tuple[Any, list[Any], bool]:
-        """Restore the accountant history from the ledger (entries of earlier rounds only)."""
+    def _train(self, trainer: Any, round_: int, noise_multiplier: float | None) -> Any:
+        return trainer.fit(self.cfg.federation.local_epochs, noise_multiplier=noise_multiplier,
+                           rng_seed=compute_round_seed(self.cfg.train.seed, self.settings.partner_index, round_),
+                           refit=False)  # evaluate() refits p_u against the new global parameters
+
+    def _ledger_before(self, round_: int) -> tuple[Any, Any, dict[str, Any] | None]:
+        """The ledger, the round's :class:`PrivacyRound` (history = entries of earlier rounds) and the
+        round's own entry when the ledger already charged it."""
         from fedsocial.shared.privacy.accounting import check_delta
         from fedsocial.shared.privacy.ledger import history_of
+        from fedsocial.shared.privacy.round import PrivacyRound
 
         check_delta(self.cfg.privacy.target_delta, self.num_users)
         ledger = self.open_ledger()
         entries = ledger.entries()
         prior = [e for e in entries if int(e["round"]) < round_]
-        replay = len(prior) < len(entries)
-        if replay and self.cfg.privacy.secure_rng:
-            raise PartnerError(f"{self.partner_id}: round {round_} is already in the ledger and secure_rng "
-                               "makes a re-run a new release; refusing to train it again")
-        return ledger, history_of(prior), replay
+        recorded = next((e for e in entries if int(e["round"]) == round_), None)
+        later = [int(e["round"]) for e in entries if int(e["round"]) > round_]
+        if recorded is None and later:
+            raise PartnerError(f"{self.partner_id}: asked to train round {round_}, but the ledger already charged "
+                               f"round {later[0]}; the coordinator is behind this partner")
+        return ledger, PrivacyRound(self.privacy_plan(), history_of(prior)), recorded
 
-    def _refuse_if_exhausted(self, history: list[Any], round_: int, ledger: Any) -> dict[str, Any] | None:
-        from fedsocial.shared.privacy.accounting import compute_epsilon, would_exceed
+    def _resend(self, ledger: Any, pround: Any, recorded: dict[str, Any], names: list[str],
+                metrics: dict[str, Any]) -> tuple[list[np.ndarray], int, dict[str, Any]]:
+        """Send the release a charged round already released, or refuse (never a second, uncharged one)."""
+        from fedsocial.shared.privacy.round import compute_plan_mismatches
+
+        round_ = int(recorded["round"])
+        changed = compute_plan_mismatches(pround.plan, recorded)
+        if changed:
+            raise PartnerError(f"{self.partner_id}: round {round_} was already released and charged; this run's "
+                               f"settings would change what it used, refusing: {'; '.join(changed)}")
+        saved = load_release(self.settings.state_dir, round_)
+        if saved is None or saved[0] != names or recorded.get("release_sha256") != saved[2].get("digest"):
+            raise PartnerError(f"{self.partner_id}: round {round_} was already released and charged, but the "
+                               "release it charged is not on this partner's disk (missing or altered); refusing "
+                               "to release a second update the ledger does not charge")
+        _, arrays, meta = saved
+        log.info("%s: round %d was already released and charged; sending that release again", self.partner_id,
+                 round_)
+        reply = meta.get("reply")
+        metrics.update(reply if isinstance(reply, dict) else {})
+        metrics.update(self._accounting(pround, recorded))
+        return arrays, int(meta["weight"]), metrics  # type: ignore[call-overload]
+
+    def _refuse(self, ledger: Any, round_: int, admission: Any) -> dict[str, Any]:
         from fedsocial.shared.privacy.ledger import record_refusal
 
-        pc, plan = self.cfg.privacy, self.privacy_plan()
-        event = (plan.noise_multiplier, plan.sample_rate, plan.steps)
-        if not would_exceed(history, event, pc.target_delta, pc.max_epsilon, pc.accountant):
-            return None
-        spent = compute_epsilon(history, pc.target_delta, pc.accountant) if history else 0.0
-        nxt = compute_epsilon([*history, event], pc.target_delta, pc.accountant)
-        record_refusal(ledger.path, partner_id=self.partner_id, round=round_, epsilon_spent=spent,
-                       epsilon_next=nxt, max_epsilon=pc.max_epsilon)
-        log.warning("%s: round %d would take epsilon to %.3f > %.3f; not training", self.partner_id, round_,
-                    nxt, pc.max_epsilon)
-        return {"budget_exhausted": 1, "epsilon": float(spent), "delta": float(pc.target_delta)}
-
-    def _ledger_after(self, ledger: Any, history: list[Any], replay: bool, round_: int, result: Any) -> dict[str, Any]:
-        """Append the signed entry before the update leaves; a deterministic re-run of a recorded round
-        (same inputs, same seed, no secure RNG) releases the same update again and adds no entry."""
-        from fedsocial.shared.privacy.accounting import compute_epsilon
-
         pc = self.cfg.privacy
-        event = (float(result.noise_multiplier), float(result.sample_rate), int(result.steps))
-        if replay:
-            eps = compute_epsilon([*history, event], pc.target_delta, pc.accountant)
-        else:
-            entry = ledger.append_round(round=round_, noise_multiplier=event[0], sample_rate=event[1], steps=event[2],
-                                        max_grad_norm=float(result.max_grad_norm), target_delta=pc.target_delta,
-                                        population=self.num_users, secure_rng=pc.secure_rng, accountant=pc.accountant)
-            eps = float(entry["epsilon_prv"] if pc.accountant == "prv" else entry["epsilon_rdp"])
-        head_round, head_hash = ledger.head()
-        return {"epsilon": float(eps), "delta": float(pc.target_delta), "noise_multiplier": event[0],
-                "sample_rate": event[1], "steps": event[2], "max_grad_norm": float(result.max_grad_norm),
-                "ledger_round": int(head_round or 0), "ledger_head": str(head_hash)}
+        record_refusal(ledger.path, partner_id=self.partner_id, round=round_, epsilon_spent=admission.epsilon_spent,
+                       epsilon_next=admission.epsilon_next, max_epsilon=pc.max_epsilon)
+        log.warning("%s: round %d would take epsilon to %.3f > %.3f; not training", self.partner_id, round_,
+                    admission.epsilon_next, pc.max_epsilon)
+        return {"budget_exhausted": 1, "epsilon": float(admission.epsilon_spent), "delta": float(pc.target_delta)}
+
+    def _accounting(self, pround: Any, entry: dict[str, Any]) -> dict[str, Any]:
+        """The reply's privacy accounting: the entry that charges this release, and its hash."""
+        from fedsocial.shared.privacy.ledger import entry_hash
+
+        return {"epsilon": pround.epsilon_of(entry), "delta": float(entry["target_delta"]),
+                "noise_multiplier": float(entry["noise_multiplier"]), "sample_rate": float(entry["sample_rate"]),
+                "steps": int(entry["steps"]), "max_grad_norm": float(entry["max_grad_norm"]),
+                "ledger_round": int(entry["round"]), "ledger_head": entry_hash(entry)}
 
     def will_train(self, round_: int) -> bool:
         """Whether :meth:`fit` of ``round_`` would train rather than refuse for budget; records nothing.

@@ -53,3 +53,71 @@ def list_snapshots(state_dir: Path) -> list[tuple[int, Path]]:
     if not folder.is_dir():
         return []
     return sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name)))
+
+
+# --- released updates ----------------------------------------------------------------------------
+# What a partner released in a round (its new shared parameters, weight and reply metrics), kept on
+# its own disk *before* the ledger entry that charges it is appended, so that a re-run of a charged
+# round (a crash after the append, or after the reply and before the server's checkpoint) re-sends
+# that very release instead of a second, uncharged one.
+RELEASES = "releases"
+_META = "__release__"
+
+
+def release_path(state_dir: Path, round_: int) -> Path:
+    return state_dir / RELEASES / f"round_{round_:04d}.npz"
+
+
+def compute_release_digest(names: list[str], arrays: list[np.ndarray]) -> str:
+    """SHA-256 (hex) over each array's name, dtype, shape and bytes, in order: equal iff bit-for-bit equal."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, a in zip(names, arrays, strict=True):
+        a = np.ascontiguousarray(a)
+        h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def save_release(state_dir: Path, round_: int, names: list[str], arrays: list[np.ndarray],
+                 meta: dict[str, object]) -> str:
+    """Write the round's release atomically (0600) and return its digest (what the ledger entry records)."""
+    import json
+
+    digest = compute_release_digest(names, arrays)
+    doc = json.dumps({"round": round_, "names": names, "digest": digest, **meta}).encode("utf-8")
+    content = {f"param/{n}": a for n, a in zip(names, arrays, strict=True)}
+    content[_META] = np.frombuffer(doc, dtype=np.uint8)
+    save_npz_atomic(release_path(state_dir, round_), content, mode=0o600)
+    for r, old in list_releases(state_dir):
+        if r <= round_ - KEEP_SNAPSHOTS:
+            old.unlink(missing_ok=True)
+    return digest
+
+
+def load_release(state_dir: Path, round_: int) -> tuple[list[str], list[np.ndarray], dict[str, object]] | None:
+    """(names, arrays, meta) of the round's saved release, or None when there is none or it is unreadable."""
+    import json
+    import zipfile
+
+    path = release_path(state_dir, round_)
+    if not path.is_file():
+        return None
+    try:
+        z = load_npz(path)
+        meta = json.loads(bytes(z[_META]).decode("utf-8"))
+        names = list(meta["names"])
+        arrays = [z[f"param/{n}"] for n in names]
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return None
+    if compute_release_digest(names, arrays) != meta.get("digest"):
+        return None
+    return names, arrays, meta
+
+
+def list_releases(state_dir: Path) -> list[tuple[int, Path]]:
+    folder = state_dir / RELEASES
+    if not folder.is_dir():
+        return []
+    return sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name)))

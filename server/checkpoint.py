@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from fedsocial.shared.faults import fault_point
 from fedsocial.shared.fileio import json_default, save_npz_atomic, write_text_atomic
 
 _NAME = re.compile(r"^round_(\d{4,})\.npz$")
@@ -40,6 +41,7 @@ def checkpoint_path(run_dir: Path, round_: int) -> Path:
 
 
 def save_checkpoint(run_dir: Path, ckpt: Checkpoint) -> Path:
+    fault_point("before_checkpoint", ckpt.round)  # crash tests: replies received, round not yet checkpointed
     arrays = {f"param/{n}": a for n, a in zip(ckpt.names, ckpt.arrays, strict=True)}
     doc = {"round": ckpt.round, "names": ckpt.names, "state": ckpt.state}
     arrays[STATE_KEY] = np.frombuffer(json.dumps(doc).encode("utf-8"), dtype=np.uint8)

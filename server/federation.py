@@ -33,6 +33,7 @@ from fedsocial.shared.protocol import PRIVACY_MODEL
 
 log = logging.getLogger("fedsocial.server")
 
+
 @dataclass(frozen=True)
 class ServerSettings:
     config_path: Path
@@ -110,11 +111,24 @@ def initial_parameters(grid: Grid, node_id: int) -> list[np.ndarray]:
 def _check_run_dir(s: ServerSettings) -> None:
     if s.resume or not s.run_dir.exists():
         return
-    previous = ("checkpoints", "ledgers", "partners", "rounds.jsonl")
+    previous = ("checkpoints", "ledgers", "partners", "rounds.jsonl", "run_manifest.json")
     leftovers = [p.name for p in s.run_dir.iterdir() if p.name in previous]
     if leftovers or list_checkpoints(s.run_dir):
         raise ConfigError(f"run-dir {s.run_dir}: holds a previous run ({', '.join(sorted(leftovers))}); "
                           "resume it, or choose a new run directory")
+
+
+def record_run_manifest(run_dir: Path, cfg: Config, props: Mapping[int, Mapping[str, Any]]) -> None:
+    """Sign the run's privacy settings and every registered partner's declared user count and cap into
+    ``run_manifest.json`` (:mod:`shared.privacy.records`): the audit's list of what must be there."""
+    from fedsocial.shared.privacy.records import RecordError, write_run_manifest
+
+    declared = {str(p.get("partner_id")): {k: p[k] for k in ("num_users", "max_epsilon", "target_delta") if k in p}
+                for p in props.values()}
+    try:
+        write_run_manifest(run_dir, cfg, declared)
+    except RecordError as exc:
+        raise ConfigError(f"run-dir {run_dir}: {exc}") from None
 
 
 def run_server(grid: Grid, context: Context, overrides: Mapping[str, Any] | None = None,
@@ -127,6 +141,7 @@ def run_server(grid: Grid, context: Context, overrides: Mapping[str, Any] | None
     s.run_dir.mkdir(parents=True, exist_ok=True)
     nodes = wait_for_nodes(grid, cfg, s.wait_timeout)
     props = query_partners(grid, nodes)
+    record_run_manifest(s.run_dir, cfg, props)
     ckpt = latest_checkpoint(s.run_dir) if s.resume else None
     if ckpt is not None:
         names, params, start, state = ckpt.names, ckpt.arrays, ckpt.round, ckpt.state
@@ -167,6 +182,7 @@ def build_metrics(cfg: Config, strategy: FedSocialStrategy, props: Mapping[int, 
         doc["epsilon"] = max(eps) if eps else 0.0
         doc["delta"] = cfg.privacy.target_delta
         doc["privacy_model"] = PRIVACY_MODEL
+        doc["privacy_scope"] = cfg.privacy.scope  # joint | partner (DESIGN.md, two scopes of the guarantee)
     fit_total = sum(float(p.get("fit_time_s_total", 0.0)) for p in partners.values())
     eval_total = sum(float(p.get("eval_time_s_total", 0.0)) for p in partners.values())
     doc.update({

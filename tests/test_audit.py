@@ -16,6 +16,7 @@ from fedsocial.shared import signing
 from fedsocial.shared.privacy.accounting import compute_epsilon
 from fedsocial.shared.privacy.ledger import Ledger, entry_hash, read_ledger
 from fedsocial.simulations.audit import EXIT_ACCOUNTING, EXIT_BUDGET, EXIT_INPUT, EXIT_OK, EXIT_TAMPER, main, run_audit
+from tests.server_records import sign_server_records
 
 PARTNERS = {  # partner: (sigma, q, steps per round, users, rounds)
     "north": (1.2, 0.1, 10, 800, [1, 2, 3]),
@@ -44,6 +45,8 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
                                                  "secagg": {"enabled": False}}))
     largest = max(read_ledger(ledgers / f"{pid}.jsonl")[-1]["epsilon_rdp"] for pid in PARTNERS)
     (run / "metrics.json").write_text(json.dumps({"ndcg@10": 0.1, "epsilon": largest, "delta": DELTA}))
+    sign_server_records(run, {pid: {"num_users": users, "max_epsilon": 8.0, "target_delta": DELTA}
+                              for pid, (_, _, _, users, _) in PARTNERS.items()})
     return run
 
 
@@ -146,6 +149,7 @@ def test_delta_not_below_one_over_population(tmp_path: Path, capsys: pytest.Capt
     Ledger(ledgers / "big.jsonl", key, "big").append_round(
         round=1, noise_multiplier=1.0, sample_rate=0.01, steps=10, max_grad_norm=1.0, target_delta=1e-4,
         population=20000, secure_rng=False)
+    sign_server_records(tmp_path)
     code, output = audit(tmp_path, capsys, "--max-epsilon", "10")
     assert code == EXIT_BUDGET and "partner big, round 1: target_delta" in output
 
@@ -159,6 +163,7 @@ def test_signed_underreported_epsilon_is_an_accounting_mismatch(
     Ledger(ledgers / "liar.jsonl", key, "liar").append(dict(
         round=4, noise_multiplier=1.0, sample_rate=0.1, steps=50, max_grad_norm=1.0, target_delta=1e-5,
         population=1000, secure_rng=False, accountant="rdp", epsilon_rdp=1.0, epsilon_prv=1.0))
+    sign_server_records(tmp_path)
     code, output = audit(tmp_path, capsys, "--max-epsilon", "10")
     assert code == EXIT_ACCOUNTING
     assert "ACCOUNTING: partner liar, round 4, line 1:" in output and "dp_accounting" in output
@@ -167,7 +172,8 @@ def test_signed_underreported_epsilon_is_an_accounting_mismatch(
 def test_removed_newest_entry_caught_by_server_head(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = run / "ledgers" / "north.jsonl"
     entries = read_ledger(path)
-    (run / "ledger_heads.json").write_text(json.dumps({"north": {"round": 3, "hash": entry_hash(entries[-1])}}))
+    heads = json.loads((run / "ledger_heads.json").read_text())
+    assert heads["heads"]["north"] == {"round": 3, "hash": entry_hash(entries[-1])}
     assert audit(run, capsys)[0] == EXIT_OK
     path.write_text("".join(x + "\n" for x in path.read_text().splitlines()[:-1]))
     code, output = audit(run, capsys)
@@ -250,6 +256,7 @@ def _single_partner(tmp_path: Path, pid: str, **fields: Any) -> None:
                 population=1000, secure_rng=False)
     for r in (1, 2):
         ledger.append_round(round=r, **{**base, **fields})
+    sign_server_records(tmp_path)
 
 
 def test_prv_accountant_of_record_is_held_to_the_cap(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -274,6 +281,7 @@ def test_signed_underreported_prv_is_an_accounting_mismatch(
         round=1, noise_multiplier=1.0, sample_rate=0.1, steps=50, max_grad_norm=1.0, target_delta=1e-5,
         population=1000, secure_rng=False, accountant="prv", epsilon_rdp=compute_epsilon(history, 1e-5),
         epsilon_prv=compute_epsilon(history, 1e-5, "prv") * 0.8))
+    sign_server_records(tmp_path)
     code, output = audit(tmp_path, capsys, "--max-epsilon", "10")
     assert code == EXIT_ACCOUNTING and "partner liar, round 1, line 1: recorded epsilon_prv" in output
 

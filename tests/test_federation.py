@@ -136,7 +136,8 @@ def test_run_directory_holds_metrics_rounds_checkpoints_states_ledgers_and_repor
         assert (run_dir / "partners" / pid / "rounds" / "round_0002.npz").is_file()
         assert len((run_dir / "ledgers" / f"{pid}.jsonl").read_text().splitlines()) == 2
         assert (run_dir / "ledgers" / f"{pid}.pub").is_file()
-    heads = json.loads((run_dir / "ledger_heads.json").read_text())
+    heads = json.loads((run_dir / "ledger_heads.json").read_text())["heads"]  # signed by the server
+    assert (run_dir / "run_manifest.json").is_file() and (run_dir / "server.pub").is_file()
     assert {pid: h["round"] for pid, h in heads.items()} == dict.fromkeys(doc["partners"], 2)
     assert audit_main([str(run_dir)]) == 0  # the partners' ledgers verify against the recorded heads
     report = (run_dir / "report.html").read_text()

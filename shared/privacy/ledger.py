@@ -69,6 +69,14 @@ PARTNER_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 # value is written by this very code, so only floating-point noise across library versions is allowed.
 EPSILON_RTOL = 1e-6
 
+# Plausible ranges: a value outside them is not a DP-SGD round anyone ran, and would make the accountant
+# overflow (a steps count of 400 digits) or crawl (sigma 1e-300): it is refused as a schema problem.
+MIN_NOISE_MULTIPLIER, MAX_NOISE_MULTIPLIER = 1e-2, 1e6
+MAX_STEPS = 10**9
+MAX_ROUND = 10**9
+MAX_POPULATION = 10**12
+MAX_GRAD_NORM = 1e9
+MAX_EPSILON = 1e12
 _FLOAT_FIELDS = ("noise_multiplier", "sample_rate", "max_grad_norm", "target_delta", "epsilon_rdp", "epsilon_prv")
 _INT_FIELDS = ("round", "steps", "population", "ledger_version")
 _STR_FIELDS = ("partner_id", "unit", "adjacency", "accountant", "timestamp", "prev_hash",
@@ -165,17 +173,30 @@ def schema_problems(entry: Mapping[str, Any]) -> list[str]:
         (entry["unit"] == UNIT, f"unit: expected {UNIT!r}"),
         (entry["adjacency"] == ADJACENCY, f"adjacency: expected {ADJACENCY!r}"),
         (entry["accountant"] in ACCOUNTANT_NAMES, f"accountant: must be one of {ACCOUNTANT_NAMES}"),
-        (entry["noise_multiplier"] > 0, "noise_multiplier: must be > 0"),
+        (MIN_NOISE_MULTIPLIER <= entry["noise_multiplier"] <= MAX_NOISE_MULTIPLIER,
+         f"noise_multiplier: must be in [{MIN_NOISE_MULTIPLIER:g}, {MAX_NOISE_MULTIPLIER:g}], "
+         f"got {_short(entry['noise_multiplier'])}"),
         (0 < entry["sample_rate"] <= 1, "sample_rate: must be in (0, 1]"),
-        (entry["steps"] >= 0, "steps: must be >= 0"),
-        (entry["max_grad_norm"] > 0, "max_grad_norm: must be > 0"),
+        (0 <= entry["steps"] <= MAX_STEPS, f"steps: must be in [0, {MAX_STEPS}], got {_short(entry['steps'])}"),
+        (entry["round"] <= MAX_ROUND, f"round: must be <= {MAX_ROUND}, got {_short(entry['round'])}"),
+        (0 < entry["max_grad_norm"] <= MAX_GRAD_NORM, f"max_grad_norm: must be in (0, {MAX_GRAD_NORM:g}]"),
         (0 < entry["target_delta"] < 1, "target_delta: must be in (0, 1)"),
-        (entry["epsilon_rdp"] >= 0 and entry["epsilon_prv"] >= 0, "epsilon_rdp, epsilon_prv: must be >= 0"),
-        (entry["population"] >= 1, "population: must be >= 1"),
+        (0 <= entry["epsilon_rdp"] <= MAX_EPSILON and 0 <= entry["epsilon_prv"] <= MAX_EPSILON,
+         f"epsilon_rdp, epsilon_prv: must be in [0, {MAX_EPSILON:g}]"),
+        (1 <= entry["population"] <= MAX_POPULATION,
+         f"population: must be in [1, {MAX_POPULATION}], got {_short(entry['population'])}"),
         (_is_hex64(entry["prev_hash"]), "prev_hash: expected 64 hex digits"),
         (_is_hex64(entry["public_key_fingerprint"]), "public_key_fingerprint: expected 64 hex digits"),
     ]
     return [msg for ok, msg in checks if not ok]
+
+
+def _short(value: Any) -> str:
+    """A value for a message: a 400-digit integer is shown by its length, not printed whole."""
+    if isinstance(value, int) and abs(value) >= 10**30:  # str() of a huge int is slow, or refused past 4300 digits
+        return f"an integer of about {int(abs(value).bit_length() * 0.30103) + 1} digits"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _is_hex64(s: str) -> bool:
@@ -215,7 +236,7 @@ def scan_ledger(path: str | os.PathLike[str]) -> LedgerScan:
     for number, raw in enumerate(data[:end].split(b"\n")[:-1], start=1):
         try:
             entry = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # ValueError: also a 5000-digit integer
             raise LedgerError(partner, None, number, f"{path}: not valid JSON: {exc}") from None
         if not isinstance(entry, dict):
             raise LedgerError(partner, None, number, f"{path}: expected a JSON object")

@@ -1,0 +1,629 @@
+"""The audit of a run's privacy accounting, as a pure function: run folder in, :class:`AuditResult` out.
+
+What it reads (the layout contract of a federated run; nothing else):
+
+``RUN_DIR/run_manifest.json``, ``RUN_DIR/ledger_heads.json``, ``RUN_DIR/server.pub``
+    the coordinator's signed records (:mod:`shared.privacy.records`): the partners that registered
+    with their declared caps and the run's privacy settings (scope included), and each partner's
+    newest ledger entry as of the last round. They say what must be there: a registered partner whose
+    ledger is missing, a ledger the server never registered, a ledger without the entry the server
+    recorded, a missing or unsigned heads file, or no manifest at all, are findings.
+``RUN_DIR/ledgers/<partner_id>.jsonl`` and ``<partner_id>.pub``
+    each partner's signed, hash-chained ledger (:mod:`shared.privacy.ledger`) and its public key.
+    ``--public-keys DIR`` replaces the keys (``DIR/<partner_id>.pub``, and ``DIR/server.pub`` when
+    present) with the auditor's trusted copies, and adds each key's partner to the expected set.
+``RUN_DIR/ledgers/<partner_id>.json``, ``<partner_id>.refusals.jsonl`` (optional)
+    a partner's own declaration (cap, delta, population) and the rounds it refused for budget.
+``RUN_DIR/config.json`` / ``config.toml``, ``metrics.json``, ``canary_audit.json`` (optional)
+    context: the cap fallback, SecAgg+/server noise/selection for the report, the metrics' epsilon,
+    an empirical lower bound.
+
+What is checked, per partner: the chain, every signature and the key fingerprint, canonical form,
+plausible values, strictly increasing rounds, each cumulative ``epsilon_rdp`` re-derived with Opacus's
+RDP analysis, then both recorded epsilons recomputed with Google's ``dp_accounting`` (RDP and PLD,
+independent of Opacus, see :data:`RECOMPUTE_RTOL`); the epsilon of record against the cap
+(``--max-epsilon`` > the signed manifest's declared cap > the partner's declaration file >
+the config); ``target_delta < 1/population`` for every round.
+
+Exit codes (the most severe wins, in this order):
+  2  unreadable or missing input (no ledgers, no manifest, no heads, a garbage line, a bad key file)
+  3  tampering: a signature, key fingerprint, hash-chain, canonical-form, schema, round-order or head
+     failure, a missing ledger the signed records expect, or a ledger they do not
+  5  accounting mismatch: a recorded epsilon that the recorded history does not give, or a canary
+     lower bound above the accounted epsilon
+  4  budget violation: epsilon over the cap, or target_delta >= 1/population
+  0  everything verified
+
+No exception escapes :func:`audit_run`: an unexpected error while auditing one partner becomes an
+``input`` finding naming that partner.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedsocial.shared import signing
+from fedsocial.shared.privacy.accounting import (
+    PrivacyConfigError,
+    check_delta,
+    compute_epsilon_dp_accounting,
+    compute_epsilons_dp_accounting,
+    compute_epsilons_pld,
+)
+from fedsocial.shared.privacy.ledger import (
+    ADJACENCY,
+    PARTNER_ID_RE,
+    UNIT,
+    LedgerError,
+    history_of,
+    is_number,
+    scan_ledger,
+    verify_head,
+    verify_ledger,
+)
+from fedsocial.shared.privacy.records import HEADS, MANIFEST, SERVER_PUB, RecordError, read_json, verify_record
+
+EXIT_OK, EXIT_INPUT, EXIT_TAMPER, EXIT_BUDGET, EXIT_ACCOUNTING = 0, 2, 3, 4, 5
+_SEVERITY = {"input": EXIT_INPUT, "tamper": EXIT_TAMPER, "accounting": EXIT_ACCOUNTING, "budget": EXIT_BUDGET}
+_PRECEDENCE = ("input", "tamper", "accounting", "budget")
+# The recorded epsilon_rdp (Opacus) may be below the dp_accounting recomputation by at most this
+# fraction. dp_accounting's fractional-order series is conservative (it truncates and drops orders
+# that do not converge) while Opacus's matches numerical integration (tests/test_accounting.py), so
+# dp_accounting is 0-2% higher for epsilon up to ~20; a shortfall beyond 5% means the recorded
+# epsilon does not follow from the recorded (sigma, q, steps). A recorded value *above* the
+# recomputation is conservative (e.g. dp_accounting's extra orders 128..1024 at tiny epsilon) and
+# is reported, not failed. The same rule holds epsilon_prv against dp_accounting's PLD accountant
+# (both are tight; PRV's recorded value is the upper end of its error band, PLD's discretisation is
+# pessimistic, and they agree within about 0.2% in the tests).
+RECOMPUTE_RTOL = 0.05
+_CAP_SLACK = 1e-9  # float noise when comparing epsilon with the cap
+
+_TAMPER_KINDS = {"schema", "key", "signature", "chain", "order", "format", "partner", "head"}
+
+
+@dataclass
+class Finding:
+    severity: str  # input|tamper|accounting|budget|warning
+    partner: str | None
+    round: int | None
+    line: int | None
+    message: str
+
+    def __str__(self) -> str:
+        where = [f"partner {self.partner}" if self.partner else "run"]
+        if self.round is not None:
+            where.append(f"round {self.round}")
+        if self.line is not None:
+            where.append(f"line {self.line}")
+        return f"{self.severity.upper()}: {', '.join(where)}: {self.message}"
+
+
+@dataclass
+class RoundRow:
+    round: int
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    max_grad_norm: float
+    target_delta: float
+    population: int
+    accountant: str  # the accountant of record, whose epsilon is held to the cap
+    epsilon: float  # cumulative epsilon of record (epsilon_prv when accountant == "prv", else epsilon_rdp)
+    epsilon_rdp: float
+    epsilon_prv: float
+    epsilon_dp_accounting: float  # independent RDP recomputation (dp_accounting), checks epsilon_rdp
+    epsilon_pld: float  # independent PLD recomputation (dp_accounting), checks epsilon_prv
+    timestamp: str
+
+
+@dataclass
+class PartnerReport:
+    partner_id: str
+    key_source: str = ""
+    key_fingerprint: str = ""
+    rounds: list[RoundRow] = field(default_factory=list)
+    max_epsilon: float | None = None
+    cap_source: str = ""
+    declared: dict[str, Any] = field(default_factory=dict)
+    refusals: list[dict[str, Any]] = field(default_factory=list)
+    torn_tail_bytes: int = 0
+    verified: bool = False
+    scope: str = ""  # privacy.scope the ledger entries name ("" when they predate it)
+    eval_releases: int = 0  # DP evaluation releases charged in the ledger
+
+    @property
+    def epsilon(self) -> float:
+        return self.rounds[-1].epsilon if self.rounds else 0.0
+
+    @property
+    def total_steps(self) -> int:
+        return sum(r.steps for r in self.rounds)
+
+
+@dataclass
+class AuditResult:
+    run_dir: str
+    partners: list[PartnerReport] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
+    context: dict[str, Any] = field(default_factory=dict)
+    canary: dict[str, Any] | None = None
+    outputs_written: bool = False
+    scope: str = ""  # the run's privacy.scope (signed manifest, else config); "" when not recorded
+    records: dict[str, Any] = field(default_factory=dict)  # what the signed records say (expected set, rounds)
+
+    @property
+    def ledger_max_epsilon(self) -> float | None:
+        """The largest final epsilon over partners that trained (what metrics.json must not understate)."""
+        return max((p.epsilon for p in self.partners if p.rounds), default=None)
+
+    @property
+    def exit_code(self) -> int:
+        for severity in _PRECEDENCE:
+            if any(f.severity == severity for f in self.findings):
+                return _SEVERITY[severity]
+        return EXIT_OK
+
+    def add(self, severity: str, partner: str | None, rnd: int | None, line: int | None, msg: str) -> None:
+        self.findings.append(Finding(severity, partner, rnd, line, msg))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "run_dir": self.run_dir,
+            "exit_code": self.exit_code,
+            "verified": self.exit_code == EXIT_OK,
+            "privacy_model": PRIVACY_MODEL,
+            "recompute_rtol": RECOMPUTE_RTOL,
+            "partners": [
+                {**asdict(p), "epsilon": p.epsilon, "total_steps": p.total_steps, "n_rounds": len(p.rounds)}
+                for p in self.partners
+            ],
+            "findings": [asdict(f) for f in self.findings],
+            "scope": self.scope or None,
+            "scope_note": scope_note(self.scope),
+            "records": self.records,
+            "context": self.context,
+            "canary": self.canary,
+        }
+
+
+SCOPES = {
+    "joint": "joint: everything released beyond user u, including other users' recommendations inside the "
+             "same partner, is (epsilon, delta)-DP with respect to u's record",
+    "partner": "partner: everything that leaves a partner (its updates, hence the shared parameters and every "
+               "other partner's model) is (epsilon, delta)-DP with respect to one user's record; inside the "
+               "partner, the model it serves its own users may also learn from them without DP",
+}
+
+
+def scope_note(scope: str) -> str:
+    if scope in SCOPES:
+        return SCOPES[scope]
+    return ("not recorded: this run predates privacy.scope (its ledgers and records do not name a scope); "
+            "runs of that time trained in the joint scope, but the audit cannot verify it")
+
+
+PRIVACY_MODEL = {
+    "unit": f"{UNIT}: one user of a partner platform (their interactions and their own out-neighbour list)",
+    "adjacency": ADJACENCY,
+    "dp_variant": "user-level joint differential privacy in the billboard model (Hsu et al. 2014; "
+                  "Jain, Kothari, Thakurta 2018)",
+    "mechanism": "DP-SGD: per-user clipping to max_grad_norm, Gaussian noise noise_multiplier * "
+                 "max_grad_norm, Poisson sampling at sample_rate",
+    "accountant": "RDP (Opacus) or PRV (Opacus), as each entry's accountant field says (the other is a "
+                  "cross-check); independent recomputation with Google dp_accounting (RDP for epsilon_rdp, "
+                  "PLD for epsilon_prv)",
+}
+
+
+# ---------------------------------------------------------------- reading
+
+
+def _read_json(path: Path, result: AuditResult, partner: str | None) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        result.add("input", partner, None, None, f"{path}: unreadable JSON: {exc}")
+        return None
+
+
+def _load_context(run: Path, result: AuditResult) -> dict[str, Any]:
+    ctx: dict[str, Any] = {}
+    for name in ("config", "metrics"):
+        p = run / f"{name}.json"
+        if p.exists():
+            data = _read_json(p, result, None)
+            if data is not None and not isinstance(data, dict):
+                result.add("input", None, None, None, f"{p}: expected a JSON object")
+            elif data is not None:
+                ctx[name] = data
+                ctx[f"{name}_file"] = p.name
+    if "config" not in ctx and (run / "config.toml").exists():  # the TOML a run copies, with defaults filled
+        from fedsocial.shared.config import ConfigError, load_config
+
+        try:
+            ctx["config"] = load_config(run / "config.toml").to_dict()
+            ctx["config_file"] = "config.toml"
+        except ConfigError as exc:
+            result.add("input", None, None, None, str(exc))
+    canary = run / "canary_audit.json"
+    if canary.exists():
+        data = _read_json(canary, result, None)
+        if isinstance(data, dict):
+            result.canary = data
+    return ctx
+
+
+def _config_cap(ctx: dict[str, Any]) -> float | None:
+    privacy = ctx.get("config", {}).get("privacy")
+    cap = privacy.get("max_epsilon") if isinstance(privacy, dict) else None
+    return float(cap) if is_number(cap) and math.isfinite(cap) and cap > 0 else None
+
+
+def _load_key(partner: str, ledgers: Path, keys_dir: Path | None, report: PartnerReport,
+              result: AuditResult) -> Any:
+    path = (keys_dir if keys_dir is not None else ledgers) / f"{partner}.pub"
+    report.key_source = str(path)
+    if not path.exists():
+        result.add("input", partner, None, None, f"no public key {path}")
+        return None
+    try:
+        key = signing.load_public_key(path)
+    except signing.SigningError as exc:
+        result.add("input", partner, None, None, str(exc))
+        return None
+    report.key_fingerprint = signing.fingerprint(key)
+    return key
+
+
+def _read_refusals(path: Path, partner: str, result: AuditResult) -> list[dict[str, Any]]:
+    out = []
+    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            result.add("warning", partner, None, n, f"{path.name}: unreadable refusal line ignored")
+            continue
+        out.append(entry if isinstance(entry, dict) else {"raw": entry})
+    return out
+
+
+# ---------------------------------------------------------------- checks
+
+
+def _audit_partner(partner: str, ledgers: Path, keys_dir: Path | None, cli_cap: float | None,
+                   heads: dict[str, Any], result: AuditResult) -> PartnerReport:
+    report = PartnerReport(partner_id=partner)
+    n_before = len(result.findings)
+    try:
+        _audit_partner_into(report, ledgers, keys_dir, cli_cap, heads, result)
+    except Exception as exc:  # noqa: BLE001 - crafted input must give a finding, never a traceback
+        result.add("input", partner, None, None, f"cannot audit this ledger ({type(exc).__name__}: {exc})")
+        report.rounds = []
+    report.verified = bool(report.key_fingerprint) and all(f.severity == "warning" for f in result.findings[n_before:])
+    return report
+
+
+def _audit_partner_into(report: PartnerReport, ledgers: Path, keys_dir: Path | None, cli_cap: float | None,
+                        heads: dict[str, Any], result: AuditResult) -> None:
+    partner = report.partner_id
+    key = _load_key(partner, ledgers, keys_dir, report, result)
+    decl_path = ledgers / f"{partner}.json"
+    if decl_path.exists():
+        decl = _read_json(decl_path, result, partner)
+        report.declared = decl if isinstance(decl, dict) else {}
+    refusals = ledgers / f"{partner}.refusals.jsonl"
+    if refusals.exists():
+        report.refusals = _read_refusals(refusals, partner, result)
+    try:
+        scan = scan_ledger(ledgers / f"{partner}.jsonl")
+    except LedgerError as exc:
+        result.add("input", partner, exc.round, exc.line, exc.reason)
+        return
+    if scan.torn_tail:
+        report.torn_tail_bytes = len(scan.torn_tail)
+        result.add("warning", partner, None, len(scan.entries) + 1,
+                   f"torn last line ({len(scan.torn_tail)} bytes) ignored: a write was interrupted, and the "
+                   "ledger is appended before an update is sent, so that round released nothing")
+    n_before = len(result.findings)
+    if key is None:
+        report.key_fingerprint = ""
+    else:
+        for p in verify_ledger(scan.entries, key, partner, scan.lines, raw=scan.raw):
+            severity = "tamper" if p.kind in _TAMPER_KINDS else "accounting"
+            result.add(severity, partner, p.round, p.line, f"{p.kind}: {p.message}")
+        if partner in heads:
+            head = heads[partner] if isinstance(heads[partner], dict) else {}
+            for p in verify_head(scan.entries, head.get("round"), str(head.get("hash", "")), partner):
+                result.add("tamper", partner, p.round, p.line, f"{p.kind}: {p.message}")
+    structurally_ok = all(f.severity != "tamper" and f.severity != "input" for f in result.findings[n_before:])
+    if structurally_ok:
+        report.rounds = _recompute(partner, scan.entries, scan.lines, result)
+    scopes = sorted({str(e["scope"]) for e in scan.entries if isinstance(e.get("scope"), str)})
+    report.scope = ",".join(scopes)
+    if len(scopes) > 1:
+        result.add("tamper", partner, None, None, f"ledger entries name different privacy scopes {scopes}")
+    elif scopes and result.scope and scopes[0] != result.scope:
+        result.add("tamper", partner, None, None,
+                   f"ledger entries name privacy scope {scopes[0]!r}, the run's records {result.scope!r}")
+    report.eval_releases = sum(1 for e in scan.entries if e.get("release") == "evaluation")
+    _check_budget(report, cli_cap, result)
+
+
+def _recompute(partner: str, entries: list[dict[str, Any]], lines: list[int],
+               result: AuditResult) -> list[RoundRow]:
+    """Per-round rows, with each cumulative epsilon recomputed by dp_accounting (RDP and PLD)."""
+    history = history_of(entries)
+    deltas = {e["target_delta"] for e in entries}
+    if len(deltas) == 1:  # the usual case: one pass, cumulative values after each round
+        delta = deltas.pop()
+        rdp, pld = compute_epsilons_dp_accounting(history, delta), compute_epsilons_pld(history, delta)
+    else:
+        rdp = [compute_epsilon_dp_accounting(history[: i + 1], e["target_delta"]) for i, e in enumerate(entries)]
+        pld = [compute_epsilons_pld(history[: i + 1], e["target_delta"])[-1] for i, e in enumerate(entries)]
+    rows = []
+    for entry, line, eps_dp, eps_pld in zip(entries, lines, rdp, pld, strict=True):
+        of_record = entry["epsilon_prv"] if entry["accountant"] == "prv" else entry["epsilon_rdp"]
+        rows.append(RoundRow(
+            round=entry["round"], noise_multiplier=entry["noise_multiplier"], sample_rate=entry["sample_rate"],
+            steps=entry["steps"], max_grad_norm=entry["max_grad_norm"], target_delta=entry["target_delta"],
+            population=entry["population"], accountant=entry["accountant"], epsilon=of_record,
+            epsilon_rdp=entry["epsilon_rdp"], epsilon_prv=entry["epsilon_prv"], epsilon_dp_accounting=eps_dp,
+            epsilon_pld=eps_pld, timestamp=str(entry.get("timestamp", "")),
+        ))
+        for name, recorded, recomputed, method in (("epsilon_rdp", entry["epsilon_rdp"], eps_dp, "RDP"),
+                                                   ("epsilon_prv", entry["epsilon_prv"], eps_pld, "PLD")):
+            if recorded < recomputed * (1 - RECOMPUTE_RTOL):
+                result.add("accounting", partner, entry["round"], line,
+                           f"recorded {name} {recorded:.6g} is below the dp_accounting {method} recomputation "
+                           f"{recomputed:.6g} by more than {RECOMPUTE_RTOL:.0%}")
+    return rows
+
+
+def _check_budget(report: PartnerReport, cli_cap: float | None, result: AuditResult) -> None:
+    partner = report.partner_id
+    declared_cap = report.declared.get("max_epsilon")
+    config_cap = _config_cap(result.context)
+    if cli_cap is not None:
+        report.max_epsilon, report.cap_source = cli_cap, "--max-epsilon"
+    else:  # the tightest cap any record declares: an unsigned declaration can only make the audit stricter
+        candidates: list[tuple[float, str]] = []
+        if is_number(declared_cap) and math.isfinite(declared_cap) and declared_cap > 0:
+            candidates.append((float(declared_cap), f"{partner}.json"))
+        signed_cap = result.records.get("caps", {}).get(partner)
+        if signed_cap is not None:
+            candidates.append((float(signed_cap[0]), str(signed_cap[1])))
+        if config_cap is not None:
+            candidates.append((config_cap, f"{result.context['config_file']} privacy.max_epsilon"))
+        if candidates:
+            tightest = min(c for c, _ in candidates)
+            report.max_epsilon, report.cap_source = next(c for c in candidates if c[0] == tightest)
+        else:
+            result.add("warning", partner, None, None, "no epsilon cap declared: budget not checked")
+    if report.max_epsilon is not None:
+        over = [r for r in report.rounds if r.epsilon > report.max_epsilon + _CAP_SLACK]
+        if over:
+            result.add("budget", partner, over[0].round, None,
+                       f"cumulative epsilon ({over[0].accountant}) {over[0].epsilon:.4g} exceeds the cap "
+                       f"{report.max_epsilon:g} ({report.cap_source}); final epsilon {report.epsilon:.4g}")
+    decl_delta, decl_pop = report.declared.get("target_delta"), report.declared.get("population")
+    for r in report.rounds:
+        try:
+            check_delta(r.target_delta, r.population)
+        except PrivacyConfigError as exc:
+            result.add("budget", partner, r.round, None, str(exc))
+        if isinstance(decl_delta, (int, float)) and not math.isclose(r.target_delta, decl_delta, rel_tol=1e-12):
+            result.add("budget", partner, r.round, None,
+                       f"target_delta {r.target_delta!r} differs from the declared {decl_delta!r}")
+        if isinstance(decl_pop, int) and r.population != decl_pop:
+            result.add("warning", partner, r.round, None,
+                       f"population {r.population} differs from the declared {decl_pop}")
+
+
+def audit_run(
+    run_dir: str | Path, max_epsilon: float | None = None, public_keys_dir: str | Path | None = None,
+) -> AuditResult:
+    """Audit the run folder ``run_dir`` (see the module docstring); reads files, writes nothing, never raises."""
+    run = Path(run_dir)
+    result = AuditResult(run_dir=str(run))
+    try:
+        _audit_into(run, max_epsilon, None if public_keys_dir is None else Path(public_keys_dir), result)
+    except Exception as exc:  # noqa: BLE001 - the auditor reports, it does not crash on crafted input
+        result.add("input", None, None, None, f"cannot audit {run} ({type(exc).__name__}: {exc})")
+    return result
+
+
+def _audit_into(run: Path, max_epsilon: float | None, keys_dir: Path | None, result: AuditResult) -> None:
+    ledgers = run / "ledgers"
+    if not run.is_dir():
+        result.add("input", None, None, None, f"{run}: no such run directory")
+        return
+    if keys_dir is not None and not keys_dir.is_dir():
+        result.add("input", None, None, None, f"{keys_dir}: no such public-keys directory")
+        keys_dir = None
+    result.context = _load_context(run, result)
+    found = sorted(p.name[: -len(".jsonl")] for p in ledgers.glob("*.jsonl")
+                   if not p.name.endswith(".refusals.jsonl")) if ledgers.is_dir() else []
+    expected, heads = _read_records(run, keys_dir, result)
+    for partner in sorted(set(found) | set(expected)):
+        if not PARTNER_ID_RE.fullmatch(partner):
+            result.add("input", partner, None, None, f"ledger file name {partner!r}.jsonl is not a valid partner id")
+            continue
+        if partner not in found:
+            _missing_ledger(partner, expected[partner], heads, result)
+            continue
+        if expected and partner not in expected:
+            result.add("tamper", partner, None, None, "a ledger of a partner that the signed records do not list "
+                                                      "(not registered with the server, nor in --public-keys)")
+        result.partners.append(_audit_partner(partner, ledgers, keys_dir, max_epsilon, heads, result))
+    if not found:
+        result.add("input", None, None, None, f"{ledgers}: no ledgers (<partner_id>.jsonl) found")
+    _check_metrics(result)
+    _check_canary(result)
+    for pub in sorted(ledgers.glob("*.pub")) if ledgers.is_dir() else []:
+        if pub.stem not in found and pub.stem not in expected:
+            result.add("warning", pub.stem, None, None, "a public key without a ledger (the partner never trained?)")
+
+
+def _missing_ledger(partner: str, why: str, heads: dict[str, Any], result: AuditResult) -> None:
+    """A partner the signed records expect has no ledger: a finding unless it provably never released."""
+    head = heads.get(partner)
+    if isinstance(head, dict) and head.get("round") is not None:
+        result.add("tamper", partner, head.get("round"), None,
+                   f"no ledger ledgers/{partner}.jsonl, but the server recorded its entry of round "
+                   f"{head.get('round')} ({why}): the ledger was removed")
+    elif why.startswith("--public-keys"):
+        result.add("tamper", partner, None, None, f"no ledger ledgers/{partner}.jsonl for a trusted key ({why})")
+    else:
+        result.add("warning", partner, None, None,
+                   f"registered ({why}) but no ledger and no head recorded: it never trained (nothing released)")
+
+
+def _read_records(run: Path, keys_dir: Path | None, result: AuditResult) -> tuple[dict[str, str], dict[str, Any]]:
+    """The expected partners (partner -> where that expectation comes from) and the signed heads.
+
+    Sources: the server-signed manifest and heads (server key: ``--public-keys DIR/server.pub`` when
+    present, else the run's own ``server.pub``) and the operator's trusted keys ``--public-keys DIR``.
+    """
+    expected: dict[str, str] = {}
+    if keys_dir is not None:
+        for pub in sorted(keys_dir.glob("*.pub")):
+            if pub.name != SERVER_PUB:
+                expected[pub.stem] = f"--public-keys {pub.name}"
+    key_path = keys_dir / SERVER_PUB if keys_dir is not None and (keys_dir / SERVER_PUB).is_file() else run / SERVER_PUB
+    result.records["server_key_source"] = str(key_path)
+    result.records["server_key_pinned"] = key_path.parent != run
+    server_key = None
+    if key_path.is_file():
+        try:
+            server_key = signing.load_public_key(key_path)
+        except signing.SigningError as exc:
+            result.add("input", None, None, None, f"{key_path}: {exc}")
+    manifest = _read_manifest(run, server_key, result)
+    if manifest is not None:
+        priv = manifest.get("privacy", {}) if isinstance(manifest.get("privacy"), dict) else {}
+        scope = priv.get("scope")
+        result.scope = scope if isinstance(scope, str) else ""
+        result.records["rounds_planned"] = manifest.get("federation", {}).get("rounds")
+        run_cap = priv.get("max_epsilon") if priv.get("enabled") else None
+        caps: dict[str, tuple[float, str]] = {}
+        for pid, decl in (manifest.get("partners") or {}).items():
+            expected.setdefault(str(pid), f"{MANIFEST}")
+            cap = _cap_of(decl.get("max_epsilon") if isinstance(decl, dict) else None, run_cap)
+            if cap is not None:
+                caps[str(pid)] = cap
+        result.records["caps"] = caps
+    elif keys_dir is None and not (run / MANIFEST).is_file():
+        result.add("input", None, None, None,
+                   f"no signed {MANIFEST} (and no --public-keys): the partners this run must account for are "
+                   "unknown, so a removed ledger could not be noticed")
+    if not result.scope:
+        cfg_privacy = result.context.get("config", {}).get("privacy")
+        cfg_scope = cfg_privacy.get("scope") if isinstance(cfg_privacy, dict) else None
+        result.scope = cfg_scope if isinstance(cfg_scope, str) else ""
+    heads = _read_heads(run, server_key, manifest, result)
+    result.records["expected_partners"] = sorted(expected)
+    return expected, heads
+
+
+def _cap_of(partner_cap: Any, run_cap: Any) -> tuple[float, str] | None:
+    """The tighter of a partner's declared cap and the run's, as signed in the manifest."""
+    ok = [(float(c), src) for c, src in ((partner_cap, f"{MANIFEST}, declared by the partner"),
+                                        (run_cap, f"{MANIFEST} privacy.max_epsilon"))
+          if is_number(c) and math.isfinite(c) and c > 0]
+    return next(c for c in ok if c[0] == min(v for v, _ in ok)) if ok else None  # a tie names the partner's
+
+
+def _read_manifest(run: Path, server_key: Any, result: AuditResult) -> dict[str, Any] | None:
+    path = run / MANIFEST
+    if not path.is_file():
+        return None
+    if server_key is None:
+        result.add("input", None, None, None, f"{MANIFEST} present but no server public key ({SERVER_PUB})")
+        return None
+    try:
+        doc = verify_record(read_json(path), "manifest", server_key)
+    except RecordError as exc:
+        result.add("input" if "unreadable" in str(exc) else "tamper", None, None, None, f"{MANIFEST}: {exc}")
+        return None
+    if not isinstance(doc.get("partners"), dict):
+        result.add("tamper", None, None, None, f"{MANIFEST}: signed but without a partners object")
+        return None
+    result.records["manifest"] = {k: doc.get(k) for k in ("created", "privacy", "federation")}
+    return doc
+
+
+def _read_heads(run: Path, server_key: Any, manifest: dict[str, Any] | None, result: AuditResult) -> dict[str, Any]:
+    """The signed heads (partner -> {round, hash}); missing, unsigned or malformed ones are findings."""
+    path = run / HEADS
+    if not path.is_file():
+        result.add("input", None, None, None,
+                   f"no {HEADS}: the server's record of each ledger's newest entry is missing, so a truncated "
+                   "or removed ledger could not be noticed")
+        return {}
+    try:
+        doc = read_json(path)
+    except RecordError as exc:
+        result.add("input", None, None, None, str(exc))
+        return {}
+    if server_key is None:
+        result.add("input", None, None, None, f"{HEADS} cannot be verified: no server public key ({SERVER_PUB})")
+        return {}
+    try:
+        verify_record(doc, "ledger_heads", server_key)
+    except RecordError as exc:
+        result.add("tamper", None, None, None, f"{HEADS}: {exc}")
+        return {}
+    heads = doc.get("heads")
+    if not isinstance(heads, dict) or not all(isinstance(h, dict) for h in heads.values()):
+        result.add("tamper", None, None, None, f"{HEADS}: signed but malformed (heads must map partner -> object)")
+        return {}
+    if manifest is not None:
+        import hashlib
+
+        if doc.get("manifest_sha256") != hashlib.sha256((run / MANIFEST).read_bytes()).hexdigest():
+            result.add("tamper", None, None, None, f"{HEADS} was signed for another {MANIFEST}")
+        unknown = sorted(set(heads) - set(manifest["partners"]))
+        if unknown:
+            result.add("tamper", None, None, None, f"{HEADS} names partners the manifest does not: {unknown}")
+    result.records["rounds_completed"] = doc.get("round")
+    return heads
+
+
+def _check_metrics(result: AuditResult) -> None:
+    """metrics.json's ``epsilon`` (the largest over partners) must not understate the ledgers."""
+    reported = result.context.get("metrics", {}).get("epsilon")
+    ledger_max = result.ledger_max_epsilon
+    if isinstance(reported, (int, float)) and ledger_max is not None and reported < ledger_max * (1 - 1e-6):
+        result.add("warning", None, None, None,
+                   f"metrics.json reports epsilon {reported:.6g}, below the ledgers' largest {ledger_max:.6g}")
+
+
+def _check_canary(result: AuditResult) -> None:
+    """A canary lower bound above the accounted epsilon refutes the guarantee (Steinke et al. 2023, Thm 5.2).
+
+    The bound holds with probability ``confidence`` for any mechanism that is (epsilon, delta)-DP, so
+    exceeding the epsilon the canary run was accounted at is evidence that the implementation or its
+    accounting is wrong, not bad luck (at most a 1 - confidence chance of a false alarm).
+    """
+    if result.canary is None:
+        return
+    lb, accounted = result.canary.get("epsilon_lower_bound"), result.canary.get("reported_epsilon")
+    if not is_number(lb):
+        result.add("input", None, None, None, "canary_audit.json: epsilon_lower_bound is not a number")
+        return
+    if accounted is None:  # older files: fall back on the ledgers, which ran the same schedule
+        accounted = result.ledger_max_epsilon
+    if not is_number(accounted) or not math.isfinite(accounted) or result.canary.get("private") is False:
+        return  # a non-private canary run is a power check of the attack: no epsilon to refute
+    if lb > accounted * (1 + _CAP_SLACK):
+        confidence = result.canary.get("confidence", "unknown")
+        result.add("accounting", None, None, None,
+                   f"canary_audit.json: empirical lower bound {lb:.4g} exceeds the accounted epsilon "
+                   f"{accounted:.4g} (confidence {confidence}): the released parameters leak more than the "
+                   "accountant allows; the DP implementation or its accounting is wrong")
+
+

@@ -1,0 +1,144 @@
+"""The coordinator's signed records: what the auditor expects to find in a run folder.
+
+A partner's ledger proves what that partner charged, but not that it is all there: a deleted ledger
+or a truncated one is invisible from the ledgers alone. The server therefore signs, with its own
+Ed25519 key created at run start (``RUN_DIR/server/signing.key``, 0600; public half
+``RUN_DIR/server.pub``), two records:
+
+``RUN_DIR/run_manifest.json``
+    written when the run starts: the run's privacy settings (scope, cap, delta, noise, clipping,
+    accountant), its federation settings, and every registered partner with the user count and the
+    budget cap it declared. The auditor checks each partner's budget against its declared cap
+    (and the run's cap) with no flags.
+``RUN_DIR/ledger_heads.json``
+    rewritten after every round: the round, and for each partner the ``(round, hash)`` of the
+    newest ledger entry its last reply named. Every partner with a head must have a ledger that
+    holds that entry.
+
+Each record is a JSON object with ``record`` (its kind), ``version``, the payload,
+``server_key_fingerprint`` and ``signature`` (Ed25519, base64, over the canonical JSON of the object
+without ``signature``). Pure functions here; the ServerApp calls the writers.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from fedsocial.shared import signing
+from fedsocial.shared.fileio import write_json_atomic
+from fedsocial.shared.privacy.ledger import canonical_json, utc_timestamp
+
+RECORD_VERSION = 1
+MANIFEST = "run_manifest.json"
+HEADS = "ledger_heads.json"
+SERVER_PUB = "server.pub"
+SERVER_KEY = Path("server") / "signing.key"
+
+
+class RecordError(ValueError):
+    """A signed record is missing, unreadable, malformed or does not verify (the message says which)."""
+
+
+def server_key(run_dir: str | os.PathLike[str]) -> Ed25519PrivateKey:
+    """The server's signing key of this run (created 0600 on first use); its public half in ``server.pub``."""
+    run = Path(run_dir)
+    return signing.load_or_create_keypair(run / SERVER_KEY, run / SERVER_PUB)
+
+
+def sign_record(key: Ed25519PrivateKey, kind: str, payload: Mapping[str, Any]) -> dict[str, Any]:
+    doc: dict[str, Any] = {"record": kind, "version": RECORD_VERSION, **dict(payload),
+                           "server_key_fingerprint": signing.fingerprint(key.public_key())}
+    doc["signature"] = base64.b64encode(signing.sign(key, canonical_json(doc).encode("ascii"))).decode("ascii")
+    return doc
+
+
+def verify_record(doc: Any, kind: str, public_key: Ed25519PublicKey) -> dict[str, Any]:
+    """The record ``doc`` when it is a signed ``kind`` record of ``public_key``; else :class:`RecordError`."""
+    if not isinstance(doc, dict):
+        raise RecordError(f"expected a JSON object, got {type(doc).__name__}")
+    if doc.get("record") != kind or doc.get("version") != RECORD_VERSION:
+        raise RecordError(f"not a version-{RECORD_VERSION} {kind!r} record (record={doc.get('record')!r}, "
+                          f"version={doc.get('version')!r}): unsigned or from an older fedsocial")
+    if doc.get("server_key_fingerprint") != signing.fingerprint(public_key):
+        raise RecordError("server_key_fingerprint does not match the server's public key")
+    sig = doc.get("signature")
+    try:
+        raw = base64.b64decode(str(sig).encode("ascii"), validate=True)
+        payload = canonical_json({k: v for k, v in doc.items() if k != "signature"}).encode("ascii")
+    except (binascii.Error, ValueError, UnicodeEncodeError):
+        raise RecordError("signature is not base64") from None
+    if not isinstance(sig, str) or not signing.verify(public_key, payload, raw):
+        raise RecordError("the server's signature does not verify (record altered or signed by another key)")
+    return doc
+
+
+def compute_manifest_payload(cfg: Any, partners: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The run's privacy settings and each registered partner's declaration (``num_users``,
+    ``max_epsilon``, ``target_delta``), as the manifest records them."""
+    pc, fc = cfg.privacy, cfg.federation
+    return {
+        "created": utc_timestamp(),
+        "privacy": {"enabled": bool(pc.enabled), "scope": pc.scope, "max_epsilon": float(pc.max_epsilon),
+                    "target_delta": float(pc.target_delta), "noise_multiplier": float(pc.noise_multiplier),
+                    "max_grad_norm": float(pc.max_grad_norm), "accountant": pc.accountant,
+                    "secure_rng": bool(pc.secure_rng)},
+        "federation": {"partners": int(fc.partners), "rounds": int(fc.rounds), "local_epochs": int(fc.local_epochs),
+                       "clipping_norm": float(fc.clipping_norm),
+                       "server_noise_multiplier": float(fc.server_noise_multiplier),
+                       "secure_aggregation": bool(cfg.secagg.enabled)},
+        "partners": {str(pid): {k: _plain(v) for k, v in sorted(decl.items())}
+                     for pid, decl in sorted(partners.items())},
+    }
+
+
+def _plain(v: Any) -> Any:
+    return v if isinstance(v, (bool, int, float, str)) or v is None else str(v)
+
+
+def write_run_manifest(run_dir: str | os.PathLike[str], cfg: Any,
+                       partners: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """Sign and write the manifest at run start. A resume keeps the manifest of the run it continues
+    (refusing one whose partners changed: the audit's expected set must be the run's)."""
+    run = Path(run_dir)
+    key = server_key(run)
+    path = run / MANIFEST
+    payload = compute_manifest_payload(cfg, partners)
+    if path.is_file():
+        old = verify_record(read_json(path), "manifest", key.public_key())
+        if set(old.get("partners", {})) != set(payload["partners"]):
+            raise RecordError(f"{path}: the run was started with partners {sorted(old.get('partners', {}))}, "
+                              f"now {sorted(payload['partners'])}")
+        return old
+    doc = sign_record(key, "manifest", payload)
+    write_json_atomic(path, doc)
+    return doc
+
+
+def write_signed_heads(run_dir: str | os.PathLike[str], round_: int,
+                       heads: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """Sign and write each partner's ledger head after ``round_`` (binding them to the manifest)."""
+    run = Path(run_dir)
+    key = server_key(run)
+    manifest = run / MANIFEST
+    digest = hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else None
+    payload = {"round": int(round_), "manifest_sha256": digest,
+               "heads": {str(p): {"round": int(h["round"]), "hash": str(h["hash"])} for p, h in sorted(heads.items())}}
+    doc = sign_record(key, "ledger_heads", payload)
+    write_json_atomic(run / HEADS, doc)
+    return doc
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise RecordError(f"{path.name}: unreadable JSON: {exc}") from None

@@ -1,0 +1,242 @@
+"""The audit knows what must be there (issue 11 item 2) and checks deployed caps (item 3).
+
+A run folder as the federation writes it: two partners' signed ledgers, the server's signed manifest
+(partners, declared caps, scope) and signed heads. Removing or forging any of it is a finding with a
+non-zero exit; crafted values give exit 2 or 3 naming partner and line, never a traceback, and
+audit.json is still written.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from fedsocial.shared import signing
+from fedsocial.shared.privacy.ledger import Ledger, entry_hash, read_ledger
+from fedsocial.shared.privacy.records import HEADS, MANIFEST, SERVER_KEY, server_key, sign_record, write_signed_heads
+from fedsocial.simulations.audit import EXIT_BUDGET, EXIT_INPUT, EXIT_OK, EXIT_TAMPER, main
+from tests.server_records import sign_server_records
+
+DELTA = 1e-4
+PARTNERS = {"north": 800, "south": 400}
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("records")
+    for pid, users in PARTNERS.items():
+        key, pub = signing.generate_keypair()
+        signing.save_public_key(pub, run / "ledgers" / f"{pid}.pub")
+        ledger = Ledger(run / "ledgers" / f"{pid}.jsonl", key, pid)
+        for r in (1, 2):
+            ledger.append_round(round=r, noise_multiplier=1.1, sample_rate=0.05, steps=20, max_grad_norm=0.1,
+                                target_delta=DELTA, population=users, secure_rng=False, extra={"scope": "joint"})
+    sign_server_records(run, {pid: {"num_users": n, "max_epsilon": 8.0, "target_delta": DELTA}
+                              for pid, n in PARTNERS.items()})
+    return run
+
+
+@pytest.fixture
+def run(template: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(template, tmp_path / "run"))
+
+
+def audit(run: Path, capsys: pytest.CaptureFixture[str], *extra: str) -> tuple[int, str]:
+    code = main([str(run), *extra])
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
+def test_a_complete_run_passes_and_names_its_scope(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, output = audit(run, capsys)
+
+    assert code == EXIT_OK, output
+    doc = json.loads((run / "audit.json").read_text())
+    assert doc["scope"] == "joint" and doc["scope_note"].startswith("joint:")
+    assert doc["records"]["expected_partners"] == sorted(PARTNERS)
+    assert {p["partner_id"]: p["cap_source"] for p in doc["partners"]} == dict.fromkeys(
+        PARTNERS, "run_manifest.json, declared by the partner")
+    assert "privacy scope: joint" in output
+
+
+def test_a_deleted_ledger_fails_also_with_trusted_keys_and_a_cap(run: Path, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    # Prepare: the auditor's trusted copies of both keys, then one ledger and its key removed
+    trusted = tmp_path / "trusted"
+    trusted.mkdir()
+    for pid in PARTNERS:
+        shutil.copy(run / "ledgers" / f"{pid}.pub", trusted / f"{pid}.pub")
+    (run / "ledgers" / "south.jsonl").unlink()
+    (run / "ledgers" / "south.pub").unlink()
+    # Execute
+    plain = audit(run, capsys)
+    flagged = audit(run, capsys, "--public-keys", str(trusted), "--max-epsilon", "8")
+    # Assert
+    for code, output in (plain, flagged):
+        assert code == EXIT_TAMPER, output
+        assert "partner south, round 2: no ledger ledgers/south.jsonl" in output and "removed" in output
+    assert json.loads((run / "audit.json").read_text())["verified"] is False
+
+
+def test_a_deleted_ledger_fails_with_trusted_keys_alone(run: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    trusted = tmp_path / "trusted"
+    trusted.mkdir()
+    for pid in PARTNERS:
+        shutil.copy(run / "ledgers" / f"{pid}.pub", trusted / f"{pid}.pub")
+    for name in ("south.jsonl", "south.pub"):
+        (run / "ledgers" / name).unlink()
+    for name in (MANIFEST, HEADS):
+        (run / name).unlink()  # even with the server's records gone, the trusted-key list expects south
+
+    code, output = audit(run, capsys, "--public-keys", str(trusted))
+
+    assert code != EXIT_OK
+    assert "partner south: no ledger ledgers/south.jsonl for a trusted key" in output
+
+
+@pytest.mark.parametrize("damage, code, message", [
+    ("delete_heads", EXIT_INPUT, "no ledger_heads.json"),
+    ("delete_heads_and_last_line", EXIT_INPUT, "no ledger_heads.json"),
+    ("garbage_heads", EXIT_INPUT, "ledger_heads.json: unreadable JSON"),
+    ("unsigned_heads", EXIT_TAMPER, "ledger_heads.json: not a version-1 'ledger_heads' record"),
+    ("forged_heads", EXIT_TAMPER, "ledger_heads.json: the server's signature does not verify"),
+    ("delete_manifest", EXIT_INPUT, "no signed run_manifest.json"),
+    ("edited_manifest", EXIT_TAMPER, "run_manifest.json: the server's signature does not verify"),
+    ("truncated_ledger", EXIT_TAMPER, "partner north, round 2: head: the server recorded an entry for round 2"),
+    ("unregistered_ledger", EXIT_TAMPER, "partner east: a ledger of a partner that the signed records do not list"),
+])
+def test_missing_or_forged_records_are_findings(run: Path, capsys: pytest.CaptureFixture[str], damage: str,
+                                                code: int, message: str) -> None:
+    # Prepare
+    heads, manifest, north = run / HEADS, run / MANIFEST, run / "ledgers" / "north.jsonl"
+    if damage.startswith("delete_heads"):
+        heads.unlink()
+        if damage.endswith("last_line"):
+            north.write_text("".join(line + "\n" for line in north.read_text().splitlines()[:-1]))
+    elif damage == "garbage_heads":
+        heads.write_text("{not json")
+    elif damage == "unsigned_heads":  # the format of older runs: anyone could have written it
+        heads.write_text(json.dumps({pid: {"round": 2, "hash": "0" * 64} for pid in PARTNERS}))
+    elif damage == "forged_heads":
+        doc = json.loads(heads.read_text())
+        del doc["heads"]["south"]
+        heads.write_text(json.dumps(doc))
+    elif damage == "delete_manifest":
+        manifest.unlink()
+    elif damage == "edited_manifest":
+        doc = json.loads(manifest.read_text())
+        doc["partners"]["north"]["max_epsilon"] = 80.0
+        manifest.write_text(json.dumps(doc))
+    elif damage == "truncated_ledger":
+        north.write_text("".join(line + "\n" for line in north.read_text().splitlines()[:-1]))
+    else:
+        key, pub = signing.generate_keypair()
+        signing.save_public_key(pub, run / "ledgers" / "east.pub")
+        Ledger(run / "ledgers" / "east.jsonl", key, "east").append_round(
+            round=1, noise_multiplier=1.1, sample_rate=0.05, steps=20, max_grad_norm=0.1, target_delta=DELTA,
+            population=500, secure_rng=False)
+    # Execute
+    got, output = audit(run, capsys)
+    # Assert
+    assert got == code, output
+    assert message in output, output
+    assert "Traceback" not in output and json.loads((run / "audit.json").read_text())["exit_code"] == code
+
+
+def test_heads_signed_by_another_key_are_tampering(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Prepare: an attacker replaces the server's key and re-signs heads without south
+    (run / SERVER_KEY).unlink()
+    key, _ = signing.generate_keypair()
+    doc = json.loads((run / HEADS).read_text())
+    forged = sign_record(key, "ledger_heads", {k: v for k, v in doc.items()
+                                               if k not in ("record", "version", "server_key_fingerprint",
+                                                            "signature")})
+    (run / HEADS).write_text(json.dumps(forged))
+    # Execute
+    code, output = audit(run, capsys)
+    # Assert: the run's server.pub (which signed the manifest) does not verify the forged heads
+    assert code == EXIT_TAMPER and "server_key_fingerprint does not match" in output
+
+
+def test_a_ledger_above_its_signed_cap_fails_without_flags(tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    # Prepare: a correctly signed ledger at about 14 epsilon, in a run whose partner declared a cap of 8
+    key, pub = signing.generate_keypair()
+    signing.save_public_key(pub, tmp_path / "ledgers" / "p.pub")
+    ledger = Ledger(tmp_path / "ledgers" / "p.jsonl", key, "p")
+    for r in range(1, 5):
+        ledger.append_round(round=r, noise_multiplier=0.7, sample_rate=0.1, steps=50, max_grad_norm=0.1,
+                            target_delta=DELTA, population=1000, secure_rng=False)
+    sign_server_records(tmp_path, {"p": {"num_users": 1000, "max_epsilon": 8.0, "target_delta": DELTA}},
+                        max_epsilon=10.0)
+    final = read_ledger(tmp_path / "ledgers" / "p.jsonl")[-1]["epsilon_rdp"]
+    assert final > 10.0
+    # Execute
+    code, output = audit(tmp_path, capsys)
+    # Assert: the partner's own declared cap (8, tighter than the run's 10) is the one held
+    assert code == EXIT_BUDGET, output
+    assert "exceeds the cap 8 (run_manifest.json, declared by the partner)" in output
+
+
+CRAFTED = {  # field: the crafted JSON text of its value
+    "steps": "1" + "0" * 399,
+    "noise_multiplier": "1e-300",
+    "sample_rate": "NaN",
+    "population": "-5",
+    "max_grad_norm": "1e308",
+    "epsilon_rdp": "Infinity",
+    "round": "9" * 5000,
+}
+
+
+@pytest.mark.parametrize("field", sorted(CRAFTED))
+def test_crafted_values_give_a_finding_naming_partner_and_line(run: Path, capsys: pytest.CaptureFixture[str],
+                                                               field: str) -> None:
+    # Prepare: line 2 of south's ledger with one absurd value (JSON text, so NaN and 400 digits survive)
+    path = run / "ledgers" / "south.jsonl"
+    lines = path.read_text().splitlines()
+    entry = json.loads(lines[1])
+    old = json.dumps(entry[field])
+    lines[1] = lines[1].replace(f'"{field}":{old}', f'"{field}":{CRAFTED[field]}', 1)
+    assert lines[1] != path.read_text().splitlines()[1]
+    path.write_text("\n".join(lines) + "\n")
+    # Execute
+    code, output = audit(run, capsys)
+    # Assert
+    assert code in (EXIT_INPUT, EXIT_TAMPER), output
+    assert "partner south" in output and "line 2" in output, output
+    assert "Traceback" not in output
+    doc = json.loads((run / "audit.json").read_text())
+    assert doc["exit_code"] == code and any(f["partner"] == "south" and f["line"] == 2 for f in doc["findings"])
+
+
+def test_an_old_run_without_scope_says_so(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Prepare: ledgers and a manifest as runs before privacy.scope wrote them (no scope anywhere)
+    for pid in PARTNERS:
+        path = run / "ledgers" / f"{pid}.jsonl"
+        key, pub = signing.generate_keypair()
+        signing.save_public_key(pub, run / "ledgers" / f"{pid}.pub")
+        path.unlink()
+        ledger = Ledger(path, key, pid)
+        for r in (1, 2):
+            ledger.append_round(round=r, noise_multiplier=1.1, sample_rate=0.05, steps=20, max_grad_norm=0.1,
+                                target_delta=DELTA, population=PARTNERS[pid], secure_rng=False)
+    doc = json.loads((run / MANIFEST).read_text())
+    payload = {k: v for k, v in doc.items() if k not in ("record", "version", "server_key_fingerprint", "signature")}
+    del payload["privacy"]["scope"]
+    (run / MANIFEST).write_text(json.dumps(sign_record(server_key(run), "manifest", payload)))
+    heads = {pid: {"round": 2, "hash": entry_hash(read_ledger(run / "ledgers" / f"{pid}.jsonl")[-1])}
+             for pid in PARTNERS}
+    write_signed_heads(run, 2, heads)
+    # Execute
+    code, output = audit(run, capsys)
+    # Assert: verified, and the scope is reported as not recorded rather than guessed
+    assert code == EXIT_OK, output
+    out = json.loads((run / "audit.json").read_text())
+    assert out["scope"] is None and out["scope_note"].startswith("not recorded: this run predates privacy.scope")
+    assert all(p["scope"] == "" for p in out["partners"])
+    assert "privacy scope: not recorded" in output
