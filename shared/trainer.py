@@ -389,9 +389,46 @@ class LocalTrainer:
 
 
 def train_centralized(cfg: Config, split: SplitData, progress: Callable[[dict[str, Any]], None] | None = None,
-                      ) -> TrainOutcome:
+                      checkpoint: Callable[[TrainCheckpoint], None] | None = None,
+                      resume: TrainCheckpoint | None = None) -> TrainOutcome:
+@dataclass
+class TrainCheckpoint:
+    """A centralized run after a completed epoch: what ``fedsocial train --resume`` continues from.
+
+    ``steps`` counts the DP steps that produced ``state`` (their (noise_multiplier, sample_rate) are
+    the run's plan); steps of an epoch cut short by a crash never reach a released model, so only
+    these are charged when the run resumes.
+    """
+
+    epochs_done: int
+    state: dict[str, np.ndarray]
+    history: list[dict[str, float]]
+    best_ndcg: float
+    best_epoch: int
+    best_val: dict[str, float]
+    best_state: dict[str, np.ndarray] | None
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+
+
+def _numpy_state(module: nn.Module) -> dict[str, np.ndarray]:
+    return {k: v.detach().cpu().numpy().copy() for k, v in module.state_dict().items()}
+
+
+def _torch_state(state: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    return {k: torch.as_tensor(v) for k, v in state.items()}
+
+
     """Train on all users; non-private: early stopping on validation NDCG@10 (best weights restored);
-    DP: a fixed schedule, the final model evaluated (unless privacy.select_on_validation)."""
+    DP: a fixed schedule, the final model evaluated (unless privacy.select_on_validation).
+
+    ``checkpoint`` is called after every ``train.eval_every``-th epoch (and the last) with a
+    :class:`TrainCheckpoint`; ``resume`` continues such a checkpoint: weights, history and best so far
+    restored, the remaining epochs trained with a fresh optimizer (its moment estimates restart) and
+    fresh sampling and noise seeds (a repeated noise draw would not be independent noise), and with
+    DP the epsilon of all the steps behind the final model, under the plan's noise multiplier.
+    """
     t0 = time.perf_counter()
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
@@ -409,10 +446,28 @@ def train_centralized(cfg: Config, split: SplitData, progress: Callable[[dict[st
     best: dict[str, Any] = {"ndcg": -1.0, "epoch": -1, "state": None, "val": {}}
     epoch_times: list[float] = []
     last = [time.perf_counter()]
+    done, steps_before = 0, 0
+    if resume is not None:
+        trainer.model.load_state_dict(_torch_state(resume.state))
+        history, done, steps_before = [dict(r) for r in resume.history], resume.epochs_done, resume.steps
+        best = {"ndcg": resume.best_ndcg, "epoch": resume.best_epoch, "val": dict(resume.best_val),
+                "state": None if resume.best_state is None else _torch_state(resume.best_state)}
+        sigma = resume.noise_multiplier if private else sigma
+    steps_per_epoch = int(round(1.0 / q)) if private else 0
 
     def on_epoch(epoch: int, loss: float) -> bool:
         epoch_times.append(time.perf_counter() - last[0])
+    def save(epoch: int) -> None:
+        if checkpoint is not None:
+            checkpoint(TrainCheckpoint(
+                epochs_done=epoch, state=_numpy_state(trainer.model), history=[dict(r) for r in history],
+                best_ndcg=float(best["ndcg"]), best_epoch=int(best["epoch"]), best_val=dict(best["val"]),
+                best_state=None if best["state"] is None else {k: v.cpu().numpy().copy() for k, v in
+                                                               best["state"].items()},
+                noise_multiplier=sigma, sample_rate=q, steps=steps_before + (epoch - done) * steps_per_epoch))
+
         row: dict[str, float] = {"epoch": float(epoch + 1), "loss": loss, "epoch_time_s": epoch_times[-1]}
+        epoch += done  # epochs are numbered over the whole run, across a resume
         stop = False
         if select and ((epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == epochs):
             trainer.refit_local()
@@ -428,8 +483,24 @@ def train_centralized(cfg: Config, split: SplitData, progress: Callable[[dict[st
             progress(dict(row))
         last[0] = time.perf_counter()
         return stop
+        if stop or (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == epochs:
+            save(epoch + 1)
 
-    fit = trainer.fit(epochs, noise_multiplier=sigma if private else None, on_epoch=on_epoch)
+    remaining = epochs - done
+    stopped = resume is not None and (remaining <= 0 or (not private and cfg.train.patience > 0 and
+                                                         done - best["epoch"] >= cfg.train.patience))
+    if stopped:  # the checkpointed run had already finished or early-stopped
+        fit = FitResult(split.n_users, 0, q, sigma, pc.max_grad_norm if private else 0.0, 0.0, 0.0)
+        trainer.refit_local()
+    else:
+        seed = None if resume is None else (cfg.train.seed * 1_000_003 + 7919) * 1_000_003 + done
+        fit = trainer.fit(remaining, noise_multiplier=sigma if private else None, on_epoch=on_epoch, rng_seed=seed)
+    steps_total = steps_before + fit.steps
+    if private and resume is not None:
+        from fedsocial.shared.privacy.accounting import compute_epsilon
+
+        fit.epsilon = compute_epsilon([(sigma, q, steps_total)], pc.target_delta, pc.accountant) \
+            if steps_total else 0.0
     if select and best["state"] is not None:
         trainer.model.load_state_dict(best["state"])
         val = best["val"]
@@ -441,7 +512,7 @@ def train_centralized(cfg: Config, split: SplitData, progress: Callable[[dict[st
         metrics=test, val_metrics=val, best_epoch=best_epoch, epochs_run=len(history),
         wall_time_s=time.perf_counter() - t0,
         epsilon=fit.epsilon if private else None, delta=pc.target_delta if private else None,
-        noise_multiplier=fit.noise_multiplier, sample_rate=fit.sample_rate, steps=fit.steps,
+        noise_multiplier=fit.noise_multiplier, sample_rate=fit.sample_rate, steps=steps_total,
         max_grad_norm=pc.max_grad_norm if private else None, history=history,
         per_epoch_time_s=float(np.mean(epoch_times)) if epoch_times else 0.0,
         selected_on_validation=bool(private and select), evaluated_users=n_eval,
