@@ -25,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default=None, help="run folder (default: runs/<config name>)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_track_argument(parser)
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the unfinished run in --out from its last checkpoint (train_checkpoint.py)")
     return parser
 
 
@@ -46,11 +48,18 @@ class _Progress:
         self.bar.close()
 
 
-def run_train(cfg: Any, data_dir: str | None, out: Path, progress: bool = True, track: str = "none") -> dict[str, Any]:
-    """Load, split, train and evaluate; returns (and writes) the metrics document."""
+def run_train(cfg: Any, data_dir: str | None, out: Path, progress: bool = True, track: str = "none",
+              resume: bool = False) -> dict[str, Any]:
+    """Load, split, train and evaluate; returns (and writes) the metrics document.
+
+    Checkpoints and best-so-far metrics are written as the run goes; ``resume`` continues them.
+    """
     from fedsocial.shared.loaders import load_dataset
     from fedsocial.shared.split import split_dataset
     from fedsocial.shared.trainer import train_centralized
+    from fedsocial.simulations.train_checkpoint import mark_finished, prepare_run_folder, save_train_checkpoint
+
+    start = prepare_run_folder(cfg, out, resume)  # refuses a mismatched --resume before any work
 
     t0 = time.perf_counter()
     dataset = load_dataset(cfg.data, data_dir)
@@ -63,10 +72,13 @@ def run_train(cfg: Any, data_dir: str | None, out: Path, progress: bool = True, 
     epochs = (cfg.privacy.epochs or cfg.train.epochs) if cfg.privacy.enabled else cfg.train.epochs
     # MostPop has no epochs (nothing to train): no epoch bar that would stay at 0/N
     bar = _Progress(epochs, progress and cfg.model.name != "mostpop")
+    if start is not None:
+        bar.bar.update(min(start.epochs_done, epochs))
     tracker = make_tracker(track, out)  # --track: TensorBoard events under OUT/tensorboard (tracking.py)
     tracker.log_config(cfg.to_dict())
     try:
-        outcome = train_centralized(cfg, split, progress=TrackedEpochs(bar, tracker))
+        outcome = train_centralized(cfg, split, progress=TrackedEpochs(bar, tracker),
+                                    checkpoint=lambda ck: save_train_checkpoint(out, ck, cfg), resume=start)
     finally:
         bar.close()
     doc: dict[str, Any] = {k: float(outcome.metrics[k]) for k in METRIC_KEYS}
@@ -81,6 +93,7 @@ def run_train(cfg: Any, data_dir: str | None, out: Path, progress: bool = True, 
         "config": cfg.to_dict(),
     })
     write_json_atomic(out / "metrics.json", doc)
+    mark_finished(out)
     tracker.log_scalars(compute_final_scalars(doc), int(doc.get("epochs_run") or epochs))
     tracker.close()
     return doc
@@ -112,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
-    doc = run_train(cfg, args.data_dir, out, progress=not args.no_progress, track=args.track)
+    doc = run_train(cfg, args.data_dir, out, progress=not args.no_progress, track=args.track, resume=args.resume)
     print(summary(doc))
     print(f"metrics: {out / 'metrics.json'}")
     return 0

@@ -1,0 +1,134 @@
+"""``fedsocial train`` checkpoints: best-so-far metrics and the model as the run goes, and ``--resume``.
+
+After every ``train.eval_every``-th epoch the run folder gets
+
+- ``checkpoint/state-E.npz`` (the model after epoch E), ``checkpoint/best-E.npz`` (the best model so
+  far, non-private runs) and then ``checkpoint/progress.json``, which names them: it is written last,
+  atomically, so a crash at any point leaves the previous consistent set (older files are removed only
+  after the new progress file is in place);
+- ``best_so_far.json``: the best validation metrics so far, their epoch, the epochs done and, with DP,
+  the epsilon spent by the steps behind the checkpointed model.
+
+``fedsocial train --config C --out RUN --resume`` continues RUN from ``progress.json`` (the config must
+be the one RUN was started with, ``RUN/config.toml``); a run that finished is not trained again.
+Arrays are read with ``allow_pickle=False``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedsocial.shared.config import Config, ConfigError, load_config
+from fedsocial.shared.fileio import save_npz_atomic, write_json_atomic
+from fedsocial.shared.trainer import TrainCheckpoint
+
+CHECKPOINT_DIR = "checkpoint"
+PROGRESS = "progress.json"
+BEST_SO_FAR = "best_so_far.json"
+CONFIG_NAME = "config.toml"
+
+
+class TrainCheckpointError(ConfigError):
+    """A run folder's checkpoint cannot be resumed; the message names the file."""
+
+
+def save_train_checkpoint(out: Path, ck: TrainCheckpoint, cfg: Config, finished: bool = False) -> None:
+    """Write ``ck`` under ``out/checkpoint`` (arrays first, the progress file naming them last)."""
+    folder = out / CHECKPOINT_DIR
+    state_name = f"state-{ck.epochs_done}.npz"
+    save_npz_atomic(folder / state_name, ck.state)
+    best_name = None
+    if ck.best_state is not None:
+        best_name = f"best-{ck.epochs_done}.npz"
+        save_npz_atomic(folder / best_name, ck.best_state)
+    doc: dict[str, Any] = {
+        "epochs_done": ck.epochs_done, "finished": finished, "state": state_name, "best_state": best_name,
+        "best_epoch": ck.best_epoch, "best_ndcg": ck.best_ndcg, "best_val": ck.best_val, "history": ck.history,
+        "noise_multiplier": ck.noise_multiplier, "sample_rate": ck.sample_rate, "steps": ck.steps,
+    }
+    write_json_atomic(folder / PROGRESS, doc)
+    for old in folder.glob("*.npz"):  # only after the new progress file names its own set
+        if old.name not in (state_name, best_name):
+            old.unlink(missing_ok=True)
+    best: dict[str, Any] = {"epochs_done": ck.epochs_done, "best_epoch": ck.best_epoch,
+                            "val": ck.best_val, "finished": finished}
+    if cfg.privacy.enabled and ck.steps:
+        from fedsocial.shared.privacy.accounting import compute_epsilon
+
+        best["epsilon_so_far"] = compute_epsilon([(ck.noise_multiplier, ck.sample_rate, ck.steps)],
+                                                 cfg.privacy.target_delta, cfg.privacy.accountant)
+        best["delta"] = cfg.privacy.target_delta
+    write_json_atomic(out / BEST_SO_FAR, best)
+
+
+def mark_finished(out: Path) -> None:
+    """Record that the run in ``out`` completed (a later ``--resume`` does not train it again)."""
+    for path in (out / CHECKPOINT_DIR / PROGRESS, out / BEST_SO_FAR):
+        if path.is_file():
+            doc = json.loads(path.read_text(encoding="utf-8"))
+            doc["finished"] = True
+            write_json_atomic(path, doc)
+
+
+def read_progress(out: Path) -> dict[str, Any] | None:
+    """``out/checkpoint/progress.json``, or None when the folder has no checkpoint."""
+    path = out / CHECKPOINT_DIR / PROGRESS
+    if not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise TrainCheckpointError(f"{path}: unreadable checkpoint ({exc})") from None
+    if not isinstance(doc, dict):
+        raise TrainCheckpointError(f"{path}: not a checkpoint progress file")
+    return doc
+
+
+def _load_npz(path: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            return {k: np.asarray(arrays[k]) for k in arrays.files}
+    except (OSError, ValueError) as exc:
+        raise TrainCheckpointError(f"{path}: unreadable checkpoint arrays ({exc})") from None
+
+
+def load_train_checkpoint(out: Path) -> TrainCheckpoint | None:
+    """The checkpoint of the run in ``out`` (None: none yet)."""
+    doc = read_progress(out)
+    if doc is None:
+        return None
+    folder, path = out / CHECKPOINT_DIR, out / CHECKPOINT_DIR / PROGRESS
+    try:
+        best = doc["best_state"]
+        return TrainCheckpoint(
+            epochs_done=int(doc["epochs_done"]), state=_load_npz(folder / str(doc["state"])),
+            history=[dict(r) for r in doc["history"]], best_ndcg=float(doc["best_ndcg"]),
+            best_epoch=int(doc["best_epoch"]), best_val={k: float(v) for k, v in doc["best_val"].items()},
+            best_state=None if best is None else _load_npz(folder / str(best)),
+            noise_multiplier=float(doc["noise_multiplier"]), sample_rate=float(doc["sample_rate"]),
+            steps=int(doc["steps"]))
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise TrainCheckpointError(f"{path}: malformed checkpoint ({exc!r})") from None
+
+
+def prepare_run_folder(cfg: Config, out: Path, resume: bool) -> TrainCheckpoint | None:
+    """Check ``out`` against ``--resume`` and record the config; returns the checkpoint to continue."""
+    from fedsocial.simulations.simulate import write_config
+
+    progress = read_progress(out)
+    if not resume:
+        if progress is not None and not progress.get("finished"):
+            raise TrainCheckpointError(f"--out {out}: holds an unfinished run ({progress.get('epochs_done')} epochs "
+                                       "done); pass --resume to continue it, or choose another --out")
+        write_config(cfg, out)
+        return None
+    saved = out / CONFIG_NAME
+    if not saved.is_file():
+        raise TrainCheckpointError(f"--resume: {saved}: no such file (nothing to resume in {out})")
+    if load_config(saved) != cfg:
+        raise TrainCheckpointError(f"--resume: the config differs from {saved}, the one this run started with")
+    return load_train_checkpoint(out)
