@@ -388,9 +388,6 @@ class LocalTrainer:
         return evaluate_model(self.model, self.split, which, builder=self.builder, device=self.device)
 
 
-def train_centralized(cfg: Config, split: SplitData, progress: Callable[[dict[str, Any]], None] | None = None,
-                      checkpoint: Callable[[TrainCheckpoint], None] | None = None,
-                      resume: TrainCheckpoint | None = None) -> TrainOutcome:
 @dataclass
 class TrainCheckpoint:
     """A centralized run after a completed epoch: what ``fedsocial train --resume`` continues from.
@@ -420,6 +417,9 @@ def _torch_state(state: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     return {k: torch.as_tensor(v) for k, v in state.items()}
 
 
+def train_centralized(cfg: Config, split: SplitData, progress: Callable[[dict[str, Any]], None] | None = None,
+                      checkpoint: Callable[[TrainCheckpoint], None] | None = None,
+                      resume: TrainCheckpoint | None = None) -> TrainOutcome:
     """Train on all users; non-private: early stopping on validation NDCG@10 (best weights restored);
     DP: a fixed schedule, the final model evaluated (unless privacy.select_on_validation).
 
@@ -444,8 +444,6 @@ def _torch_state(state: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
                                                                     steps_planned, 1, pc.accountant)
     history: list[dict[str, float]] = []
     best: dict[str, Any] = {"ndcg": -1.0, "epoch": -1, "state": None, "val": {}}
-    epoch_times: list[float] = []
-    last = [time.perf_counter()]
     done, steps_before = 0, 0
     if resume is not None:
         trainer.model.load_state_dict(_torch_state(resume.state))
@@ -454,9 +452,9 @@ def _torch_state(state: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
                 "state": None if resume.best_state is None else _torch_state(resume.best_state)}
         sigma = resume.noise_multiplier if private else sigma
     steps_per_epoch = int(round(1.0 / q)) if private else 0
+    epoch_times: list[float] = []
+    last = [time.perf_counter()]
 
-    def on_epoch(epoch: int, loss: float) -> bool:
-        epoch_times.append(time.perf_counter() - last[0])
     def save(epoch: int) -> None:
         if checkpoint is not None:
             checkpoint(TrainCheckpoint(
@@ -466,8 +464,10 @@ def _torch_state(state: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
                                                                best["state"].items()},
                 noise_multiplier=sigma, sample_rate=q, steps=steps_before + (epoch - done) * steps_per_epoch))
 
-        row: dict[str, float] = {"epoch": float(epoch + 1), "loss": loss, "epoch_time_s": epoch_times[-1]}
+    def on_epoch(epoch: int, loss: float) -> bool:
         epoch += done  # epochs are numbered over the whole run, across a resume
+        epoch_times.append(time.perf_counter() - last[0])
+        row: dict[str, float] = {"epoch": float(epoch + 1), "loss": loss, "epoch_time_s": epoch_times[-1]}
         stop = False
         if select and ((epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == epochs):
             trainer.refit_local()
@@ -481,10 +481,10 @@ def _torch_state(state: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         history.append(row)
         if progress is not None:
             progress(dict(row))
-        last[0] = time.perf_counter()
-        return stop
         if stop or (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == epochs:
             save(epoch + 1)
+        last[0] = time.perf_counter()
+        return stop
 
     remaining = epochs - done
     stopped = resume is not None and (remaining <= 0 or (not private and cfg.train.patience > 0 and
