@@ -246,12 +246,11 @@ class Partner:
         kept in ``state_dir/privacy_plan.json``, keyed by everything it depends on.
         """
         if self._plan is None:
-            from fedsocial.shared.privacy.round import plan_round
+            from fedsocial.shared.privacy.round import PARTNER_BATCH_KEY, plan_round
 
             pc, fc = self.cfg.privacy, self.cfg.federation
-            batch_key = "federation.local_batch_size" if fc.local_batch_size > 0 else "train.batch_size"
             self._plan = plan_round(pc, n_users=self.num_users, batch_size=self.cfg.train.batch_size,
-                                    epochs=fc.local_epochs, rounds=fc.rounds, batch_key=batch_key,
+                                    epochs=fc.local_epochs, rounds=fc.rounds, batch_key=PARTNER_BATCH_KEY,
                                     calibrate=self._cached_calibration)
         return self._plan
 

@@ -8,7 +8,9 @@ What it runs, in one work folder (default ``runs/e2e``), every process stopped b
    partners' public keys registered with ``flwr supernode register``;
 3. refusals: a SuperNode with the unregistered key, and one without TLS, must not connect;
 4. 3 SuperNodes, each with its own partner folder; ``flwr run`` of a 2-round federation with DP and
-   SecAgg+; it must finish, and ``fedsocial audit`` of the partners' ledgers must pass;
+   SecAgg+; it must finish, and ``fedsocial audit`` of the partners' ledgers must pass, holding each
+   partner to the cap it declared (the server's signed manifest); in copies of the run, a signed
+   ledger entry over the cap must exit 4 and a deleted ledger must fail;
 5. a second run during which one SuperNode is killed: it must still finish with the other two
    (quorum 2), and the killed partner's ledger must still verify.
 
@@ -451,10 +453,45 @@ def run_scenario(work: Path, kill: bool = True, app: Path | None = None) -> dict
         res = c.run(fedsocial("audit", str(run_dir), "--public-keys", str(run_dir / "ledgers")), timeout=120)
         summary["audit"] = res.stdout[-2000:]
         tm.mark("fedsocial audit passed")
+        summary["audit_catches"] = check_audit_catches(c, run_dir, partners, work)
+        tm.mark(f"audit exits {summary['audit_catches']} (cap from the signed manifest; a ledger over it; "
+                "a ledger deleted from a copy)")
     tm.mark("all processes stopped")
     summary["timings"] = dict(tm.marks)
     write_json_summary(work / "e2e.json", summary)
     return summary
+
+
+def check_audit_catches(c: Cluster, run_dir: Path, partners: Path, work: Path) -> dict[str, int]:
+    """The deployed run's audit holds each partner to the cap it declared, with no flags (issue 11
+    item 3): the cap comes from the server's signed run_manifest.json; a correctly signed ledger
+    entry above the cap, in a copy of the run, exits 4; a ledger deleted from another copy fails."""
+    from fedsocial.shared import signing
+    from fedsocial.shared.privacy.ledger import Ledger
+
+    report = json.loads((run_dir / "audit.json").read_text())
+    sources = {p["partner_id"]: p["cap_source"] for p in report["partners"]}
+    if not sources or not all(str(src).startswith("run_manifest.json") for src in sources.values()):
+        raise E2EError(f"the deployed run's audit did not take its caps from the signed manifest: {sources}")
+    over = work / "audit-over-cap"
+    shutil.copytree(run_dir, over)
+    key = signing.load_private_key(partners / "partner_0" / "keys" / "ledger_signing.key")
+    ledger = Ledger(over / "ledgers" / "partner_0.jsonl", key, "partner_0")
+    last = ledger.entries()[-1]
+    ledger.append_round(round=int(last["round"]) + 1, noise_multiplier=0.5, sample_rate=last["sample_rate"],
+                        steps=int(last["steps"]) * 20, max_grad_norm=last["max_grad_norm"],
+                        target_delta=last["target_delta"], population=last["population"], secure_rng=False)
+    gone = work / "audit-deleted-ledger"
+    shutil.copytree(run_dir, gone)
+    for name in ("partner_1.jsonl", "partner_1.pub"):
+        (gone / "ledgers" / name).unlink()
+    codes = {"over_cap": c.run(fedsocial("audit", str(over)), timeout=120, check=False).returncode,
+             "deleted_ledger": c.run(fedsocial("audit", str(gone)), timeout=120, check=False).returncode}
+    if codes["over_cap"] != 4:
+        raise E2EError(f"a signed ledger above its declared cap should fail the audit with exit 4, got {codes}")
+    if codes["deleted_ledger"] == 0:
+        raise E2EError(f"a ledger deleted from a copy of the run should fail the audit, got {codes}")
+    return codes
 
 
 def federated_run(c: Cluster, app: Path, config: Path, run_dir: Path, tm: Timings, label: str,

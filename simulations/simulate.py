@@ -213,6 +213,9 @@ def run_simulation_from_config(cfg: Config, data_dir: str | os.PathLike[str] | N
         # no checkpoint yet: a start that failed after a partner's release; resume from round 0, the
         # partners' ledgers and saved releases carry what was charged
         check_resumable(load_config(run_dir / CONFIG_NAME), cfg, run_dir)
+        from fedsocial.shared.privacy.round import check_resume
+
+        check_resume(run_dir, ckpt.round if ckpt is not None else 0, cfg)  # released rounds keep their settings
         if metrics_path.is_file():
             before = float(json.loads(metrics_path.read_text(encoding="utf-8")).get("simulation_wall_time_s", 0.0))
         if ckpt is not None and ckpt.round >= cfg.federation.rounds and metrics_path.is_file():

@@ -211,3 +211,24 @@ def test_plan_known_values_and_a_changed_round_count_is_named() -> None:
 def test_an_infinite_cap_with_dp_is_refused() -> None:
     with pytest.raises((ConfigError, ValueError), match="max_epsilon"):
         plan_round(_Privacy(max_epsilon=float("inf")), n_users=100, batch_size=10, epochs=1, rounds=1)
+
+
+def test_simulate_resume_refuses_settings_that_change_a_released_round(tmp_path: Path) -> None:
+    # Prepare: partner 0 released rounds 1 and 2; the coordinator checkpointed round 1 only
+    from fedsocial.shared.privacy.round import check_resume
+
+    cfg = small_config()
+    config = write_config(cfg, tmp_path / "run")
+    partner = Partner(settings_from_context({"config-path": str(config), "run-dir": str(tmp_path / "run")},
+                                            {"partition-id": 0, "num-partitions": 3}))
+    _, initial = partner.initial_parameters()
+    first, _, _ = partner.fit(initial, 1)
+    partner.fit(first, 2)
+    # Execute / Assert: re-running round 2 with other local epochs or batch size is refused, naming them
+    with pytest.raises(ConfigError, match=r"federation\.local_epochs: partner-0 already released round 2 with 1, "
+                                          r"the resume asks 3"):
+        check_resume(tmp_path / "run", 1, small_config(local_epochs=3))
+    with pytest.raises(ConfigError, match=r"federation\.local_batch_size"):
+        check_resume(tmp_path / "run", 1, small_config(local_batch_size=5))
+    check_resume(tmp_path / "run", 1, cfg)  # the run's own settings: fine
+    check_resume(tmp_path / "run", 2, small_config(local_epochs=3))  # only future rounds change: charged as used

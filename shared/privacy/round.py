@@ -27,6 +27,8 @@ from fedsocial.shared.privacy.accounting import (
 
 # What a released round used, as the ledger entry names it, and the settings that determine each.
 PLAN_FIELDS = ("noise_multiplier", "sample_rate", "steps", "max_grad_norm", "target_delta")
+# A partner trains at federation.local_batch_size when set, else at train.batch_size: one setting.
+PARTNER_BATCH_KEY = "federation.local_batch_size or train.batch_size"
 _REL_TOL = 1e-12  # recorded floats are written by repr: equal plans compare equal exactly
 
 
@@ -86,15 +88,49 @@ def plan_round(
     steps = compute_steps(q, epochs)
     sigma = privacy.noise_multiplier or calibrate(privacy.max_epsilon, privacy.target_delta, q, steps, int(rounds),
                                                   privacy.accountant)
-    settings = {
-        "privacy.noise_multiplier": float(privacy.noise_multiplier),
-        "privacy.max_grad_norm": float(privacy.max_grad_norm),
-        "privacy.target_delta": float(privacy.target_delta), "privacy.max_epsilon": float(privacy.max_epsilon),
-        "privacy.accountant": str(privacy.accountant), "privacy.scope": str(privacy.scope),
-        epochs_key: int(epochs), rounds_key: int(rounds), batch_key: int(batch_size), "population": int(n_users),
-    }
+    settings = {**compute_settings(privacy, {epochs_key: epochs, rounds_key: rounds, batch_key: batch_size}),
+                "population": int(n_users)}
     return RoundPlan(float(sigma), q, steps, float(privacy.max_grad_norm), float(privacy.target_delta),
                      float(privacy.max_epsilon), str(privacy.accountant), int(rounds), str(privacy.scope), settings)
+
+
+def compute_settings(privacy: Any, schedule: Mapping[str, int]) -> dict[str, Any]:
+    """The config settings a plan depends on, by config key (``schedule``: epochs, rounds, batch size keys)."""
+    return {"privacy.noise_multiplier": float(privacy.noise_multiplier),
+            "privacy.max_grad_norm": float(privacy.max_grad_norm),
+            "privacy.target_delta": float(privacy.target_delta), "privacy.max_epsilon": float(privacy.max_epsilon),
+            "privacy.accountant": str(privacy.accountant), "privacy.scope": str(privacy.scope),
+            **{k: int(v) for k, v in schedule.items()}}
+
+
+def compute_federation_settings(cfg: Any) -> dict[str, Any]:
+    """:func:`compute_settings` of a federated config, as every partner's plan records them."""
+    fc = cfg.federation
+    batch = fc.local_batch_size if fc.local_batch_size > 0 else cfg.train.batch_size
+    return compute_settings(cfg.privacy, {"federation.local_epochs": fc.local_epochs, "federation.rounds": fc.rounds,
+                                          PARTNER_BATCH_KEY: batch})
+
+
+def compute_resume_conflicts(ledgers: Mapping[str, Sequence[Mapping[str, Any]]], checkpoint_round: int,
+                             settings: Mapping[str, Any]) -> list[str]:
+    """Settings of a resume that differ from what a round it will re-run was released with.
+
+    A resume from the checkpoint of ``checkpoint_round`` re-runs every later round; a partner whose
+    ledger already charged one of them re-sends that release, which is only the same release if
+    nothing it was planned from changed. ``settings``: :func:`compute_federation_settings` of the
+    resumed config. A partner's own tighter cap (node config) is its own business: not compared.
+    """
+    out = []
+    for partner, entries in sorted(ledgers.items()):
+        for entry in entries:
+            recorded = entry.get("settings")
+            if int(entry.get("round", 0)) <= checkpoint_round or not isinstance(recorded, Mapping):
+                continue
+            for key, value in settings.items():
+                if key in recorded and key != "privacy.max_epsilon" and recorded[key] != value:
+                    out.append(f"{key}: {partner} already released round {entry['round']} with {recorded[key]!r}, "
+                               f"the resume asks {value!r}")
+    return out
 
 
 @dataclass(frozen=True)
@@ -160,3 +196,28 @@ class PrivacyRound:
     def epsilon_of(self, entry: Mapping[str, Any]) -> float:
         """The cumulative epsilon of record of a ledger entry (its accountant's)."""
         return float(entry["epsilon_prv"] if self.plan.accountant == "prv" else entry["epsilon_rdp"])
+
+
+def check_resume(run_dir: Any, checkpoint_round: int, cfg: Any) -> None:
+    """Refuse (``ConfigError`` naming the settings) a resume of ``run_dir`` from ``checkpoint_round``
+    whose config would change what an already released round used (:func:`compute_resume_conflicts`)."""
+    import warnings
+    from pathlib import Path
+
+    from fedsocial.shared.config import ConfigError
+    from fedsocial.shared.privacy.ledger import LedgerError, TornTailWarning, read_ledger
+
+    ledgers: dict[str, list[dict[str, Any]]] = {}
+    for path in sorted((Path(run_dir) / "ledgers").glob("*.jsonl")):
+        if path.name.endswith(".refusals.jsonl"):
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", TornTailWarning)  # the partner removes it at its next open
+                ledgers[path.name[: -len(".jsonl")]] = read_ledger(path)
+        except LedgerError as exc:
+            raise ConfigError(f"--resume {run_dir}: {exc}") from None
+    conflicts = compute_resume_conflicts(ledgers, checkpoint_round, compute_federation_settings(cfg))
+    if conflicts:
+        raise ConfigError(f"--resume {run_dir}: the resumed config would change what already released rounds "
+                          f"used (set them back, or start a new run): {'; '.join(conflicts)}")
