@@ -63,8 +63,8 @@ def quality_table(dataset: str, results: dict[str, list[dict[str, Any]]]) -> str
     return f"**{dataset}**\n\n" + "\n".join(lines)
 
 
-def measure_dp_cost(cfg: Config, data_dir: str | None, epochs: int, repeats: int = 3) -> dict[str, float]:
-    """Seconds per epoch, non-private vs DP (ghost clipping), same model, batch and data.
+def measure_dp_cost(cfg: Config, data_dir: str | None, epochs: int, repeats: int = 3) -> dict[str, Any]:
+    """Seconds per epoch, non-private vs DP (``privacy.clipping``: onepass or ghost), same model, batch, data.
 
     The two are interleaved ``repeats`` times in one process and the medians compared, so that a
     burst of load on a shared machine hits both sides rather than one.
@@ -84,16 +84,68 @@ def measure_dp_cost(cfg: Config, data_dir: str | None, epochs: int, repeats: int
     for trainer in trainers.values():
         trainer.fit(1)  # warm-up: allocations, Opacus hooks
     times: dict[str, list[float]] = {label: [] for label in trainers}
+    cpu: dict[str, list[float]] = {label: [] for label in trainers}
     for _ in range(repeats):
         for label, trainer in trainers.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             trainer.fit(epochs)
             times[label].append((time.perf_counter() - t0) / epochs)
+            cpu[label].append((time.process_time() - c0) / epochs)
     med = {label: statistics.median(v) for label, v in times.items()}
+    med_cpu = {label: statistics.median(v) for label, v in cpu.items()}
     return {"non-private_s_per_epoch": med["non-private"], "dp_s_per_epoch": med["dp"],
             "ratio": med["dp"] / med["non-private"], "users": float(split.n_users),
             "users_per_s_dp": split.n_users / med["dp"], "users_per_s_non_private": split.n_users / med["non-private"],
-            "samples": float(repeats), "batch_size": float(cfg.train.batch_size)}
+            "samples": float(repeats), "batch_size": float(cfg.train.batch_size),
+            # CPU seconds of this process: the ratio where the machine is shared with other jobs
+            "ratio_cpu": med_cpu["dp"] / med_cpu["non-private"], "clipping": cfg.privacy.clipping}
+
+
+def _timed(fn: Any) -> tuple[Any, float, float]:
+    """(result, wall seconds, CPU seconds of this process): CPU time is what the work costs when the
+    machine is shared (wall time then also counts other people's jobs)."""
+    w0, c0 = time.perf_counter(), time.process_time()
+    out = fn()
+    return out, time.perf_counter() - w0, time.process_time() - c0
+
+
+def measure_profile(cfg: Config, data_dir: str | None, dp: bool = True) -> dict[str, float]:
+    """Where an epoch goes: data loading, example building (sampling and padding), one non-private
+    epoch, one DP epoch, one full-ranking evaluation pass; wall and CPU seconds of each.
+
+    Uses only ``LocalTrainer.fit``/``evaluate`` and ``ExampleBuilder.train_batch``, so the same
+    function measures an older checkout of the project side by side (docs/BENCHMARKS.md).
+    """
+    import numpy as np
+
+    from fedsocial.shared.loaders import load_dataset
+    from fedsocial.shared.split import split_dataset
+    from fedsocial.shared.trainer import LocalTrainer
+
+    if cfg.train.num_threads:
+        import torch
+
+        torch.set_num_threads(cfg.train.num_threads)
+    out: dict[str, float] = {}
+    split, out["load_wall_s"], out["load_cpu_s"] = _timed(lambda: split_dataset(load_dataset(cfg.data, data_dir),
+                                                                               cfg.split))
+    out.update(users=float(split.n_users), items=float(split.n_items), train_interactions=float(len(split.train_users)))
+    plain = LocalTrainer(cfg.replace("privacy", enabled=False), split, device=cfg.train.device, seed=cfg.train.seed)
+    rng, bs = np.random.default_rng(0), cfg.train.batch_size
+    users = np.random.default_rng(1).permutation(split.n_users)
+    _, out["batching_wall_s"], out["batching_cpu_s"] = _timed(
+        lambda: [plain.builder.train_batch(users[i:i + bs], rng) for i in range(0, len(users), bs)])
+    plain.fit(1)  # warm-up: imports, allocations
+    _, out["epoch_wall_s"], out["epoch_cpu_s"] = _timed(lambda: plain.fit(1))
+    if dp:
+        private = LocalTrainer(cfg.replace("privacy", enabled=True, noise_multiplier=1.0), split,
+                               device=cfg.train.device, seed=cfg.train.seed)
+        private.fit(1)
+        _, out["dp_epoch_wall_s"], out["dp_epoch_cpu_s"] = _timed(lambda: private.fit(1))
+        out["dp_ratio_cpu"] = out["dp_epoch_cpu_s"] / out["epoch_cpu_s"]
+    metrics, out["eval_wall_s"], out["eval_cpu_s"] = _timed(lambda: plain.evaluate("val"))
+    out["val_ndcg@10"] = metrics[0]["ndcg@10"]
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,6 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--epochs", type=int, default=2)
     c.add_argument("--repeats", type=int, default=3)
     c.add_argument("--set", dest="overrides", action="append", default=[])
+    p = sub.add_parser("profile", help="where an epoch goes: loading, batching, training, DP, evaluation")
+    p.add_argument("--config", required=True)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--no-dp", action="store_true", help="skip the DP epoch")
+    p.add_argument("--set", dest="overrides", action="append", default=[])
     return parser
 
 
@@ -126,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
         write_json_atomic(out / f"{args.dataset}_quality.json", results)
         (out / f"{args.dataset}_quality.md").write_text(table + "\n")
         print(table)
+    elif args.what == "profile":
+        cfg = load_config(args.config, args.overrides)
+        print(json.dumps(measure_profile(cfg, args.data_dir, dp=not args.no_dp), indent=2))
     else:
         cfg = load_config(args.config, args.overrides)
         figures = measure_dp_cost(cfg, args.data_dir, args.epochs, args.repeats)
