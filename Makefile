@@ -31,8 +31,12 @@ demo: $(STAMP)
 	@echo "Privacy report: $(DEMO_OUT)/privacy_report.html"
 	@echo "Metrics:        $(DEMO_OUT)/metrics.json"
 
+# Two workers (pytest-xdist), one torch thread each, so that the two cores are used without
+# oversubscription; a file's tests stay in one worker (its module fixtures are built once).
+# Tests that start servers use free ports and their own FLWR_HOME. TEST_ARGS= runs serially.
+TEST_ARGS ?= -n 2 --dist loadfile
 test: $(STAMP)
-	$(PY) -m pytest -q
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -q $(TEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
