@@ -6,7 +6,6 @@ Rendering only: every number comes from :class:`shared.privacy.audit.AuditResult
 from __future__ import annotations
 
 import html
-import json
 import math
 from typing import Any
 
@@ -39,7 +38,77 @@ def summary_table(result: AuditResult) -> str:
             "ok" if not bad else "FAIL(" + ",".join(bad) + ")",
         ))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+    table = "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+    return "\n".join([table, *(f"note: {n}" for n in compute_run_notes(result))])
+
+
+def compute_recomputation_notes(p: PartnerReport, digits: int = 4) -> list[str]:
+    """A sentence for each independent recomputation of a partner's final epsilon that differs from the
+    ledger at ``digits`` significant digits (dp_accounting's RDP checks the ledger's RDP value, its PLD
+    the ledger's PRV value), saying why that is not by itself a finding and how the cap is applied."""
+    if not p.rounds:
+        return []
+    last, notes = p.rounds[-1], []
+    for method, recomputed, recorded, name in (("RDP", last.epsilon_dp_accounting, last.epsilon_rdp, "rdp"),
+                                               ("PLD", last.epsilon_pld, last.epsilon_prv, "prv")):
+        if not (math.isfinite(recomputed) and math.isfinite(recorded)) or recorded <= 0:
+            continue
+        if f"{recomputed:.{digits}g}" == f"{recorded:.{digits}g}":
+            continue
+        change = (recomputed - recorded) / recorded
+        text = (f"{p.partner_id}: dp_accounting's independent {method} recomputation gives epsilon "
+                f"{recomputed:.{digits}g} where the ledger records {recorded:.{digits}g} ({change:+.2%}). "
+                f"Different accountants' numerical methods bound the same mechanism slightly differently; the "
+                f"audit fails a ledger only when its value is more than {RECOMPUTE_RTOL:.0%} below a recomputation.")
+        cap = p.max_epsilon
+        if cap is not None and recomputed > cap >= last.epsilon:
+            text += (f" The recomputation is above the cap of {cap:g}, but the cap is held against the "
+                     f"accountant of record ({last.accountant}: {last.epsilon:.{digits}g}), so this is not a "
+                     "budget violation.")
+        elif name != last.accountant:
+            text += f" The accountant of record is {last.accountant}; this value is a cross-check only."
+        notes.append(text)
+    return notes
+
+
+_CANARY_ROWS = (  # (key in canary_audit.json, label)
+    ("reported_epsilon", "accounted epsilon of the audited schedule"), ("delta", "delta"),
+    ("confidence", "confidence of the lower bound"), ("canaries", "canary users"),
+    ("canary_items", "items per canary"), ("included", "canaries included in training"),
+    ("guesses", "membership guesses made"), ("correct", "correct guesses"),
+    ("noise_multiplier", "noise multiplier"), ("sample_rate", "sample rate"), ("rounds", "rounds"),
+    ("local_epochs", "local epochs"), ("partner", "partner audited"), ("partner_users", "users of that partner"),
+)
+
+
+def compute_run_notes(result: AuditResult) -> list[str]:
+    """:func:`compute_recomputation_notes` over all partners, one sentence for partners that share it."""
+    grouped: dict[str, list[str]] = {}
+    for p in result.partners:
+        for note in compute_recomputation_notes(p):
+            grouped.setdefault(note.removeprefix(f"{p.partner_id}: "), []).append(p.partner_id)
+    return [f"{', '.join(ids)}: {text}" for text, ids in grouped.items()]
+
+
+def _number(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return html.escape(str(value))
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:.3g}" if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e5) else f"{value:.4g}"
+
+
+def _canary_html(canary: dict[str, Any], accounted: float | None) -> str:
+    """The canary audit as a table, its lower bound beside the run's accounted epsilon."""
+    lb = canary.get("epsilon_lower_bound")
+    rows = [("<strong>empirical epsilon lower bound</strong>", f"<strong>{_number(lb)}</strong>"),
+            ("accounted epsilon of this run (ledger, largest over partners)",
+             _number(accounted) if accounted is not None else "n/a")]
+    rows += [(html.escape(label), _number(canary[key])) for key, label in _CANARY_ROWS if key in canary]
+    method = html.escape(str(canary.get("method", "one-run canary audit")))
+    body = "".join(f"<tr><td class='l'>{k}</td><td>{v}</td></tr>" for k, v in rows)
+    return f"<table class='canary'><caption>{method}</caption><tr><th class='l'>quantity</th>" \
+           f"<th>value</th></tr>{body}</table>"
 
 
 def _span(values: set[float]) -> str:
@@ -196,10 +265,14 @@ def render_html(result: AuditResult) -> str:
     if result.canary:
         lb = result.canary.get("epsilon_lower_bound")
         parts.append(f"<p>Canary audit: empirical epsilon lower bound <strong>{esc(str(lb))}</strong>.</p>"
-                     f"<pre>{esc(json.dumps(result.canary, indent=2))}</pre>")
+                     + _canary_html(result.canary, result.ledger_max_epsilon))
     else:
         parts.append("<p>No canary audit in this run (<code>canary_audit.json</code> absent).</p>")
-    parts += ["<h2>Cumulative epsilon per round</h2>", render_svg(result), "<h2>Findings</h2>"]
+    parts += ["<h2>Cumulative epsilon per round</h2>", render_svg(result)]
+    notes = compute_run_notes(result)
+    if notes:
+        parts += ["<h2>Independent recomputations</h2>", *[f"<p class='note'>{esc(n)}</p>" for n in notes]]
+    parts.append("<h2>Findings</h2>")
     parts.append("<ul>" + "".join(f"<li class='{'ok' if f.severity == 'warning' else 'bad'}'>{esc(str(f))}</li>"
                                   for f in result.findings) + "</ul>" if result.findings else "<p>None.</p>")
     for p in result.partners:

@@ -83,3 +83,71 @@ def test_report_renders_in_headless_chromium_with_its_numbers_and_plots(tmp_path
         assert plot["shown"] > 0 and all(n == 5 for n in plot["points"]) and all(w > 0 for w in plot["width"])
         assert plot["circles"] == 5 * len(plot["points"])
     assert screenshot_variance(tmp_path / "report.png") > 10.0
+
+
+# --- privacy_report.html (the renderer is simulations/privacy_report.py) --------------------------------
+
+
+def _audit_result(recomputed_rdp: float = 8.002, cap: float = 8.0) -> Any:
+    from fedsocial.shared.privacy.audit import AuditResult, PartnerReport, RoundRow
+
+    def row(rnd: int, eps: float, eps_dp: float) -> RoundRow:
+        return RoundRow(round=rnd, noise_multiplier=0.638, sample_rate=0.25, steps=8 * rnd, max_grad_norm=0.1,
+                        target_delta=1e-5, population=200, accountant="rdp", epsilon=eps, epsilon_rdp=eps,
+                        epsilon_prv=eps - 0.5, epsilon_dp_accounting=eps_dp, epsilon_pld=eps - 0.5,
+                        timestamp="2026-12-01T00:00:00Z")
+
+    partners = [PartnerReport(partner_id=f"partner-{k}", rounds=[row(1, 4.1, 4.1), row(2, 7.9954, recomputed_rdp)],
+                              max_epsilon=cap, cap_source="config", verified=True) for k in range(2)]
+    canary = {"method": "one-run audit (Steinke, Nasr and Jagielski 2023)", "epsilon_lower_bound": 0.37,
+              "confidence": 0.95, "reported_epsilon": 7.9954, "delta": 1e-5, "canaries": 300, "canary_items": 5,
+              "included": 151, "guesses": 40, "correct": 27, "noise_multiplier": 0.638, "sample_rate": 0.25}
+    return AuditResult(run_dir="runs/demo", partners=partners, canary=canary, scope="joint")
+
+
+def test_a_recomputation_above_the_cap_gets_a_sentence() -> None:
+    # Prepare
+    from fedsocial.simulations.privacy_report import compute_recomputation_notes, summary_table
+
+    result = _audit_result()
+    # Execute
+    notes = compute_recomputation_notes(result.partners[0])
+    table = summary_table(result)
+    # Assert: the 8.002 > cap 8 case the issue names is explained, once for both partners in the CLI table
+    assert len(notes) == 1 and "gives epsilon 8.002 where the ledger records 7.995 (+0.08%)" in notes[0]
+    assert "above the cap of 8, but the cap is held against the accountant of record (rdp: 7.995)" in notes[0]
+    assert table.count("note: partner-0, partner-1: dp_accounting's independent RDP") == 1
+
+
+def test_no_sentence_when_the_recomputation_agrees() -> None:
+    from fedsocial.simulations.privacy_report import compute_recomputation_notes
+
+    result = _audit_result(recomputed_rdp=7.99541)
+    assert compute_recomputation_notes(result.partners[0]) == []
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_privacy_report_renders_in_headless_chromium(tmp_path: Path) -> None:
+    # Prepare
+    from fedsocial.simulations.privacy_report import render_html
+
+    path = tmp_path / "privacy_report.html"
+    path.write_text(render_html(_audit_result()), encoding="utf-8")
+    # Execute
+    with open_page(path.as_uri()) as page:
+        text = page.inner_text("body")
+        canary = page.evaluate("""() => [...document.querySelectorAll('table.canary tr')].map(
+            tr => [...tr.children].map(td => td.innerText))""")
+        plot = page.evaluate("""() => { const svg = document.querySelector('svg');
+            const lines = [...svg.querySelectorAll('polyline, path, line')].filter(e => e.getBBox().width > 0);
+            return {shown: svg.getBoundingClientRect().width, drawn: lines.length}; }""")
+        page.screenshot(path=str(tmp_path / "privacy.png"), full_page=True)
+    # Assert: the canary audit is a table with the lower bound beside the accounted epsilon (no JSON dump),
+    # delta in scientific notation, the recomputation sentence, a drawn epsilon plot
+    rows = {r[0]: r[1] for r in canary if len(r) == 2}
+    assert rows["empirical epsilon lower bound"] == "0.37"
+    assert rows["accounted epsilon of this run (ledger, largest over partners)"] == "7.995"
+    assert rows["correct guesses"] == "27" and "{" not in text
+    assert "1e-05" in text and "above the cap of 8" in text
+    assert plot["shown"] > 0 and plot["drawn"] >= 2
+    assert screenshot_variance(tmp_path / "privacy.png") > 10.0
