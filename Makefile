@@ -8,7 +8,7 @@ export FLWR_DISABLE_UPDATE_CHECK := 1
 export FLWR_HOME := $(CURDIR)/.flwr
 DEMO_OUT ?= runs/demo
 
-.PHONY: venv demo test lint bench bench-fed bench-privacy bench-serve e2e clean
+.PHONY: venv demo test lint fuzz bench bench-fed bench-privacy bench-serve e2e clean
 
 venv: $(STAMP)
 
@@ -77,6 +77,12 @@ bench-serve: $(STAMP)
 # DP; refusals; a partner killed mid-round; audit). Every process is stopped by PID at the end.
 e2e: $(STAMP)
 	timeout 600 $(PY) -m fedsocial.simulations.e2e --work runs/e2e
+
+# Property / fuzz tests with a longer budget than `make test` (issue 11 item 8): the hypothesis profile
+# fedsocial-fuzz (tests/test_fuzz.py), 2000 examples per property instead of 30; minutes on 2 cores.
+FUZZ_TESTS ?= $(wildcard tests/test_fuzz*.py)
+fuzz: $(STAMP)
+	FEDSOCIAL_FUZZ_PROFILE=fedsocial-fuzz $(PY) -m pytest -q -p no:cacheprovider $(FUZZ_TESTS)
 
 clean:
 	rm -rf $(VENV) runs .flwr

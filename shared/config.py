@@ -359,6 +359,10 @@ def load_config(path: str | os.PathLike[str] | None, overrides: list[str] | None
             raw = tomllib.loads(p.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{source}: invalid TOML: {exc}") from None
+        except UnicodeDecodeError as exc:  # found by tests/test_fuzz.py: a binary file gave a traceback
+            raise ConfigError(f"{source}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        except OSError as exc:  # a directory, a file without read permission
+            raise ConfigError(f"{source}: cannot read: {exc.strerror}") from None
     return config_from_dict(apply_overrides(raw, overrides or []), source)
 
 
