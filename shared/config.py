@@ -97,6 +97,7 @@ class ModelConfig:
     use_category: bool = False  # add a vector per catalogue category to item and history vectors
     use_price: bool = False  # add a vector per price bin (items.csv price) to item and history vectors
     use_text: bool = False  # add a shared projection of the items' offline text features to item vectors
+    use_user_features: bool = False  # users.csv: a shared vector per (column, value), summed into the user's vector
     user_embedding: str = "trained"  # trained|local|none: how p_u is obtained (see DESIGN.md)
     use_mlp: bool = True  # residual MLP refinement, output layer starts at zero
     mlp_hidden: int = 64

@@ -35,6 +35,7 @@ class Dataset:
     item_text: np.ndarray | None = None  # float32 [n_items, text_dim] offline text features (zeros: no text)
     user_features: np.ndarray | None = None  # int64 [n_users, F] categorical codes (0: missing)
     user_feature_names: tuple[str, ...] = ()
+    user_feature_sizes: tuple[int, ...] = ()  # codes per column, 0 (missing) included: the same for every partner
 
     @property
     def n_interactions(self) -> int:

@@ -609,6 +609,7 @@ def _with_user_features(ds: Dataset, path: Path, u_str: np.ndarray) -> Dataset:
     pos = np.searchsorted(u_str, ids)
     known = (pos < u_str.size) & (u_str[np.minimum(pos, u_str.size - 1)] == ids)
     out = np.zeros((ds.n_users, len(names)), dtype=np.int64)
+    sizes = []
     for f, name in enumerate(names):
         col = table.columns[name]
         present = col != ""
@@ -616,7 +617,8 @@ def _with_user_features(ds: Dataset, path: Path, u_str: np.ndarray) -> Dataset:
         values = np.zeros(col.size, dtype=np.int64)
         values[present] = codes + 1
         out[pos[known], f] = values[known]
-    return dataclasses.replace(ds, user_features=out, user_feature_names=names)
+        sizes.append(int(values.max(initial=0)) + 1)
+    return dataclasses.replace(ds, user_features=out, user_feature_names=names, user_feature_sizes=tuple(sizes))
 
 
 def _refuse_repeated(table: CsvTable, ids: np.ndarray, what: str) -> None:

@@ -158,7 +158,7 @@ def partner_split(split: SplitData, assignment: np.ndarray, partner: int) -> Spl
         item_ids=ds.item_ids, extra={"partner": partner, "original_user_ids": original},
         item_price_bin=ds.item_price_bin, item_text=ds.item_text,  # the catalogue's features are public
         user_features=None if ds.user_features is None else ds.user_features[members],  # stay with the partner
-        user_feature_names=ds.user_feature_names,
+        user_feature_names=ds.user_feature_names, user_feature_sizes=ds.user_feature_sizes,
     )
     tu, ti = cut(split.train_users, split.train_items)
     vu, vi = cut(split.val_users, split.val_items)

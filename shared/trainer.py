@@ -156,7 +156,9 @@ class LocalTrainer:
                                            item_counts=self.builder.item_counts(),
                                            item_category=split.dataset.item_category,
                                            item_price_bin=split.dataset.item_price_bin,
-                                           item_text=split.dataset.item_text).to(self.device)
+                                           item_text=split.dataset.item_text,
+                                           user_features=split.dataset.user_features,
+                                           user_feature_sizes=split.dataset.user_feature_sizes).to(self.device)
         self.rng = np.random.default_rng(seed)
         self._fits = 0
         if cfg.privacy.enabled and cfg.model.name == "social" and cfg.model.user_embedding == "trained":

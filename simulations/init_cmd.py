@@ -86,6 +86,8 @@ def compute_settings(s: DataStats, private: bool, partners: int) -> Settings:
         "use_category": (s.has_category, "items.csv has a category column" if s.has_category else "no categories"),
         "use_price": (s.has_price, "items.csv has a price column" if s.has_price else "no prices"),
         "use_text": (s.has_text, "items.csv has a title/text column" if s.has_text else "no texts"),
+        "use_user_features": (s.user_features > 0, f"users.csv has {s.user_features} feature column(s)"
+                              if s.user_features else "no users.csv"),
     }
     train: dict[str, tuple[Any, str]] = {
         "epochs": (epochs, f"~2e6 / {s.interactions} interactions, in [10, 100], a multiple of eval_every"),

@@ -179,6 +179,7 @@ def test_users_csv_columns_become_local_categorical_codes(tmp_path: Path) -> Non
     assert ds.user_feature_names == ("age_band", "gender")
     assert ds.user_ids.tolist() == ["a", "b", "c"]
     assert ds.user_features.tolist() == [[1, 1], [2, 0], [0, 2]]
+    assert ds.user_feature_sizes == (4, 3)  # codes over every row (d's 65+ too), so partners agree on sizes
 
 
 @pytest.mark.parametrize(

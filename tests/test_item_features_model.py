@@ -131,3 +131,97 @@ def test_dp_fit_with_price_and_text_runs_and_charges_the_ledger_entry() -> None:
     # Assert: the text projection was trained (DP noise at least), the accounting entry is sane
     assert not np.array_equal(before, trainer.get_shared()["text_proj.weight"])
     assert result.steps >= 1 and result.noise_multiplier == 1.0 and result.epsilon is not None
+
+
+def _split_with_users(seed: int = 0) -> SplitData:
+    split = _split(seed)
+    rng = np.random.default_rng(seed + 1)
+    sizes = (4, 3)  # codes per column, 0 = missing
+    feats = np.stack([rng.integers(0, s, size=split.n_users) for s in sizes], axis=1)
+    ds = dataclasses.replace(split.dataset, user_features=feats, user_feature_sizes=sizes,
+                             user_feature_names=("age_band", "region"))
+    return dataclasses.replace(split, dataset=ds)
+
+
+def test_user_features_join_the_user_vector_from_the_users_own_codes() -> None:
+    # Prepare
+    split = _split_with_users()
+    mcfg = dataclasses.replace(MCFG, use_user_features=True, use_price=False, use_text=False)
+    model = build_model(mcfg, split.n_users, split.n_items, user_features=split.dataset.user_features,
+                        user_feature_sizes=split.dataset.user_feature_sizes)
+    feats = split.dataset.user_features
+    # Execute
+    f = model._user_features(torch.arange(split.n_users))
+    # Assert: f_u = (e[age_u] + e[4 + region_u]) / sqrt(2): column 2's codes follow column 1's 4 rows
+    w = model.user_feat_emb.weight
+    manual = (w[torch.as_tensor(feats[:, 0])] + w[4 + torch.as_tensor(feats[:, 1])]) / 2 ** 0.5
+    assert torch.allclose(f, manual, atol=1e-6)
+    assert "user_feat_emb.weight" in model.shared_parameter_names()
+    assert "user_feat" not in model.shared_parameter_names()  # the codes are local state, never sent
+
+
+def test_user_features_out_of_range_or_missing_are_refused() -> None:
+    split = _split_with_users()
+    mcfg = dataclasses.replace(MCFG, use_user_features=True)
+    with pytest.raises(ModelError, match="model.use_user_features: the data set has no user features"):
+        build_model(mcfg, split.n_users, split.n_items, item_price_bin=split.dataset.item_price_bin,
+                    item_text=split.dataset.item_text)
+    with pytest.raises(ModelError, match="below"):
+        build_model(mcfg, split.n_users, split.n_items, item_price_bin=split.dataset.item_price_bin,
+                    item_text=split.dataset.item_text, user_features=split.dataset.user_features,
+                    user_feature_sizes=(2, 2))
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+def test_ghost_clipping_matches_brute_force_with_user_features() -> None:
+    # Prepare
+    split = _split_with_users()
+    mcfg = dataclasses.replace(MCFG, use_user_features=True, use_mlp=True)
+    torch.manual_seed(0)
+    model = build_model(mcfg, split.n_users, split.n_items, item_price_bin=split.dataset.item_price_bin,
+                        item_text=split.dataset.item_text, user_features=split.dataset.user_features,
+                        user_feature_sizes=split.dataset.user_feature_sizes)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    batch = ExampleBuilder.from_split(split, mcfg).train_batch(np.array([0, 3, 3, 7, 11, 19, 23, 39]),
+                                                               np.random.default_rng(1))
+    clip = 0.01
+    brute = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    for i in range(batch["users"].shape[0]):
+        model.zero_grad()
+        model({k: v[i:i + 1] for k, v in batch.items()}).sum().backward()
+        grads = {n: p.grad.clone() if p.grad is not None else torch.zeros_like(p) for n, p in model.named_parameters()}
+        norm = torch.sqrt(sum((g * g).sum() for g in grads.values()))
+        for n in brute:
+            brute[n] += (clip / (norm + 1e-6)).clamp(max=1.0) * grads[n]
+    # Execute
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.arange(40)), batch_size=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gsm, opt, crit, _ = PrivacyEngine().make_private(
+            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), criterion=PerUserLoss(),
+            data_loader=loader, noise_multiplier=0.0, max_grad_norm=clip, grad_sample_mode="ghost")
+    opt.zero_grad()
+    crit(gsm(batch), None).backward()
+    ghost = {n.removeprefix("_module."): p.grad.clone() for n, p in gsm.named_parameters() if p.grad is not None}
+    gsm._close()
+    # Assert
+    for name in ("user_feat_emb.weight", "mlp.0.weight", "item_emb.weight"):
+        assert torch.allclose(ghost[name], brute[name], rtol=1e-4, atol=1e-8), name
+
+
+def test_dp_fit_with_user_features_on_a_partner_split() -> None:
+    # Prepare: a partner's split keeps the global code sizes, so every partner's table has one shape
+    from fedsocial.shared.partition import partner_split
+
+    split = _split_with_users()
+    part = partner_split(split, np.arange(split.n_users) % 2, 1)
+    cfg = Config(model=dataclasses.replace(MCFG, use_user_features=True), train=TrainConfig(batch_size=10),
+                 privacy=PrivacyConfig(enabled=True, noise_multiplier=1.0, max_grad_norm=0.1))
+    # Execute
+    trainer = LocalTrainer(cfg, part)
+    result = trainer.fit(1)
+    # Assert
+    assert part.dataset.user_feature_sizes == (4, 3) and part.dataset.user_features.shape == (20, 2)
+    assert trainer.get_shared()["user_feat_emb.weight"].shape == (7, 8) and result.steps >= 1

@@ -9,7 +9,9 @@ KDD 2013) and SVD++ (Koren, KDD 2008), with the founding article's MLP as a resi
     score(u, i) = h_u . q_i + c_i,   c_i = bias_scale * b_i
     (use_category: q_i += g_cat(i) and y_j += k_cat(j), one vector per catalogue category;
      use_price: q_i += g_price(i) and y_j += k_price(j), one vector per price bin;
-     use_text: q_i += W t_i, a shared projection of the item's offline text features t_i)
+     use_text: q_i += W t_i, a shared projection of the item's offline text features t_i;
+     use_user_features: f_u = sum_c e_{c, x_uc} / sqrt(C) joins the parts of h_u, one shared vector per
+     value of each users.csv column; x_u is user u's own record and stays on u's partner)
 
 Inside a training example the user's vector is computed from the user's own record (items,
 out-neighbour ids) and parameters only. The bias is parameterised as c_i = bias_scale * b_i: the
@@ -57,6 +59,18 @@ def compute_category_index(item_category: np.ndarray | None, n_items: int, key: 
     return torch.as_tensor(cats, dtype=torch.long)
 
 
+def compute_user_feature_index(user_features: np.ndarray | None, sizes: tuple[int, ...], n_users: int) -> torch.Tensor:
+    """Each user's feature codes as rows of one table: column c's codes shifted by the sizes before it."""
+    if user_features is None or not sizes:
+        raise ModelError("model.use_user_features: the data set has no user features (users.csv)")
+    codes = np.asarray(user_features, dtype=np.int64)
+    if codes.shape != (n_users, len(sizes)) or (codes < 0).any() or (codes >= np.asarray(sizes)).any():
+        raise ModelError(f"model.use_user_features: expected codes [{n_users}, {len(sizes)}] below {sizes}, "
+                         f"got shape {codes.shape}")
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    return torch.as_tensor(codes + offsets[None, :], dtype=torch.long)
+
+
 def compute_text_matrix(item_text: np.ndarray | None, n_items: int) -> torch.Tensor:
     """The items' offline text features as a float tensor [n_items, t] (shared/features.py)."""
     if item_text is None:
@@ -69,15 +83,17 @@ def compute_text_matrix(item_text: np.ndarray | None, n_items: int) -> torch.Ten
 
 class SocialRec(RecModel):
     shared_prefixes = ("item_emb.", "item_bias.", "hist_emb.", "mlp.", "att.", "cat_emb.", "hist_cat_emb.",
-                       "price_emb.", "hist_price_emb.", "text_proj.")
+                       "price_emb.", "hist_price_emb.", "text_proj.", "user_feat_emb.")
     local_user: torch.Tensor
     item_cat: torch.Tensor
     item_price: torch.Tensor
     item_text: torch.Tensor
+    user_feat: torch.Tensor
 
     def __init__(self, n_users: int, n_items: int, model_cfg: ModelConfig,
                  item_category: np.ndarray | None = None, item_price_bin: np.ndarray | None = None,
-                 item_text: np.ndarray | None = None, **_: object) -> None:
+                 item_text: np.ndarray | None = None, user_features: np.ndarray | None = None,
+                 user_feature_sizes: tuple[int, ...] = (), **_: object) -> None:
         super().__init__(n_users, n_items, model_cfg)
         d, c = model_cfg.dim, model_cfg
         self.item_emb = nn.Embedding(n_items, d)
@@ -108,6 +124,12 @@ class SocialRec(RecModel):
             self.item_text = compute_text_matrix(item_text, n_items)
             self.text_proj = nn.Linear(self.item_text.shape[1], d, bias=False)
             nn.init.normal_(self.text_proj.weight, std=c.init_std)
+        self.user_feat_emb = None
+        self.register_buffer("user_feat", torch.zeros(0, 0, dtype=torch.long))  # local: the users' own records
+        if c.use_user_features:
+            self.user_feat = compute_user_feature_index(user_features, tuple(user_feature_sizes), n_users)
+            self.user_feat_emb = nn.Embedding(int(sum(user_feature_sizes)), d)
+            init_embedding_(self.user_feat_emb, c.init_std)
         self.item_bias = nn.Embedding(n_items, 1)
         init_embedding_(self.item_emb, c.init_std)
         nn.init.zeros_(self.item_bias.weight)
@@ -121,7 +143,8 @@ class SocialRec(RecModel):
         self.register_buffer("local_user", torch.zeros(n_users if c.user_embedding == "local" else 0, d))
         self.att = (nn.Sequential(nn.Linear(2 * d, d), nn.Tanh(), nn.Linear(d, 1))
                     if c.use_social and c.aggregator == "attention" else None)
-        n_parts = int(c.use_history) + int(c.use_social) + int(c.user_embedding == "trained")
+        n_parts = (int(c.use_history) + int(c.use_social) + int(c.user_embedding == "trained")
+                   + int(c.use_user_features))
         self.mlp = None
         if c.use_mlp and n_parts > 0:
             out = nn.Linear(c.mlp_hidden, d)
@@ -171,6 +194,12 @@ class SocialRec(RecModel):
             w = torch.softmax(logits, dim=1) * mask
         return (w[..., None] * s).sum(1)
 
+    def _user_features(self, users: torch.Tensor) -> torch.Tensor | None:
+        """f_u [B, d] from the user's own categorical features (one table lookup, as ghost clipping requires)."""
+        if self.user_feat_emb is None:
+            return None
+        return self.user_feat_emb(self.user_feat[users]).sum(1) / self.user_feat.shape[1] ** 0.5
+
     def _fuse(self, parts: list[torch.Tensor], extra: torch.Tensor | None) -> torch.Tensor:
         """h = sum(parts) (+ local p_u) + MLP(concat(parts)); parts share their leading shape."""
         h = torch.stack(parts, 0).sum(0)
@@ -207,6 +236,9 @@ class SocialRec(RecModel):
             parts.append(r[:, None, :].expand(B, H, -1))
         if self.user_emb is not None:
             parts.append(self.user_emb(users)[:, None, :].expand(B, H, -1))
+        f = self._user_features(users)
+        if f is not None:
+            parts.append(f[:, None, :].expand(B, H, -1))
         if not parts:
             parts.append(torch.zeros(B, H, self.model_cfg.dim, device=qv.device))
         return self._fuse(parts, None), qv, cb
@@ -226,6 +258,9 @@ class SocialRec(RecModel):
             parts.append(r)
         if self.user_emb is not None:
             parts.append(self.user_emb(users))
+        f = self._user_features(users)
+        if f is not None:
+            parts.append(f)
         if not parts:
             parts.append(torch.zeros(users.shape[0], self.model_cfg.dim, device=users.device))
         return self._fuse(parts, self._local_user(users))
