@@ -63,7 +63,8 @@ def quality_table(dataset: str, results: dict[str, list[dict[str, Any]]]) -> str
     return f"**{dataset}**\n\n" + "\n".join(lines)
 
 
-def measure_dp_cost(cfg: Config, data_dir: str | None, epochs: int, repeats: int = 3) -> dict[str, Any]:
+def measure_dp_cost(cfg: Config, data_dir: str | None, epochs: int, repeats: int = 3,
+                    compare_ghost: bool = False) -> dict[str, Any]:
     """Seconds per epoch, non-private vs DP (``privacy.clipping``: onepass or ghost), same model, batch, data.
 
     The two are interleaved ``repeats`` times in one process and the medians compared, so that a
@@ -81,6 +82,10 @@ def measure_dp_cost(cfg: Config, data_dir: str | None, epochs: int, repeats: int
     trainers = {label: LocalTrainer(cfg.replace("privacy", enabled=enabled, noise_multiplier=1.0), split,
                                     device=cfg.train.device, seed=cfg.train.seed)
                 for label, enabled in (("non-private", False), ("dp", True))}
+    if compare_ghost:  # Opacus's ghost clipping, interleaved with the two above
+        trainers["dp-ghost"] = LocalTrainer(cfg.replace("privacy", enabled=True, noise_multiplier=1.0,
+                                                        clipping="ghost"), split, device=cfg.train.device,
+                                            seed=cfg.train.seed)
     for trainer in trainers.values():
         trainer.fit(1)  # warm-up: allocations, Opacus hooks
     times: dict[str, list[float]] = {label: [] for label in trainers}
@@ -98,7 +103,9 @@ def measure_dp_cost(cfg: Config, data_dir: str | None, epochs: int, repeats: int
             "users_per_s_dp": split.n_users / med["dp"], "users_per_s_non_private": split.n_users / med["non-private"],
             "samples": float(repeats), "batch_size": float(cfg.train.batch_size),
             # CPU seconds of this process: the ratio where the machine is shared with other jobs
-            "ratio_cpu": med_cpu["dp"] / med_cpu["non-private"], "clipping": cfg.privacy.clipping}
+            "ratio_cpu": med_cpu["dp"] / med_cpu["non-private"], "clipping": cfg.privacy.clipping,
+            **({"ratio_ghost": med["dp-ghost"] / med["non-private"],
+                "ratio_ghost_cpu": med_cpu["dp-ghost"] / med_cpu["non-private"]} if compare_ghost else {})}
 
 
 def _timed(fn: Any) -> tuple[Any, float, float]:
@@ -164,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--data-dir", default=None)
     c.add_argument("--epochs", type=int, default=2)
     c.add_argument("--repeats", type=int, default=3)
+    c.add_argument("--compare-ghost", action="store_true", help="also time Opacus ghost clipping, interleaved")
     c.add_argument("--set", dest="overrides", action="append", default=[])
     p = sub.add_parser("profile", help="where an epoch goes: loading, batching, training, DP, evaluation")
     p.add_argument("--config", required=True)
@@ -188,6 +196,6 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(measure_profile(cfg, args.data_dir, dp=not args.no_dp), indent=2))
     else:
         cfg = load_config(args.config, args.overrides)
-        figures = measure_dp_cost(cfg, args.data_dir, args.epochs, args.repeats)
+        figures = measure_dp_cost(cfg, args.data_dir, args.epochs, args.repeats, args.compare_ghost)
         print(json.dumps(figures, indent=2))
     return 0
