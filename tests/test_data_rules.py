@@ -1,5 +1,5 @@
 """The documented data rules of every loader, item / user features of the generic CSV format, and
-hypothesis fuzzing of the CSV loaders: a clear DataError naming file and line, or a correct result."""
+tests/test_fuzz_csv.py fuzzes the loaders (a clear DataError naming file and line, or a correct result)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from fedsocial.shared.config import DataConfig
 from fedsocial.shared.data import DataError
@@ -220,54 +218,3 @@ def test_text_features_deterministic_and_zero_for_empty_text() -> None:
     # Assert
     assert np.array_equal(a, b)
     assert not a[2].any()
-
-
-# --- fuzzing -----------------------------------------------------------------------------------------
-
-_ALPHABET = st.sampled_from(list("ab1,;\t|\"' \n\r\u2028\x85xy-") + ["user", "item", "neighbour"])
-_FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-
-
-@_FUZZ
-@given(inter=st.lists(_ALPHABET, max_size=40).map("".join), social=st.lists(_ALPHABET, max_size=30).map("".join),
-       items=st.one_of(st.none(), st.lists(_ALPHABET, max_size=30).map("".join)))
-def test_fuzz_csv_loader_gives_a_data_error_or_a_dataset(tmp_path_factory: pytest.TempPathFactory, inter: str,
-                                                         social: str, items: str | None) -> None:
-    # Prepare: headers most of the time, then random bytes of the format's alphabet
-    folder = tmp_path_factory.mktemp("fuzz")
-    write(folder / "interactions.csv", "user,item\n" + inter)
-    write(folder / "social.csv", "user,neighbour\n" + social)
-    if items is not None:
-        write(folder / "items.csv", "item,category,price\n" + items)
-    # Execute / Assert: a DataError naming a file of the folder, or a self-consistent Dataset
-    try:
-        ds = load_csv(folder)
-    except DataError as exc:
-        assert any(name in str(exc) for name in ("interactions.csv", "social.csv", "items.csv"))
-        return
-    assert ds.n_interactions >= 1 and ds.users.max() < ds.n_users and ds.items.max() < ds.n_items
-    assert ds.n_edges == 0 or (ds.social_src.max() < ds.n_users and ds.social_dst.max() < ds.n_users)
-
-
-_IDS = st.text(alphabet=st.sampled_from(list("abcXYZ019_-é ")), min_size=1, max_size=4).map(str.strip).filter(bool)
-
-
-@_FUZZ
-@given(rows=st.lists(st.tuples(_IDS, _IDS), min_size=1, max_size=25),
-       edges=st.lists(st.tuples(_IDS, _IDS), max_size=25))
-def test_fuzz_well_formed_csv_loads_exactly(tmp_path_factory: pytest.TempPathFactory,
-                                            rows: list[tuple[str, str]], edges: list[tuple[str, str]]) -> None:
-    # Prepare: any well-formed file (ids may need no quoting; spaces around fields are stripped)
-    folder = tmp_path_factory.mktemp("wellformed")
-    write(folder / "interactions.csv", "user,item\n" + "".join(f" {u},{i} \n" for u, i in rows))
-    write(folder / "social.csv", "user,neighbour\n" + "".join(f"{u},{v}\n" for u, v in edges))
-    # Execute
-    ds = load_csv(folder)
-    # Assert: against a brute-force reading of the same rows
-    users = {u for u, _ in rows}
-    got = {(str(ds.user_ids[u]), str(ds.item_ids[i])) for u, i in zip(ds.users, ds.items, strict=True)}
-    assert got == set(rows)
-    want_edges = {(u, v) for u, v in edges if u in users and v in users and u != v}
-    got_edges = {(str(ds.user_ids[s]), str(ds.user_ids[d])) for s, d in zip(ds.social_src, ds.social_dst,
-                                                                             strict=True)}
-    assert got_edges == want_edges

@@ -147,7 +147,7 @@ def test_init_refuses_to_overwrite_and_names_bad_data(tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize(("n_users", "n_items", "features", "budget"), [
     (60, 80, False, []),  # small: the sizes keep it fast, nothing overridden for train
-    (2000, 3000, True, ["--set", "train.epochs=2"]),  # large, with items.csv and users.csv: budget only
+    (1200, 1800, True, ["--set", "train.epochs=2"]),  # 20x the users, items.csv and users.csv: budget only
 ])
 def test_init_config_trains_with_no_other_flag(tmp_path: Path, n_users: int, n_items: int, features: bool,
                                                budget: list[str]) -> None:
@@ -169,7 +169,7 @@ def test_init_config_trains_with_no_other_flag(tmp_path: Path, n_users: int, n_i
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("n_users", "n_items", "features"), [(60, 80, False), (2000, 3000, True)])
+@pytest.mark.parametrize(("n_users", "n_items", "features"), [(60, 80, False), (1200, 1800, True)])
 def test_init_config_simulates_with_no_other_flag(tmp_path: Path, n_users: int, n_items: int,
                                                   features: bool) -> None:
     # Prepare: a DP config for the federation (the harder case); one round only, for the test's budget
@@ -230,7 +230,7 @@ def test_flower_deprecation_filter_is_narrow() -> None:
 @pytest.mark.slow
 def test_demo_commands_print_no_warning_and_track_per_partner_epsilon(tmp_path: Path) -> None:
     # Prepare: `make demo`'s three commands on a tiny copy of configs/demo.toml
-    tiny = ["--set", "data.n_users=90", "--set", "data.n_items=120", "--set", "federation.rounds=2",
+    tiny = ["--set", "data.n_users=60", "--set", "data.n_items=80", "--set", "federation.rounds=2",
             "--set", "federation.local_epochs=1", "--set", "privacy.epochs=2", "--set", "train.epochs=2",
             "--set", "train.num_threads=1"]
     run = tmp_path / "demo"
