@@ -32,7 +32,8 @@ from fedsocial.shared.data import SplitData
 from fedsocial.shared.metrics import evaluate_model
 from fedsocial.shared.models import RecModel, build_model
 from fedsocial.shared.onepass import OnePassClipper
-from fedsocial.shared.privacy.accounting import calibrate_noise_multiplier
+from fedsocial.shared.privacy.round import compute_sample_rate as compute_sample_rate  # one definition
+from fedsocial.shared.privacy.round import plan_round
 
 
 class TrainerError(ValueError):
@@ -92,11 +93,6 @@ def resolve_device(device: str) -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise TrainerError(f"train.device: {device!r} requested but CUDA is not available")
     return torch.device(device)
-
-
-def compute_sample_rate(n_users: int, batch_size: int) -> float:
-    """Opacus' Poisson rate: 1 / len(data_loader) = 1 / ceil(n / batch_size)."""
-    return 1.0 / max(1, -(-n_users // batch_size))
 
 
 def compute_embedding_norm_sample(layer: nn.Embedding, activations: list[torch.Tensor],
@@ -442,10 +438,9 @@ def train_centralized(cfg: Config, split: SplitData, progress: Callable[[dict[st
     select = (not private) or pc.select_on_validation
     sigma, q = 0.0, 0.0
     if private:
-        q = compute_sample_rate(split.n_users, cfg.train.batch_size)
-        steps_planned = epochs * int(round(1.0 / q))
-        sigma = pc.noise_multiplier or calibrate_noise_multiplier(pc.max_epsilon, pc.target_delta, q,
-                                                                    steps_planned, 1, pc.accountant)
+        plan = plan_round(pc, n_users=split.n_users, batch_size=cfg.train.batch_size, epochs=epochs, rounds=1,
+                          epochs_key="privacy.epochs or train.epochs", rounds_key="one centralized round")
+        q, sigma = plan.sample_rate, plan.noise_multiplier  # the privacy round every DP trainer plans with
     history: list[dict[str, float]] = []
     best: dict[str, Any] = {"ndcg": -1.0, "epoch": -1, "state": None, "val": {}}
     done, steps_before = 0, 0

@@ -48,31 +48,52 @@ def plant_canaries(split: SplitData, m: int, items_each: int, rng: np.random.Gen
     return planted, items, included
 
 
-@torch.no_grad()
-def compute_canary_scores(model: Any, canary_items: np.ndarray) -> np.ndarray:
-    """Mean percentile rank of each canary item among all items, bag = the canary's other items.
+def compute_canary_batch(canary_users: np.ndarray, canary_items: np.ndarray) -> dict[str, torch.Tensor]:
+    """One example per (canary, item): the canary's other items as its bag, no neighbours.
 
-    Reads only shared parameters (history and item tables, biases, MLP); canaries have no
-    neighbours, so the social term is zero.
+    ``canary_items`` [m, k]; the result has m * k rows, row ``c * k + j`` leaving item j out.
     """
-    y = model.hist_emb.weight[torch.as_tensor(canary_items)]  # [m, k, d]
-    k = canary_items.shape[1]
-    loo = (y.sum(1, keepdim=True) - y) / (k - 1) ** 0.5  # leave-one-out bag per item
-    parts = [loo] + ([torch.zeros_like(loo)] if model.social_emb is not None else [])
-    h = model._fuse(parts, None)  # the model's own fusion (MLP residual included)
-    scores = h @ model.item_emb.weight.T + model.item_bias.weight.T  # [m, k, n_items]
-    own = torch.gather(scores, 2, torch.as_tensor(canary_items)[..., None])
+    m, k = canary_items.shape
+    keep = ~np.eye(k, dtype=bool)  # row j: every item but the j-th
+    bags = np.repeat(canary_items, k, axis=0)[np.tile(keep, (m, 1))].reshape(m * k, k - 1)
+    return {"users": torch.as_tensor(np.repeat(canary_users, k).astype(np.int64)),
+            "bag": torch.as_tensor(bags.astype(np.int64)), "bag_mask": torch.ones(m * k, k - 1),
+            "nbrs": torch.zeros(m * k, 1, dtype=torch.int64), "nbr_mask": torch.zeros(m * k, 1)}
+
+
+@torch.no_grad()
+def compute_canary_percentiles(model: Any, canary_users: np.ndarray, canary_items: np.ndarray) -> np.ndarray:
+    """[m, k]: the percentile rank of canary item j among all items, for the bag of the canary's other items.
+
+    Scored by the model's own scoring function (``score_all``: temperature, bias scale, category,
+    price and text vectors, MLP residual), so the attack sees exactly what the released model
+    ranks. Only released parameters take part: canaries have no neighbours, and their local p_u is
+    never refitted (the canary run trains with ``refit=False``; p_u would not be released anyway).
+    """
+    m, k = canary_items.shape
+    was_training = model.training
+    model.eval()
+    try:
+        scores = model.score_all(compute_canary_batch(canary_users, canary_items), model.item_side())
+    finally:
+        model.train(was_training)
+    own = scores.gather(1, torch.as_tensor(canary_items.reshape(-1, 1).astype(np.int64)))
     percentile = (scores < own).float().mean(-1)  # 1.0 = ranked above every other item
-    return percentile.mean(1).cpu().numpy()
+    return percentile.reshape(m, k).cpu().numpy()
+
+
+def compute_canary_scores(model: Any, canary_users: np.ndarray, canary_items: np.ndarray) -> np.ndarray:
+    """Each canary's score: the mean of :func:`compute_canary_percentiles` over its items."""
+    return compute_canary_percentiles(model, canary_users, canary_items).mean(1)
 
 
 def run_canary_audit(cfg: Config, data_dir: str | None, m: int, items_each: int, partner: int,
                      seed: int = 0) -> dict[str, Any]:
     from fedsocial.shared.loaders import load_dataset
     from fedsocial.shared.partition import partition_users, partner_split
-    from fedsocial.shared.privacy.accounting import calibrate_noise_multiplier, compute_epsilon
+    from fedsocial.shared.privacy.round import PrivacyRound, compute_sample_rate, plan_round
     from fedsocial.shared.split import split_dataset
-    from fedsocial.shared.trainer import LocalTrainer, compute_sample_rate
+    from fedsocial.shared.trainer import LocalTrainer
 
     sigma = 0.0
     split = split_dataset(load_dataset(cfg.data, data_dir), cfg.split)
@@ -82,17 +103,18 @@ def run_canary_audit(cfg: Config, data_dir: str | None, m: int, items_each: int,
     planted, items, included = plant_canaries(split, m, items_each, np.random.default_rng(seed))
     trainer = LocalTrainer(cfg, planted, device=cfg.train.device, seed=cfg.train.seed)
     pc = cfg.privacy
-    q = compute_sample_rate(planted.n_users, cfg.train.batch_size)
-    if pc.enabled:
-        steps = fc.rounds * fc.local_epochs * int(round(1.0 / q))
-        sigma = pc.noise_multiplier or calibrate_noise_multiplier(pc.max_epsilon, pc.target_delta, q,
-                                                                  steps, 1, pc.accountant)
-    history: list[tuple[float, float, int]] = []
+    pround = None
+    if pc.enabled:  # the federation's schedule: rounds x local epochs, planned as every partner plans it
+        pround = PrivacyRound(plan_round(pc, n_users=planted.n_users, batch_size=cfg.train.batch_size,
+                                         epochs=fc.local_epochs, rounds=fc.rounds))
+        sigma = pround.plan.noise_multiplier
     for _ in range(fc.rounds):
-        fit = trainer.fit(fc.local_epochs, noise_multiplier=sigma if pc.enabled else None)
-        history.append((fit.noise_multiplier, fit.sample_rate, fit.steps))
-    epsilon = compute_epsilon(history, pc.target_delta, pc.accountant) if pc.enabled else float("inf")
-    scores = compute_canary_scores(trainer.model, items)
+        fit = trainer.fit(fc.local_epochs, noise_multiplier=sigma if pc.enabled else None, refit=False)
+        if pround is not None:
+            pround.history.append((fit.noise_multiplier, fit.sample_rate, fit.steps))
+    q = pround.plan.sample_rate if pround is not None else compute_sample_rate(planted.n_users, cfg.train.batch_size)
+    epsilon = pround.epsilon_spent() if pround is not None else float("inf")
+    scores = compute_canary_scores(trainer.model, split.n_users + np.arange(m), items)
     audit = compute_audit_from_scores(scores, included, delta=pc.target_delta)
     return {
         "method": "one-run audit (Steinke, Nasr and Jagielski 2023), canary users of random items",

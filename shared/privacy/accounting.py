@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from fedsocial.shared.config import ConfigError
+
 Event = tuple[float, float, int]  # (noise_multiplier, sample_rate, steps)
 History = Sequence[Event]
 
@@ -34,8 +36,9 @@ History = Sequence[Event]
 DEFAULT_ALPHAS: tuple[float, ...] = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)))
 
 
-class PrivacyConfigError(ValueError):
-    """A privacy parameter is invalid (the message names the field and the value)."""
+class PrivacyConfigError(ConfigError):
+    """A privacy parameter is invalid (the message names the field and the value). A ConfigError, so that
+    every command reports it in one line (exit 2) instead of a traceback."""
 
 
 def validate_event(event: Sequence[Any]) -> Event:
