@@ -212,3 +212,28 @@ def main(argv: list[str] | None = None) -> int:
           file=sys.stderr)
     print(f"next: fedsocial train --config {out} --out runs/{out.stem}   (or: fedsocial simulate ...)", file=sys.stderr)
     return 0
+
+
+def compute_dp_advice(cfg: Any) -> list[str]:
+    """The ``section.key=value`` changes a DP run of ``cfg`` needs because its settings are the
+    non-private ones (DESIGN.md, docs/PRIVACY.md): empty when DP is off or the settings already fit."""
+    if not cfg.privacy.enabled or cfg.model.name != "social":
+        return []
+    advice = []
+    if cfg.model.user_embedding == "trained":
+        advice.append("model.user_embedding=local")  # a DP-trained per-user table is mostly noise
+    if cfg.model.use_mlp:
+        advice.append("model.use_mlp=false")  # the MLP takes clipping norm and measured no gain under DP
+    if cfg.privacy.max_grad_norm > 0.5:
+        advice.append("privacy.max_grad_norm=0.1")  # per-user gradient norms measured ~0.1
+    return advice
+
+
+def dp_advice_line(cfg: Any) -> str | None:
+    """One line for the terminal when :func:`compute_dp_advice` has something to say."""
+    advice = compute_dp_advice(cfg)
+    if not advice:
+        return None
+    return ("note: DP is on with settings for non-private training; for DP use "
+            + " ".join(f"--set {a}" for a in advice)
+            + " (or write a DP config: fedsocial init --data DIR --out CONFIG --private)")

@@ -322,6 +322,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg, run_dir, resume = config_from_cli(args)
+        from fedsocial.simulations.init_cmd import dp_advice_line
+
+        advice = dp_advice_line(cfg)  # DP turned on for a non-private config: say which keys to change
+        if advice:
+            print(advice, file=sys.stderr)
         doc = run_simulation_from_config(cfg, args.data_dir, run_dir, resume=resume, progress=not args.no_progress,
                                          track=args.track)
     except (QuorumError, CheckpointError, FederationError) as exc:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -57,9 +58,13 @@ def run_train(cfg: Any, data_dir: str | None, out: Path, progress: bool = True, 
     from fedsocial.shared.loaders import load_dataset
     from fedsocial.shared.split import split_dataset
     from fedsocial.shared.trainer import train_centralized
+    from fedsocial.simulations.init_cmd import dp_advice_line
     from fedsocial.simulations.train_checkpoint import mark_finished, prepare_run_folder, save_train_checkpoint
 
     start = prepare_run_folder(cfg, out, resume)  # refuses a mismatched --resume before any work
+    advice = dp_advice_line(cfg)  # DP turned on for a non-private config: say which keys to change
+    if advice:
+        print(advice, file=sys.stderr)
 
     t0 = time.perf_counter()
     dataset = load_dataset(cfg.data, data_dir)

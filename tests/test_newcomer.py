@@ -254,3 +254,22 @@ def test_demo_commands_print_no_warning_and_track_per_partner_epsilon(tmp_path: 
         eps = acc.Scalars(f"privacy/epsilon/{pid}")
         assert [e.step for e in eps] == [1, 2] and eps[-1].value == pytest.approx(info["epsilon"], rel=1e-6)
     assert {"federated/ndcg@10", "time/round_s", "test/ndcg@10"} <= set(scalars)
+
+
+def test_dp_on_a_non_private_config_says_exactly_which_keys_to_change(tmp_path: Path) -> None:
+    # Prepare
+    from fedsocial.simulations.init_cmd import compute_dp_advice, dp_advice_line
+
+    data = _dataset(tmp_path / "data", 60, 80, features=False)
+    fedsocial(tmp_path, "init", "--data", str(data), "--out", str(tmp_path / "c.toml"))
+    # Execute
+    plain = load_config(tmp_path / "c.toml")
+    dp_on = load_config(tmp_path / "c.toml", ["privacy.enabled=true"])
+    advice = compute_dp_advice(dp_on)
+    fixed = load_config(tmp_path / "c.toml", ["privacy.enabled=true", *advice])
+    # Assert: nothing to say without DP or once the advice is applied; the line names each key
+    assert compute_dp_advice(plain) == [] and compute_dp_advice(fixed) == []
+    assert advice == ["model.user_embedding=local", "model.use_mlp=false"]
+    line = dp_advice_line(dp_on)
+    assert line is not None and "--set model.user_embedding=local --set model.use_mlp=false" in line
+    assert not WARNING_LINE.search(line)
