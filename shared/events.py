@@ -13,6 +13,7 @@ whose user is unknown creates the user; an unknown item or neighbour is refused.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -30,6 +31,7 @@ INTERACTIONS = ("view", "click", "purchase", "rating")
 SOCIAL = ("follow", "unfollow")
 # local-state entries with one row per user: grown with zero rows when events add users
 PER_USER_STATE = ("social_emb.weight", "user_emb.weight", "local_user")
+USER_FEATURE_STATE = "user_feat"  # the model's per-user feature codes (a buffer computed from the data)
 
 
 class EventError(ValueError):
@@ -180,11 +182,14 @@ def _rebuilt(split: SplitData, users: list[int | str], new_pairs: list[tuple[int
     src, dst = (np.array([e[k] for e in edges], dtype=np.int64) for k in (0, 1))
     grown = len(users) - ds.n_users
     user_ids = None if ds.user_ids is None else np.concatenate([ds.user_ids, np.full(grown, -1, dtype=np.int64)])
+    feats = ds.user_features
+    if feats is not None and grown:  # a new user's features are unknown: code 0 (missing) in every column
+        feats = np.concatenate([feats, np.zeros((grown, feats.shape[1]), dtype=feats.dtype)])
     extra = {**ds.extra, "original_user_ids": np.array(users, dtype=object)}
-    new_ds = Dataset(n_users=len(users), n_items=ds.n_items, users=np.concatenate([ds.users, nu]),
-                     items=np.concatenate([ds.items, ni]), social_src=src, social_dst=dst,
-                     item_category=ds.item_category, name=ds.name, user_ids=user_ids, item_ids=ds.item_ids,
-                     extra=extra)
+    # every other field (categories, prices, texts, feature names) is the catalogue's or unchanged
+    new_ds = dataclasses.replace(ds, n_users=len(users), users=np.concatenate([ds.users, nu]),
+                                 items=np.concatenate([ds.items, ni]), social_src=src, social_dst=dst,
+                                 user_ids=user_ids, user_features=feats, extra=extra)
     return SplitData(dataset=new_ds, train_users=np.concatenate([split.train_users, nu]),
                      train_items=np.concatenate([split.train_items, ni]), val_users=split.val_users,
                      val_items=split.val_items, test_users=split.test_users, test_items=split.test_items)
@@ -199,6 +204,9 @@ def load_split_with_events(split: SplitData, state_dir: Path) -> SplitData:
 def compute_grown_local_state(state: dict[str, np.ndarray], n_users: int) -> dict[str, np.ndarray]:
     """Local state with per-user tables padded by zero rows up to ``n_users`` (users added by events)."""
     out = dict(state)
+    feats = state.get(USER_FEATURE_STATE)
+    if feats is not None and feats.shape[0] and feats.shape[0] < n_users:
+        del out[USER_FEATURE_STATE]  # derived from the data (users.csv codes): the model rebuilds it for all users
     for name in PER_USER_STATE:
         table = state.get(name)
         if table is not None and table.shape[0] and table.shape[0] < n_users:

@@ -50,7 +50,10 @@ def tiny_split(seed: int = 0, n_users: int = 24, n_items: int = 40) -> SplitData
     dst = rng.integers(0, n_users, 60)
     keep = (src != dst) & (src != 0)
     ds = Dataset(n_users, n_items, pairs[:, 0], pairs[:, 1], src[keep], dst[keep],
-                 item_category=np.arange(n_items) % 4)
+                 item_category=np.arange(n_items) % 4, item_price_bin=np.arange(n_items) % 3,
+                 item_text=rng.normal(size=(n_items, 5)).astype(np.float32),
+                 user_features=np.stack([np.arange(n_users) % 3, np.arange(n_users) % 2], 1),
+                 user_feature_names=("age", "region"), user_feature_sizes=(3, 2))
     val = rng.random(len(pairs)) < 0.2
     return SplitData(ds, pairs[~val, 0], pairs[~val, 1], pairs[val, 0], pairs[val, 1],
                      np.zeros(0, np.int64), np.zeros(0, np.int64))
@@ -59,7 +62,10 @@ def tiny_split(seed: int = 0, n_users: int = 24, n_items: int = 40) -> SplitData
 def randomised_model(mc: ModelConfig, split: SplitData, seed: int) -> RecModel:
     """Every parameter random (the MLP's zero output layer too), so that every term is non-trivial."""
     torch.manual_seed(seed)
-    model = build_model(mc, split.n_users, split.n_items, item_category=split.dataset.item_category)
+    ds = split.dataset
+    model = build_model(mc, split.n_users, split.n_items, item_category=ds.item_category,
+                        item_price_bin=ds.item_price_bin, item_text=ds.item_text, user_features=ds.user_features,
+                        user_feature_sizes=ds.user_feature_sizes)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.3)
@@ -71,7 +77,9 @@ VARIANTS = [dict(aggregator=a, user_embedding=p, temperature=t, use_category=boo
             for n, (a, p, t) in enumerate(itertools.product(("mean", "gcn", "attention"), ("trained", "local", "none"),
                                                             (0.0, 0.2)))]
 VARIANTS += [dict(use_social=False, user_embedding="local"), dict(use_history=False, aggregator="attention"),
-             dict(use_history=False, use_social=False, user_embedding="trained")]
+             dict(use_history=False, use_social=False, user_embedding="trained"),
+             dict(use_price=True, use_text=True, use_user_features=True, use_category=True, temperature=0.2,
+                  aggregator="attention", user_embedding="local")]
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: ",".join(f"{k}={x}" for k, x in v.items()))
@@ -219,6 +227,12 @@ def test_events_replay_into_the_split_and_grow_local_state(tmp_path: Path) -> No
                                       grown.n_users)
     assert state["social_emb.weight"].shape == (grown.n_users, 4) and not state["social_emb.weight"][-1].any()
     assert state["item_cat"].shape == (40,)
+    # regression: the replay keeps the catalogue's and users' features (a new user's are missing: code 0)
+    assert grown.dataset.item_price_bin is split.dataset.item_price_bin and grown.dataset.item_text is not None
+    feats = grown.dataset.user_features
+    assert feats is not None and feats.shape == (grown.n_users, 2) and not feats[-1].any()
+    codes = compute_grown_local_state({"user_feat": np.ones((split.n_users, 2), np.int64)}, grown.n_users)
+    assert "user_feat" not in codes  # rebuilt by the model from the grown data
     with pytest.raises(EventError, match="unknown item"):
         compute_split_with_events(split, [parse_event({"user": 0, "item": 999, "type": "view"})])
     path.write_text(path.read_text() + "{not json\n")
