@@ -208,7 +208,9 @@ class FedSocialStrategy(Strategy):
         for proxy in proxies:
             pid = self._who(proxy)
             try:
-                res = proxy.get_properties(GetPropertiesIns({"round": g}), timeout=self.wait_timeout, group_id=None)
+                # a partner that died mid-run must not stall the round for the whole wait_timeout
+                res = proxy.get_properties(GetPropertiesIns({"round": g}), timeout=min(self.wait_timeout, 60.0),
+                                           group_id=None)
                 intent = protocol.parse_intent(dict(res.properties), g)
             except Exception as exc:  # a partner that does not answer is not a contributor
                 intent = protocol.Rejected((f"no answer: {type(exc).__name__}: {exc}",))
