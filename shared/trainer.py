@@ -137,8 +137,6 @@ def register_fast_embedding_norm_sampler() -> None:
     register_norm_sampler(nn.Embedding)(compute_embedding_norm_sample)
 
 
-register_fast_embedding_norm_sampler()
-
 
 class LocalTrainer:
     """Trains one partner's model: users local 0..n_p-1, global item ids (``split``)."""
@@ -321,6 +319,8 @@ class LocalTrainer:
                            on_epoch: Callable[[int, float], bool] | None) -> FitResult:
         """Opacus's PrivacyEngine with ghost clipping (two backward passes a step); also secure_rng."""
         from opacus import PrivacyEngine
+
+        register_fast_embedding_norm_sampler()  # here, not at import: Opacus costs ~2 s CPU to import
 
         pc, n = self.cfg.privacy, self.split.n_users
         # the DP dataset is every user of the partner (a user without items is a zero example)

@@ -20,7 +20,7 @@ from fedsocial.shared.config import Config, DataConfig, ModelConfig
 from fedsocial.shared.models import RecModel, build_model
 from fedsocial.shared.split import split_dataset
 from fedsocial.shared.synthetic import generate
-from fedsocial.shared.trainer import PerUserLoss, compute_embedding_norm_sample
+from fedsocial.shared.trainer import PerUserLoss, compute_embedding_norm_sample, register_fast_embedding_norm_sampler
 
 
 def _setup(mcfg: ModelConfig, n_batch: int = 12) -> tuple[RecModel, dict[str, torch.Tensor]]:
@@ -66,6 +66,7 @@ def _per_user_norms(model: RecModel, batch: dict[str, torch.Tensor]) -> torch.Te
 
 def _ghost(model: RecModel, batch: dict[str, torch.Tensor], clip: float) -> dict[str, torch.Tensor]:
     """Opacus ghost clipping, noise 0: after backward p.grad is the sum of the clipped per-user gradients."""
+    register_fast_embedding_norm_sampler()  # as LocalTrainer does before a ghost-clipped fit
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.arange(40)), batch_size=8)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with warnings.catch_warnings():
@@ -142,6 +143,7 @@ def test_fast_embedding_norm_sampler_matches_opacus_and_is_registered() -> None:
     # Execute
     ours = compute_embedding_norm_sample(layer, [ids], backprops)[layer.weight]
     theirs = opacus_norms(layer, [ids], backprops)[layer.weight]
+    register_fast_embedding_norm_sampler()
     # Assert
     torch.testing.assert_close(ours, theirs)
     assert GSM.NORM_SAMPLERS[torch.nn.Embedding] is compute_embedding_norm_sample
