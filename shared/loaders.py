@@ -204,8 +204,8 @@ def apply_edge_rule(path: Path, line_no: np.ndarray, unknown: np.ndarray, strict
         raise DataError(f"{path}: {n} social row(s) name a user with no interactions (data.strict = true); "
                         f"lines: {', '.join(map(str, lines))}")
     shown = ", ".join(map(str, lines[:_SHOWN_LINES])) + (", ..." if n > _SHOWN_LINES else "")
-    LOG.warning("%s: dropped %d social edge(s) naming a user with no interactions (lines %s); "
-                "data.strict = true refuses them instead", path, n, shown)
+    LOG.warning("%s: dropped %d social edge(s) naming a user with no interactions (%s %s); "
+                "data.strict = true refuses them instead", path, n, "line" if n == 1 else "lines", shown)
     return ~unknown
 
 

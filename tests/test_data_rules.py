@@ -77,8 +77,8 @@ def test_research_loaders_follow_the_same_rule(tmp_path: Path, caplog: pytest.Lo
     # Assert: kept edges as before; the notices name the right lines (FilmTrust's blank line counts)
     assert lfm.n_edges == 2 and ft.n_edges == 1
     notices = [r.getMessage() for r in caplog.records if r.name == "fedsocial.data"]
-    assert any("user_friends.dat: dropped 1" in m and "lines 3)" in m for m in notices)
-    assert any("trust.txt: dropped 1" in m and "lines 3)" in m for m in notices)
+    assert any("user_friends.dat: dropped 1" in m and "(line 3)" in m for m in notices)
+    assert any("trust.txt: dropped 1" in m and "(line 3)" in m for m in notices)
     with pytest.raises(DataError, match=r"trust.txt: 1 social row.*lines: 3$"):
         load_filmtrust(tmp_path / "ft", strict=True)
 
