@@ -36,13 +36,13 @@ from fedsocial.shared.fileio import write_json_atomic
 from fedsocial.shared.privacy.round import RoundPlan
 from fedsocial.shared.protocol import EVAL_METRIC_KEYS as EVAL_METRIC_KEYS
 from fedsocial.shared.protocol import FIT_METRIC_KEYS as FIT_METRIC_KEYS
-from fedsocial.shared.protocol import METRIC_KEYS, REGISTRATION_KEYS
+from fedsocial.shared.protocol import INTENT_KEYS, METRIC_KEYS, REGISTRATION_KEYS
 
 log = logging.getLogger("fedsocial.client")
 
 # Everything a partner's replies may carry besides shared-parameter arrays (scalars about the round,
 # never user ids, per-user values, interactions or social edges) is defined by shared/protocol.py.
-PROPERTY_KEYS = REGISTRATION_KEYS
+PROPERTY_KEYS = REGISTRATION_KEYS | INTENT_KEYS  # get_properties: the registration, or an intent
 
 
 class PartnerError(RuntimeError):
