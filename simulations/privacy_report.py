@@ -39,13 +39,20 @@ def summary_table(result: AuditResult) -> str:
         ))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     table = "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
-    return "\n".join([table, *(f"note: {n}" for n in compute_run_notes(result))])
+    notes = compute_run_notes(result)
+    return "\n".join([table, *(f"note: {n}" for n in notes), *([f"note: {RECOMPUTATION_EXPLAINED}"] if notes else [])])
+
+
+RECOMPUTATION_EXPLAINED = (
+    "Independent accountants bound the same mechanism slightly differently (RDP orders, numerical "
+    f"methods); the audit fails a ledger only when its value is more than {RECOMPUTE_RTOL:.0%} below a "
+    "recomputation, and holds the cap against the accountant of record.")
 
 
 def compute_recomputation_notes(p: PartnerReport, digits: int = 4) -> list[str]:
     """A sentence for each independent recomputation of a partner's final epsilon that differs from the
     ledger at ``digits`` significant digits (dp_accounting's RDP checks the ledger's RDP value, its PLD
-    the ledger's PRV value), saying why that is not by itself a finding and how the cap is applied."""
+    the ledger's PRV value), saying how the cap applies; :data:`RECOMPUTATION_EXPLAINED` says why."""
     if not p.rounds:
         return []
     last, notes = p.rounds[-1], []
@@ -55,20 +62,27 @@ def compute_recomputation_notes(p: PartnerReport, digits: int = 4) -> list[str]:
             continue
         if f"{recomputed:.{digits}g}" == f"{recorded:.{digits}g}":
             continue
-        change = (recomputed - recorded) / recorded
-        text = (f"{p.partner_id}: dp_accounting's independent {method} recomputation gives epsilon "
-                f"{recomputed:.{digits}g} where the ledger records {recorded:.{digits}g} ({change:+.2%}). "
-                f"Different accountants' numerical methods bound the same mechanism slightly differently; the "
-                f"audit fails a ledger only when its value is more than {RECOMPUTE_RTOL:.0%} below a recomputation.")
+        text = (f"{p.partner_id}: dp_accounting's {method} recomputation gives epsilon {recomputed:.{digits}g}, "
+                f"the ledger {recorded:.{digits}g} ({(recomputed - recorded) / recorded:+.2%})")
         cap = p.max_epsilon
         if cap is not None and recomputed > cap >= last.epsilon:
-            text += (f" The recomputation is above the cap of {cap:g}, but the cap is held against the "
-                     f"accountant of record ({last.accountant}: {last.epsilon:.{digits}g}), so this is not a "
-                     "budget violation.")
+            text += (f"; above the cap of {cap:g}, but the cap is held against the accountant of record "
+                     f"({last.accountant}: {last.epsilon:.{digits}g}), so this is not a budget violation.")
         elif name != last.accountant:
-            text += f" The accountant of record is {last.accountant}; this value is a cross-check only."
+            text += f"; a cross-check only (the accountant of record is {last.accountant})."
+        else:
+            text += "."
         notes.append(text)
     return notes
+
+
+def compute_run_notes(result: AuditResult) -> list[str]:
+    """:func:`compute_recomputation_notes` over all partners, one sentence for partners that share it."""
+    grouped: dict[str, list[str]] = {}
+    for p in result.partners:
+        for note in compute_recomputation_notes(p):
+            grouped.setdefault(note.removeprefix(f"{p.partner_id}: "), []).append(p.partner_id)
+    return [f"{', '.join(ids)}: {text}" for text, ids in grouped.items()]
 
 
 _CANARY_ROWS = (  # (key in canary_audit.json, label)
@@ -79,15 +93,6 @@ _CANARY_ROWS = (  # (key in canary_audit.json, label)
     ("noise_multiplier", "noise multiplier"), ("sample_rate", "sample rate"), ("rounds", "rounds"),
     ("local_epochs", "local epochs"), ("partner", "partner audited"), ("partner_users", "users of that partner"),
 )
-
-
-def compute_run_notes(result: AuditResult) -> list[str]:
-    """:func:`compute_recomputation_notes` over all partners, one sentence for partners that share it."""
-    grouped: dict[str, list[str]] = {}
-    for p in result.partners:
-        for note in compute_recomputation_notes(p):
-            grouped.setdefault(note.removeprefix(f"{p.partner_id}: "), []).append(p.partner_id)
-    return [f"{', '.join(ids)}: {text}" for text, ids in grouped.items()]
 
 
 def _number(value: Any) -> str:
@@ -271,7 +276,8 @@ def render_html(result: AuditResult) -> str:
     parts += ["<h2>Cumulative epsilon per round</h2>", render_svg(result)]
     notes = compute_run_notes(result)
     if notes:
-        parts += ["<h2>Independent recomputations</h2>", *[f"<p class='note'>{esc(n)}</p>" for n in notes]]
+        parts += ["<h2>Independent recomputations</h2>", *[f"<p class='note'>{esc(n)}</p>" for n in notes],
+                  f"<p>{esc(RECOMPUTATION_EXPLAINED)}</p>"]
     parts.append("<h2>Findings</h2>")
     parts.append("<ul>" + "".join(f"<li class='{'ok' if f.severity == 'warning' else 'bad'}'>{esc(str(f))}</li>"
                                   for f in result.findings) + "</ul>" if result.findings else "<p>None.</p>")

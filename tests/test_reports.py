@@ -114,9 +114,9 @@ def test_a_recomputation_above_the_cap_gets_a_sentence() -> None:
     notes = compute_recomputation_notes(result.partners[0])
     table = summary_table(result)
     # Assert: the 8.002 > cap 8 case the issue names is explained, once for both partners in the CLI table
-    assert len(notes) == 1 and "gives epsilon 8.002 where the ledger records 7.995 (+0.08%)" in notes[0]
+    assert len(notes) == 1 and "RDP recomputation gives epsilon 8.002, the ledger 7.995 (+0.08%)" in notes[0]
     assert "above the cap of 8, but the cap is held against the accountant of record (rdp: 7.995)" in notes[0]
-    assert table.count("note: partner-0, partner-1: dp_accounting's independent RDP") == 1
+    assert table.count("note: partner-0, partner-1: dp_accounting's RDP") == 1 and "holds the cap against" in table
 
 
 def test_no_sentence_when_the_recomputation_agrees() -> None:
