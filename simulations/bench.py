@@ -155,6 +155,78 @@ def measure_profile(cfg: Config, data_dir: str | None, dp: bool = True) -> dict[
     return out
 
 
+def measure_dp_step(cfg: Config, data_dir: str | None, steps: int = 30, warmup: int = 5) -> dict[str, float]:
+    """CPU milliseconds per training step, interleaved on the same batches: non-private, one-pass DP
+    clipping (noise included) and Opacus's ghost clipping (noise included); medians after ``warmup``.
+
+    CPU time of this process (one torch thread): on a shared machine wall time also counts other jobs.
+    """
+    import warnings
+
+    import numpy as np
+    import torch
+    from opacus import PrivacyEngine
+
+    from fedsocial.shared.loaders import load_dataset
+    from fedsocial.shared.onepass import OnePassClipper
+    from fedsocial.shared.split import split_dataset
+    from fedsocial.shared.trainer import (
+        LocalTrainer,
+        PerUserLoss,
+        add_noise_inplace,
+        register_fast_embedding_norm_sampler,
+    )
+
+    torch.set_num_threads(max(1, cfg.train.num_threads))
+    split = split_dataset(load_dataset(cfg.data, data_dir), cfg.split)
+    bs, pc = cfg.train.batch_size, cfg.privacy
+    plain, onepass, ghost = (LocalTrainer(cfg, split, seed=cfg.train.seed) for _ in range(3))
+    opt_plain, opt_one = plain._optimizer(), onepass._optimizer()
+    clipper = OnePassClipper(onepass.model)
+    params = [p for p in onepass.model.parameters() if p.requires_grad]
+    register_fast_embedding_norm_sampler()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.arange(split.n_users)), batch_size=bs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gsm, opt_ghost, crit, _ = PrivacyEngine(accountant="rdp").make_private(
+            module=ghost.model, optimizer=ghost._optimizer(), criterion=PerUserLoss(), data_loader=loader,
+            noise_multiplier=1.0, max_grad_norm=pc.max_grad_norm, grad_sample_mode="ghost", poisson_sampling=True)
+
+    def step_plain(b: dict[str, torch.Tensor]) -> None:
+        opt_plain.zero_grad(set_to_none=True)
+        plain.model(b).mean().backward()
+        opt_plain.step()
+
+    def step_onepass(b: dict[str, torch.Tensor]) -> None:
+        opt_one.zero_grad(set_to_none=True)
+        clipper.start()
+        clipper.clipped_backward(onepass.model(b), pc.max_grad_norm)
+        add_noise_inplace(params, pc.max_grad_norm, bs, None)
+        opt_one.step()
+
+    def step_ghost(b: dict[str, torch.Tensor]) -> None:
+        opt_ghost.zero_grad(set_to_none=True)
+        crit(gsm(b), None).backward()
+        opt_ghost.step()
+
+    rng = np.random.default_rng(0)
+    times: dict[str, list[float]] = {"non_private": [], "onepass": [], "ghost": []}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(warmup + steps):
+            batch = plain._batch(rng.choice(split.n_users, min(bs, split.n_users), replace=False), rng)
+            for label, step in (("non_private", step_plain), ("onepass", step_onepass), ("ghost", step_ghost)):
+                c0 = time.process_time()
+                step(batch)
+                times[label].append(time.process_time() - c0)
+    clipper.close()
+    gsm._close()
+    med = {k: 1e3 * statistics.median(v[warmup:]) for k, v in times.items()}
+    return {"batch_size": float(bs), "non_private_cpu_ms": med["non_private"], "onepass_cpu_ms": med["onepass"],
+            "ghost_cpu_ms": med["ghost"], "ratio_onepass": med["onepass"] / med["non_private"],
+            "ratio_ghost": med["ghost"] / med["non_private"]}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedsocial bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -173,6 +245,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--repeats", type=int, default=3)
     c.add_argument("--compare-ghost", action="store_true", help="also time Opacus ghost clipping, interleaved")
     c.add_argument("--set", dest="overrides", action="append", default=[])
+    d = sub.add_parser("dp-step", help="CPU ms per step: non-private, one-pass DP, Opacus ghost, interleaved")
+    d.add_argument("--config", required=True)
+    d.add_argument("--data-dir", default=None)
+    d.add_argument("--steps", type=int, default=30)
+    d.add_argument("--batch-sizes", type=int, nargs="+", default=[])
+    d.add_argument("--set", dest="overrides", action="append", default=[])
     p = sub.add_parser("profile", help="where an epoch goes: loading, batching, training, DP, evaluation")
     p.add_argument("--config", required=True)
     p.add_argument("--data-dir", default=None)
@@ -191,6 +269,11 @@ def main(argv: list[str] | None = None) -> int:
         write_json_atomic(out / f"{args.dataset}_quality.json", results)
         (out / f"{args.dataset}_quality.md").write_text(table + "\n")
         print(table)
+    elif args.what == "dp-step":
+        for bs in args.batch_sizes or [0]:
+            extra = [f"train.batch_size={bs}"] if bs else []
+            cfg = load_config(args.config, [*args.overrides, *extra])
+            print(json.dumps(measure_dp_step(cfg, args.data_dir, args.steps)), flush=True)
     elif args.what == "profile":
         cfg = load_config(args.config, args.overrides)
         print(json.dumps(measure_profile(cfg, args.data_dir, dp=not args.no_dp), indent=2))
