@@ -269,7 +269,7 @@ def render_html(result: AuditResult) -> str:
     ]
     if result.canary:
         lb = result.canary.get("epsilon_lower_bound")
-        parts.append(f"<p>Canary audit: empirical epsilon lower bound <strong>{esc(str(lb))}</strong>.</p>"
+        parts.append(f"<p>Canary audit: empirical epsilon lower bound <strong>{_number(lb)}</strong>.</p>"
                      + _canary_html(result.canary, result.ledger_max_epsilon))
     else:
         parts.append("<p>No canary audit in this run (<code>canary_audit.json</code> absent).</p>")
