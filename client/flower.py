@@ -83,6 +83,9 @@ class FedSocialClient(NumPyClient):
                  ) -> tuple[float, int, dict[str, Any]]:
         round_ = int(config["round"])
         metrics, n = self.partner.evaluate(list(parameters), round_)
+        if metrics is None:  # kept on the partner (DP without a DP evaluation release): only the round leaves
+            kept = protocol.EvalReport(round_, self.partner.partner_id, 0, {}, released=False)
+            return 0.0, 0, checked(protocol.parse_eval_report(kept.to_metrics(), round_))
         report = protocol.EvalReport(round_, self.partner.partner_id, n,
                                      {k: float(metrics[k]) for k in protocol.METRIC_KEYS},
                                      float(metrics.get("eval_time_s", 0.0)))

@@ -15,6 +15,7 @@ Where a partner's data comes from:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -355,14 +356,14 @@ class Partner:
         """The ledger, the round's :class:`PrivacyRound` (history = entries of earlier rounds) and the
         round's own entry when the ledger already charged it."""
         from fedsocial.shared.privacy.accounting import check_delta
-        from fedsocial.shared.privacy.ledger import history_of
+        from fedsocial.shared.privacy.ledger import history_of, training_entries
         from fedsocial.shared.privacy.round import PrivacyRound
 
         check_delta(self.cfg.privacy.target_delta, self.num_users)
         ledger = self.open_ledger()
         entries = ledger.entries()
-        prior = [e for e in entries if int(e["round"]) < round_]
-        recorded = next((e for e in entries if int(e["round"]) == round_), None)
+        prior = [e for e in entries if int(e["round"]) < round_]  # training and evaluation releases alike
+        recorded = next((dict(e) for e in training_entries(entries) if int(e["round"]) == round_), None)
         later = [int(e["round"]) for e in entries if int(e["round"]) > round_]
         if recorded is None and later:
             raise PartnerError(f"{self.partner_id}: asked to train round {round_}, but the ledger already charged "
@@ -426,8 +427,68 @@ class Partner:
         event = (plan.noise_multiplier, plan.sample_rate, plan.steps)
         return not would_exceed(history, event, pc.target_delta, pc.max_epsilon, pc.accountant)
 
-    def evaluate(self, arrays: list[np.ndarray], round_: int) -> tuple[dict[str, float], int]:
-        """Score this partner's test users with its local tables (after ``round_``) and the global parameters."""
+    def evaluate(self, arrays: list[np.ndarray], round_: int) -> tuple[dict[str, float] | None, int]:
+        """Score this partner's test users (its local tables after ``round_``, the global parameters), keep
+        the result in its own folder, and return what may leave (:mod:`shared.privacy.evaluation`):
+        the exact metrics without DP; under DP ``(None, 0)`` (nothing) by default, or the Gaussian
+        release of the metric sums, charged in the ledger, when ``federation.eval_noise_multiplier > 0``.
+        """
+        from fedsocial.shared.privacy.evaluation import compute_release_mode, write_local_evaluation
+
+        metrics, n, elapsed = self._evaluate_locally(arrays, round_)
+        write_local_evaluation(self.settings.state_dir, round_, metrics, n, elapsed)
+        mode = compute_release_mode(self.cfg.privacy.enabled, self.cfg.federation.eval_noise_multiplier)
+        if mode == "clear":
+            return {**metrics, "eval_time_s": elapsed}, n
+        if mode == "local":
+            return None, 0
+        return self._dp_evaluation(round_, metrics, n)
+
+    def _dp_evaluation(self, round_: int, metrics: dict[str, float], n: int) -> tuple[dict[str, float] | None, int]:
+        """The Gaussian release of the evaluation sums: planned, admitted against the cap, saved, charged
+        (an entry with ``release = "evaluation"``, event (sigma, 1, 1)), then returned; a re-run re-sends it."""
+        import hashlib
+
+        from fedsocial.shared.privacy.evaluation import (
+            EVAL_SENSITIVITY,
+            compute_noisy_release,
+            eval_event,
+            load_eval_release,
+            save_eval_release,
+        )
+        from fedsocial.shared.privacy.ledger import canonical_json, history_of
+        from fedsocial.shared.privacy.round import PrivacyRound
+
+        pc, sigma = self.cfg.privacy, float(self.cfg.federation.eval_noise_multiplier)
+        ledger = self.open_ledger()
+        entries = ledger.entries()
+        recorded = next((e for e in entries if int(e["round"]) == round_ and e.get("release") == "evaluation"), None)
+        if recorded is not None:
+            saved = load_eval_release(self.settings.state_dir, round_)
+            if saved is None or saved.get("digest") != recorded.get("release_sha256"):
+                raise PartnerError(f"{self.partner_id}: the evaluation of round {round_} was released and charged, "
+                                   "but that release is not on this partner's disk; refusing a second one")
+            return dict(saved["metrics"]), int(saved["evaluated_users"])
+        base = self.privacy_plan()
+        plan = dataclasses.replace(base, noise_multiplier=sigma, sample_rate=1.0, steps=1,
+                                   max_grad_norm=EVAL_SENSITIVITY,
+                                   settings={**base.settings, "federation.eval_noise_multiplier": sigma})
+        pround = PrivacyRound(plan, history_of(entries))
+        admission = pround.admit()
+        if not admission.admitted:
+            log.warning("%s: releasing the evaluation of round %d would take epsilon to %.3f > %.3f; kept local",
+                        self.partner_id, round_, admission.epsilon_next, pc.max_epsilon)
+            return None, 0
+        # OS entropy, never a seed from the (public) config: whoever knew the seed could remove the noise
+        means, count = compute_noisy_release(metrics, n, sigma, self.num_users, np.random.default_rng())
+        release = {"round": round_, "metrics": means, "evaluated_users": count}
+        digest = hashlib.sha256(canonical_json(release).encode("ascii")).hexdigest()
+        save_eval_release(self.settings.state_dir, round_, {**release, "digest": digest})
+        pround.record(ledger, round_, eval_event(sigma), self.num_users, False,
+                      extra={"release": "evaluation", "release_sha256": digest})
+        return means, count
+
+    def _evaluate_locally(self, arrays: list[np.ndarray], round_: int) -> tuple[dict[str, float], int, float]:
         t0 = time.perf_counter()
         trainer, _ = self._prepared_trainer(arrays, round_)
         trainer.refit_local()  # p_u from the user's own items against the new global (no-op unless local)
@@ -439,7 +500,7 @@ class Partner:
                                                                   round_) + 1)
         else:
             metrics, n = trainer.evaluate("test")
-        return {**{k: float(metrics[k]) for k in METRIC_KEYS}, "eval_time_s": time.perf_counter() - t0}, int(n)
+        return {k: float(metrics[k]) for k in METRIC_KEYS}, int(n), time.perf_counter() - t0
 
 
 _PARTNERS: dict[tuple[PartnerSettings, bytes], Partner] = {}

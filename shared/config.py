@@ -206,6 +206,9 @@ class FederationConfig:
     # 0: the alone budget, rounds x local_epochs
     personal_epochs: int = 0
     compare_alone: bool = False  # also train each partner alone, non-private, same budget (metrics.json alone)
+    # under DP: 0 keeps each partner's evaluation on the partner; > 0 releases Gaussian-noised metric sums,
+    # charged in its ledger (shared/privacy/evaluation.py)
+    eval_noise_multiplier: float = 0.0
 
     def __post_init__(self) -> None:
         _check(self.partners >= 1, "federation.partners", "must be >= 1")
@@ -220,6 +223,8 @@ class FederationConfig:
         _check(self.norm_tolerance >= 0, "federation.norm_tolerance", "must be >= 0")
         _check(self.local_batch_size >= 0, "federation.local_batch_size", "must be >= 0 (0: train.batch_size)")
         _check(self.eval_every >= 1, "federation.eval_every", "must be >= 1")
+        _check(math.isfinite(self.eval_noise_multiplier) and self.eval_noise_multiplier >= 0,
+               "federation.eval_noise_multiplier", "must be finite and >= 0")
         _check(self.personal_epochs >= 0, "federation.personal_epochs", "must be >= 0 (0: rounds x local_epochs)")
 
 

@@ -266,21 +266,29 @@ def _parse_accounting(m: Mapping[str, Any], errs: list[str]) -> FitAccounting | 
 
 @dataclass(frozen=True)
 class EvalReport:
-    """A partner's evaluation reply: ranking metrics over its test users (each in [0, 1])."""
+    """A partner's evaluation reply: ranking metrics over its test users (each in [0, 1]).
+
+    ``released = False``: the partner kept its evaluation (the default under DP, see
+    shared/privacy/evaluation.py); the reply then carries only the round and the partner id.
+    """
 
     round: int
     partner_id: str
     evaluated_users: int
-    metrics: Mapping[str, float]  # exactly METRIC_KEYS
+    metrics: Mapping[str, float]  # exactly METRIC_KEYS (empty when not released)
     eval_time_s: float = 0.0
+    released: bool = True
 
     def to_metrics(self) -> dict[str, Any]:
+        if not self.released:
+            return {"round": self.round, "partner_id": self.partner_id, "released": 0}
         return {**{k: float(self.metrics[k]) for k in METRIC_KEYS}, "round": self.round,
                 "partner_id": self.partner_id, "evaluated_users": self.evaluated_users,
-                "eval_time_s": self.eval_time_s}
+                "eval_time_s": self.eval_time_s, "released": 1}
 
 
 EVAL_METRIC_KEYS = frozenset((_keys(EvalReport) - {"metrics"}) | set(METRIC_KEYS))
+EVAL_KEPT_KEYS = frozenset({"round", "partner_id", "released"})  # all a kept evaluation lets leave
 
 
 def parse_eval_report(m: Mapping[str, Any], expected_round: int) -> EvalReport | Rejected:
@@ -290,7 +298,15 @@ def parse_eval_report(m: Mapping[str, Any], expected_round: int) -> EvalReport |
     averaged in.
     """
     errs: list[str] = []
+    if "released" in m and m["released"] == 0 and not isinstance(m["released"], bool):
+        _unknown(m, EVAL_KEPT_KEYS, errs)
+        rnd, pid = _round(m, expected_round, errs), _str(m, "partner_id", errs, _PARTNER_ID)
+        if errs or rnd is None or pid is None:
+            return Rejected(tuple(errs))
+        return EvalReport(rnd, pid, 0, {}, 0.0, released=False)
     _unknown(m, EVAL_METRIC_KEYS, errs)
+    if "released" in m:
+        _int(m, "released", errs, lo=1, hi=1)
     rnd = _round(m, expected_round, errs)
     pid = _str(m, "partner_id", errs, _PARTNER_ID)
     users = _int(m, "evaluated_users", errs, hi=MAX_USERS)

@@ -31,6 +31,7 @@ from fedsocial.client.state import load_npz
 from fedsocial.server.checkpoint import latest_checkpoint
 from fedsocial.shared.config import Config, config_from_dict
 from fedsocial.shared.privacy.accounting import compute_epsilon
+from fedsocial.shared.privacy.evaluation import RELEASED_KEYS
 from fedsocial.simulations.audit import main as audit_main
 from fedsocial.simulations.simulate import run_simulation_from_config, write_config
 
@@ -119,6 +120,14 @@ def test_only_shared_arrays_and_whitelisted_scalars_leave_a_client(runs: dict[st
         for values in rec["metrics"].values():
             assert set(values) <= {"num_examples", "loss"}  # loss = 1 - ndcg@10 of the partner
     assert local_names, "the partners' user/social tables exist locally"
+    evals = [r for r in records if r["message_type"] == "evaluate"]
+    assert evals
+    for rec in evals:  # DP without a DP evaluation release: only the round and the partner id leave
+        values = {k: v for rn, vals in rec["configs"].items() if not rn.endswith(".status") for k, v in vals.items()}
+        assert set(values) == RELEASED_KEYS["local"] and values["released"] == 0, values
+        assert all(v in (0, 0.0) for vals in rec["metrics"].values() for v in vals.values()), rec["metrics"]
+    local = json.loads((base / "straight" / "partners" / "partner-0" / "eval" / "round_0002.json").read_text())
+    assert 0.0 <= local["ndcg@10"] <= 1.0  # kept on the partner, where the simulation driver reads it
 
 
 def test_run_directory_holds_metrics_rounds_checkpoints_states_ledgers_and_report(runs: dict[str, Any]) -> None:

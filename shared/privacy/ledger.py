@@ -164,6 +164,8 @@ def schema_problems(entry: Mapping[str, Any]) -> list[str]:
             out.append(f"{k}: expected a string, got {entry[k]!r}")
     if "secure_rng" in entry and not isinstance(entry["secure_rng"], bool):
         out.append(f"secure_rng: expected a boolean, got {entry['secure_rng']!r}")
+    if entry.get("release", "training") not in RELEASE_KINDS:
+        out.append(f"release: expected one of {RELEASE_KINDS}, got {entry.get('release')!r}")
     if out:
         return out
     checks = [
@@ -258,6 +260,19 @@ def read_ledger(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return scan.entries
 
 
+RELEASE_KINDS = ("training", "evaluation")
+
+
+def order_key(entry: Mapping[str, Any]) -> tuple[int, int]:
+    """Entries are ordered by round, and within a round the training release before the evaluation one."""
+    kind = entry.get("release", "training")
+    return int(entry["round"]), RELEASE_KINDS.index(kind) if kind in RELEASE_KINDS else 0
+
+
+def training_entries(entries: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    return [e for e in entries if e.get("release", "training") == "training"]
+
+
 def history_of(entries: Sequence[Mapping[str, Any]]) -> list[Event]:
     """The accountant history ``[(noise_multiplier, sample_rate, steps), ...]``, one event per entry."""
     return [validate_event((e["noise_multiplier"], e["sample_rate"], e["steps"])) for e in entries]
@@ -282,6 +297,7 @@ def verify_ledger(
     fp = signing.fingerprint(public_key)
     expected_prev = GENESIS_HASH
     last_round: int | None = None
+    last_key: tuple[int, int] | None = None
     rdp = np.zeros(len(DEFAULT_ALPHAS))
     history_ok = True
     for i, entry in enumerate(entries):
@@ -311,9 +327,12 @@ def verify_ledger(
             expected_prev = entry_hash(entry)
         except ValueError:  # NaN/inf smuggled in: not canonical JSON
             expected_prev = ""
-        if rnd is not None and last_round is not None and rnd <= last_round:
-            add("order", f"round {rnd} does not follow round {last_round} (rounds must strictly increase)")
+        key = order_key(entry) if rnd is not None else None
+        if key is not None and last_key is not None and key <= last_key:
+            add("order", f"round {rnd} does not follow round {last_round} (rounds must strictly increase; a "
+                         "round's evaluation release may follow its training release)")
         last_round = rnd if rnd is not None else last_round
+        last_key = key if key is not None else last_key
         if not check_epsilon:
             continue
         if bad:
@@ -341,18 +360,25 @@ def verify_head(
     The chain alone cannot reveal that the newest entries were removed (a rolled-back tail); a head
     recorded elsewhere can. An entry *beyond* the recorded head is fine (the head may be older).
     """
-    for i, entry in enumerate(entries):
-        if entry.get("round") == head_round:
-            if entry_hash(entry) != head_hash:
-                return [Problem(partner_id, head_round, i + 1, "head",
-                                "entry differs from the head recorded by the server")]
+    same_round = [i for i, entry in enumerate(entries) if entry.get("round") == head_round]
+    if same_round:  # a round may hold a training and an evaluation release: the head names one of them
+        if any(_hash_or_none(entries[i]) == head_hash for i in same_round):
             return []
+        return [Problem(partner_id, head_round, same_round[0] + 1, "head",
+                        "entry differs from the head recorded by the server")]
     if head_round is None and head_hash == GENESIS_HASH:
         return []
     last = entries[-1].get("round") if entries else None
     return [Problem(partner_id, head_round, None, "head",
                     f"the server recorded an entry for round {head_round} that the ledger lacks "
                     f"(last entry: round {last}); entries were removed")]
+
+
+def _hash_or_none(entry: Mapping[str, Any]) -> str | None:
+    try:
+        return entry_hash(entry)
+    except (TypeError, ValueError):  # NaN or a non-JSON value smuggled in: no canonical form, no hash
+        return None
 
 
 def _canonical_or_none(entry: Mapping[str, Any]) -> str | None:
@@ -555,8 +581,9 @@ class Ledger:
             problems = schema_problems({**entry, "signature": ""})
             if problems:
                 raise LedgerError(self.partner_id, rnd if isinstance(rnd, int) else None, None, "; ".join(problems))
-            if prev is not None and rnd <= prev["round"]:
-                raise LedgerError(self.partner_id, rnd, None, f"round must exceed the last recorded {prev['round']}")
+            if prev is not None and order_key(entry) <= order_key(prev):
+                raise LedgerError(self.partner_id, rnd, None, f"round must exceed the last recorded {prev['round']} "
+                                                              "(or be its evaluation release)")
             try:
                 payload = signing_payload(entry)
             except (TypeError, ValueError) as exc:

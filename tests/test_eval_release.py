@@ -1,0 +1,132 @@
+"""Only what the guarantee covers leaves a partner's evaluation (issue 11 item 6).
+
+Under DP the default keeps the metrics on the partner; with ``federation.eval_noise_multiplier`` the
+partner releases the Gaussian mechanism on the metric sums and the count (L2 sensitivity sqrt(7)),
+charged in its ledger as one sampled-Gaussian step at rate 1 that the audit recomputes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedsocial.client.partner import Partner, settings_from_context
+from fedsocial.shared.privacy.accounting import compute_epsilon
+from fedsocial.shared.privacy.audit import EXIT_OK, audit_run
+from fedsocial.shared.privacy.evaluation import (
+    EVAL_METRIC_KEYS,
+    EVAL_SENSITIVITY,
+    RELEASED_KEYS,
+    compute_noisy_release,
+    compute_pooled_metrics,
+)
+from fedsocial.shared.privacy.ledger import read_ledger
+from fedsocial.shared.protocol import EVAL_KEPT_KEYS, EvalReport, parse_eval_report
+from fedsocial.simulations.simulate import write_config
+from tests.server_records import sign_server_records
+from tests.test_federation import tiny_config
+
+
+def test_one_user_moves_the_released_vector_by_at_most_the_sensitivity() -> None:
+    # Property, brute force: any user's six metrics in [0, 1] plus their count of 1, removed from any data set
+    rng = np.random.default_rng(0)
+    for _ in range(2000):
+        n = int(rng.integers(1, 50))
+        per_user = rng.random((n, len(EVAL_METRIC_KEYS))) * (rng.random((n, 1)) < 0.7)
+        per_user[rng.integers(n)] = rng.choice([0.0, 1.0], len(EVAL_METRIC_KEYS))  # extremes too
+        full = np.append(per_user.sum(0), n)
+        for u in range(n):
+            without = np.append(np.delete(per_user, u, 0).sum(0), n - 1)
+            assert np.linalg.norm(full - without) <= EVAL_SENSITIVITY + 1e-12
+    assert math.isclose(EVAL_SENSITIVITY, math.sqrt(7))
+
+
+def test_noise_has_the_calibrated_scale_and_the_release_is_post_processed_into_range() -> None:
+    # Prepare: a partner of 1000 users with known means; sigma 0.5 -> noise std 0.5 * sqrt(7) per sum
+    metrics = dict(zip(EVAL_METRIC_KEYS, (0.2, 0.1, 0.3, 0.25, 0.12, 0.4), strict=True))
+    rng = np.random.default_rng(1)
+    # Execute
+    draws = [compute_noisy_release(metrics, 1000, 0.5, 5000, rng) for _ in range(4000)]
+    capped = [compute_noisy_release(metrics, 1000, 0.5, 1000, rng)[1] for _ in range(200)]
+    # Assert: the count's spread is sigma * sqrt(7) (rounding adds 1/12); every released mean in [0, 1]
+    counts = np.array([c for _, c in draws], dtype=float)
+    assert counts.std() == pytest.approx(math.sqrt((0.5 * math.sqrt(7)) ** 2 + 1 / 12), rel=0.05)
+    assert counts.mean() == pytest.approx(1000, abs=0.1)
+    assert max(capped) <= 1000  # never above the declared (public) user count
+    ndcg = np.array([m["ndcg@10"] for m, _ in draws])
+    assert ndcg.mean() == pytest.approx(0.1, abs=2e-3)
+    assert all(0.0 <= v <= 1.0 for m, _ in draws for v in m.values())
+    tiny = [compute_noisy_release(metrics, 3, 5.0, 3, rng) for _ in range(200)]
+    assert all(0.0 <= v <= 1.0 for m, _ in tiny for v in m.values()) and all(0 <= c <= 3 for _, c in tiny)
+
+
+def test_a_kept_evaluation_carries_only_the_round_and_the_partner_id() -> None:
+    kept = EvalReport(3, "partner-1", 0, {}, released=False).to_metrics()
+    assert set(kept) == EVAL_KEPT_KEYS == RELEASED_KEYS["local"]
+    parsed = parse_eval_report(kept, 3)
+    assert isinstance(parsed, EvalReport) and parsed.released is False
+    assert not isinstance(parse_eval_report({**kept, "ndcg@10": 0.3}, 3), EvalReport)  # nothing else may ride along
+
+
+def _partner(tmp_path: Path, **federation: float) -> Partner:
+    cfg = tiny_config(**federation)
+    config = write_config(cfg, tmp_path / "run")
+    return Partner(settings_from_context({"config-path": str(config), "run-dir": str(tmp_path / "run")},
+                                         {"partition-id": 0, "num-partitions": 3}))
+
+
+def test_under_dp_the_default_keeps_the_evaluation_on_the_partner(tmp_path: Path) -> None:
+    partner = _partner(tmp_path)
+    _, initial = partner.initial_parameters()
+    new, _, _ = partner.fit(initial, 1)
+
+    sent, n = partner.evaluate(new, 1)
+
+    assert (sent, n) == (None, 0)
+    local = json.loads((partner.settings.state_dir / "eval" / "round_0001.json").read_text())
+    assert set(EVAL_METRIC_KEYS) <= set(local) and local["evaluated_users"] > 0
+    assert (partner.settings.state_dir / "eval" / "round_0001.json").stat().st_mode & 0o077 == 0
+    assert len(read_ledger(tmp_path / "run" / "ledgers" / "partner-0.jsonl")) == 1  # nothing released, nothing charged
+
+
+def test_a_dp_evaluation_is_charged_in_the_ledger_recomputed_by_the_audit_and_resent_on_a_rerun(
+    tmp_path: Path
+) -> None:
+    # Prepare
+    partner = _partner(tmp_path, eval_noise_multiplier=4.0)
+    _, initial = partner.initial_parameters()
+    new, _, fit_metrics = partner.fit(initial, 1)
+    plan = partner.privacy_plan()
+    # Execute
+    sent, n = partner.evaluate(new, 1)
+    again = partner.evaluate(new, 1)  # a re-run of the round (crash after the release)
+    # Assert: one evaluation entry (sigma, 1, 1) after the training entry; the same release re-sent
+    entries = read_ledger(tmp_path / "run" / "ledgers" / "partner-0.jsonl")
+    assert [(e["round"], e.get("release", "training")) for e in entries] == [(1, "training"), (1, "evaluation")]
+    ev = entries[1]
+    assert (ev["noise_multiplier"], ev["sample_rate"], ev["steps"]) == (4.0, 1.0, 1)
+    assert ev["max_grad_norm"] == pytest.approx(math.sqrt(7))
+    expected = compute_epsilon([plan.event, (4.0, 1.0, 1)], 1e-4)
+    assert ev["epsilon_rdp"] == pytest.approx(expected, rel=1e-9) and ev["epsilon_rdp"] > fit_metrics["epsilon"]
+    assert sent is not None and set(sent) == set(EVAL_METRIC_KEYS) and 0 <= n <= partner.num_users
+    assert again == (sent, n)
+    sign_server_records(tmp_path / "run", {"partner-0": {"num_users": partner.num_users, "max_epsilon": 50.0,
+                                                         "target_delta": 1e-4}}, max_epsilon=50.0)
+    result = audit_run(tmp_path / "run")
+    assert result.exit_code == EXIT_OK, [str(f) for f in result.findings]
+    assert result.partners[0].epsilon == pytest.approx(expected, rel=1e-9) and result.partners[0].eval_releases == 1
+    # the next round's training composes on top of the evaluation release
+    partner.fit(new, 2)
+    last = read_ledger(tmp_path / "run" / "ledgers" / "partner-0.jsonl")[-1]
+    assert last["epsilon_rdp"] == pytest.approx(compute_epsilon([plan.event, (4.0, 1.0, 1), plan.event], 1e-4),
+                                                rel=1e-9)
+
+
+def test_pooled_metrics_weight_partners_by_their_users() -> None:
+    evals = {"a": {**dict.fromkeys(EVAL_METRIC_KEYS, 0.2), "evaluated_users": 30},
+             "b": {**dict.fromkeys(EVAL_METRIC_KEYS, 0.6), "evaluated_users": 10}}
+    assert compute_pooled_metrics(evals)["ndcg@10"] == pytest.approx(0.3)
