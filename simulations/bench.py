@@ -116,7 +116,7 @@ def _timed(fn: Any) -> tuple[Any, float, float]:
     return out, time.perf_counter() - w0, time.process_time() - c0
 
 
-def measure_profile(cfg: Config, data_dir: str | None, dp: bool = True) -> dict[str, float]:
+def measure_profile(cfg: Config, data_dir: str | None, dp: bool = True, train: bool = True) -> dict[str, float]:
     """Where an epoch goes: data loading, example building (sampling and padding), one non-private
     epoch, one DP epoch, one full-ranking evaluation pass; wall and CPU seconds of each.
 
@@ -140,11 +140,12 @@ def measure_profile(cfg: Config, data_dir: str | None, dp: bool = True) -> dict[
     plain = LocalTrainer(cfg.replace("privacy", enabled=False), split, device=cfg.train.device, seed=cfg.train.seed)
     rng, bs = np.random.default_rng(0), cfg.train.batch_size
     users = np.random.default_rng(1).permutation(split.n_users)
-    _, out["batching_wall_s"], out["batching_cpu_s"] = _timed(
-        lambda: [plain.builder.train_batch(users[i:i + bs], rng) for i in range(0, len(users), bs)])
-    plain.fit(1)  # warm-up: imports, allocations
-    _, out["epoch_wall_s"], out["epoch_cpu_s"] = _timed(lambda: plain.fit(1))
-    if dp:
+    if train:
+        _, out["batching_wall_s"], out["batching_cpu_s"] = _timed(
+            lambda: [plain.builder.train_batch(users[i:i + bs], rng) for i in range(0, len(users), bs)])
+        plain.fit(1)  # warm-up: imports, allocations
+        _, out["epoch_wall_s"], out["epoch_cpu_s"] = _timed(lambda: plain.fit(1))
+    if dp and train:
         private = LocalTrainer(cfg.replace("privacy", enabled=True, noise_multiplier=1.0), split,
                                device=cfg.train.device, seed=cfg.train.seed)
         private.fit(1)
@@ -255,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True)
     p.add_argument("--data-dir", default=None)
     p.add_argument("--no-dp", action="store_true", help="skip the DP epoch")
+    p.add_argument("--eval-only", action="store_true", help="only loading and one evaluation pass")
     p.add_argument("--set", dest="overrides", action="append", default=[])
     return parser
 
@@ -276,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(measure_dp_step(cfg, args.data_dir, args.steps)), flush=True)
     elif args.what == "profile":
         cfg = load_config(args.config, args.overrides)
-        print(json.dumps(measure_profile(cfg, args.data_dir, dp=not args.no_dp), indent=2))
+        print(json.dumps(measure_profile(cfg, args.data_dir, dp=not args.no_dp, train=not args.eval_only), indent=2))
     else:
         cfg = load_config(args.config, args.overrides)
         figures = measure_dp_cost(cfg, args.data_dir, args.epochs, args.repeats, args.compare_ghost)
