@@ -8,7 +8,7 @@ export FLWR_DISABLE_UPDATE_CHECK := 1
 export FLWR_HOME := $(CURDIR)/.flwr
 DEMO_OUT ?= runs/demo
 
-.PHONY: venv demo test lint fuzz bench bench-fed bench-privacy bench-serve e2e clean
+.PHONY: venv demo test lint fuzz bench bench-perf bench-gpu bench-fed bench-privacy bench-serve e2e clean
 
 venv: $(STAMP)
 
@@ -48,6 +48,21 @@ bench: $(STAMP)
 	$(VENV)/bin/fedsocial bench quality --dataset lastfm --data-dir $(DATA_DIR) --out runs/bench
 	$(VENV)/bin/fedsocial bench quality --dataset ciao --data-dir $(DATA_DIR) --out runs/bench
 	$(VENV)/bin/fedsocial bench dp-cost --config configs/lastfm.toml --data-dir $(DATA_DIR)
+	$(VENV)/bin/fedsocial bench dp-cost --config configs/lastfm_dp.toml --data-dir $(DATA_DIR)
+
+# Issue 14 (docs/BENCHMARKS.md section 7): CPU ms per DP step against the non-private and Opacus ghost
+# steps, and where an epoch goes on LastFM, Ciao and a Yelp-shaped synthetic set (minutes on 2 cores).
+YELP := --set data.format=synthetic --set data.n_users=17000 --set data.n_items=37000 --set data.interactions_per_user=12.2
+bench-perf: $(STAMP)
+	$(VENV)/bin/fedsocial bench dp-step --config configs/lastfm.toml --data-dir $(DATA_DIR) --set train.num_threads=1 \
+		--batch-sizes 64 256 1024
+	$(VENV)/bin/fedsocial bench profile --config configs/lastfm.toml --data-dir $(DATA_DIR) --set train.num_threads=1
+	$(VENV)/bin/fedsocial bench profile --config configs/ciao.toml --data-dir $(DATA_DIR) --set train.num_threads=1
+	$(VENV)/bin/fedsocial bench profile --config configs/lastfm.toml $(YELP) --set train.num_threads=1
+
+# The GPU figures (issue 14, item 7) on a machine with CUDA: LastFM and a 1M-user synthetic set.
+bench-gpu: $(STAMP)
+	$(PY) -m fedsocial.simulations.gpu_bench --data-dir $(DATA_DIR) --out runs/gpu_bench
 
 # Federated vs centralized vs local-only (issue 3) and the privacy-utility grid (issue 4): hours on 2 cores.
 GRID := FEDSOCIAL_SIM_CPUS=1 $(PY) -m fedsocial.simulations.privacy_grid --partners 5 --set train.num_threads=1
