@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
 from fedsocial.shared.config import Config
+from fedsocial.simulations.common import user_errors
 
 METRIC_KEYS = ("recall@10", "ndcg@10", "hr@10", "recall@20", "ndcg@20", "hr@20")
 
@@ -95,3 +97,36 @@ def add_alone_metrics_inplace(doc: dict[str, Any], cfg: Config, data_dir: str | 
     doc["alone_budget"] = {"epochs": cfg.federation.rounds * cfg.federation.local_epochs,
                            "batch_size": cfg.federation.local_batch_size or cfg.train.batch_size,
                            "private": False}
+
+
+@user_errors
+def main(argv: list[str] | None = None) -> int:
+    """``python -m fedsocial.simulations.compare_alone RUN_DIR [--data-dir DIR]``: add the alone comparison
+    to a finished run (its own config.toml), e.g. one run without ``--compare-alone``; rewrites
+    metrics.json and report.html."""
+    import argparse
+
+    from fedsocial.shared.config import load_config, resolve_data_dir
+    from fedsocial.shared.fileio import write_json_atomic
+    from fedsocial.simulations.report import write_report
+
+    parser = argparse.ArgumentParser(prog="compare_alone", description=main.__doc__)
+    parser.add_argument("run_dir")
+    parser.add_argument("--data-dir", default=None)
+    args = parser.parse_args(argv)
+    run_dir = Path(args.run_dir)
+    metrics = run_dir / "metrics.json"
+    if not metrics.is_file():
+        print(f"error: {metrics}: no such file (is {run_dir} a finished run?)", file=sys.stderr)
+        return 2
+    cfg = load_config(run_dir / "config.toml")
+    doc = json.loads(metrics.read_text(encoding="utf-8"))
+    add_alone_metrics_inplace(doc, cfg, str(resolve_data_dir(args.data_dir).resolve()), run_dir)
+    write_json_atomic(metrics, doc)
+    write_report(run_dir, doc)
+    print(f"{run_dir}: federation_gain {doc['federation_gain']:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(None))
