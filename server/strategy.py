@@ -66,6 +66,15 @@ class QuorumError(RuntimeError):
     """Fewer valid replies than ``federation.min_partners``: the round (and the run) cannot continue."""
 
 
+def compute_failure_reason(text: str, limit: int = 300) -> str:
+    """One line from a failed reply: a ClientApp's error arrives as a whole Ray traceback, whose last
+    ``Message:`` (or last line) is the partner's own error; the rest would bury it in every log."""
+    lines = [ln.strip(" '\"\\>)") for ln in text.replace("\\n", "\n").splitlines() if ln.strip()]
+    marked = [ln.split("Message:", 1)[1].strip() for ln in lines if "Message:" in ln]
+    line = (marked or lines or [""])[-1]
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
 def _node(proxy: ClientProxy) -> int:
     return int(getattr(proxy, "node_id", -1))
 
@@ -245,7 +254,7 @@ class FedSocialStrategy(Strategy):
         dropped: list[dict[str, Any]] = list(self._round.get("dropped", []))
         for f in failures:
             who = self._who(f[0]) if isinstance(f, tuple) else "?"
-            reason = f"no reply: {f if isinstance(f, BaseException) else f[1].status}"
+            reason = f"no reply: {compute_failure_reason(str(f if isinstance(f, BaseException) else f[1].status))}"
             log.warning("round %d: dropped a reply of %s: %s", g, who, reason)
             dropped.append({"partner": who, "reason": reason})
         reports = self._read_fit_replies(g, results, dropped)
@@ -374,15 +383,14 @@ class FedSocialStrategy(Strategy):
                            failures: list[tuple[ClientProxy, EvaluateRes] | BaseException]
                            ) -> tuple[float | None, dict[str, Scalar]]:
         g = self.global_round(server_round)
-        read = self._read_eval_replies(g, results)
-        good = [r for r in read if r.released]  # an evaluation kept on its partner (DP default) is not averaged
+        good = self._read_eval_replies(g, results)
         per_partner = {r.partner_id: {**r.metrics, "evaluated_users": r.evaluated_users} for r in good}
         agg = compute_weighted_metrics([r.metrics for r in good], [r.evaluated_users for r in good], METRIC_KEYS)
         for rep in good:
             info = self.partners.setdefault(rep.partner_id, {})
             info.update(per_partner[rep.partner_id])
             info["eval_time_s_total"] = float(info.get("eval_time_s_total", 0.0)) + rep.eval_time_s
-        self._finish_round(g, agg, per_partner, len(failures) + len(results) - len(read))
+        self._finish_round(g, agg, per_partner, len(failures) + len(results) - len(good))
         loss = None if not agg else 1.0 - agg["ndcg@10"]
         return loss, dict(agg)
 

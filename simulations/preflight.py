@@ -3,7 +3,8 @@ one clear line and exit code 2, never a worker's traceback or a half-made run fo
 
 ``fedsocial simulate`` loads, splits and partitions the data exactly as each partner will, and checks
 what would otherwise fail inside a partner: a partner without users, a federation without a single
-user to evaluate, a ``privacy.target_delta`` not below 1/n for a partner of n users. ``fedsocial train``
+user to evaluate, a ``privacy.target_delta`` not below 1/n for a partner of n users, a
+``privacy.max_epsilon`` that no noise can meet. ``fedsocial train``
 uses :func:`check_evaluable` on its split.
 """
 
@@ -68,4 +69,36 @@ def run_preflight(cfg: Config, data_dir: str | os.PathLike[str] | None) -> Prefl
                 check_delta(cfg.privacy.target_delta, u)
             except PrivacyConfigError as exc:
                 raise ConfigError(f"privacy.target_delta: partner-{i} has {u} users: {exc}") from None
+        for u in sorted(set(users)):
+            check_reachable_budget(cfg, u)
     return Preflight(users, tuple(compute_evaluable_users(p) for p in parts))
+
+
+# The largest noise calibrate_noise_multiplier evaluates (it doubles from 1 up to its bound of 1e4):
+# a budget out of reach there fails inside every partner.
+MAX_NOISE_MULTIPLIER = 8192.0
+
+
+def check_reachable_budget(cfg: Config, n_users: int) -> None:
+    """Refuse a ``privacy.max_epsilon`` that no noise can meet for a partner of ``n_users`` users.
+
+    Epsilon falls as the noise grows: a cap met at sigma 8 is reachable (one cheap evaluation, the
+    usual case); otherwise it is reachable only if ``MAX_NOISE_MULTIPLIER`` meets it over all rounds.
+    """
+    from fedsocial.shared.privacy.accounting import compute_epsilon
+    from fedsocial.shared.privacy.round import compute_sample_rate, compute_steps
+
+    pc, fc = cfg.privacy, cfg.federation
+    if pc.noise_multiplier > 0:
+        return
+    batch = fc.local_batch_size or cfg.train.batch_size
+    q = compute_sample_rate(n_users, batch)
+    steps = compute_steps(q, fc.local_epochs) * fc.rounds
+    for sigma in (8.0, MAX_NOISE_MULTIPLIER):
+        eps = compute_epsilon([(sigma, q, steps)], pc.target_delta, pc.accountant)
+        if eps <= pc.max_epsilon:
+            return
+    raise ConfigError(f"privacy.max_epsilon: {pc.max_epsilon:g} is out of reach for a partner of {n_users} users "
+                      f"(sample rate {q:.3g}, {steps} steps over federation.rounds = {fc.rounds}): even "
+                      f"noise_multiplier {MAX_NOISE_MULTIPLIER:g} spends epsilon {eps:.3g}; raise it, or train "
+                      "fewer rounds or epochs")

@@ -5,15 +5,17 @@ from __future__ import annotations
 import math
 import stat
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 
 from fedsocial.server.federation import build_metrics
-from fedsocial.server.strategy import FedSocialStrategy
-from fedsocial.shared.config import Config, ConfigError
+from fedsocial.server.strategy import FedSocialStrategy, compute_failure_reason
+from fedsocial.shared.config import Config, ConfigError, load_config
 from fedsocial.simulations import partition_cmd, simulate, train
+from fedsocial.simulations.preflight import run_preflight
 from fedsocial.simulations.simulate import (
     EXIT_NOTHING_TRAINED,
     clear_failed_start_inplace,
@@ -78,8 +80,6 @@ def test_an_infinite_epsilon_cap_with_dp_on_is_refused_everywhere(capsys: pytest
     assert Config().replace("privacy", enabled=False, max_epsilon=math.inf).privacy.max_epsilon == math.inf
     for bad in ("train.lr=nan", "federation.clipping_norm=inf", "privacy.noise_multiplier=1e400"):
         with pytest.raises(ConfigError, match=bad.split("=")[0]):
-            from fedsocial.shared.config import load_config
-
             load_config("configs/demo.toml", [bad])
 
 
@@ -126,8 +126,8 @@ def test_a_run_where_no_partner_trained_says_so_and_exits_non_zero(tmp_path: Pat
     zeros = [np.zeros((5, 3), np.float32), np.zeros(5, np.float32)]
     replies = []
     for node in range(2):
-        metrics = {"round": 1, "partner_id": f"partner-{node}", "param_names": ",".join(NAMES), "num_users": 10,
-                   "budget_exhausted": 1, "epsilon": 7.9, "delta": 1e-5}
+        metrics: dict[str, Any] = {"round": 1, "partner_id": f"partner-{node}", "param_names": ",".join(NAMES),
+                                   "num_users": 10, "budget_exhausted": 1, "epsilon": 7.9, "delta": 1e-5}
         replies.append((_Proxy(node), FitRes(Status(Code.OK, ""), ndarrays_to_parameters(zeros), 0, metrics)))
 
     # Execute
@@ -140,8 +140,8 @@ def test_a_run_where_no_partner_trained_says_so_and_exits_non_zero(tmp_path: Pat
     assert doc["partners_trained"] == []
     assert code == EXIT_NOTHING_TRAINED
     assert "no partner trained" in message and "partner-0, partner-1" in message
-    good = {"round": 1, "partner_id": "partner-0", "param_names": ",".join(NAMES), "num_users": 10,
-            "budget_exhausted": 0}
+    good: dict[str, Any] = {"round": 1, "partner_id": "partner-0", "param_names": ",".join(NAMES),
+                            "num_users": 10, "budget_exhausted": 0}
     strategy.aggregate_fit(1, [(_Proxy(0), FitRes(Status(Code.OK, ""), ndarrays_to_parameters(
         _good_reply(np.random.default_rng(0))), 10, good)), replies[1]], [])  # type: ignore[list-item]
     strategy._finish_round(1, {}, {}, 0)
@@ -159,3 +159,37 @@ def test_partition_output_holding_users_records_is_owner_only(tmp_path: Path) ->
     assert any(p.name == "interactions.csv" for p in paths)
     for p in paths:
         assert stat.S_IMODE(p.stat().st_mode) == (0o700 if p.is_dir() else 0o600), p
+
+
+def test_an_unreachable_budget_is_refused_before_ray() -> None:
+    # Prepare: a cap no noise can meet (was: every partner's calibration failed inside Ray, 450 lines)
+    cfg = load_config("configs/demo.toml", ["privacy.max_epsilon=0.0001", "federation.rounds=1"])
+
+    # Execute / Assert
+    with pytest.raises(ConfigError, match=r"privacy.max_epsilon: 0.0001 is out of reach .* noise_multiplier 8192"):
+        run_preflight(cfg, None)
+    run_preflight(load_config("configs/demo.toml", ["federation.rounds=1"]), None)  # the demo's own cap is fine
+
+
+RAY_FAILURE = ("Error(code=2, reason='<class \\'ray.exceptions.RayTaskError(ClientAppException)\\'>:<\\'ray::"
+               "ClientAppActor.run() (pid=14291)\\n  File \"flwr/clientapp/client_app.py\", line 144, in __call__\\n"
+               "    return self._call(message, context)\\nfedsocial.shared.privacy.accounting.PrivacyConfigError: "
+               "max_epsilon 0.0001 unreachable\\n\\nflwr.clientapp.client_app.ClientAppException: \\nException "
+               "ClientAppException occurred. Message: max_epsilon 0.0001 unreachable with noise_multiplier <= "
+               "10000.0\\'>')")
+
+
+def test_a_failed_reply_is_recorded_as_the_partners_own_one_line_error(tmp_path: Path) -> None:
+    strategy = FedSocialStrategy(Config().replace("federation", partners=2, min_partners=1, clipping_norm=1.0),
+                                 tmp_path, NAMES, [np.zeros((5, 3), np.float32), np.ones(5, np.float32)],
+                                 registrations=_registrations(2))
+    good: dict[str, Any] = {"round": 1, "partner_id": "partner-0", "param_names": ",".join(NAMES),
+                            "num_users": 10, "budget_exhausted": 0}
+    reply = (_Proxy(0), FitRes(Status(Code.OK, ""), ndarrays_to_parameters(_good_reply(np.random.default_rng(0))),
+                               10, good))
+
+    strategy.aggregate_fit(1, [reply], [RuntimeError(RAY_FAILURE)])  # type: ignore[list-item]
+
+    (dropped,) = strategy._round["dropped"]
+    assert dropped["reason"] == "no reply: max_epsilon 0.0001 unreachable with noise_multiplier <= 10000.0"
+    assert compute_failure_reason("x" * 500).endswith("...") and len(compute_failure_reason("x" * 500)) == 300
