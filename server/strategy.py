@@ -383,14 +383,15 @@ class FedSocialStrategy(Strategy):
                            failures: list[tuple[ClientProxy, EvaluateRes] | BaseException]
                            ) -> tuple[float | None, dict[str, Scalar]]:
         g = self.global_round(server_round)
-        good = self._read_eval_replies(g, results)
+        read = self._read_eval_replies(g, results)
+        good = [r for r in read if r.released]  # an evaluation kept on its partner (DP default) is not averaged
         per_partner = {r.partner_id: {**r.metrics, "evaluated_users": r.evaluated_users} for r in good}
         agg = compute_weighted_metrics([r.metrics for r in good], [r.evaluated_users for r in good], METRIC_KEYS)
         for rep in good:
             info = self.partners.setdefault(rep.partner_id, {})
             info.update(per_partner[rep.partner_id])
             info["eval_time_s_total"] = float(info.get("eval_time_s_total", 0.0)) + rep.eval_time_s
-        self._finish_round(g, agg, per_partner, len(failures) + len(results) - len(good))
+        self._finish_round(g, agg, per_partner, len(failures) + len(results) - len(read))
         loss = None if not agg else 1.0 - agg["ndcg@10"]
         return loss, dict(agg)
 
