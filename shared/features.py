@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-TEXT_FEATURES_VERSION = "hashed-tfidf-svd-1"
+TEXT_FEATURES_VERSION = "hashed-tfidf-svd-2"
 _HASH_BUCKETS = 1 << 18
 _TOKEN_RE = re.compile(r"\w+", re.UNICODE)
 
@@ -75,25 +75,30 @@ def compute_tfidf(texts: list[str]) -> Any:
     return sp.diags(1.0 / np.maximum(norms, 1e-12)) @ tfidf
 
 
-def compute_text_features(texts: list[str], dim: int, power_iterations: int = 4) -> np.ndarray:
+def compute_text_features(texts: list[str], dim: int, power_iterations: int = 3) -> np.ndarray:
     """[len(texts), dim] float32 features: the TF-IDF rows projected on its top ``dim`` right singular
-    vectors, by a randomised SVD with a fixed seed (Halko, Martinsson and Tropp 2011) so that the same
-    catalogue always gives the same features (ARPACK's order and signs vary between calls when
-    singular values tie); each component's sign makes its largest entry positive. An empty text gets
-    zeros; components beyond the catalogue's rank are zero."""
+    vectors (X V = U S), by a randomised SVD with a fixed seed (Halko, Martinsson and Tropp 2011,
+    algorithms 4.3 and 5.1) so that the same catalogue always gives the same features (ARPACK's order
+    and signs vary between calls when singular values tie). Orthonormalisation happens on the item side
+    only and the small factorisation is the eigendecomposition of a (dim+10)^2 Gram matrix, so the cost
+    is linear in the vocabulary. Each component's sign makes its largest entry positive; an empty text
+    gets zeros; components beyond the catalogue's rank are zero."""
     out = np.zeros((len(texts), dim), dtype=np.float32)
     tfidf = compute_tfidf(texts)
     used = np.unique(tfidf.indices)
     if used.size == 0:
         return out
-    x = tfidf[:, used].astype(np.float64)
+    x = tfidf[:, used].astype(np.float64).tocsr()
+    xt = x.T.tocsr()
     k = min(dim, *x.shape)
-    omega = np.random.default_rng(0).standard_normal((x.shape[1], min(k + 10, x.shape[1])))
-    q = np.linalg.qr(x @ omega)[0]
-    for _ in range(power_iterations):  # sharpens the spectrum's decay, as in Halko et al.'s algorithm 4.4
-        q = np.linalg.qr(x @ np.linalg.qr(x.T @ q)[0])[0]
-    u_small, s, _ = np.linalg.svd(np.asarray((x.T @ q).T), full_matrices=False)
-    u = (q @ u_small)[:, :k] * s[:k]
+    width = min(k + 10, *x.shape)
+    q = np.linalg.qr(x @ np.random.default_rng(0).standard_normal((x.shape[1], width)))[0]
+    for _ in range(power_iterations):  # sharpens the spectrum's decay (power iteration on X X^T)
+        q = np.linalg.qr(x @ (xt @ q))[0]
+    z = np.asarray(xt @ q)  # X^T Q [vocabulary, width]
+    evals, evecs = np.linalg.eigh(z.T @ z)  # (Q^T X)(Q^T X)^T = E S^2 E^T
+    order = np.argsort(-evals)[:k]
+    u = q @ (evecs[:, order] * np.sqrt(np.maximum(evals[order], 0.0)))  # U S
     sign = np.sign(u[np.argmax(np.abs(u), axis=0), np.arange(k)])
     sign[sign == 0] = 1.0
     out[:, :k] = (u * sign).astype(np.float32)

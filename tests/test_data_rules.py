@@ -218,3 +218,20 @@ def test_text_features_deterministic_and_zero_for_empty_text() -> None:
     # Assert
     assert np.array_equal(a, b)
     assert not a[2].any()
+
+
+def test_text_features_equal_the_exact_truncated_svd_when_the_sketch_spans_the_catalogue() -> None:
+    # Prepare: 12 texts, so the randomised sketch (dim + 10 columns) spans the whole row space
+    from fedsocial.shared.features import compute_tfidf
+
+    texts = ["red running shoes", "blue running shoes", "trail running shoes", "chocolate cake", "lemon cake",
+             "cake recipes book", "garden hose", "garden chair", "office chair", "desk lamp", "red lamp", ""]
+    x = compute_tfidf(texts)
+    dense = x[:, np.unique(x.indices)].toarray()
+    u, s, _ = np.linalg.svd(dense, full_matrices=False)
+    # Execute
+    feats = compute_text_features(texts, 4)
+    # Assert: column norms are the top singular values and the span is the top singular subspace
+    assert np.allclose(np.linalg.norm(feats, axis=0), s[:4], atol=1e-5)
+    proj = u[:, :4] @ (u[:, :4].T @ feats)
+    assert np.allclose(proj, feats, atol=1e-5)
