@@ -1,4 +1,5 @@
-"""Local and centralized training, non-private or with user-level DP-SGD (Opacus ghost clipping).
+"""Local and centralized training, non-private or with user-level DP-SGD (per-user clipping in one
+backward pass, shared/onepass.py; or Opacus's ghost clipping with ``privacy.clipping = "ghost"``).
 
 One primitive, :class:`LocalTrainer`, trains one partner's model (or the whole data set, when
 used centrally): ``fit`` runs a number of epochs with a fresh optimizer (and, with DP, a fresh
@@ -9,7 +10,7 @@ Privacy model (DESIGN.md): one DP example = one user; the example reads only tha
 and parameters; Poisson sampling of users with rate q = 1 / len(data_loader) (Opacus' rule,
 about batch_size / n_users); per-user clipping to ``max_grad_norm`` and Gaussian noise
 ``noise_multiplier * max_grad_norm`` on every trained parameter (Abadi et al. 2016, with
-ghost clipping, Li et al. 2022 / Bu et al. 2023). With ``user_embedding = "local"`` p_u is
+ghost norms and book-keeping, Li et al. 2022 / Bu et al. 2023). With ``user_embedding = "local"`` p_u is
 reconstructed after training from the user's own items only (billboard model: joint DP).
 """
 
