@@ -74,6 +74,9 @@ bench-fed: $(STAMP)
 
 bench-privacy: $(STAMP)
 	$(GRID) --config configs/lastfm_dp.toml --data-dir $(DATA_DIR) --out runs/grid/lastfm
+	# issue 12: partner scope, each partner also alone (BENCHMARKS.md section 5)
+	$(GRID) --config configs/lastfm_dp.toml --data-dir $(DATA_DIR) --epsilons 8,2,1,inf --variants local \
+		--set privacy.scope=partner --set federation.compare_alone=true --out runs/grid/lastfm_partner
 	$(GRID) --config configs/ciao_dp.toml --data-dir $(DATA_DIR) --out runs/grid/ciao
 	for n in 1000 10000 100000; do \
 		$(GRID) --config configs/synthetic_scale.toml --epsilons 2,8,inf --variants local \

@@ -3,7 +3,7 @@
 Each partner also trains alone, non-private, on its own data with the federation's budget
 (:func:`fedsocial.client.personalize.compute_alone_config`: rounds x local_epochs epochs at the
 partner's batch size, early stopping on its own validation data). ``metrics.json`` gains, per partner,
-``alone`` (its test metrics) next to its served metrics, and at the top level ``federation_gain``: the
+``alone`` (its test metrics) next to ``served`` (what it serves), and at the top level ``federation_gain``: the
 mean over partners of served NDCG@10 / alone NDCG@10 (above 1: joining pays).
 
 In a simulation the driver stands in for each partner: it rebuilds the partner's split exactly as the
@@ -69,6 +69,20 @@ def alone_metrics(cfg: Config, data_dir: str | None, run_dir: Path) -> dict[str,
     return out
 
 
+def served_metrics(run_dir: Path, pid: str, info: dict[str, Any]) -> dict[str, float] | None:
+    """What the partner serves, measured on its test users: in partner scope its personalisation record;
+    else its own evaluation record (``partners/<id>/eval/``, kept on the partner when DP evaluation results
+    do not leave it), else the metrics it reported to the server."""
+    record = personal_record(run_dir, pid)
+    if record is not None:
+        return {k: float(v) for k, v in record["test"][record["choice"]].items()}
+    evals = sorted((run_dir / "partners" / pid / "eval").glob("round_*.json"))
+    if evals:
+        doc = json.loads(evals[-1].read_text(encoding="utf-8"))
+        return {k: float(doc[k]) for k in METRIC_KEYS if k in doc}
+    return {k: float(info[k]) for k in METRIC_KEYS} if all(k in info for k in METRIC_KEYS) else None
+
+
 def personal_record(run_dir: Path, pid: str) -> dict[str, Any] | None:
     """The partner's last personalisation record (partner scope), from its own state folder."""
     from fedsocial.client.personalize import PERSONAL_DIR
@@ -85,8 +99,10 @@ def add_alone_metrics_inplace(doc: dict[str, Any], cfg: Config, data_dir: str | 
     for pid, metrics in alone.items():
         info = partners.setdefault(pid, {})
         info["alone"] = metrics
-        if "ndcg@10" in info:
-            served[pid] = float(info["ndcg@10"])
+        mine = served_metrics(run_dir, pid, info)
+        if mine is not None:
+            info["served"] = mine
+            served[pid] = mine["ndcg@10"]
             info["served_over_alone"] = compute_ratio(served[pid], metrics["ndcg@10"])
         record = personal_record(run_dir, pid)
         if record is not None:

@@ -59,7 +59,7 @@ def compute_partner_summary(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
             continue
         personal = info.get("personalisation", {})
         out[pid] = {"num_users": info.get("num_users"), "alone": info["alone"]["ndcg@10"],
-                    "served": info.get("ndcg@10"), "choice": personal.get("choice", "shared"),
+                    "served": info.get("served", info).get("ndcg@10"), "choice": personal.get("choice", "shared"),
                     "shared": personal.get("shared_test", {}).get("ndcg@10", info.get("ndcg@10"))}
     return out
 

@@ -151,8 +151,8 @@ def render_report(doc: dict[str, Any], title: str = "fedsocial federated run") -
                len(r.get("accepted", [])), len(r.get("dropped", [])), ", ".join(r.get("budget_exhausted", [])),
                r.get("epsilon_max", ""), r.get("round_time_s", math.nan)] for r in rounds]
     dropped = doc.get("dropped_replies", [])
-    alone_rows = [[pid, info.get("ndcg@10", math.nan), info["alone"].get("ndcg@10", math.nan),
-                   info.get("served_over_alone", math.nan), info.get("recall@10", math.nan),
+    alone_rows = [[pid, info.get("served", info).get("ndcg@10", math.nan), info["alone"].get("ndcg@10", math.nan),
+                   info.get("served_over_alone", math.nan), info.get("served", info).get("recall@10", math.nan),
                    info["alone"].get("recall@10", math.nan), info.get("personalisation", {}).get("choice", "")]
                   for pid, info in sorted(partners.items()) if isinstance(info.get("alone"), dict)]
     sections = [

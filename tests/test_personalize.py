@@ -40,6 +40,7 @@ from fedsocial.shared.synthetic import generate
 from fedsocial.shared.trainer import LocalTrainer
 from fedsocial.simulations.audit import main as audit_main
 from fedsocial.simulations.compare_alone import compute_federation_gain, compute_ratio
+from fedsocial.simulations.compare_alone import main as compare_alone_main
 from fedsocial.simulations.simulate import build_parser, config_from_cli, run_simulation_from_config, write_config
 
 os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
@@ -207,7 +208,10 @@ def partner_rounds(cfg: Config, run: Path) -> dict[str, Any]:
         # the ledger head differs by design: each run signs with its own key and the entry names the scope
         out["fit"].append((list(arrays), weight, {k: v for k, v in metrics.items()
                                                   if k not in ("fit_time_s", "ledger_head")}))
-        out["eval"].append(partner.evaluate(arrays, round_))
+        result, n = partner.evaluate(arrays, round_)
+        if result is None:  # under DP the evaluation may stay on the partner: its own record
+            result = json.loads((run / "partners" / "partner-0" / "eval" / f"round_{round_:04d}.json").read_text())
+        out["eval"].append((result, n))
     return out
 
 
@@ -270,17 +274,32 @@ def test_compare_alone_writes_alone_metrics_and_the_federation_gain(partner_run:
     on_disk = json.loads((run_dir / "metrics.json").read_text())
     partners = on_disk["partners"]
 
-    ratios = [p["ndcg@10"] / p["alone"]["ndcg@10"] for p in partners.values()]
+    ratios = [p["served"]["ndcg@10"] / p["alone"]["ndcg@10"] for p in partners.values()]
     assert on_disk["federation_gain"] == pytest.approx(sum(ratios) / len(ratios))
     assert doc["federation_gain"] == on_disk["federation_gain"]
     for p in partners.values():
         assert set(p["alone"]) >= {"ndcg@10", "recall@10", "evaluated_users"}
         assert p["personalisation"]["choice"] in p["personalisation"]["val_ndcg@10"]
-        assert p["served_over_alone"] == pytest.approx(p["ndcg@10"] / p["alone"]["ndcg@10"])
+        assert p["served_over_alone"] == pytest.approx(p["served"]["ndcg@10"] / p["alone"]["ndcg@10"])
+        assert p["served"]["ndcg@10"] >= 0.0
     assert on_disk["alone_budget"] == {"epochs": 2, "batch_size": 16, "private": False}
     assert audit_main([str(run_dir)]) == 0
     report = (run_dir / "report.html").read_text()
     assert "alone" in report
+
+
+@pytest.mark.slow  # uses the federation above
+def test_compare_alone_completes_a_finished_run_and_refuses_a_missing_one(partner_run: dict[str, Any],
+                                                                          tmp_path: Path) -> None:
+    run_dir = partner_run["base"] / "run"
+    before = json.loads((run_dir / "metrics.json").read_text())
+
+    rc = compare_alone_main([str(run_dir)])
+    missing = compare_alone_main([str(tmp_path / "nothing")])
+
+    after = json.loads((run_dir / "metrics.json").read_text())
+    assert rc == 0 and missing == 2
+    assert after["federation_gain"] == pytest.approx(before["federation_gain"])  # the cached alone models
 
 
 def test_compare_alone_flag_sets_the_config_key(tmp_path: Path) -> None:
