@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from fedsocial.client.state import load_local_state, load_release, save_local_state, save_release
+from fedsocial.client.state import load_local_state, load_release, save_local_state, save_release, write_local_fit
 from fedsocial.shared.config import Config, ConfigError, load_config
 from fedsocial.shared.data import SplitData
 from fedsocial.shared.events import compute_grown_local_state, load_split_with_events
@@ -336,7 +336,9 @@ class Partner:
         save_local_state(self.settings.state_dir, round_, trainer.get_local_state())
         new = trainer.get_shared()
         out, weight = [new[n] for n in names], compute_weight(self.num_users, self.cfg.federation.weight_cap)
-        reply = {"train_loss": float(result.train_loss), "fit_time_s": float(result.wall_time_s)}
+        # the loss and the time are functions of the users' data that no DP mechanism covers: they stay here
+        write_local_fit(self.settings.state_dir, round_, float(result.train_loss), float(result.wall_time_s))
+        reply: dict[str, Any] = {}
         digest = save_release(self.settings.state_dir, round_, names, out, {"weight": weight, "reply": reply})
         fault_point("before_ledger_append", round_, self.partner_id)
         used = (float(result.noise_multiplier), float(result.sample_rate), int(result.steps))

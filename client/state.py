@@ -121,3 +121,20 @@ def list_releases(state_dir: Path) -> list[tuple[int, Path]]:
     if not folder.is_dir():
         return []
     return sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name)))
+
+
+# --- what a DP round keeps local ------------------------------------------------------------------
+FIT_FOLDER = "fit"
+
+
+def write_local_fit(state_dir: Path, round_: int, train_loss: float, fit_time_s: float) -> Path:
+    """A DP round's training loss and time, kept on the partner (``STATE_DIR/fit/round_XXXX.json``, 0600):
+    both depend on the users' data and no DP mechanism covers them, so they are not sent."""
+    import json
+
+    from fedsocial.shared.fileio import write_text_atomic
+
+    path = state_dir / FIT_FOLDER / f"round_{round_:04d}.json"
+    write_text_atomic(path, json.dumps({"round": int(round_), "train_loss": train_loss, "fit_time_s": fit_time_s}))
+    path.chmod(0o600)
+    return path

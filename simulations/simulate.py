@@ -238,9 +238,10 @@ def run_simulation_from_config(cfg: Config, data_dir: str | os.PathLike[str] | N
     if not metrics_path.is_file():
         raise FederationError(f"the federation ended without writing {metrics_path} (see the log above)")
     doc: dict[str, Any] = json.loads(metrics_path.read_text(encoding="utf-8"))
-    from fedsocial.shared.privacy.evaluation import merge_local_evaluations_inplace
+    from fedsocial.shared.privacy.evaluation import merge_local_evaluations_inplace, merge_local_fit_times_inplace
 
     merge_local_evaluations_inplace(doc, run_dir / "partners")  # DP: evaluations stay on partners; we play them all
+    merge_local_fit_times_inplace(doc, run_dir / "partners")  # likewise the training loss and time
     doc["simulation_wall_time_s"] = before + time.perf_counter() - t0  # over all processes of this run
     fit = float(doc.get("partner_fit_time_s", 0.0))
     work = fit + float(doc.get("partner_eval_time_s", 0.0))

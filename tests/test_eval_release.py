@@ -79,14 +79,17 @@ def _partner(tmp_path: Path, **federation: float) -> Partner:
                                          {"partition-id": 0, "num-partitions": 3}))
 
 
-def test_under_dp_the_default_keeps_the_evaluation_on_the_partner(tmp_path: Path) -> None:
+def test_under_dp_the_default_keeps_the_evaluation_and_the_training_loss_on_the_partner(tmp_path: Path) -> None:
     partner = _partner(tmp_path)
     _, initial = partner.initial_parameters()
-    new, _, _ = partner.fit(initial, 1)
+    new, _, fit_metrics = partner.fit(initial, 1)
 
     sent, n = partner.evaluate(new, 1)
 
     assert (sent, n) == (None, 0)
+    assert not {"train_loss", "fit_time_s"} & set(fit_metrics)  # data-dependent, not covered: kept local
+    kept_fit = json.loads((partner.settings.state_dir / "fit" / "round_0001.json").read_text())
+    assert math.isfinite(kept_fit["train_loss"]) and kept_fit["fit_time_s"] > 0
     local = json.loads((partner.settings.state_dir / "eval" / "round_0001.json").read_text())
     assert set(EVAL_METRIC_KEYS) <= set(local) and local["evaluated_users"] > 0
     assert (partner.settings.state_dir / "eval" / "round_0001.json").stat().st_mode & 0o077 == 0

@@ -120,6 +120,9 @@ def test_only_shared_arrays_and_whitelisted_scalars_leave_a_client(runs: dict[st
         for values in rec["metrics"].values():
             assert set(values) <= {"num_examples", "loss"}  # loss = 1 - ndcg@10 of the partner
     assert local_names, "the partners' user/social tables exist locally"
+    for rec in (r for r in records if r["message_type"] == "train"):  # DP: no uncovered statistic rides along
+        values = {k for rn, vals in rec["configs"].items() if not rn.endswith(".status") for k in vals}
+        assert not {"train_loss", "fit_time_s"} & values, values
     evals = [r for r in records if r["message_type"] == "evaluate"]
     assert evals
     for rec in evals:  # DP without a DP evaluation release: only the round and the partner id leave

@@ -155,3 +155,29 @@ def merge_local_evaluations_inplace(doc: dict[str, Any], partners_dir: Path) -> 
         partners.setdefault(pid, {})["eval_time_s_total"] = total
     doc["partner_eval_time_s"] = sum(float(p.get("eval_time_s_total", 0.0)) for p in partners.values())
     doc["evaluation_release"] = "kept on the partners; metrics read from their folders by the simulation driver"
+
+
+def merge_local_fit_times_inplace(doc: dict[str, Any], partners_dir: Path) -> None:
+    """metrics.json's training times from the partners' own records (``STATE_DIR/fit/round_XXXX.json``),
+    which a DP partner keeps instead of sending; simulation driver only, as above."""
+    partners = doc.setdefault("partners", {})
+    folders = sorted(p for p in partners_dir.iterdir() if p.is_dir()) if partners_dir.is_dir() else []
+    by_round: dict[int, dict[str, float]] = {}
+    for folder in folders:
+        for path in sorted((folder / "fit").glob("round_*.json")):
+            try:
+                rec = json.loads(path.read_text(encoding="utf-8"))
+                by_round.setdefault(int(rec["round"]), {})[folder.name] = float(rec["fit_time_s"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+    if not by_round:
+        return
+    for rec in doc.get("rounds", []):
+        times = by_round.get(rec["round"]) if isinstance(rec, dict) and isinstance(rec.get("round"), int) else None
+        if times and not any(float(v) > 0 for v in (rec.get("fit_time_s") or {}).values()):
+            rec["fit_time_s"] = {pid: t for pid, t in sorted(times.items()) if pid in (rec.get("accepted") or times)}
+    for pid in {p for times in by_round.values() for p in times}:
+        info = partners.setdefault(pid, {})
+        if not float(info.get("fit_time_s_total", 0.0)) > 0:
+            info["fit_time_s_total"] = sum(times.get(pid, 0.0) for times in by_round.values())
+    doc["partner_fit_time_s"] = sum(float(p.get("fit_time_s_total", 0.0)) for p in partners.values())
