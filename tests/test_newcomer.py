@@ -273,3 +273,21 @@ def test_dp_on_a_non_private_config_says_exactly_which_keys_to_change(tmp_path: 
     line = dp_advice_line(dp_on)
     assert line is not None and "--set model.user_embedding=local --set model.use_mlp=false" in line
     assert not WARNING_LINE.search(line)
+
+
+def test_mostpop_shows_no_epoch_bar_and_the_social_model_does(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    # Prepare
+    from fedsocial.simulations.train import run_train
+
+    small = ["data.n_users=60", "data.n_items=80", "privacy.enabled=false", "train.epochs=2", "model.dim=8",
+             "train.num_threads=1"]
+    # Execute
+    run_train(load_config(REPO / "configs" / "demo.toml", [*small, "model.name=mostpop"]), None, tmp_path / "pop",
+              progress=True)
+    pop = capsys.readouterr().err
+    run_train(load_config(REPO / "configs" / "demo.toml", small), None, tmp_path / "social", progress=True)
+    social = capsys.readouterr().err
+    # Assert: MostPop trains nothing, so no "0/2 epochs" bar; the trained model shows its epochs
+    assert "epochs" not in pop and "0/2" not in pop
+    assert "epochs" in social and "2/2" in social
