@@ -88,6 +88,7 @@ bench-privacy: $(STAMP)
 # clients on 127.0.0.1, event-to-list latency; cold-start NDCG@10 with / without the social term.
 bench-serve: $(STAMP)
 	timeout 3600 $(PY) -m fedsocial.simulations.serve_bench latency --items 100000 1000000 --out runs/bench_serve/latency.json
+	$(PY) -m fedsocial.simulations.serve_bench layout --items 100000 1000000
 	timeout 3600 $(PY) -m fedsocial.simulations.serve_bench cold-start --config configs/lastfm.toml --data-dir $(DATA_DIR) \
 		--set train.num_threads=1 --out runs/bench_serve/cold_start_lastfm.json
 

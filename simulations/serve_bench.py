@@ -193,6 +193,25 @@ def run_latency(item_counts: list[int], out: Path) -> dict[str, Any]:
     return doc
 
 
+def measure_layout(n_items: int, dim: int = 64, repeats: int = 20) -> dict[str, float]:
+    """Scores of one user over the item matrix, row-major [n, d] vs column-major storage, side by side."""
+    import torch
+
+    torch.set_num_threads(1)
+    rows = torch.randn(n_items, dim)
+    cols = rows.T.contiguous().T  # what Recommender stores
+    h = torch.randn(dim)
+    out = {}
+    for name, m in (("row_major_ms", rows), ("column_major_ms", cols)):
+        torch.mv(m, h)
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            torch.mv(m, h)
+        out[name] = (time.perf_counter() - t0) / repeats * 1e3
+    out["ratio"] = out["row_major_ms"] / out["column_major_ms"]
+    return out
+
+
 # --- cold start ------------------------------------------------------------------------------------
 def compute_cold_split(split: SplitData, share: float, max_items: int, seed: int) -> tuple[SplitData, np.ndarray]:
     """A seeded ``share`` of the users with test data keeps 1..max_items of its training items; the rest of
@@ -252,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     cold.add_argument("--max-items", type=int, default=2)
     cold.add_argument("--epochs", type=int, default=40)
     cold.add_argument("--out", default="runs/bench_serve/cold_start.json")
+    lay = sub.add_parser("layout", help="item-matrix storage: row-major vs column-major gemv, side by side")
+    lay.add_argument("--items", type=int, nargs="+", default=[100_000, 1_000_000])
     worker = sub.add_parser("worker", help="(internal) serve a synthetic partner for the latency bench")
     worker.add_argument("--items", type=int, required=True)
     worker.add_argument("--port", type=int, required=True)
@@ -265,6 +286,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(1)
         uvicorn.run(create_app(build_recommender(args.items), "bench"), host="127.0.0.1", port=args.port,
                     log_level="warning")
+        return 0
+    if args.cmd == "layout":
+        print(json.dumps({str(n): measure_layout(n) for n in args.items}))
         return 0
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
