@@ -196,3 +196,20 @@ def test_a_layer_input_shared_by_the_batch_is_refused() -> None:
     # Execute / Assert
     with pytest.raises(OnePassError, match="leading dimension 4, not the batch's 2"):
         clipper.clipped_backward(loss, 1.0)
+
+
+def test_noise_has_the_accounted_scale_and_is_added_to_the_clipped_sum() -> None:
+    # Prepare: a clipped sum of known value, sigma * C = 0.3, expected batch 4
+    from fedsocial.shared.trainer import add_noise_inplace
+
+    p = nn.Parameter(torch.zeros(400_000))
+    p.grad = torch.full_like(p, 2.0)
+    q = nn.Parameter(torch.zeros(3))  # no gradient: released as noise alone
+    gen = torch.Generator().manual_seed(0)
+    # Execute
+    add_noise_inplace([p, q], std=0.3, expected_batch=4, generator=gen)
+    # Assert: mean 2 / 4, standard deviation 0.3 / 4 (4-sigma bounds for 400k draws)
+    assert p.grad is not None and q.grad is not None
+    assert float(p.grad.mean()) == pytest.approx(0.5, abs=4 * 0.075 / 400_000 ** 0.5)
+    assert float(p.grad.std()) == pytest.approx(0.075, rel=4 * (0.5 / 400_000) ** 0.5)
+    assert bool((q.grad != 0).all())
