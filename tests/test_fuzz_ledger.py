@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from fedsocial.shared import signing
@@ -118,6 +118,8 @@ def _apply(template: Path, key: Any, ops: list[Any], run: Path) -> None:
 
 @PROFILE
 @given(crafted=crafted_ledgers())
+@example(crafted=("value", ["value", 0, "noise_multiplier", 10**400, False]))  # found: OverflowError in the schema
+@example(crafted=("value", ["value", 1, "epsilon_rdp", 10**400, True]))
 def test_reading_and_verifying_any_crafted_ledger_gives_problems_never_a_traceback(
         tmp_path: Path, ledger_template: tuple[Path, Any], crafted: tuple[str, list[Any]]) -> None:
     template, key = ledger_template
