@@ -174,6 +174,8 @@ class RoundPrinter:
             parts.append(f"{len(rec['dropped'])} dropped")
         if rec.get("budget_exhausted"):
             parts.append(f"{len(rec['budget_exhausted'])} out of budget")
+        if "skipped" in rec:
+            parts.append("not aggregated (secure aggregation needs more contributors)")
         if "epsilon_max" in rec:
             parts.append(f"eps {rec['epsilon_max']:.3f}")
         parts.append(f"{rec.get('round_time_s', 0.0):.1f} s")
