@@ -175,7 +175,7 @@ class RoundPrinter:
         if rec.get("budget_exhausted"):
             parts.append(f"{len(rec['budget_exhausted'])} out of budget")
         if "skipped" in rec:
-            parts.append("not aggregated (secure aggregation needs more contributors)")
+            parts.append("not aggregated (the reason is in rounds.jsonl)")
         if "epsilon_max" in rec:
             parts.append(f"eps {rec['epsilon_max']:.3f}")
         parts.append(f"{rec.get('round_time_s', 0.0):.1f} s")
