@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from fedsocial.shared.config import Config, ConfigError, load_config
 from fedsocial.shared.data import SplitData
 from fedsocial.shared.events import EVENTS_FILE, EventError, compute_grown_local_state, load_split_with_events
@@ -102,6 +104,42 @@ def _local_state(state_dir: Path, round_: int) -> dict[str, Any] | None:
     return {k: v for k, v in load_npz(latest).items() if k != "__round__"} if latest.is_file() else None
 
 
+def serve_personalised(cfg: Config, split: SplitData, shared: SocialRec, state_dir: Path) -> SocialRec:
+    """Partner scope: the model client/personalize.py chooses on the partner's validation data (shared,
+    alone, fine-tuned; models cached under STATE_DIR/personal/). A score mixture is not one model's sum
+    of terms, so explanations could not be exact: then the best single candidate on validation is served."""
+    import torch
+
+    from fedsocial.client.personalize import (
+        PERSONAL_DIR,
+        choose_on_validation,
+        compute_alone_config,
+        personalise,
+        train_alone_model,
+    )
+    from fedsocial.shared.trainer import LocalTrainer
+
+    result = personalise(cfg, split, shared, state_dir, cfg.train.seed)
+    if isinstance(result.model, SocialRec):
+        return result.model
+    single = {k: v["ndcg@10"] for k, v in result.val.items() if k in ("shared", "alone", "finetune")}
+    name = choose_on_validation(single)
+    print(f"partner scope: {result.choice} is a score mixture (no exact explanation); serving {name}, the best "
+          f"single model on validation", file=sys.stderr)
+    if name == "alone":
+        model = train_alone_model(cfg, split, state_dir / PERSONAL_DIR)[0]
+    elif name == "finetune":
+        trainer = LocalTrainer(compute_alone_config(cfg), split, device="cpu", seed=cfg.train.seed)
+        with np.load(state_dir / PERSONAL_DIR / "finetune.npz", allow_pickle=False) as z:
+            trainer.model.load_state_dict({k: torch.as_tensor(z[k]) for k in z.files})
+        model = trainer.model
+    else:
+        model = shared
+    if not isinstance(model, SocialRec):
+        raise ConfigError(f"partner scope: the {name} model is not the social model")
+    return model
+
+
 def load_recommender(src: ServedSource, calibration: str = "platt", adapt: Adapter | None = None) -> Recommender:
     """The partner's served model: shared parameters + local state of the same round + its data and events."""
     from fedsocial.shared.trainer import LocalTrainer
@@ -118,8 +156,8 @@ def load_recommender(src: ServedSource, calibration: str = "platt", adapt: Adapt
     model = trainer.model
     if not isinstance(model, SocialRec):
         raise ConfigError(f"{src.config_path}: model.name = {cfg.model.name}: serving needs the social model")
-    if adapt is not None and cfg.privacy.scope == "partner":
-        model = adapt(cfg, split, model, src.state_dir)  # the local, non-DP adaptation stays inside the partner
+    if cfg.privacy.scope == "partner":  # the local, non-DP adaptation stays inside the partner
+        model = (adapt or serve_personalised)(cfg, split, model, src.state_dir)
     return Recommender(model, split, calibration=calibration, events_path=src.state_dir / EVENTS_FILE,
                        seed=cfg.train.seed)
 

@@ -383,3 +383,21 @@ def test_cold_split_keeps_at_most_two_items_and_moves_the_rest_to_test() -> None
     assert int(np.isin(cold_split.train_users, cold, invert=True).sum()) == int(warm.sum())
     p = compute_percentiles([float(v) for v in range(1, 101)])
     assert p["p50_ms"] == pytest.approx(50.5) and p["p99_ms"] == pytest.approx(99.01) and p["n"] == 100
+
+
+def test_partner_scope_serves_the_locally_adapted_model(tmp_path: Path) -> None:
+    """privacy.scope = partner: the served model is client/personalize.py's choice, and it stays local."""
+    # Prepare
+    run = make_run(tmp_path / "run", ["privacy.scope=\"partner\"", "federation.local_epochs=1"], epochs=1)
+    joint = make_run(tmp_path / "joint", epochs=1)
+    # Execute
+    rec = recommend.load_recommender(recommend.resolve_source(run, "partner-0"), calibration="none")
+    plain = recommend.load_recommender(recommend.resolve_source(joint, "partner-0"), calibration="none")
+    # Assert
+    personal = run / "partners" / "partner-0" / "personal"
+    assert (personal / "alone.npz").is_file() and (personal / "finetune.npz").is_file()
+    assert not (joint / "partners" / "partner-0" / "personal").exists()
+    user = rec.users[0]
+    items = rec.recommend(user, 5)
+    assert len(items) == 5 and abs(sum(items[0]["explanation"]["terms"].values()) - items[0]["score"]) < 1e-4
+    assert len(plain.recommend(user, 5)) == 5
