@@ -39,6 +39,7 @@ from fedsocial.shared.serving import Recommender, ServingError, UnknownUserError
 log = logging.getLogger("fedsocial.serve")
 PAGE = Path(__file__).with_name("serve_page.html")
 MAX_EVENTS = 10_000  # per request
+SOCIAL_MAX_USERS = 1000  # the analysis scores one list per user: a seeded sample of a large partner
 
 
 def create_app(rec: Recommender, partner_id: str = "") -> FastAPI:
@@ -119,7 +120,7 @@ def create_app(rec: Recommender, partner_id: str = "") -> FastAPI:
         from fedsocial.shared.social_analysis import analyse
 
         if cache.get("k") != k:
-            cache.update(k=k, doc=analyse(rec, k=k))
+            cache.update(k=k, doc=analyse(rec, k=k, max_users=SOCIAL_MAX_USERS))
         return cache["doc"]  # type: ignore[no-any-return]
 
     @app.get("/", response_class=HTMLResponse)
