@@ -158,6 +158,28 @@ def clear_failed_start_inplace(run_dir: Path) -> None:
             path.unlink()
 
 
+class OneLineErrors(logging.Filter):
+    """Flower logs a partner's failed ClientApp as whole Ray tracebacks (hundreds of lines per round):
+    keep one line with the partner's own error, once per distinct error."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "\n" not in message or not ("Traceback" in message or 'File "' in message):
+            return True
+        from fedsocial.server.strategy import compute_failure_reason
+
+        reason = compute_failure_reason(message)
+        if reason in self.seen:
+            return False
+        self.seen.add(reason)
+        record.msg, record.args = f"a partner's ClientApp failed: {reason}", None
+        return True
+
+
 class RoundPrinter:
     """One line per completed round: metrics, replies, privacy, time."""
 
@@ -232,11 +254,14 @@ def run_simulation_from_config(cfg: Config, data_dir: str | os.PathLike[str] | N
     flwr_logger = logging.getLogger("flwr")
     level = flwr_logger.level
     flwr_logger.setLevel(logging.WARNING)  # our per-round line replaces Flower's INFO chatter
+    one_line = OneLineErrors()
+    flwr_logger.addFilter(one_line)
     try:
         run_simulation(server_app=make_server_app(settings, printer), client_app=make_client_app(settings, client_mods),
                        num_supernodes=cfg.federation.partners, backend_config=backend_config(cfg))  # type: ignore[arg-type]
     finally:
         flwr_logger.setLevel(level)
+        flwr_logger.removeFilter(one_line)
     if not metrics_path.is_file():
         raise FederationError(f"the federation ended without writing {metrics_path} (see the log above)")
     doc: dict[str, Any] = json.loads(metrics_path.read_text(encoding="utf-8"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import stat
 from pathlib import Path
@@ -18,6 +19,7 @@ from fedsocial.simulations import partition_cmd, simulate, train
 from fedsocial.simulations.preflight import run_preflight
 from fedsocial.simulations.simulate import (
     EXIT_NOTHING_TRAINED,
+    OneLineErrors,
     clear_failed_start_inplace,
     compute_failed_start,
     compute_outcome,
@@ -193,3 +195,20 @@ def test_a_failed_reply_is_recorded_as_the_partners_own_one_line_error(tmp_path:
     (dropped,) = strategy._round["dropped"]
     assert dropped["reason"] == "no reply: max_epsilon 0.0001 unreachable with noise_multiplier <= 10000.0"
     assert compute_failure_reason("x" * 500).endswith("...") and len(compute_failure_reason("x" * 500)) == 300
+
+
+def test_flowers_ray_tracebacks_become_one_line_per_distinct_partner_error() -> None:
+    # Prepare: what Flower logs for a failed ClientApp (the actor's traceback, then the worker's)
+    log_filter = OneLineErrors()
+    traceback_text = RAY_FAILURE.replace("\\n", "\n")
+    records = [logging.LogRecord("flwr", logging.ERROR, "vce_api.py", 1, msg, None, None)
+               for msg in ("An exception was raised when processing a message by RayBackend", traceback_text,
+                           "Traceback (most recent call last):\n" + traceback_text, traceback_text)]
+
+    # Execute
+    kept = [r for r in records if log_filter.filter(r)]
+
+    # Assert: the header and one line naming the partner's error, once
+    assert [r.getMessage() for r in kept] == [
+        "An exception was raised when processing a message by RayBackend",
+        "a partner's ClientApp failed: max_epsilon 0.0001 unreachable with noise_multiplier <= 10000.0"]
