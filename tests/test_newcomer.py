@@ -253,7 +253,14 @@ def test_demo_commands_print_no_warning_and_track_per_partner_epsilon(tmp_path: 
     for pid, info in doc["partners"].items():
         eps = acc.Scalars(f"privacy/epsilon/{pid}")
         assert [e.step for e in eps] == [1, 2] and eps[-1].value == pytest.approx(info["epsilon"], rel=1e-6)
-    assert {"federated/ndcg@10", "time/round_s", "test/ndcg@10"} <= set(scalars)
+    assert {"time/round_s", "test/ndcg@10", "privacy/epsilon_max"} <= set(scalars)
+    from fedsocial.simulations.tracking import compute_round_scalars
+
+    records = [json.loads(line) for line in (run / "rounds.jsonl").read_text(encoding="utf-8").splitlines()]
+    for rec in records:  # every number of every round record is in the tracked run, at its round
+        for tag, value in compute_round_scalars(rec).items():
+            assert any(e.step == rec["round"] and e.value == pytest.approx(value, rel=1e-6)
+                       for e in acc.Scalars(tag)), tag
 
 
 def test_dp_on_a_non_private_config_says_exactly_which_keys_to_change(tmp_path: Path) -> None:
