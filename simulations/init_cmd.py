@@ -72,6 +72,8 @@ def compute_settings(s: DataStats, private: bool, partners: int) -> Settings:
     cost = s.users * s.items  # score entries per full-ranking evaluation
     eval_every = int(min(10, max(1, math.ceil(cost / 5e7))))
     epochs = int(min(100, max(10, round(2e6 / max(s.interactions, 1)))))
+    if private:  # a fixed DP schedule: more steps need more noise per step; 40 epochs measured on LastFM
+        epochs = min(epochs, 40)
     epochs = int(math.ceil(epochs / eval_every) * eval_every)
     per_partner = max(1, s.users // partners)
     rounds = int(min(20, max(5, epochs // 5)))
@@ -90,7 +92,8 @@ def compute_settings(s: DataStats, private: bool, partners: int) -> Settings:
                               if s.user_features else "no users.csv"),
     }
     train: dict[str, tuple[Any, str]] = {
-        "epochs": (epochs, f"~2e6 / {s.interactions} interactions, in [10, 100], a multiple of eval_every"),
+        "epochs": (epochs, f"~2e6 / {s.interactions} interactions, in [10, {40 if private else 100}], "
+                           "a multiple of eval_every"),
         "eval_every": (eval_every, f"full ranking costs {s.users} x {s.items} scores: every ~5e7 scores"),
         "patience": (max(10, 3 * eval_every), "early stopping: 3 evaluations, at least 10 epochs"),
         "lr": (0.005, "Adam"),
