@@ -25,7 +25,10 @@ nothing here leaves the partner. In the ``partner`` scope a locally adapted mode
 
 from __future__ import annotations
 
+import concurrent.futures
+import copy
 import math
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,14 +156,22 @@ class Recommender:
     """A partner's served model over its users; ids in and out are the partner's external ids."""
 
     def __init__(self, model: SocialRec, split: SplitData, calibration: str = "platt",
-                 events_path: Path | None = None, seed: int = 0, refit_on_event: bool = True) -> None:
+                 events_path: Path | None = None, seed: int = 0, refit_on_event: str = "sync") -> None:
         if not isinstance(model, SocialRec):
             raise ServingError(f"serving needs the social model (model.name = social), got {type(model).__name__}")
         self.model, self.split, self.cfg = model.eval(), split, model.model_cfg
         self.events_path, self.seed = events_path, seed
-        # local p_u refit after an event (the partner's evaluation procedure, ~50 Adam steps); False: the
-        # history and friends terms change at once, p_u at the next refit_all_local_vectors
+        # The local p_u refit after an event (the partner's evaluation procedure, ~50 Adam steps): "sync"
+        # before apply_events returns; "async" on a worker thread (the history and friends terms change
+        # at once, p_u a refit later); "off": p_u only at the next refit_all_local_vectors.
+        if refit_on_event not in ("sync", "async", "off"):
+            raise ServingError(f"refit_on_event: must be sync|async|off, got {refit_on_event!r}")
         self.refit_on_event = refit_on_event
+        self._lock = threading.RLock()  # guards local_user rows (and one list's score + terms) against the worker
+        self._version: dict[int, int] = {}  # bumped when a worker writes a user's p_u
+        self._worker: concurrent.futures.ThreadPoolExecutor | None = None
+        self._pending: list[concurrent.futures.Future[None]] = []
+        self._twin: SocialRec | None = None
         ds = split.dataset
         self.users: list[int | str] = compute_external_ids(ds)
         self.user_index = {u: i for i, u in enumerate(self.users)}
@@ -180,7 +191,7 @@ class Recommender:
                 self.friends[a].append(b)
         self.popularity = np.bincount(split.train_items, minlength=ds.n_items).astype(np.float64)
         self._refresh_items()
-        self._h: dict[int, torch.Tensor] = {}
+        self._h: dict[int, tuple[torch.Tensor, int]] = {}  # live user vector and the p_u version it used
         self.calibrator = self.fit_calibration(calibration)  # p_u as refitted on training items
         self.refit_all_local_vectors()  # then p_u from everything the user did, for serving
 
@@ -258,7 +269,7 @@ class Recommender:
         if not sizes or n <= min(sizes):
             return
         size = max(n, int(min(sizes) * 1.25) + 16)
-        with torch.no_grad():
+        with torch.no_grad(), self._lock:
             for name in ("social_emb", "user_emb"):
                 emb = getattr(m, name)
                 if emb is not None and emb.num_embeddings < size:
@@ -284,13 +295,16 @@ class Recommender:
                     ) -> torch.Tensor:
         """g(h_u) [d] with the model's own ``user_vectors`` and ``_normalise`` (cached for the live record)."""
         live = bag is None and friends is None
-        if live and u in self._h:
-            return self._h[u]
+        version = self._version.get(u, 0)
+        cached = self._h.get(u) if live else None
+        if cached is not None and cached[1] == version:
+            return cached[0]
         batch = self._batch(u, self.history[u] if bag is None else bag, self.friends[u] if friends is None else friends)
-        with torch.no_grad():
+        with torch.no_grad(), self._lock:
+            version = self._version.get(u, 0)
             h = self.model._normalise(self.model.user_vectors(batch))[0]
         if live:
-            self._h[u] = h
+            self._h[u] = (h, version)
         return h
 
     def refit_local_vector(self, u: int) -> None:
@@ -299,16 +313,51 @@ class Recommender:
         mc = self.cfg
         if mc.user_embedding != "local" or mc.local_refit_steps == 0 or not self.model.local_user.shape[0]:
             return
-        items = self.history[u]
+        items, friends = list(self.history[u]), list(self.friends[u])
+        if self.refit_on_event != "async":
+            with self._lock:
+                self._refit_into(self.model, u, items, friends)
+                self._version[u] = self._version.get(u, 0) + 1
+            return
+        if self._worker is None:
+            self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="refit")
+        self._pending = [f for f in self._pending if not f.done()]
+        self._pending.append(self._worker.submit(self._refit_async, u, items, friends))
+
+    def _refit_into(self, model: SocialRec, u: int, items: list[int], friends: list[int]) -> None:
+        """``model.refit_local_users`` on user u's own record (per-user seed: reproducible)."""
+        mc = self.cfg
         if not items:
-            self.model.local_user[u] = 0.0
+            model.local_user[u] = 0.0
             return
         ip, ii = compute_csr(np.full(len(items), u), np.asarray(items), u + 1)
-        np_, ni = compute_csr(np.full(len(self.friends[u]), u), np.asarray(self.friends[u], dtype=np.int64), u + 1)
-        builder = ExampleBuilder(u + 1, self.model.n_items, ip, ii, np_, ni, mc.max_targets, mc.num_negatives,
-                                 max(1, len(self.friends[u])), mc.max_history)
+        np_, ni = compute_csr(np.full(len(friends), u), np.asarray(friends, dtype=np.int64), u + 1)
+        builder = ExampleBuilder(u + 1, model.n_items, ip, ii, np_, ni, mc.max_targets, mc.num_negatives,
+                                 max(1, len(friends)), mc.max_history)
         batch = builder.train_batch(np.array([u]), np.random.default_rng([self.seed, u]))
-        self.model.refit_local_users(batch, mc.local_refit_steps, mc.local_refit_l2)
+        model.refit_local_users(batch, mc.local_refit_steps, mc.local_refit_l2)
+
+    def _refit_async(self, u: int, items: list[int], friends: list[int]) -> None:
+        """On the worker: refit into a twin of the model (same shared tensors, its own p_u buffer), then copy
+        the row in under the lock, so that a request never reads a half-written vector."""
+        m = self.model
+        if self._twin is None:
+            self._twin = copy.copy(m)
+            self._twin._buffers = dict(m._buffers)
+        twin = self._twin
+        twin._buffers.update({k: v for k, v in m._buffers.items() if k != "local_user"})
+        if twin.local_user.shape != m.local_user.shape:
+            twin._buffers["local_user"] = torch.zeros_like(m.local_user)
+        self._refit_into(twin, u, items, friends)
+        with self._lock:
+            m.local_user[u] = twin.local_user[u]
+            self._version[u] = self._version.get(u, 0) + 1
+
+    def wait_for_refits(self) -> None:
+        """Block until every asynchronous p_u refit scheduled so far has been applied."""
+        for f in list(self._pending):
+            f.result()
+        self._pending = []
 
     def scores(self, u: int, bag: Sequence[int] | None = None, friends: Sequence[int] | None = None) -> torch.Tensor:
         """The model's score of every item for user u: g(h_u) . g(q_i) + c_i  [n_items]."""
@@ -321,6 +370,10 @@ class Recommender:
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 1000:
             raise ServingError(f"field 'k': must be an integer in [1, 1000], got {k!r}")
         u = self.index_of(user)
+        with self._lock:  # the scores and the explanation read the same p_u
+            return self._recommend(u, k, category, explain)
+
+    def _recommend(self, u: int, k: int, category: int | None, explain: bool) -> list[dict[str, Any]]:
         cold = not self.history[u] and not self.friends[u]
         scores = self.scores(u)
         # no items and no friends: the model's vector is empty, so rank by popularity (the model's score kept)
@@ -369,7 +422,8 @@ class Recommender:
                 user_vec = user_vec + feats[0]
                 parts.append(feats[0])
             if m.local_user.shape[0]:
-                user_vec = user_vec + m.local_user[u]
+                with self._lock:
+                    user_vec = user_vec + m.local_user[u]
             mlp = m.mlp(torch.cat(parts)[None])[0] if m.mlp is not None and parts else torch.zeros(mc.dim)
             h = hist_rows.sum(0) + friend_rows.sum(0) + user_vec + mlp
             alpha = 1.0 if mc.temperature <= 0 else 1.0 / (max(float(h.norm()), _EPS) * mc.temperature ** 0.5)
@@ -445,7 +499,7 @@ class Recommender:
                 self.popularity[self._item_of(e.item)] += 1  # type: ignore[arg-type]
         for u in touched:
             self._h.pop(u, None)
-            if self.refit_on_event:
+            if self.refit_on_event != "off":
                 self.refit_local_vector(u)
         return {"accepted": len(events), "created_users": created, "durable": self.events_path is not None}
 

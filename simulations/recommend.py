@@ -140,7 +140,8 @@ def serve_personalised(cfg: Config, split: SplitData, shared: SocialRec, state_d
     return model
 
 
-def load_recommender(src: ServedSource, calibration: str = "platt", adapt: Adapter | None = None) -> Recommender:
+def load_recommender(src: ServedSource, calibration: str = "platt", adapt: Adapter | None = None,
+                     refit_on_event: str = "sync") -> Recommender:
     """The partner's served model: shared parameters + local state of the same round + its data and events."""
     from fedsocial.shared.trainer import LocalTrainer
 
@@ -159,6 +160,7 @@ def load_recommender(src: ServedSource, calibration: str = "platt", adapt: Adapt
     if cfg.privacy.scope == "partner":  # the local, non-DP adaptation stays inside the partner
         model = (adapt or serve_personalised)(cfg, split, model, src.state_dir)
     return Recommender(model, split, calibration=calibration, events_path=src.state_dir / EVENTS_FILE,
+                       refit_on_event=refit_on_event,
                        seed=cfg.train.seed)
 
 

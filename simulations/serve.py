@@ -138,12 +138,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: loopback only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--event-refit", default="async", choices=("sync", "async", "off"),
+                        help="the local p_u refit after an event: on a worker thread (default), before the "
+                        "reply, or only at the next start")
     args = parser.parse_args(argv)
     try:
         import torch
 
         torch.set_num_threads(max(1, args.threads))
-        rec = load_recommender(source_from_args(args), args.calibration)
+        rec = load_recommender(source_from_args(args), args.calibration, refit_on_event=args.event_refit)
     except SERVING_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -69,11 +69,11 @@ def synthetic_partner(n_items: int, n_users: int = 2000, per_user: int = 20, fri
     return model, split
 
 
-def build_recommender(n_items: int) -> Any:
+def build_recommender(n_items: int, refit: str = "sync") -> Any:
     from fedsocial.shared.serving import Recommender
 
     model, split = synthetic_partner(n_items)
-    return Recommender(model, split, calibration="platt")
+    return Recommender(model, split, calibration="platt", refit_on_event=refit)
 
 
 def measure_in_process(rec: Any, n: int = 300, seed: int = 1) -> dict[str, Any]:
@@ -91,7 +91,9 @@ def measure_in_process(rec: Any, n: int = 300, seed: int = 1) -> dict[str, Any]:
         rec.recommend(rec.users[u], 10, explain=False)
         scores_only.append((time.perf_counter() - t0) * 1e3)
     out = {"top10": compute_percentiles(top), "top10_no_explanation": compute_percentiles(scores_only)}
-    for name, refit in (("event_to_list", True), ("event_to_list_no_refit", False)):
+    for name, refit in (("event_to_list", "sync"), ("event_to_list_async_refit", "async"),
+                        ("event_to_list_no_refit", "off")):
+        rec.wait_for_refits()
         rec.refit_on_event, lat = refit, []
         for u in users[:100].tolist():
             item = int(rng.integers(0, len(rec.items)))
@@ -100,7 +102,8 @@ def measure_in_process(rec: Any, n: int = 300, seed: int = 1) -> dict[str, Any]:
             rec.recommend(rec.users[u], 10)
             lat.append((time.perf_counter() - t0) * 1e3)
         out[name] = compute_percentiles(lat)
-    rec.refit_on_event = True
+    rec.wait_for_refits()
+    rec.refit_on_event = "sync"
     return out
 
 
@@ -276,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     worker = sub.add_parser("worker", help="(internal) serve a synthetic partner for the latency bench")
     worker.add_argument("--items", type=int, required=True)
     worker.add_argument("--port", type=int, required=True)
+    worker.add_argument("--event-refit", default="async", choices=("sync", "async", "off"))
     args = parser.parse_args(argv)
     if args.cmd == "worker":
         import torch
@@ -284,8 +288,8 @@ def main(argv: list[str] | None = None) -> int:
         from fedsocial.simulations.serve import create_app
 
         torch.set_num_threads(1)
-        uvicorn.run(create_app(build_recommender(args.items), "bench"), host="127.0.0.1", port=args.port,
-                    log_level="warning")
+        app = create_app(build_recommender(args.items, args.event_refit), "bench")
+        uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
         return 0
     if args.cmd == "layout":
         print(json.dumps({str(n): measure_layout(n) for n in args.items}))

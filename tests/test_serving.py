@@ -401,3 +401,33 @@ def test_partner_scope_serves_the_locally_adapted_model(tmp_path: Path) -> None:
     items = rec.recommend(user, 5)
     assert len(items) == 5 and abs(sum(items[0]["explanation"]["terms"].values()) - items[0]["score"]) < 1e-4
     assert len(plain.recommend(user, 5)) == 5
+
+
+def test_async_refit_gives_the_synchronous_result() -> None:
+    """refit_on_event = async (the service's default): the list changes at once, and once the worker is done
+    p_u, the list and its exact explanation equal the synchronous refit's."""
+    import copy
+
+    # Prepare
+    split = tiny_split(seed=4)
+    model = randomised_model(ModelConfig(dim=8, user_embedding="local", local_refit_steps=5), split, 9)
+    sync = Recommender(copy.deepcopy(model), split, calibration="none")  # type: ignore[arg-type]
+    lazy = Recommender(copy.deepcopy(model), split, calibration="none", refit_on_event="async")  # type: ignore[arg-type]
+    user = 6
+    bought = [x["item"] for x in sync.recommend(user, 2, explain=False)]
+    events = [parse_event({"user": user, "item": i, "type": "purchase"}) for i in bought]
+    events.append(parse_event({"user": "late", "neighbour": user, "type": "follow"}))
+    # Execute
+    sync.apply_events(events)
+    lazy.apply_events(events)
+    at_once = [x["item"] for x in lazy.recommend(user, 5, explain=False)]
+    lazy.wait_for_refits()
+    # Assert
+    assert not set(bought) & set(at_once)
+    for u in (user, lazy.index_of("late")):
+        np.testing.assert_allclose(lazy.model.local_user[u].numpy(), sync.model.local_user[u].numpy(), atol=1e-6)
+        assert lazy.recommend(lazy.users[u], 5) == sync.recommend(sync.users[u], 5)
+    top = lazy.recommend(user, 1)[0]
+    assert abs(sum(top["explanation"]["terms"].values()) - top["score"]) < 1e-5
+    with pytest.raises(ServingError, match="refit_on_event"):
+        Recommender(model, split, calibration="none", refit_on_event="later")  # type: ignore[arg-type]
