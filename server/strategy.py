@@ -156,7 +156,7 @@ class FedSocialStrategy(Strategy):
         """A node that connected after the start registers when it is first sampled."""
         nid = _node(proxy)
         try:
-            res = proxy.get_properties(GetPropertiesIns({}), timeout=self.wait_timeout, group_id=None)
+            res = proxy.get_properties(GetPropertiesIns({}), timeout=min(self.wait_timeout, 60.0), group_id=None)
             self.register_all({nid: dict(res.properties)})
         except Exception as exc:  # a node that cannot register is left out, not fatal
             self._refuse_node(nid, f"registration failed: {type(exc).__name__}: {exc}")
