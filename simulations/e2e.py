@@ -467,6 +467,7 @@ def check_audit_catches(c: Cluster, run_dir: Path, partners: Path, work: Path) -
     item 3): the cap comes from the server's signed run_manifest.json; a correctly signed ledger
     entry above the cap, in a copy of the run, exits 4; a ledger deleted from another copy fails."""
     from fedsocial.shared import signing
+    from fedsocial.shared.privacy.accounting import compute_epsilon
     from fedsocial.shared.privacy.ledger import Ledger
 
     report = json.loads((run_dir / "audit.json").read_text())
@@ -478,9 +479,14 @@ def check_audit_catches(c: Cluster, run_dir: Path, partners: Path, work: Path) -
     key = signing.load_private_key(partners / "partner_0" / "keys" / "ledger_signing.key")
     ledger = Ledger(over / "ledgers" / "partner_0.jsonl", key, "partner_0")
     last = ledger.entries()[-1]
-    ledger.append_round(round=int(last["round"]) + 1, noise_multiplier=0.5, sample_rate=last["sample_rate"],
-                        steps=int(last["steps"]) * 20, max_grad_norm=last["max_grad_norm"],
-                        target_delta=last["target_delta"], population=last["population"], secure_rng=False)
+    cap = float(report["partners"][0]["max_epsilon"])
+    event = (float(last["noise_multiplier"]), float(last["sample_rate"]), int(last["steps"]))
+    steps = event[2]  # one more round of the same mechanism, longer until the ledger ends 1.5-2x over the cap
+    while compute_epsilon([*ledger.history(), (event[0], event[1], steps)], float(last["target_delta"])) < 1.5 * cap:
+        steps *= 2
+    ledger.append_round(round=int(last["round"]) + 1, noise_multiplier=event[0], sample_rate=event[1], steps=steps,
+                        max_grad_norm=last["max_grad_norm"], target_delta=last["target_delta"],
+                        population=last["population"], secure_rng=False)
     gone = work / "audit-deleted-ledger"
     shutil.copytree(run_dir, gone)
     for name in ("partner_1.jsonl", "partner_1.pub"):
