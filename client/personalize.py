@@ -169,14 +169,17 @@ def fine_tune(cfg: Config, split: SplitData, start: RecModel, epochs: int, seed:
     return trainer.model, int(best["epoch"])
 
 
-def personalise(cfg: Config, split: SplitData, shared: RecModel, state_dir: Path | None, seed: int) -> Personalisation:
+def personalise(cfg: Config, split: SplitData, shared: RecModel, state_dir: Path | None, seed: int,
+                alone: RecModel | None = None) -> Personalisation:
     """Build the candidates on copies of ``shared`` (the global DP model with p_u refitted) and choose one.
 
     ``shared`` itself is not modified. Test metrics of every candidate are measured for the record
     (the benchmark's shared-only and alone columns); only validation metrics drive the choice.
+    ``alone``: the partner's alone model when already at hand (else trained or loaded from the cache).
     """
     cache = None if state_dir is None else state_dir / PERSONAL_DIR
-    alone, _ = train_alone_model(cfg, split, cache)
+    if alone is None:
+        alone, _ = train_alone_model(cfg, split, cache)
     tuned, tuned_epoch = fine_tune(cfg, split, shared, compute_personal_epochs(cfg), seed)
     models: dict[str, RecModel] = {"shared": shared, "alone": alone, "finetune": tuned}
     builder = ExampleBuilder.from_split(split, cfg.model)  # the same examples for every candidate

@@ -83,6 +83,39 @@ def served_metrics(run_dir: Path, pid: str, info: dict[str, Any]) -> dict[str, f
     return {k: float(info[k]) for k in METRIC_KEYS} if all(k in info for k in METRIC_KEYS) else None
 
 
+def local_pipeline_metrics(cfg: Config, data_dir: str | None, run_dir: Path) -> dict[str, dict[str, Any]]:
+    """Control for partner scope: the same personalisation with no federation at all.
+
+    Each partner runs :func:`fedsocial.client.personalize.personalise` with the federation's *initial*
+    (untrained) shared parameters in place of the DP-trained ones, and its cached alone model. What the
+    partner-scope served model gains over this is what the DP federation itself contributes; what this
+    gains over ``alone`` is local ensembling, which a partner could have without joining.
+    """
+    from fedsocial.client.partner import compute_local_config, compute_round_seed
+    from fedsocial.client.personalize import PERSONAL_DIR, personalise, train_alone_model
+    from fedsocial.shared.loaders import load_dataset
+    from fedsocial.shared.partition import partition_users, partner_split
+    from fedsocial.shared.split import split_dataset
+    from fedsocial.shared.trainer import LocalTrainer
+
+    local = compute_local_config(cfg)
+    dataset = load_dataset(local.data, data_dir)
+    split = split_dataset(dataset, local.split)
+    assignment = partition_users(dataset, local.federation.partners, local.partition)
+    out: dict[str, dict[str, Any]] = {}
+    for index in range(local.federation.partners):
+        pid = f"partner-{index}"
+        part = partner_split(split, assignment, index)
+        cache = run_dir / "partners" / pid / PERSONAL_DIR
+        alone, _ = train_alone_model(local, part, cache if cache.is_dir() else None)
+        start = LocalTrainer(local, part, device="cpu", seed=local.train.seed)  # the initial shared parameters
+        start.refit_local()
+        seed = compute_round_seed(local.train.seed, index, local.federation.rounds) + 1  # as the last evaluation
+        result = personalise(local, part, start.model, None, seed, alone=alone)
+        out[pid] = {"choice": result.choice, **{k: float(v) for k, v in result.test[result.choice].items()}}
+    return out
+
+
 def personal_record(run_dir: Path, pid: str) -> dict[str, Any] | None:
     """The partner's last personalisation record (partner scope), from its own state folder."""
     from fedsocial.client.personalize import PERSONAL_DIR
@@ -129,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="compare_alone", description=main.__doc__)
     parser.add_argument("run_dir")
     parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--local-control", action="store_true",
+                        help="also run the personalisation without the federation (local_pipeline_metrics)")
     args = parser.parse_args(argv)
     run_dir = Path(args.run_dir)
     metrics = run_dir / "metrics.json"
@@ -137,7 +172,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     cfg = load_config(run_dir / "config.toml")
     doc = json.loads(metrics.read_text(encoding="utf-8"))
-    add_alone_metrics_inplace(doc, cfg, str(resolve_data_dir(args.data_dir).resolve()), run_dir)
+    data_dir = str(resolve_data_dir(args.data_dir).resolve())
+    add_alone_metrics_inplace(doc, cfg, data_dir, run_dir)
+    if args.local_control:
+        control = local_pipeline_metrics(cfg, data_dir, run_dir)
+        for pid, res in control.items():
+            doc["partners"][pid]["local_pipeline"] = res
+        served = {p: float(i["served"]["ndcg@10"]) for p, i in doc["partners"].items() if "served" in i}
+        doc["federation_gain_over_local_pipeline"] = compute_federation_gain(
+            served, {p: r["ndcg@10"] for p, r in control.items()})
+        print(f"{run_dir}: federation_gain_over_local_pipeline {doc['federation_gain_over_local_pipeline']:.4f}")
     write_json_atomic(metrics, doc)
     write_report(run_dir, doc)
     print(f"{run_dir}: federation_gain {doc['federation_gain']:.4f}")

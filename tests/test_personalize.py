@@ -294,12 +294,14 @@ def test_compare_alone_completes_a_finished_run_and_refuses_a_missing_one(partne
     run_dir = partner_run["base"] / "run"
     before = json.loads((run_dir / "metrics.json").read_text())
 
-    rc = compare_alone_main([str(run_dir)])
+    rc = compare_alone_main([str(run_dir), "--local-control"])
     missing = compare_alone_main([str(tmp_path / "nothing")])
 
     after = json.loads((run_dir / "metrics.json").read_text())
     assert rc == 0 and missing == 2
     assert after["federation_gain"] == pytest.approx(before["federation_gain"])  # the cached alone models
+    ratios = [p["served"]["ndcg@10"] / p["local_pipeline"]["ndcg@10"] for p in after["partners"].values()]
+    assert after["federation_gain_over_local_pipeline"] == pytest.approx(sum(ratios) / len(ratios))
 
 
 def test_compare_alone_flag_sets_the_config_key(tmp_path: Path) -> None:
