@@ -437,14 +437,16 @@ class Partner:
         """
         from fedsocial.shared.privacy.evaluation import compute_release_mode, write_local_evaluation
 
-        metrics, n, elapsed = self._evaluate_locally(arrays, round_)
+        metrics, n, elapsed, dp_model = self._evaluate_locally(arrays, round_)
         write_local_evaluation(self.settings.state_dir, round_, metrics, n, elapsed)
         mode = compute_release_mode(self.cfg.privacy.enabled, self.cfg.federation.eval_noise_multiplier)
         if mode == "clear":
             return {**metrics, "eval_time_s": elapsed}, n
         if mode == "local":
             return None, 0
-        return self._dp_evaluation(round_, metrics, n)
+        # The release's sensitivity (one user moves each sum by <= 1) holds for the DP model only: in partner
+        # scope the served model also learnt from every user's data without DP, so it is never released.
+        return self._dp_evaluation(round_, dp_model[0], dp_model[1])
 
     def _dp_evaluation(self, round_: int, metrics: dict[str, float], n: int) -> tuple[dict[str, float] | None, int]:
         """The Gaussian release of the evaluation sums: planned, admitted against the cap, saved, charged
@@ -490,19 +492,22 @@ class Partner:
                       extra={"release": "evaluation", "release_sha256": digest})
         return means, count
 
-    def _evaluate_locally(self, arrays: list[np.ndarray], round_: int) -> tuple[dict[str, float], int, float]:
+    def _evaluate_locally(self, arrays: list[np.ndarray], round_: int
+                          ) -> tuple[dict[str, float], int, float, tuple[dict[str, float], int]]:
+        """(served metrics, users, seconds, (the DP model's metrics, users)): the two differ in partner scope."""
         t0 = time.perf_counter()
         trainer, _ = self._prepared_trainer(arrays, round_)
         trainer.refit_local()  # p_u from the user's own items against the new global (no-op unless local)
-        if self.cfg.privacy.scope == "partner":  # + local non-DP learning on copies, never sent (personalize.py)
-            from fedsocial.client.personalize import evaluate_personalised
+        dp_metrics, dp_n = trainer.evaluate("test")
+        dp_model = ({k: float(dp_metrics[k]) for k in METRIC_KEYS}, int(dp_n))
+        if self.cfg.privacy.scope != "partner":
+            return dp_model[0], dp_model[1], time.perf_counter() - t0, dp_model
+        from fedsocial.client.personalize import evaluate_personalised  # + local non-DP learning, never sent
 
-            metrics, n = evaluate_personalised(self.cfg, self.split, trainer.model, self.settings.state_dir, round_,
-                                               compute_round_seed(self.cfg.train.seed, self.settings.partner_index,
-                                                                  round_) + 1)
-        else:
-            metrics, n = trainer.evaluate("test")
-        return {k: float(metrics[k]) for k in METRIC_KEYS}, int(n), time.perf_counter() - t0
+        metrics, n = evaluate_personalised(self.cfg, self.split, trainer.model, self.settings.state_dir, round_,
+                                           compute_round_seed(self.cfg.train.seed, self.settings.partner_index,
+                                                              round_) + 1)
+        return {k: float(metrics[k]) for k in METRIC_KEYS}, int(n), time.perf_counter() - t0, dp_model
 
 
 _PARTNERS: dict[tuple[PartnerSettings, bytes], Partner] = {}

@@ -133,3 +133,39 @@ def test_pooled_metrics_weight_partners_by_their_users() -> None:
     evals = {"a": {**dict.fromkeys(EVAL_METRIC_KEYS, 0.2), "evaluated_users": 30},
              "b": {**dict.fromkeys(EVAL_METRIC_KEYS, 0.6), "evaluated_users": 10}}
     assert compute_pooled_metrics(evals)["ndcg@10"] == pytest.approx(0.3)
+
+
+def test_partner_scope_releases_the_dp_models_metrics_never_the_personalised_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: partner scope serves a model that also learnt from every user's data without DP, so one
+    # user can move many users' metrics: a Gaussian release with sensitivity sqrt(7) must be computed
+    # from the DP model's metrics (each user's own), never from the served model's
+    import fedsocial.shared.privacy.evaluation as evaluation
+
+    seen: list[dict[str, float]] = []
+    real = evaluation.compute_noisy_release
+
+    def spy(metrics: dict[str, float], *args: object, **kwargs: object) -> object:
+        seen.append(dict(metrics))
+        return real(metrics, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(evaluation, "compute_noisy_release", spy)
+    cfg = tiny_config(eval_noise_multiplier=4.0, rounds=1).replace("privacy", scope="partner")
+    config = write_config(cfg, tmp_path / "run")
+    partner = Partner(settings_from_context({"config-path": str(config), "run-dir": str(tmp_path / "run")},
+                                            {"partition-id": 0, "num-partitions": 3}))
+    _, initial = partner.initial_parameters()
+    new, _, _ = partner.fit(initial, 1)
+    trainer, _ = partner._prepared_trainer(new, 1)
+    trainer.refit_local()
+    dp_model, _ = trainer.evaluate("test")
+    # Execute
+    partner.evaluate(new, 1)
+    # Assert
+    assert len(seen) == 1
+    assert seen[0] == pytest.approx({k: float(dp_model[k]) for k in EVAL_METRIC_KEYS})
+    served = json.loads((partner.settings.state_dir / "eval" / "round_0001.json").read_text())
+    record = json.loads((partner.settings.state_dir / "personal" / "round_0001.json").read_text())
+    assert record["choice"] != "shared"  # precondition: the served model is a non-DP one here (seeded)
+    assert served["ndcg@10"] != pytest.approx(dp_model["ndcg@10"])  # so the release could tell them apart
