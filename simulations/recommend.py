@@ -46,6 +46,7 @@ class ServedSource:
     run_dir: Path | None  # simulation run folder, or None for a deployed partner
     partner_id: str
     data_dir: str | None
+    config: Config | None = None  # a deployed partner's partner.toml carries its config
 
 
 def resolve_source(path: Path, partner_id: str, data_dir: str | None = None, config: str | None = None,
@@ -58,9 +59,21 @@ def resolve_source(path: Path, partner_id: str, data_dir: str | None = None, con
             raise ConfigError(f"--partner {partner_id}: no folder {sd} (partners of this run: {', '.join(known)})")
         return ServedSource(path / "config.toml", Path(checkpoint) if checkpoint else None, sd, path, partner_id,
                             data_dir)
+    if (path / "partner.toml").is_file() and config is None:  # a folder written by `fedsocial partition`
+        from fedsocial.simulations.partition_cmd import read_partner_toml
+
+        if checkpoint is None:
+            raise ConfigError(f"{path}: a deployed partner: pass --checkpoint (the global parameters it received)")
+        table, cfg = read_partner_toml(path / "partner.toml")
+        if partner_id != str(table.get("id", partner_id)):
+            raise ConfigError(f"--partner {partner_id}: {path / 'partner.toml'} is partner {table.get('id')!r}")
+        sd = Path(state_dir) if state_dir else Path(str(table.get("state-dir", path / "state")))
+        return ServedSource(path / "partner.toml", Path(checkpoint), sd, None, partner_id,
+                            str(table.get("data-dir", path)), cfg)
     if config is None or checkpoint is None or state_dir is None:
-        raise ConfigError(f"{path}: not a simulation run folder (no config.toml); for a deployed partner's data "
-                          "folder pass --config, --checkpoint and --state-dir")
+        raise ConfigError(f"{path}: neither a simulation run folder (config.toml) nor a partner folder "
+                          "(partner.toml); for a deployed partner's data folder pass --config, --checkpoint "
+                          "and --state-dir")
     return ServedSource(Path(config), Path(checkpoint), Path(state_dir), None, partner_id, str(path))
 
 
@@ -145,7 +158,7 @@ def load_recommender(src: ServedSource, calibration: str = "platt", adapt: Adapt
     """The partner's served model: shared parameters + local state of the same round + its data and events."""
     from fedsocial.shared.trainer import LocalTrainer
 
-    cfg = load_config(src.config_path)
+    cfg = src.config if src.config is not None else load_config(src.config_path)
     split = load_split_with_events(load_partner_data(cfg, src), src.state_dir)
     round_, shared = _parameters(src)
     trainer = LocalTrainer(cfg, split, device="cpu", seed=cfg.train.seed)

@@ -431,3 +431,25 @@ def test_async_refit_gives_the_synchronous_result() -> None:
     assert abs(sum(top["explanation"]["terms"].values()) - top["score"]) < 1e-5
     with pytest.raises(ServingError, match="refit_on_event"):
         Recommender(model, split, calibration="none", refit_on_event="later")  # type: ignore[arg-type]
+
+
+def test_recommend_from_a_deployed_partner_folder(run_dir: Path, tmp_path: Path) -> None:
+    """A folder written by `fedsocial partition` (partner.toml + data) and the global parameters it received."""
+    from fedsocial.simulations import partition_cmd
+    from tests.serving_run import ROOT, SMALL
+
+    # Prepare
+    sets = [a for kv in SMALL for a in ("--set", kv)]
+    assert partition_cmd.main(["--config", str(ROOT / "configs" / "demo.toml"), *sets, "--partners", "2",
+                               "--out", str(tmp_path / "parts")]) == 0
+    folder = tmp_path / "parts" / "partner_1"
+    out = tmp_path / "lists.jsonl"
+    # Execute
+    rc = recommend.main([str(folder), "--partner", "partner_1", "--checkpoint",
+                         str(run_dir / "checkpoints" / "round_0001.npz"), "--k", "4", "--out", str(out)])
+    missing = recommend.main([str(folder), "--partner", "partner_1", "--out", str(out)])
+    # Assert
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    users = {r["user"] for r in rows}
+    assert rc == 0 and len(rows) == 4 * len(users) and users
+    assert missing == 2
