@@ -3,10 +3,11 @@
 Loads the model a partner serves (:func:`load_recommender`): the global shared parameters of the
 run's last checkpoint, the partner's local state of that round (social table, per-user tables), the
 partner's data (re-derived from the run's config, as its client does) with its recorded events
-(``partners/ID/events.jsonl``) replayed. A deployed partner's folder works too: pass ``--config``,
-``--checkpoint`` (the global parameters the partner received) and ``--state-dir``; RUN_DIR is then the
-partner's own data folder. Writes one row per (user, rank): ``user, rank, item, score, probability,
-explanation`` as JSON Lines (``.jsonl``) or CSV (``.csv``, the explanation as a JSON string).
+(``partners/ID/events.jsonl``) replayed. A deployed partner works too: RUN_DIR is then its folder as
+``fedsocial partition`` writes it (``partner.toml``: config, data and state paths) or its bare data folder
+(with ``--config`` and ``--state-dir``), and ``--checkpoint`` gives the global parameters it received.
+Writes one row per (user, rank): ``user, rank, item, score, probability, explanation`` as JSON Lines
+(``.jsonl``) or CSV (``.csv``, the explanation as a JSON string).
 """
 
 from __future__ import annotations
