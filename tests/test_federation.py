@@ -121,8 +121,8 @@ def test_only_shared_arrays_and_whitelisted_scalars_leave_a_client(runs: dict[st
             assert set(values) <= {"num_examples", "loss"}  # loss = 1 - ndcg@10 of the partner
     assert local_names, "the partners' user/social tables exist locally"
     for rec in (r for r in records if r["message_type"] == "train"):  # DP: no uncovered statistic rides along
-        values = {k for rn, vals in rec["configs"].items() if not rn.endswith(".status") for k in vals}
-        assert not {"train_loss", "fit_time_s"} & values, values
+        values = {k: v for rn, vals in rec["configs"].items() if not rn.endswith(".status") for k, v in vals.items()}
+        assert "train_loss" not in values and values.get("fit_time_s", 0.0) == 0.0, values  # 0.0: the report's default
     evals = [r for r in records if r["message_type"] == "evaluate"]
     assert evals
     for rec in evals:  # DP without a DP evaluation release: only the round and the partner id leave
