@@ -50,7 +50,7 @@ bench: $(STAMP)
 	$(VENV)/bin/fedsocial bench dp-cost --config configs/lastfm.toml --data-dir $(DATA_DIR)
 	$(VENV)/bin/fedsocial bench dp-cost --config configs/lastfm_dp.toml --data-dir $(DATA_DIR)
 
-# Issue 14 (docs/BENCHMARKS.md section 7): CPU ms per DP step against the non-private and Opacus ghost
+# Issue 14 (docs/BENCHMARKS.md section 9): CPU ms per DP step against the non-private and Opacus ghost
 # steps, and where an epoch goes on LastFM, Ciao and a Yelp-shaped synthetic set (minutes on 2 cores).
 YELP := --set data.format=synthetic --set data.n_users=17000 --set data.n_items=37000 --set data.interactions_per_user=12.2
 bench-perf: $(STAMP)
