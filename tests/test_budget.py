@@ -56,7 +56,13 @@ def test_partners_stop_at_the_round_their_cap_predicts_and_the_audit_passes(tmp_
             assert refusals[0]["round"] == k + 1
     rounds = [json.loads(line) for line in (run / "rounds.jsonl").read_text().splitlines()]
     assert len(rounds) == ROUNDS
-    assert all("ndcg@10" in json.dumps(r) for r in rounds)  # federated evaluation every round
+    # evaluation went on every round, on the partners (under DP it stays there: the server gets no metric)
+    assert not any("ndcg@10" in r for r in rounds)
+    for pid in expected:
+        assert sorted(p.name for p in (run / "partners" / pid / "eval").iterdir()) == [
+            f"round_{r:04d}.json" for r in range(1, ROUNDS + 1)]
+    doc = json.loads((run / "metrics.json").read_text())  # the simulation driver reads the partners' files
+    assert all("ndcg@10" in r for r in doc["rounds"]) and 0.0 <= doc["ndcg@10"] <= 1.0
     assert code == 0
 
 
