@@ -74,6 +74,8 @@ def partner_table(results: dict[str, Any], epsilons: list[float], variants: list
             if not isinstance(res, dict) or "per_partner" not in res:
                 continue
             for pid, p in res["per_partner"].items():
+                if p.get("served") is None:  # a cell summarised before served metrics were recorded
+                    continue
                 ratio = p["served"] / p["alone"] if p["alone"] else math.inf
                 lines.append(f"| {eps:g} | {pid} | {p['num_users']} | {p['alone']:.4f} | {p['shared']:.4f} | "
                              f"{p['served']:.4f} | {p['choice']} | {ratio:.3f} |")
