@@ -81,3 +81,27 @@ def test_earlier_cell_folder_is_moved_aside_not_reused(tmp_path: Path) -> None:
     assert (moved / "ledgers" / "partner-0.jsonl").read_text(encoding="utf-8") == "{}\n"
     assert not cell.exists()
     assert move_aside(cell) is None
+
+
+def test_partner_summary_reads_served_metrics_and_the_table_skips_cells_without_them() -> None:
+    from fedsocial.simulations.privacy_grid import compute_partner_summary, partner_table
+
+    doc = {"partners": {
+        "partner-0": {"num_users": 10, "alone": {"ndcg@10": 0.2}, "served": {"ndcg@10": 0.3},
+                      "personalisation": {"choice": "finetune", "shared_test": {"ndcg@10": 0.1}}},
+        "partner-1": {"num_users": 12, "alone": {"ndcg@10": 0.4}, "ndcg@10": 0.2},  # served reported to the server
+        "partner-2": {"num_users": 9},  # no alone metrics: not summarised
+    }}
+
+    summary = compute_partner_summary(doc)
+    stale = {"per_partner": {"partner-9": {"num_users": 1, "alone": 0.1, "served": None, "shared": 0.0,
+                                           "choice": "shared"}}, "federation_gain": 1.0}
+    table = partner_table({"eps=8/local": {"per_partner": summary, "federation_gain": 1.0},
+                           "eps=2/local": stale}, [8.0, 2.0], ["local"])
+
+    assert summary == {
+        "partner-0": {"num_users": 10, "alone": 0.2, "served": 0.3, "choice": "finetune", "shared": 0.1},
+        "partner-1": {"num_users": 12, "alone": 0.4, "served": 0.2, "choice": "shared", "shared": 0.2},
+    }
+    assert "| 8 | partner-0 | 10 | 0.2000 | 0.1000 | 0.3000 | finetune | 1.500 |" in table
+    assert "partner-9" not in table
