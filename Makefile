@@ -91,6 +91,8 @@ bench-serve: $(STAMP)
 	$(PY) -m fedsocial.simulations.serve_bench layout --items 100000 1000000
 	timeout 3600 $(PY) -m fedsocial.simulations.serve_bench cold-start --config configs/lastfm.toml --data-dir $(DATA_DIR) \
 		--set train.num_threads=1 --out runs/bench_serve/cold_start_lastfm.json
+	timeout 3600 $(PY) -m fedsocial.simulations.serve_bench cold-start --config configs/ciao.toml --data-dir $(DATA_DIR) \
+		--set train.num_threads=1 --epochs 12 --out runs/bench_serve/cold_start_ciao.json
 
 # Real deployment on loopback (SuperLink with TLS, node auth and a database; 3 SuperNodes; SecAgg+ and
 # DP; refusals; a partner killed mid-round; audit). Every process is stopped by PID at the end.
