@@ -28,7 +28,14 @@ from typing import Any
 
 import numpy as np
 
-from fedsocial.client.state import load_local_state, load_release, save_local_state, save_release, write_local_fit
+from fedsocial.client.state import (
+    load_local_state,
+    load_or_create_noise_key,
+    load_release,
+    save_local_state,
+    save_release,
+    write_local_fit,
+)
 from fedsocial.shared.config import Config, ConfigError, load_config
 from fedsocial.shared.data import SplitData
 from fedsocial.shared.events import compute_grown_local_state, load_split_with_events
@@ -226,8 +233,12 @@ class Partner:
     def new_trainer(self) -> Any:
         from fedsocial.shared.trainer import LocalTrainer
 
-        return LocalTrainer(self.cfg, self.split, device=self.settings.device or self.cfg.train.device,
-                            seed=self.seed)
+        trainer = LocalTrainer(self.cfg, self.split, device=self.settings.device or self.cfg.train.device,
+                               seed=self.seed)
+        if self.cfg.privacy.enabled:  # the noise is the partner's secret, not a function of the public config
+            self.settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            trainer.noise_key = load_or_create_noise_key(self.settings.state_dir)
+        return trainer
 
     def initial_parameters(self) -> tuple[list[str], list[np.ndarray]]:
         """The shared parameters as this partner initialises them (the config's seed, so all agree)."""

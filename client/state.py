@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from fedsocial.shared.fileio import save_npz_atomic
+from fedsocial.shared.privacy.noise_key import NOISE_KEY as NOISE_KEY
+from fedsocial.shared.privacy.noise_key import load_or_create_noise_key as load_or_create_noise_key
 
 SNAPSHOTS = "rounds"
 LATEST = "state.npz"
@@ -138,3 +140,4 @@ def write_local_fit(state_dir: Path, round_: int, train_loss: float, fit_time_s:
     write_text_atomic(path, json.dumps({"round": int(round_), "train_loss": train_loss, "fit_time_s": fit_time_s}))
     path.chmod(0o600)
     return path
+

@@ -108,11 +108,20 @@ def initial_parameters(grid: Grid, node_id: int) -> list[np.ndarray]:
     return parameters_to_ndarrays(compat.recorddict_to_getparametersres(reply.content, keep_input=False).parameters)
 
 
+def _only_noise_keys(path: Path) -> bool:
+    """A ``partners`` folder holding nothing but partners' provisioned DP noise secrets is no previous run."""
+    from fedsocial.shared.privacy.noise_key import NOISE_KEY
+
+    if path.name != "partners" or not path.is_dir():
+        return False
+    return all(f.is_dir() and all(g.name == NOISE_KEY for g in f.iterdir()) for f in path.iterdir())
+
+
 def _check_run_dir(s: ServerSettings) -> None:
     if s.resume or not s.run_dir.exists():
         return
     previous = ("checkpoints", "ledgers", "partners", "rounds.jsonl", "run_manifest.json")
-    leftovers = [p.name for p in s.run_dir.iterdir() if p.name in previous]
+    leftovers = [p.name for p in s.run_dir.iterdir() if p.name in previous and not _only_noise_keys(p)]
     if leftovers or list_checkpoints(s.run_dir):
         raise ConfigError(f"run-dir {s.run_dir}: holds a previous run ({', '.join(sorted(leftovers))}); "
                           "resume it, or choose a new run directory")

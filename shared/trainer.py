@@ -17,6 +17,8 @@ reconstructed after training from the user's own items only (billboard model: jo
 from __future__ import annotations
 
 import copy
+import hashlib
+import os
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -118,6 +120,19 @@ def compute_embedding_norm_sample(layer: nn.Embedding, activations: list[torch.T
     return {layer.weight: norm_sq.sqrt()}
 
 
+def compute_dp_seeds(seed: int, noise_key: bytes | None) -> tuple[int, int]:
+    """(Poisson sampling seed, noise seed) of one DP fit, unpredictable to anyone without ``noise_key``.
+
+    DP-SGD's guarantee holds only if nobody else can regenerate the noise (or the sampled batch, which
+    amplification assumes hidden; Abadi et al. 2016). A seed from the config is public: the server could
+    replay the generator and subtract the noise. With the partner's secret key the draw is reproducible by
+    that partner alone; without a key it comes from OS entropy.
+    """
+    key = os.urandom(32) if noise_key is None else noise_key
+    digest = hashlib.sha256(key + b"fedsocial-dp-seed:" + str(int(seed)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1, int.from_bytes(digest[8:16], "little") >> 1  # < 2**63
+
+
 def add_noise_inplace(params: Sequence[torch.Tensor], std: float, expected_batch: int,
                       generator: torch.Generator | None) -> None:
     """DP-SGD's release of the clipped sum: grad <- (grad + N(0, std^2)) / expected batch (Abadi et al. 2016).
@@ -144,6 +159,7 @@ class LocalTrainer:
 
     def __init__(self, cfg: Config, split: SplitData, device: str = "cpu", seed: int = 0) -> None:
         self.cfg, self.split, self.seed = cfg, split, seed
+        self.noise_key: bytes | None = None  # a partner's secret for reproducible DP noise; None: OS entropy
         self.device = resolve_device(device)
         torch.manual_seed(seed)
         self.builder = ExampleBuilder.from_split(split, cfg.model)
@@ -284,8 +300,9 @@ class LocalTrainer:
         pc, n = self.cfg.privacy, self.split.n_users
         q = compute_sample_rate(n, self.cfg.train.batch_size)
         steps_per_epoch, expected = int(1 / q), max(1, int(n * q))
-        sampler = torch.Generator().manual_seed(seed)
-        noise_gen = torch.Generator(device=self.device).manual_seed(seed + 1)
+        sample_seed, noise_seed = compute_dp_seeds(seed, self.noise_key)
+        sampler = torch.Generator().manual_seed(sample_seed)
+        noise_gen = torch.Generator(device=self.device).manual_seed(noise_seed)
         opt, clipper = self._optimizer(), OnePassClipper(self.model)
         params = [p for p in self.model.parameters() if p.requires_grad]
         losses: list[float] = []
@@ -325,10 +342,11 @@ class LocalTrainer:
 
         pc, n = self.cfg.privacy, self.split.n_users
         # the DP dataset is every user of the partner (a user without items is a zero example)
+        sample_seed, noise_seed = compute_dp_seeds(seed, self.noise_key)
         loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.arange(n)),
                                              batch_size=self.cfg.train.batch_size,
-                                             generator=torch.Generator().manual_seed(seed))
-        noise_gen = None if pc.secure_rng else torch.Generator(device=self.device).manual_seed(seed + 1)
+                                             generator=torch.Generator().manual_seed(sample_seed))
+        noise_gen = None if pc.secure_rng else torch.Generator(device=self.device).manual_seed(noise_seed)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Opacus' notices about secure RNG and the criterion
             engine = PrivacyEngine(accountant=pc.accountant, secure_mode=pc.secure_rng)

@@ -146,13 +146,36 @@ def compute_failed_start(run_dir: Path) -> bool:
     return not (ledgers.is_dir() and any(f.stat().st_size > 0 for f in ledgers.glob("*.jsonl")))
 
 
+def _clear_keeping_noise_keys(partners: Path) -> None:
+    """Empty each partner folder but keep its DP noise secret: no release was made with it (no ledger line),
+    and keeping it lets a partner (or a test) provision its secret before the first start."""
+    import shutil
+
+    from fedsocial.shared.privacy.noise_key import NOISE_KEY
+
+    for folder in partners.iterdir():
+        if not folder.is_dir() or folder.is_symlink():
+            folder.unlink()
+            continue
+        for path in folder.iterdir():
+            if path.name == NOISE_KEY and path.is_file() and not path.is_symlink():
+                continue
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        if not any(folder.iterdir()):
+            folder.rmdir()
+    if not any(partners.iterdir()):
+        partners.rmdir()
+
+
 def clear_failed_start_inplace(run_dir: Path) -> None:
     """Remove a failed start's leftovers (see :func:`compute_failed_start`) so that --out is reusable."""
     import shutil
 
     for name in sorted(FAILED_START_LEFTOVERS):
         path = run_dir / name
-        if path.is_dir() and not path.is_symlink():
+        if name == "partners" and path.is_dir() and not path.is_symlink():
+            _clear_keeping_noise_keys(path)
+        elif path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         elif path.exists() or path.is_symlink():
             path.unlink()

@@ -15,6 +15,7 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 from fedsocial.server.federation import build_metrics
 from fedsocial.server.strategy import FedSocialStrategy, compute_failure_reason
 from fedsocial.shared.config import Config, ConfigError, load_config
+from fedsocial.shared.privacy.noise_key import NOISE_KEY
 from fedsocial.simulations import partition_cmd, simulate, train
 from fedsocial.simulations.preflight import run_preflight
 from fedsocial.simulations.simulate import (
@@ -110,6 +111,13 @@ def test_a_failed_start_leaves_out_reusable_but_never_wipes_a_release(tmp_path: 
     assert compute_failed_start(clean) and not resume
     clear_failed_start_inplace(clean)
     assert list(clean.iterdir()) == []
+    # a partner's provisioned DP noise secret survives (no release was made with it), all else goes
+    _failed_start(clean)
+    (clean / "partners" / "partner-0").mkdir(parents=True, exist_ok=True)
+    (clean / "partners" / "partner-0" / NOISE_KEY).write_bytes(b"k" * 32)
+    clear_failed_start_inplace(clean)
+    assert [p.relative_to(clean) for p in clean.rglob("*") if p.is_file()] == [
+        Path("partners") / "partner-0" / NOISE_KEY]
     # a release on record must be resumed, never restarted; a folder with the user's own files is refused
     assert not compute_failed_start(charged) and not compute_failed_start(mine)
     for folder in (charged, mine):

@@ -34,6 +34,7 @@ from fedsocial.shared.privacy.accounting import compute_epsilon
 from fedsocial.shared.privacy.evaluation import RELEASED_KEYS
 from fedsocial.simulations.audit import main as audit_main
 from fedsocial.simulations.simulate import run_simulation_from_config, write_config
+from tests.noise_keys import share_noise_keys
 
 os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
@@ -60,6 +61,7 @@ def tiny_config(**federation: Any) -> Config:
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     base = tmp_path_factory.mktemp("fed")
     cfg = tiny_config()
+    share_noise_keys(cfg.federation.partners, base / "straight", base / "resumed", base / "secagg")  # compared
     straight = run_simulation_from_config(cfg, None, base / "straight", progress=False,
                                           client_mods=[make_egress_recorder(base / "egress")])
     run_simulation_from_config(cfg, None, base / "resumed", progress=False, stop_after=1)

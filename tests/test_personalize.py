@@ -42,6 +42,7 @@ from fedsocial.simulations.audit import main as audit_main
 from fedsocial.simulations.compare_alone import compute_federation_gain, compute_ratio
 from fedsocial.simulations.compare_alone import main as compare_alone_main
 from fedsocial.simulations.simulate import build_parser, config_from_cli, run_simulation_from_config, write_config
+from tests.noise_keys import share_noise_keys
 
 os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
@@ -216,6 +217,7 @@ def partner_rounds(cfg: Config, run: Path) -> dict[str, Any]:
 
 
 def test_partner_scope_changes_nothing_a_partner_sends_or_trains_with(tmp_path: Path) -> None:
+    share_noise_keys(1, tmp_path / "joint", tmp_path / "partner")  # the same DP noise in both scopes
     joint = partner_rounds(tiny_config("joint"), tmp_path / "joint")
     partner = partner_rounds(tiny_config("partner"), tmp_path / "partner")
 
