@@ -74,7 +74,7 @@ bench-fed: $(STAMP)
 
 bench-privacy: $(STAMP)
 	$(GRID) --config configs/lastfm_dp.toml --data-dir $(DATA_DIR) --out runs/grid/lastfm
-	# issue 12: partner scope, each partner also alone (BENCHMARKS.md section 5)
+	# issue 12: partner scope, each partner also alone (BENCHMARKS.md section 10)
 	$(GRID) --config configs/lastfm_dp.toml --data-dir $(DATA_DIR) --epsilons 8,2,1,inf --variants local \
 		--set privacy.scope=partner --set federation.compare_alone=true --out runs/grid/lastfm_partner
 	$(GRID) --config configs/ciao_dp.toml --data-dir $(DATA_DIR) --out runs/grid/ciao
