@@ -245,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--epochs", type=int, default=2)
     c.add_argument("--repeats", type=int, default=3)
     c.add_argument("--compare-ghost", action="store_true", help="also time Opacus ghost clipping, interleaved")
+    c.add_argument("--json", action="store_true", help="one JSON object on one line (the default prints it indented)")
     c.add_argument("--set", dest="overrides", action="append", default=[])
     d = sub.add_parser("dp-step", help="CPU ms per step: non-private, one-pass DP, Opacus ghost, interleaved")
     d.add_argument("--config", required=True)
@@ -282,5 +283,5 @@ def main(argv: list[str] | None = None) -> int:
     else:
         cfg = load_config(args.config, args.overrides)
         figures = measure_dp_cost(cfg, args.data_dir, args.epochs, args.repeats, args.compare_ghost)
-        print(json.dumps(figures, indent=2))
+        print(json.dumps(figures) if args.json else json.dumps(figures, indent=2))
     return 0
