@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,13 +45,12 @@ def compute_ratio(served: float, alone: float) -> float:
     return math.inf if served > 0 else 1.0
 
 
-def alone_metrics(cfg: Config, data_dir: str | None, run_dir: Path) -> dict[str, dict[str, float]]:
-    """Test metrics of every partner trained alone (partner ids as the simulation names them)."""
+def _partners_alone(cfg: Config, data_dir: str | None, run_dir: Path) -> Iterator[tuple[int, str, Config, Any, Any]]:
+    """(index, partner id, the partners' local config, its split, its alone model) for every partner, the
+    data loaded, split and partitioned as the simulation's partners did; alone models from their caches."""
     from fedsocial.client.partner import compute_local_config
     from fedsocial.client.personalize import PERSONAL_DIR, train_alone_model
-    from fedsocial.shared.batching import ExampleBuilder
     from fedsocial.shared.loaders import load_dataset
-    from fedsocial.shared.metrics import evaluate_model
     from fedsocial.shared.partition import partition_users, partner_split
     from fedsocial.shared.split import split_dataset
 
@@ -58,12 +58,21 @@ def alone_metrics(cfg: Config, data_dir: str | None, run_dir: Path) -> dict[str,
     dataset = load_dataset(local.data, data_dir)
     split = split_dataset(dataset, local.split)
     assignment = partition_users(dataset, local.federation.partners, local.partition)
-    out: dict[str, dict[str, float]] = {}
     for index in range(local.federation.partners):
         pid = f"partner-{index}"
         part = partner_split(split, assignment, index)
         cache = run_dir / "partners" / pid / PERSONAL_DIR
         model, _ = train_alone_model(local, part, cache if cache.is_dir() else None)
+        yield index, pid, local, part, model
+
+
+def alone_metrics(cfg: Config, data_dir: str | None, run_dir: Path) -> dict[str, dict[str, float]]:
+    """Test metrics of every partner trained alone (partner ids as the simulation names them)."""
+    from fedsocial.shared.batching import ExampleBuilder
+    from fedsocial.shared.metrics import evaluate_model
+
+    out: dict[str, dict[str, float]] = {}
+    for _, pid, local, part, model in _partners_alone(cfg, data_dir, run_dir):
         metrics, n = evaluate_model(model, part, "test", builder=ExampleBuilder.from_split(part, local.model))
         out[pid] = {**{k: float(metrics[k]) for k in METRIC_KEYS}, "evaluated_users": int(n)}
     return out
@@ -91,23 +100,12 @@ def local_pipeline_metrics(cfg: Config, data_dir: str | None, run_dir: Path) -> 
     partner-scope served model gains over this is what the DP federation itself contributes; what this
     gains over ``alone`` is local ensembling, which a partner could have without joining.
     """
-    from fedsocial.client.partner import compute_local_config, compute_round_seed
-    from fedsocial.client.personalize import PERSONAL_DIR, personalise, train_alone_model
-    from fedsocial.shared.loaders import load_dataset
-    from fedsocial.shared.partition import partition_users, partner_split
-    from fedsocial.shared.split import split_dataset
+    from fedsocial.client.partner import compute_round_seed
+    from fedsocial.client.personalize import personalise
     from fedsocial.shared.trainer import LocalTrainer
 
-    local = compute_local_config(cfg)
-    dataset = load_dataset(local.data, data_dir)
-    split = split_dataset(dataset, local.split)
-    assignment = partition_users(dataset, local.federation.partners, local.partition)
     out: dict[str, dict[str, Any]] = {}
-    for index in range(local.federation.partners):
-        pid = f"partner-{index}"
-        part = partner_split(split, assignment, index)
-        cache = run_dir / "partners" / pid / PERSONAL_DIR
-        alone, _ = train_alone_model(local, part, cache if cache.is_dir() else None)
+    for index, pid, local, part, alone in _partners_alone(cfg, data_dir, run_dir):
         start = LocalTrainer(local, part, device="cpu", seed=local.train.seed)  # the initial shared parameters
         start.refit_local()
         seed = compute_round_seed(local.train.seed, index, local.federation.rounds) + 1  # as the last evaluation
