@@ -42,6 +42,36 @@ def _model(split: SplitData, mcfg: ModelConfig = MCFG) -> torch.nn.Module:
     return model
 
 
+
+def compute_brute_force_clipped_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                                    clip: float) -> dict[str, torch.Tensor]:
+    """sum_b min(1, C / ||g_b||) g_b over the batch's users, one backward per user (the reference)."""
+    brute = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    for i in range(batch["users"].shape[0]):
+        model.zero_grad()
+        model({k: v[i:i + 1] for k, v in batch.items()}).sum().backward()
+        grads = {n: p.grad.clone() if p.grad is not None else torch.zeros_like(p) for n, p in model.named_parameters()}
+        norm = torch.sqrt(sum((g * g).sum() for g in grads.values()))
+        for n in brute:
+            brute[n] += (clip / (norm + 1e-6)).clamp(max=1.0) * grads[n]
+    return brute
+
+
+def compute_ghost_clipped_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                              clip: float) -> dict[str, torch.Tensor]:
+    """The same clipped sum from Opacus's ghost clipping (no noise), by parameter name."""
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.arange(40)), batch_size=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gsm, opt, crit, _ = PrivacyEngine().make_private(
+            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), criterion=PerUserLoss(),
+            data_loader=loader, noise_multiplier=0.0, max_grad_norm=clip, grad_sample_mode="ghost")
+    opt.zero_grad()
+    crit(gsm(batch), None).backward()
+    ghost = {n.removeprefix("_module."): p.grad.clone() for n, p in gsm.named_parameters() if p.grad is not None}
+    gsm._close()
+    return ghost
+
 def test_price_and_text_parameters_are_shared_and_scored_in_full_ranking() -> None:
     # Prepare
     split = _split()
@@ -95,25 +125,9 @@ def test_ghost_clipping_matches_brute_force_with_price_and_text() -> None:
     builder = ExampleBuilder.from_split(split, MCFG)
     batch = builder.train_batch(np.array([0, 3, 3, 7, 11, 19, 23, 39]), np.random.default_rng(1))
     clip = 0.01  # below every per-user norm: each contribution is rescaled
-    brute = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
-    for i in range(batch["users"].shape[0]):
-        model.zero_grad()
-        model({k: v[i:i + 1] for k, v in batch.items()}).sum().backward()
-        grads = {n: p.grad.clone() if p.grad is not None else torch.zeros_like(p) for n, p in model.named_parameters()}
-        norm = torch.sqrt(sum((g * g).sum() for g in grads.values()))
-        for n in brute:
-            brute[n] += (clip / (norm + 1e-6)).clamp(max=1.0) * grads[n]
+    brute = compute_brute_force_clipped_sum(model, batch, clip)
     # Execute
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.arange(40)), batch_size=8)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        gsm, opt, crit, _ = PrivacyEngine().make_private(
-            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), criterion=PerUserLoss(),
-            data_loader=loader, noise_multiplier=0.0, max_grad_norm=clip, grad_sample_mode="ghost")
-    opt.zero_grad()
-    crit(gsm(batch), None).backward()
-    ghost = {n.removeprefix("_module."): p.grad.clone() for n, p in gsm.named_parameters() if p.grad is not None}
-    gsm._close()
+    ghost = compute_ghost_clipped_sum(model, batch, clip)
     # Assert
     for name in ("price_emb.weight", "hist_price_emb.weight", "text_proj.weight", "item_emb.weight"):
         assert torch.allclose(ghost[name], brute[name], rtol=1e-4, atol=1e-8), name
@@ -187,25 +201,9 @@ def test_ghost_clipping_matches_brute_force_with_user_features() -> None:
     batch = ExampleBuilder.from_split(split, mcfg).train_batch(np.array([0, 3, 3, 7, 11, 19, 23, 39]),
                                                                np.random.default_rng(1))
     clip = 0.01
-    brute = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
-    for i in range(batch["users"].shape[0]):
-        model.zero_grad()
-        model({k: v[i:i + 1] for k, v in batch.items()}).sum().backward()
-        grads = {n: p.grad.clone() if p.grad is not None else torch.zeros_like(p) for n, p in model.named_parameters()}
-        norm = torch.sqrt(sum((g * g).sum() for g in grads.values()))
-        for n in brute:
-            brute[n] += (clip / (norm + 1e-6)).clamp(max=1.0) * grads[n]
+    brute = compute_brute_force_clipped_sum(model, batch, clip)
     # Execute
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.arange(40)), batch_size=8)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        gsm, opt, crit, _ = PrivacyEngine().make_private(
-            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), criterion=PerUserLoss(),
-            data_loader=loader, noise_multiplier=0.0, max_grad_norm=clip, grad_sample_mode="ghost")
-    opt.zero_grad()
-    crit(gsm(batch), None).backward()
-    ghost = {n.removeprefix("_module."): p.grad.clone() for n, p in gsm.named_parameters() if p.grad is not None}
-    gsm._close()
+    ghost = compute_ghost_clipped_sum(model, batch, clip)
     # Assert
     for name in ("user_feat_emb.weight", "mlp.0.weight", "item_emb.weight"):
         assert torch.allclose(ghost[name], brute[name], rtol=1e-4, atol=1e-8), name
