@@ -17,8 +17,9 @@ import pytest
 from fedsocial.shared import signing
 from fedsocial.shared.privacy.ledger import Ledger, entry_hash, read_ledger
 from fedsocial.shared.privacy.records import HEADS, MANIFEST, SERVER_KEY, server_key, sign_record, write_signed_heads
-from fedsocial.simulations.audit import EXIT_BUDGET, EXIT_INPUT, EXIT_OK, EXIT_TAMPER, main
+from fedsocial.simulations.audit import EXIT_BUDGET, EXIT_INPUT, EXIT_OK, EXIT_TAMPER
 from tests.server_records import sign_server_records
+from tests.test_audit import audit  # run the CLI, return (exit code, output)
 
 DELTA = 1e-4
 PARTNERS = {"north": 800, "south": 400}
@@ -42,12 +43,6 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def run(template: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(template, tmp_path / "run"))
-
-
-def audit(run: Path, capsys: pytest.CaptureFixture[str], *extra: str) -> tuple[int, str]:
-    code = main([str(run), *extra])
-    out = capsys.readouterr()
-    return code, out.out + out.err
 
 
 def test_a_complete_run_passes_and_names_its_scope(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
