@@ -5,6 +5,8 @@ without the social term, the full model and the full model with user-level DP, e
 seeds, and prints a markdown table of mean +- std test metrics (raw runs go to ``--out``).
 ``fedsocial bench dp-cost --config configs/lastfm.toml`` measures seconds per epoch of the DP
 trainer and of the non-private one, same model and batch, side by side in one process.
+``fedsocial bench scale --users-per-partner 10000 50000 200000`` times one DP federated round of 5
+partners and the peak memory of its process tree (simulations/scale_bench.py).
 """
 
 from __future__ import annotations
@@ -259,6 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-dp", action="store_true", help="skip the DP epoch")
     p.add_argument("--eval-only", action="store_true", help="only loading and one evaluation pass")
     p.add_argument("--set", dest="overrides", action="append", default=[])
+    from fedsocial.simulations.scale_bench import add_arguments
+
+    add_arguments(sub.add_parser("scale", help="one DP federated round as the users per partner grow: wall time, "
+                                               "peak memory of the process tree (simulations/scale_bench.py)"))
     return parser
 
 
@@ -277,6 +283,10 @@ def main(argv: list[str] | None = None) -> int:
             extra = [f"train.batch_size={bs}"] if bs else []
             cfg = load_config(args.config, [*args.overrides, *extra])
             print(json.dumps(measure_dp_step(cfg, args.data_dir, args.steps)), flush=True)
+    elif args.what == "scale":
+        from fedsocial.simulations.scale_bench import run
+
+        return run(args)
     elif args.what == "profile":
         cfg = load_config(args.config, args.overrides)
         print(json.dumps(measure_profile(cfg, args.data_dir, dp=not args.no_dp, train=not args.eval_only), indent=2))
