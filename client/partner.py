@@ -199,12 +199,13 @@ def compute_local_config(cfg: Config) -> Config:
 
 
 @functools.lru_cache(maxsize=64)
-def _calibrate(max_epsilon: float, delta: float, sample_rate: float, steps: int, rounds: int, accountant: str) -> float:
+def _calibrate(max_epsilon: float, delta: float, sample_rate: float, steps: int, rounds: int, accountant: str,
+               prefix: tuple[tuple[float, float, int], ...] = ()) -> float:
     """Memoised per process: a simulation actor serving partners of equal size calibrates once."""
     from fedsocial.shared.privacy.accounting import calibrate_noise_multiplier
 
     return calibrate_noise_multiplier(max_epsilon, delta, sample_rate, steps, rounds, accountant=accountant,
-                                      tolerance=1e-3)
+                                      tolerance=1e-3, prefix=prefix)
 
 
 class Partner:
@@ -258,17 +259,19 @@ class Partner:
         kept in ``state_dir/privacy_plan.json``, keyed by everything it depends on.
         """
         if self._plan is None:
+            from fedsocial.shared.privacy.popularity import compute_release_prefix
             from fedsocial.shared.privacy.round import PARTNER_BATCH_KEY, plan_round
 
             pc, fc = self.cfg.privacy, self.cfg.federation
             self._plan = plan_round(pc, n_users=self.num_users, batch_size=self.cfg.train.batch_size,
                                     epochs=fc.local_epochs, rounds=fc.rounds, batch_key=PARTNER_BATCH_KEY,
-                                    calibrate=self._cached_calibration)
+                                    calibrate=self._cached_calibration, prefix=compute_release_prefix(self.cfg))
         return self._plan
 
     def _cached_calibration(self, max_epsilon: float, delta: float, q: float, steps: int, rounds: int,
-                            accountant: str) -> float:
-        key = json.dumps([max_epsilon, delta, q, steps, rounds, accountant], sort_keys=True)
+                            accountant: str, prefix: tuple[tuple[float, float, int], ...] = ()) -> float:
+        key = json.dumps([max_epsilon, delta, q, steps, rounds, accountant, *([list(prefix)] if prefix else [])],
+                         sort_keys=True)
         path = self.settings.state_dir / "privacy_plan.json"
         try:
             cached = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
@@ -276,7 +279,7 @@ class Partner:
             cached = {}  # a damaged cache only costs a recalibration
         if isinstance(cached, dict) and cached.get("key") == key:
             return float(cached["noise_multiplier"])
-        sigma = _calibrate(max_epsilon, delta, q, steps, rounds, accountant)
+        sigma = _calibrate(max_epsilon, delta, q, steps, rounds, accountant, tuple(prefix))
         write_json_atomic(path, {"key": key, "noise_multiplier": sigma})
         return sigma
 
@@ -338,6 +341,13 @@ class Partner:
         ledger, pround, recorded = self._ledger_before(round_)
         if recorded is not None:
             return self._resend(ledger, pround, recorded, names, metrics)
+        if self._releases_popularity(round_):
+            released = self._popularity_release(ledger, pround)
+            if released is None:  # the release alone would pass the cap: neither it nor training leaves
+                save_local_state(self.settings.state_dir, round_, trainer.get_local_state())
+                metrics.update(self._refuse(ledger, round_, pround.admit()))
+                return list(arrays), 0, metrics
+            trainer.set_item_popularity(released / max(1, self.num_users))  # the server averages it by users
         admission = pround.admit()
         if not admission.admitted:
             save_local_state(self.settings.state_dir, round_, trainer.get_local_state())
@@ -369,19 +379,64 @@ class Partner:
         """The ledger, the round's :class:`PrivacyRound` (history = entries of earlier rounds) and the
         round's own entry when the ledger already charged it."""
         from fedsocial.shared.privacy.accounting import check_delta
-        from fedsocial.shared.privacy.ledger import history_of, training_entries
+        from fedsocial.shared.privacy.ledger import RELEASE_KINDS, history_of, order_key, training_entries
         from fedsocial.shared.privacy.round import PrivacyRound
 
         check_delta(self.cfg.privacy.target_delta, self.num_users)
         ledger = self.open_ledger()
         entries = ledger.entries()
-        prior = [e for e in entries if int(e["round"]) < round_]  # training and evaluation releases alike
+        # every release charged before this round's training: earlier rounds', and this round's popularity release
+        prior = [e for e in entries if order_key(e) < (round_, RELEASE_KINDS.index("training"))]
         recorded = next((dict(e) for e in training_entries(entries) if int(e["round"]) == round_), None)
         later = [int(e["round"]) for e in entries if int(e["round"]) > round_]
         if recorded is None and later:
             raise PartnerError(f"{self.partner_id}: asked to train round {round_}, but the ledger already charged "
                                f"round {later[0]}; the coordinator is behind this partner")
         return ledger, PrivacyRound(self.privacy_plan(), history_of(prior)), recorded
+
+    def _releases_popularity(self, round_: int) -> bool:
+        """The popularity histogram is released once, with the first round (shared/privacy/popularity.py)."""
+        from fedsocial.shared.privacy.popularity import uses_popularity_release
+
+        return round_ == 1 and uses_popularity_release(self.cfg)
+
+    def _popularity_release(self, ledger: Any, pround: Any) -> np.ndarray | None:
+        """The noisy popularity histogram: the one already charged (re-sent, never drawn again), or a new
+        release admitted against the cap, saved, then charged (``release = "popularity"``, event
+        (sigma, 1, 1)) and added to ``pround``'s history; None when the cap refuses it."""
+        from fedsocial.shared.privacy.ledger import history_of
+        from fedsocial.shared.privacy.popularity import (
+            POPULARITY_SENSITIVITY,
+            compute_noisy_histogram,
+            load_popularity_release,
+            popularity_event,
+            save_popularity_release,
+        )
+        from fedsocial.shared.privacy.round import PrivacyRound
+
+        entries = ledger.entries()
+        recorded = next((e for e in entries if int(e["round"]) == 1 and e.get("release") == "popularity"), None)
+        if recorded is not None:  # already in pround's history (_ledger_before)
+            saved = load_popularity_release(self.settings.state_dir)
+            if saved is None or saved[1].get("digest") != recorded.get("release_sha256"):
+                raise PartnerError(f"{self.partner_id}: the popularity release was charged, but that release is "
+                                   "not on this partner's disk (missing or altered); refusing a second one")
+            return saved[0]
+        sigma = float(self.cfg.privacy.popularity_noise_multiplier)
+        base = pround.plan
+        plan = dataclasses.replace(base, noise_multiplier=sigma, sample_rate=1.0, steps=1,
+                                   max_grad_norm=POPULARITY_SENSITIVITY)
+        pop_round = PrivacyRound(plan, history_of(entries))
+        if not pop_round.admit().admitted:
+            return None
+        trainer = self.new_trainer()
+        # OS entropy, never a seed from the (public) config: whoever knew the seed could remove the noise
+        noisy = compute_noisy_histogram(trainer.popularity_histogram(), sigma, np.random.default_rng())
+        digest = save_popularity_release(self.settings.state_dir, noisy, {"round": 1, "sigma": sigma})
+        pop_round.record(ledger, 1, popularity_event(sigma), self.num_users, False,
+                         extra={"release": "popularity", "release_sha256": digest})
+        pround.history.append(popularity_event(sigma))
+        return noisy
 
     def _resend(self, ledger: Any, pround: Any, recorded: dict[str, Any], names: list[str],
                 metrics: dict[str, Any]) -> tuple[list[np.ndarray], int, dict[str, Any]]:
@@ -434,9 +489,13 @@ class Partner:
             return True
         from fedsocial.shared.privacy.accounting import would_exceed
         from fedsocial.shared.privacy.ledger import history_of
+        from fedsocial.shared.privacy.popularity import popularity_event
 
         pc, plan = self.cfg.privacy, self.privacy_plan()
-        history = history_of([e for e in self.open_ledger().entries() if int(e["round"]) < round_])
+        entries = self.open_ledger().entries()
+        history = history_of([e for e in entries if int(e["round"]) < round_ or e.get("release") == "popularity"])
+        if self._releases_popularity(round_) and not any(e.get("release") == "popularity" for e in entries):
+            history.append(popularity_event(pc.popularity_noise_multiplier))
         event = (plan.noise_multiplier, plan.sample_rate, plan.steps)
         return not would_exceed(history, event, pc.target_delta, pc.max_epsilon, pc.accountant)
 

@@ -172,6 +172,10 @@ class PrivacyConfig:
     select_on_validation: bool = False  # choosing the epoch on validation data uses private data
     scope: str = "joint"  # joint: billboard joint DP; partner: DP for all that leaves a partner (DESIGN.md)
     clipping: str = "onepass"  # onepass: ghost norms + book-keeping in one backward; ghost: Opacus's (two)
+    # > 0: before DP training, one Gaussian release of the item-popularity histogram (each user's items
+    # weighted 1/sqrt(count), so a user moves it by at most 1 in L2) with this noise multiplier, charged in
+    # the ledger; the model adds its log as a fixed item prior (shared/privacy/popularity.py). 0: off
+    popularity_noise_multiplier: float = 0.0
 
     def __post_init__(self) -> None:
         _check(self.scope in ("joint", "partner"), "privacy.scope", "must be joint|partner")
@@ -187,6 +191,8 @@ class PrivacyConfig:
         _check(math.isfinite(self.max_grad_norm), "privacy.max_grad_norm", "must be finite")
         _check(self.accountant in ("rdp", "prv"), "privacy.accountant", "must be rdp|prv")
         _check(self.epochs >= 0, "privacy.epochs", "must be >= 0")
+        _check(math.isfinite(self.popularity_noise_multiplier) and self.popularity_noise_multiplier >= 0,
+               "privacy.popularity_noise_multiplier", "must be a finite number >= 0 (0: no popularity release)")
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,11 @@ from fedsocial.shared.data import SplitData
 from fedsocial.shared.metrics import evaluate_model
 from fedsocial.shared.models import RecModel, build_model
 from fedsocial.shared.onepass import OnePassClipper
+from fedsocial.shared.privacy.popularity import (
+    compute_noisy_histogram,
+    compute_release_prefix,
+    uses_popularity_release,
+)
 from fedsocial.shared.privacy.round import compute_sample_rate as compute_sample_rate  # one definition
 from fedsocial.shared.privacy.round import plan_round
 
@@ -169,7 +174,8 @@ class LocalTrainer:
                                            item_price_bin=split.dataset.item_price_bin,
                                            item_text=split.dataset.item_text,
                                            user_features=split.dataset.user_features,
-                                           user_feature_sizes=split.dataset.user_feature_sizes).to(self.device)
+                                           user_feature_sizes=split.dataset.user_feature_sizes,
+                                           popularity_prior=uses_popularity_release(cfg)).to(self.device)
         self.rng = np.random.default_rng(seed)
         self._fits = 0
         if cfg.privacy.enabled and cfg.model.name == "social" and cfg.model.user_embedding == "trained":
@@ -195,6 +201,23 @@ class LocalTrainer:
                 if tuple(v.shape) != tuple(own[n].shape):
                     raise TrainerError(f"shared parameter {n}: shape {v.shape}, expected {tuple(own[n].shape)}")
                 own[n].copy_(torch.as_tensor(v, dtype=own[n].dtype))
+
+    def popularity_histogram(self) -> np.ndarray:
+        """This trainer's users' clipped popularity histogram (shared/privacy/popularity.py), exact: not for release."""
+        from fedsocial.shared.privacy.popularity import compute_popularity_histogram
+
+        return compute_popularity_histogram(self.split.train_users, self.split.train_items, self.split.n_users,
+                                            self.split.n_items)
+
+    def set_item_popularity(self, values: np.ndarray) -> None:
+        """Set the shared ``item_pop`` array (a released, noisy histogram scaled per user)."""
+        pop = getattr(self.model, "item_pop", None)
+        if pop is None:
+            raise TrainerError("this model has no popularity prior (privacy.popularity_noise_multiplier = 0)")
+        if tuple(np.shape(values)) != tuple(pop.shape):
+            raise TrainerError(f"item_pop: shape {np.shape(values)}, expected {tuple(pop.shape)}")
+        with torch.no_grad():
+            pop.copy_(torch.as_tensor(np.asarray(values), dtype=pop.dtype))
 
     def get_local_state(self) -> dict[str, np.ndarray]:
         shared = set(self.shared_names())
@@ -456,10 +479,16 @@ def train_centralized(cfg: Config, split: SplitData, progress: Callable[[dict[st
     epochs = (pc.epochs or cfg.train.epochs) if private else cfg.train.epochs
     select = (not private) or pc.select_on_validation
     sigma, q = 0.0, 0.0
+    prefix = compute_release_prefix(cfg)  # the DP popularity release, charged before training
     if private:
         plan = plan_round(pc, n_users=split.n_users, batch_size=cfg.train.batch_size, epochs=epochs, rounds=1,
-                          epochs_key="privacy.epochs or train.epochs", rounds_key="one centralized round")
+                          epochs_key="privacy.epochs or train.epochs", rounds_key="one centralized round",
+                          prefix=prefix)
         q, sigma = plan.sample_rate, plan.noise_multiplier  # the privacy round every DP trainer plans with
+        if prefix and resume is None:  # a resumed model already holds its release (item_pop is in its state)
+            noisy = compute_noisy_histogram(trainer.popularity_histogram(), pc.popularity_noise_multiplier,
+                                            np.random.default_rng())  # OS entropy, never the public seed
+            trainer.set_item_popularity(noisy / max(1, split.n_users))
     history: list[dict[str, float]] = []
     best: dict[str, Any] = {"ndcg": -1.0, "epoch": -1, "state": None, "val": {}}
     done, steps_before = 0, 0
@@ -514,11 +543,11 @@ def train_centralized(cfg: Config, split: SplitData, progress: Callable[[dict[st
         seed = None if resume is None else (cfg.train.seed * 1_000_003 + 7919) * 1_000_003 + done
         fit = trainer.fit(remaining, noise_multiplier=sigma if private else None, on_epoch=on_epoch, rng_seed=seed)
     steps_total = steps_before + fit.steps
-    if private and resume is not None:
+    if private and (resume is not None or prefix):
         from fedsocial.shared.privacy.accounting import compute_epsilon
 
-        fit.epsilon = compute_epsilon([(sigma, q, steps_total)], pc.target_delta, pc.accountant) \
-            if steps_total else 0.0
+        events = [*prefix, (sigma, q, steps_total)] if steps_total else list(prefix)
+        fit.epsilon = compute_epsilon(events, pc.target_delta, pc.accountant) if events else 0.0
     if select and best["state"] is not None:
         trainer.model.load_state_dict(best["state"])
         val = best["val"]

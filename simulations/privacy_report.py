@@ -293,11 +293,13 @@ def _partner_html(p: PartnerReport) -> str:
             f"<code>{esc(p.key_source)}</code>; cap {p.max_epsilon if p.max_epsilon is not None else 'none'} "
             f"({esc(p.cap_source or 'n/a')}); final epsilon {p.epsilon:.4g}; "
             f"scope {esc(p.scope or 'not recorded')}; DP evaluation releases {p.eval_releases}; "
+            f"DP popularity releases {p.popularity_releases}; "
             f"{'verified' if p.verified else 'NOT verified'}.</p>")
     cols = ("round", "sigma", "q", "steps", "C", "delta", "users", "accountant", "eps RDP", "eps PRV",
             "dp_accounting RDP", "dp_accounting PLD")
     rows = "".join(
-        f"<tr><td>{r.round}</td><td>{r.noise_multiplier:.4g}</td><td>{r.sample_rate:.4g}</td><td>{r.steps}</td>"
+        f"<tr><td>{r.round}{'' if r.release == 'training' else ' (' + esc(r.release) + ')'}</td>"
+        f"<td>{r.noise_multiplier:.4g}</td><td>{r.sample_rate:.4g}</td><td>{r.steps}</td>"
         f"<td>{r.max_grad_norm:.3g}</td><td>{r.target_delta:.3g}</td><td>{r.population}</td>"
         f"<td>{r.accountant}</td><td>{r.epsilon_rdp:.4f}</td><td>{r.epsilon_prv:.4f}</td>"
         f"<td>{r.epsilon_dp_accounting:.4f}</td><td>{r.epsilon_pld:.4f}</td></tr>"

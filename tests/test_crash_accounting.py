@@ -186,7 +186,7 @@ class _Privacy:
 
     def __init__(self, **kw: Any) -> None:
         defaults = {"noise_multiplier": 0.0, "max_grad_norm": 0.1, "target_delta": 1e-5, "max_epsilon": 8.0,
-                    "accountant": "rdp", "scope": "joint"}
+                    "accountant": "rdp", "scope": "joint", "popularity_noise_multiplier": 0.0}
         self.__dict__.update({**defaults, **kw})
 
 

@@ -83,7 +83,7 @@ def compute_text_matrix(item_text: np.ndarray | None, n_items: int) -> torch.Ten
 
 class SocialRec(RecModel):
     shared_prefixes = ("item_emb.", "item_bias.", "hist_emb.", "mlp.", "att.", "cat_emb.", "hist_cat_emb.",
-                       "price_emb.", "hist_price_emb.", "text_proj.", "user_feat_emb.")
+                       "price_emb.", "hist_price_emb.", "text_proj.", "user_feat_emb.", "item_pop")
     local_user: torch.Tensor
     item_cat: torch.Tensor
     item_price: torch.Tensor
@@ -93,7 +93,7 @@ class SocialRec(RecModel):
     def __init__(self, n_users: int, n_items: int, model_cfg: ModelConfig,
                  item_category: np.ndarray | None = None, item_price_bin: np.ndarray | None = None,
                  item_text: np.ndarray | None = None, user_features: np.ndarray | None = None,
-                 user_feature_sizes: tuple[int, ...] = (), **_: object) -> None:
+                 user_feature_sizes: tuple[int, ...] = (), popularity_prior: bool = False, **_: object) -> None:
         super().__init__(n_users, n_items, model_cfg)
         d, c = model_cfg.dim, model_cfg
         self.item_emb = nn.Embedding(n_items, d)
@@ -131,6 +131,9 @@ class SocialRec(RecModel):
             self.user_feat_emb = nn.Embedding(int(sum(user_feature_sizes)), d)
             init_embedding_(self.user_feat_emb, c.init_std)
         self.item_bias = nn.Embedding(n_items, 1)
+        # the DP popularity release (shared/privacy/popularity.py): shared, never trained (no DP-SGD noise)
+        self.item_pop = nn.Parameter(torch.zeros(n_items), requires_grad=False) if popularity_prior else None
+        self._prior_cache: tuple[int, torch.Tensor] | None = None
         init_embedding_(self.item_emb, c.init_std)
         nn.init.zeros_(self.item_bias.weight)
         self.hist_emb = nn.Embedding(n_items, d) if c.use_history else None
@@ -173,6 +176,27 @@ class SocialRec(RecModel):
         if self.hist_price_emb is not None:
             y = y + self.hist_price_emb(self.item_price[idx])
         return y
+
+    def item_prior(self) -> torch.Tensor | None:
+        """The fixed item prior from the released popularity (None without a release), cached per value."""
+        if self.item_pop is None:
+            return None
+        version = self.item_pop._version
+        if self._prior_cache is None or self._prior_cache[0] != version:
+            from fedsocial.shared.privacy.popularity import compute_popularity_prior
+
+            prior = compute_popularity_prior(self.item_pop.detach().cpu().numpy())
+            self._prior_cache = (version, torch.as_tensor(prior, dtype=torch.float32, device=self.item_pop.device))
+        return self._prior_cache[1]
+
+    def item_biases(self, idx: torch.Tensor | None = None) -> torch.Tensor:
+        """b_i * bias_scale (+ the popularity prior) of the items ``idx`` (all items when None)."""
+        b = self.item_bias.weight[:, 0] if idx is None else self.item_bias(idx).squeeze(-1)
+        b = b * self.model_cfg.bias_scale
+        prior = self.item_prior()
+        if prior is None:
+            return b
+        return b + (prior if idx is None else prior[idx])
 
     # --- user tower -------------------------------------------------------------------------
     def _social(self, batch: Batch, bag_query: torch.Tensor | None) -> torch.Tensor | None:
@@ -219,7 +243,7 @@ class SocialRec(RecModel):
         B, H = tg.shape
         item_idx = torch.cat([tg, neg], dim=1)
         qv = self._item_vectors(item_idx)
-        cb = self.item_bias(item_idx).squeeze(-1) * self.model_cfg.bias_scale
+        cb = self.item_biases(item_idx)
         parts: list[torch.Tensor] = []
         bag_full = None
         if self.hist_emb is not None:
@@ -293,7 +317,7 @@ class SocialRec(RecModel):
             items = items + self.price_emb(self.item_price)
         if self.text_proj is not None:
             items = items + self.text_proj(self.item_text)
-        return self._normalise(items), self.item_bias.weight[:, 0] * self.model_cfg.bias_scale
+        return self._normalise(items), self.item_biases()
 
     def score_all(self, batch: Batch, item_side: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         items, bias = item_side

@@ -246,8 +246,12 @@ def calibrate_noise_multiplier(
     accountant: str = "rdp",
     tolerance: float = 1e-3,
     max_noise_multiplier: float = 1e4,
+    prefix: History = (),
 ) -> float:
     """The smallest noise multiplier (up to relative ``tolerance``) whose epsilon after all rounds is <= cap.
+
+    ``prefix``: releases charged before the rounds, whatever sigma is (e.g. the popularity release),
+    composed with them; the cap then holds for prefix and rounds together.
 
     Epsilon is non-increasing in sigma, so bisection keeps the invariant eps(lo) > cap >= eps(hi) and
     returns ``hi``: the result never overshoots the cap, and ``hi * (1 - tolerance) <= lo``, so any
@@ -259,9 +263,13 @@ def calibrate_noise_multiplier(
         raise PrivacyConfigError(f"steps_per_round and rounds must be >= 1, got {steps_per_round}, {rounds}")
     validate_event((1.0, sample_rate, steps_per_round))
     total_steps = int(steps_per_round) * int(rounds)
+    fixed = validate_history(prefix)
+    if fixed and compute_epsilon(fixed, target_delta, accountant) >= max_epsilon:
+        raise PrivacyConfigError(f"max_epsilon {max_epsilon}: the releases before training already spend it all "
+                                 f"({compute_epsilon(fixed, target_delta, accountant):.4g}); raise their noise")
 
     def eps(sigma: float) -> float:
-        return compute_epsilon([(sigma, sample_rate, total_steps)], target_delta, accountant)
+        return compute_epsilon([*fixed, (sigma, sample_rate, total_steps)], target_delta, accountant)
 
     # Bracket [lo, hi] with eps(lo) > cap >= eps(hi), starting at sigma = 1 and moving geometrically:
     # this avoids evaluating tiny sigmas, where Opacus's fractional-order series is slow.

@@ -118,6 +118,7 @@ class RoundRow:
     epsilon_dp_accounting: float  # independent RDP recomputation (dp_accounting), checks epsilon_rdp
     epsilon_pld: float  # independent PLD recomputation (dp_accounting), checks epsilon_prv
     timestamp: str
+    release: str = "training"  # what the entry charges: training, evaluation or popularity
 
 
 @dataclass
@@ -134,6 +135,7 @@ class PartnerReport:
     verified: bool = False
     scope: str = ""  # privacy.scope the ledger entries name ("" when they predate it)
     eval_releases: int = 0  # DP evaluation releases charged in the ledger
+    popularity_releases: int = 0  # DP item-popularity releases charged in the ledger (shared/privacy/popularity.py)
 
     @property
     def epsilon(self) -> float:
@@ -350,6 +352,7 @@ def _audit_partner_into(report: PartnerReport, ledgers: Path, keys_dir: Path | N
         result.add("tamper", partner, None, None,
                    f"ledger entries name privacy scope {scopes[0]!r}, the run's records {result.scope!r}")
     report.eval_releases = sum(1 for e in scan.entries if e.get("release") == "evaluation")
+    report.popularity_releases = sum(1 for e in scan.entries if e.get("release") == "popularity")
     _check_budget(report, cli_cap, result)
 
 
@@ -373,6 +376,7 @@ def _recompute(partner: str, entries: list[dict[str, Any]], lines: list[int],
             population=entry["population"], accountant=entry["accountant"], epsilon=of_record,
             epsilon_rdp=entry["epsilon_rdp"], epsilon_prv=entry["epsilon_prv"], epsilon_dp_accounting=eps_dp,
             epsilon_pld=eps_pld, timestamp=str(entry.get("timestamp", "")),
+            release=str(entry.get("release", "training")),
         ))
         for name, recorded, recomputed, method in (("epsilon_rdp", entry["epsilon_rdp"], eps_dp, "RDP"),
                                                    ("epsilon_prv", entry["epsilon_prv"], eps_pld, "PLD")):

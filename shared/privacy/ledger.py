@@ -268,13 +268,14 @@ def read_ledger(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return scan.entries
 
 
-RELEASE_KINDS = ("training", "evaluation")
+# within a round, in this order: the popularity release (round 1 only), training, evaluation
+RELEASE_KINDS = ("popularity", "training", "evaluation")
 
 
 def order_key(entry: Mapping[str, Any]) -> tuple[int, int]:
-    """Entries are ordered by round, and within a round the training release before the evaluation one."""
+    """Entries are ordered by round, and within a round by :data:`RELEASE_KINDS`."""
     kind = entry.get("release", "training")
-    return int(entry["round"]), RELEASE_KINDS.index(kind) if kind in RELEASE_KINDS else 0
+    return int(entry["round"]), RELEASE_KINDS.index(kind if kind in RELEASE_KINDS else "training")
 
 
 def training_entries(entries: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:

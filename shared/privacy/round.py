@@ -64,30 +64,36 @@ class RoundPlan:
         return (self.noise_multiplier, self.sample_rate, self.steps)
 
 
-Calibrator = Callable[[float, float, float, int, int, str], float]
+Calibrator = Callable[[float, float, float, int, int, str, tuple[Event, ...]], float]
 
 
-def _default_calibrator(max_epsilon: float, delta: float, q: float, steps: int, rounds: int, accountant: str) -> float:
-    return calibrate_noise_multiplier(max_epsilon, delta, q, steps, rounds, accountant=accountant, tolerance=1e-3)
+def _default_calibrator(max_epsilon: float, delta: float, q: float, steps: int, rounds: int, accountant: str,
+                        prefix: tuple[Event, ...] = ()) -> float:
+    return calibrate_noise_multiplier(max_epsilon, delta, q, steps, rounds, accountant=accountant, tolerance=1e-3,
+                                      prefix=prefix)
 
 
 def plan_round(
     privacy: Any, *, n_users: int, batch_size: int, epochs: int, rounds: int,
     epochs_key: str = "federation.local_epochs", rounds_key: str = "federation.rounds",
     batch_key: str = "train.batch_size", calibrate: Calibrator = _default_calibrator,
+    prefix: Sequence[Event] = (),
 ) -> RoundPlan:
     """The plan of each of ``rounds`` equal rounds of ``epochs`` DP epochs over ``n_users`` users.
 
     ``privacy`` is a :class:`shared.config.PrivacyConfig`. The noise is ``privacy.noise_multiplier``,
     or (when 0) the smallest that keeps all ``rounds`` rounds within ``privacy.max_epsilon``. The
     ``*_key`` arguments name the config settings the plan came from, for refusal messages.
+    ``prefix``: the releases charged before the first round (:func:`shared.privacy.popularity.compute_release_prefix`),
+    which the calibration composes with the rounds.
     """
     if not math.isfinite(privacy.max_epsilon):
         raise PrivacyConfigError(f"privacy.max_epsilon: must be finite with DP on, got {privacy.max_epsilon!r}")
     q = compute_sample_rate(int(n_users), int(batch_size))
     steps = compute_steps(q, epochs)
+    fixed = tuple(validate_event(e) for e in prefix)
     sigma = privacy.noise_multiplier or calibrate(privacy.max_epsilon, privacy.target_delta, q, steps, int(rounds),
-                                                  privacy.accountant)
+                                                  privacy.accountant, fixed)
     settings = {**compute_settings(privacy, {epochs_key: epochs, rounds_key: rounds, batch_key: batch_size}),
                 "population": int(n_users)}
     return RoundPlan(float(sigma), q, steps, float(privacy.max_grad_norm), float(privacy.target_delta),
@@ -100,6 +106,7 @@ def compute_settings(privacy: Any, schedule: Mapping[str, int]) -> dict[str, Any
             "privacy.max_grad_norm": float(privacy.max_grad_norm),
             "privacy.target_delta": float(privacy.target_delta), "privacy.max_epsilon": float(privacy.max_epsilon),
             "privacy.accountant": str(privacy.accountant), "privacy.scope": str(privacy.scope),
+            "privacy.popularity_noise_multiplier": float(privacy.popularity_noise_multiplier),
             **{k: int(v) for k, v in schedule.items()}}
 
 
