@@ -73,8 +73,9 @@ _PRECEDENCE = ("input", "tamper", "accounting", "budget")
 # The recorded epsilon_rdp (Opacus) may be below the dp_accounting recomputation by at most this
 # fraction. dp_accounting's fractional-order series is conservative (it truncates and drops orders
 # that do not converge) while Opacus's matches numerical integration (tests/test_accounting.py), so
-# dp_accounting is 0-2% higher for epsilon up to ~20; a shortfall beyond 5% means the recorded
-# epsilon does not follow from the recorded (sigma, q, steps). A recorded value *above* the
+# dp_accounting is 0-2% higher for epsilon up to ~20; a shortfall beyond 5% below the tighter of its
+# RDP and PLD recomputations means the recorded epsilon does not follow from the recorded (sigma, q, steps)
+# (both are upper bounds on the true epsilon, so a value above either one is sound). A recorded value *above* the
 # recomputation is conservative (e.g. dp_accounting's extra orders 128..1024 at tiny epsilon) and
 # is reported, not failed. The same rule holds epsilon_prv against dp_accounting's PLD accountant
 # (both are tight; PRV's recorded value is the upper end of its error band, PLD's discretisation is
@@ -378,12 +379,16 @@ def _recompute(partner: str, entries: list[dict[str, Any]], lines: list[int],
             epsilon_pld=eps_pld, timestamp=str(entry.get("timestamp", "")),
             release=str(entry.get("release", "training")),
         ))
-        for name, recorded, recomputed, method in (("epsilon_rdp", entry["epsilon_rdp"], eps_dp, "RDP"),
-                                                   ("epsilon_prv", entry["epsilon_prv"], eps_pld, "PLD")):
-            if recorded < recomputed * (1 - RECOMPUTE_RTOL):
+        # Each recomputation is an upper bound on the true epsilon, so a recorded value is sound when it is
+        # at least the tighter of the two: at large epsilon dp_accounting's RDP drops the small fractional
+        # orders whose series does not converge and lands far above (Opacus 69.7, it 92.3, PLD 64.5).
+        floor, method = min((eps_dp, "RDP"), (eps_pld, "PLD"))
+        for name, recorded in (("epsilon_rdp", entry["epsilon_rdp"]), ("epsilon_prv", entry["epsilon_prv"])):
+            if recorded < floor * (1 - RECOMPUTE_RTOL):
                 result.add("accounting", partner, entry["round"], line,
                            f"recorded {name} {recorded:.6g} is below the dp_accounting {method} recomputation "
-                           f"{recomputed:.6g} by more than {RECOMPUTE_RTOL:.0%}")
+                           f"{floor:.6g} (the tighter of RDP {eps_dp:.6g} and PLD {eps_pld:.6g}) by more than "
+                           f"{RECOMPUTE_RTOL:.0%}")
     return rows
 
 
