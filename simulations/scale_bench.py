@@ -162,8 +162,17 @@ class TreeSampler:
 
     def live(self) -> list[int]:
         """Processes of the tree still running (for a clean stop after a timeout)."""
-        table = read_process_table()
-        return sorted(self.seen & table.keys())
+        return sorted(pid for pid in self.seen if compute_running(pid))
+
+
+def compute_running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie, ended but not yet reaped by its parent, is not)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as fh:
+            text = fh.read()
+    except OSError:
+        return False
+    return text[text.rindex(")") + 2:].split()[0] not in ("Z", "X")
 
 
 def stop_processes(pids: list[int], grace_s: float = 5.0) -> None:
@@ -173,7 +182,7 @@ def stop_processes(pids: list[int], grace_s: float = 5.0) -> None:
             with contextlib.suppress(ProcessLookupError):  # it has ended already
                 os.kill(pid, sig)
         deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
+        while time.monotonic() < deadline and any(compute_running(p) for p in pids):
             time.sleep(0.1)
 
 
@@ -205,13 +214,19 @@ def run_point(config: str, users_per_partner: int, partners: int, items: int, ov
         if code is None:
             stop_processes(sampler.live())
             child.wait()
+        left = sampler.live()  # Ray's processes must not outlive the run they belong to (a few s to exit)
+        for _ in range(100):
+            if not left:
+                break
+            time.sleep(0.1)
+            left = sampler.live()
     point: dict[str, Any] = {
         "users_per_partner": users_per_partner, "users": users_per_partner * partners, "items": items,
         "partners": partners, "batch_size": users_per_partner // STEPS_PER_EPOCH, "cpus": cpus,
         "exit_code": code, "timed_out": code is None, "wall_s": wall,
         "peak_pss_gb": sampler.peak_pss_kb / 2**20, "peak_rss_gb": sampler.peak_rss_kb / 2**20,
         "peak_at_s": sampler.peak_at_s, "peak_processes": sampler.peak_processes,
-        "tree_cpu_s": sum(sampler.cpu_s.values()), "load_average_at_start": load,
+        "tree_cpu_s": sum(sampler.cpu_s.values()), "processes_left": len(left), "load_average_at_start": load,
         "run_dir": str(run_dir), "log": str(log_path)}
     metrics_path = run_dir / "metrics.json"
     if code == 0 and metrics_path.is_file():
