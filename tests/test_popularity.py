@@ -204,13 +204,14 @@ def test_federation_with_the_release_audits_and_the_report_names_it(tmp_path: Pa
     assert "DP popularity releases 1" in page and "1 (popularity)" in page
 
 
-def test_centralized_dp_charges_the_release_in_its_epsilon(tmp_path: Path) -> None:
+@pytest.mark.parametrize("clipping", ["onepass", "ghost"])
+def test_centralized_dp_charges_the_release_in_its_epsilon(clipping: str) -> None:
     from fedsocial.shared.loaders import load_dataset
     from fedsocial.shared.split import split_dataset
     from fedsocial.shared.trainer import train_centralized
 
     # Prepare: calibrated noise (noise_multiplier 0) to epsilon 6 with the release in the history
-    cfg = popularity_config().replace("privacy", noise_multiplier=0.0, max_epsilon=6.0, epochs=2)
+    cfg = popularity_config().replace("privacy", noise_multiplier=0.0, max_epsilon=6.0, epochs=2, clipping=clipping)
     split = split_dataset(load_dataset(cfg.data), cfg.split)
     # Execute
     outcome = train_centralized(cfg, split)
