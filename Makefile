@@ -8,7 +8,7 @@ export FLWR_DISABLE_UPDATE_CHECK := 1
 export FLWR_HOME := $(CURDIR)/.flwr
 DEMO_OUT ?= runs/demo
 
-.PHONY: venv demo test lint fuzz bench bench-perf bench-gpu bench-fed bench-privacy bench-serve e2e clean
+.PHONY: venv demo test lint fuzz bench bench-perf bench-scale bench-gpu bench-fed bench-privacy bench-serve e2e clean
 
 venv: $(STAMP)
 
@@ -59,6 +59,11 @@ bench-perf: $(STAMP)
 	$(VENV)/bin/fedsocial bench profile --config configs/lastfm.toml --data-dir $(DATA_DIR) --set train.num_threads=1
 	$(VENV)/bin/fedsocial bench profile --config configs/ciao.toml --data-dir $(DATA_DIR) --set train.num_threads=1
 	$(VENV)/bin/fedsocial bench profile --config configs/lastfm.toml $(YELP) --set train.num_threads=1
+
+# Real-size partners (issue 14, item 5; BENCHMARKS.md 9.5): one DP federated round of 5 partners x 10k, 50k
+# and 200k synthetic users (100k items), wall time and peak memory of the whole process tree (up to an hour).
+bench-scale: $(STAMP)
+	timeout 4200 $(VENV)/bin/fedsocial bench scale --users-per-partner 10000 50000 200000 --timeout 2400 --out runs/bench_scale
 
 # The GPU figures (issue 14, item 7) on a machine with CUDA: LastFM and a 1M-user synthetic set.
 bench-gpu: $(STAMP)
