@@ -169,3 +169,24 @@ def test_partner_scope_releases_the_dp_models_metrics_never_the_personalised_one
     record = json.loads((partner.settings.state_dir / "personal" / "round_0001.json").read_text())
     assert record["choice"] != "shared"  # precondition: the served model is a non-DP one here (seeded)
     assert served["ndcg@10"] != pytest.approx(dp_model["ndcg@10"])  # so the release could tell them apart
+
+
+def test_a_calibrated_noise_leaves_room_for_every_planned_evaluation_release(tmp_path: Path) -> None:
+    # Regression: the calibration spent the whole cap on training, so every DP evaluation was refused
+    # Prepare: 2 rounds, evaluation after each, calibrated training noise (noise_multiplier 0), cap 12
+    cfg = tiny_config(eval_noise_multiplier=3.0, eval_every=1).replace("privacy", noise_multiplier=0.0,
+                                                                      max_epsilon=12.0)
+    run = tmp_path / "run"
+    partner = Partner(settings_from_context({"config-path": str(write_config(cfg, run)), "run-dir": str(run)},
+                                            {"partition-id": 0, "num-partitions": 3}))
+    _, params = partner.initial_parameters()
+    # Execute: train and evaluate both rounds
+    released = []
+    for r in (1, 2):
+        params, _, _ = partner.fit(params, r)
+        released.append(partner.evaluate(params, r)[0])
+    # Assert: both releases left and were charged; the last entry is within the cap, close to it
+    entries = read_ledger(run / "ledgers" / "partner-0.jsonl")
+    assert [e.get("release", "training") for e in entries] == ["training", "evaluation"] * 2
+    assert all(r is not None for r in released)
+    assert 12.0 * 0.98 < entries[-1]["epsilon_rdp"] <= 12.0

@@ -264,9 +264,10 @@ def calibrate_noise_multiplier(
     validate_event((1.0, sample_rate, steps_per_round))
     total_steps = int(steps_per_round) * int(rounds)
     fixed = validate_history(prefix)
-    if fixed and compute_epsilon(fixed, target_delta, accountant) >= max_epsilon:
-        raise PrivacyConfigError(f"max_epsilon {max_epsilon}: the releases before training already spend it all "
-                                 f"({compute_epsilon(fixed, target_delta, accountant):.4g}); raise their noise")
+    spent = compute_epsilon(fixed, target_delta, accountant) if fixed else 0.0
+    if spent >= max_epsilon:
+        raise PrivacyConfigError(f"max_epsilon {max_epsilon}: the releases besides training (popularity, planned DP "
+                                 f"evaluations) already spend it all ({spent:.4g}); raise their noise")
 
     def eps(sigma: float) -> float:
         return compute_epsilon([*fixed, (sigma, sample_rate, total_steps)], target_delta, accountant)

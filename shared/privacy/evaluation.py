@@ -74,6 +74,16 @@ def eval_event(sigma: float) -> tuple[float, float, int]:
     return (float(sigma), 1.0, 1)
 
 
+def compute_planned_eval_events(cfg: Any) -> list[tuple[float, float, int]]:
+    """The DP evaluation releases a federated run plans (every ``eval_every`` rounds and after the last),
+    so that a calibrated training noise leaves room for them; RDP composition does not depend on order."""
+    fc = cfg.federation
+    if not (cfg.privacy.enabled and fc.eval_noise_multiplier > 0):
+        return []
+    rounds = sum(1 for r in range(1, fc.rounds + 1) if r % fc.eval_every == 0 or r == fc.rounds)
+    return [eval_event(fc.eval_noise_multiplier)] * rounds
+
+
 def write_local_evaluation(state_dir: Path, round_: int, metrics: Mapping[str, float], n: int,
                            eval_time_s: float) -> Path:
     """The partner's own record of its evaluation (never sent): ``STATE_DIR/eval/round_XXXX.json``, 0600."""
