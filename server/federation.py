@@ -21,7 +21,7 @@ from flwr.app import Context, Message
 from flwr.common import GetParametersIns, GetPropertiesIns, parameters_to_ndarrays
 from flwr.common.constant import MessageTypeLegacy
 from flwr.compat.common import recorddict_compat as compat
-from flwr.server import LegacyContext, ServerConfig
+from flwr.server import LegacyContext, ServerConfig, SimpleClientManager
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid
 
@@ -68,13 +68,32 @@ def settings_from_run_config(run_config: Mapping[str, Any]) -> ServerSettings:
     )
 
 
+def _ask_all(grid: Grid, node_ids: list[int], message_type: str, make_content: Callable[[], Any]) -> dict[int, Message]:
+    """One message to each node, sent together so that the nodes answer in parallel (in a deployment
+    each answer costs a ClientApp process start and Flower's polling), the replies by node."""
+    messages = [Message(content=make_content(), dst_node_id=nid, message_type=message_type, group_id="0")
+                for nid in node_ids]
+    replies = {int(r.metadata.src_node_id): r for r in grid.send_and_receive(messages)}
+    for nid in node_ids:
+        reply = replies.get(nid)
+        if reply is None or reply.has_error():
+            err = reply.error if reply is not None else "no reply"
+            raise QuorumError(f"node {nid} did not answer {message_type}: {err}")
+    return replies
+
+
 def _ask(grid: Grid, node_id: int, message_type: str, content: Any) -> Message:
-    replies = list(grid.send_and_receive([Message(content=content, dst_node_id=node_id, message_type=message_type,
-                                                  group_id="0")]))
-    if not replies or replies[0].has_error():
-        err = replies[0].error if replies else "no reply"
-        raise QuorumError(f"node {node_id} did not answer {message_type}: {err}")
-    return replies[0]
+    return _ask_all(grid, [node_id], message_type, lambda: content)[node_id]
+
+
+class RefreshingClientManager(SimpleClientManager):
+    """Flower's legacy workflow refreshes its list of nodes when ``all``, ``num_available`` or ``sample`` is
+    called, and otherwise only every 5 s; ``wait_for`` is not among them. The first round's ``wait_for``
+    would then sleep up to 5 s for partners that the bootstrap already saw connected: refresh first."""
+
+    def wait_for(self, num_clients: int, timeout: int = 86400) -> bool:
+        self.num_available()  # the workflow's wrapped method: asks the grid for its nodes now
+        return super().wait_for(num_clients, timeout)
 
 
 def wait_for_nodes(grid: Grid, cfg: Config, timeout: float) -> list[int]:
@@ -94,12 +113,9 @@ def wait_for_nodes(grid: Grid, cfg: Config, timeout: float) -> list[int]:
 
 def query_partners(grid: Grid, nodes: list[int]) -> dict[int, dict[str, Any]]:
     """Each node's properties: partner id, shared-parameter names, user count (not hidden by design)."""
-    content = compat.getpropertiesins_to_recorddict(GetPropertiesIns({}))
-    out = {}
-    for nid in nodes:
-        reply = _ask(grid, nid, MessageTypeLegacy.GET_PROPERTIES, content)
-        out[nid] = dict(compat.recorddict_to_getpropertiesres(reply.content).properties)
-    return out
+    replies = _ask_all(grid, nodes, MessageTypeLegacy.GET_PROPERTIES,
+                       lambda: compat.getpropertiesins_to_recorddict(GetPropertiesIns({})))
+    return {nid: dict(compat.recorddict_to_getpropertiesres(replies[nid].content).properties) for nid in nodes}
 
 
 def initial_parameters(grid: Grid, node_id: int) -> list[np.ndarray]:
@@ -171,7 +187,8 @@ def run_server(grid: Grid, context: Context, overrides: Mapping[str, Any] | None
     remaining = last - start
     if remaining > 0:
         fit_workflow = SecAggPlusWorkflow(**secagg_kwargs) if cfg.secagg.enabled else None
-        legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=remaining), strategy=strategy)
+        legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=remaining), strategy=strategy,
+                               client_manager=RefreshingClientManager())
         DefaultWorkflow(fit_workflow=fit_workflow)(grid, legacy)
     doc = build_metrics(cfg, strategy, props, time.perf_counter() - t0, secagg_kwargs)
     write_json_atomic(s.run_dir / "metrics.json", doc)
