@@ -58,9 +58,23 @@ class FedSocialClient(NumPyClient):
             return checked(protocol.parse_intent(intent.to_metrics(), round_))
         names, _ = self.partner.initial_parameters()
         pc = self.partner.cfg.privacy
+        if pc.enabled:
+            self._calibrate_early()
         reg = protocol.Registration(self.partner.partner_id, tuple(names), self.partner.num_users,
                                     pc.max_epsilon if pc.enabled else 0.0, pc.target_delta if pc.enabled else 0.0)
         return checked(protocol.parse_registration(reg.to_metrics()))
+
+    def _calibrate_early(self) -> None:
+        """Calibrate the round's noise now (seconds of CPU; kept in the partner's state folder, so later
+        messages read it): every partner answers its registration side by side, while SecAgg+'s
+        per-round intents, which need the plan, are asked one partner after another. A budget that
+        cannot be met is reported where it always was, by the round that needs the plan."""
+        from fedsocial.shared.config import ConfigError  # PrivacyConfigError is one
+
+        try:
+            self.partner.privacy_plan()
+        except ConfigError as exc:
+            log.warning("%s: no privacy plan yet: %s", self.partner.partner_id, exc)
 
     def get_parameters(self, config: Mapping[str, Any]) -> list[np.ndarray]:  # type: ignore[override]
         return self.partner.initial_parameters()[1]
