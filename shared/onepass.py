@@ -68,7 +68,8 @@ class OnePassClipper:
     turns the per-example loss into the sum of per-example clipped gradients (``p.grad``).
 
     Use: ``clipper.start()``, ``losses = model(batch)`` (shape [B], one example per row),
-    ``norms = clipper.clipped_backward(losses, C)``; ``close()`` removes the hooks.
+    ``norms = clipper.clipped_backward(losses, C)`` (or ``noisy_clipped_backward``, the noised release of
+    a DP-SGD step); ``close()`` removes the hooks.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -85,6 +86,9 @@ class OnePassClipper:
                                                       or module.sparse):
                 raise OnePassError(f"one-pass DP clipping: embedding {name} uses padding_idx, max_norm or sparse")
             self.layers.append(module)
+        # every trained parameter, in model.parameters() order (the order the noise is drawn in)
+        self.params = [p for m in self.layers for p in m.parameters(recurse=False) if p.requires_grad]
+        self._buffers: dict[torch.Tensor, torch.Tensor] = {}
         self._records: dict[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self._recording = False
         self._handles = [m.register_forward_hook(self._hook) for m in self.layers]
@@ -99,6 +103,44 @@ class OnePassClipper:
 
     def clipped_backward(self, per_example_loss: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
         """Set every trained parameter's ``.grad`` to sum_b clip_b * grad_b; returns the norms [B]."""
+        norms = self._assemble(per_example_loss, max_grad_norm, None)
+        for p in self.params:  # a layer this forward did not use: a zero gradient (noise still goes on it)
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        return norms
+
+    def noisy_clipped_backward(self, per_example_loss: torch.Tensor | None, max_grad_norm: float, std: float,
+                               expected_batch: int, generator: torch.Generator | None) -> torch.Tensor | None:
+        """DP-SGD's released gradient (Abadi et al. 2016) in one pass over each table:
+        ``p.grad = (N(0, std^2) + sum_b clip_b * grad_b) / expected_batch`` on every trained parameter.
+
+        The same release as :meth:`clipped_backward` followed by ``shared.trainer.add_noise_inplace`` (the
+        same draws from ``generator``, parameter by parameter in ``model.parameters()`` order), without
+        their extra passes: the noise is drawn into one buffer per parameter, kept between steps (a fresh
+        table-sized block each step costs page faults comparable to drawing the noise), and the clipped
+        rows are added into it. ``per_example_loss`` None: an empty Poisson batch, noise alone.
+        Returns the per-example norms (None for an empty batch).
+        """
+        bufs = self._noise_buffers()
+        for p in self.params:
+            bufs[p].normal_(0.0, std, generator=generator)
+        norms = None if per_example_loss is None else self._assemble(per_example_loss, max_grad_norm, bufs)
+        for p in self.params:
+            p.grad = bufs[p].div_(expected_batch)
+        return norms
+
+    def _noise_buffers(self) -> dict[torch.Tensor, torch.Tensor]:
+        """One buffer per trained parameter, (re)made only when a parameter's shape, dtype or device changed."""
+        for p in self.params:
+            buf = self._buffers.get(p)
+            if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device:
+                self._buffers[p] = torch.empty_like(p, memory_format=torch.contiguous_format)
+        return self._buffers
+
+    def _assemble(self, per_example_loss: torch.Tensor, max_grad_norm: float,
+                  into: dict[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """The per-example norms [B] and the clipped sum: added into ``into[p]`` when given, else set as
+        ``p.grad`` of the parameters this forward used."""
         self._recording = False
         n = per_example_loss.shape[0]
         calls = [(m, a, o) for m, recs in self._records.items() for a, o in recs]
@@ -132,22 +174,28 @@ class OnePassClipper:
         factors = compute_clip_factors(norm_sq, max_grad_norm)
         for module, (gw, gb) in linear.items():
             assert isinstance(module, nn.Linear)
-            module.weight.grad = torch.einsum("b,boi->oi", factors, gw)
+            self._put(module.weight, torch.einsum("b,boi->oi", factors, gw), into)
             if module.bias is not None and gb is not None:
-                module.bias.grad = factors @ gb
+                self._put(module.bias, factors @ gb, into)
         for module, (ids_list, g_list) in emb.items():
             assert isinstance(module, nn.Embedding)
             ids, g = torch.cat(ids_list, 1), torch.cat(g_list, 1)
             weighted = (g * factors[:, None, None]).reshape(-1, g.shape[-1])
-            module.weight.grad = torch.zeros_like(module.weight).index_add_(0, ids.reshape(-1), weighted)
-        for module in self.layers:  # a layer this forward did not use: a zero gradient (noise still goes on it)
-            for p in module.parameters(recurse=False):
-                if p.requires_grad and p.grad is None:
-                    p.grad = torch.zeros_like(p)
+            if into is None:
+                module.weight.grad = torch.zeros_like(module.weight).index_add_(0, ids.reshape(-1), weighted)
+            else:
+                into[module.weight].index_add_(0, ids.reshape(-1), weighted)
         self._records = {}
         return norm_sq.sqrt()
+
+    @staticmethod
+    def _put(param: torch.Tensor, value: torch.Tensor, into: dict[torch.Tensor, torch.Tensor] | None) -> None:
+        if into is None:
+            param.grad = value
+        else:
+            into[param].add_(value)
 
     def close(self) -> None:
         for h in self._handles:
             h.remove()
-        self._handles, self._records = [], {}
+        self._handles, self._records, self._buffers = [], {}, {}

@@ -160,7 +160,8 @@ def measure_profile(cfg: Config, data_dir: str | None, dp: bool = True, train: b
 
 def measure_dp_step(cfg: Config, data_dir: str | None, steps: int = 30, warmup: int = 5) -> dict[str, float]:
     """CPU milliseconds per training step, interleaved on the same batches: non-private, one-pass DP
-    clipping (noise included) and Opacus's ghost clipping (noise included); medians after ``warmup``.
+    clipping with the fused noise (what the trainer runs), the same clipped sum with a fresh noise tensor per
+    table (``add_noise_inplace``), and Opacus's ghost clipping (noise included); medians after ``warmup``.
 
     CPU time of this process (one torch thread): on a shared machine wall time also counts other jobs.
     """
@@ -183,10 +184,11 @@ def measure_dp_step(cfg: Config, data_dir: str | None, steps: int = 30, warmup: 
     torch.set_num_threads(max(1, cfg.train.num_threads))
     split = split_dataset(load_dataset(cfg.data, data_dir), cfg.split)
     bs, pc = cfg.train.batch_size, cfg.privacy
-    plain, onepass, ghost = (LocalTrainer(cfg, split, seed=cfg.train.seed) for _ in range(3))
-    opt_plain, opt_one = plain._optimizer(), onepass._optimizer()
-    clipper = OnePassClipper(onepass.model)
-    params = [p for p in onepass.model.parameters() if p.requires_grad]
+    plain, onepass, unfused, ghost = (LocalTrainer(cfg, split, seed=cfg.train.seed) for _ in range(4))
+    opt_plain, opt_one, opt_unfused = plain._optimizer(), onepass._optimizer(), unfused._optimizer()
+    clipper, clipper_unfused = OnePassClipper(onepass.model), OnePassClipper(unfused.model)
+    params = [p for p in unfused.model.parameters() if p.requires_grad]
+    noise_one, noise_unfused = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
     register_fast_embedding_norm_sampler()
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.arange(split.n_users)), batch_size=bs)
     with warnings.catch_warnings():
@@ -200,12 +202,18 @@ def measure_dp_step(cfg: Config, data_dir: str | None, steps: int = 30, warmup: 
         plain.model(b).mean().backward()
         opt_plain.step()
 
-    def step_onepass(b: dict[str, torch.Tensor]) -> None:
+    def step_onepass(b: dict[str, torch.Tensor]) -> None:  # what the trainer runs: noise drawn into kept buffers
         opt_one.zero_grad(set_to_none=True)
         clipper.start()
-        clipper.clipped_backward(onepass.model(b), pc.max_grad_norm)
-        add_noise_inplace(params, pc.max_grad_norm, bs, None)
+        clipper.noisy_clipped_backward(onepass.model(b), pc.max_grad_norm, pc.max_grad_norm, bs, noise_one)
         opt_one.step()
+
+    def step_unfused(b: dict[str, torch.Tensor]) -> None:  # the clipped sum, then a fresh noise tensor per table
+        opt_unfused.zero_grad(set_to_none=True)
+        clipper_unfused.start()
+        clipper_unfused.clipped_backward(unfused.model(b), pc.max_grad_norm)
+        add_noise_inplace(params, pc.max_grad_norm, bs, noise_unfused)
+        opt_unfused.step()
 
     def step_ghost(b: dict[str, torch.Tensor]) -> None:
         opt_ghost.zero_grad(set_to_none=True)
@@ -213,20 +221,23 @@ def measure_dp_step(cfg: Config, data_dir: str | None, steps: int = 30, warmup: 
         opt_ghost.step()
 
     rng = np.random.default_rng(0)
-    times: dict[str, list[float]] = {"non_private": [], "onepass": [], "ghost": []}
+    times: dict[str, list[float]] = {"non_private": [], "onepass": [], "onepass_unfused": [], "ghost": []}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for _ in range(warmup + steps):
             batch = plain._batch(rng.choice(split.n_users, min(bs, split.n_users), replace=False), rng)
-            for label, step in (("non_private", step_plain), ("onepass", step_onepass), ("ghost", step_ghost)):
+            for label, step in (("non_private", step_plain), ("onepass", step_onepass),
+                                ("onepass_unfused", step_unfused), ("ghost", step_ghost)):
                 c0 = time.process_time()
                 step(batch)
                 times[label].append(time.process_time() - c0)
     clipper.close()
+    clipper_unfused.close()
     gsm._close()
     med = {k: 1e3 * statistics.median(v[warmup:]) for k, v in times.items()}
     return {"batch_size": float(bs), "non_private_cpu_ms": med["non_private"], "onepass_cpu_ms": med["onepass"],
-            "ghost_cpu_ms": med["ghost"], "ratio_onepass": med["onepass"] / med["non_private"],
+            "onepass_unfused_cpu_ms": med["onepass_unfused"], "ratio_onepass_unfused": med["onepass_unfused"] /
+            med["non_private"], "ghost_cpu_ms": med["ghost"], "ratio_onepass": med["onepass"] / med["non_private"],
             "ratio_ghost": med["ghost"] / med["non_private"]}
 
 
