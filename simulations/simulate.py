@@ -364,6 +364,10 @@ def summary(doc: dict[str, Any], run_dir: Path) -> str:
     rows.append(("rounds", str(doc.get("rounds_completed"))))
     rows.append(("wall time", f"{doc['simulation_wall_time_s']:.1f} s (federation {doc['federation_time_s']:.1f} s, "
                               f"partners' training {doc['partner_fit_time_s']:.1f} s)"))
+    if doc.get("federation_overhead") is not None:  # metrics.json keeps both ratios
+        incl = doc.get("federation_overhead_incl_eval")
+        rows.append(("overhead", f"{doc['federation_overhead']:.2f} x the partners' training"
+                                 + (f" ({incl:.2f} x with their evaluation)" if incl is not None else "")))
     rows.append(("run folder", str(run_dir)))
     return format_table(rows, title="federated test metrics (weighted over partners' test users)")
 
