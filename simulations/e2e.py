@@ -6,13 +6,17 @@ What it runs, in one work folder (default ``runs/e2e``), every process stopped b
    and ``fedsocial keys`` (3 partners and one unregistered "rogue" key);
 2. a SuperLink with TLS, SuperNode authentication and a state database, on free ports; the 3
    partners' public keys registered with ``flwr supernode register``;
-3. refusals: a SuperNode with the unregistered key, and one without TLS, must not connect;
-4. 3 SuperNodes, each with its own partner folder; ``flwr run`` of a 2-round federation with DP and
-   SecAgg+; it must finish, and ``fedsocial audit`` of the partners' ledgers must pass, holding each
-   partner to the cap it declared (the server's signed manifest); in copies of the run, a signed
-   ledger entry over the cap must exit 4 and a deleted ledger must fail;
-5. a second run during which one SuperNode is killed: it must still finish with the other two
-   (quorum 2), and the killed partner's ledger must still verify.
+3. 3 SuperNodes, each with its own partner folder, and, started with them, two that must be refused:
+   one with the unregistered key, one without TLS (each exits non-zero, none comes online);
+4. ``flwr run`` of a 2-round federation with DP and SecAgg+ during whose second round one SuperNode is
+   killed: it must still finish with the other two (quorum 2), the killed partner's ledger must still
+   verify, and ``fedsocial audit`` of the partners' ledgers must pass, holding each partner to the cap
+   it declared (the server's signed manifest); in copies of the run, a signed ledger entry over the
+   cap must exit 4 and a deleted ledger must fail.
+
+Independent commands run side by side and the ``flwr`` CLI (a Python start-up per call) is polled
+only when a cheap sign (a log line, a file) says the state may have changed, so that the harness does
+not take a core from the federation it watches (``make e2e``, docs/BENCHMARKS.md section 9.8).
 
 Flower's own processes detach some children into new sessions (SuperExec), so stopping walks the
 process tree from ``/proc`` and signals every descendant as well as the process group.
@@ -23,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import shlex
 import shutil
@@ -39,6 +44,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 CONNECTION = "fedsocial-e2e"
+SUPEREXEC_POLL_S = 0.2
 
 
 class E2EError(RuntimeError):
@@ -166,6 +172,16 @@ class Cluster:
             raise E2EError(f"{shlex.join(argv)} exited with {res.returncode}:\n{out[-2000:]}\n{err[-2000:]}")
         return res
 
+    def run_many(self, argvs: Sequence[Sequence[str]], timeout: float = 120.0,
+                 check: bool = True) -> list[subprocess.CompletedProcess[str]]:
+        """Independent short commands at the same time (most of their time is Python start-up and
+        imports, which two cores run side by side), each as :meth:`run`; results in order."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=max(1, len(argvs))) as pool:
+            futures = [pool.submit(self.run, argv, timeout, check) for argv in argvs]
+            return [f.result() for f in futures]
+
 
 @contextlib.contextmanager
 def cluster(work: Path, env: dict[str, str]) -> Iterator[Cluster]:
@@ -179,13 +195,22 @@ def cluster(work: Path, env: dict[str, str]) -> Iterator[Cluster]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def wait_for(what: str, cond: Any, timeout: float, proc: Proc | None = None, every: float = 0.5) -> Any:
-    """Poll ``cond()`` until truthy; fail naming ``what`` (and the log of ``proc`` if it died)."""
+def wait_for(what: str, cond: Any, timeout: float, proc: Proc | None = None, every: float = 0.5,
+             hint: Any = None, slow_every: float = 5.0) -> Any:
+    """Poll ``cond()`` until truthy; fail naming ``what`` (and the log of ``proc`` if it died).
+
+    ``hint``: a cheap check (a file, a log line) that ``cond`` may now hold. When given, ``cond`` (a
+    ``flwr`` CLI call: a Python process start, about a CPU second) runs only when ``hint()`` is true or
+    ``slow_every`` seconds after its last call, so polling does not take a core from the federation.
+    """
     deadline = time.monotonic() + timeout
+    last = -math.inf
     while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
+        if hint is None or hint() or time.monotonic() - last >= slow_every:
+            last = time.monotonic()
+            value = cond()
+            if value:
+                return value
         if proc is not None and proc.popen.poll() is not None:
             raise E2EError(f"{proc.name} exited ({proc.popen.returncode}) while waiting for {what}:\n{proc.tail()}")
         time.sleep(every)
@@ -202,6 +227,9 @@ def flwr_env(flwr_home: Path) -> dict[str, str]:
     env.update(FLWR_HOME=str(flwr_home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
                FLWR_DISABLE_UPDATE_CHECK="1", PYTHONUNBUFFERED="1",
                PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}")
+    # Each SuperExec (one beside the SuperLink, one per SuperNode) asks for a new task every second by
+    # default before it starts the ClientApp / ServerApp process: a fifth of that per message hop.
+    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", str(SUPEREXEC_POLL_S))
     return env
 
 
@@ -242,9 +270,22 @@ def supernode_argv(superlink: str, port: int, *, ca: Path | None, key: Path | No
 
 def register(c: Cluster, public_key: Path, name: str) -> int:
     """``flwr supernode register KEY.pub CONNECTION``; returns the node id the SuperLink assigned."""
-    res = c.run([str(BIN / "flwr"), "supernode", "register", str(public_key), CONNECTION, "--name", name,
-                 "--format", "json"])
-    return int(_last_json(res.stdout)["node-id"])
+    return register_all(c, [(public_key, name)])[0]
+
+
+def register_all(c: Cluster, keys: Sequence[tuple[Path, str]]) -> list[int]:
+    """:func:`register` for several (public key, name) pairs at once; the node ids in order."""
+    results = c.run_many([[str(BIN / "flwr"), "supernode", "register", str(key), CONNECTION, "--name", name,
+                           "--format", "json"] for key, name in keys])
+    return [int(_last_json(res.stdout)["node-id"]) for res in results]
+
+
+ACTIVATED = '/v1/fleet/activate-node HTTP/1.1" 200'
+
+
+def count_activations(superlink: Proc) -> int:
+    """SuperNodes the SuperLink's access log shows activated (a cheap hint before ``flwr supernode list``)."""
+    return superlink.log.read_text(errors="replace").count(ACTIVATED)
 
 
 def list_nodes(c: Cluster) -> list[dict[str, Any]]:
@@ -319,12 +360,11 @@ def round_train_messages(log: Path, round_: int) -> int:
     return sum(1 for b in blocks if f"ROUND {round_}]" in b[:60] and "Receiving: train message" in b[:300])
 
 
-def expect_refused(c: Cluster, attempts: dict[str, list[str]], superlink: Proc, markers: dict[str, str],
-                   timeout: float = 60.0) -> list[str]:
-    """Start SuperNodes that must fail to connect (at the same time, to save time): each exits
-    non-zero, none shows up online, and the SuperLink log shows the refusals named in ``markers``."""
-    before = online_nodes(c)
-    procs = {name: c.start(name, argv) for name, argv in attempts.items()}
+def expect_refused(c: Cluster, procs: dict[str, Proc], superlink: Proc, markers: dict[str, str],
+                   registered: set[int], timeout: float = 60.0) -> list[str]:
+    """SuperNodes (already started, side by side with the real ones to save time) that must fail to
+    connect: each exits non-zero, no node outside the ``registered`` ones shows up online, and the
+    SuperLink log shows the refusals named in ``markers``."""
     out = []
     for name, proc in procs.items():
         wait_for(f"{name} to give up", lambda proc=proc: proc.popen.poll() is not None, timeout)
@@ -333,8 +373,9 @@ def expect_refused(c: Cluster, attempts: dict[str, list[str]], superlink: Proc, 
         reason = next((ln.strip() for ln in reversed(proc.tail(40).splitlines()) if ln.startswith("[code")
                        or "Failed" in ln or "disconnected" in ln), "")
         out.append(f"{name} refused (exit {proc.popen.returncode}: {reason})")
-    if online_nodes(c) - before:
-        raise E2EError(f"a refused SuperNode came online: {sorted(online_nodes(c) - before)}")
+    intruders = online_nodes(c) - registered
+    if intruders:
+        raise E2EError(f"a refused SuperNode came online: {sorted(intruders)}")
     for name, marker in markers.items():
         if marker not in superlink.log.read_text(errors="replace"):
             raise E2EError(f"{name}: the SuperLink log does not show the refusal ({marker!r})")
@@ -395,12 +436,14 @@ def run_scenario(work: Path, kill: bool = True, app: Path | None = None) -> dict
     env = flwr_env(flwr_home)
     summary: dict[str, Any] = {"work": str(work)}
     with cluster(work, env) as c:
-        c.run(fedsocial("partition", "--config", str(REPO / "configs" / "demo.toml"),
-                        *[a for s in E2E_OVERRIDES for a in ("--set", s)], "--partners", "3", "--out", str(partners)))
-        c.run(fedsocial("certs", "--out", str(certs_dir), "--hosts", "localhost,127.0.0.1"))
-        for p in range(3):
-            c.run(fedsocial("keys", "--partner", f"partner_{p}", "--out", str(partners / f"partner_{p}" / "keys")))
-        c.run(fedsocial("keys", "--partner", "rogue", "--out", str(work / "rogue"), "--no-ledger-key"))
+        # independent set-up commands side by side (each is mostly a Python start-up)
+        c.run_many([fedsocial("partition", "--config", str(REPO / "configs" / "demo.toml"),
+                              *[a for s in E2E_OVERRIDES for a in ("--set", s)], "--partners", "3",
+                              "--out", str(partners)),
+                    fedsocial("certs", "--out", str(certs_dir), "--hosts", "localhost,127.0.0.1"),
+                    fedsocial("keys", "--partner", "rogue", "--out", str(work / "rogue"), "--no-ledger-key")])
+        c.run_many([fedsocial("keys", "--partner", f"partner_{p}", "--out", str(partners / f"partner_{p}" / "keys"))
+                    for p in range(3)])  # into the partner folders the partition made
         tm.mark("partitioned; certificates and keys made")
 
         port = free_port()
@@ -408,18 +451,19 @@ def run_scenario(work: Path, kill: bool = True, app: Path | None = None) -> dict
         write_connection(flwr_home, CONNECTION, address, certs_dir / "ca.crt")
         sl = c.start("superlink", superlink_argv(certs_dir, port, work / "superlink-state.db"))
         wait_for("the SuperLink to listen", lambda: "Uvicorn running" in sl.log.read_text(errors="replace"), 60, sl)
-        nodes = {register(c, partners / f"partner_{p}" / "keys" / "supernode.key.pub", f"partner_{p}"): p
-                 for p in range(3)}
+        ids = register_all(c, [(partners / f"partner_{p}" / "keys" / "supernode.key.pub", f"partner_{p}")
+                               for p in range(3)])
+        nodes = {nid: p for p, nid in enumerate(ids)}
         tm.mark(f"SuperLink on {address} (TLS, node auth, database); registered nodes {sorted(nodes)}")
 
+        # The refused attempts and the three real SuperNodes start together: a refused node would show up
+        # online under an id outside the registered ones, which expect_refused checks.
         ca = certs_dir / "ca.crt"
-        summary["refusals"] = expect_refused(c, {
+        attempts = {name: c.start(name, argv) for name, argv in {
             "rogue-supernode": supernode_argv(address, free_port(), ca=ca, key=work / "rogue" / "supernode.key",
                                               max_wait=8),
             "plaintext-supernode": supernode_argv(address, free_port(), ca=None, key=None, max_wait=8),
-        }, sl, {"rogue-supernode": NODE_REFUSED})
-        tm.mark("; ".join(summary["refusals"]))
-
+        }.items()}
         from fedsocial.simulations.partition_cmd import node_config
 
         sns = [c.start(f"supernode-partner_{p}",
@@ -427,8 +471,11 @@ def run_scenario(work: Path, kill: bool = True, app: Path | None = None) -> dict
                                       key=partners / f"partner_{p}" / "keys" / "supernode.key",
                                       node_config=node_config(partners / f"partner_{p}" / "partner.toml")))
                for p in range(3)]
-        wait_for("3 SuperNodes online", lambda: online_nodes(c) >= set(nodes), 90, sl)
+        wait_for("3 SuperNodes online", lambda: online_nodes(c) >= set(nodes), 90, sl,
+                 hint=lambda: count_activations(sl) >= 3)
         tm.mark("3 SuperNodes online")
+        summary["refusals"] = expect_refused(c, attempts, sl, {"rogue-supernode": NODE_REFUSED}, set(nodes))
+        tm.mark("; ".join(summary["refusals"]))
 
         # One 2-round run: round 1 with all three partners; partner_2 is SIGKILLed while it trains in
         # round 2, which must still complete with the other two (quorum 2). Two separate runs would
@@ -491,8 +538,8 @@ def check_audit_catches(c: Cluster, run_dir: Path, partners: Path, work: Path) -
     shutil.copytree(run_dir, gone)
     for name in ("partner_1.jsonl", "partner_1.pub"):
         (gone / "ledgers" / name).unlink()
-    codes = {"over_cap": c.run(fedsocial("audit", str(over)), timeout=120, check=False).returncode,
-             "deleted_ledger": c.run(fedsocial("audit", str(gone)), timeout=120, check=False).returncode}
+    over_cap, deleted = c.run_many([fedsocial("audit", str(over)), fedsocial("audit", str(gone))], check=False)
+    codes = {"over_cap": over_cap.returncode, "deleted_ledger": deleted.returncode}
     if codes["over_cap"] != 4:
         raise E2EError(f"a signed ledger above its declared cap should fail the audit with exit 4, got {codes}")
     if codes["deleted_ledger"] == 0:
@@ -506,13 +553,15 @@ def federated_run(c: Cluster, app: Path, config: Path, run_dir: Path, tm: Timing
     rid = flwr_run(c, app, {"config-path": str(config.resolve()), "run-dir": str(run_dir.resolve())})
     tm.mark(f"{label}: submitted run {rid}")
     if victim is not None and cluster_ is not None:
-        wait_for("partner_2 to train in round 2", lambda: round_train_messages(victim.log, 2) >= 3, 300, victim)
+        wait_for("partner_2 to train in round 2", lambda: round_train_messages(victim.log, 2) >= 3, 420, victim)
         time.sleep(1.0)
         cluster_.stop(victim, sig=signal.SIGKILL)
         tm.mark(f"{label}: SIGKILLed {victim.name} during round 2 training")
+    # the ServerApp writes metrics.json as its last step: until then ask `flwr ls` only every few seconds
+    # (a failed run never writes it; the slow poll sees that status)
     status = wait_for(f"run {rid} to finish",
                       lambda: (s := run_status(c, rid)) and str(s.get("status", "")).startswith("finished") and s,
-                      420)
+                      420, hint=(run_dir / "metrics.json").is_file)
     if status["status"] != "finished:completed":
         log = c.run([str(BIN / "flwr"), "log", str(rid), CONNECTION], check=False, timeout=60).stdout
         raise E2EError(f"{label}: run {rid} ended {status['status']}:\n{log[-3000:]}")
