@@ -220,3 +220,22 @@ def test_centralized_dp_charges_the_release_in_its_epsilon(clipping: str) -> Non
     assert outcome.epsilon == pytest.approx(compute_epsilon(events, cfg.privacy.target_delta), rel=1e-9)
     assert outcome.epsilon <= 6.0
     assert np.abs(outcome.state["item_pop"]).sum() > 0
+
+
+def test_popularity_bench_prints_the_release_alone_per_sigma(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                                             ) -> None:
+    import json
+
+    from fedsocial.simulations.popularity_bench import main
+
+    # Prepare
+    config = write_config(tiny_config(), tmp_path / "cfg")
+    # Execute
+    code = main(["--config", str(config), "--partners", "3", "--sigmas", "0,3", "--seeds", "0,1"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    # Assert: the exact histogram once, the noisy one per seed; the release's epsilon at the config's delta
+    assert code == 0 and [(r["popularity_noise_multiplier"], r["seeds"]) for r in rows] == [(0.0, 1), (3.0, 2)]
+    assert rows[1]["epsilon_of_release"] == pytest.approx(compute_epsilon([(3.0, 1.0, 1)], 1e-4), abs=1e-4)
+    assert all(0.0 <= r["ndcg@10"] <= 1.0 for r in rows)
+    with pytest.raises(SystemExit):
+        main(["--config", str(config), "--sigmas", "-1"])
