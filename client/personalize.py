@@ -149,7 +149,8 @@ def fine_tune(cfg: Config, split: SplitData, start: RecModel, epochs: int, seed:
     from fedsocial.shared.trainer import LocalTrainer
 
     tuned_cfg = compute_alone_config(cfg)
-    trainer = LocalTrainer(tuned_cfg, split, device="cpu", seed=seed)
+    trainer = LocalTrainer(tuned_cfg, split, device="cpu", seed=seed,
+                           popularity_prior=getattr(start, "item_pop", None) is not None)  # keeps the DP prior
     trainer.model.load_state_dict(copy.deepcopy(start.state_dict()))
     best: dict[str, Any] = {"ndcg": evaluate_model(trainer.model, split, "val", builder=trainer.builder)[0]["ndcg@10"],
                             "epoch": 0, "state": copy.deepcopy(trainer.model.state_dict())}

@@ -162,7 +162,10 @@ def register_fast_embedding_norm_sampler() -> None:
 class LocalTrainer:
     """Trains one partner's model: users local 0..n_p-1, global item ids (``split``)."""
 
-    def __init__(self, cfg: Config, split: SplitData, device: str = "cpu", seed: int = 0) -> None:
+    def __init__(self, cfg: Config, split: SplitData, device: str = "cpu", seed: int = 0,
+                 popularity_prior: bool | None = None) -> None:
+        """``popularity_prior``: whether the model carries the DP popularity prior; None: as ``cfg`` says
+        (a non-private copy of a DP model, e.g. a partner's fine-tune, keeps the prior it started from)."""
         self.cfg, self.split, self.seed = cfg, split, seed
         self.noise_key: bytes | None = None  # a partner's secret for reproducible DP noise; None: OS entropy
         self.device = resolve_device(device)
@@ -175,7 +178,8 @@ class LocalTrainer:
                                            item_text=split.dataset.item_text,
                                            user_features=split.dataset.user_features,
                                            user_feature_sizes=split.dataset.user_feature_sizes,
-                                           popularity_prior=uses_popularity_release(cfg)).to(self.device)
+                                           popularity_prior=uses_popularity_release(cfg) if popularity_prior is None
+                                           else popularity_prior).to(self.device)
         self.rng = np.random.default_rng(seed)
         self._fits = 0
         if cfg.privacy.enabled and cfg.model.name == "social" and cfg.model.user_embedding == "trained":
@@ -327,7 +331,6 @@ class LocalTrainer:
         sampler = torch.Generator().manual_seed(sample_seed)
         noise_gen = torch.Generator(device=self.device).manual_seed(noise_seed)
         opt, clipper = self._optimizer(), OnePassClipper(self.model)
-        params = [p for p in self.model.parameters() if p.requires_grad]
         losses: list[float] = []
         steps = 0
         self.model.train()
@@ -337,12 +340,14 @@ class LocalTrainer:
                 for _ in range(steps_per_epoch):
                     uids = (torch.rand(n, generator=sampler) < q).nonzero().reshape(-1)
                     opt.zero_grad(set_to_none=True)
+                    per_user: torch.Tensor | None = None  # an empty Poisson batch is still a (noise-only) step
                     if uids.numel():
                         clipper.start()
                         per_user = self.model(self._batch(uids.numpy(), rng))
-                        clipper.clipped_backward(per_user, pc.max_grad_norm)
                         total, seen = total + float(per_user.detach().sum()), seen + uids.numel()
-                    add_noise_inplace(params, sigma * pc.max_grad_norm, expected, noise_gen)
+                    # the clipped sum + N(0, (sigma C)^2) on every trained parameter, / expected batch (onepass.py)
+                    clipper.noisy_clipped_backward(per_user, pc.max_grad_norm, sigma * pc.max_grad_norm, expected,
+                                                   noise_gen)
                     opt.step()
                     steps += 1
                 losses.append(total / max(1, seen))

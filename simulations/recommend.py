@@ -131,6 +131,7 @@ def serve_personalised(cfg: Config, split: SplitData, shared: SocialRec, state_d
         personalise,
         train_alone_model,
     )
+    from fedsocial.shared.privacy.popularity import uses_popularity_release
     from fedsocial.shared.trainer import LocalTrainer
 
     result = personalise(cfg, split, shared, state_dir, cfg.train.seed)
@@ -143,7 +144,8 @@ def serve_personalised(cfg: Config, split: SplitData, shared: SocialRec, state_d
     if name == "alone":
         model = train_alone_model(cfg, split, state_dir / PERSONAL_DIR)[0]
     elif name == "finetune":
-        trainer = LocalTrainer(compute_alone_config(cfg), split, device="cpu", seed=cfg.train.seed)
+        trainer = LocalTrainer(compute_alone_config(cfg), split, device="cpu", seed=cfg.train.seed,
+                               popularity_prior=uses_popularity_release(cfg))  # the fine-tune keeps the DP prior
         with np.load(state_dir / PERSONAL_DIR / "finetune.npz", allow_pickle=False) as z:
             trainer.model.load_state_dict({k: torch.as_tensor(z[k]) for k in z.files})
         model = trainer.model

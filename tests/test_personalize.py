@@ -28,6 +28,7 @@ from fedsocial.client.personalize import (
     choose_on_validation,
     compute_alone_config,
     compute_standardised_scores,
+    fine_tune,
     personalise,
     train_alone_model,
 )
@@ -149,6 +150,23 @@ def test_served_is_never_below_shared_or_alone_on_validation(partner_split_and_c
         assert torch.equal(v, before[k]), k
     assert {"shared", "alone", "finetune", "mix:finetune:0.5"} <= set(result.val)
     assert (tmp_path / PERSONAL_DIR / "alone.npz").is_file()
+
+
+def test_partner_scope_personalises_a_model_with_the_dp_popularity_prior(
+    partner_split_and_cfg: tuple[Any, Config], tmp_path: Path
+) -> None:
+    # Regression: the non-private fine-tune copy had no item_pop, so loading the DP model failed
+    part, cfg = partner_split_and_cfg
+    cfg = cfg.replace("privacy", popularity_noise_multiplier=3.0)
+    trainer = LocalTrainer(cfg, part, seed=3)
+    trainer.set_item_popularity(np.random.default_rng(0).normal(0, 1, part.n_items))
+    trainer.fit(1, noise_multiplier=1.0, rng_seed=5)
+
+    result = personalise(cfg, part, trainer.model, tmp_path, seed=7)
+    tuned, _ = fine_tune(cfg, part, trainer.model, 2, seed=7)
+
+    assert "finetune" in result.val and result.evaluated_users > 0
+    assert torch.equal(tuned.item_pop, trainer.model.item_pop)  # the fine-tune keeps the prior, untrained
 
 
 def test_mixture_with_weight_one_ranks_as_its_base(partner_split_and_cfg: tuple[Any, Config]) -> None:
