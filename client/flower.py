@@ -75,6 +75,9 @@ class FedSocialClient(NumPyClient):
             self.partner.privacy_plan()
         except ConfigError as exc:
             log.warning("%s: no privacy plan yet: %s", self.partner.partner_id, exc)
+            return
+        if self.partner.cfg.secagg.enabled:  # round 1's intent, answered ahead (client/partner.py, INTENTS_FILE)
+            self.partner.will_train(1)
 
     def get_parameters(self, config: Mapping[str, Any]) -> list[np.ndarray]:  # type: ignore[override]
         return self.partner.initial_parameters()[1]

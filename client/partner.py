@@ -161,6 +161,15 @@ def compute_weight(num_users: int, weight_cap: int) -> int:
 
 _SPLITS: dict[str, Any] = {}
 
+# A deployed partner answers each SecAgg+ intent (:meth:`Partner.will_train`) in a fresh process, where
+# ``would_exceed`` costs about 4 CPU s, nearly all of it importing Opacus for one RDP number. The answers
+# are kept in ``state_dir/intents.json`` keyed by everything they depend on (the exact history, the next
+# event, delta, cap, accountant); the processes that register and train (Opacus already loaded) answer
+# the next round's intent ahead. An intent only says whether the partner will take part; the fit's own
+# admission still decides what is trained and charged.
+INTENTS_FILE = "intents.json"
+INTENTS_KEPT = 8
+
 
 def load_partner_split(cfg: Config, s: PartnerSettings) -> SplitData:
     """This partner's split (cached per process: a simulation actor serves several partners)."""
@@ -370,6 +379,11 @@ class Partner:
         fault_point("after_ledger_append", round_, self.partner_id)
         metrics.update(reply)
         metrics.update(self._accounting(pround, entry))
+        if self.cfg.secagg.enabled and round_ < self.cfg.federation.rounds:
+            try:  # the release is charged and saved: nothing here may lose it
+                self.will_train(round_ + 1)  # answered ahead, while the accountant is loaded (INTENTS_FILE)
+            except (OSError, ValueError) as exc:
+                log.warning("%s: round %d's intent not answered ahead: %s", self.partner_id, round_ + 1, exc)
         return out, weight, metrics
 
     def _train(self, trainer: Any, round_: int, noise_multiplier: float | None) -> Any:
@@ -499,7 +513,27 @@ class Partner:
         if self._releases_popularity(round_) and not any(e.get("release") == "popularity" for e in entries):
             history.append(popularity_event(pc.popularity_noise_multiplier))
         event = (plan.noise_multiplier, plan.sample_rate, plan.steps)
-        return not would_exceed(history, event, pc.target_delta, pc.max_epsilon, pc.accountant)
+        key = json.dumps([[list(e) for e in history], list(event), pc.target_delta, pc.max_epsilon, pc.accountant])
+        cached = self._intent_cache().get(key)
+        if isinstance(cached, bool):
+            return cached
+        answer = not would_exceed(history, event, pc.target_delta, pc.max_epsilon, pc.accountant)
+        self._save_intent(key, answer)
+        return answer
+
+    def _intent_cache(self) -> dict[str, Any]:
+        path = self.settings.state_dir / INTENTS_FILE
+        try:
+            cached = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        except (OSError, ValueError):
+            cached = {}  # a damaged cache only costs the computation
+        return cached if isinstance(cached, dict) else {}
+
+    def _save_intent(self, key: str, answer: bool) -> None:
+        kept = {k: v for k, v in self._intent_cache().items() if k != key}
+        kept = dict(list(kept.items())[-(INTENTS_KEPT - 1):])
+        self.settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        write_json_atomic(self.settings.state_dir / INTENTS_FILE, {**kept, key: answer})
 
     def evaluate(self, arrays: list[np.ndarray], round_: int) -> tuple[dict[str, float] | None, int]:
         """Score this partner's test users (its local tables after ``round_``, the global parameters), keep
