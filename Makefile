@@ -83,6 +83,17 @@ bench-privacy: $(STAMP)
 	$(GRID) --config configs/lastfm_dp.toml --data-dir $(DATA_DIR) --epsilons 8,2,1,inf --variants local \
 		--set privacy.scope=partner --set federation.compare_alone=true --out runs/grid/lastfm_partner
 	$(GRID) --config configs/ciao_dp.toml --data-dir $(DATA_DIR) --out runs/grid/ciao
+	# issue 12 item 3: the DP popularity release (BENCHMARKS.md section 10.1): alone, then in the federation
+	$(PY) -m fedsocial.simulations.popularity_bench --config configs/lastfm_dp.toml --data-dir $(DATA_DIR) --partners 5 \
+		--sigmas 0,2,3,4,6,8 --seeds 0,1,2
+	$(GRID) --config configs/lastfm_dp.toml --data-dir $(DATA_DIR) --epsilons 8,4,2 --variants local --no-mostpop \
+		--set privacy.popularity_noise_multiplier=3 --out runs/grid/lastfm_pop
+	$(GRID) --config configs/lastfm_dp.toml --data-dir $(DATA_DIR) --epsilons 4,2 --variants local --no-mostpop \
+		--set privacy.popularity_noise_multiplier=3 --set model.temperature=2.0 --set train.lr=0.02 --out runs/grid/lastfm_pop_t2
+	$(GRID) --config configs/lastfm_dp.toml --data-dir $(DATA_DIR) --epsilons 1 --variants local --no-mostpop \
+		--set privacy.popularity_noise_multiplier=6 --set model.temperature=2.0 --set train.lr=0.02 --out runs/grid/lastfm_pop_t2_eps1
+	$(GRID) --config configs/ciao_dp.toml --data-dir $(DATA_DIR) --epsilons 8 --variants local --no-mostpop \
+		--set privacy.popularity_noise_multiplier=3 --out runs/grid/ciao_pop
 	for n in 1000 10000 100000; do \
 		$(GRID) --config configs/synthetic_scale.toml --epsilons 2,8,inf --variants local \
 			--set data.n_users=$$((5 * n)) --set federation.local_batch_size=$$((n / 100)) \
