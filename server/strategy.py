@@ -213,16 +213,14 @@ class FedSocialStrategy(Strategy):
 
     def _secagg_contributors(self, g: int, proxies: list[ClientProxy]) -> list[ClientProxy]:
         """The partners that will train round ``g``; none when too few to hide one update."""
+        from concurrent.futures import ThreadPoolExecutor
+
         will, exhausted, dropped = [], [], []
-        for proxy in proxies:
+        # asked together (as Flower's own fit_clients does), so a dead partner costs one timeout, not one each
+        with ThreadPoolExecutor(max_workers=max(1, len(proxies))) as pool:
+            intents = list(pool.map(lambda proxy: self._ask_intent(proxy, g), proxies))
+        for proxy, intent in zip(proxies, intents, strict=True):
             pid = self._who(proxy)
-            try:
-                # a partner that died mid-run must not stall the round for the whole wait_timeout
-                res = proxy.get_properties(GetPropertiesIns({"round": g}), timeout=min(self.wait_timeout, 60.0),
-                                           group_id=None)
-                intent = protocol.parse_intent(dict(res.properties), g)
-            except Exception as exc:  # a partner that does not answer is not a contributor
-                intent = protocol.Rejected((f"no answer: {type(exc).__name__}: {exc}",))
             if isinstance(intent, protocol.Rejected) or intent.partner_id != pid:
                 dropped.append({"partner": pid, "reason": f"intent: {intent}"})
             elif intent.will_train:
@@ -237,6 +235,15 @@ class FedSocialStrategy(Strategy):
                           "one partner's update")
             return []
         return will
+
+    def _ask_intent(self, proxy: ClientProxy, g: int) -> protocol.Intent | protocol.Rejected:
+        try:
+            # a partner that died mid-run must not stall the round for the whole wait_timeout
+            res = proxy.get_properties(GetPropertiesIns({"round": g}), timeout=min(self.wait_timeout, 60.0),
+                                       group_id=None)
+            return protocol.parse_intent(dict(res.properties), g)
+        except Exception as exc:  # a partner that does not answer is not a contributor
+            return protocol.Rejected((f"no answer: {type(exc).__name__}: {exc}",))
 
     def secagg_min_contributors(self) -> int:
         return max(2, self.cfg.secagg.reconstruction_threshold)

@@ -7,6 +7,7 @@ proxies stand in for the network only (they answer ``get_properties`` as a partn
 from __future__ import annotations
 
 import math
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -216,6 +217,32 @@ def test_secagg_round_samples_only_contributors_and_tells_them(tmp_path: Path) -
 
     assert [p.node_id for p, _ in fit_ins] == [0, 2]  # type: ignore[attr-defined]
     assert all(ins.config["secure_aggregation"] == 1 and ins.config["weight"] == 10 for _, ins in fit_ins)
+
+
+class _BarrierProxy(_IntentProxy):
+    """Answers only once every partner has been asked: the intents must be asked together."""
+
+    def __init__(self, node_id: int, barrier: threading.Barrier) -> None:
+        super().__init__(node_id, True)
+        self.barrier = barrier
+
+    def get_properties(self, ins, timeout, group_id):  # type: ignore[no-untyped-def]
+        self.barrier.wait(timeout=10)
+        return super().get_properties(ins, timeout, group_id)
+
+
+def test_secagg_intents_are_asked_together_not_one_partner_after_another(tmp_path: Path) -> None:
+    # Regression: asked one at a time, a dead partner stalled the round by a timeout per partner
+    strategy = _strategy(tmp_path, secagg=True)
+    barrier = threading.Barrier(3)
+    manager = SimpleClientManager()
+    for node in range(3):
+        manager.register(_BarrierProxy(node, barrier))
+
+    fit_ins = strategy.configure_fit(1, ndarrays_to_parameters([]), manager)
+
+    assert sorted(p.node_id for p, _ in fit_ins) == [0, 1, 2]  # type: ignore[attr-defined]
+    assert strategy._round["dropped"] == []
 
 
 def test_secagg_sum_with_a_weight_0_reply_is_not_aggregated(tmp_path: Path) -> None:
