@@ -122,6 +122,9 @@ def compute_settings(s: DataStats, private: bool, partners: int) -> Settings:
             "max_grad_norm": (0.1, "per-user clipping bound (per-user gradient norms measured ~0.1)"),
             "epochs": (epochs, "fixed DP schedule"),
             "accountant": ("rdp", "RDP accountant, cross-checked by PRV in the audit"),
+            "popularity_noise_multiplier": (3.0, "one DP release of item popularity as a fixed item prior "
+                                                 "(epsilon 1.39 alone; below epsilon 2 use 6): keeps DP from "
+                                                 "ranking below popularity (docs/BENCHMARKS.md 10.1)"),
         })
         fed["local_batch_size"] = (local_batch, f"DP: ~1/4 of a partner's ~{per_partner} users")
         fed["clipping_norm"] = (100.0, "DP: a partner-update bound that does not cut the noisy signal")

@@ -86,16 +86,24 @@ def check_reachable_budget(cfg: Config, n_users: int) -> None:
     usual case); otherwise it is reachable only if ``MAX_NOISE_MULTIPLIER`` meets it over all rounds.
     """
     from fedsocial.shared.privacy.accounting import compute_epsilon
+    from fedsocial.shared.privacy.evaluation import compute_planned_eval_events
+    from fedsocial.shared.privacy.popularity import compute_release_prefix
     from fedsocial.shared.privacy.round import compute_sample_rate, compute_steps
 
     pc, fc = cfg.privacy, cfg.federation
+    prefix = [*compute_release_prefix(cfg), *compute_planned_eval_events(cfg)]  # what the calibration composes
+    if prefix and compute_epsilon(prefix, pc.target_delta, pc.accountant) >= pc.max_epsilon:
+        raise ConfigError(f"privacy.max_epsilon: {pc.max_epsilon:g} is already spent by the releases besides "
+                          f"training (epsilon {compute_epsilon(prefix, pc.target_delta, pc.accountant):.3g}: "
+                          f"privacy.popularity_noise_multiplier = {pc.popularity_noise_multiplier:g}, "
+                          f"federation.eval_noise_multiplier = {fc.eval_noise_multiplier:g}); raise their noise")
     if pc.noise_multiplier > 0:
         return
     batch = fc.local_batch_size or cfg.train.batch_size
     q = compute_sample_rate(n_users, batch)
     steps = compute_steps(q, fc.local_epochs) * fc.rounds
     for sigma in (8.0, MAX_NOISE_MULTIPLIER):
-        eps = compute_epsilon([(sigma, q, steps)], pc.target_delta, pc.accountant)
+        eps = compute_epsilon([*prefix, (sigma, q, steps)], pc.target_delta, pc.accountant)
         if eps <= pc.max_epsilon:
             return
     raise ConfigError(f"privacy.max_epsilon: {pc.max_epsilon:g} is out of reach for a partner of {n_users} users "

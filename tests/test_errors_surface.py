@@ -181,6 +181,18 @@ def test_an_unreachable_budget_is_refused_before_ray() -> None:
     run_preflight(load_config("configs/demo.toml", ["federation.rounds=1"]), None)  # the demo's own cap is fine
 
 
+def test_a_cap_the_popularity_release_alone_spends_is_refused_before_ray() -> None:
+    # Prepare: the release alone (sigma 3: epsilon 1.39 at delta 1e-5) is above the cap of 1
+    cfg = load_config("configs/demo.toml", ["privacy.max_epsilon=1.0", "privacy.popularity_noise_multiplier=3"])
+
+    # Execute / Assert: one line naming the key, before any partner starts
+    with pytest.raises(ConfigError, match=r"already spent by the releases besides training .*"
+                                          r"privacy.popularity_noise_multiplier = 3"):
+        run_preflight(cfg, None)
+    run_preflight(load_config("configs/demo.toml", ["privacy.max_epsilon=1.0",
+                                                    "privacy.popularity_noise_multiplier=6"]), None)
+
+
 RAY_FAILURE = ("Error(code=2, reason='<class \\'ray.exceptions.RayTaskError(ClientAppException)\\'>:<\\'ray::"
                "ClientAppActor.run() (pid=14291)\\n  File \"flwr/clientapp/client_app.py\", line 144, in __call__\\n"
                "    return self._call(message, context)\\nfedsocial.shared.privacy.accounting.PrivacyConfigError: "

@@ -266,8 +266,9 @@ def calibrate_noise_multiplier(
     fixed = validate_history(prefix)
     spent = compute_epsilon(fixed, target_delta, accountant) if fixed else 0.0
     if spent >= max_epsilon:
-        raise PrivacyConfigError(f"max_epsilon {max_epsilon}: the releases besides training (popularity, planned DP "
-                                 f"evaluations) already spend it all ({spent:.4g}); raise their noise")
+        raise PrivacyConfigError(f"max_epsilon {max_epsilon}: the releases besides training already spend it all "
+                                 f"({spent:.4g}); raise their noise (privacy.popularity_noise_multiplier, "
+                                 "federation.eval_noise_multiplier) or the cap")
 
     def eps(sigma: float) -> float:
         return compute_epsilon([*fixed, (sigma, sample_rate, total_steps)], target_delta, accountant)
