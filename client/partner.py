@@ -217,6 +217,12 @@ def _calibrate(max_epsilon: float, delta: float, sample_rate: float, steps: int,
                                       tolerance=1e-3, prefix=prefix)
 
 
+def compute_all_finite(a: Any) -> bool:
+    """Whether ``a`` is a real-valued numeric array with only finite values."""
+    arr = np.asarray(a)
+    return arr.dtype.kind in "fiu" and bool(np.isfinite(arr).all())
+
+
 class Partner:
     """One partner's round logic; holds config and data, never model state (that lives on disk)."""
 
@@ -314,6 +320,10 @@ class Partner:
         names = trainer.shared_names()
         if len(arrays) != len(names):
             raise PartnerError(f"{self.partner_id}: received {len(arrays)} arrays for {len(names)} shared parameters")
+        bad = [n for n, a in zip(names, arrays, strict=True) if not compute_all_finite(a)]
+        if bad:  # refused before training: a hostile or broken server must not make the partner spend budget
+            raise PartnerError(f"{self.partner_id}: the global parameters hold non-finite or non-numeric values "
+                               f"({', '.join(bad)}); refusing to train or evaluate on them (nothing charged)")
         trainer.set_shared(dict(zip(names, arrays, strict=True)))
         state = self._local_state_upto(local_round)
         if state is not None:

@@ -239,3 +239,20 @@ def test_popularity_bench_prints_the_release_alone_per_sigma(tmp_path: Path, cap
     assert all(0.0 <= r["ndcg@10"] <= 1.0 for r in rows)
     with pytest.raises(SystemExit):
         main(["--config", str(config), "--sigmas", "-1"])
+
+
+@pytest.mark.parametrize("poison", [np.nan, np.inf])
+def test_non_finite_global_parameters_are_refused_before_anything_is_charged(tmp_path: Path, poison: float) -> None:
+    # Prepare: a hostile or broken server sends a NaN / inf in the popularity array of round 2
+    partner = make_partner(tmp_path, popularity_config(clipping_norm=1e6))
+    names, initial = partner.initial_parameters()
+    first, _, _ = partner.fit(initial, 1)
+    charged = len(ledger_of(tmp_path))
+    hostile = [a.copy() for a in first]
+    hostile[names.index("item_pop")][0] = poison
+    # Execute / Assert: refused by name, nothing charged, evaluation refused too
+    with pytest.raises(PartnerError, match="item_pop"):
+        partner.fit(hostile, 2)
+    with pytest.raises(PartnerError, match="non-finite"):
+        partner.evaluate(hostile, 2)
+    assert len(ledger_of(tmp_path)) == charged
