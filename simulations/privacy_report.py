@@ -28,7 +28,7 @@ def summary_table(result: AuditResult) -> str:
         last = p.rounds[-1] if p.rounds else None
         bad = sorted({f.severity for f in result.findings if f.partner == p.partner_id and f.severity != "warning"})
         rows.append((
-            p.partner_id, str(len(p.rounds)), str(p.total_steps),
+            p.partner_id, str(p.training_rounds), str(p.total_steps),
             _span({r.noise_multiplier for r in p.rounds}), _span({r.sample_rate for r in p.rounds}),
             last.accountant if last else "-", f"{p.epsilon:.4g}",
             *((f"{last.epsilon_rdp:.4g}", f"{last.epsilon_prv:.4g}", f"{last.epsilon_dp_accounting:.4g}",
@@ -45,8 +45,8 @@ def summary_table(result: AuditResult) -> str:
 
 RECOMPUTATION_EXPLAINED = (
     "Independent accountants bound the same mechanism slightly differently (RDP orders, numerical "
-    f"methods); the audit fails a ledger only when its value is more than {RECOMPUTE_RTOL:.0%} below a "
-    "recomputation, and holds the cap against the accountant of record.")
+    f"methods); the audit fails a ledger only when its value is more than {RECOMPUTE_RTOL:.0%} below the "
+    "tighter of dp_accounting's RDP and PLD recomputations, and holds the cap against the accountant of record.")
 
 
 def compute_recomputation_notes(p: PartnerReport, digits: int = 4) -> list[str]:

@@ -200,6 +200,8 @@ def test_federation_with_the_release_audits_and_the_report_names_it(tmp_path: Pa
         history = [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in entries]
         assert report.epsilon == pytest.approx(compute_epsilon(history, cfg.privacy.target_delta), rel=1e-6)
         assert report.epsilon <= cfg.privacy.max_epsilon
+        assert report.training_rounds == cfg.federation.rounds  # the release is an entry, not a round
+        assert report.total_steps == sum(r.steps for r in report.rounds[1:])
     page = render_html(result)
     assert "DP popularity releases 1" in page and "1 (popularity)" in page
 

@@ -144,7 +144,12 @@ class PartnerReport:
 
     @property
     def total_steps(self) -> int:
-        return sum(r.steps for r in self.rounds)
+        """DP-SGD steps of the training releases (a popularity or evaluation release is one Gaussian step)."""
+        return sum(r.steps for r in self.rounds if r.release == "training")
+
+    @property
+    def training_rounds(self) -> int:
+        return sum(1 for r in self.rounds if r.release == "training")
 
 
 @dataclass
@@ -181,7 +186,8 @@ class AuditResult:
             "privacy_model": PRIVACY_MODEL,
             "recompute_rtol": RECOMPUTE_RTOL,
             "partners": [
-                {**asdict(p), "epsilon": p.epsilon, "total_steps": p.total_steps, "n_rounds": len(p.rounds)}
+                {**asdict(p), "epsilon": p.epsilon, "total_steps": p.total_steps, "n_rounds": p.training_rounds,
+                 "n_entries": len(p.rounds)}
                 for p in self.partners
             ],
             "findings": [asdict(f) for f in self.findings],
