@@ -160,7 +160,8 @@ def test_run_directory_holds_metrics_rounds_checkpoints_states_ledgers_and_repor
     assert "<script" not in report and "<link" not in report
 
 
-def test_exhausted_partner_refuses_to_train_and_sends_back_the_unchanged_parameters(tmp_path: Path) -> None:
+def one_round_partner(tmp_path: Path) -> tuple[Partner, tuple[float, float, int]]:
+    """Partner 1 of the tiny federation with a cap that has room for one round, not two, and its round's event."""
     cfg = tiny_config()
     node = {"partition-id": 1, "num-partitions": 3}
     probe = Partner(settings_from_context({"config-path": str(write_config(cfg, tmp_path / "probe")),
@@ -171,6 +172,12 @@ def test_exhausted_partner_refuses_to_train_and_sends_back_the_unchanged_paramet
     cfg = cfg.replace("privacy", max_epsilon=(eps1 + eps2) / 2)  # room for one round, not two
     config_path = write_config(cfg, tmp_path / "run")
     partner = Partner(settings_from_context({"config-path": str(config_path), "run-dir": str(tmp_path / "run")}, node))
+    return partner, event
+
+
+def test_exhausted_partner_refuses_to_train_and_sends_back_the_unchanged_parameters(tmp_path: Path) -> None:
+    partner, event = one_round_partner(tmp_path)
+    eps1 = compute_epsilon([event], 1e-4)
     _, initial = partner.initial_parameters()
 
     first, w1, m1 = partner.fit(initial, 1)

@@ -18,14 +18,12 @@ from flwr.compat.common.typing import GetPropertiesRes
 from flwr.server.client_manager import SimpleClientManager
 
 from fedsocial.client.flower import FedSocialClient
-from fedsocial.client.partner import Partner, PartnerError, settings_from_context
+from fedsocial.client.partner import PartnerError
 from fedsocial.server.aggregation import compute_weight_bounds
 from fedsocial.server.strategy import FedSocialStrategy
 from fedsocial.shared import protocol
 from fedsocial.shared.config import Config
-from fedsocial.shared.privacy.accounting import compute_epsilon
-from fedsocial.simulations.simulate import write_config
-from tests.test_federation import tiny_config
+from tests.test_federation import one_round_partner
 from tests.test_strategy import NAMES, _good_reply, _Proxy, _registrations
 
 INITIAL = [np.zeros((5, 3), np.float32), np.ones(5, np.float32)]
@@ -260,16 +258,7 @@ def test_secagg_sum_with_a_weight_0_reply_is_not_aggregated(tmp_path: Path) -> N
 
 def test_an_exhausted_partner_drops_out_of_a_secagg_round_instead_of_sending_zeros(tmp_path: Path) -> None:
     # Prepare: a real partner with room for one round, not two (as in test_federation)
-    cfg = tiny_config()
-    node = {"partition-id": 1, "num-partitions": 3}
-    probe = Partner(settings_from_context({"config-path": str(write_config(cfg, tmp_path / "probe")),
-                                           "run-dir": str(tmp_path / "probe")}, node))
-    plan = probe.privacy_plan()
-    event = (plan.noise_multiplier, plan.sample_rate, plan.steps)
-    eps1, eps2 = compute_epsilon([event], 1e-4), compute_epsilon([event, event], 1e-4)
-    cfg = cfg.replace("privacy", max_epsilon=(eps1 + eps2) / 2)
-    partner = Partner(settings_from_context({"config-path": str(write_config(cfg, tmp_path / "run")),
-                                             "run-dir": str(tmp_path / "run")}, node))
+    partner, _ = one_round_partner(tmp_path)
     client = FedSocialClient(partner)
     _, initial = partner.initial_parameters()
     config = {"round": 1, "secure_aggregation": 1, "weight": 10**9, "clipping_norm": 1.0}
