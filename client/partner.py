@@ -434,6 +434,7 @@ class Partner:
         from fedsocial.shared.privacy.popularity import (
             POPULARITY_SENSITIVITY,
             compute_noisy_histogram,
+            compute_popularity_histogram,
             load_popularity_release,
             popularity_event,
             save_popularity_release,
@@ -455,9 +456,10 @@ class Partner:
         pop_round = PrivacyRound(plan, history_of(entries))
         if not pop_round.admit().admitted:
             return None
-        trainer = self.new_trainer()
+        sp = self.split
+        histogram = compute_popularity_histogram(sp.train_users, sp.train_items, sp.n_users, sp.n_items)
         # OS entropy, never a seed from the (public) config: whoever knew the seed could remove the noise
-        noisy = compute_noisy_histogram(trainer.popularity_histogram(), sigma, np.random.default_rng())
+        noisy = compute_noisy_histogram(histogram, sigma, np.random.default_rng())
         digest = save_popularity_release(self.settings.state_dir, noisy, {"round": 1, "sigma": sigma})
         pop_round.record(ledger, 1, popularity_event(sigma), self.num_users, False,
                          extra={"release": "popularity", "release_sha256": digest})
