@@ -41,6 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedsocial.simulations.proctree import children_of, compute_running
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 CONNECTION = "fedsocial-e2e"
@@ -62,44 +64,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def children_of(pid: int) -> list[int]:
-    """All descendants of ``pid`` (read from /proc; includes children detached into new sessions)."""
-    parents: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        parents.setdefault(ppid, []).append(int(entry.name))
-    out: list[int] = []
-    todo = [pid]
-    while todo:
-        kids = parents.get(todo.pop(), [])
-        out += kids
-        todo += kids
-    return out
-
-
 def _signal(pids: Sequence[int], sig: int) -> None:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, sig)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    stat = Path(f"/proc/{pid}/stat")
-    with contextlib.suppress(OSError):
-        return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    return False
 
 
 @dataclass
@@ -143,10 +111,10 @@ class Cluster:
             os.killpg(proc.pid, sig)
         _signal([proc.pid, *kids], sig)
         deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and (proc.popen.poll() is None or any(_alive(k) for k in kids)):
+        while time.monotonic() < deadline and (proc.popen.poll() is None or any(compute_running(k) for k in kids)):
             time.sleep(0.1)
         kids = sorted(set(kids) | set(children_of(proc.pid)))
-        if proc.popen.poll() is None or any(_alive(k) for k in kids):
+        if proc.popen.poll() is None or any(compute_running(k) for k in kids):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)
             _signal([proc.pid, *kids], signal.SIGKILL)

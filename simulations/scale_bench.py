@@ -23,10 +23,8 @@ growth relative to the first size. A size's run folder is ``DIR/users_N`` (``N``
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -38,11 +36,11 @@ from typing import Any
 from fedsocial.shared.config import ConfigError, load_config
 from fedsocial.shared.fileio import write_json_atomic
 from fedsocial.simulations.common import user_errors
+from fedsocial.simulations.proctree import compute_descendants, compute_running, read_process_table, stop_processes
 
 DEFAULT_CONFIG = "configs/scale_round.toml"
 STEPS_PER_EPOCH = 100  # batch = users per partner / 100: Poisson rate 0.01 at every size
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def compute_scale_overrides(users_per_partner: int, partners: int, items: int) -> list[str]:
@@ -56,27 +54,6 @@ def compute_scale_overrides(users_per_partner: int, partners: int, items: int) -
             f"train.batch_size={batch}", f"federation.local_batch_size={batch}"]
 
 
-def compute_descendants(parents: dict[int, int], root: int) -> set[int]:
-    """``root`` and every process below it in a {pid: parent pid} table."""
-    children: dict[int, list[int]] = {}
-    for pid, ppid in parents.items():
-        children.setdefault(ppid, []).append(pid)
-    found, todo = set(), [root]
-    while todo:
-        pid = todo.pop()
-        if pid in found:
-            continue
-        found.add(pid)
-        todo.extend(children.get(pid, ()))
-    return found
-
-
-def parse_stat(text: str) -> tuple[int, float]:
-    """(parent pid, CPU seconds user + system) from a ``/proc/PID/stat`` line (the name may hold spaces)."""
-    fields = text[text.rindex(")") + 2:].split()  # fields from the state on: state ppid ... utime stime
-    return int(fields[1]), (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-
-
 def parse_smaps_rollup(text: str) -> tuple[int, int]:
     """(RSS, PSS) in kB from ``/proc/PID/smaps_rollup``."""
     values = {}
@@ -85,20 +62,6 @@ def parse_smaps_rollup(text: str) -> tuple[int, int]:
         if key in ("Rss", "Pss"):
             values[key] = int(rest.split()[0])
     return values.get("Rss", 0), values.get("Pss", 0)
-
-
-def read_process_table() -> dict[int, tuple[int, float]]:
-    """{pid: (parent pid, CPU seconds)} of every process readable now."""
-    table = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", encoding="utf-8", errors="replace") as fh:
-                table[int(entry)] = parse_stat(fh.read())
-        except (OSError, ValueError, IndexError):
-            continue  # the process ended between listdir and open
-    return table
 
 
 def read_memory_kb(pid: int) -> tuple[int, int]:
@@ -163,27 +126,6 @@ class TreeSampler:
     def live(self) -> list[int]:
         """Processes of the tree still running (for a clean stop after a timeout)."""
         return sorted(pid for pid in self.seen if compute_running(pid))
-
-
-def compute_running(pid: int) -> bool:
-    """Whether ``pid`` is a live process (a zombie, ended but not yet reaped by its parent, is not)."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as fh:
-            text = fh.read()
-    except OSError:
-        return False
-    return text[text.rindex(")") + 2:].split()[0] not in ("Z", "X")
-
-
-def stop_processes(pids: list[int], grace_s: float = 5.0) -> None:
-    """SIGTERM each of these (our own) processes by pid, then SIGKILL what is left after ``grace_s``."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):  # it has ended already
-                os.kill(pid, sig)
-        deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline and any(compute_running(p) for p in pids):
-            time.sleep(0.1)
 
 
 def run_point(config: str, users_per_partner: int, partners: int, items: int, overrides: list[str],

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fedsocial.simulations import bench, scale_bench
+from fedsocial.simulations import bench, proctree, scale_bench
 
 # A parent that holds ~150 MB and starts a child holding ~100 MB; both touch every page (so it is resident)
 ALLOCATING_TREE = """
@@ -29,17 +29,17 @@ def test_descendants_are_the_root_and_everything_below_it() -> None:
     # Prepare: 1 -> 2 -> 3, 1 -> 4, and 5 -> 6 outside the tree
     parents = {2: 1, 3: 2, 4: 1, 6: 5, 1: 0, 5: 0}
     # Execute / Assert
-    assert scale_bench.compute_descendants(parents, 1) == {1, 2, 3, 4}
-    assert scale_bench.compute_descendants(parents, 3) == {3}
+    assert proctree.compute_descendants(parents, 1) == {1, 2, 3, 4}
+    assert proctree.compute_descendants(parents, 3) == {3}
 
 
 def test_stat_and_smaps_rollup_parsing_known_lines() -> None:
     # Prepare: a process name with a space and a parenthesis; utime 250, stime 50 ticks
-    ticks = scale_bench.CLOCK_TICKS
+    ticks = proctree.CLOCK_TICKS
     stat = f"42 (ray::Client App) x) S 7 42 42 0 -1 4194560 10 0 0 0 {250} {50} 0 0 20 0 3 0 1 2 3"
     rollup = "00400000-7ffd rw-p 00000000 00:00 0 [rollup]\nRss:    204800 kB\nPss:    102400 kB\nShared_Clean: 1 kB\n"
     # Execute
-    ppid, cpu = scale_bench.parse_stat(stat)
+    ppid, cpu = proctree.parse_stat(stat)
     rss, pss = scale_bench.parse_smaps_rollup(rollup)
     # Assert
     assert ppid == 7 and cpu == pytest.approx(300 / ticks)
@@ -55,7 +55,7 @@ def test_sampler_sees_the_memory_of_a_grandchild_and_stop_ends_the_tree() -> Non
         # Execute
         sampler.sample()
         pids = sampler.live()
-        scale_bench.stop_processes(pids, grace_s=5.0)
+        proctree.stop_processes(pids, grace_s=5.0)
         proc.wait(timeout=10)
     finally:
         if proc.poll() is None:
