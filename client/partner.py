@@ -274,15 +274,13 @@ class Partner:
         kept in ``state_dir/privacy_plan.json``, keyed by everything it depends on.
         """
         if self._plan is None:
-            from fedsocial.shared.privacy.evaluation import compute_planned_eval_events
-            from fedsocial.shared.privacy.popularity import compute_release_prefix
-            from fedsocial.shared.privacy.round import PARTNER_BATCH_KEY, plan_round
+            from fedsocial.shared.privacy.round import PARTNER_BATCH_KEY, compute_federation_prefix, plan_round
 
             pc, fc = self.cfg.privacy, self.cfg.federation
             self._plan = plan_round(pc, n_users=self.num_users, batch_size=self.cfg.train.batch_size,
                                     epochs=fc.local_epochs, rounds=fc.rounds, batch_key=PARTNER_BATCH_KEY,
                                     calibrate=self._cached_calibration,
-                                    prefix=[*compute_release_prefix(self.cfg), *compute_planned_eval_events(self.cfg)])
+                                    prefix=compute_federation_prefix(self.cfg))
         return self._plan
 
     def _cached_calibration(self, max_epsilon: float, delta: float, q: float, steps: int, rounds: int,

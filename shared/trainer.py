@@ -37,6 +37,7 @@ from fedsocial.shared.models import RecModel, build_model
 from fedsocial.shared.onepass import OnePassClipper
 from fedsocial.shared.privacy.popularity import (
     compute_noisy_histogram,
+    compute_popularity_histogram,
     compute_release_prefix,
     uses_popularity_release,
 )
@@ -205,13 +206,6 @@ class LocalTrainer:
                 if tuple(v.shape) != tuple(own[n].shape):
                     raise TrainerError(f"shared parameter {n}: shape {v.shape}, expected {tuple(own[n].shape)}")
                 own[n].copy_(torch.as_tensor(v, dtype=own[n].dtype))
-
-    def popularity_histogram(self) -> np.ndarray:
-        """This trainer's users' clipped popularity histogram (shared/privacy/popularity.py), exact: not for release."""
-        from fedsocial.shared.privacy.popularity import compute_popularity_histogram
-
-        return compute_popularity_histogram(self.split.train_users, self.split.train_items, self.split.n_users,
-                                            self.split.n_items)
 
     def set_item_popularity(self, values: np.ndarray) -> None:
         """Set the shared ``item_pop`` array (a released, noisy histogram scaled per user)."""
@@ -491,7 +485,8 @@ def train_centralized(cfg: Config, split: SplitData, progress: Callable[[dict[st
                           prefix=prefix)
         q, sigma = plan.sample_rate, plan.noise_multiplier  # the privacy round every DP trainer plans with
         if prefix and resume is None:  # a resumed model already holds its release (item_pop is in its state)
-            noisy = compute_noisy_histogram(trainer.popularity_histogram(), pc.popularity_noise_multiplier,
+            histogram = compute_popularity_histogram(split.train_users, split.train_items, split.n_users, split.n_items)
+            noisy = compute_noisy_histogram(histogram, pc.popularity_noise_multiplier,
                                             np.random.default_rng())  # OS entropy, never the public seed
             trainer.set_item_popularity(noisy / max(1, split.n_users))
     history: list[dict[str, float]] = []

@@ -86,12 +86,10 @@ def check_reachable_budget(cfg: Config, n_users: int) -> None:
     usual case); otherwise it is reachable only if ``MAX_NOISE_MULTIPLIER`` meets it over all rounds.
     """
     from fedsocial.shared.privacy.accounting import compute_epsilon
-    from fedsocial.shared.privacy.evaluation import compute_planned_eval_events
-    from fedsocial.shared.privacy.popularity import compute_release_prefix
-    from fedsocial.shared.privacy.round import compute_sample_rate, compute_steps
+    from fedsocial.shared.privacy.round import compute_federation_prefix, compute_sample_rate, compute_steps
 
     pc, fc = cfg.privacy, cfg.federation
-    prefix = [*compute_release_prefix(cfg), *compute_planned_eval_events(cfg)]  # what the calibration composes
+    prefix = compute_federation_prefix(cfg)  # what each partner's calibration composes
     if prefix and compute_epsilon(prefix, pc.target_delta, pc.accountant) >= pc.max_epsilon:
         raise ConfigError(f"privacy.max_epsilon: {pc.max_epsilon:g} is already spent by the releases besides "
                           f"training (epsilon {compute_epsilon(prefix, pc.target_delta, pc.accountant):.3g}: "

@@ -100,6 +100,15 @@ def plan_round(
                      float(privacy.max_epsilon), str(privacy.accountant), int(rounds), str(privacy.scope), settings)
 
 
+def compute_federation_prefix(cfg: Any) -> list[Event]:
+    """The releases a federated partner makes besides its training rounds: the popularity release and the
+    planned DP evaluations; the calibration composes them (RDP composition does not depend on order)."""
+    from fedsocial.shared.privacy.evaluation import compute_planned_eval_events
+    from fedsocial.shared.privacy.popularity import compute_release_prefix
+
+    return [*compute_release_prefix(cfg), *compute_planned_eval_events(cfg)]
+
+
 def compute_settings(privacy: Any, schedule: Mapping[str, int]) -> dict[str, Any]:
     """The config settings a plan depends on, by config key (``schedule``: epochs, rounds, batch size keys)."""
     return {"privacy.noise_multiplier": float(privacy.noise_multiplier),
