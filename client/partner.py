@@ -403,14 +403,13 @@ class Partner:
         """The ledger, the round's :class:`PrivacyRound` (history = entries of earlier rounds) and the
         round's own entry when the ledger already charged it."""
         from fedsocial.shared.privacy.accounting import check_delta
-        from fedsocial.shared.privacy.ledger import RELEASE_KINDS, history_of, order_key, training_entries
+        from fedsocial.shared.privacy.ledger import entries_before_training, history_of, training_entries
         from fedsocial.shared.privacy.round import PrivacyRound
 
         check_delta(self.cfg.privacy.target_delta, self.num_users)
         ledger = self.open_ledger()
         entries = ledger.entries()
-        # every release charged before this round's training: earlier rounds', and this round's popularity release
-        prior = [e for e in entries if order_key(e) < (round_, RELEASE_KINDS.index("training"))]
+        prior = entries_before_training(entries, round_)
         recorded = next((dict(e) for e in training_entries(entries) if int(e["round"]) == round_), None)
         later = [int(e["round"]) for e in entries if int(e["round"]) > round_]
         if recorded is None and later:
@@ -514,12 +513,12 @@ class Partner:
         if not self.cfg.privacy.enabled:
             return True
         from fedsocial.shared.privacy.accounting import would_exceed
-        from fedsocial.shared.privacy.ledger import history_of
+        from fedsocial.shared.privacy.ledger import entries_before_training, history_of
         from fedsocial.shared.privacy.popularity import popularity_event
 
         pc, plan = self.cfg.privacy, self.privacy_plan()
         entries = self.open_ledger().entries()
-        history = history_of([e for e in entries if int(e["round"]) < round_ or e.get("release") == "popularity"])
+        history = history_of(entries_before_training(entries, round_))
         if self._releases_popularity(round_) and not any(e.get("release") == "popularity" for e in entries):
             history.append(popularity_event(pc.popularity_noise_multiplier))
         event = (plan.noise_multiplier, plan.sample_rate, plan.steps)

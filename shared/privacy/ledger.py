@@ -278,6 +278,12 @@ def order_key(entry: Mapping[str, Any]) -> tuple[int, int]:
     return int(entry["round"]), RELEASE_KINDS.index(kind if kind in RELEASE_KINDS else "training")
 
 
+def entries_before_training(entries: Sequence[Mapping[str, Any]], round_: int) -> list[Mapping[str, Any]]:
+    """Every release charged before round ``round_``'s training: earlier rounds', and this round's
+    popularity release (the history that round's admission and intent are computed on)."""
+    return [e for e in entries if order_key(e) < (round_, RELEASE_KINDS.index("training"))]
+
+
 def training_entries(entries: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     return [e for e in entries if e.get("release", "training") == "training"]
 
