@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from fedsocial.shared.dp_noise import GaussianStreams
+
 SUPPORTED = (nn.Embedding, nn.Linear)
 
 
@@ -110,20 +112,25 @@ class OnePassClipper:
         return norms
 
     def noisy_clipped_backward(self, per_example_loss: torch.Tensor | None, max_grad_norm: float, std: float,
-                               expected_batch: int, generator: torch.Generator | None) -> torch.Tensor | None:
+                               expected_batch: int,
+                               noise: GaussianStreams | torch.Generator | None) -> torch.Tensor | None:
         """DP-SGD's released gradient (Abadi et al. 2016) in one pass over each table:
         ``p.grad = (N(0, std^2) + sum_b clip_b * grad_b) / expected_batch`` on every trained parameter.
 
-        The same release as :meth:`clipped_backward` followed by ``shared.trainer.add_noise_inplace`` (the
-        same draws from ``generator``, parameter by parameter in ``model.parameters()`` order), without
-        their extra passes: the noise is drawn into one buffer per parameter, kept between steps (a fresh
-        table-sized block each step costs page faults comparable to drawing the noise), and the clipped
-        rows are added into it. ``per_example_loss`` None: an empty Poisson batch, noise alone.
+        The noise is drawn into one buffer per parameter, kept between steps (a fresh table-sized block each
+        step costs page faults comparable to drawing the noise), and the clipped rows are added into it.
+        ``noise``: the fit's :class:`~fedsocial.shared.dp_noise.GaussianStreams` (what the trainer uses: the
+        draw split over fixed streams, in parallel), or one generator (or None, torch's default) drawing
+        parameter by parameter in ``model.parameters()`` order, the draws of ``shared.trainer.add_noise_inplace``.
+        ``per_example_loss`` None: an empty Poisson batch, noise alone.
         Returns the per-example norms (None for an empty batch).
         """
         bufs = self._noise_buffers()
-        for p in self.params:
-            bufs[p].normal_(0.0, std, generator=generator)
+        if isinstance(noise, GaussianStreams):
+            noise.normal_inplace([bufs[p] for p in self.params], std)
+        else:
+            for p in self.params:
+                bufs[p].normal_(0.0, std, generator=noise)
         norms = None if per_example_loss is None else self._assemble(per_example_loss, max_grad_norm, bufs)
         for p in self.params:
             p.grad = bufs[p].div_(expected_batch)

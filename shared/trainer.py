@@ -32,6 +32,7 @@ from torch import nn
 from fedsocial.shared.batching import Batch, ExampleBuilder
 from fedsocial.shared.config import Config
 from fedsocial.shared.data import SplitData
+from fedsocial.shared.dp_noise import GaussianStreams
 from fedsocial.shared.metrics import evaluate_model
 from fedsocial.shared.models import RecModel, build_model
 from fedsocial.shared.onepass import OnePassClipper
@@ -323,7 +324,7 @@ class LocalTrainer:
         steps_per_epoch, expected = int(1 / q), max(1, int(n * q))
         sample_seed, noise_seed = compute_dp_seeds(seed, self.noise_key)
         sampler = torch.Generator().manual_seed(sample_seed)
-        noise_gen = torch.Generator(device=self.device).manual_seed(noise_seed)
+        noise = GaussianStreams(noise_seed, self.device)  # fixed streams from the secret seed, drawn in parallel
         opt, clipper = self._optimizer(), OnePassClipper(self.model)
         losses: list[float] = []
         steps = 0
@@ -341,7 +342,7 @@ class LocalTrainer:
                         total, seen = total + float(per_user.detach().sum()), seen + uids.numel()
                     # the clipped sum + N(0, (sigma C)^2) on every trained parameter, / expected batch (onepass.py)
                     clipper.noisy_clipped_backward(per_user, pc.max_grad_norm, sigma * pc.max_grad_norm, expected,
-                                                   noise_gen)
+                                                   noise)
                     opt.step()
                     steps += 1
                 losses.append(total / max(1, seen))
@@ -349,6 +350,7 @@ class LocalTrainer:
                     break
         finally:
             clipper.close()
+            noise.close()
             opt.zero_grad(set_to_none=True)
         accountant = create_accountant(pc.accountant)
         accountant.history = [(sigma, q, steps)]
