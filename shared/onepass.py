@@ -65,6 +65,11 @@ def compute_clip_factors(norm_sq: torch.Tensor, max_grad_norm: float) -> torch.T
     return (max_grad_norm / (norm_sq.sqrt() + 1e-6)).clamp(max=1.0)
 
 
+def _join(parts: list[torch.Tensor]) -> torch.Tensor:
+    """The calls' tensors side by side along dim 1 (a single call as it is: no copy)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+
+
 class OnePassClipper:
     """Records the inputs and outputs of the model's trained layers during a forward pass, then
     turns the per-example loss into the sum of per-example clipped gradients (``p.grad``).
@@ -175,18 +180,19 @@ class OnePassClipper:
             linear[module] = (gw, gb)
         for gw, gb in linear.values():
             norm_sq += (gw * gw).sum((1, 2)) + (0.0 if gb is None else (gb * gb).sum(1))
-        for module, (ids_list, g_list) in emb.items():
+        # each table's calls joined once, for its norms and then its clipped sum
+        joined = {m: (_join(ids_list), _join(g_list)) for m, (ids_list, g_list) in emb.items()}
+        for module, (ids, g) in joined.items():
             assert isinstance(module, nn.Embedding)
-            norm_sq += compute_embedding_norm_sq(torch.cat(ids_list, 1), torch.cat(g_list, 1), module.num_embeddings)
+            norm_sq += compute_embedding_norm_sq(ids, g, module.num_embeddings)
         factors = compute_clip_factors(norm_sq, max_grad_norm)
         for module, (gw, gb) in linear.items():
             assert isinstance(module, nn.Linear)
             self._put(module.weight, torch.einsum("b,boi->oi", factors, gw), into)
             if module.bias is not None and gb is not None:
                 self._put(module.bias, factors @ gb, into)
-        for module, (ids_list, g_list) in emb.items():
+        for module, (ids, g) in joined.items():
             assert isinstance(module, nn.Embedding)
-            ids, g = torch.cat(ids_list, 1), torch.cat(g_list, 1)
             weighted = (g * factors[:, None, None]).reshape(-1, g.shape[-1])
             if into is None:
                 module.weight.grad = torch.zeros_like(module.weight).index_add_(0, ids.reshape(-1), weighted)

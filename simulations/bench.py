@@ -159,11 +159,14 @@ def measure_profile(cfg: Config, data_dir: str | None, dp: bool = True, train: b
 
 
 def measure_dp_step(cfg: Config, data_dir: str | None, steps: int = 30, warmup: int = 5) -> dict[str, float]:
-    """CPU milliseconds per training step, interleaved on the same batches: non-private, one-pass DP
-    clipping with the fused noise (what the trainer runs), the same clipped sum with a fresh noise tensor per
-    table (``add_noise_inplace``), and Opacus's ghost clipping (noise included); medians after ``warmup``.
+    """Milliseconds per training step, interleaved on the same batches: non-private, one-pass DP clipping
+    with the fused noise from the parallel streams (what the trainer runs, shared/dp_noise.py), the same from
+    one generator, the same clipped sum with a fresh noise tensor per table from one generator
+    (``add_noise_inplace``), and Opacus's ghost clipping (noise included); medians after ``warmup``.
 
-    CPU time of this process (one torch thread): on a shared machine wall time also counts other jobs.
+    CPU time of this process (``*_cpu_ms``: on a shared machine wall time also counts other jobs) and wall
+    time (``*_wall_ms``: what the streams cut, as they spread the same work over torch's threads).
+    ``train.num_threads`` torch threads (0: one).
     """
     import warnings
 
@@ -171,6 +174,7 @@ def measure_dp_step(cfg: Config, data_dir: str | None, steps: int = 30, warmup: 
     import torch
     from opacus import PrivacyEngine
 
+    from fedsocial.shared.dp_noise import GaussianStreams
     from fedsocial.shared.loaders import load_dataset
     from fedsocial.shared.onepass import OnePassClipper
     from fedsocial.shared.split import split_dataset
@@ -184,11 +188,14 @@ def measure_dp_step(cfg: Config, data_dir: str | None, steps: int = 30, warmup: 
     torch.set_num_threads(max(1, cfg.train.num_threads))
     split = split_dataset(load_dataset(cfg.data, data_dir), cfg.split)
     bs, pc = cfg.train.batch_size, cfg.privacy
-    plain, onepass, unfused, ghost = (LocalTrainer(cfg, split, seed=cfg.train.seed) for _ in range(4))
+    plain, onepass, single, unfused, ghost = (LocalTrainer(cfg, split, seed=cfg.train.seed) for _ in range(5))
     opt_plain, opt_one, opt_unfused = plain._optimizer(), onepass._optimizer(), unfused._optimizer()
+    opt_single = single._optimizer()
     clipper, clipper_unfused = OnePassClipper(onepass.model), OnePassClipper(unfused.model)
+    clipper_single = OnePassClipper(single.model)
     params = [p for p in unfused.model.parameters() if p.requires_grad]
-    noise_one, noise_unfused = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    streams = GaussianStreams(1)
+    noise_single, noise_unfused = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
     register_fast_embedding_norm_sampler()
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.arange(split.n_users)), batch_size=bs)
     with warnings.catch_warnings():
@@ -202,11 +209,17 @@ def measure_dp_step(cfg: Config, data_dir: str | None, steps: int = 30, warmup: 
         plain.model(b).mean().backward()
         opt_plain.step()
 
-    def step_onepass(b: dict[str, torch.Tensor]) -> None:  # what the trainer runs: noise drawn into kept buffers
+    def step_onepass(b: dict[str, torch.Tensor]) -> None:  # what the trainer runs: the streams, kept buffers
         opt_one.zero_grad(set_to_none=True)
         clipper.start()
-        clipper.noisy_clipped_backward(onepass.model(b), pc.max_grad_norm, pc.max_grad_norm, bs, noise_one)
+        clipper.noisy_clipped_backward(onepass.model(b), pc.max_grad_norm, pc.max_grad_norm, bs, streams)
         opt_one.step()
+
+    def step_single(b: dict[str, torch.Tensor]) -> None:  # the same, all noise from one generator, serially
+        opt_single.zero_grad(set_to_none=True)
+        clipper_single.start()
+        clipper_single.noisy_clipped_backward(single.model(b), pc.max_grad_norm, pc.max_grad_norm, bs, noise_single)
+        opt_single.step()
 
     def step_unfused(b: dict[str, torch.Tensor]) -> None:  # the clipped sum, then a fresh noise tensor per table
         opt_unfused.zero_grad(set_to_none=True)
@@ -221,24 +234,31 @@ def measure_dp_step(cfg: Config, data_dir: str | None, steps: int = 30, warmup: 
         opt_ghost.step()
 
     rng = np.random.default_rng(0)
-    times: dict[str, list[float]] = {"non_private": [], "onepass": [], "onepass_unfused": [], "ghost": []}
+    labelled = (("non_private", step_plain), ("onepass", step_onepass), ("onepass_single_gen", step_single),
+                ("onepass_unfused", step_unfused), ("ghost", step_ghost))
+    cpu: dict[str, list[float]] = {label: [] for label, _ in labelled}
+    wall: dict[str, list[float]] = {label: [] for label, _ in labelled}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for _ in range(warmup + steps):
             batch = plain._batch(rng.choice(split.n_users, min(bs, split.n_users), replace=False), rng)
-            for label, step in (("non_private", step_plain), ("onepass", step_onepass),
-                                ("onepass_unfused", step_unfused), ("ghost", step_ghost)):
-                c0 = time.process_time()
+            for label, step in labelled:
+                c0, w0 = time.process_time(), time.perf_counter()
                 step(batch)
-                times[label].append(time.process_time() - c0)
-    clipper.close()
-    clipper_unfused.close()
+                cpu[label].append(time.process_time() - c0)
+                wall[label].append(time.perf_counter() - w0)
+    for c in (clipper, clipper_single, clipper_unfused):
+        c.close()
+    streams.close()
     gsm._close()
-    med = {k: 1e3 * statistics.median(v[warmup:]) for k, v in times.items()}
-    return {"batch_size": float(bs), "non_private_cpu_ms": med["non_private"], "onepass_cpu_ms": med["onepass"],
-            "onepass_unfused_cpu_ms": med["onepass_unfused"], "ratio_onepass_unfused": med["onepass_unfused"] /
-            med["non_private"], "ghost_cpu_ms": med["ghost"], "ratio_onepass": med["onepass"] / med["non_private"],
-            "ratio_ghost": med["ghost"] / med["non_private"]}
+    out = {"batch_size": float(bs), "torch_threads": float(torch.get_num_threads())}
+    for kind, samples in (("cpu", cpu), ("wall", wall)):
+        med = {k: 1e3 * statistics.median(v[warmup:]) for k, v in samples.items()}
+        for label, ms in med.items():
+            out[f"{label}_{kind}_ms"] = ms
+            if label != "non_private":
+                out[f"ratio_{label}_{kind}"] = ms / med["non_private"]
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -260,7 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--compare-ghost", action="store_true", help="also time Opacus ghost clipping, interleaved")
     c.add_argument("--json", action="store_true", help="one JSON object on one line (the default prints it indented)")
     c.add_argument("--set", dest="overrides", action="append", default=[])
-    d = sub.add_parser("dp-step", help="CPU ms per step: non-private, one-pass DP, Opacus ghost, interleaved")
+    d = sub.add_parser("dp-step", help="ms per step (CPU and wall): non-private, one-pass DP (parallel noise streams, "
+                                       "one generator, unfused), Opacus ghost, interleaved")
     d.add_argument("--config", required=True)
     d.add_argument("--data-dir", default=None)
     d.add_argument("--steps", type=int, default=30)
