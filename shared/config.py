@@ -112,6 +112,10 @@ class ModelConfig:
     bias_scale: float = 1.0  # c_i = bias_scale * b_i: > 1 gives the biases more of a flat DP clipping norm
     local_refit_steps: int = 50  # local reconstruction of p_u (user_embedding = local)
     local_refit_l2: float = 1.0
+    # a learned inverse temperature on the user-item term: score = exp(w) h.q (+ c_i), w one shared scalar
+    # trained like every other shared parameter (DP-SGD under privacy); lets a noisy model fall back on
+    # its item biases and the DP popularity prior instead of ranking by noise (shared/models/social.py)
+    learned_scale: bool = False
 
     def __post_init__(self) -> None:
         _check(self.name in ("social", "bpr", "mostpop"), "model.name", "must be social|bpr|mostpop")

@@ -302,7 +302,7 @@ class Recommender:
         batch = self._batch(u, self.history[u] if bag is None else bag, self.friends[u] if friends is None else friends)
         with torch.no_grad(), self._lock:
             version = self._version.get(u, 0)
-            h = self.model._normalise(self.model.user_vectors(batch))[0]
+            h = self.model.scored_user_vectors(batch)[0]
         if live:
             self._h[u] = (h, version)
         return h
@@ -427,6 +427,8 @@ class Recommender:
             mlp = m.mlp(torch.cat(parts)[None])[0] if m.mlp is not None and parts else torch.zeros(mc.dim)
             h = hist_rows.sum(0) + friend_rows.sum(0) + user_vec + mlp
             alpha = 1.0 if mc.temperature <= 0 else 1.0 / (max(float(h.norm()), _EPS) * mc.temperature ** 0.5)
+            scale = m.user_scale()  # learned_scale: the same factor scored_user_vectors applies
+            alpha = alpha if scale is None else alpha * float(scale[0])
             return Terms(history=(alpha * hist_rows @ qv.T).numpy().astype(np.float64),
                          friends=(alpha * friend_rows @ qv.T).numpy().astype(np.float64),
                          user=(alpha * qv @ user_vec).numpy().astype(np.float64),

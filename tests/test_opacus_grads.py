@@ -90,6 +90,8 @@ CASES = {
     "social-cosine-all-parts": ModelConfig(aggregator="gcn", user_embedding="trained", temperature=0.2),
     "social-category-cosine-local": ModelConfig(use_category=True, user_embedding="local", temperature=2.0,
                                                 loss="softmax", bias_scale=4.0),
+    "social-learned-scale-cosine-local": ModelConfig(learned_scale=True, user_embedding="local", temperature=0.2,
+                                                     loss="softmax"),
     "bpr-mf": ModelConfig(name="bpr", loss="bpr"),
 }
 

@@ -79,7 +79,9 @@ VARIANTS = [dict(aggregator=a, user_embedding=p, temperature=t, use_category=boo
 VARIANTS += [dict(use_social=False, user_embedding="local"), dict(use_history=False, aggregator="attention"),
              dict(use_history=False, use_social=False, user_embedding="trained"),
              dict(use_price=True, use_text=True, use_user_features=True, use_category=True, temperature=0.2,
-                  aggregator="attention", user_embedding="local")]
+                  aggregator="attention", user_embedding="local"),
+             dict(learned_scale=True, temperature=0.2, user_embedding="local"),  # the scale is random here too
+             dict(learned_scale=True, aggregator="gcn", user_embedding="trained")]
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: ",".join(f"{k}={x}" for k, x in v.items()))

@@ -47,6 +47,9 @@ from fedsocial.shared.models import (
     init_embedding_,
 )
 
+SCALE_RATE = 4.0  # learned_scale: d log(scale) / dw; Adam moves w about lr a step, so log(scale) moves 4 lr
+SCALE_LIMIT = 6.0  # |log(scale)| <= 6: the scale stays in [0.0025, 403] whatever the noise does to w
+
 
 def compute_category_index(item_category: np.ndarray | None, n_items: int, key: str = "model.use_category",
                            what: str = "item categories") -> torch.Tensor:
@@ -83,7 +86,7 @@ def compute_text_matrix(item_text: np.ndarray | None, n_items: int) -> torch.Ten
 
 class SocialRec(RecModel):
     shared_prefixes = ("item_emb.", "item_bias.", "hist_emb.", "mlp.", "att.", "cat_emb.", "hist_cat_emb.",
-                       "price_emb.", "hist_price_emb.", "text_proj.", "user_feat_emb.", "item_pop")
+                       "price_emb.", "hist_price_emb.", "text_proj.", "user_feat_emb.", "item_pop", "scale_emb.")
     local_user: torch.Tensor
     item_cat: torch.Tensor
     item_price: torch.Tensor
@@ -146,6 +149,12 @@ class SocialRec(RecModel):
         self.register_buffer("local_user", torch.zeros(n_users if c.user_embedding == "local" else 0, d))
         self.att = (nn.Sequential(nn.Linear(2 * d, d), nn.Tanh(), nn.Linear(d, 1))
                     if c.use_social and c.aggregator == "attention" else None)
+        # learned_scale: w, one shared scalar; the user-item term is multiplied by exp(SCALE_RATE * w) (w = 0:
+        # the plain model). An embedding of one row looked up once per example, so that DP clipping sees a
+        # per-example gradient (one-pass and Opacus ghost clipping support only Embedding and Linear)
+        self.scale_emb = nn.Embedding(1, 1) if c.learned_scale else None
+        if self.scale_emb is not None:
+            nn.init.zeros_(self.scale_emb.weight)
         n_parts = (int(c.use_history) + int(c.use_social) + int(c.user_embedding == "trained")
                    + int(c.use_user_features))
         self.mlp = None
@@ -290,17 +299,34 @@ class SocialRec(RecModel):
         return self._fuse(parts, self._local_user(users))
 
     # --- contract ----------------------------------------------------------------------------
-    def score_targets(self, h: torch.Tensor, qv: torch.Tensor, cb: torch.Tensor, H: int) -> tuple[
-            torch.Tensor, torch.Tensor]:
-        """(positive scores [B, H], negative scores [B, H, M]) from per-target user vectors."""
+    def user_scale(self, users: torch.Tensor | None = None) -> torch.Tensor | None:
+        """exp(SCALE_RATE * w) of ``learned_scale`` (None without it): [B, 1] looked up per example for the
+        users of a training batch, the scalar itself (shape [1]) for scoring."""
+        if self.scale_emb is None:
+            return None
+        w = self.scale_emb.weight[0] if users is None else self.scale_emb(torch.zeros_like(users))
+        return (SCALE_RATE * w).clamp(-SCALE_LIMIT, SCALE_LIMIT).exp()
+
+    def scored_user_vectors(self, batch: Batch) -> torch.Tensor:
+        """The user side of a score, h_u normalised (cosine) and scaled (learned_scale): [B, d]."""
+        h = self._normalise(self.user_vectors(batch))
+        scale = self.user_scale()
+        return h if scale is None else h * scale
+
+    def score_targets(self, h: torch.Tensor, qv: torch.Tensor, cb: torch.Tensor, H: int,
+                      scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(positive scores [B, H], negative scores [B, H, M]) from per-target user vectors; ``scale`` [B, 1]
+        multiplies the user-item term (``user_scale``)."""
         h, qv = self._normalise(h), self._normalise(qv)
+        if scale is not None:
+            h = h * scale[:, :, None]
         pos = (h * qv[:, :H]).sum(-1) + cb[:, :H]
         neg = torch.einsum("bhd,bmd->bhm", h, qv[:, H:]) + cb[:, None, H:]
         return pos, neg
 
     def calculate_loss(self, batch: Batch) -> torch.Tensor:
         h, qv, cb = self.target_user_vectors(batch)  # the local p_u is refitted after training, not here
-        pos, neg = self.score_targets(h, qv, cb, batch["targets"].shape[1])
+        pos, neg = self.score_targets(h, qv, cb, batch["targets"].shape[1], self.user_scale(batch["users"]))
         per_target = compute_loss_per_target(pos, neg, batch["neg_mask"], self.model_cfg.loss)
         return compute_user_mean(per_target, batch["target_mask"])
 
@@ -321,7 +347,7 @@ class SocialRec(RecModel):
 
     def score_all(self, batch: Batch, item_side: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         items, bias = item_side
-        return torch.addmm(bias, self._normalise(self.user_vectors(batch)), items.T)  # bias + h q^T in one pass
+        return torch.addmm(bias, self.scored_user_vectors(batch), items.T)  # bias + h q^T in one pass
 
     def _normalise(self, x: torch.Tensor) -> torch.Tensor:
         """Cosine scoring with a temperature (Wu et al. 2022, sampled softmax for recommendation) when set."""
@@ -340,11 +366,12 @@ class SocialRec(RecModel):
         users, H = batch["users"], batch["targets"].shape[1]
         with torch.no_grad():
             h0, qv, cb = self.target_user_vectors(batch)
+            scale = self.user_scale(users)
         p = torch.zeros(users.shape[0], h0.shape[-1], device=h0.device, requires_grad=True)
         opt = torch.optim.Adam([p], lr=lr)
         for _ in range(steps):
             opt.zero_grad()
-            pos, neg = self.score_targets(h0 + p[:, None, :], qv, cb, H)
+            pos, neg = self.score_targets(h0 + p[:, None, :], qv, cb, H, scale)
             per_target = compute_loss_per_target(pos, neg, batch["neg_mask"], self.model_cfg.loss)
             loss = compute_user_mean(per_target, batch["target_mask"]) + l2 * (p * p).sum(1)
             loss.sum().backward()
