@@ -317,7 +317,7 @@ class LocalTrainer:
         """DP-SGD as Opacus runs it (Poisson rate q = 1 / ceil(n / batch), int(1 / q) steps an epoch,
         noise sigma * C on the clipped sum, divided by the expected batch int(n q)), with the clipped
         sum from one backward pass (shared/onepass.py) instead of Opacus's two."""
-        from opacus.accountants import create_accountant
+        from fedsocial.shared.privacy.accounting import compute_epsilon  # Opacus's analysis, not its package
 
         pc, n = self.cfg.privacy, self.split.n_users
         q = compute_sample_rate(n, self.cfg.train.batch_size)
@@ -352,9 +352,7 @@ class LocalTrainer:
             clipper.close()
             noise.close()
             opt.zero_grad(set_to_none=True)
-        accountant = create_accountant(pc.accountant)
-        accountant.history = [(sigma, q, steps)]
-        eps = float(accountant.get_epsilon(pc.target_delta))
+        eps = compute_epsilon([(sigma, q, steps)], pc.target_delta, pc.accountant)
         return FitResult(n, steps, q, sigma, pc.max_grad_norm, losses[-1], 0.0, losses, eps)
 
     def _fit_private_ghost(self, epochs: int, sigma: float, seed: int, rng: np.random.Generator,

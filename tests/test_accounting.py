@@ -266,3 +266,35 @@ def test_stateful_accountant_round_trip() -> None:
     assert restored.mechanism == "rdp" and restored.history == acc.history
     assert restored.get_epsilon(1e-5) == acc.get_epsilon(1e-5) == compute_epsilon(acc.history, 1e-5)
     assert PrivacyAccountant().get_epsilon(1e-5) == 0.0
+
+
+def test_rdp_accounting_does_not_import_the_opacus_package() -> None:
+    # Prepare: a fresh interpreter (this one may have imported Opacus already)
+    import subprocess
+    import sys
+
+    code = ("import sys; from fedsocial.shared.privacy.accounting import compute_epsilon, calibrate_noise_multiplier; "
+            "e = compute_epsilon([(1.5, 0.04, 2250)], 1e-5, 'rdp'); "
+            "s = calibrate_noise_multiplier(8.0, 1e-5, 0.25, 8, 20); "
+            "print(repr(e), s > 0, 'opacus' in sys.modules, 'torch' in sys.modules)")
+    # Execute
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True).stdout
+    # Assert: Opacus's own analysis (the known value to the last digit), without its package or torch
+    eps, calibrated, opacus_loaded, torch_loaded = out.split()
+    assert float(eps) == pytest.approx(7.32911117143, abs=1e-9)
+    assert (calibrated, opacus_loaded, torch_loaded) == ("True", "False", "False")
+
+
+def test_standalone_rdp_analysis_is_opacus_own() -> None:
+    # Prepare
+    from opacus.accountants.analysis import rdp as opacus_rdp
+
+    from fedsocial.shared.privacy.accounting import opacus_rdp_analysis
+
+    standalone = opacus_rdp_analysis()
+    # Execute / Assert: the same source file, and bit-identical results on fractional and integer orders
+    assert standalone.__file__ == opacus_rdp.__file__ and standalone is not opacus_rdp
+    for q, sigma in ((0.01, 1.1), (0.25, 0.7), (1.0, 2.0)):
+        a = standalone.compute_rdp(q=q, noise_multiplier=sigma, steps=3, orders=list(DEFAULT_ALPHAS))
+        b = opacus_rdp.compute_rdp(q=q, noise_multiplier=sigma, steps=3, orders=list(DEFAULT_ALPHAS))
+        assert np.array_equal(a, b)
