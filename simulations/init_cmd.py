@@ -113,6 +113,8 @@ def compute_settings(s: DataStats, private: bool, partners: int) -> Settings:
         local_batch = int(min(1024, max(8, round(per_partner / 4))))
         model["user_embedding"] = ("local", "DP: p_u reconstructed from the user's own items, not DP-trained")
         model["use_mlp"] = (False, "DP: the residual MLP costs clipping norm and measured no gain")
+        model["learned_scale"] = (True, "DP: a learnt weight on the noisy user-item term, so that the model falls "
+                                        "back on popularity where DP noise drowns it (BENCHMARKS.md 10.2)")
         train["batch_size"] = (batch, f"DP: sample rate ~{batch}/{s.users} users (about 1/4, at most 1024)")
         train["patience"] = (0, "DP: a fixed schedule (choosing the epoch on validation spends privacy)")
         privacy.update({

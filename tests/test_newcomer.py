@@ -96,6 +96,7 @@ def test_dp_settings_are_the_dp_ones() -> None:
     # Assert: DESIGN.md's DP choices, delta well below 1 / users, about 1/4 of users per batch
     assert dp["privacy"]["enabled"][0] is True
     assert dp["model"]["user_embedding"][0] == "local" and dp["model"]["use_mlp"][0] is False
+    assert dp["model"]["learned_scale"][0] is True and dp["privacy"]["popularity_noise_multiplier"][0] == 3.0
     assert dp["privacy"]["target_delta"][0] < 1 / (10 * stats.users)
     assert dp["train"]["batch_size"][0] == 750 and dp["train"]["patience"][0] == 0
     assert dp["privacy"]["epochs"][0] == dp["train"]["epochs"][0]
