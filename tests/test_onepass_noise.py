@@ -353,3 +353,20 @@ def test_trainer_dp_fit_equals_the_loop_replayed_by_hand_with_the_streams() -> N
     assert result.steps == int(1 / q)
     for (name, a), b in zip(fused.model.named_parameters(), manual.model.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here: the streams' GPU path is not exercised")
+def test_the_streams_fill_cuda_buffers_serially_with_gaussian_noise() -> None:
+    # Prepare
+    device = torch.device("cuda")
+    bufs = [torch.full((STREAMS * 50_000,), float("nan"), device=device), torch.full((3,), float("nan"), device=device)]
+    # Execute: one worker on a GPU (its kernels are asynchronous), twice from the same seed
+    with GaussianStreams(8, device) as noise:
+        noise.normal_inplace(bufs, 0.5)
+    again = [torch.empty_like(b) for b in bufs]
+    with GaussianStreams(8, device) as noise:
+        noise.normal_inplace(again, 0.5)
+    # Assert: every coordinate drawn, reproducible, std 0.5
+    assert all(not torch.isnan(b).any() for b in bufs)
+    assert all(torch.equal(a, b) for a, b in zip(bufs, again, strict=True))
+    assert float(bufs[0].std()) == pytest.approx(0.5, rel=0.02)
