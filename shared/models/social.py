@@ -12,6 +12,9 @@ KDD 2013) and SVD++ (Koren, KDD 2008), with the founding article's MLP as a resi
      use_text: q_i += W t_i, a shared projection of the item's offline text features t_i;
      use_user_features: f_u = sum_c e_{c, x_uc} / sqrt(C) joins the parts of h_u, one shared vector per
      value of each users.csv column; x_u is user u's own record and stays on u's partner)
+    (learned_scale: the user-item term h_u . q_i is multiplied by exp(4 w), w one shared learnt scalar, as
+     CLIP learns its logit scale (Radford et al., ICML 2021); under DP it weighs the noisy term against
+     the biases and the popularity prior)
 
 Inside a training example the user's vector is computed from the user's own record (items,
 out-neighbour ids) and parameters only. The bias is parameterised as c_i = bias_scale * b_i: the
