@@ -66,12 +66,20 @@ def quality_table(dataset: str, results: dict[str, list[dict[str, Any]]]) -> str
 
 
 def measure_dp_cost(cfg: Config, data_dir: str | None, epochs: int, repeats: int = 3,
-                    compare_ghost: bool = False) -> dict[str, Any]:
+                    compare_ghost: bool = False, compare_one_stream: bool = False) -> dict[str, Any]:
     """Seconds per epoch, non-private vs DP (``privacy.clipping``: onepass or ghost), same model, batch, data.
 
     The two are interleaved ``repeats`` times in one process and the medians compared, so that a
-    burst of load on a shared machine hits both sides rather than one.
+    burst of load on a shared machine hits both sides rather than one. ``compare_one_stream``: also the
+    one-pass DP fit with all its noise from one stream, serially (the noise source before
+    shared/dp_noise.py's parallel streams), interleaved with the others.
     """
+    from contextlib import nullcontext
+    from functools import partial
+    from unittest import mock
+
+    import fedsocial.shared.trainer as trainer_module
+    from fedsocial.shared.dp_noise import GaussianStreams
     from fedsocial.shared.loaders import load_dataset
     from fedsocial.shared.split import split_dataset
     from fedsocial.shared.trainer import LocalTrainer
@@ -88,16 +96,26 @@ def measure_dp_cost(cfg: Config, data_dir: str | None, epochs: int, repeats: int
         trainers["dp-ghost"] = LocalTrainer(cfg.replace("privacy", enabled=True, noise_multiplier=1.0,
                                                         clipping="ghost"), split, device=cfg.train.device,
                                             seed=cfg.train.seed)
-    for trainer in trainers.values():
-        trainer.fit(1)  # warm-up: allocations, Opacus hooks
+    if compare_one_stream:
+        trainers["dp-one-stream"] = LocalTrainer(cfg.replace("privacy", enabled=True, noise_multiplier=1.0), split,
+                                                 device=cfg.train.device, seed=cfg.train.seed)
+
+    def noise_source(label: str) -> Any:  # the one-stream trainer's fits construct GaussianStreams(streams=1)
+        return (mock.patch.object(trainer_module, "GaussianStreams", partial(GaussianStreams, streams=1))
+                if label == "dp-one-stream" else nullcontext())
+
+    for label, trainer in trainers.items():
+        with noise_source(label):
+            trainer.fit(1)  # warm-up: allocations, Opacus hooks
     times: dict[str, list[float]] = {label: [] for label in trainers}
     cpu: dict[str, list[float]] = {label: [] for label in trainers}
     for _ in range(repeats):
         for label, trainer in trainers.items():
-            t0, c0 = time.perf_counter(), time.process_time()
-            trainer.fit(epochs)
-            times[label].append((time.perf_counter() - t0) / epochs)
-            cpu[label].append((time.process_time() - c0) / epochs)
+            with noise_source(label):
+                t0, c0 = time.perf_counter(), time.process_time()
+                trainer.fit(epochs)
+                times[label].append((time.perf_counter() - t0) / epochs)
+                cpu[label].append((time.process_time() - c0) / epochs)
     med = {label: statistics.median(v) for label, v in times.items()}
     med_cpu = {label: statistics.median(v) for label, v in cpu.items()}
     return {"non-private_s_per_epoch": med["non-private"], "dp_s_per_epoch": med["dp"],
@@ -107,7 +125,10 @@ def measure_dp_cost(cfg: Config, data_dir: str | None, epochs: int, repeats: int
             # CPU seconds of this process: the ratio where the machine is shared with other jobs
             "ratio_cpu": med_cpu["dp"] / med_cpu["non-private"], "clipping": cfg.privacy.clipping,
             **({"ratio_ghost": med["dp-ghost"] / med["non-private"],
-                "ratio_ghost_cpu": med_cpu["dp-ghost"] / med_cpu["non-private"]} if compare_ghost else {})}
+                "ratio_ghost_cpu": med_cpu["dp-ghost"] / med_cpu["non-private"]} if compare_ghost else {}),
+            **({"ratio_one_stream": med["dp-one-stream"] / med["non-private"],
+                "ratio_one_stream_cpu": med_cpu["dp-one-stream"] / med_cpu["non-private"]}
+               if compare_one_stream else {})}
 
 
 def _timed(fn: Any) -> tuple[Any, float, float]:
@@ -278,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--epochs", type=int, default=2)
     c.add_argument("--repeats", type=int, default=3)
     c.add_argument("--compare-ghost", action="store_true", help="also time Opacus ghost clipping, interleaved")
+    c.add_argument("--compare-one-stream", action="store_true",
+                   help="also time the DP fit with all its noise from one stream (serially), interleaved")
     c.add_argument("--json", action="store_true", help="one JSON object on one line (the default prints it indented)")
     c.add_argument("--set", dest="overrides", action="append", default=[])
     d = sub.add_parser("dp-step", help="ms per step (CPU and wall): non-private, one-pass DP (parallel noise streams, "
@@ -324,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(measure_profile(cfg, args.data_dir, dp=not args.no_dp, train=not args.eval_only), indent=2))
     else:
         cfg = load_config(args.config, args.overrides)
-        figures = measure_dp_cost(cfg, args.data_dir, args.epochs, args.repeats, args.compare_ghost)
+        figures = measure_dp_cost(cfg, args.data_dir, args.epochs, args.repeats, args.compare_ghost,
+                                  args.compare_one_stream)
         print(json.dumps(figures) if args.json else json.dumps(figures, indent=2))
     return 0

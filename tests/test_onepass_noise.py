@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -370,3 +371,23 @@ def test_the_streams_fill_cuda_buffers_serially_with_gaussian_noise() -> None:
     assert all(not torch.isnan(b).any() for b in bufs)
     assert all(torch.equal(a, b) for a, b in zip(bufs, again, strict=True))
     assert float(bufs[0].std()) == pytest.approx(0.5, rel=0.02)
+
+
+def test_bench_dp_cost_times_the_one_stream_fit_beside_the_streams(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    # Prepare
+    import json
+
+    import fedsocial.shared.trainer as trainer_module
+    from fedsocial.simulations import bench
+    from fedsocial.simulations.simulate import write_config
+    from tests.test_federation import tiny_config
+
+    config = write_config(tiny_config(), tmp_path / "cfg")
+    # Execute
+    code = bench.main(["dp-cost", "--config", str(config), "--epochs", "1", "--repeats", "1", "--json",
+                       "--compare-one-stream"])
+    # Assert: both DP ratios printed, and the trainer's noise source is the parallel streams again afterwards
+    doc = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert code == 0 and doc["ratio"] > 0 and doc["ratio_one_stream"] > 0 and doc["ratio_one_stream_cpu"] > 0
+    assert trainer_module.GaussianStreams is GaussianStreams
