@@ -183,7 +183,8 @@ def measure_dp_step(cfg: Config, data_dir: str | None, steps: int = 30, warmup: 
     """Milliseconds per training step, interleaved on the same batches: non-private, one-pass DP clipping
     with the fused noise from the parallel streams (what the trainer runs, shared/dp_noise.py), the same from
     one generator, the same clipped sum with a fresh noise tensor per table from one generator
-    (``add_noise_inplace``), and Opacus's ghost clipping (noise included); medians after ``warmup``.
+    (``add_noise_inplace``), and Opacus's ghost clipping (noise included); medians after ``warmup``. Also the
+    noise fill alone (``noise_fill_*``: every trained parameter's buffer, streams vs one generator).
 
     CPU time of this process (``*_cpu_ms``: on a shared machine wall time also counts other jobs) and wall
     time (``*_wall_ms``: what the streams cut, as they spread the same work over torch's threads).
@@ -254,9 +255,19 @@ def measure_dp_step(cfg: Config, data_dir: str | None, steps: int = 30, warmup: 
         crit(gsm(b), None).backward()
         opt_ghost.step()
 
+    noise_bufs = [torch.empty_like(p) for p in params]
+
+    def fill_streams(_: dict[str, torch.Tensor]) -> None:  # the noise alone: the part the streams change
+        streams.normal_inplace(noise_bufs, pc.max_grad_norm)
+
+    def fill_one_generator(_: dict[str, torch.Tensor]) -> None:
+        for buf in noise_bufs:
+            buf.normal_(0.0, pc.max_grad_norm, generator=noise_single)
+
     rng = np.random.default_rng(0)
     labelled = (("non_private", step_plain), ("onepass", step_onepass), ("onepass_single_gen", step_single),
-                ("onepass_unfused", step_unfused), ("ghost", step_ghost))
+                ("onepass_unfused", step_unfused), ("ghost", step_ghost),
+                ("noise_fill_streams", fill_streams), ("noise_fill_one_generator", fill_one_generator))
     cpu: dict[str, list[float]] = {label: [] for label, _ in labelled}
     wall: dict[str, list[float]] = {label: [] for label, _ in labelled}
     with warnings.catch_warnings():
@@ -277,7 +288,7 @@ def measure_dp_step(cfg: Config, data_dir: str | None, steps: int = 30, warmup: 
         med = {k: 1e3 * statistics.median(v[warmup:]) for k, v in samples.items()}
         for label, ms in med.items():
             out[f"{label}_{kind}_ms"] = ms
-            if label != "non_private":
+            if label != "non_private" and not label.startswith("noise_fill"):
                 out[f"ratio_{label}_{kind}"] = ms / med["non_private"]
     return out
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from fedsocial.shared.dp_noise import (
+    MIN_PARALLEL_NUMEL,
     MIN_SPLIT_NUMEL,
     STREAMS,
     GaussianStreams,
@@ -23,6 +24,7 @@ from fedsocial.shared.dp_noise import (
     compute_draw_plan,
     compute_stream_chunks,
     compute_stream_seeds,
+    compute_worker_count,
 )
 from fedsocial.shared.onepass import OnePassClipper
 from fedsocial.shared.trainer import add_noise_inplace
@@ -190,6 +192,13 @@ def test_the_same_seed_draws_the_same_noise_whatever_the_number_of_threads() -> 
     first = runs.pop("workers=1")
     for label, tensors in runs.items():
         assert all(torch.equal(a, b) for a, b in zip(first, tensors, strict=True)), label
+
+
+def test_worker_threads_only_on_cpu_for_large_draws_and_never_more_than_the_streams() -> None:
+    cpu, big = torch.device("cpu"), MIN_PARALLEL_NUMEL
+    assert [compute_worker_count(STREAMS, t, cpu, big) for t in (1, 2, 3, 16)] == [1, 2, 3, STREAMS]
+    assert compute_worker_count(STREAMS, 16, cpu, big - 1) == 1  # a small model: the calling thread alone
+    assert compute_worker_count(STREAMS, 16, torch.device("cuda"), 10 * big) == 1
 
 
 def test_successive_fills_continue_the_streams() -> None:
