@@ -94,6 +94,13 @@ bench-privacy: $(STAMP)
 		--set privacy.popularity_noise_multiplier=6 --set model.temperature=2.0 --set train.lr=0.02 --out runs/grid/lastfm_pop_t2_eps1
 	$(GRID) --config configs/ciao_dp.toml --data-dir $(DATA_DIR) --epsilons 8 --variants local --no-mostpop \
 		--set privacy.popularity_noise_multiplier=3 --out runs/grid/ciao_pop
+	# the learnt weight on the noisy user-item term (BENCHMARKS.md section 10.2)
+	$(GRID) --config configs/lastfm_dp.toml --data-dir $(DATA_DIR) --epsilons 8,4,2 --variants local --no-mostpop \
+		--set privacy.popularity_noise_multiplier=3 --set model.learned_scale=true --out runs/grid/lastfm_ls
+	$(GRID) --config configs/lastfm_dp.toml --data-dir $(DATA_DIR) --epsilons 1 --variants local --no-mostpop \
+		--set privacy.popularity_noise_multiplier=6 --set model.learned_scale=true --out runs/grid/lastfm_ls_eps1
+	$(GRID) --config configs/ciao_dp.toml --data-dir $(DATA_DIR) --epsilons 8 --variants local --no-mostpop \
+		--set privacy.popularity_noise_multiplier=3 --set model.learned_scale=true --out runs/grid/ciao_ls
 	for n in 1000 10000 100000; do \
 		$(GRID) --config configs/synthetic_scale.toml --epsilons 2,8,inf --variants local \
 			--set data.n_users=$$((5 * n)) --set federation.local_batch_size=$$((n / 100)) \
