@@ -18,6 +18,7 @@ than it saves.
 from __future__ import annotations
 
 import hashlib
+import queue
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -119,22 +120,35 @@ class GaussianStreams:
         flats = [t.view(-1) for t in tensors]
         workers = self._workers or compute_worker_count(self.streams, torch.get_num_threads(), self.device,
                                                         sum(numels))
-        # worker w runs streams w, w + workers, ...: which thread runs a stream never changes what it draws
-        shares = [list(range(w, self.streams, workers)) for w in range(min(workers, self.streams))]
-        if len(shares) == 1:
-            self._draw(shares[0], flats, std)
+        workers = min(workers, self.streams)
+        if workers == 1:
+            for k in range(self.streams):
+                self._draw_stream(k, flats, std)
             return
-        pool = self._thread_pool(len(shares) - 1)
-        futures = [pool.submit(self._draw, share, flats, std) for share in shares[1:]]
-        self._draw(shares[0], flats, std)  # the calling thread takes one share itself
+        # the streams are taken from a queue by whichever thread is free: on a busy machine a worker the
+        # scheduler has not run yet leaves its streams to the calling thread instead of stalling it; which
+        # thread draws a stream never changes what it draws
+        todo: queue.SimpleQueue[int] = queue.SimpleQueue()
+        for k in range(self.streams):
+            todo.put(k)
+        pool = self._thread_pool(workers - 1)
+        futures = [pool.submit(self._take, todo, flats, std) for _ in range(workers - 1)]
+        self._take(todo, flats, std)
         for f in futures:
             f.result()
 
-    def _draw(self, streams: list[int], flats: list[torch.Tensor], std: float) -> None:
-        for k in streams:
-            gen = self.generators[k]
-            for i, start, stop in self._plan[k]:
-                flats[i][start:stop].normal_(0.0, std, generator=gen)
+    def _take(self, todo: queue.SimpleQueue[int], flats: list[torch.Tensor], std: float) -> None:
+        while True:
+            try:
+                k = todo.get_nowait()
+            except queue.Empty:
+                return
+            self._draw_stream(k, flats, std)
+
+    def _draw_stream(self, k: int, flats: list[torch.Tensor], std: float) -> None:
+        gen = self.generators[k]
+        for i, start, stop in self._plan[k]:
+            flats[i][start:stop].normal_(0.0, std, generator=gen)
 
     def _thread_pool(self, size: int) -> ThreadPoolExecutor:
         if self._pool is None or self._pool_size != size:
