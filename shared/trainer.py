@@ -278,6 +278,18 @@ class LocalTrainer:
 
     def _fit_plain(self, epochs: int, rng: np.random.Generator,
                    on_epoch: Callable[[int, float], bool] | None) -> FitResult:
+        frozen = [p for name, p in self.model.named_parameters()
+                  if p.requires_grad and name.startswith(self.model.dp_only_prefixes)]
+        for p in frozen:  # DP-only parameters (model.learned_scale) keep their value in a non-private fit
+            p.requires_grad_(False)
+        try:
+            return self._fit_plain_steps(epochs, rng, on_epoch)
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+
+    def _fit_plain_steps(self, epochs: int, rng: np.random.Generator,
+                         on_epoch: Callable[[int, float], bool] | None) -> FitResult:
         opt, bs, n = self._optimizer(), self.cfg.train.batch_size, self.split.n_users
         users_all = self._example_users()
         steps, losses = 0, []

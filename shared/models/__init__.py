@@ -53,6 +53,7 @@ class RecModel(nn.Module):
     """Common contract; subclasses set ``shared_prefixes`` (parameter-name prefixes that are federated)."""
 
     shared_prefixes: tuple[str, ...] = ()
+    dp_only_prefixes: tuple[str, ...] = ()  # trained by DP fits only; a non-private fit keeps them as they are
 
     def __init__(self, n_users: int, n_items: int, model_cfg: ModelConfig) -> None:
         super().__init__()
