@@ -127,14 +127,40 @@ def evaluate_model(
     the top max(ks) ids of a chunk kept (torch.topk). Users are visited in order of history length so
     that a chunk's padded bag stays short; each user's scores do not depend on the chunk.
     """
+    tops, truth_rows = _ranked(model, split, which, builder, max(ks), batch_size, device)
+    if not len(tops):
+        return {k: 0.0 for k in METRIC_KEYS}, 0
+    return compute_topk_metrics(tops, truth_rows, ks), int(len(tops))
+
+
+def evaluate_per_user_ndcg(model: RecModel, split: SplitData, which: str = "val", builder: ExampleBuilder | None = None,
+                           k: int = 10, batch_size: int = 0, device: str | torch.device = "cpu") -> np.ndarray:
+    """NDCG@k of every evaluated user of ``which`` (the users :func:`evaluate_model` averages over, in user
+    order): what a paired comparison of two models on the same users needs."""
+    tops, truth_rows = _ranked(model, split, which, builder, k, batch_size, device)
+    return compute_per_user_ndcg(tops, truth_rows, k) if len(tops) else np.zeros(0)
+
+
+def compute_per_user_ndcg(topk_items: np.ndarray, ground_truth: sp.csr_matrix, k: int) -> np.ndarray:
+    """NDCG@k per non-empty row of ``ground_truth`` (its mean is :func:`compute_topk_metrics`'s ndcg@k)."""
+    n_rel = np.diff(ground_truth.indptr).astype(np.float64)
+    keep = n_rel > 0
+    hits = compute_hits(topk_items[:, :k], ground_truth)[keep].astype(np.float64)
+    discounts = 1.0 / np.log2(np.arange(2, k + 2))
+    ideal = np.cumsum(discounts)[np.minimum(n_rel[keep], k).astype(np.int64) - 1]
+    return np.asarray((hits * discounts).sum(1) / ideal)
+
+
+def _ranked(model: RecModel, split: SplitData, which: str, builder: ExampleBuilder | None, kmax: int,
+            batch_size: int, device: str | torch.device) -> tuple[np.ndarray, sp.csr_matrix]:
+    """(top-``kmax`` item ids [U, kmax] of every user with relevant items in ``which``, their truth rows)."""
     from fedsocial.shared.batching import ExampleBuilder  # local import: batching imports nothing from here
 
     builder = builder if builder is not None else ExampleBuilder.from_split(split, model.model_cfg)
     truth, seen = evaluation_matrices(split, which)
     users = np.flatnonzero(np.diff(truth.indptr) > 0)
     if not len(users):
-        return {k: 0.0 for k in METRIC_KEYS}, 0
-    kmax = max(ks)
+        return np.zeros((0, kmax), dtype=np.int64), truth[users]
     order = users[np.argsort(np.diff(builder.item_indptr)[users], kind="stable")]
     chunk = batch_size or compute_chunk_rows(split.n_items)
     was_training = model.training
@@ -150,4 +176,4 @@ def evaluate_model(
             scores = scores.clone()  # a view (e.g. MostPop's expanded counts): the mask writes in place
         tops[slot[start:start + chunk]] = mask_and_topk(scores, seen[ub], kmax).cpu().numpy()
     model.train(was_training)
-    return compute_topk_metrics(tops, truth[users], ks), int(len(users))
+    return tops, truth[users]

@@ -13,8 +13,10 @@ from fedsocial.shared.config import Config, DataConfig
 from fedsocial.shared.metrics import (
     METRIC_KEYS,
     MetricsError,
+    compute_per_user_ndcg,
     compute_topk_metrics,
     evaluate_model,
+    evaluate_per_user_ndcg,
     evaluation_matrices,
 )
 from fedsocial.shared.models import build_model
@@ -112,3 +114,20 @@ def test_evaluator_masks_seen_items_and_matches_manual_ranking() -> None:
     assert set(metrics) == set(METRIC_KEYS)
     for key in METRIC_KEYS:
         assert metrics[key] == pytest.approx(expected[key], abs=1e-12)
+
+
+def test_per_user_ndcg_averages_to_the_evaluators_and_matches_a_manual_count() -> None:
+    # Prepare: a social model on synthetic data, and two users' rankings by hand
+    cfg = Config(data=DataConfig(n_users=50, n_items=70))
+    split = split_dataset(generate(cfg.data), cfg.split)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, split.n_users, split.n_items)
+    # Execute
+    per_user = evaluate_per_user_ndcg(model, split, "val")
+    metrics, n = evaluate_model(model, split, "val")
+    truth = sp.csr_matrix(np.array([[1, 0, 1, 0], [0, 0, 0, 1]]))
+    manual = compute_per_user_ndcg(np.array([[2, 1, 0, 3], [0, 1, 2, 3]]), truth, 2)
+    # Assert: one value per evaluated user, the evaluator's mean; known values (hit at rank 1 of 2 relevant;
+    # no hit in the top 2)
+    assert per_user.shape == (n,) and float(per_user.mean()) == pytest.approx(metrics["ndcg@10"], abs=1e-12)
+    np.testing.assert_allclose(manual, [1.0 / (1.0 + 1.0 / math.log2(3)), 0.0])

@@ -27,6 +27,7 @@ from fedsocial.client.personalize import (
     ScoreMixture,
     choose_on_validation,
     compute_alone_config,
+    compute_safe_choice,
     compute_standardised_scores,
     fine_tune,
     personalise,
@@ -87,6 +88,31 @@ def test_choice_is_the_best_validation_score_ties_to_the_first() -> None:
         choose_on_validation({})
 
 
+def test_safe_choice_known_values() -> None:
+    # Prepare: 400 users; a consistent margin of 0.05, and a margin of 0.001 inside the noise
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0, 1, 400)
+    # Execute / Assert: the one-sided z at 5 %, Bonferroni over 1 and over 9 challengers
+    ok, s = compute_safe_choice(base + 0.05 + rng.normal(0, 0.05, 400), base, 9)
+    assert ok and s["margin"] == pytest.approx(0.05, abs=0.01) and s["z"] == pytest.approx(2.5392, abs=1e-4)
+    ok, s = compute_safe_choice(base + 0.001 + rng.normal(0, 0.2, 400), base, 1)
+    assert not ok and s["z"] == pytest.approx(1.6449, abs=1e-4)
+    assert s["stderr"] == pytest.approx(0.2 / 20, rel=0.15)
+    assert compute_safe_choice(np.array([1.0]), np.array([0.0]), 1)[0] is False  # one user: never significant
+    assert compute_safe_choice(base, base, 1)[0] is False  # equal: not above
+
+
+def test_safe_choice_replaces_alone_at_most_at_the_stated_rate_under_the_null() -> None:
+    # Prepare: 2,000 trials of a challenger with the same per-user distribution as alone (no true margin)
+    rng = np.random.default_rng(1)
+    # Execute
+    replaced = sum(compute_safe_choice(rng.binomial(1, 0.1, 300) * rng.uniform(0, 1, 300),
+                                       rng.binomial(1, 0.1, 300) * rng.uniform(0, 1, 300), 1)[0]
+                   for _ in range(2000))
+    # Assert: about 5 % (binomial 4-sigma bound: 0.05 + 4 sqrt(0.05 * 0.95 / 2000) = 0.0695)
+    assert replaced / 2000 < 0.0695
+
+
 def test_standardised_scores_keep_ranks_and_have_unit_rows() -> None:
     rng = np.random.default_rng(0)
     scores = torch.as_tensor(rng.normal(3.0, 5.0, size=(4, 50)))
@@ -131,7 +157,7 @@ def test_alone_model_is_trained_without_dp_and_within_the_budget(partner_split_a
         assert torch.equal(a, b)
 
 
-def test_served_is_never_below_shared_or_alone_on_validation(partner_split_and_cfg: tuple[Any, Config],
+def test_served_is_never_below_alone_on_validation(partner_split_and_cfg: tuple[Any, Config],
                                                              tmp_path: Path) -> None:
     part, cfg = partner_split_and_cfg
     trainer = LocalTrainer(cfg, part, seed=3)
@@ -141,9 +167,15 @@ def test_served_is_never_below_shared_or_alone_on_validation(partner_split_and_c
     result = personalise(cfg, part, trainer.model, tmp_path, seed=7)
 
     chosen = result.val[result.choice]["ndcg@10"]
-    assert chosen >= result.val["shared"]["ndcg@10"]
+    best = result.best_on_validation
+    assert result.val[best]["ndcg@10"] == max(v["ndcg@10"] for v in result.val.values())
     assert chosen >= result.val["alone"]["ndcg@10"]
-    assert chosen == max(v["ndcg@10"] for v in result.val.values())
+    # the best is served when it is alone or significantly above alone, else alone (compute_safe_choice)
+    if best == "alone":
+        assert result.choice == "alone"
+    else:
+        s = result.safety
+        assert result.choice == (best if s["margin"] > s["z"] * s["stderr"] else "alone")
     served, n = evaluate_model(result.model, part, "test")
     assert served == pytest.approx(result.test[result.choice]) and n == result.evaluated_users > 0
     for k, v in trainer.model.state_dict().items():  # the DP model the next round starts from is untouched
