@@ -7,9 +7,12 @@ N(0, std^2) on every coordinate of every trained parameter."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -38,8 +41,11 @@ def _grad(p: torch.Tensor) -> torch.Tensor:
     return p.grad
 
 
-def _two_path_grads(name: str, empty: bool) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], float]:
-    """(reference: clipped_backward + add_noise_inplace, fused: noisy_clipped_backward, clip), same seed."""
+def _releases(name: str, empty: bool, noise_of: Callable[[], Any],
+              add_reference_noise: Callable[[list[torch.Tensor], Any], None]
+              ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], float]:
+    """(reference: clipped_backward, then ``add_reference_noise`` on the trained parameters; fused:
+    noisy_clipped_backward; clip), each path with a fresh noise source from ``noise_of`` (seeded alike)."""
     model, batch = _setup(CASES[name])
     clip = float(_per_user_norms(model, batch).median())
     twin = copy.deepcopy(model)
@@ -47,18 +53,24 @@ def _two_path_grads(name: str, empty: bool) -> tuple[dict[str, torch.Tensor], di
     for m, fused in ((model, False), (twin, True)):
         clipper = OnePassClipper(m)
         m.zero_grad(set_to_none=True)
-        gen = torch.Generator().manual_seed(123)
         clipper.start()
         loss = None if empty else m(batch)
-        if fused:
-            clipper.noisy_clipped_backward(loss, clip, STD, EXPECTED, gen)
-        else:
-            if loss is not None:
-                clipper.clipped_backward(loss, clip)
-            add_noise_inplace([p for p in m.parameters() if p.requires_grad], STD, EXPECTED, gen)
+        with noise_of() as noise:
+            if fused:
+                clipper.noisy_clipped_backward(loss, clip, STD, EXPECTED, noise)
+            else:
+                if loss is not None:
+                    clipper.clipped_backward(loss, clip)
+                add_reference_noise([p for p in m.parameters() if p.requires_grad], noise)
         out.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
         clipper.close()
     return out[0], out[1], clip
+
+
+def _two_path_grads(name: str, empty: bool) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], float]:
+    """(reference: clipped_backward + add_noise_inplace, fused: noisy_clipped_backward, clip), one generator."""
+    return _releases(name, empty, lambda: contextlib.nullcontext(torch.Generator().manual_seed(123)),
+                     lambda params, gen: add_noise_inplace(params, STD, EXPECTED, gen))
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -251,32 +263,19 @@ def test_a_buffer_the_streams_cannot_fill_is_refused() -> None:
         noise.normal_inplace([torch.empty(8, 4).t()], 1.0)
 
 
+def _add_stream_noise(params: list[torch.Tensor], noise: GaussianStreams) -> None:
+    """The streams' draws into fresh tensors, added to the clipped sum and divided (the unfused release)."""
+    fresh = [torch.empty_like(p) for p in params]
+    noise.normal_inplace(fresh, STD)
+    for p, z in zip(params, fresh, strict=True):
+        p.grad = (z if p.grad is None else z.add_(p.grad)).div_(EXPECTED)
+
+
 def _stream_release(name: str, empty: bool) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(reference: clipped_backward + the streams' draws into fresh tensors, fused: noisy_clipped_backward with
     the streams), same seed; a small split threshold so that the test model's tables are cut into chunks."""
-    model, batch = _setup(CASES[name])
-    clip = float(_per_user_norms(model, batch).median())
-    twin = copy.deepcopy(model)
-    out = []
-    for m, fused in ((model, False), (twin, True)):
-        clipper = OnePassClipper(m)
-        m.zero_grad(set_to_none=True)
-        clipper.start()
-        loss = None if empty else m(batch)
-        with GaussianStreams(123, min_split=1000) as noise:
-            if fused:
-                clipper.noisy_clipped_backward(loss, clip, STD, EXPECTED, noise)
-            else:
-                if loss is not None:
-                    clipper.clipped_backward(loss, clip)
-                params = [p for p in m.parameters() if p.requires_grad]
-                fresh = [torch.empty_like(p) for p in params]
-                noise.normal_inplace(fresh, STD)
-                for p, z in zip(params, fresh, strict=True):
-                    p.grad = (z if p.grad is None else z.add_(p.grad)).div_(EXPECTED)
-        out.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
-        clipper.close()
-    return out[0], out[1]
+    ref, fused, _ = _releases(name, empty, lambda: GaussianStreams(123, min_split=1000), _add_stream_noise)
+    return ref, fused
 
 
 @pytest.mark.parametrize("name", list(CASES))
