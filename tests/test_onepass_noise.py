@@ -93,23 +93,29 @@ def test_fused_release_of_an_empty_batch_is_the_same_noise_bit_for_bit() -> None
         assert torch.equal(fused[n], ref[n]), n
 
 
-def test_fused_release_is_clipped_sum_plus_gaussian_of_the_accounted_scale() -> None:
-    # Prepare: the brute-force clipped sum (a per-user loop) of one batch
+@pytest.mark.parametrize("streams", [False, True], ids=["one-generator", "streams"])
+def test_fused_release_is_clipped_sum_plus_gaussian_of_the_accounted_scale(streams: bool) -> None:
+    # Prepare: the brute-force clipped sum (a per-user loop) of one batch; one generator, or the streams with
+    # the tables cut into chunks
     model, batch = _setup(CASES["social-mean-trained-p"])
     clip = float(_per_user_norms(model, batch).median())
     exact = _brute_force(copy.deepcopy(model), batch, clip)
     clipper = OnePassClipper(model)
     clipper.start()
+    source = GaussianStreams(6, min_split=1000) if streams else contextlib.nullcontext(torch.Generator().manual_seed(5))
     # Execute
-    clipper.noisy_clipped_backward(model(batch), clip, STD, EXPECTED, torch.Generator().manual_seed(5))
-    # Assert: grad * expected batch - clipped sum is N(0, STD^2) per coordinate (mean and std, 5-sigma bounds)
-    noise = torch.cat([(_grad(p) * EXPECTED - exact[n]).reshape(-1) for n, p in model.named_parameters()
-                       if p.requires_grad])
-    k = noise.numel()
-    assert k > 5000
-    assert abs(float(noise.mean())) < 5 * STD / k ** 0.5
-    assert float(noise.std()) == pytest.approx(STD, rel=5 * (0.5 / k) ** 0.5)
+    with source as noise:
+        clipper.noisy_clipped_backward(model(batch), clip, STD, EXPECTED, noise)
     clipper.close()
+    # Assert: grad * expected batch - clipped sum is N(0, STD^2) on every trained parameter (5-sigma bounds)
+    per_param = {n: (_grad(p) * EXPECTED - exact[n]).reshape(-1) for n, p in model.named_parameters()
+                 if p.requires_grad}
+    noise_all = torch.cat(list(per_param.values()))
+    k = noise_all.numel()
+    assert k > 5000
+    assert abs(float(noise_all.mean())) < 5 * STD / k ** 0.5
+    assert float(noise_all.std()) == pytest.approx(STD, rel=5 * (0.5 / k) ** 0.5)
+    assert all(bool((v != 0).all()) for v in per_param.values())
 
 
 def test_buffers_are_reused_and_each_step_draws_fresh_noise() -> None:
@@ -298,27 +304,6 @@ def test_fused_release_with_streams_of_an_empty_batch_is_their_noise_bit_for_bit
     for n in ref:
         assert torch.equal(fused[n], ref[n]), n
         assert bool((fused[n] != 0).all()), n
-
-
-def test_fused_release_with_streams_is_clipped_sum_plus_gaussian_of_the_accounted_scale() -> None:
-    # Prepare: the brute-force clipped sum (a per-user loop) of one batch
-    model, batch = _setup(CASES["social-mean-trained-p"])
-    clip = float(_per_user_norms(model, batch).median())
-    exact = _brute_force(copy.deepcopy(model), batch, clip)
-    clipper = OnePassClipper(model)
-    clipper.start()
-    # Execute: the streams, tables cut into chunks
-    with GaussianStreams(6, min_split=1000) as noise:
-        clipper.noisy_clipped_backward(model(batch), clip, STD, EXPECTED, noise)
-    clipper.close()
-    # Assert: grad * expected batch - clipped sum is N(0, STD^2) on every trained parameter (5-sigma bounds)
-    per_param = {n: (_grad(p) * EXPECTED - exact[n]).reshape(-1) for n, p in model.named_parameters()
-                 if p.requires_grad}
-    noise_all = torch.cat(list(per_param.values()))
-    k = noise_all.numel()
-    assert abs(float(noise_all.mean())) < 5 * STD / k ** 0.5
-    assert float(noise_all.std()) == pytest.approx(STD, rel=5 * (0.5 / k) ** 0.5)
-    assert all(bool((v != 0).all()) for v in per_param.values())
 
 
 def test_trainer_dp_fit_equals_the_loop_replayed_by_hand_with_the_streams() -> None:
