@@ -15,10 +15,10 @@ platform's recommender does (the partner holds that data anyway). What is learnt
   personalization with applications to federated learning").
 
 The served candidate is the one with the best validation NDCG@10 of the partner's own users (ties go to
-the earlier candidate, ``shared`` first), so on validation data it is never below ``shared`` or
-``alone``; and it replaces ``alone`` only when its margin over ``alone`` on the same validation users
-is significant (a one-sided paired z-test at level ``SAFE_LEVEL``, Bonferroni over the candidates:
-:func:`compute_safe_choice`). Otherwise the partner serves what it would have alone: a margin inside
+the earlier candidate, ``shared`` first) when that is ``alone`` or beats ``alone`` on the same validation
+users by a significant margin, so on validation data it is never below ``alone``; "significant" is a
+one-sided paired z-test at level ``SAFE_LEVEL``, Bonferroni over the candidates
+(:func:`compute_safe_choice`). Otherwise the partner serves what it would have alone: a margin inside
 the validation noise is no reason to serve something else (measured on Ciao, 1,443 users: a 5 %
 validation margin became a 15 % test loss).
 All of it runs *after* the DP round, on copies: nothing here writes the round snapshots that
