@@ -32,7 +32,7 @@ from torch import nn
 from fedsocial.shared.batching import Batch, ExampleBuilder
 from fedsocial.shared.config import Config
 from fedsocial.shared.data import SplitData
-from fedsocial.shared.dp_noise import GaussianStreams
+from fedsocial.shared.dp_noise import STREAMS, GaussianStreams
 from fedsocial.shared.metrics import evaluate_model
 from fedsocial.shared.models import RecModel, build_model
 from fedsocial.shared.onepass import OnePassClipper
@@ -170,6 +170,7 @@ class LocalTrainer:
         (a non-private copy of a DP model, e.g. a partner's fine-tune, keeps the prior it started from)."""
         self.cfg, self.split, self.seed = cfg, split, seed
         self.noise_key: bytes | None = None  # a partner's secret for reproducible DP noise; None: OS entropy
+        self.noise_streams = STREAMS  # the one-pass DP fit's noise streams (shared/dp_noise.py); 1: one generator
         self.device = resolve_device(device)
         torch.manual_seed(seed)
         self.builder = ExampleBuilder.from_split(split, cfg.model)
@@ -336,7 +337,7 @@ class LocalTrainer:
         steps_per_epoch, expected = int(1 / q), max(1, int(n * q))
         sample_seed, noise_seed = compute_dp_seeds(seed, self.noise_key)
         sampler = torch.Generator().manual_seed(sample_seed)
-        noise = GaussianStreams(noise_seed, self.device)  # fixed streams from the secret seed, drawn in parallel
+        noise = GaussianStreams(noise_seed, self.device, self.noise_streams)  # from the secret seed, in parallel
         opt, clipper = self._optimizer(), OnePassClipper(self.model)
         losses: list[float] = []
         steps = 0

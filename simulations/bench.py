@@ -74,12 +74,6 @@ def measure_dp_cost(cfg: Config, data_dir: str | None, epochs: int, repeats: int
     one-pass DP fit with all its noise from one stream, serially (the noise source before
     shared/dp_noise.py's parallel streams), interleaved with the others.
     """
-    from contextlib import nullcontext
-    from functools import partial
-    from unittest import mock
-
-    import fedsocial.shared.trainer as trainer_module
-    from fedsocial.shared.dp_noise import GaussianStreams
     from fedsocial.shared.loaders import load_dataset
     from fedsocial.shared.split import split_dataset
     from fedsocial.shared.trainer import LocalTrainer
@@ -99,23 +93,17 @@ def measure_dp_cost(cfg: Config, data_dir: str | None, epochs: int, repeats: int
     if compare_one_stream:
         trainers["dp-one-stream"] = LocalTrainer(cfg.replace("privacy", enabled=True, noise_multiplier=1.0), split,
                                                  device=cfg.train.device, seed=cfg.train.seed)
-
-    def noise_source(label: str) -> Any:  # the one-stream trainer's fits construct GaussianStreams(streams=1)
-        return (mock.patch.object(trainer_module, "GaussianStreams", partial(GaussianStreams, streams=1))
-                if label == "dp-one-stream" else nullcontext())
-
-    for label, trainer in trainers.items():
-        with noise_source(label):
-            trainer.fit(1)  # warm-up: allocations, Opacus hooks
+        trainers["dp-one-stream"].noise_streams = 1  # all its noise from one generator, serially
+    for trainer in trainers.values():
+        trainer.fit(1)  # warm-up: allocations, Opacus hooks
     times: dict[str, list[float]] = {label: [] for label in trainers}
     cpu: dict[str, list[float]] = {label: [] for label in trainers}
     for _ in range(repeats):
         for label, trainer in trainers.items():
-            with noise_source(label):
-                t0, c0 = time.perf_counter(), time.process_time()
-                trainer.fit(epochs)
-                times[label].append((time.perf_counter() - t0) / epochs)
-                cpu[label].append((time.process_time() - c0) / epochs)
+            t0, c0 = time.perf_counter(), time.process_time()
+            trainer.fit(epochs)
+            times[label].append((time.perf_counter() - t0) / epochs)
+            cpu[label].append((time.process_time() - c0) / epochs)
     med = {label: statistics.median(v) for label, v in times.items()}
     med_cpu = {label: statistics.median(v) for label, v in cpu.items()}
     return {"non-private_s_per_epoch": med["non-private"], "dp_s_per_epoch": med["dp"],
