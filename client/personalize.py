@@ -42,7 +42,7 @@ from fedsocial.shared.batching import ExampleBuilder
 from fedsocial.shared.config import Config
 from fedsocial.shared.data import SplitData
 from fedsocial.shared.fileio import save_npz_atomic, write_json_atomic
-from fedsocial.shared.metrics import evaluate_model, evaluate_per_user_ndcg
+from fedsocial.shared.metrics import evaluate_model, evaluate_model_per_user
 from fedsocial.shared.models import RecModel
 
 PERSONAL_DIR = "personal"
@@ -215,13 +215,13 @@ def personalise(cfg: Config, split: SplitData, shared: RecModel, state_dir: Path
     for base in ("shared", "finetune"):
         for alpha in MIX_ALPHAS:
             models[f"mix:{base}:{alpha:g}"] = ScoreMixture(models[base], alone, alpha)
-    val = {name: evaluate_model(m, split, "val", builder=builder)[0] for name, m in models.items()}
+    val, per_user = {}, {}  # one ranking pass per candidate: its metrics and each user's NDCG@10
+    for name, m in models.items():
+        val[name], _, per_user[name] = evaluate_model_per_user(m, split, "val", builder=builder)
     best = choose_on_validation({name: v["ndcg@10"] for name, v in val.items()})
     choice, safety = best, dict[str, float]()
     if best != "alone":  # serve something other than alone only on a significant validation margin
-        significant, safety = compute_safe_choice(evaluate_per_user_ndcg(models[best], split, "val", builder=builder),
-                                                  evaluate_per_user_ndcg(alone, split, "val", builder=builder),
-                                                  len(models) - 1)
+        significant, safety = compute_safe_choice(per_user[best], per_user["alone"], len(models) - 1)
         choice = best if significant else "alone"
     test: dict[str, dict[str, float]] = {}
     n = 0

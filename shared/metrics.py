@@ -127,18 +127,20 @@ def evaluate_model(
     the top max(ks) ids of a chunk kept (torch.topk). Users are visited in order of history length so
     that a chunk's padded bag stays short; each user's scores do not depend on the chunk.
     """
+    metrics, n, _ = evaluate_model_per_user(model, split, which, builder, ks, batch_size, device)
+    return metrics, n
+
+
+def evaluate_model_per_user(model: RecModel, split: SplitData, which: str = "test",
+                            builder: ExampleBuilder | None = None, ks: Sequence[int] = (10, 20), batch_size: int = 0,
+                            device: str | torch.device = "cpu") -> tuple[dict[str, float], int, np.ndarray]:
+    """:func:`evaluate_model`'s (metrics, evaluated users) and, from the same ranking pass, every evaluated
+    user's NDCG@``ks[0]`` in user order (what a paired comparison of two models on the same users needs)."""
     tops, truth_rows = _ranked(model, split, which, builder, max(ks), batch_size, device)
     if not len(tops):
-        return {k: 0.0 for k in METRIC_KEYS}, 0
-    return compute_topk_metrics(tops, truth_rows, ks), int(len(tops))
-
-
-def evaluate_per_user_ndcg(model: RecModel, split: SplitData, which: str = "val", builder: ExampleBuilder | None = None,
-                           k: int = 10, batch_size: int = 0, device: str | torch.device = "cpu") -> np.ndarray:
-    """NDCG@k of every evaluated user of ``which`` (the users :func:`evaluate_model` averages over, in user
-    order): what a paired comparison of two models on the same users needs."""
-    tops, truth_rows = _ranked(model, split, which, builder, k, batch_size, device)
-    return compute_per_user_ndcg(tops, truth_rows, k) if len(tops) else np.zeros(0)
+        return {k: 0.0 for k in METRIC_KEYS}, 0, np.zeros(0)
+    return (compute_topk_metrics(tops, truth_rows, ks), int(len(tops)),
+            compute_per_user_ndcg(tops, truth_rows, ks[0]))
 
 
 def compute_per_user_ndcg(topk_items: np.ndarray, ground_truth: sp.csr_matrix, k: int) -> np.ndarray:

@@ -16,7 +16,7 @@ from fedsocial.shared.metrics import (
     compute_per_user_ndcg,
     compute_topk_metrics,
     evaluate_model,
-    evaluate_per_user_ndcg,
+    evaluate_model_per_user,
     evaluation_matrices,
 )
 from fedsocial.shared.models import build_model
@@ -123,11 +123,12 @@ def test_per_user_ndcg_averages_to_the_evaluators_and_matches_a_manual_count() -
     torch.manual_seed(0)
     model = build_model(cfg.model, split.n_users, split.n_items)
     # Execute
-    per_user = evaluate_per_user_ndcg(model, split, "val")
+    _, n_same, per_user = evaluate_model_per_user(model, split, "val")
     metrics, n = evaluate_model(model, split, "val")
     truth = sp.csr_matrix(np.array([[1, 0, 1, 0], [0, 0, 0, 1]]))
     manual = compute_per_user_ndcg(np.array([[2, 1, 0, 3], [0, 1, 2, 3]]), truth, 2)
     # Assert: one value per evaluated user, the evaluator's mean; known values (hit at rank 1 of 2 relevant;
     # no hit in the top 2)
-    assert per_user.shape == (n,) and float(per_user.mean()) == pytest.approx(metrics["ndcg@10"], abs=1e-12)
+    assert per_user.shape == (n,) and n_same == n
+    assert float(per_user.mean()) == pytest.approx(metrics["ndcg@10"], abs=1e-12)
     np.testing.assert_allclose(manual, [1.0 / (1.0 + 1.0 / math.log2(3)), 0.0])
