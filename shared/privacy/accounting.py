@@ -278,6 +278,11 @@ def calibrate_noise_multiplier(
     Epsilon is non-increasing in sigma, so bisection keeps the invariant eps(lo) > cap >= eps(hi) and
     returns ``hi``: the result never overshoots the cap, and ``hi * (1 - tolerance) <= lo``, so any
     sigma smaller by a relative ``tolerance`` exceeds it.
+
+    With the RDP accountant the search runs on the vectorised series of shared/privacy/fast_rdp.py (the
+    same terms as Opacus's, 5-10x faster) and only its two deciding values, eps(hi) <= cap < eps(lo),
+    are Opacus's; where either does not hold by Opacus's numbers (or the guide finds the cap unreachable)
+    the whole search is repeated on Opacus's function, so the invariant is always Opacus's.
     """
     if not max_epsilon > 0:
         raise PrivacyConfigError(f"max_epsilon: must be > 0, got {max_epsilon!r}")
@@ -295,7 +300,38 @@ def calibrate_noise_multiplier(
     def eps(sigma: float) -> float:
         return compute_epsilon([*fixed, (sigma, sample_rate, total_steps)], target_delta, accountant)
 
-    # Bracket [lo, hi] with eps(lo) > cap >= eps(hi), starting at sigma = 1 and moving geometrically:
+    if accountant == "rdp":  # the search on the vectorised series, its result checked with Opacus's function
+        guide = _make_rdp_guide(fixed, sample_rate, total_steps, target_delta, eps)
+        try:
+            lo, hi = _bisect_noise(guide, max_epsilon, tolerance, max_noise_multiplier)
+        except PrivacyConfigError:
+            pass  # an unreachable cap is only reported from Opacus's own numbers, below
+        else:
+            if eps(hi) <= max_epsilon and (lo < 1e-6 or eps(lo) > max_epsilon):
+                return hi
+    return _bisect_noise(eps, max_epsilon, tolerance, max_noise_multiplier)[1]
+
+
+def _make_rdp_guide(fixed: History, sample_rate: float, steps: int, target_delta: float,
+                    exact: Callable[[float], float]) -> Callable[[float], float]:
+    """Epsilon of ``fixed`` + ``steps`` sampled-Gaussian steps at sigma from the vectorised series
+    (shared/privacy/fast_rdp.py), or from ``exact`` at a sigma where the series is not given."""
+    from fedsocial.shared.privacy.fast_rdp import compute_rdp_sgm
+
+    base = compute_rdp_curve(fixed)
+    orders = np.asarray(DEFAULT_ALPHAS, dtype=float)
+
+    def guide(sigma: float) -> float:
+        curve, ok = compute_rdp_sgm(sample_rate, sigma, orders)
+        return epsilon_from_rdp(base + curve * steps, target_delta) if ok.all() else exact(sigma)
+
+    return guide
+
+
+def _bisect_noise(eps: Callable[[float], float], max_epsilon: float, tolerance: float,
+                  max_noise_multiplier: float) -> tuple[float, float]:
+    """(lo, hi) with eps(lo) > cap >= eps(hi) and hi - lo <= tolerance * hi (lo < 1e-6: any sigma meets the cap)."""
+    # Bracket [lo, hi] starting at sigma = 1 and moving geometrically:
     # this avoids evaluating tiny sigmas, where Opacus's fractional-order series is slow.
     lo, hi = 0.0, 1.0
     if eps(hi) > max_epsilon:
@@ -310,7 +346,14 @@ def calibrate_noise_multiplier(
         while eps(lo) <= max_epsilon:
             lo, hi = lo / 2.0, lo
             if lo < 1e-6:
-                return hi
+                return lo, hi
+    while hi - lo > tolerance * hi:
+        mid = math.sqrt(lo * hi)  # geometric bisection: relative tolerance in fewer steps
+        if eps(mid) > max_epsilon:
+            lo = mid
+        else:
+            hi = mid
+    return lo, hi
     while hi - lo > tolerance * hi:
         mid = math.sqrt(lo * hi)  # geometric bisection: relative tolerance in fewer steps
         if eps(mid) > max_epsilon:
