@@ -23,6 +23,7 @@ def _rounds_within(event: tuple[float, float, int], cap: float, delta: float) ->
     return max([k for k in range(ROUNDS + 1) if k == 0 or compute_epsilon([event] * k, delta) <= cap])
 
 
+@pytest.mark.slow  # runs a federation (or Flower's local runtime)
 def test_partners_stop_at_the_round_their_cap_predicts_and_the_audit_passes(tmp_path: Path) -> None:
     # Prepare: fixed noise; partners differ in size, hence in sample rate and epsilon per round
     cfg = tiny_config(rounds=ROUNDS)

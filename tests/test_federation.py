@@ -73,6 +73,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             "secagg": secagg}
 
 
+@pytest.mark.slow  # runs a federation (or Flower's local runtime)
 def test_resume_gives_the_same_final_metrics_as_a_straight_run(runs: dict[str, Any]) -> None:
     straight, after_stop, resumed = runs["straight"], runs["after_stop"], runs["resumed"]
 

@@ -110,6 +110,7 @@ def copy_app(dest: Path) -> Path:
     return dest
 
 
+@pytest.mark.slow  # runs a federation (or Flower's local runtime)
 def test_flwr_run_on_the_local_simulation_federation_completes(tmp_path: Path, flwr_env: dict[str, str]) -> None:
     app = copy_app(tmp_path / "app")
     # under DP a partner's evaluation leaves it only as a Gaussian release (shared/privacy/evaluation.py):

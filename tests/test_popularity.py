@@ -186,6 +186,7 @@ def test_a_popularity_release_the_cap_cannot_hold_is_refused_with_the_round(tmp_
 
 # --- the whole path ------------------------------------------------------------------------------
 
+@pytest.mark.slow  # runs a federation (or Flower's local runtime)
 def test_federation_with_the_release_audits_and_the_report_names_it(tmp_path: Path) -> None:
     # Prepare / Execute
     cfg = popularity_config()

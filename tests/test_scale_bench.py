@@ -83,6 +83,7 @@ def test_growth_is_relative_to_the_first_size() -> None:
                                                                           "wall_s": [1.0, 2.5]}
 
 
+@pytest.mark.slow  # runs a federation (or Flower's local runtime)
 def test_bench_scale_runs_one_dp_round_at_a_tiny_size(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # Prepare: 2 partners x 100 users, 300 items: the real `fedsocial simulate` child (Flower on Ray)
     out = tmp_path / "scale"
