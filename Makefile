@@ -59,6 +59,7 @@ bench-perf: $(STAMP)
 	$(VENV)/bin/fedsocial bench profile --config configs/lastfm.toml --data-dir $(DATA_DIR) --set train.num_threads=1
 	$(VENV)/bin/fedsocial bench profile --config configs/ciao.toml --data-dir $(DATA_DIR) --set train.num_threads=1
 	$(VENV)/bin/fedsocial bench profile --config configs/lastfm.toml $(YELP) --set train.num_threads=1
+	$(VENV)/bin/fedsocial bench calibrate
 
 # Real-size partners (issue 14, item 5; BENCHMARKS.md 9.5): one DP federated round of 5 partners x 10k, 50k
 # and 200k synthetic users (100k items), wall time and peak memory of the whole process tree (up to an hour).

@@ -119,6 +119,40 @@ def measure_dp_cost(cfg: Config, data_dir: str | None, epochs: int, repeats: int
                if compare_one_stream else {})}
 
 
+def measure_calibration(cases: list[tuple[float, float, float, int]], repeats: int = 3) -> list[dict[str, float]]:
+    """Seconds per noise calibration, the guided search (what partners run) against the same bisection on
+    Opacus's function alone, interleaved, medians of ``repeats``; each case (max_epsilon, target_delta,
+    sample_rate, total steps). Both must give the same sigma (reported as ``same_sigma``)."""
+    from fedsocial.shared.privacy import accounting
+
+    out = []
+    for cap, delta, q, steps in cases:
+        def exact(sigma: float, q: float = q, steps: int = steps, delta: float = delta) -> float:
+            return accounting.compute_epsilon([(sigma, q, steps)], delta)
+
+        times: dict[str, list[float]] = {"guided": [], "opacus_only": []}
+        sigmas: dict[str, float] = {}
+        for _ in range(repeats):
+            accounting._rdp_one_step.cache_clear()  # every repeat starts cold, as a fresh partner does
+            t0 = time.perf_counter()
+            sigmas["guided"] = accounting.calibrate_noise_multiplier(cap, delta, q, steps, 1)
+            times["guided"].append(time.perf_counter() - t0)
+            accounting._rdp_one_step.cache_clear()
+            t0 = time.perf_counter()
+            sigmas["opacus_only"] = accounting._bisect_noise(exact, cap, 1e-3, 1e4)[1]
+            times["opacus_only"].append(time.perf_counter() - t0)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        out.append({"max_epsilon": cap, "target_delta": delta, "sample_rate": q, "steps": float(steps),
+                    "sigma": sigmas["guided"], "same_sigma": float(sigmas["guided"] == sigmas["opacus_only"]),
+                    "guided_s": med["guided"], "opacus_only_s": med["opacus_only"],
+                    "speed_up": med["opacus_only"] / med["guided"]})
+    return out
+
+
+# (max_epsilon, target_delta, sample_rate, steps): the demo's partners, init --private's, lastfm_dp.toml's
+CALIBRATION_CASES = [(8.0, 1e-5, 1 / 3, 30), (8.0, 1e-4, 0.5, 20), (8.0, 1e-5, 0.25, 160), (2.0, 1e-5, 0.25, 160)]
+
+
 def _timed(fn: Any) -> tuple[Any, float, float]:
     """(result, wall seconds, CPU seconds of this process): CPU time is what the work costs when the
     machine is shared (wall time then also counts other people's jobs)."""
@@ -309,6 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=30)
     d.add_argument("--batch-sizes", type=int, nargs="+", default=[])
     d.add_argument("--set", dest="overrides", action="append", default=[])
+    sub.add_parser("calibrate", help="seconds per noise calibration: the guided search against Opacus alone")
     p = sub.add_parser("profile", help="where an epoch goes: loading, batching, training, DP, evaluation")
     p.add_argument("--config", required=True)
     p.add_argument("--data-dir", default=None)
@@ -337,6 +372,9 @@ def main(argv: list[str] | None = None) -> int:
             extra = [f"train.batch_size={bs}"] if bs else []
             cfg = load_config(args.config, [*args.overrides, *extra])
             print(json.dumps(measure_dp_step(cfg, args.data_dir, args.steps)), flush=True)
+    elif args.what == "calibrate":
+        for row in measure_calibration(CALIBRATION_CASES):
+            print(json.dumps(row), flush=True)
     elif args.what == "scale":
         from fedsocial.simulations.scale_bench import run
 

@@ -23,3 +23,11 @@ def test_dp_cost_json_prints_one_object_with_the_ratio(tmp_path: Path, capsys: p
     doc = json.loads(lines[-1])
     assert code == 0 and isinstance(doc, dict)
     assert math.isfinite(doc["ratio"]) and doc["ratio"] > 0
+
+
+def test_calibration_bench_times_both_searches_and_they_agree() -> None:
+    # Execute
+    rows = bench.measure_calibration([(8.0, 1e-4, 0.5, 4)], repeats=1)
+    # Assert
+    assert len(rows) == 1 and rows[0]["same_sigma"] == 1.0
+    assert rows[0]["guided_s"] > 0 and rows[0]["opacus_only_s"] > 0 and rows[0]["sigma"] > 0
