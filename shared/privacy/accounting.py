@@ -354,13 +354,6 @@ def _bisect_noise(eps: Callable[[float], float], max_epsilon: float, tolerance: 
         else:
             hi = mid
     return lo, hi
-    while hi - lo > tolerance * hi:
-        mid = math.sqrt(lo * hi)  # geometric bisection: relative tolerance in fewer steps
-        if eps(mid) > max_epsilon:
-            lo = mid
-        else:
-            hi = mid
-    return hi
 
 
 class PrivacyAccountant:
