@@ -280,7 +280,7 @@ def calibrate_noise_multiplier(
     sigma smaller by a relative ``tolerance`` exceeds it.
 
     With the RDP accountant the search runs on the vectorised series of shared/privacy/fast_rdp.py (the
-    same terms as Opacus's, 5-10x faster) and only its two deciding values, eps(hi) <= cap < eps(lo),
+    same terms as Opacus's, several times faster) and only its two deciding values, eps(hi) <= cap < eps(lo),
     are Opacus's; where either does not hold by Opacus's numbers (or the guide finds the cap unreachable)
     the whole search is repeated on Opacus's function, so the invariant is always Opacus's.
     """
