@@ -135,6 +135,7 @@ class Personalisation:
     finetune_epoch: int = 0
     best_on_validation: str = ""  # the highest validation NDCG@10 (served only if significantly above alone)
     safety: dict[str, float] = field(default_factory=dict)  # compute_safe_choice's margin, stderr and z
+    val_per_user: dict[str, np.ndarray] = field(default_factory=dict)  # candidate -> each validation user's NDCG@10
 
     def record(self) -> dict[str, Any]:
         return {"choice": self.choice, "finetune_epoch": self.finetune_epoch, "evaluated_users": self.evaluated_users,
@@ -228,7 +229,7 @@ def personalise(cfg: Config, split: SplitData, shared: RecModel, state_dir: Path
     for name, m in models.items():
         test[name], n_name = evaluate_model(m, split, "test", builder=builder)
         n = n_name if name == choice else n
-    out = Personalisation(choice, models[choice], val, test, n, tuned_epoch, best, safety)
+    out = Personalisation(choice, models[choice], val, test, n, tuned_epoch, best, safety, per_user)
     if cache is not None:
         save_npz_atomic(cache / "finetune.npz", {k: v.detach().cpu().numpy() for k, v in tuned.state_dict().items()},
                         mode=0o600)
@@ -240,4 +241,7 @@ def evaluate_personalised(cfg: Config, split: SplitData, shared: RecModel, state
     """Partner scope's evaluate: the served candidate's test metrics; the record stays on the partner's disk."""
     result = personalise(cfg, split, shared, state_dir, seed)
     write_json_atomic(state_dir / PERSONAL_DIR / f"round_{round_:04d}.json", {"round": round_, **result.record()})
+    # each candidate's per-user validation NDCG@10, same user order: what another choice rule can be studied on
+    save_npz_atomic(state_dir / PERSONAL_DIR / f"round_{round_:04d}_val_ndcg.npz",
+                    {name: np.asarray(v, dtype=np.float64) for name, v in result.val_per_user.items()}, mode=0o600)
     return dict(result.test[result.choice]), result.evaluated_users

@@ -29,6 +29,7 @@ from fedsocial.client.personalize import (
     compute_alone_config,
     compute_safe_choice,
     compute_standardised_scores,
+    evaluate_personalised,
     fine_tune,
     personalise,
     train_alone_model,
@@ -182,6 +183,23 @@ def test_served_is_never_below_alone_on_validation(partner_split_and_cfg: tuple[
         assert torch.equal(v, before[k]), k
     assert {"shared", "alone", "finetune", "mix:finetune:0.5"} <= set(result.val)
     assert (tmp_path / PERSONAL_DIR / "alone.npz").is_file()
+
+
+def test_the_record_keeps_every_candidates_per_user_validation_ndcg(partner_split_and_cfg: tuple[Any, Config],
+                                                                  tmp_path: Path) -> None:
+    # Prepare
+    part, cfg = partner_split_and_cfg
+    trainer = LocalTrainer(cfg, part, seed=3)
+    trainer.fit(1, noise_multiplier=1.0, rng_seed=5)
+    # Execute
+    evaluate_personalised(cfg, part, trainer.model, tmp_path, 3, seed=7)
+    # Assert: one array per candidate of the record, the same users, averaging to its validation NDCG@10
+    record = json.loads((tmp_path / PERSONAL_DIR / "round_0003.json").read_text(encoding="utf-8"))
+    with np.load(tmp_path / PERSONAL_DIR / "round_0003_val_ndcg.npz") as per_user:
+        assert set(per_user.files) == set(record["val"])
+        assert len({per_user[name].shape for name in per_user.files}) == 1
+        for name in per_user.files:
+            assert per_user[name].mean() == pytest.approx(record["val"][name]["ndcg@10"], abs=1e-9), name
 
 
 def test_partner_scope_personalises_a_model_with_the_dp_popularity_prior(
