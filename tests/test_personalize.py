@@ -27,6 +27,7 @@ from fedsocial.client.personalize import (
     ScoreMixture,
     choose_on_validation,
     compute_alone_config,
+    compute_maxt_pvalues,
     compute_safe_choice,
     compute_standardised_scores,
     evaluate_personalised,
@@ -89,29 +90,107 @@ def test_choice_is_the_best_validation_score_ties_to_the_first() -> None:
         choose_on_validation({})
 
 
-def test_safe_choice_known_values() -> None:
-    # Prepare: 400 users; a consistent margin of 0.05, and a margin of 0.001 inside the noise
+def _brute_force_maxt(d: np.ndarray) -> np.ndarray:
+    """Every sign vector of the users, each column's t by the textbook formula, p = share of max-T >= t."""
+    n, c = d.shape
+
+    def t_of(x: np.ndarray) -> np.ndarray:
+        return np.array([x[:, j].mean() / (x[:, j].std(ddof=1) / math.sqrt(n)) for j in range(c)])
+
+    observed = t_of(d)
+    maxima = []
+    for code in range(2 ** n):
+        signs = np.array([-1.0 if code >> u & 1 else 1.0 for u in range(n)])
+        maxima.append(t_of(signs[:, None] * d).max())
+    return np.array([np.mean(np.array(maxima) >= t - 1e-9) for t in observed])
+
+
+def test_maxt_exact_enumeration_matches_brute_force() -> None:
+    # Prepare: 7 users, 3 challengers (128 sign vectors: enumerated exactly)
+    rng = np.random.default_rng(4)
+    d = rng.normal(0.3, 1.0, (7, 3))
+    # Execute
+    p, _ = compute_maxt_pvalues(d)
+    # Assert
+    np.testing.assert_allclose(p, _brute_force_maxt(d), atol=1e-12)
+    assert p.min() >= 1 / 128  # the identity flip is always counted
+
+
+def test_maxt_critical_t_known_values() -> None:
+    # Prepare: 2,000 users; one challenger, eight independent ones, eight identical ones
     rng = np.random.default_rng(0)
-    base = rng.uniform(0, 1, 400)
-    # Execute / Assert: the one-sided z at 5 %, Bonferroni over 1 and over 9 challengers
-    ok, s = compute_safe_choice(base + 0.05 + rng.normal(0, 0.05, 400), base, 9)
-    assert ok and s["margin"] == pytest.approx(0.05, abs=0.01) and s["z"] == pytest.approx(2.5392, abs=1e-4)
-    ok, s = compute_safe_choice(base + 0.001 + rng.normal(0, 0.2, 400), base, 1)
-    assert not ok and s["z"] == pytest.approx(1.6449, abs=1e-4)
-    assert s["stderr"] == pytest.approx(0.2 / 20, rel=0.15)
-    assert compute_safe_choice(np.array([1.0]), np.array([0.0]), 1)[0] is False  # one user: never significant
-    assert compute_safe_choice(base, base, 1)[0] is False  # equal: not above
+    one, eight = rng.normal(size=(2000, 1)), rng.normal(size=(2000, 8))
+    # Execute
+    crit_one = compute_maxt_pvalues(one, seed=1)[1]
+    crit_independent = compute_maxt_pvalues(eight, seed=1)[1]
+    crit_identical = compute_maxt_pvalues(np.repeat(one, 8, axis=1), seed=1)[1]
+    # Assert: the one-sided normal quantile 1.645; Sidak's for 8 independent, z(0.95 ** (1 / 8)) = 2.49;
+    # identical challengers pay nothing for their number (Bonferroni would ask 2.50 of them)
+    assert crit_one == pytest.approx(1.645, abs=0.06)
+    assert crit_independent == pytest.approx(2.49, abs=0.08)
+    assert crit_identical == pytest.approx(crit_one, abs=1e-9)
+
+
+def test_maxt_pvalues_properties() -> None:
+    # Prepare
+    rng = np.random.default_rng(2)
+    d = rng.normal(0.05, 1.0, (300, 4))
+    d[:, 3] = 0.0  # a challenger that ranks every user as alone does
+    # Execute
+    p, _ = compute_maxt_pvalues(d, n_flips=999, seed=3)
+    # Assert: scale-free, columns permute with their p, reproducible with the seed, valid Monte-Carlo p
+    np.testing.assert_allclose(compute_maxt_pvalues(7.0 * d, n_flips=999, seed=3)[0], p)
+    np.testing.assert_allclose(compute_maxt_pvalues(d[:, ::-1], n_flips=999, seed=3)[0], p[::-1])
+    assert p[3] == 1.0 and p.min() >= 1 / 1000
+    constant = compute_maxt_pvalues(np.full((300, 1), 0.01), n_flips=999)[0]  # the same gain for every user
+    assert constant[0] == pytest.approx(1 / 1000)
+    assert (compute_maxt_pvalues(np.ones((1, 2)))[0] == 1.0).all()  # one user: never significant
 
 
 def test_safe_choice_replaces_alone_at_most_at_the_stated_rate_under_the_null() -> None:
-    # Prepare: 2,000 trials of a challenger with the same per-user distribution as alone (no true margin)
+    # Prepare: 600 trials of 8 correlated challengers (mixtures of two models with alone, as personalise's
+    # candidates are) whose per-user NDCG has alone's distribution: no true margin anywhere
     rng = np.random.default_rng(1)
+
+    def ndcg(size: int) -> np.ndarray:
+        return rng.binomial(1, 0.15, size) * rng.uniform(0, 1, size)  # sparse, as NDCG@10 of 300 users is
+
+    replaced = 0
+    for _ in range(600):
+        alone, a, b = ndcg(300), ndcg(300), ndcg(300)
+        cands = {"alone": alone, "shared": a, "finetune": b}
+        for w in (0.25, 0.5, 0.75):
+            cands[f"mix:shared:{w}"], cands[f"mix:finetune:{w}"] = w * a + (1 - w) * alone, w * b + (1 - w) * alone
+        val = {name: {"ndcg@10": float(v.mean())} for name, v in cands.items()}
+        # Execute
+        replaced += compute_safe_choice(val, cands, seed=int(rng.integers(1 << 30)), n_flips=499)[0] != "alone"
+    # Assert: at most about 5 % of trials serve anything but alone (binomial 4-sigma: 0.05 + 4 sqrt(0.0475 / 600))
+    assert replaced / 600 < 0.0856
+
+
+def test_safe_choice_serves_the_best_significant_challenger_where_bonferroni_would_not() -> None:
+    # Prepare: 400 users; four nearly identical challengers 2.3 standard errors above alone, and a noisy one
+    # with the best mean (Bonferroni over five asks z 2.33 of each; max-T of this family about 1.95)
+    rng = np.random.default_rng(5)
+    alone = rng.uniform(0, 1, 400)
+    gain = rng.normal(0, 0.2, 400)
+    gain += 2.3 * 0.2 / 20 - gain.mean()
+    noise = rng.normal(0, 1.0, 400)
+    noise += 0.04 - noise.mean()  # t 0.8
+    cands = {"alone": alone, **{f"mix:{k}": alone + gain + rng.normal(0, 0.002, 400) for k in range(4)},
+             "noisy": alone + noise}
+    val = {name: {"ndcg@10": float(v.mean())} for name, v in cands.items()}
     # Execute
-    replaced = sum(compute_safe_choice(rng.binomial(1, 0.1, 300) * rng.uniform(0, 1, 300),
-                                       rng.binomial(1, 0.1, 300) * rng.uniform(0, 1, 300), 1)[0]
-                   for _ in range(2000))
-    # Assert: about 5 % (binomial 4-sigma bound: 0.05 + 4 sqrt(0.05 * 0.95 / 2000) = 0.0695)
-    assert replaced / 2000 < 0.0695
+    choice, safety, p = compute_safe_choice(val, cands, seed=0)
+    # Assert: the best mean (noisy) is recorded but not significant; the best significant mixture is served
+    assert max(val, key=lambda k: val[k]["ndcg@10"]) == "noisy" and safety["p"] == p["noisy"] > 0.05
+    assert choice.startswith("mix:") and p[choice] <= 0.05
+    assert val[choice]["ndcg@10"] == max(val[k]["ndcg@10"] for k in p if p[k] <= 0.05)
+    assert safety["critical_t"] < 2.3 < 2.326
+    # alone is served when no challenger passes, or when there is none
+    flat = {name: alone + rng.normal(0, 0.2, 400) for name in ("shared", "finetune")} | {"alone": alone}
+    assert compute_safe_choice({k: {"ndcg@10": float(v.mean())} for k, v in flat.items()}, flat, 0)[0] == "alone"
+    assert compute_safe_choice({"alone": {"ndcg@10": 0.1}}, {"alone": alone}, 0) == ("alone", {}, {})
 
 
 def test_standardised_scores_keep_ranks_and_have_unit_rows() -> None:
@@ -171,12 +250,11 @@ def test_served_is_never_below_alone_on_validation(partner_split_and_cfg: tuple[
     best = result.best_on_validation
     assert result.val[best]["ndcg@10"] == max(v["ndcg@10"] for v in result.val.values())
     assert chosen >= result.val["alone"]["ndcg@10"]
-    # the best is served when it is alone or significantly above alone, else alone (compute_safe_choice)
-    if best == "alone":
-        assert result.choice == "alone"
-    else:
-        s = result.safety
-        assert result.choice == (best if s["margin"] > s["z"] * s["stderr"] else "alone")
+    # served: the best of the challengers significantly above alone (max-T, familywise 5 %), else alone
+    passed = {k: result.val[k]["ndcg@10"] for k, p in result.p_adjusted.items() if p <= 0.05}
+    assert set(result.p_adjusted) == set(result.val) - {"alone"}
+    assert result.choice == (max(passed, key=passed.__getitem__) if passed else "alone")
+    assert best == "alone" or result.safety["p"] == result.p_adjusted[best]
     served, n = evaluate_model(result.model, part, "test")
     assert served == pytest.approx(result.test[result.choice]) and n == result.evaluated_users > 0
     for k, v in trainer.model.state_dict().items():  # the DP model the next round starts from is untouched
