@@ -12,13 +12,15 @@ all training interactions) is the floor. A cell already in ``OUT/grid.json`` is 
 run with the same resolved config (its SHA-256 is stored with it), so an interrupted grid continues
 where it stopped and a changed config or override reruns the cells it changes; a cell folder left
 by an interrupted or outdated run is moved aside (``<cell>.replaced-N``), never reused or deleted.
-Prints a markdown table.
+Prints a markdown table and writes ``OUT/report.html`` (NDCG@10 against epsilon per scope, the tables)
+after every cell.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import html
 import json
 import math
 import time
@@ -26,9 +28,10 @@ from pathlib import Path
 from typing import Any
 
 from fedsocial.shared.config import Config, load_config
-from fedsocial.shared.fileio import write_json_atomic
+from fedsocial.shared.fileio import write_json_atomic, write_text_atomic
 from fedsocial.simulations.common import user_errors
 from fedsocial.simulations.fed_bench import run_centralized
+from fedsocial.simulations.report import format_number, render_page, svg_line_plot
 from fedsocial.simulations.simulate import METRIC_KEYS, run_simulation_from_config
 
 
@@ -81,6 +84,67 @@ def partner_table(results: dict[str, Any], epsilons: list[float], variants: list
                              f"{p['served']:.4f} | {p['choice']} | {ratio:.3f} |")
             lines.append(f"| {eps:g} | **mean gain** | | | | | | **{res['federation_gain']:.3f}** |")
     return "\n".join(lines)
+
+
+def compute_user_weighted_mean(per_partner: dict[str, dict[str, Any]], key: str) -> float:
+    """The mean of one per-partner NDCG@10 column, weighted by each partner's users (a pooled mean)."""
+    rows = [(float(p["num_users"] or 0), p[key]) for p in per_partner.values() if p.get(key) is not None]
+    weight = sum(w for w, _ in rows)
+    return sum(w * v for w, v in rows) / weight if weight > 0 else math.nan
+
+
+def compute_epsilon_series(results: dict[str, Any], epsilons: list[float], variants: list[str],
+                           ) -> tuple[list[float], dict[str, list[float]]]:
+    """NDCG@10 against the finite epsilons, one series per curve: each variant's served NDCG@10 (named by
+    its scope), and where partners were compared with themselves alone the joint scope's model (the
+    shared-only column) and alone, pooled over partners; MostPop as a flat line."""
+    xs = sorted(e for e in epsilons if math.isfinite(e))
+    series: dict[str, list[float]] = {}
+    for variant in variants:
+        cells = [results.get(cell_key(e, variant)) for e in xs]
+        scope = next((c.get("scope") for c in cells if isinstance(c, dict) and c.get("scope")), "joint")
+        tag = f" ({variant})" if len(variants) > 1 else ""
+        series[f"{scope} scope served{tag}"] = [c["ndcg@10"] if isinstance(c, dict) else math.nan for c in cells]
+        if any(isinstance(c, dict) and "per_partner" in c for c in cells):
+            for name, key in ((f"joint scope{tag}", "shared"), (f"alone{tag}", "alone")):
+                series[name] = [compute_user_weighted_mean(c["per_partner"], key)
+                                if isinstance(c, dict) and "per_partner" in c else math.nan for c in cells]
+    if isinstance(results.get("mostpop"), dict):
+        series["MostPop"] = [float(results["mostpop"]["ndcg@10"])] * len(xs)
+    return xs, series
+
+
+def render_grid_report(results: dict[str, Any], epsilons: list[float], variants: list[str]) -> str:
+    """The grid as an HTML page: NDCG@10 against epsilon per scope, the cell table, the per-partner table."""
+    xs, series = compute_epsilon_series(results, epsilons, variants)
+    at = [math.log2(e) for e in xs]  # epsilons double from cell to cell: a log axis spaces them evenly
+    plot = (svg_line_plot("NDCG@10 against epsilon", at, series, width=620, height=300,
+                          x_label="epsilon (log scale)", x_ticks=[(a, f"{e:g}") for a, e in zip(at, xs, strict=True)])
+            if xs else "<p>no finite-epsilon cell yet</p>")
+    non_private = [f"{v}: {format_number(results[cell_key(math.inf, v)]['ndcg@10'])}" for v in variants
+                   if isinstance(results.get(cell_key(math.inf, v)), dict)]
+    sections = [f"<h1>Privacy-utility grid: {html.escape(str(results.get('config', '')))}</h1>",
+                f"<p>{html.escape(str(results.get('partners', '')))} partners; overrides: "
+                f"{html.escape(' '.join(results.get('overrides', [])) or 'none')}</p>",
+                '<div class="plots">' + plot + "</div>",
+                f"<p>without privacy (epsilon inf): {html.escape('; '.join(non_private) or 'not run')}</p>",
+                "<h2>Cells</h2>", markdown_to_html(markdown_table(results, epsilons, variants))]
+    if any(isinstance(v, dict) and "per_partner" in v for v in results.values()):
+        sections += ["<h2>Per partner: alone, joint scope, partner scope</h2>",
+                     markdown_to_html(partner_table(results, epsilons, variants))]
+    return render_page("fedsocial privacy-utility grid", sections)
+
+
+def markdown_to_html(table: str) -> str:
+    """One of this module's markdown tables as an HTML table (cells escaped, bold marks dropped)."""
+    rows = [line.strip().strip("|").split("|") for line in table.splitlines() if line.strip()]
+    head, body = rows[0], rows[2:]
+
+    def cell(tag: str, text: str) -> str:
+        return f"<{tag}>{html.escape(text.strip().replace('**', ''))}</{tag}>"
+
+    return ("<table><thead><tr>" + "".join(cell("th", c) for c in head) + "</tr></thead><tbody>"
+            + "".join("<tr>" + "".join(cell("td", c) for c in r) + "</tr>" for r in body) + "</tbody></table>")
 
 
 def _noise_multiplier(doc: dict[str, Any]) -> float | None:
@@ -173,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
             results[key] = {**run_cell(cfg, args.data_dir, run_dir), "config_sha256": sha}
             print(f"{key}: ndcg@10 {results[key]['ndcg@10']:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
             write_json_atomic(grid_path, results)
+            write_text_atomic(out / "report.html", render_grid_report(results, epsilons, variants))
+    write_text_atomic(out / "report.html", render_grid_report(results, epsilons, variants))
     print(markdown_table(results, epsilons, variants))
     if any(isinstance(v, dict) and "per_partner" in v for v in results.values()):
         print()

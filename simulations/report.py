@@ -9,7 +9,7 @@ import html
 import json
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -75,10 +75,27 @@ def compute_points(xs: Sequence[float], ys: Sequence[float], box: tuple[float, f
             for x, y in zip(xs, ys, strict=True) if math.isfinite(y)]
 
 
-def svg_line_plot(title: str, xs: Sequence[float], series: dict[str, Sequence[float]],
-                  width: int = 460, height: int = 260) -> str:
-    """An inline SVG line chart with axes, ticks and a legend."""
-    box = (52.0, 28.0, width - 70.0, height - 70.0)
+def compute_legend_layout(names: Sequence[str], left: float, width: float) -> list[tuple[float, int]]:
+    """Each legend entry's (x, row): entries as wide as their names (about 6.5 px a character at 11 px),
+    wrapping onto a new row when the next would pass ``width``."""
+    out, x, row = [], left, 0
+    for name in names:
+        span = 14 + 6.5 * len(name) + 14
+        if x > left and x + span > width:
+            x, row = left, row + 1
+        out.append((x, row))
+        x += span
+    return out
+
+
+def svg_line_plot(title: str, xs: Sequence[float], series: Mapping[str, Sequence[float]],
+                  width: int = 460, height: int = 260, x_label: str = "round",
+                  x_ticks: Sequence[tuple[float, str]] | None = None) -> str:
+    """An inline SVG line chart with axes, ticks and a legend; x ticks at whole numbers (rounds) unless
+    ``x_ticks`` gives them as (position, label) (a grid's epsilons on a log scale)."""
+    legend = compute_legend_layout(list(series), 52.0, width - 8.0)
+    rows = 1 + max((row for _, row in legend), default=0)
+    box = (52.0, 28.0, width - 70.0, height - 76.0 - 13.0 * (rows - 1))
     all_y = [v for ys in series.values() for v in ys]
     y_range = compute_axis_range(all_y)
     x_range = (min(xs), max(xs)) if xs else (0.0, 1.0)
@@ -93,23 +110,26 @@ def svg_line_plot(title: str, xs: Sequence[float], series: dict[str, Sequence[fl
         parts.append(f'<line x1="{left - 4}" y1="{py:.1f}" x2="{left + w}" y2="{py:.1f}" stroke="#eee"/>')
         parts.append(f'<text x="{left - 6}" y="{py + 4:.1f}" text-anchor="end" font-size="10">'
                      f'{yv:.{decimals}f}</text>')
-    x_ticks, x_decimals = (compute_ticks(*x_range, n=min(8, len(set(xs)) - 1), min_step=1.0)  # whole rounds
-                           if len(set(xs)) > 1 else (sorted(set(xs)), 0))
-    for xv in x_ticks:
+    if x_ticks is not None:
+        x_tick_labels = [(float(v), html.escape(label)) for v, label in x_ticks]
+    else:
+        found, x_decimals = (compute_ticks(*x_range, n=min(8, len(set(xs)) - 1), min_step=1.0)  # whole rounds
+                             if len(set(xs)) > 1 else (sorted(set(xs)), 0))
+        x_tick_labels = [(v, f"{v:.{x_decimals}f}") for v in found]
+    for xv, label in x_tick_labels:
         (px, _), = compute_points([xv], [y_range[0]], box, x_range, y_range)
-        parts.append(f'<text x="{px:.1f}" y="{top + h + 14}" text-anchor="middle" font-size="10">'
-                     f'{xv:.{x_decimals}f}</text>')
-    parts.append(f'<text x="{left + w / 2}" y="{top + h + 30}" text-anchor="middle" font-size="11">round</text>')
-    for k, (name, ys) in enumerate(series.items()):
+        parts.append(f'<text x="{px:.1f}" y="{top + h + 14}" text-anchor="middle" font-size="10">{label}</text>')
+    parts.append(f'<text x="{left + w / 2}" y="{top + h + 28}" text-anchor="middle" font-size="11">'
+                 f'{html.escape(x_label)}</text>')
+    for k, ((name, ys), (lx, row)) in enumerate(zip(series.items(), legend, strict=True)):
         colour = COLOURS[k % len(COLOURS)]
         pts = compute_points(xs, ys, box, x_range, y_range)
         path = " ".join(f"{x:.1f},{y:.1f}" for x, y in pts)
         parts.append(f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-width="2"/>')
         parts += [f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2.5" fill="{colour}"/>' for x, y in pts]
-        ly = height - 22 + 0 * k
-        lx = left + k * 110
-        parts.append(f'<rect x="{lx}" y="{ly - 8}" width="10" height="10" fill="{colour}"/>'
-                     f'<text x="{lx + 14}" y="{ly + 1}" font-size="11">{html.escape(name)}</text>')
+        ly = top + h + 44 + 13 * row
+        parts.append(f'<rect x="{lx:.1f}" y="{ly - 9}" width="10" height="10" fill="{colour}"/>'
+                     f'<text x="{lx + 14:.1f}" y="{ly}" font-size="11">{html.escape(name)}</text>')
     parts.append("</svg>")
     return "".join(parts)
 
@@ -173,6 +193,11 @@ def render_report(doc: dict[str, Any], title: str = "fedsocial federated run") -
     if "privacy_model" in doc:
         sections += ["<h2>Privacy model</h2>", f"<p>{html.escape(doc['privacy_model'])}</p>"]
     sections += ["<h2>Config</h2>", f"<pre>{html.escape(json.dumps(doc.get('config', {}), indent=2))}</pre>"]
+    return render_page(title, sections)
+
+
+def render_page(title: str, sections: Sequence[str]) -> str:
+    """A self-contained HTML page (inline CSS) of the given HTML sections."""
     css = ("body{font-family:sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse;margin:1em 0}"
            "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f4f4f4}"
            ".plots{display:flex;flex-wrap:wrap;gap:12px}pre{background:#f8f8f8;padding:1em}")

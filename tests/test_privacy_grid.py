@@ -105,3 +105,53 @@ def test_partner_summary_reads_served_metrics_and_the_table_skips_cells_without_
     }
     assert "| 8 | partner-0 | 10 | 0.2000 | 0.1000 | 0.3000 | finetune | 1.500 |" in table
     assert "partner-9" not in table
+
+
+def _partner_grid() -> dict[str, object]:
+    def cell(served: float, shared: float) -> dict[str, object]:
+        return {"ndcg@10": served, "recall@10": 0.1, "noise_multiplier": 1.0, "wall_time_s": 60.0,
+                "scope": "partner", "federation_gain": 1.02,
+                "per_partner": {"partner-0": {"num_users": 100, "alone": 0.20, "served": served, "shared": shared,
+                                              "choice": "mix:finetune:0.5"},
+                                "partner-1": {"num_users": 300, "alone": 0.10, "served": served, "shared": shared / 2,
+                                              "choice": "alone"}}}
+    return {"config": "configs/lastfm_dp.toml", "partners": 2, "overrides": ["privacy.scope=partner"],
+            "mostpop": {"ndcg@10": 0.06, "recall@10": 0.05, "wall_time_s": 1.0},
+            "eps=8/local": cell(0.16, 0.08), "eps=2/local": cell(0.15, 0.02), "eps=inf/local": cell(0.19, 0.17)}
+
+
+def test_epsilon_series_has_each_scope_alone_and_mostpop_pooled_by_users() -> None:
+    from fedsocial.simulations.privacy_grid import compute_epsilon_series
+
+    # Prepare
+    results = _partner_grid()
+    # Execute
+    xs, series = compute_epsilon_series(results, [8.0, 2.0, math.inf, 4.0], ["local"])
+    # Assert: finite epsilons in order (4 not run: a gap), user-weighted means, MostPop flat
+    assert xs == [2.0, 4.0, 8.0]
+    assert series["partner scope served"][0] == 0.15 and math.isnan(series["partner scope served"][1])
+    assert series["joint scope"][2] == pytest.approx((100 * 0.08 + 300 * 0.04) / 400)
+    assert series["alone"][0] == pytest.approx((100 * 0.20 + 300 * 0.10) / 400)
+    assert series["MostPop"] == [0.06] * 3
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_grid_report_renders_in_headless_chromium_with_a_curve_per_scope(tmp_path: Path) -> None:
+    from fedsocial.simulations.privacy_grid import render_grid_report
+    from tests.browser import open_page
+
+    # Prepare
+    path = tmp_path / "report.html"
+    path.write_text(render_grid_report(_partner_grid(), [1.0, 2.0, 8.0, math.inf], ["local"]), encoding="utf-8")
+    # Execute
+    with open_page(path.as_uri()) as page:
+        text = page.inner_text("body")
+        curves = page.evaluate("""() => [...document.querySelectorAll('svg polyline')].map(
+            p => ({points: p.points.numberOfItems, width: p.getBBox().width}))""")
+        legend = page.evaluate("() => [...document.querySelectorAll('svg text')].map(t => t.textContent)")
+    # Assert: four curves (partner scope, joint scope, alone: the two run epsilons; MostPop: all three), drawn wide
+    assert [c["points"] for c in curves] == [2, 2, 2, 3] and min(c["width"] for c in curves) > 100
+    shown = {"partner scope served", "joint scope", "alone", "MostPop", "epsilon (log scale)", "1", "2", "8"}
+    assert shown <= set(legend)
+    assert "without privacy (epsilon inf): local: 0.1900" in text
+    assert "partner-1" in text and "mix:finetune:0.5" in text and "1.020" in text
