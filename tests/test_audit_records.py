@@ -235,3 +235,27 @@ def test_an_old_run_without_scope_says_so(run: Path, capsys: pytest.CaptureFixtu
     assert out["scope"] is None and out["scope_note"].startswith("not recorded: this run predates privacy.scope")
     assert all(p["scope"] == "" for p in out["partners"])
     assert "privacy scope: not recorded" in output
+
+
+@pytest.mark.parametrize("keep_ledgers", [False, True])
+def test_a_run_without_privacy_never_passes(run: Path, keep_ledgers: bool, capsys: pytest.CaptureFixture[str]) -> None:
+    # Prepare: the server's signed manifest says privacy.enabled = false (a non-private run writes no
+    # ledgers; with keep_ledgers, valid DP ledgers and heads lie beside it and must not make it pass)
+    doc = json.loads((run / MANIFEST).read_text())
+    payload = {k: v for k, v in doc.items() if k not in ("record", "version", "server_key_fingerprint", "signature")}
+    payload["privacy"]["enabled"] = False
+    (run / MANIFEST).write_text(json.dumps(sign_record(server_key(run), "manifest", payload)))
+    if keep_ledgers:
+        heads = {pid: {"round": 2, "hash": entry_hash(read_ledger(run / "ledgers" / f"{pid}.jsonl")[-1])}
+                 for pid in PARTNERS}
+        write_signed_heads(run, 2, heads)
+    else:
+        shutil.rmtree(run / "ledgers")
+        (run / HEADS).unlink()
+    # Execute
+    code, output = audit(run, capsys)
+    # Assert: a failure that says why, first among the findings
+    assert code != EXIT_OK and code in ((EXIT_BUDGET,) if keep_ledgers else (EXIT_INPUT,)), output
+    assert "privacy.enabled = false: this run trained without differential privacy" in output
+    findings = json.loads((run / "audit.json").read_text())["findings"]
+    assert "without differential privacy" in findings[0]["message"]

@@ -468,7 +468,8 @@ def _audit_into(run: Path, max_epsilon: float | None, keys_dir: Path | None, res
             result.add("input", partner, None, None, f"ledger file name {partner!r}.jsonl is not a valid partner id")
             continue
         if partner not in found:
-            _missing_ledger(partner, expected[partner], heads, result)
+            if result.records.get("privacy_enabled") is not False:  # else "never trained" would be untrue
+                _missing_ledger(partner, expected[partner], heads, result)
             continue
         if expected and partner not in expected:
             result.add("tamper", partner, None, None, "a ledger of a partner that the signed records do not list "
@@ -524,6 +525,12 @@ def _read_records(run: Path, keys_dir: Path | None, result: AuditResult) -> tupl
         result.scope = scope if isinstance(scope, str) else ""
         result.records["rounds_planned"] = manifest.get("federation", {}).get("rounds")
         run_cap = priv.get("max_epsilon") if priv.get("enabled") else None
+        result.records["privacy_enabled"] = priv.get("enabled") is True
+        if priv.get("enabled") is not True:  # a non-private run must never pass, whatever ledgers lie beside it
+            result.add("budget", None, None, None,
+                       f"the signed {MANIFEST} says privacy.enabled = {json.dumps(priv.get('enabled'))}: this run "
+                       "trained without differential privacy, so what its partners released has no (epsilon, "
+                       "delta) bound and nothing here can certify it as private")
         caps: dict[str, tuple[float, str]] = {}
         for pid, decl in (manifest.get("partners") or {}).items():
             expected.setdefault(str(pid), f"{MANIFEST}")
