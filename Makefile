@@ -81,8 +81,15 @@ bench-fed: $(STAMP)
 bench-privacy: $(STAMP)
 	$(GRID) --config configs/lastfm_dp.toml --data-dir $(DATA_DIR) --out runs/grid/lastfm
 	# issue 12: partner scope, each partner also alone (BENCHMARKS.md section 10)
-	$(GRID) --config configs/lastfm_dp.toml --data-dir $(DATA_DIR) --epsilons 8,2,1,inf --variants local \
+	$(GRID) --config configs/lastfm_dp.toml --data-dir $(DATA_DIR) --epsilons 8,4,2,1,inf --variants local \
 		--set privacy.scope=partner --set federation.compare_alone=true --out runs/grid/lastfm_partner
+	# ... two more seeds at epsilon 8 and 2, and the random partition (BENCHMARKS.md section 10.4)
+	for s in 1 2; do $(GRID) --config configs/lastfm_dp.toml --data-dir $(DATA_DIR) --epsilons 8,2 --variants local \
+		--no-mostpop --set privacy.scope=partner --set federation.compare_alone=true --set train.seed=$$s \
+		--out runs/grid/lastfm_partner_seed$$s || exit 1; done
+	$(GRID) --config configs/lastfm_dp.toml --data-dir $(DATA_DIR) --epsilons 8,2 --variants local \
+		--set privacy.scope=partner --set federation.compare_alone=true --set partition.method=random \
+		--out runs/grid/lastfm_partner_random
 	$(GRID) --config configs/ciao_dp.toml --data-dir $(DATA_DIR) --out runs/grid/ciao
 	# issue 12 item 3: the DP popularity release (BENCHMARKS.md section 10.1): alone, then in the federation
 	$(PY) -m fedsocial.simulations.popularity_bench --config configs/lastfm_dp.toml --data-dir $(DATA_DIR) --partners 5 \
