@@ -51,6 +51,8 @@ PERSONAL_DIR = "personal"
 MIX_ALPHAS = (0.25, 0.5, 0.75)
 SAFE_LEVEL = 0.05  # compute_maxt_pvalues: false-replacement rate of alone, over all candidates together
 MAXT_FLIPS = 9999  # sign flips drawn for the max-T null (Monte-Carlo error of a p near 0.05: 0.002)
+MAXT_WORK = 10 ** 8  # flips x users at most (then fewer flips, at least 999: valid p, a little less power)
+MAXT_BLOCK = 2 ** 21  # signs per block of flips
 
 
 def compute_alone_epochs(cfg: Config) -> int:
@@ -104,14 +106,15 @@ def compute_studentised_means(means: np.ndarray, sum_squares: np.ndarray, n: int
     return np.where(var > 0, t, constant).astype(np.float64)
 
 
-def _sign_flip_blocks(n: int, n_flips: int, seed: int, block: int = 512) -> Iterator[np.ndarray]:
+def _sign_flip_blocks(n: int, n_flips: int, seed: int) -> Iterator[np.ndarray]:
     """Blocks of +-1 rows of length ``n``: all 2^n when that is at most ``n_flips + 1`` (an exact test,
-    the identity among them), else ``n_flips`` drawn at random."""
+    the identity among them), else ``n_flips`` drawn at random; at most ``MAXT_BLOCK`` signs a block."""
     if 2 ** n <= n_flips + 1:
         codes = np.arange(2 ** n)[:, None] >> np.arange(n)[None, :] & 1
         yield 1.0 - 2.0 * codes
         return
     rng = np.random.default_rng(seed)
+    block = max(1, min(512, MAXT_BLOCK // n))  # 16 MB of float64 signs whatever the partner's size
     for start in range(0, n_flips, block):
         yield 1.0 - 2.0 * rng.integers(0, 2, (min(block, n_flips - start), n))
 
@@ -161,7 +164,8 @@ def compute_safe_choice(val: dict[str, dict[str, float]], per_user: dict[str, np
         return baseline, {}, {}
     diffs = np.stack([np.asarray(per_user[name], np.float64) - np.asarray(per_user[baseline], np.float64)
                       for name in challengers], axis=1)
-    p, critical = compute_maxt_pvalues(diffs, n_flips, seed)
+    flips = min(n_flips, max(999, MAXT_WORK // max(1, len(diffs))))  # 200k users: 999 flips, about 9 s
+    p, critical = compute_maxt_pvalues(diffs, flips, seed)
     adjusted = {name: float(pc) for name, pc in zip(challengers, p, strict=True)}
     passed = {name: val[name]["ndcg@10"] for name in challengers if adjusted[name] <= SAFE_LEVEL}
     choice = choose_on_validation(passed) if passed else baseline

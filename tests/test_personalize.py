@@ -465,3 +465,19 @@ def test_compare_alone_flag_sets_the_config_key(tmp_path: Path) -> None:
     cfg, _, _ = config_from_cli(args)
 
     assert cfg.federation.compare_alone
+
+
+def test_maxt_bounds_its_memory_and_work_on_large_partners() -> None:
+    from fedsocial.client.personalize import MAXT_BLOCK, _sign_flip_blocks
+
+    # Prepare / Execute: the sign blocks of a 10^6-user partner, and the flips the choice draws for 2x10^5 users
+    blocks = _sign_flip_blocks(10 ** 6, 999, seed=0)
+    first = next(blocks)
+    # Assert: each block holds at most MAXT_BLOCK signs (16 MB), and +-1 only
+    assert first.size <= MAXT_BLOCK and set(np.unique(first)) <= {-1.0, 1.0}
+    rng = np.random.default_rng(0)
+    alone = rng.uniform(0, 1, 200_000)
+    cands = {"alone": alone, "shared": alone + rng.normal(0.001, 0.1, 200_000)}
+    val = {k: {"ndcg@10": float(v.mean())} for k, v in cands.items()}
+    choice, safety, p = compute_safe_choice(val, cands, seed=0)
+    assert p["shared"] == pytest.approx(1 / 1000)  # a clear gain (t 4.5) at 999 flips (MAXT_WORK), not 9,999
