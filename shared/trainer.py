@@ -36,6 +36,7 @@ from fedsocial.shared.dp_noise import STREAMS, GaussianStreams
 from fedsocial.shared.metrics import evaluate_model
 from fedsocial.shared.models import RecModel, build_model
 from fedsocial.shared.onepass import OnePassClipper
+from fedsocial.shared.optim import make_adamw
 from fedsocial.shared.privacy.popularity import (
     compute_noisy_histogram,
     compute_popularity_histogram,
@@ -234,7 +235,8 @@ class LocalTrainer:
                 own[n].copy_(torch.as_tensor(v))
 
     # --- training ----------------------------------------------------------------------------
-    def _optimizer(self) -> torch.optim.Optimizer:
+    def _optimizer(self, torch_class: bool = False) -> Any:
+        """The configured optimizer; ``torch_class``: a ``torch.optim.Optimizer`` (Opacus wraps only those)."""
         tc = self.cfg.train
         params = [p for p in self.model.parameters() if p.requires_grad]
         if tc.optimizer == "sgd":
@@ -243,7 +245,9 @@ class LocalTrainer:
         # normalised update shrinks rarely seen rows at the full learning rate
         # fused: one kernel over all tables instead of a dozen passes per tensor (about 6x on CPU here,
         # same update rule); the tables are dense, so this is most of a step on large catalogues
-        return torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, fused=True)
+        if torch_class:
+            return torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, fused=True)
+        return make_adamw(params, tc.lr, tc.weight_decay)  # the same kernel without torch's compiler import
 
     def _batch(self, users: np.ndarray, rng: np.random.Generator) -> Batch:
         return {k: v.to(self.device) for k, v in self.builder.train_batch(users, rng).items()}
@@ -386,7 +390,8 @@ class LocalTrainer:
             warnings.simplefilter("ignore")  # Opacus' notices about secure RNG and the criterion
             engine = PrivacyEngine(accountant=pc.accountant, secure_mode=pc.secure_rng)
             gsm, opt, crit, dl = engine.make_private(
-                module=self.model, optimizer=self._optimizer(), criterion=PerUserLoss(), data_loader=loader,
+                module=self.model, optimizer=self._optimizer(torch_class=True), criterion=PerUserLoss(),
+                data_loader=loader,
                 noise_multiplier=sigma, max_grad_norm=pc.max_grad_norm, grad_sample_mode="ghost",
                 poisson_sampling=True, noise_generator=noise_gen)
         q = 1.0 / len(dl)

@@ -245,7 +245,8 @@ def measure_dp_step(cfg: Config, data_dir: str | None, steps: int = 30, warmup: 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         gsm, opt_ghost, crit, _ = PrivacyEngine(accountant="rdp").make_private(
-            module=ghost.model, optimizer=ghost._optimizer(), criterion=PerUserLoss(), data_loader=loader,
+            module=ghost.model, optimizer=ghost._optimizer(torch_class=True), criterion=PerUserLoss(),
+            data_loader=loader,
             noise_multiplier=1.0, max_grad_norm=pc.max_grad_norm, grad_sample_mode="ghost", poisson_sampling=True)
 
     def step_plain(b: dict[str, torch.Tensor]) -> None:

@@ -285,6 +285,38 @@ def test_rdp_accounting_does_not_import_the_opacus_package() -> None:
     assert (calibrated, opacus_loaded, torch_loaded) == ("True", "False", "False")
 
 
+def test_prv_accounting_does_not_import_the_opacus_package() -> None:
+    # Prepare: a fresh interpreter
+    import subprocess
+    import sys
+
+    code = ("import sys; from fedsocial.shared.privacy.accounting import compute_epsilon; "
+            "e = compute_epsilon([(1.1, 0.05, 20), (0.9, 0.1, 5)], 1e-4, 'prv'); "
+            "print(repr(e), 'opacus' in sys.modules, 'torch' in sys.modules)")
+    # Execute
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True).stdout
+    # Assert: a finite epsilon, without Opacus's package (whose __init__ imports torch and its compiler)
+    eps, opacus_loaded, torch_loaded = out.split()
+    assert 0 < float(eps) < 10 and (opacus_loaded, torch_loaded) == ("False", "False")
+
+
+def test_standalone_prv_accountant_is_opacus_own() -> None:
+    # Prepare
+    import inspect
+
+    from opacus.accountants import PRVAccountant
+
+    from fedsocial.shared.privacy.accounting import compute_epsilon_prv, opacus_prv_accountant
+
+    standalone = opacus_prv_accountant()
+    # Execute / Assert: the same source file, and bit-identical epsilons on homogeneous and mixed histories
+    assert inspect.getsourcefile(standalone) == inspect.getsourcefile(PRVAccountant) and standalone is not PRVAccountant
+    for history in ([(1.1, 0.05, 40)], [(2.2, 0.25, 160)], [(0.8, 0.01, 1000), (1.5, 0.2, 30)]):
+        opacus = PRVAccountant()
+        opacus.history = list(history)
+        assert compute_epsilon_prv(history, 1e-5) == float(opacus.get_epsilon(delta=1e-5, eps_error=0.01))
+
+
 def test_standalone_rdp_analysis_is_opacus_own() -> None:
     # Prepare
     from opacus.accountants.analysis import rdp as opacus_rdp

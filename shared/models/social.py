@@ -49,6 +49,7 @@ from fedsocial.shared.models import (
     compute_user_mean,
     init_embedding_,
 )
+from fedsocial.shared.optim import make_adamw
 
 SCALE_RATE = 4.0  # learned_scale: d log(scale) / dw; Adam moves w about lr a step, so log(scale) moves 4 lr
 SCALE_LIMIT = 6.0  # |log(scale)| <= 6: the scale stays in [0.0025, 403] whatever the noise does to w
@@ -374,7 +375,7 @@ class SocialRec(RecModel):
             h0, qv, cb = self.target_user_vectors(batch)
             scale = self.user_scale(users)
         p = torch.zeros(users.shape[0], h0.shape[-1], device=h0.device, requires_grad=True)
-        opt = torch.optim.Adam([p], lr=lr)
+        opt = make_adamw([p], lr, weight_decay=0.0)  # Adam: AdamW without decay, without torch's compiler import
         for _ in range(steps):
             opt.zero_grad()
             pos, neg = self.score_targets(h0 + p[:, None, :], qv, cb, H, scale)
