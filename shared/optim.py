@@ -47,12 +47,16 @@ class FusedAdamW:
                 self.state[i] = (torch.zeros_like(p, memory_format=torch.preserve_format),
                                  torch.zeros_like(p, memory_format=torch.preserve_format),
                                  torch.zeros((), dtype=torch.float32, device=p.device))
-        params: list[torch.Tensor] = [p for _, p in live]
-        m, v, steps = ([self.state[i][k] for i, _ in live] for k in range(3))
-        torch._foreach_add_(steps, 1)
-        torch._fused_adamw_(params, grads, m, v, [], steps, amsgrad=False, lr=self.lr, beta1=self.betas[0],
-                            beta2=self.betas[1], weight_decay=self.weight_decay, eps=self.eps, maximize=False,
-                            grad_scale=None, found_inf=None)
+        groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}  # the kernel takes one device and dtype
+        for k, (_, p) in enumerate(live):
+            groups.setdefault((p.device, p.dtype), []).append(k)
+        for members in groups.values():
+            params = [live[k][1] for k in members]
+            m, v, steps = ([self.state[live[k][0]][j] for k in members] for j in range(3))
+            torch._foreach_add_(steps, 1)
+            torch._fused_adamw_(params, [grads[k] for k in members], m, v, [], steps, amsgrad=False, lr=self.lr,
+                                beta1=self.betas[0], beta2=self.betas[1], weight_decay=self.weight_decay,
+                                eps=self.eps, maximize=False, grad_scale=None, found_inf=None)
 
 
 def make_adamw(params: Iterable[torch.Tensor], lr: float, weight_decay: float = 1e-2) -> Any:

@@ -13,8 +13,9 @@ from fedsocial.shared.optim import FusedAdamW
 
 
 def _params(seed: int) -> list[torch.nn.Parameter]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.nn.Parameter(torch.randn(shape, generator=g)) for shape in ((17, 8), (8,), (3, 4, 5))]
+    g = torch.Generator().manual_seed(seed)  # one float64 tensor among float32 ones: two kernel groups
+    return [torch.nn.Parameter(torch.randn(shape, generator=g, dtype=dtype))
+            for shape, dtype in (((17, 8), torch.float32), ((8,), torch.float32), ((3, 4, 5), torch.float64))]
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.01, 0.3])
@@ -26,10 +27,10 @@ def test_fused_adamw_is_torch_fused_adamw_bit_for_bit(weight_decay: float) -> No
     g = torch.Generator().manual_seed(1)
     # Execute: 25 steps with the same gradients
     for step in range(25):
-        grads = [torch.randn(p.shape, generator=g) for p in ours]
+        grads = [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in ours]
         for params in (ours, theirs):
             for k, (p, grad) in enumerate(zip(params, grads, strict=True)):
-                p.grad = None if (k == 1 and step % 3 == 0) else grad.clone()
+                p.grad = None if (k == 1 and step % 3 == 0) else grad.clone().to(p.dtype)
         opt_ours.step()
         opt_theirs.step()
         opt_ours.zero_grad()
