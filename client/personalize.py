@@ -106,11 +106,16 @@ def compute_studentised_means(means: np.ndarray, sum_squares: np.ndarray, n: int
     return np.where(var > 0, t, constant).astype(np.float64)
 
 
+def _is_exact(n: int, n_flips: int) -> bool:
+    """Whether all 2^n sign vectors are at most ``n_flips + 1`` (then they are enumerated, an exact test)."""
+    return n < 63 and (1 << n) <= n_flips + 1
+
+
 def _sign_flip_blocks(n: int, n_flips: int, seed: int) -> Iterator[np.ndarray]:
     """Blocks of +-1 rows of length ``n``: all 2^n when that is at most ``n_flips + 1`` (an exact test,
     the identity among them), else ``n_flips`` drawn at random; at most ``MAXT_BLOCK`` signs a block."""
-    if 2 ** n <= n_flips + 1:
-        codes = np.arange(2 ** n)[:, None] >> np.arange(n)[None, :] & 1
+    if _is_exact(n, n_flips):
+        codes = np.arange(1 << n)[:, None] >> np.arange(n)[None, :] & 1
         yield 1.0 - 2.0 * codes
         return
     rng = np.random.default_rng(seed)
@@ -144,8 +149,7 @@ def compute_maxt_pvalues(diffs: np.ndarray, n_flips: int = MAXT_FLIPS, seed: int
     t_sorted = observed[order]
     tol = 1e-9 * np.maximum(1.0, np.abs(np.where(np.isfinite(t_sorted), t_sorted, 0.0)))  # float noise is a tie
     exceed = (suffix_max >= t_sorted[None, :] - tol).sum(axis=0)
-    exact = 2 ** n <= n_flips + 1
-    p_sorted = exceed / len(flipped) if exact else (1.0 + exceed) / (len(flipped) + 1.0)
+    p_sorted = exceed / len(flipped) if _is_exact(n, n_flips) else (1.0 + exceed) / (len(flipped) + 1.0)
     p = np.empty(c)
     p[order] = np.minimum(np.maximum.accumulate(p_sorted), 1.0)
     return p, float(np.quantile(suffix_max[:, 0], 1.0 - SAFE_LEVEL))
