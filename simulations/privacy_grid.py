@@ -24,6 +24,7 @@ import html
 import json
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from fedsocial.shared.config import Config, load_config
 from fedsocial.shared.fileio import write_json_atomic, write_text_atomic
 from fedsocial.simulations.common import user_errors
 from fedsocial.simulations.fed_bench import run_centralized
-from fedsocial.simulations.report import format_number, render_page, svg_line_plot
+from fedsocial.simulations.report import format_number, render_page, render_table, svg_line_plot
 from fedsocial.simulations.simulate import METRIC_KEYS, run_simulation_from_config
 
 
@@ -67,10 +68,15 @@ def compute_partner_summary(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def partner_table(results: dict[str, Any], epsilons: list[float], variants: list[str]) -> str:
-    """Markdown: per epsilon and partner, alone / shared-only (= joint scope served) / served, and the gain."""
-    lines = ["| epsilon | partner | users | alone | shared-only = joint served | partner-scope served | served model "
-             "| served / alone |", "|---|---|---|---|---|---|---|---|"]
+PARTNER_HEADER = ("epsilon", "partner", "users", "alone", "shared-only = joint served", "partner-scope served",
+                  "served model", "served / alone")
+CELL_HEADER = ("epsilon", "user vectors", "NDCG@10", "Recall@10", "sigma", "wall s")
+
+
+def compute_partner_rows(results: dict[str, Any], epsilons: list[float], variants: list[str]) -> list[list[str]]:
+    """Per epsilon and partner, alone / shared-only (= joint scope served) / served, and the gain (bold marks
+    on the mean row, as markdown shows it)."""
+    rows = []
     for eps in sorted(epsilons):
         for variant in variants:
             res = results.get(cell_key(eps, variant))
@@ -80,10 +86,23 @@ def partner_table(results: dict[str, Any], epsilons: list[float], variants: list
                 if p.get("served") is None:  # a cell summarised before served metrics were recorded
                     continue
                 ratio = p["served"] / p["alone"] if p["alone"] else math.inf
-                lines.append(f"| {eps:g} | {pid} | {p['num_users']} | {p['alone']:.4f} | {p['shared']:.4f} | "
-                             f"{p['served']:.4f} | {p['choice']} | {ratio:.3f} |")
-            lines.append(f"| {eps:g} | **mean gain** | | | | | | **{res['federation_gain']:.3f}** |")
-    return "\n".join(lines)
+                rows.append([f"{eps:g}", pid, str(p["num_users"]), f"{p['alone']:.4f}", f"{p['shared']:.4f}",
+                             f"{p['served']:.4f}", str(p["choice"]), f"{ratio:.3f}"])
+            rows.append([f"{eps:g}", "**mean gain**", "", "", "", "", "", f"**{res['federation_gain']:.3f}**"])
+    return rows
+
+
+def compute_markdown(header: Sequence[str], rows: list[list[str]]) -> str:
+    """A markdown table of ``header`` and string ``rows``."""
+    def line(cells: Sequence[str]) -> str:
+        return "|" + "|".join(f" {c} " if c else " " for c in cells) + "|"
+
+    return "\n".join([line(header), "|" + "---|" * len(header), *(line(r) for r in rows)])
+
+
+def partner_table(results: dict[str, Any], epsilons: list[float], variants: list[str]) -> str:
+    """Markdown: per epsilon and partner, alone / shared-only (= joint scope served) / served, and the gain."""
+    return compute_markdown(PARTNER_HEADER, compute_partner_rows(results, epsilons, variants))
 
 
 def compute_user_weighted_mean(per_partner: dict[str, dict[str, Any]], key: str) -> float:
@@ -128,23 +147,16 @@ def render_grid_report(results: dict[str, Any], epsilons: list[float], variants:
                 f"{html.escape(' '.join(results.get('overrides', [])) or 'none')}</p>",
                 '<div class="plots">' + plot + "</div>",
                 f"<p>without privacy (epsilon inf): {html.escape('; '.join(non_private) or 'not run')}</p>",
-                "<h2>Cells</h2>", markdown_to_html(markdown_table(results, epsilons, variants))]
+                "<h2>Cells</h2>", compute_html_table(CELL_HEADER, compute_cell_rows(results, epsilons, variants))]
     if any(isinstance(v, dict) and "per_partner" in v for v in results.values()):
         sections += ["<h2>Per partner: alone, joint scope, partner scope</h2>",
-                     markdown_to_html(partner_table(results, epsilons, variants))]
+                     compute_html_table(PARTNER_HEADER, compute_partner_rows(results, epsilons, variants))]
     return render_page("fedsocial privacy-utility grid", sections)
 
 
-def markdown_to_html(table: str) -> str:
-    """One of this module's markdown tables as an HTML table (cells escaped, bold marks dropped)."""
-    rows = [line.strip().strip("|").split("|") for line in table.splitlines() if line.strip()]
-    head, body = rows[0], rows[2:]
-
-    def cell(tag: str, text: str) -> str:
-        return f"<{tag}>{html.escape(text.strip().replace('**', ''))}</{tag}>"
-
-    return ("<table><thead><tr>" + "".join(cell("th", c) for c in head) + "</tr></thead><tbody>"
-            + "".join("<tr>" + "".join(cell("td", c) for c in r) + "</tr>" for r in body) + "</tbody></table>")
+def compute_html_table(header: Sequence[str], rows: list[list[str]]) -> str:
+    """The rows of a markdown table as an HTML table (bold marks dropped; cells escaped by render_table)."""
+    return render_table(header, [[c.replace("**", "") for c in r] for r in rows])
 
 
 def _noise_multiplier(doc: dict[str, Any]) -> float | None:
@@ -157,21 +169,25 @@ def parse_epsilons(text: str) -> list[float]:
     return [float(tok) for tok in text.split(",") if tok.strip()]  # float("inf") parses "inf"
 
 
-def markdown_table(results: dict[str, Any], epsilons: list[float], variants: list[str]) -> str:
-    lines = ["| epsilon | user vectors | NDCG@10 | Recall@10 | sigma | wall s |", "|---|---|---|---|---|---|"]
+def compute_cell_rows(results: dict[str, Any], epsilons: list[float], variants: list[str]) -> list[list[str]]:
+    """MostPop, then one row per cell in epsilon order: NDCG@10, Recall@10, sigma, wall time."""
+    rows = []
     if "mostpop" in results:
         mp = results["mostpop"]
-        lines.append(f"| – | MostPop | {mp['ndcg@10']:.4f} | {mp['recall@10']:.4f} | – | {mp['wall_time_s']:.0f} |")
+        rows.append(["–", "MostPop", f"{mp['ndcg@10']:.4f}", f"{mp['recall@10']:.4f}", "–", f"{mp['wall_time_s']:.0f}"])
     for eps in sorted(epsilons):
         for variant in variants:
             res = results.get(cell_key(eps, variant))
             if res is None:
                 continue
             sigma = "–" if res.get("noise_multiplier") is None else f"{res['noise_multiplier']:.2f}"
-            lines.append(f"| {eps:g} | {variant} | {res['ndcg@10']:.4f} | {res['recall@10']:.4f} | {sigma} | "
-                         f"{res['wall_time_s'] or 0:.0f} |")
-    return "\n".join(lines)
+            rows.append([f"{eps:g}", variant, f"{res['ndcg@10']:.4f}", f"{res['recall@10']:.4f}", sigma,
+                         f"{res['wall_time_s'] or 0:.0f}"])
+    return rows
 
+
+def markdown_table(results: dict[str, Any], epsilons: list[float], variants: list[str]) -> str:
+    return compute_markdown(CELL_HEADER, compute_cell_rows(results, epsilons, variants))
 
 def cell_key(epsilon: float, variant: str) -> str:
     return f"eps={epsilon:g}/{variant}"

@@ -138,7 +138,7 @@ def _fmt(v: Any) -> str:
     return format_number(v)
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+def render_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A table; a row whose first cell is "delta" shows its value in scientific notation."""
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{format_number(c, str(row[0]) if j else '')}</td>"
@@ -177,17 +177,18 @@ def render_report(doc: dict[str, Any], title: str = "fedsocial federated run") -
                   for pid, info in sorted(partners.items()) if isinstance(info.get("alone"), dict)]
     sections = [
         f"<h1>{html.escape(title)}</h1>",
-        "<h2>Final test metrics</h2>", _table(["", "value"], final_rows),
+        "<h2>Final test metrics</h2>", render_table(["", "value"], final_rows),
         "<h2>Per round</h2>", '<div class="plots">' + "".join(plots) + "</div>",
-        _table(["round", "ndcg@10", "recall@10", "hr@10", "accepted", "dropped", "out of budget", "epsilon",
+        render_table(["round", "ndcg@10", "recall@10", "hr@10", "accepted", "dropped", "out of budget", "epsilon",
                 "time (s)"], r_rows),
-        "<h2>Partners</h2>", _table(["partner", *[c.replace("_", " ") for c in p_cols]], p_rows),
+        "<h2>Partners</h2>", render_table(["partner", *[c.replace("_", " ") for c in p_cols]], p_rows),
         *(["<h2>Served vs alone (--compare-alone)</h2>",
            f"<p>federation gain (mean of served / alone NDCG@10): {_fmt(doc.get('federation_gain', math.nan))}</p>",
-           _table(["partner", "served ndcg@10", "alone ndcg@10", "served / alone", "served recall@10",
+           render_table(["partner", "served ndcg@10", "alone ndcg@10", "served / alone", "served recall@10",
                    "alone recall@10", "served model"], alone_rows)] if alone_rows else []),
         "<h2>Dropped replies</h2>",
-        _table(["round", "partner", "reason"], [[d.get("round"), d.get("partner"), d.get("reason")] for d in dropped])
+        render_table(["round", "partner", "reason"],
+                     [[d.get("round"), d.get("partner"), d.get("reason")] for d in dropped])
         if dropped else "<p>none</p>",
     ]
     if "privacy_model" in doc:
