@@ -241,6 +241,7 @@ def run_simulation_from_config(cfg: Config, data_dir: str | os.PathLike[str] | N
     from fedsocial.server.app import make_server_app
     from fedsocial.server.checkpoint import latest_checkpoint
     from fedsocial.simulations.quiet import quiet_simulation_notices
+    from fedsocial.simulations.ray_runtime import ensure_ray_inplace
     from fedsocial.simulations.tracking import TrackedRounds, compute_final_scalars, make_tracker
 
     quiet_simulation_notices()  # Ray's FutureWarning and Flower's run_simulation banner (see quiet.py)
@@ -279,9 +280,11 @@ def run_simulation_from_config(cfg: Config, data_dir: str | os.PathLike[str] | N
     flwr_logger.setLevel(logging.WARNING)  # our per-round line replaces Flower's INFO chatter
     one_line = OneLineErrors()
     flwr_logger.addFilter(one_line)
+    ray_config = backend_config(cfg)
+    ensure_ray_inplace(ray_config["init_args"])  # inside kept_ray_runtime() only (tests, grids): one Ray for all runs
     try:
         run_simulation(server_app=make_server_app(settings, printer), client_app=make_client_app(settings, client_mods),
-                       num_supernodes=cfg.federation.partners, backend_config=backend_config(cfg))  # type: ignore[arg-type]
+                       num_supernodes=cfg.federation.partners, backend_config=ray_config)  # type: ignore[arg-type]
     finally:
         flwr_logger.setLevel(level)
         flwr_logger.removeFilter(one_line)

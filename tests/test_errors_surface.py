@@ -18,6 +18,7 @@ from fedsocial.shared.config import Config, ConfigError, load_config
 from fedsocial.shared.privacy.noise_key import NOISE_KEY
 from fedsocial.simulations import partition_cmd, simulate, train
 from fedsocial.simulations.preflight import run_preflight
+from fedsocial.simulations.ray_runtime import end_ray_inplace
 from fedsocial.simulations.simulate import (
     EXIT_NOTHING_TRAINED,
     OneLineErrors,
@@ -38,9 +39,10 @@ def _csv(folder: Path, rows: list[str]) -> Path:
 
 def test_simulate_refuses_a_malformed_csv_before_ray_in_one_line(tmp_path: Path,
                                                                  capsys: pytest.CaptureFixture[str]) -> None:
-    # Prepare: a CSV whose third line has a stray field
+    # Prepare: a CSV whose third line has a stray field; no Ray up (this worker's kept one is shut down)
     data = _csv(tmp_path / "bad", ["1,2", "2,3,4", "3,1"])
     out = tmp_path / "out"
+    end_ray_inplace()
 
     # Execute
     code = simulate.main(["--config", "configs/demo.toml", "--set", "data.format=csv",
