@@ -163,7 +163,8 @@ def _timed(fn: Any) -> tuple[Any, float, float]:
 
 def measure_profile(cfg: Config, data_dir: str | None, dp: bool = True, train: bool = True) -> dict[str, float]:
     """Where an epoch goes: data loading, example building (sampling and padding), one non-private
-    epoch, one DP epoch, one full-ranking evaluation pass; wall and CPU seconds of each.
+    epoch, one DP epoch, the local p_u refit (``user_embedding = local``), one full-ranking evaluation
+    pass; wall and CPU seconds of each.
 
     Uses only ``LocalTrainer.fit``/``evaluate`` and ``ExampleBuilder.train_batch``, so the same
     function measures an older checkout of the project side by side (docs/BENCHMARKS.md).
@@ -196,6 +197,8 @@ def measure_profile(cfg: Config, data_dir: str | None, dp: bool = True, train: b
         private.fit(1)
         _, out["dp_epoch_wall_s"], out["dp_epoch_cpu_s"] = _timed(lambda: private.fit(1))
         out["dp_ratio_cpu"] = out["dp_epoch_cpu_s"] / out["epoch_cpu_s"]
+    if cfg.model.user_embedding == "local" and cfg.model.local_refit_steps:  # p_u refit: after fits, before evaluations
+        _, out["refit_wall_s"], out["refit_cpu_s"] = _timed(plain.refit_local)
     metrics, out["eval_wall_s"], out["eval_cpu_s"] = _timed(lambda: plain.evaluate("val"))
     out["val_ndcg@10"] = metrics[0]["ndcg@10"]
     return out

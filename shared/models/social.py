@@ -36,20 +36,39 @@ against the frozen shared parameters (``refit_local_users``), added only to that
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from torch import nn
 
 from fedsocial.shared.config import ModelConfig
 from fedsocial.shared.models import (
+    MASKED,
     Batch,
     ModelError,
     RecModel,
     compute_loss_per_target,
+    compute_loss_per_target_premasked,
     compute_user_mean,
     init_embedding_,
 )
 from fedsocial.shared.optim import make_adamw
+
+
+@dataclass(frozen=True)
+class RefitInputs:
+    """The local refit's fixed terms (``SocialRec.refit_inputs``): one user batch, B users, H targets, M negatives."""
+
+    h0: torch.Tensor  # h_u's shared part per target, the target left out of the bag [B, H, d]
+    q_pos: torch.Tensor  # the targets' scored (normalised) vectors [B, H, d]
+    cb_pos: torch.Tensor  # the targets' biases [B, H]
+    q_neg_t: torch.Tensor  # the negatives' scored vectors, transposed [B, d, M]
+    neg_add: torch.Tensor  # the negatives' biases, MASKED where removed [B, 1, M]
+    n_valid: torch.Tensor  # kept negatives per user, >= 1 [B, 1]
+    target_mask: torch.Tensor  # [B, H]
+    scale: torch.Tensor | None  # learned_scale per user [B, 1], or None
+
 
 SCALE_RATE = 4.0  # learned_scale: d log(scale) / dw; Adam moves w about lr a step, so log(scale) moves 4 lr
 SCALE_LIMIT = 6.0  # |log(scale)| <= 6: the scale stays in [0.0025, 403] whatever the noise does to w
@@ -361,6 +380,28 @@ class SocialRec(RecModel):
         tau = self.model_cfg.temperature
         return x if tau <= 0 else nn.functional.normalize(x, dim=-1) / tau ** 0.5
 
+    def refit_inputs(self, batch: Batch) -> RefitInputs:
+        """What the local refit's objective holds fixed, computed once, without gradient."""
+        H = batch["targets"].shape[1]
+        with torch.no_grad():
+            h0, qv, cb = self.target_user_vectors(batch)
+            q = self._normalise(qv)
+            keep = batch["neg_mask"]
+            return RefitInputs(h0=h0, q_pos=q[:, :H], cb_pos=cb[:, :H], q_neg_t=q[:, H:].transpose(1, 2).contiguous(),
+                               neg_add=(cb[:, H:] + torch.where(keep > 0, 0.0, MASKED))[:, None, :],
+                               n_valid=keep.sum(-1, keepdim=True).clamp(min=1.0), target_mask=batch["target_mask"],
+                               scale=self.user_scale(batch["users"]))
+
+    def refit_objective(self, p: torch.Tensor, inputs: RefitInputs, l2: float) -> torch.Tensor:
+        """Per-user refit objective [B]: ``calculate_loss``'s value with p_u added to h_u, + l2 * |p_u|^2."""
+        h = self._normalise(inputs.h0 + p[:, None, :])
+        if inputs.scale is not None:
+            h = h * inputs.scale[:, :, None]
+        pos = (h * inputs.q_pos).sum(-1) + inputs.cb_pos
+        neg = torch.baddbmm(inputs.neg_add, h, inputs.q_neg_t)  # [B, H, M]: scores, biases and mask in one kernel
+        per_target = compute_loss_per_target_premasked(pos, neg, inputs.n_valid, self.model_cfg.loss)
+        return compute_user_mean(per_target, inputs.target_mask) + l2 * (p * p).sum(1)
+
     def refit_local_users(self, batch: Batch, steps: int, l2: float, lr: float = 0.05) -> None:
         """Fit p_u for the batch's users on their own training items, shared parameters frozen.
 
@@ -370,18 +411,13 @@ class SocialRec(RecModel):
         """
         if not self.local_user.shape[0] or steps == 0:
             return
-        users, H = batch["users"], batch["targets"].shape[1]
-        with torch.no_grad():
-            h0, qv, cb = self.target_user_vectors(batch)
-            scale = self.user_scale(users)
-        p = torch.zeros(users.shape[0], h0.shape[-1], device=h0.device, requires_grad=True)
+        users = batch["users"]
+        inputs = self.refit_inputs(batch)  # everything but p is fixed: the item side is prepared once
+        p = torch.zeros(users.shape[0], inputs.h0.shape[-1], device=inputs.h0.device, requires_grad=True)
         opt = make_adamw([p], lr, weight_decay=0.0)  # Adam: AdamW without decay, without torch's compiler import
         for _ in range(steps):
             opt.zero_grad()
-            pos, neg = self.score_targets(h0 + p[:, None, :], qv, cb, H, scale)
-            per_target = compute_loss_per_target(pos, neg, batch["neg_mask"], self.model_cfg.loss)
-            loss = compute_user_mean(per_target, batch["target_mask"]) + l2 * (p * p).sum(1)
-            loss.sum().backward()
+            self.refit_objective(p, inputs, l2).sum().backward()
             opt.step()
         with torch.no_grad():
             self.local_user[users] = p.detach()
