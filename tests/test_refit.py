@@ -118,3 +118,28 @@ def test_refit_reaches_the_objective_of_the_reference_loop() -> None:
     with torch.no_grad():
         torch.testing.assert_close(model.refit_objective(refit, inputs, 1.0).sum(),
                                    model.refit_objective(p.detach(), inputs, 1.0).sum(), rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("model", CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_training_loss_equals_the_masked_einsum_loss_in_value_and_every_gradient(model: dict[str, object]) -> None:
+    # Prepare: the same batch as above; the reference is score_targets + compute_loss_per_target (einsum, the
+    # mask applied by masked_fill, the softmax over the concatenated scores)
+    trainer = _trainer(**model)
+    net = trainer.model
+    batch = trainer._batch(trainer._example_users()[:24], np.random.default_rng(4))
+    batch["neg_mask"][0] = 0.0
+    batch["neg_mask"][1:, ::4] = 0.0
+    params = [p for p in net.parameters() if p.requires_grad]
+
+    # Execute
+    got = net.calculate_loss(batch)
+    got_grads = torch.autograd.grad(got.sum(), params, allow_unused=True)
+    want = _reference(net, batch, torch.zeros(24, 8), 0.0)
+    want_grads = torch.autograd.grad(want.sum(), params, allow_unused=True)
+
+    # Assert
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for param, g, w in zip(params, got_grads, want_grads, strict=True):
+        assert (g is None) == (w is None)
+        if g is not None and w is not None:
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-7, msg=lambda m, p=param: f"{p.shape}: {m}")

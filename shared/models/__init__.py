@@ -61,6 +61,16 @@ def compute_loss_per_target_premasked(pos: torch.Tensor, neg: torch.Tensor, n_va
     raise ModelError(f"model.loss: unknown loss {loss!r}")
 
 
+def compute_negative_addend(neg_bias: torch.Tensor, neg_mask: torch.Tensor) -> torch.Tensor:
+    """The negatives' biases [B, M] with ``MASKED`` added where ``neg_mask`` removes one: [B, 1, M], one addend."""
+    return (neg_bias + torch.where(neg_mask > 0, 0.0, MASKED))[:, None, :]
+
+
+def compute_kept_negatives(neg_mask: torch.Tensor) -> torch.Tensor:
+    """Kept negatives per user [B, 1], at least 1 (the divisor of the bce and bpr terms)."""
+    return neg_mask.sum(-1, keepdim=True).clamp(min=1.0)
+
+
 def compute_user_mean(per_target: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
     """Per-user average over the user's (unpadded) targets: shape [B]."""
     return (per_target * target_mask).sum(1) / target_mask.sum(1).clamp(min=1.0)
@@ -131,4 +141,5 @@ from fedsocial.shared.models.social import SocialRec  # noqa: E402
 MODELS: dict[str, type[RecModel]] = {"social": SocialRec, "bpr": BPRMF, "mostpop": MostPop}
 
 __all__ = ["MODELS", "BPRMF", "Batch", "ModelError", "MostPop", "RecModel", "SocialRec", "build_model",
-           "compute_loss_per_target", "compute_loss_per_target_premasked", "compute_user_mean", "init_embedding_"]
+           "compute_kept_negatives", "compute_loss_per_target", "compute_loss_per_target_premasked",
+           "compute_negative_addend", "compute_user_mean", "init_embedding_"]

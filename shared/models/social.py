@@ -44,12 +44,12 @@ from torch import nn
 
 from fedsocial.shared.config import ModelConfig
 from fedsocial.shared.models import (
-    MASKED,
     Batch,
     ModelError,
     RecModel,
-    compute_loss_per_target,
+    compute_kept_negatives,
     compute_loss_per_target_premasked,
+    compute_negative_addend,
     compute_user_mean,
     init_embedding_,
 )
@@ -350,10 +350,22 @@ class SocialRec(RecModel):
         neg = torch.einsum("bhd,bmd->bhm", h, qv[:, H:]) + cb[:, None, H:]
         return pos, neg
 
+    def fused_scores(self, h: torch.Tensor, q_pos: torch.Tensor, cb_pos: torch.Tensor, q_neg_t: torch.Tensor,
+                     neg_add: torch.Tensor, scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``score_targets`` from scored item vectors, the negatives' transposed [B, d, M] and their biases with
+        the mask as one addend [B, 1, M] (``compute_negative_addend``): negatives MASKED where removed."""
+        h = self._normalise(h)
+        if scale is not None:
+            h = h * scale[:, :, None]
+        return (h * q_pos).sum(-1) + cb_pos, torch.baddbmm(neg_add, h, q_neg_t)  # scores, biases, mask: one kernel
+
     def calculate_loss(self, batch: Batch) -> torch.Tensor:
         h, qv, cb = self.target_user_vectors(batch)  # the local p_u is refitted after training, not here
-        pos, neg = self.score_targets(h, qv, cb, batch["targets"].shape[1], self.user_scale(batch["users"]))
-        per_target = compute_loss_per_target(pos, neg, batch["neg_mask"], self.model_cfg.loss)
+        H, keep = batch["targets"].shape[1], batch["neg_mask"]
+        q = self._normalise(qv)
+        pos, neg = self.fused_scores(h, q[:, :H], cb[:, :H], q[:, H:].transpose(1, 2),
+                                     compute_negative_addend(cb[:, H:], keep), self.user_scale(batch["users"]))
+        per_target = compute_loss_per_target_premasked(pos, neg, compute_kept_negatives(keep), self.model_cfg.loss)
         return compute_user_mean(per_target, batch["target_mask"])
 
     def full_sort_predict(self, batch: Batch) -> torch.Tensor:
@@ -388,17 +400,13 @@ class SocialRec(RecModel):
             q = self._normalise(qv)
             keep = batch["neg_mask"]
             return RefitInputs(h0=h0, q_pos=q[:, :H], cb_pos=cb[:, :H], q_neg_t=q[:, H:].transpose(1, 2).contiguous(),
-                               neg_add=(cb[:, H:] + torch.where(keep > 0, 0.0, MASKED))[:, None, :],
-                               n_valid=keep.sum(-1, keepdim=True).clamp(min=1.0), target_mask=batch["target_mask"],
-                               scale=self.user_scale(batch["users"]))
+                               neg_add=compute_negative_addend(cb[:, H:], keep), n_valid=compute_kept_negatives(keep),
+                               target_mask=batch["target_mask"], scale=self.user_scale(batch["users"]))
 
     def refit_objective(self, p: torch.Tensor, inputs: RefitInputs, l2: float) -> torch.Tensor:
         """Per-user refit objective [B]: ``calculate_loss``'s value with p_u added to h_u, + l2 * |p_u|^2."""
-        h = self._normalise(inputs.h0 + p[:, None, :])
-        if inputs.scale is not None:
-            h = h * inputs.scale[:, :, None]
-        pos = (h * inputs.q_pos).sum(-1) + inputs.cb_pos
-        neg = torch.baddbmm(inputs.neg_add, h, inputs.q_neg_t)  # [B, H, M]: scores, biases and mask in one kernel
+        pos, neg = self.fused_scores(inputs.h0 + p[:, None, :], inputs.q_pos, inputs.cb_pos, inputs.q_neg_t,
+                                     inputs.neg_add, inputs.scale)
         per_target = compute_loss_per_target_premasked(pos, neg, inputs.n_valid, self.model_cfg.loss)
         return compute_user_mean(per_target, inputs.target_mask) + l2 * (p * p).sum(1)
 
