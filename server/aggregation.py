@@ -7,10 +7,14 @@ never their new parameters, so the server's step is ``global + weighted_mean(upd
 
 from __future__ import annotations
 
+import io
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from fedsocial.shared import protocol
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,43 @@ def compute_specs(names: Sequence[str], arrays: Sequence[np.ndarray]) -> list[Pa
 def compute_update_norm(update: Sequence[np.ndarray]) -> float:
     """Global L2 norm over all arrays, accumulated in float64."""
     return float(np.sqrt(sum(float(np.sum(np.square(a, dtype=np.float64))) for a in update)))
+
+
+def compute_decoded_update(tensors: Sequence[object], expected: Sequence[ParamSpec]) -> list[np.ndarray] | str:
+    """A reply's serialised arrays (``.npy`` bytes, as Flower's ``Parameters`` carry them) read against the
+    arrays the server expects, or why they cannot be.
+
+    Each array's header is read first and must name the expected shape and dtype, and the bytes after it
+    must be exactly that array's: nothing is unpickled (an object array is refused by its dtype), and a
+    reply claiming another shape is refused before any of its data is read or copied.
+    """
+    if len(tensors) != len(expected):
+        return f"{len(tensors)} arrays for {len(expected)} expected parameters"
+    out = []
+    for raw, spec in zip(tensors, expected, strict=True):
+        if not isinstance(raw, bytes):
+            return f"{spec.name}: expected serialised array bytes, got {type(raw).__name__}"
+        buf = io.BytesIO(raw)
+        try:
+            version = np.lib.format.read_magic(buf)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(buf)
+            elif version == (2, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(buf)
+            else:
+                return f"{spec.name}: unsupported array format version {version}"
+        except ValueError as exc:  # not an .npy array: bad magic, bad header, truncated
+            return f"{spec.name}: not a serialised array ({exc})"
+        if tuple(shape) != spec.shape:
+            return f"{spec.name}: shape {tuple(shape)}, expected {spec.shape}"
+        if dtype != np.dtype(spec.dtype):
+            return f"{spec.name}: dtype {dtype}, expected {spec.dtype}"
+        size = math.prod(spec.shape)
+        if len(raw) - buf.tell() != size * dtype.itemsize:
+            return f"{spec.name}: {len(raw) - buf.tell()} data bytes, expected {size * dtype.itemsize}"
+        arr = np.frombuffer(raw, dtype=dtype, count=size, offset=buf.tell())
+        out.append(arr.reshape(spec.shape, order="F" if fortran else "C"))
+    return out
 
 
 def validate_update(
@@ -74,6 +115,43 @@ def validate_update(
     bound = clipping_norm * (1.0 + norm_tolerance)
     if norm > bound:
         return f"update norm {norm:.6g} exceeds clipping_norm {clipping_norm:g} (x (1 + {norm_tolerance:g}))"
+    return None
+
+
+def compute_privacy_bounds(declared: Mapping[str, object], max_epsilon: float, target_delta: float
+                           ) -> tuple[float, float]:
+    """The (epsilon, delta) a partner's releases must stay within: the run's ``privacy.max_epsilon`` and
+    ``privacy.target_delta``, or the tighter ones the partner declared at registration (0 or absent: none
+    declared). A declaration never loosens the run's."""
+    caps = [float(max_epsilon)]
+    deltas = [float(target_delta)]
+    for key, out in (("max_epsilon", caps), ("target_delta", deltas)):
+        value = declared.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+            out.append(float(value))
+    return min(caps), min(deltas)
+
+
+def validate_privacy_claims(report: protocol.FitReport, *, privacy_enabled: bool, max_epsilon: float,
+                            target_delta: float, update_norm: float) -> str | None:
+    """Why a DP run must not take a reply's update on its privacy accounting, or None when it may.
+
+    Under DP every contributing update is a release the partner's ledger charged: a non-zero update
+    without its accounting (the ledger head the audit checks) would leave a partner the signed records
+    say never trained, and one whose own accounting passes the partner's cap or delta breaks the
+    budget it declared. Refused, as any bad reply, before it reaches the average.
+    """
+    if not privacy_enabled or report.budget_exhausted:
+        return None
+    acc = report.accounting
+    if acc is None:
+        if update_norm == 0.0:
+            return None  # nothing learnt, nothing released (a model without trainable shared parameters)
+        return "an update without the privacy accounting of its release (privacy is on): not charged in any ledger"
+    if acc.epsilon > max_epsilon * (1.0 + 1e-9):
+        return f"epsilon {acc.epsilon:g} after this release exceeds the cap {max_epsilon:g}"
+    if acc.delta > target_delta * (1.0 + 1e-9):
+        return f"delta {acc.delta:g} exceeds target_delta {target_delta:g}"
     return None
 
 

@@ -42,14 +42,17 @@ from flwr.server.strategy import Strategy
 
 from fedsocial.server.aggregation import (
     compute_applied,
+    compute_decoded_update,
     compute_is_eval_round,
     compute_noised,
+    compute_privacy_bounds,
     compute_server_noise_std,
     compute_specs,
     compute_update_norm,
     compute_weight_bounds,
     compute_weighted_average,
     compute_weighted_metrics,
+    validate_privacy_claims,
     validate_update,
 )
 from fedsocial.server.checkpoint import Checkpoint, append_jsonl, save_checkpoint
@@ -323,10 +326,14 @@ class FedSocialStrategy(Strategy):
         bounds = self.weight_bounds()
         kept, updates, weights = [], [], []
         for proxy, res, rep in reports:
-            arrays = parameters_to_ndarrays(res.parameters)
-            reason = validate_update(arrays, list(rep.param_names), self.specs, clipping_norm=fc.clipping_norm,
-                                     norm_tolerance=fc.norm_tolerance, expected_round=g, reply_round=rep.round,
-                                     num_examples=res.num_examples)
+            decoded = compute_decoded_update(res.parameters.tensors, self.specs)
+            arrays = [] if isinstance(decoded, str) else decoded
+            reason = decoded if isinstance(decoded, str) else validate_update(
+                arrays, list(rep.param_names), self.specs, clipping_norm=fc.clipping_norm,
+                norm_tolerance=fc.norm_tolerance, expected_round=g, reply_round=rep.round,
+                num_examples=res.num_examples)
+            if reason is None:
+                reason = self._privacy_refusal(rep, compute_update_norm(arrays))
             if reason is not None:
                 log.warning("round %d: dropped the reply of %s: %s", g, rep.partner_id, reason)
                 dropped.append({"partner": rep.partner_id, "reason": reason})
@@ -348,6 +355,12 @@ class FedSocialStrategy(Strategy):
         """Under SecAgg+ every FitRes carries the same unmasked weighted mean; check it as a whole."""
         fc = self.cfg.federation
         contributors = [t for t in reports if not t[2].budget_exhausted and t[1].num_examples > 0]
+        for _, _, rep in contributors:  # its masked share is in the sum: one false claim voids the sum
+            reason = self._privacy_refusal(rep, math.inf)
+            if reason is not None:
+                log.warning("round %d: the reply of %s in the secure sum: %s", g, rep.partner_id, reason)
+                dropped.append({"partner": rep.partner_id, "reason": reason})
+        contributors = [t for t in contributors if self._privacy_refusal(t[2], math.inf) is None]
         need = self.secagg_min_contributors()
         if len(contributors) < need or len(contributors) != len(results):
             self._skip(g, f"{len(contributors)} valid contributors of {len(results)} in the secure sum "
@@ -366,6 +379,12 @@ class FedSocialStrategy(Strategy):
             reports[:] = []
             return None
         return [a.astype(np.float64) for a in mean]
+
+    def _privacy_refusal(self, rep: protocol.FitReport, update_norm: float) -> str | None:
+        pc = self.cfg.privacy
+        eps, delta = compute_privacy_bounds(self.registered.get(rep.partner_id, {}), pc.max_epsilon, pc.target_delta)
+        return validate_privacy_claims(rep, privacy_enabled=pc.enabled, max_epsilon=eps, target_delta=delta,
+                                       update_norm=update_norm)
 
     def _check_quorum(self, g: int, accepted: list[Any], dropped: list[dict[str, Any]]) -> None:
         need = self.cfg.federation.min_partners

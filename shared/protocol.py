@@ -42,6 +42,14 @@ _PARTNER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _PARAM_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]{0,127}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 MAX_USERS = 10**9  # a declared user count above this is not a platform, it is an attempt to take the aggregate
+MAX_SECONDS = 1e9  # a reported duration above this (31 years) is not a measurement; summed, it would overflow
+# The ledger's plausible ranges (shared/privacy/ledger.py, not imported here: it loads the accountant): an
+# accounting outside them is no DP-SGD release anyone ran, so the reply that carries it is refused.
+MIN_NOISE_MULTIPLIER, MAX_NOISE_MULTIPLIER = 1e-2, 1e6
+MAX_STEPS = 10**9
+MAX_ROUND = 10**9
+MAX_GRAD_NORM = 1e9
+MAX_EPSILON = 1e12
 
 
 @dataclass(frozen=True)
@@ -237,10 +245,15 @@ def parse_fit_report(m: Mapping[str, Any], expected_round: int) -> FitReport | R
     users = _int(m, "num_users", errs, lo=1, hi=MAX_USERS)
     exhausted = _int(m, "budget_exhausted", errs, hi=1)
     loss = _float(m, "train_loss", errs, lo=-math.inf) if "train_loss" in m else None
-    fit_s = _float(m, "fit_time_s", errs) if "fit_time_s" in m else 0.0
-    eps = _float(m, "epsilon", errs) if "epsilon" in m else None
+    fit_s = _float(m, "fit_time_s", errs, hi=MAX_SECONDS) if "fit_time_s" in m else 0.0
+    eps = _float(m, "epsilon", errs, hi=MAX_EPSILON) if "epsilon" in m else None
     delta = _float(m, "delta", errs, hi=1.0, lo_open=True) if "delta" in m else None
     acc = _parse_accounting(m, errs)
+    if acc is not None and rnd is not None and acc.ledger_round != rnd:
+        # the entry that charges this round's release is this round's (a replayed or stale accounting is not)
+        errs.append(f"ledger_round: the accounting is of round {acc.ledger_round}, the reply is for round {rnd}")
+    if acc is not None and exhausted == 1:
+        errs.append("budget_exhausted: a refusal releases nothing, yet the reply carries a release's accounting")
     if errs or None in (rnd, pid, names, users, exhausted, fit_s):
         return Rejected(tuple(errs))
     return FitReport(rnd, pid, names, users, bool(exhausted), loss, fit_s, eps, delta, acc)  # type: ignore[arg-type]
@@ -255,10 +268,11 @@ def _parse_accounting(m: Mapping[str, Any], errs: list[str]) -> FitAccounting | 
         errs.append(f"privacy accounting incomplete: missing {sorted(set(keys) - set(present))}")
         return None
     n = len(errs)
-    values = (_float(m, "epsilon", errs), _float(m, "delta", errs, hi=1.0, lo_open=True),
-              _float(m, "noise_multiplier", errs), _float(m, "sample_rate", errs, hi=1.0, lo_open=True),
-              _int(m, "steps", errs), _float(m, "max_grad_norm", errs, lo_open=True),
-              _int(m, "ledger_round", errs), _str(m, "ledger_head", errs, _HEX64))
+    values = (_float(m, "epsilon", errs, hi=MAX_EPSILON), _float(m, "delta", errs, hi=1.0, lo_open=True),
+              _float(m, "noise_multiplier", errs, lo=MIN_NOISE_MULTIPLIER, hi=MAX_NOISE_MULTIPLIER),
+              _float(m, "sample_rate", errs, hi=1.0, lo_open=True), _int(m, "steps", errs, lo=1, hi=MAX_STEPS),
+              _float(m, "max_grad_norm", errs, hi=MAX_GRAD_NORM, lo_open=True),
+              _int(m, "ledger_round", errs, lo=1, hi=MAX_ROUND), _str(m, "ledger_head", errs, _HEX64))
     return None if len(errs) > n else FitAccounting(*values)  # type: ignore[arg-type]
 
 
@@ -311,7 +325,7 @@ def parse_eval_report(m: Mapping[str, Any], expected_round: int) -> EvalReport |
     pid = _str(m, "partner_id", errs, _PARTNER_ID)
     users = _int(m, "evaluated_users", errs, hi=MAX_USERS)
     values = {k: _float(m, k, errs, hi=1.0) for k in METRIC_KEYS}
-    eval_s = _float(m, "eval_time_s", errs) if "eval_time_s" in m else 0.0
+    eval_s = _float(m, "eval_time_s", errs, hi=MAX_SECONDS) if "eval_time_s" in m else 0.0
     if errs or None in (rnd, pid, users, eval_s):
         return Rejected(tuple(errs))
     return EvalReport(rnd, pid, users, {k: float(v) for k, v in values.items()}, eval_s)  # type: ignore[arg-type]

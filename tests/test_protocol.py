@@ -66,7 +66,14 @@ def test_key_sets_are_the_reports_fields() -> None:
     ({"round": 3.0}, "wrong round"),
     ({"num_users": 10**400}, "num_users"),
     ({"num_users": 0}, "num_users"),
-    ({"steps": 10**400}, None),  # an int is an int: only the bounds it breaks matter (none here)
+    ({"steps": 10**400}, "steps"),  # above the ledger's plausible 10^9: no DP-SGD round anyone ran
+    ({"steps": 10**9}, None),
+    ({"noise_multiplier": 1e-300}, "noise_multiplier"),
+    ({"epsilon": 1e308}, "epsilon"),
+    ({"fit_time_s": 1e308}, "fit_time_s"),  # summed over rounds it would be infinite in metrics.json
+    ({"ledger_round": 2}, "ledger_round"),  # a stale accounting: the entry charging round 3 is round 3's
+    ({"ledger_round": 10**400}, "ledger_round"),
+    ({"budget_exhausted": 1}, "a refusal releases nothing"),
     ({"noise_multiplier": math.nan}, "noise_multiplier"),
     ({"sample_rate": 1.5}, "sample_rate"),
     ({"delta": 0.0}, "delta"),
@@ -119,3 +126,13 @@ def test_parsers_report_every_problem_at_once() -> None:
     text = str(parsed)
     for key in ("round", "partner_id", "param_names", "num_users", "budget_exhausted", "epsilon"):
         assert key in text
+
+
+def test_the_protocols_plausible_ranges_are_the_ledgers() -> None:
+    # the protocol mirrors them (importing the ledger would load the accountant in every partner message)
+    from fedsocial.shared.privacy import ledger
+
+    assert (protocol.MIN_NOISE_MULTIPLIER, protocol.MAX_NOISE_MULTIPLIER, protocol.MAX_STEPS, protocol.MAX_ROUND,
+            protocol.MAX_GRAD_NORM, protocol.MAX_EPSILON) == (
+        ledger.MIN_NOISE_MULTIPLIER, ledger.MAX_NOISE_MULTIPLIER, ledger.MAX_STEPS, ledger.MAX_ROUND,
+        ledger.MAX_GRAD_NORM, ledger.MAX_EPSILON)

@@ -6,6 +6,7 @@ proxies stand in for the network only (they answer ``get_properties`` as a partn
 
 from __future__ import annotations
 
+import io
 import math
 import threading
 from pathlib import Path
@@ -13,7 +14,15 @@ from typing import Any
 
 import numpy as np
 import pytest
-from flwr.common import Code, EvaluateRes, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common import (
+    Code,
+    EvaluateRes,
+    FitRes,
+    Parameters,
+    Status,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
 from flwr.compat.common.typing import GetPropertiesRes
 from flwr.server.client_manager import SimpleClientManager
 
@@ -124,6 +133,100 @@ def test_a_malformed_fit_reply_is_dropped_and_logged_never_raised(tmp_path: Path
     assert info == {"accepted": 2, "dropped": 1}
     (dropped,) = strategy._round["dropped"]
     assert dropped["partner"] == "partner-2" and problem in dropped["reason"]
+
+
+def _npy(a: np.ndarray, allow_pickle: bool = False) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=allow_pickle)
+    return buf.getvalue()
+
+
+_GOOD = _npy(np.zeros((5, 3), np.float32))
+
+
+@pytest.mark.parametrize(("tensors", "problem"), [
+    ([b"garbage", _npy(np.ones(5, np.float32))], "item_emb: not a serialised array"),
+    ([_npy(np.array([{"a": 1}, None], dtype=object), allow_pickle=True)] * 2, "item_emb: shape (2,)"),
+    ([_npy(np.zeros((5, 3), dtype=object), allow_pickle=True)] * 2, "item_emb: dtype object"),
+    ([_GOOD[:-4], _npy(np.ones(5, np.float32))], "item_emb: 56 data bytes, expected 60"),
+    ([_GOOD + b"\0" * 10**6, _npy(np.ones(5, np.float32))], "data bytes, expected 60"),  # oversized payload
+    ([_GOOD, _npy(np.ones(5, ">f4"))], "item_bias: dtype >f4"),
+    ([_GOOD, _npy(np.ones(5, np.float32)), _GOOD], "3 arrays for 2 expected"),
+    ([], "0 arrays for 2 expected"),
+])
+def test_undecodable_arrays_in_a_reply_are_dropped_with_a_reason_never_raised(
+        tmp_path: Path, tensors: list[bytes], problem: str) -> None:
+    # Prepare: two honest replies and one whose serialised arrays are hostile or broken
+    strategy = _strategy(tmp_path)
+    hostile = _fit(2, _direction(2), 10)
+    hostile[1].parameters = Parameters(tensors, "numpy.ndarray")
+
+    # Execute
+    params, info = strategy.aggregate_fit(1, [_fit(0, _direction(0), 10), _fit(1, _direction(1), 10), hostile],
+                                          [])  # type: ignore[arg-type]
+
+    # Assert: refused with a named reason (nothing unpickled), the round goes on with the other two
+    assert info == {"accepted": 2, "dropped": 1}
+    (dropped,) = strategy._round["dropped"]
+    assert dropped["partner"] == "partner-2" and problem in dropped["reason"], dropped
+    new = parameters_to_ndarrays(params)  # type: ignore[arg-type]
+    expect = INITIAL[0] + (_direction(0)[0].astype(np.float64) + _direction(1)[0]) / 2
+    np.testing.assert_allclose(new[0], expect, atol=1e-6)
+
+
+HEAD = "ab" * 32
+
+
+def _accounting(**over: Any) -> dict[str, Any]:
+    return {"epsilon": 2.0, "delta": 1e-5, "noise_multiplier": 1.1, "sample_rate": 0.1, "steps": 10,
+            "max_grad_norm": 0.1, "ledger_round": 1, "ledger_head": HEAD, **over}
+
+
+@pytest.mark.parametrize(("metrics", "declared_cap", "problem"), [
+    ({}, 0.0, "without the privacy accounting"),  # the audit would see a partner that never trained
+    ({"epsilon": 3.0, "delta": 1e-5}, 0.0, "without the privacy accounting"),  # a refusal's fields, an update
+    (_accounting(epsilon=9.5), 0.0, "epsilon 9.5 after this release exceeds the cap 8"),  # the run's cap
+    (_accounting(epsilon=4.5), 4.0, "epsilon 4.5 after this release exceeds the cap 4"),  # its own, declared
+    (_accounting(epsilon=4.5), 20.0, None),  # a declaration never loosens the run's cap
+    (_accounting(epsilon=9.5), 20.0, "exceeds the cap 8"),
+    (_accounting(delta=1e-3), 0.0, "delta 0.001 exceeds target_delta 1e-05"),
+    (_accounting(ledger_round=0), 0.0, "ledger_round"),
+    (_accounting(noise_multiplier=1e-300), 0.0, "noise_multiplier"),
+])
+def test_under_dp_an_update_with_false_or_missing_privacy_accounting_is_refused(
+        tmp_path: Path, metrics: dict[str, Any], declared_cap: float, problem: str | None) -> None:
+    # Prepare: a DP run (cap 8, delta 1e-5); partner-2 may have declared its own cap at registration
+    cfg = Config().replace("federation", partners=3, min_partners=2, clipping_norm=1.0).replace(
+        "privacy", enabled=True, max_epsilon=8.0, target_delta=1e-5)
+    regs = _registrations(3)
+    regs[2].update(max_epsilon=declared_cap, target_delta=1e-5)
+    strategy = FedSocialStrategy(cfg, tmp_path, NAMES, INITIAL, registrations=regs)
+    honest = [_fit(n, _direction(n), 10, **_accounting(ledger_head=f"{n}" * 64)) for n in range(2)]
+
+    # Execute
+    _, info = strategy.aggregate_fit(1, [*honest, _fit(2, _direction(2), 10, **metrics)], [])  # type: ignore[arg-type]
+
+    # Assert: dropped with its reason; its claims reach neither the round's record nor the signed heads
+    if problem is None:
+        assert info == {"accepted": 3, "dropped": 0}
+        return
+    assert info == {"accepted": 2, "dropped": 1}
+    (dropped,) = strategy._round["dropped"]
+    assert dropped["partner"] == "partner-2" and problem in dropped["reason"], dropped
+    assert "partner-2" not in strategy._round["epsilon"] and "partner-2" not in strategy.partners
+
+
+def test_under_dp_a_refusal_and_a_zero_update_without_accounting_are_taken(tmp_path: Path) -> None:
+    cfg = Config().replace("federation", partners=3, min_partners=3, clipping_norm=1.0).replace(
+        "privacy", enabled=True)
+    strategy = FedSocialStrategy(cfg, tmp_path, NAMES, INITIAL, registrations=_registrations(3))
+    zero = [np.zeros_like(a) for a in INITIAL]
+
+    _, info = strategy.aggregate_fit(1, [_fit(0, _direction(0), 10, **_accounting()),
+                                         _fit(1, zero, 0, budget_exhausted=1, epsilon=7.9, delta=1e-5),
+                                         _fit(2, zero, 10)], [])  # type: ignore[arg-type]
+
+    assert info == {"accepted": 3, "dropped": 0}
 
 
 def test_two_replies_with_one_partner_id_in_a_round_are_both_refused(tmp_path: Path) -> None:
