@@ -14,7 +14,7 @@ import logging
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from flwr.app import Context, Message
@@ -31,6 +31,7 @@ from fedsocial.client.update import compute_clipped_update
 from fedsocial.shared import protocol
 
 log = logging.getLogger("fedsocial.client")
+T = TypeVar("T")
 Mod = Callable[[Message, Context, Callable[[Message, Context], Message]], Message]
 
 
@@ -39,6 +40,14 @@ def checked(parsed: Any) -> dict[str, Any]:
     if isinstance(parsed, protocol.Rejected):
         raise ValueError(f"this partner's reply breaks the protocol: {parsed}")
     return parsed.to_metrics()  # type: ignore[no-any-return]
+
+
+def instructed(parsed: T | protocol.Rejected, what: str) -> T:
+    """Instructions that passed the protocol's checks; otherwise the partner refuses the message, before
+    it trains, evaluates or spends anything (a hostile or broken coordinator gets a clear error)."""
+    if isinstance(parsed, protocol.Rejected):
+        raise PartnerError(f"refusing the coordinator's {what}: {parsed}")
+    return parsed
 
 
 class FedSocialClient(NumPyClient):
@@ -52,8 +61,10 @@ class FedSocialClient(NumPyClient):
         self.partner = partner
 
     def get_properties(self, config: Mapping[str, Any]) -> dict[str, Any]:  # type: ignore[override]
-        if "round" in config:  # the server asks whether this partner will train that round (SecAgg+)
-            round_ = int(config["round"])
+        asked = instructed(protocol.parse_properties_request(config, self.partner.cfg.federation.rounds),
+                           "properties request")
+        if asked is not None:  # the server asks whether this partner will train that round (SecAgg+)
+            round_ = asked
             intent = protocol.Intent(self.partner.partner_id, round_, self.partner.will_train(round_))
             return checked(protocol.parse_intent(intent.to_metrics(), round_))
         names, _ = self.partner.initial_parameters()
@@ -84,12 +95,14 @@ class FedSocialClient(NumPyClient):
 
     def fit(self, parameters: list[np.ndarray], config: Mapping[str, Any]  # type: ignore[override]
             ) -> tuple[list[np.ndarray], int, dict[str, Any]]:
-        round_ = int(config["round"])
+        ins = instructed(protocol.parse_fit_instructions(config, self.partner.cfg.federation.rounds),
+                         "training instructions")
+        round_ = ins.round
         arrays, weight, metrics = self.partner.fit(list(parameters), round_)
-        if "weight" in config:  # the bound the server derived from this partner's registration
-            weight = min(weight, int(config["weight"]))
+        if ins.weight is not None:  # the bound the server derived from this partner's registration
+            weight = min(weight, ins.weight)
         out = checked(protocol.parse_fit_report(metrics, round_))
-        if out["budget_exhausted"] and int(config.get("secure_aggregation", 0)):
+        if out["budget_exhausted"] and ins.secure_aggregation:
             # Under SecAgg+ a weight-0 zero vector would still count toward the reconstruction
             # threshold, so the secure sum could be one other partner's update alone. Failing the
             # round makes this partner a dropout instead: Flower then counts only real contributors.
@@ -98,7 +111,8 @@ class FedSocialClient(NumPyClient):
 
     def evaluate(self, parameters: list[np.ndarray], config: Mapping[str, Any]  # type: ignore[override]
                  ) -> tuple[float, int, dict[str, Any]]:
-        round_ = int(config["round"])
+        round_ = instructed(protocol.parse_eval_instructions(config, self.partner.cfg.federation.rounds),
+                            "evaluation instructions").round
         metrics, n = self.partner.evaluate(list(parameters), round_)
         if metrics is None:  # kept on the partner (DP without a DP evaluation release): only the round leaves
             kept = protocol.EvalReport(round_, self.partner.partner_id, 0, {}, released=False)
@@ -125,9 +139,9 @@ def update_clipping_mod(msg: Message, ctxt: Context, call_next: Any) -> Message:
     if msg.metadata.message_type != MessageType.TRAIN:
         return call_next(msg, ctxt)  # type: ignore[no-any-return]
     fit_ins = compat.recorddict_to_fitins(msg.content, keep_input=True)
-    if "clipping_norm" not in fit_ins.config:
-        raise KeyError("the server did not send clipping_norm in the fit config")
-    clipping_norm = float(fit_ins.config["clipping_norm"])
+    # read before training: a bound that cannot clip (absent, NaN, 0, a string) refuses the round unspent
+    clipping_norm = instructed(protocol.parse_fit_instructions(fit_ins.config, None),
+                               "training instructions").clipping_norm
     received = parameters_to_ndarrays(fit_ins.parameters)
     out_msg: Message = call_next(msg, ctxt)
     if out_msg.has_error():

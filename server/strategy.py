@@ -208,10 +208,9 @@ class FedSocialStrategy(Strategy):
         bounds = self.weight_bounds()
         out = []
         for proxy in proxies:
-            config: dict[str, Scalar] = {"round": g, "clipping_norm": fc.clipping_norm, "weight_cap": fc.weight_cap,
-                                         "num_rounds": fc.rounds, "weight": int(bounds[self._who(proxy)]),
-                                         "secure_aggregation": int(self.secagg)}
-            out.append((proxy, FitIns(ndarrays_to_parameters(self.global_params), config)))
+            ins = protocol.FitInstructions(g, fc.clipping_norm, fc.rounds, int(bounds[self._who(proxy)]),
+                                           fc.weight_cap, self.secagg)
+            out.append((proxy, FitIns(ndarrays_to_parameters(self.global_params), ins.to_config())))
         return out
 
     def _secagg_contributors(self, g: int, proxies: list[ClientProxy]) -> list[ClientProxy]:
@@ -402,7 +401,7 @@ class FedSocialStrategy(Strategy):
         if not compute_is_eval_round(g, self.cfg.federation.rounds, self.cfg.federation.eval_every):
             self._finish_round(g, {}, {}, 0)  # Flower calls no aggregate_evaluate for an empty round
             return []
-        ins = EvaluateIns(ndarrays_to_parameters(self.global_params), {"round": g})
+        ins = EvaluateIns(ndarrays_to_parameters(self.global_params), protocol.EvalInstructions(g).to_config())
         return [(proxy, ins) for proxy in self._sample(client_manager)]
 
     def aggregate_evaluate(self, server_round: int, results: list[tuple[ClientProxy, EvaluateRes]],

@@ -186,6 +186,95 @@ def _round(m: Mapping[str, Any], expected: int, errs: list[str]) -> int | None:
     return v
 
 
+# ---- what the coordinator asks (the partner reads it through these) -------------------------------
+
+@dataclass(frozen=True)
+class FitInstructions:
+    """The config of a training message: the global round, the bound on the update, the weight bound.
+
+    Nothing in it touches the partner's privacy: noise, clipping of the users' gradients and the budget
+    are the partner's own settings, so an instruction about them is a key outside the protocol.
+    """
+
+    round: int
+    clipping_norm: float  # the L2 bound of the update the partner sends (not its DP clipping)
+    num_rounds: int | None = None  # the coordinator's total; the partner planned its budget for its own
+    weight: int | None = None  # the bound the server derived from the registration
+    weight_cap: int | None = None
+    secure_aggregation: bool = False
+
+    def to_config(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"round": self.round, "clipping_norm": self.clipping_norm,
+                               "secure_aggregation": int(self.secure_aggregation)}
+        out.update({k: v for k, v in (("num_rounds", self.num_rounds), ("weight", self.weight),
+                                      ("weight_cap", self.weight_cap)) if v is not None})
+        return out
+
+
+FIT_CONFIG_KEYS = _keys(FitInstructions)
+
+
+def _planned_round(m: Mapping[str, Any], planned_rounds: int | None, errs: list[str]) -> int | None:
+    """The instructed round: an integer in [1, planned_rounds] (a round the partner did not plan for
+    would spend budget its calibration never counted; 0, negative, 1.9 or True are no round)."""
+    return _int(m, "round", errs, lo=1, hi=planned_rounds if planned_rounds is not None else MAX_ROUND)
+
+
+def parse_fit_instructions(m: Mapping[str, Any], planned_rounds: int | None) -> FitInstructions | Rejected:
+    """A training message's config as :class:`FitInstructions`, or every problem with it.
+
+    ``planned_rounds``: the partner's ``federation.rounds`` (None: the round's range is not checked,
+    for a reader that only needs the update bound).
+    """
+    errs: list[str] = []
+    _unknown(m, FIT_CONFIG_KEYS, errs)
+    rnd = _planned_round(m, planned_rounds, errs)
+    clip = _float(m, "clipping_norm", errs, lo_open=True)
+    total = _int(m, "num_rounds", errs, lo=1, hi=MAX_ROUND) if "num_rounds" in m else None
+    if total is not None and planned_rounds is not None and total != planned_rounds:
+        errs.append(f"num_rounds: the coordinator runs {total} rounds, this partner planned its budget for "
+                    f"{planned_rounds}")
+    weight = _int(m, "weight", errs, hi=MAX_USERS) if "weight" in m else None
+    cap = _int(m, "weight_cap", errs, hi=MAX_USERS) if "weight_cap" in m else None
+    secure = _int(m, "secure_aggregation", errs, hi=1) if "secure_aggregation" in m else 0
+    if errs or rnd is None or clip is None or secure is None:
+        return Rejected(tuple(errs))
+    return FitInstructions(rnd, clip, total, weight, cap, bool(secure))
+
+
+@dataclass(frozen=True)
+class EvalInstructions:
+    """The config of an evaluation message: the global round whose parameters are evaluated."""
+
+    round: int
+
+    def to_config(self) -> dict[str, Any]:
+        return {"round": self.round}
+
+
+EVAL_CONFIG_KEYS = _keys(EvalInstructions)
+
+
+def parse_eval_instructions(m: Mapping[str, Any], planned_rounds: int) -> EvalInstructions | Rejected:
+    errs: list[str] = []
+    _unknown(m, EVAL_CONFIG_KEYS, errs)
+    rnd = _planned_round(m, planned_rounds, errs)
+    if errs or rnd is None:
+        return Rejected(tuple(errs))
+    return EvalInstructions(rnd)
+
+
+def parse_properties_request(m: Mapping[str, Any], planned_rounds: int) -> int | None | Rejected:
+    """A ``get_properties`` config: empty asks for the registration (None), ``{"round": r}`` for the
+    intent of round r (r)."""
+    if not m:
+        return None
+    errs: list[str] = []
+    _unknown(m, frozenset({"round"}), errs)
+    rnd = _planned_round(m, planned_rounds, errs)
+    return Rejected(tuple(errs)) if errs or rnd is None else rnd
+
+
 # ---- fit reply ------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)

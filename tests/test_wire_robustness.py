@@ -374,3 +374,59 @@ def test_an_exhausted_partner_drops_out_of_a_secagg_round_instead_of_sending_zer
     with pytest.raises(PartnerError, match="not contributing"):
         client.fit(first, {**config, "round": 2})
     assert client.fit(first, {**config, "round": 2, "secure_aggregation": 0})[1] == 0  # plain path: weight 0
+
+
+# ---- a hostile or broken coordinator: the partner refuses what it did not plan -----------------------
+
+def _config(**over: Any) -> dict[str, Any]:
+    return {**protocol.FitInstructions(1, 1.0, 2, 10**9, 0, False).to_config(), **over}
+
+
+@pytest.mark.parametrize(("config", "problem"), [
+    (_config(round=1.9), "round: expected an integer in [1, 2]"),  # was trained as round 1
+    (_config(round=True), "round: expected an integer"),
+    (_config(round=0), "round: expected an integer in [1, 2]"),
+    (_config(round=3), "round: expected an integer in [1, 2]"),  # a round its budget was not planned for
+    (_config(round="1"), "round: expected an integer"),
+    ({"clipping_norm": 1.0}, "round: expected an integer"),
+    (_config(num_rounds=50), "the coordinator runs 50 rounds, this partner planned its budget for 2"),
+    (_config(weight=-5), "weight: expected an integer in [0"),
+    (_config(clipping_norm=math.nan), "clipping_norm"),
+    (_config(clipping_norm=0.0), "clipping_norm"),
+    (_config(**{"privacy.enabled": False}), "keys outside the protocol: ['privacy.enabled']"),
+    (_config(noise_multiplier=0.0, max_grad_norm=1e9), "keys outside the protocol"),
+    (_config(secure_aggregation=2), "secure_aggregation"),
+])
+def test_a_partner_refuses_training_instructions_it_did_not_plan_before_spending_anything(
+        tmp_path: Path, config: dict[str, Any], problem: str) -> None:
+    # Prepare: a real partner of the tiny federation (2 rounds planned), nothing charged yet
+    partner, _ = one_round_partner(tmp_path)
+    client = FedSocialClient(partner)
+    _, initial = partner.initial_parameters()
+    ledger = tmp_path / "run" / "ledgers" / "partner-1.jsonl"
+
+    # Execute / Assert: a clear refusal naming the field; no ledger entry, no saved state, no release
+    with pytest.raises(PartnerError, match="refusing the coordinator's training instructions") as err:
+        client.fit(initial, config)
+    assert problem in str(err.value)
+    assert not ledger.exists() or ledger.read_text() == ""
+    assert not (tmp_path / "run" / "partners" / "partner-1" / "rounds").exists()
+
+
+@pytest.mark.parametrize(("call", "config", "problem"), [
+    ("evaluate", {"round": 3}, "round: expected an integer in [1, 2]"),
+    ("evaluate", {"round": 1, "release": "exact"}, "keys outside the protocol"),
+    ("evaluate", {"round": -1}, "round"),
+    ("get_properties", {"round": 2.5}, "round"),
+    ("get_properties", {"round": 1, "max_epsilon": 100.0}, "keys outside the protocol"),
+])
+def test_a_partner_refuses_evaluation_and_property_requests_it_did_not_plan(
+        tmp_path: Path, call: str, config: dict[str, Any], problem: str) -> None:
+    partner, _ = one_round_partner(tmp_path)
+    client = FedSocialClient(partner)
+    _, initial = partner.initial_parameters()
+
+    with pytest.raises(PartnerError, match="refusing the coordinator's") as err:
+        client.evaluate(initial, config) if call == "evaluate" else client.get_properties(config)
+
+    assert problem in str(err.value)
