@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from fedsocial.client.state import (
+    list_snapshots,
     load_local_state,
     load_or_create_noise_key,
     load_release,
@@ -223,6 +224,12 @@ def compute_all_finite(a: Any) -> bool:
     return arr.dtype.kind in "fiu" and bool(np.isfinite(arr).all())
 
 
+def compute_non_finite(arrays: Mapping[str, Any]) -> list[str]:
+    """The names of the floating-point arrays that hold a NaN or an infinity (integer arrays cannot)."""
+    return sorted(n for n, a in arrays.items()
+                  if np.asarray(a).dtype.kind in "fc" and not bool(np.isfinite(np.asarray(a)).all()))
+
+
 class Partner:
     """One partner's round logic; holds config and data, never model state (that lives on disk)."""
 
@@ -353,6 +360,7 @@ class Partner:
         private = self.cfg.privacy.enabled and trainer.model.trainable
         if not private:
             result = self._train(trainer, round_, None)
+            self._check_finite(trainer, round_)
             save_local_state(self.settings.state_dir, round_, trainer.get_local_state())
             new = trainer.get_shared()
             metrics.update(train_loss=float(result.train_loss), fit_time_s=float(result.wall_time_s))
@@ -373,6 +381,7 @@ class Partner:
             metrics.update(self._refuse(ledger, round_, admission))
             return list(arrays), 0, metrics
         result = self._train(trainer, round_, pround.plan.noise_multiplier)
+        self._check_finite(trainer, round_)
         save_local_state(self.settings.state_dir, round_, trainer.get_local_state())
         new = trainer.get_shared()
         out, weight = [new[n] for n in names], compute_weight(self.num_users, self.cfg.federation.weight_cap)
@@ -393,6 +402,14 @@ class Partner:
             except (OSError, ValueError) as exc:
                 log.warning("%s: round %d's intent not answered ahead: %s", self.partner_id, round_ + 1, exc)
         return out, weight, metrics
+
+    def _check_finite(self, trainer: Any, round_: int) -> None:
+        """Refuse a round whose training diverged (global parameters of absurd size make NaN tables) before
+        anything is saved, charged or sent: the state of earlier rounds stays as it was, and nothing left."""
+        bad = compute_non_finite({**trainer.get_shared(), **trainer.get_local_state()})
+        if bad:
+            raise PartnerError(f"{self.partner_id}: round {round_}'s training diverged (non-finite {', '.join(bad)}); "
+                               "nothing saved, charged or sent")
 
     def _train(self, trainer: Any, round_: int, noise_multiplier: float | None) -> Any:
         return trainer.fit(self.cfg.federation.local_epochs, noise_multiplier=noise_multiplier,
@@ -571,6 +588,7 @@ class Partner:
         from fedsocial.shared.privacy.evaluation import (
             EVAL_SENSITIVITY,
             compute_noisy_release,
+            compute_planned_eval_rounds,
             eval_event,
             load_eval_release,
             save_eval_release,
@@ -588,6 +606,16 @@ class Partner:
                 raise PartnerError(f"{self.partner_id}: the evaluation of round {round_} was released and charged, "
                                    "but that release is not on this partner's disk; refusing a second one")
             return dict(saved["metrics"]), int(saved["evaluated_users"])
+        if round_ not in compute_planned_eval_rounds(self.cfg):
+            raise PartnerError(f"{self.partner_id}: asked to release an evaluation of round {round_}, which the "
+                               f"plan does not evaluate (rounds {compute_planned_eval_rounds(self.cfg)}); refusing "
+                               "a release its calibration did not count (nothing charged)")
+        if not any(r >= round_ for r, _ in list_snapshots(self.settings.state_dir)):
+            # a release of a round this partner has not reached would, in the ledger's round order, refuse
+            # every training round before it; kept local (as a partner whose fit of that round failed does)
+            log.warning("%s: asked to release an evaluation of round %d before its fit of that round; kept local",
+                        self.partner_id, round_)
+            return None, 0
         base = self.privacy_plan()
         plan = dataclasses.replace(base, noise_multiplier=sigma, sample_rate=1.0, steps=1,
                                    max_grad_norm=EVAL_SENSITIVITY,

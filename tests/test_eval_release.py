@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedsocial.client.partner import Partner, settings_from_context
+from fedsocial.client.partner import Partner, PartnerError, settings_from_context
 from fedsocial.shared.privacy.accounting import compute_epsilon
 from fedsocial.shared.privacy.audit import EXIT_OK, audit_run
 from fedsocial.shared.privacy.evaluation import (
@@ -127,6 +127,28 @@ def test_a_dp_evaluation_is_charged_in_the_ledger_recomputed_by_the_audit_and_re
     last = read_ledger(tmp_path / "run" / "ledgers" / "partner-0.jsonl")[-1]
     assert last["epsilon_rdp"] == pytest.approx(compute_epsilon([plan.event, (4.0, 1.0, 1), plan.event], 1e-4),
                                                 rel=1e-9)
+
+
+def test_a_dp_evaluation_is_released_only_for_a_planned_round_the_partner_has_reached(tmp_path: Path) -> None:
+    # Prepare: 2 rounds planned with eval_every 2 (one planned release, after round 2); round 1 trained
+    partner = _partner(tmp_path, eval_noise_multiplier=4.0, eval_every=2)
+    ledger = tmp_path / "run" / "ledgers" / "partner-0.jsonl"
+    _, initial = partner.initial_parameters()
+    new, _, _ = partner.fit(initial, 1)
+
+    # Execute / Assert: round 1 is no evaluation round: refused, nothing charged
+    with pytest.raises(PartnerError, match="round 1, which the plan does not evaluate"):
+        partner.evaluate(new, 1)
+    # round 2 is, but this partner has not been asked to fit it: kept local, nothing charged (a release
+    # there would have refused its round-2 training: the ledger's rounds only increase)
+    assert partner.evaluate(new, 2) == (None, 0)
+    assert [e.get("release", "training") for e in read_ledger(ledger)] == ["training"]
+    # after its fit of round 2 the planned release goes out, charged once
+    second, _, _ = partner.fit(new, 2)
+    sent, _ = partner.evaluate(second, 2)
+    assert sent is not None
+    assert [(e["round"], e.get("release", "training")) for e in read_ledger(ledger)] == [
+        (1, "training"), (2, "training"), (2, "evaluation")]
 
 
 def test_pooled_metrics_weight_partners_by_their_users() -> None:

@@ -430,3 +430,24 @@ def test_a_partner_refuses_evaluation_and_property_requests_it_did_not_plan(
         client.evaluate(initial, config) if call == "evaluate" else client.get_properties(config)
 
     assert problem in str(err.value)
+
+
+def test_global_parameters_that_make_training_diverge_leave_the_partner_as_it_was(tmp_path: Path) -> None:
+    # Prepare: a real DP partner; the coordinator sends finite but absurd globals (1e30 everywhere)
+    partner, _ = one_round_partner(tmp_path)
+    client = FedSocialClient(partner)
+    _, initial = partner.initial_parameters()
+    hostile = [a + np.float32(1e30) for a in initial]
+    state = tmp_path / "run" / "partners" / "partner-1"
+
+    # Execute: training on them diverges (its NaN tables used to be saved and the round charged, then not sent)
+    with pytest.raises(PartnerError, match="round 1's training diverged"):
+        client.fit(hostile, _config())
+
+    # Assert: no snapshot, no release, no ledger entry; the sane round 1 then trains and is charged once
+    assert not (state / "rounds").exists() and not (state / "releases").exists()
+    ledger = tmp_path / "run" / "ledgers" / "partner-1.jsonl"
+    assert not ledger.exists() or ledger.read_text() == ""
+    out, _, metrics = client.fit(initial, _config())
+    assert metrics["ledger_round"] == 1 and len(ledger.read_text().splitlines()) == 1
+    assert all(np.isfinite(a).all() for a in out)

@@ -80,8 +80,15 @@ def compute_planned_eval_events(cfg: Any) -> list[tuple[float, float, int]]:
     fc = cfg.federation
     if not (cfg.privacy.enabled and fc.eval_noise_multiplier > 0):
         return []
-    rounds = sum(1 for r in range(1, fc.rounds + 1) if r % fc.eval_every == 0 or r == fc.rounds)
-    return [eval_event(fc.eval_noise_multiplier)] * rounds
+    return [eval_event(fc.eval_noise_multiplier)] * len(compute_planned_eval_rounds(cfg))
+
+
+def compute_planned_eval_rounds(cfg: Any) -> list[int]:
+    """The rounds after which a federated run evaluates: every ``eval_every`` rounds and after the last
+    (the server's schedule, server/aggregation.py ``compute_is_eval_round``). A DP partner releases an
+    evaluation for these rounds only: any other would spend budget its calibration did not plan."""
+    fc = cfg.federation
+    return [r for r in range(1, fc.rounds + 1) if r % fc.eval_every == 0 or r == fc.rounds]
 
 
 def write_local_evaluation(state_dir: Path, round_: int, metrics: Mapping[str, float], n: int,
