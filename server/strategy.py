@@ -422,6 +422,9 @@ class FedSocialStrategy(Strategy):
 
     def _read_eval_replies(self, g: int, results: list[tuple[ClientProxy, EvaluateRes]]) -> list[protocol.EvalReport]:
         """Evaluation reports of registered partners, one per id, none evaluating more users than declared."""
+        from fedsocial.shared.privacy.evaluation import compute_release_mode
+
+        mode = compute_release_mode(self.cfg.privacy.enabled, self.cfg.federation.eval_noise_multiplier)
         out, dropped = [], []
         for proxy, res in results:
             who = self._who(proxy)
@@ -430,6 +433,9 @@ class FedSocialStrategy(Strategy):
                 reason = "the node is not a registered partner of this run"
             elif isinstance(rep, protocol.Rejected):
                 reason = f"malformed evaluation: {rep}"
+            elif rep.released and mode == "local":
+                reason = ("released metrics in a DP run that keeps evaluations on the partners "
+                          "(federation.eval_noise_multiplier = 0): no DP bound covers them, not published")
             elif rep.partner_id != who:
                 reason = f"the evaluation claims partner id {rep.partner_id!r}, the node registered as {who!r}"
             elif rep.evaluated_users > int(self.registered[who]["num_users"]):

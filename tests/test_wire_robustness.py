@@ -272,6 +272,25 @@ def test_a_bad_evaluation_is_never_averaged_in(tmp_path: Path, bad: dict[str, An
     assert set(strategy.history[-1]["partners"]) == {"partner-0", "partner-1"}
 
 
+def test_under_dp_an_evaluation_the_run_keeps_local_is_not_published_when_a_partner_sends_it(tmp_path: Path) -> None:
+    # Prepare: a DP run without DP evaluation releases; partner-2 sends its exact metrics anyway
+    cfg = Config().replace("federation", partners=3, min_partners=2, clipping_norm=1.0).replace(
+        "privacy", enabled=True)
+    strategy = FedSocialStrategy(cfg, tmp_path, NAMES, INITIAL, registrations=_registrations(3, 100))
+    kept = [(_Proxy(n), EvaluateRes(Status(Code.OK, ""), 0.0, 0,
+                                    {"round": 1, "partner_id": f"partner-{n}", "released": 0})) for n in range(2)]
+
+    # Execute
+    loss, agg = strategy.aggregate_evaluate(1, [*kept, _eval(2, **{"ndcg@10": 0.9})], [])
+
+    # Assert: nothing averaged or recorded from it; the refusal is in the round's record
+    assert (loss, agg) == (None, {})
+    record = strategy.history[-1]
+    assert record["partners"] == {} and "ndcg@10" not in record
+    (dropped,) = record["eval_dropped"]
+    assert dropped["partner"] == "partner-2" and "no DP bound covers them" in dropped["reason"]
+
+
 # ---- item 5: SecAgg+ counts contributors only -------------------------------------------------------
 
 class _IntentProxy(_Proxy):
