@@ -37,7 +37,26 @@ def compute_update_norm(update: Sequence[np.ndarray]) -> float:
     return float(np.sqrt(sum(float(np.sum(np.square(a, dtype=np.float64))) for a in update)))
 
 
-def compute_decoded_update(tensors: Sequence[object], expected: Sequence[ParamSpec]) -> list[np.ndarray] | str:
+def compute_npy_header(raw: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int] | str:
+    """(shape, Fortran order, dtype, data offset) of serialised ``.npy`` bytes, or why they are none.
+
+    Only the header is read: nothing is unpickled or copied.
+    """
+    buf = io.BytesIO(raw)
+    try:
+        version = np.lib.format.read_magic(buf)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(buf)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(buf)
+        else:
+            return f"unsupported array format version {version}"
+    except ValueError as exc:  # not an .npy array: bad magic, bad header, truncated
+        return f"not a serialised array ({exc})"
+    return tuple(int(n) for n in shape), bool(fortran), dtype, buf.tell()
+
+
+def compute_decoded_update(tensors: object, expected: Sequence[ParamSpec]) -> list[np.ndarray] | str:
     """A reply's serialised arrays (``.npy`` bytes, as Flower's ``Parameters`` carry them) read against the
     arrays the server expects, or why they cannot be.
 
@@ -45,31 +64,26 @@ def compute_decoded_update(tensors: Sequence[object], expected: Sequence[ParamSp
     must be exactly that array's: nothing is unpickled (an object array is refused by its dtype), and a
     reply claiming another shape is refused before any of its data is read or copied.
     """
+    if not isinstance(tensors, (list, tuple)):
+        return f"expected a list of serialised arrays, got {type(tensors).__name__}"
     if len(tensors) != len(expected):
         return f"{len(tensors)} arrays for {len(expected)} expected parameters"
     out = []
     for raw, spec in zip(tensors, expected, strict=True):
         if not isinstance(raw, bytes):
             return f"{spec.name}: expected serialised array bytes, got {type(raw).__name__}"
-        buf = io.BytesIO(raw)
-        try:
-            version = np.lib.format.read_magic(buf)
-            if version == (1, 0):
-                shape, fortran, dtype = np.lib.format.read_array_header_1_0(buf)
-            elif version == (2, 0):
-                shape, fortran, dtype = np.lib.format.read_array_header_2_0(buf)
-            else:
-                return f"{spec.name}: unsupported array format version {version}"
-        except ValueError as exc:  # not an .npy array: bad magic, bad header, truncated
-            return f"{spec.name}: not a serialised array ({exc})"
-        if tuple(shape) != spec.shape:
-            return f"{spec.name}: shape {tuple(shape)}, expected {spec.shape}"
+        header = compute_npy_header(raw)
+        if isinstance(header, str):
+            return f"{spec.name}: {header}"
+        shape, fortran, dtype, offset = header
+        if shape != spec.shape:
+            return f"{spec.name}: shape {shape}, expected {spec.shape}"
         if dtype != np.dtype(spec.dtype):
             return f"{spec.name}: dtype {dtype}, expected {spec.dtype}"
         size = math.prod(spec.shape)
-        if len(raw) - buf.tell() != size * dtype.itemsize:
-            return f"{spec.name}: {len(raw) - buf.tell()} data bytes, expected {size * dtype.itemsize}"
-        arr = np.frombuffer(raw, dtype=dtype, count=size, offset=buf.tell())
+        if len(raw) - offset != size * dtype.itemsize:
+            return f"{spec.name}: {len(raw) - offset} data bytes, expected {size * dtype.itemsize}"
+        arr = np.frombuffer(raw, dtype=dtype, count=size, offset=offset)
         out.append(arr.reshape(spec.shape, order="F" if fortran else "C"))
     return out
 

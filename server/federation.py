@@ -11,22 +11,26 @@ from __future__ import annotations
 import logging
 import platform
 import time
-from collections.abc import Callable, Mapping
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from flwr.app import Context, Message
-from flwr.common import GetParametersIns, GetPropertiesIns, parameters_to_ndarrays
+from flwr.common import GetParametersIns, GetPropertiesIns
 from flwr.common.constant import MessageTypeLegacy
 from flwr.compat.common import recorddict_compat as compat
 from flwr.server import LegacyContext, ServerConfig, SimpleClientManager
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid
 
+from fedsocial.server.aggregation import ParamSpec, compute_decoded_update, compute_npy_header
 from fedsocial.server.checkpoint import latest_checkpoint, list_checkpoints, rewrite_jsonl
+from fedsocial.server.screening import ScreenedGrid
 from fedsocial.server.strategy import METRIC_KEYS, FedSocialStrategy, QuorumError
+from fedsocial.shared import protocol
 from fedsocial.shared.config import Config, ConfigError, load_config
 from fedsocial.shared.fileio import write_json_atomic
 from fedsocial.shared.protocol import PRIVACY_MODEL
@@ -68,22 +72,22 @@ def settings_from_run_config(run_config: Mapping[str, Any]) -> ServerSettings:
     )
 
 
-def _ask_all(grid: Grid, node_ids: list[int], message_type: str, make_content: Callable[[], Any]) -> dict[int, Message]:
+def _ask_all(grid: Grid, node_ids: list[int], message_type: str, make_content: Callable[[], Any]
+             ) -> tuple[dict[int, Message], dict[int, str]]:
     """One message to each node, sent together so that the nodes answer in parallel (in a deployment
-    each answer costs a ClientApp process start and Flower's polling), the replies by node."""
+    each answer costs a ClientApp process start and Flower's polling): the replies by node, and why
+    each node without one has none."""
     messages = [Message(content=make_content(), dst_node_id=nid, message_type=message_type, group_id="0")
                 for nid in node_ids]
     replies = {int(r.metadata.src_node_id): r for r in grid.send_and_receive(messages)}
+    failed = {}
     for nid in node_ids:
-        reply = replies.get(nid)
+        reply = replies.pop(nid, None)
         if reply is None or reply.has_error():
-            err = reply.error if reply is not None else "no reply"
-            raise QuorumError(f"node {nid} did not answer {message_type}: {err}")
-    return replies
-
-
-def _ask(grid: Grid, node_id: int, message_type: str, content: Any) -> Message:
-    return _ask_all(grid, [node_id], message_type, lambda: content)[node_id]
+            failed[nid] = f"did not answer {message_type}: {reply.error if reply is not None else 'no reply'}"
+        else:
+            replies[nid] = reply
+    return replies, failed
 
 
 class RefreshingClientManager(SimpleClientManager):
@@ -111,17 +115,53 @@ def wait_for_nodes(grid: Grid, cfg: Config, timeout: float) -> list[int]:
         time.sleep(0.5)
 
 
-def query_partners(grid: Grid, nodes: list[int]) -> dict[int, dict[str, Any]]:
-    """Each node's properties: partner id, shared-parameter names, user count (not hidden by design)."""
-    replies = _ask_all(grid, nodes, MessageTypeLegacy.GET_PROPERTIES,
-                       lambda: compat.getpropertiesins_to_recorddict(GetPropertiesIns({})))
-    return {nid: dict(compat.recorddict_to_getpropertiesres(replies[nid].content).properties) for nid in nodes}
+def query_partners(grid: Grid, nodes: list[int]) -> tuple[dict[int, dict[str, Any]], dict[int, str]]:
+    """Each node's properties (partner id, shared-parameter names, user count: not hidden by design),
+    and why each node that gave none did not (the run goes on without it while the quorum holds)."""
+    replies, failed = _ask_all(grid, nodes, MessageTypeLegacy.GET_PROPERTIES,
+                               lambda: compat.getpropertiesins_to_recorddict(GetPropertiesIns({})))
+    return ({nid: dict(compat.recorddict_to_getpropertiesres(r.content).properties) for nid, r in replies.items()},
+            failed)
 
 
-def initial_parameters(grid: Grid, node_id: int) -> list[np.ndarray]:
+def compute_admitted(props: Mapping[int, Mapping[str, Any]]
+                     ) -> tuple[dict[int, protocol.Registration], dict[int, str]]:
+    """The registrations a run starts from, and every other node with why it is refused: a registration
+    must parse, name a partner id no other node declares, and declare the shared parameters most of the
+    valid ones declare (a first node with other names must not decide them for everyone)."""
+    parsed = {nid: protocol.parse_registration(p) for nid, p in sorted(props.items())}
+    valid = {nid: r for nid, r in parsed.items() if isinstance(r, protocol.Registration)}
+    refused = {nid: f"registration refused: {r}" for nid, r in parsed.items() if isinstance(r, protocol.Rejected)}
+    ids = Counter(r.partner_id for r in valid.values())
+    for nid, reg in list(valid.items()):
+        if ids[reg.partner_id] > 1:
+            refused[nid] = f"registration refused: partner id {reg.partner_id!r} declared by two nodes"
+            del valid[nid]
+    names = Counter(r.param_names for r in valid.values())
+    if names:
+        common = max(names, key=lambda n: (names[n], -min(nid for nid, r in valid.items() if r.param_names == n)))
+        for nid, reg in list(valid.items()):
+            if reg.param_names != common:
+                refused[nid] = f"registration refused: {reg.partner_id} declares other shared parameters"
+                del valid[nid]
+    return valid, dict(sorted(refused.items()))
+
+
+def initial_parameters(grid: Grid, node_id: int, names: Sequence[str]) -> list[np.ndarray] | str:
+    """The initial shared parameters as ``node_id`` initialises them, or why they cannot start a run."""
     content = compat.getparametersins_to_recorddict(GetParametersIns({}))
-    reply = _ask(grid, node_id, MessageTypeLegacy.GET_PARAMETERS, content)
-    return parameters_to_ndarrays(compat.recorddict_to_getparametersres(reply.content, keep_input=False).parameters)
+    replies, failed = _ask_all(grid, [node_id], MessageTypeLegacy.GET_PARAMETERS, lambda: content)
+    if node_id in failed:
+        return failed[node_id]
+    tensors = compat.recorddict_to_getparametersres(replies[node_id].content, keep_input=False).parameters.tensors
+    headers = [compute_npy_header(t) if isinstance(t, bytes) else "not bytes" for t in tensors]
+    if len(tensors) != len(names) or any(isinstance(h, str) for h in headers):
+        return f"initial parameters: {len(tensors)} arrays for {len(names)} declared, or unreadable"
+    specs = [ParamSpec(n, h[0], str(h[2])) for n, h in zip(names, headers, strict=True) if not isinstance(h, str)]
+    arrays = compute_decoded_update(tensors, specs)
+    if isinstance(arrays, str) or not all(a.dtype.kind == "f" and np.isfinite(a).all() for a in arrays):
+        return f"initial parameters: not finite floating-point arrays ({arrays if isinstance(arrays, str) else ''})"
+    return [np.array(a) for a in arrays]
 
 
 def _only_noise_keys(path: Path) -> bool:
@@ -160,27 +200,46 @@ def run_server(grid: Grid, context: Context, overrides: Mapping[str, Any] | None
                on_round: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Run (or resume) the federation; returns the metrics document also written to ``metrics.json``."""
     t0 = time.perf_counter()
+    specs: list[ParamSpec] = []  # the shared parameters, once the bootstrap knows them
+    grid = ScreenedGrid(grid, lambda: specs)  # a reply the workflows cannot read becomes its sender's error
     s = settings_from_run_config({**dict(context.run_config), **dict(overrides or {})})
     cfg = load_config(s.config_path)
     _check_run_dir(s)
     s.run_dir.mkdir(parents=True, exist_ok=True)
     nodes = wait_for_nodes(grid, cfg, s.wait_timeout)
-    props = query_partners(grid, nodes)
-    record_run_manifest(s.run_dir, cfg, props)
+    answered, refused = query_partners(grid, nodes)
+    admitted, not_admitted = compute_admitted(answered)
+    refused.update(not_admitted)
     ckpt = latest_checkpoint(s.run_dir) if s.resume else None
     if ckpt is not None:
         names, params, start, state = ckpt.names, ckpt.arrays, ckpt.round, ckpt.state
         rewrite_jsonl(s.run_dir / "rounds.jsonl", list(state.get("history", [])))
         log.info("resuming after round %d from %s", start, s.run_dir / "checkpoints")
     else:
-        names = str(props[nodes[0]]["param_names"]).split(",")
-        params, start, state = initial_parameters(grid, nodes[0]), 0, {}
+        names, params, start, state = [], [], 0, {}
+        for nid, reg in sorted(admitted.items()):  # the first admitted node whose initial parameters are sound
+            names = list(reg.param_names)
+            got = initial_parameters(grid, nid, names)
+            if not isinstance(got, str):
+                params = got
+                break
+            refused[nid] = got
+            del admitted[nid]
+    for nid, why in sorted(refused.items()):
+        log.warning("node %d: %s", nid, why)
+    if len(admitted) < cfg.federation.min_partners:
+        raise QuorumError(f"only {len(admitted)} partners registered, federation.min_partners is "
+                          f"{cfg.federation.min_partners}" + "".join(f"; node {n}: {w}" for n, w in refused.items()))
+    props = {nid: reg.to_metrics() for nid, reg in admitted.items()}
+    record_run_manifest(s.run_dir, cfg, props)
     secagg_kwargs: dict[str, Any] = {}
     from fedsocial.server.secagg import derive_secagg_settings
 
     strategy = FedSocialStrategy(cfg, s.run_dir, names, params, start_round=start, state=state,
                                  secagg=cfg.secagg.enabled, secagg_precision=cfg.secagg.precision,
-                                 wait_timeout=s.wait_timeout, on_round=on_round, registrations=props)
+                                 wait_timeout=s.wait_timeout, on_round=on_round, registrations=props,
+                                 refused=refused)
+    specs.extend(strategy.specs)
     if cfg.secagg.enabled:  # the weights the strategy will send: declared users, bounded
         secagg_kwargs = derive_secagg_settings(cfg, list(strategy.weight_bounds().values()))
     last = min(cfg.federation.rounds, s.stop_after) if s.stop_after > 0 else cfg.federation.rounds

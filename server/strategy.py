@@ -95,7 +95,8 @@ class FedSocialStrategy(Strategy):
                  start_round: int = 0, state: dict[str, Any] | None = None, secagg: bool = False,
                  secagg_precision: float = 0.0, wait_timeout: float = 600.0,
                  on_round: Callable[[dict[str, Any]], None] | None = None,
-                 registrations: Mapping[int, Mapping[str, Any]] | None = None) -> None:
+                 registrations: Mapping[int, Mapping[str, Any]] | None = None,
+                 refused: Mapping[int, str] | None = None) -> None:
         self.cfg, self.run_dir, self.names = cfg, run_dir, list(names)
         self.specs = compute_specs(names, initial)
         self.global_params = [np.asarray(a) for a in initial]
@@ -115,6 +116,7 @@ class FedSocialStrategy(Strategy):
             self.rng.bit_generator.state = state["rng"]
         self._round: dict[str, Any] = {}
         self._t0 = time.perf_counter()
+        self.refused_nodes.update(refused or {})  # refused at the bootstrap: never asked again
         self.register_all(registrations or {})
 
     # --- registration --------------------------------------------------------------------------
@@ -325,7 +327,7 @@ class FedSocialStrategy(Strategy):
         bounds = self.weight_bounds()
         kept, updates, weights = [], [], []
         for proxy, res, rep in reports:
-            decoded = compute_decoded_update(res.parameters.tensors, self.specs)
+            decoded = compute_decoded_update(getattr(res.parameters, "tensors", None), self.specs)
             arrays = [] if isinstance(decoded, str) else decoded
             reason = decoded if isinstance(decoded, str) else validate_update(
                 arrays, list(rep.param_names), self.specs, clipping_norm=fc.clipping_norm,

@@ -24,7 +24,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedsocial.server.federation import QuorumError, RefreshingClientManager, query_partners
+from fedsocial.server.federation import RefreshingClientManager, compute_admitted, query_partners
 
 
 class TableGrid(Grid):
@@ -107,16 +107,37 @@ def test_query_partners_asks_every_node_in_one_batch() -> None:
     # Prepare
     grid = TableGrid([5, 3, 9])
     # Execute
-    props = query_partners(grid, [3, 5, 9])
+    props, failed = query_partners(grid, [3, 5, 9])
     # Assert: one send_and_receive for all three nodes, each reply attributed to its own node
     assert grid.batches == [[3, 5, 9]]
     assert {nid: p["partner_id"] for nid, p in props.items()} == {3: "partner-3", 5: "partner-5", 9: "partner-9"}
+    assert failed == {}
 
 
 @pytest.mark.usefixtures("server_task")
-def test_query_partners_names_the_node_that_did_not_answer() -> None:
+def test_query_partners_names_the_node_that_did_not_answer_and_keeps_the_others() -> None:
     # Prepare
     grid = TableGrid([3, 5, 9], silent=[5])
-    # Execute / Assert
-    with pytest.raises(QuorumError, match="node 5 did not answer"):
-        query_partners(grid, [3, 5, 9])
+    # Execute
+    props, failed = query_partners(grid, [3, 5, 9])
+    # Assert: one silent node is that node's refusal, not the end of the run (the quorum decides)
+    assert sorted(props) == [3, 9]
+    assert list(failed) == [5] and "did not answer get_properties" in failed[5]
+
+
+def _registration(pid: str, names: str = "a,b", users: int = 10) -> dict[str, Any]:
+    return {"partner_id": pid, "param_names": names, "num_users": users}
+
+
+def test_the_bootstrap_admits_valid_unique_registrations_with_the_names_most_declare() -> None:
+    # Prepare: node 1 (first) declares other parameter names, nodes 4 and 5 one id, node 6 garbage
+    props = {1: _registration("p1", "x"), 2: _registration("p2"), 3: _registration("p3"), 4: _registration("p4"),
+             5: _registration("p4"), 6: {"partner_id": "../etc", "num_users": [1]}}
+    # Execute
+    admitted, refused = compute_admitted(props)
+    # Assert: the run's names are the majority's, not the first node's; each refusal says why
+    assert {nid: r.partner_id for nid, r in admitted.items()} == {2: "p2", 3: "p3"}
+    assert all(r.param_names == ("a", "b") for r in admitted.values())
+    assert "declares other shared parameters" in refused[1]
+    assert "declared by two nodes" in refused[4] and "declared by two nodes" in refused[5]
+    assert "partner_id" in refused[6] and "num_users" in refused[6]

@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app.message_type import MessageType
 from flwr.common import (
     Code,
     EvaluateRes,
@@ -23,12 +25,22 @@ from flwr.common import (
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+from flwr.compat.common import recorddict_compat as compat
 from flwr.compat.common.typing import GetPropertiesRes
+from flwr.server import LegacyContext, ServerConfig
 from flwr.server.client_manager import SimpleClientManager
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
+from flwr.server.workflow.constant import Key as WorkflowKey
+from flwr.server.workflow.default_workflows import default_fit_workflow
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
 
 from fedsocial.client.flower import FedSocialClient
 from fedsocial.client.partner import PartnerError
-from fedsocial.server.aggregation import compute_weight_bounds
+from fedsocial.server.aggregation import ParamSpec, compute_weight_bounds
+from fedsocial.server.screening import ScreenedGrid, compute_reply_problem
 from fedsocial.server.strategy import FedSocialStrategy
 from fedsocial.shared import protocol
 from fedsocial.shared.config import Config
@@ -470,3 +482,139 @@ def test_global_parameters_that_make_training_diverge_leave_the_partner_as_it_wa
     out, _, metrics = client.fit(initial, _config())
     assert metrics["ledger_round"] == 1 and len(ledger.read_text().splitlines()) == 1
     assert all(np.isfinite(a).all() for a in out)
+
+
+# ---- replies Flower's workflows could not read --------------------------------------------------------
+
+class _ReplyGrid(Grid):
+    """Nodes answering each training message with ``reply(node, request)`` (the transport is not under test)."""
+
+    def __init__(self, reply: Any) -> None:
+        self.reply = reply
+        self._run = Run.create_empty(run_id=7)
+
+    def set_run(self, run: Run) -> None:
+        self._run = run
+
+    @property
+    def run(self) -> Run:
+        return self._run
+
+    def create_message(self, *args: Any, **kwargs: Any) -> Message:  # type: ignore[override]
+        raise NotImplementedError
+
+    def get_node_ids(self) -> list[int]:
+        return [0, 1, 2]
+
+    def push_messages(self, messages: Any) -> Any:
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids: Any) -> Any:
+        raise NotImplementedError
+
+    def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> list[Message]:
+        return [self.reply(m.metadata.dst_node_id, m) for m in messages]
+
+
+def _honest_reply(node: int, request: Message) -> Message:
+    _, res = _fit(node, _direction(node), 10)
+    return Message(compat.fitres_to_recorddict(res, keep_input=True), reply_to=request)
+
+
+def _no_num_examples(content: RecordDict) -> None:
+    del content.metric_records["fitres.num_examples"]
+
+
+def _list_metric(content: RecordDict) -> None:
+    content.config_records["fitres.metrics"]["epsilon"] = [1.0, 2.0]
+
+
+def _no_status(content: RecordDict) -> None:
+    del content.config_records["fitres.status"]
+
+
+def _bad_code(content: RecordDict) -> None:
+    content.config_records["fitres.status"]["code"] = 999
+
+
+def _count_list(content: RecordDict) -> None:
+    content.metric_records["fitres.num_examples"]["num_examples"] = [1, 2]
+
+
+@pytest.fixture
+def server_task(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The identity Flower gives a ServerApp process (a Message needs its run id)."""
+    monkeypatch.setattr(TaskIdentity, "_run_id", 7)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+
+
+@pytest.mark.usefixtures("server_task")
+@pytest.mark.parametrize("damage", [_no_num_examples, _list_metric, _no_status, _bad_code, _count_list])
+def test_a_reply_flowers_workflow_cannot_read_is_that_partners_failure_not_the_runs(tmp_path: Path,
+                                                                                    damage: Any) -> None:
+    # Prepare: Flower's own fit workflow, the real strategy; partner-2's reply is damaged as it arrives
+    def reply(node: int, request: Message) -> Message:
+        msg = _honest_reply(node, request)
+        if node == 2:
+            damage(msg.content)
+        return msg
+
+    strategy = _strategy(tmp_path)
+    manager = SimpleClientManager()
+    for node in range(3):
+        manager.register(_Proxy(node))
+    context = LegacyContext(Context(7, 0, {}, RecordDict(), {}), ServerConfig(num_rounds=1), strategy, manager)
+    context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: 1})
+    context.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
+        ndarrays_to_parameters(INITIAL), True)
+    grid = ScreenedGrid(_ReplyGrid(reply), lambda: strategy.specs)
+
+    # Execute: without the screen, Flower's conversion raised here and ended the run
+    default_fit_workflow(grid, context)
+
+    # Assert: partner-2 is a failure with the screen's reason; the round aggregated the other two
+    assert strategy._round["accepted"] == ["partner-0", "partner-1"]
+    (dropped,) = strategy._round["dropped"]
+    assert dropped["partner"] == "?" and "refused by the server: node 2: unreadable train reply" in dropped["reason"]
+
+
+def _stage_messages(stage: str, asked: dict[str, Any], got: dict[str, Any]) -> tuple[Message, Message]:
+    request = Message(RecordDict({RECORD_KEY_CONFIGS: ConfigRecord({Key.STAGE: stage, **asked})}), 2,
+                      MessageType.TRAIN)
+    return request, Message(RecordDict({RECORD_KEY_CONFIGS: ConfigRecord(got)}), reply_to=request)
+
+
+def _masked(*shapes: tuple[int, ...]) -> list[bytes]:
+    return [_npy(np.zeros(s, np.int64)) for s in shapes]
+
+
+@pytest.mark.usefixtures("server_task")
+@pytest.mark.parametrize(("stage", "asked", "got", "problem"), [
+    (Stage.SETUP, {}, {Key.PUBLIC_KEY_1: b"k"}, "public keys missing"),
+    (Stage.SHARE_KEYS, {}, {Key.DESTINATION_LIST: [1, 3], Key.CIPHERTEXT_LIST: [b"c"]}, "equal length"),
+    (Stage.SHARE_KEYS, {}, {Key.DESTINATION_LIST: ["1"], Key.CIPHERTEXT_LIST: [b"c"]}, "equal length"),
+    (Stage.COLLECT_MASKED_VECTORS, {}, {Key.MASKED_PARAMETERS: _masked((1,), (5, 3))}, "2 masked arrays, expected 3"),
+    (Stage.COLLECT_MASKED_VECTORS, {}, {Key.MASKED_PARAMETERS: _masked((1,), (5, 2), (5,))}, "masked array 1"),
+    (Stage.COLLECT_MASKED_VECTORS, {}, {Key.MASKED_PARAMETERS: [b"x", b"y", b"z"]}, "masked array 0"),
+    (Stage.COLLECT_MASKED_VECTORS, {}, {Key.MASKED_PARAMETERS: _masked((1,), (5, 3), (5,))},
+     "unreadable train reply"),  # the masked vector without the fit reply the strategy reads
+    (Stage.UNMASK, {Key.ACTIVE_NODE_ID_LIST: [1, 2], Key.DEAD_NODE_ID_LIST: [3]},
+     {Key.NODE_ID_LIST: [1, 99], Key.SHARE_LIST: [b"s", b"t"]}, "not asked about"),
+    (Stage.UNMASK, {Key.ACTIVE_NODE_ID_LIST: [1, 2]}, {Key.NODE_ID_LIST: [1]}, "equal length"),
+    (Stage.UNMASK, {Key.ACTIVE_NODE_ID_LIST: [1, 2], Key.DEAD_NODE_ID_LIST: [3]},
+     {Key.NODE_ID_LIST: [1, 3], Key.SHARE_LIST: [b"s", b"t"]}, None),
+    (Stage.SETUP, {}, {Key.PUBLIC_KEY_1: b"k", Key.PUBLIC_KEY_2: b"l"}, None),
+])
+def test_secagg_stage_replies_the_workflow_could_not_read_are_refused_by_the_screen(
+        stage: str, asked: dict[str, Any], got: dict[str, Any], problem: str | None) -> None:
+    # Prepare: a stage request of SecAggPlusWorkflow and a reply as a hostile node may send it
+    request, reply = _stage_messages(stage, asked, got)
+    specs = [ParamSpec("item_emb", (5, 3)), ParamSpec("item_bias", (5,))]
+
+    # Execute
+    found = compute_reply_problem(request, reply, specs)
+
+    # Assert: what the workflow would index, zip or add up is refused by name (its KeyError, strict zip
+    # or broadcast error would have ended the run); a readable reply passes
+    assert (found is None) if problem is None else (found is not None and problem in found), found
