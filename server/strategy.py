@@ -245,7 +245,7 @@ class FedSocialStrategy(Strategy):
             # a partner that died mid-run must not stall the round for the whole wait_timeout
             res = proxy.get_properties(GetPropertiesIns({"round": g}), timeout=min(self.wait_timeout, 60.0),
                                        group_id=None)
-            return protocol.parse_intent(dict(res.properties), g)
+            return protocol.parse_intent(protocol.as_mapping(res.properties), g)
         except Exception as exc:  # a partner that does not answer is not a contributor
             return protocol.Rejected((f"no answer: {type(exc).__name__}: {exc}",))
 
@@ -308,7 +308,7 @@ class FedSocialStrategy(Strategy):
             if _node(proxy) not in self.node_partner:
                 drop(who, "the node is not a registered partner of this run")
                 continue
-            rep = protocol.parse_fit_report(dict(res.metrics), g)
+            rep = protocol.parse_fit_report(protocol.as_mapping(res.metrics), g)
             if isinstance(rep, protocol.Rejected):
                 drop(who, f"malformed reply: {rep}")
             elif rep.partner_id != who:
@@ -430,7 +430,7 @@ class FedSocialStrategy(Strategy):
         out, dropped = [], []
         for proxy, res in results:
             who = self._who(proxy)
-            rep = protocol.parse_eval_report(dict(res.metrics), g)
+            rep = protocol.parse_eval_report(protocol.as_mapping(res.metrics), g)
             if _node(proxy) not in self.node_partner:
                 reason = "the node is not a registered partner of this run"
             elif isinstance(rep, protocol.Rejected):

@@ -109,6 +109,12 @@ def _names(m: Mapping[str, Any], key: str, errs: list[str]) -> tuple[str, ...] |
     return names
 
 
+def as_mapping(m: object) -> Mapping[str, Any]:
+    """A reply's metrics as a mapping to parse (anything else, e.g. None, parses as empty: every required
+    field is then missing, and the reply is rejected naming them)."""
+    return m if isinstance(m, Mapping) else {}
+
+
 def _unknown(m: Mapping[str, Any], allowed: frozenset[str], errs: list[str]) -> None:
     extra = sorted(str(k) for k in m if k not in allowed)
     if extra:

@@ -241,6 +241,23 @@ def test_under_dp_a_refusal_and_a_zero_update_without_accounting_are_taken(tmp_p
     assert info == {"accepted": 3, "dropped": 0}
 
 
+@pytest.mark.parametrize("metrics", [None, [("round", 1)], "round=1"])
+def test_a_reply_whose_metrics_are_no_mapping_is_dropped_never_raised(tmp_path: Path, metrics: Any) -> None:
+    strategy = _strategy(tmp_path, users=100)
+    hostile = _fit(2, _direction(2), 10)
+    hostile[1].metrics = metrics
+    broken_eval = _eval(2)
+    broken_eval[1].metrics = metrics
+
+    _, info = strategy.aggregate_fit(1, [_fit(0, _direction(0), 10), _fit(1, _direction(1), 10), hostile],
+                                     [])  # type: ignore[arg-type]
+    strategy.aggregate_evaluate(1, [_eval(0), _eval(1), broken_eval], [])
+
+    assert info == {"accepted": 2, "dropped": 1}
+    assert "partner_id: expected a string" in strategy.history[-1]["dropped"][0]["reason"]
+    assert set(strategy.history[-1]["partners"]) == {"partner-0", "partner-1"}
+
+
 def test_two_replies_with_one_partner_id_in_a_round_are_both_refused(tmp_path: Path) -> None:
     # Prepare: two nodes registered under one id are refused at registration ...
     regs = _registrations(3)
