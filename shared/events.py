@@ -17,6 +17,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,8 @@ SOCIAL = ("follow", "unfollow")
 # local-state entries with one row per user: grown with zero rows when events add users
 PER_USER_STATE = ("social_emb.weight", "user_emb.weight", "local_user")
 USER_FEATURE_STATE = "user_feat"  # the model's per-user feature codes (a buffer computed from the data)
+_CANONICAL_INT = re.compile(r"-?(0|[1-9][0-9]*)")  # what str(int) writes: "007", "+7", "-0" are other ids
+_MAX_INT_DIGITS = 4000  # below Python's int-from-string limit (4300 digits)
 
 
 class EventError(ValueError):
@@ -61,8 +64,13 @@ def _id(doc: Mapping[str, Any], key: str, where: str) -> int | str:
 
 
 def compute_external_id(value: int | str) -> int | str:
-    """An id as the service keys it: an integer-looking string is the integer (URL path ids are strings)."""
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+    """An id as the service keys it: a canonical integer literal is the integer (URL path ids are strings).
+
+    The rule is the loader's (:func:`shared.loaders._typed_ids`): only ``-?(0|[1-9][0-9]*)`` (ASCII digits)
+    is an integer, so ``"007"`` and ``"7"`` stay two ids, a zero-padded id keeps its own spelling, and
+    ``"--5"``, ``"²"`` or a 5000-digit string are plain strings, never an error.
+    """
+    if isinstance(value, str) and len(value) <= _MAX_INT_DIGITS and _CANONICAL_INT.fullmatch(value.strip()):
         return int(value.strip())
     return value
 

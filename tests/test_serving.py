@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 from pathlib import Path
@@ -18,6 +19,7 @@ from fedsocial.shared.data import Dataset, SplitData
 from fedsocial.shared.events import (
     EventError,
     append_events_durably,
+    compute_external_ids,
     compute_grown_local_state,
     compute_split_with_events,
     parse_event,
@@ -240,6 +242,27 @@ def test_events_replay_into_the_split_and_grow_local_state(tmp_path: Path) -> No
     path.write_text(path.read_text() + "{not json\n")
     with pytest.raises(EventError, match=r"events.jsonl:7"):
         read_events(path)
+
+
+def test_string_ids_keep_their_spelling_and_odd_ids_are_unknown_not_errors(tmp_path: Path) -> None:
+    # Prepare: a data set whose ids are strings ("007" and "7" are two users), as the CSV loader keeps them
+    split = tiny_split(n_users=5)
+    ids = np.array(["007", "7", "x", "--5", "²"], dtype=object)
+    split = SplitData(dataclasses.replace(split.dataset, user_ids=ids), split.train_users, split.train_items,
+                      split.val_users, split.val_items, split.test_users, split.test_items)
+    rec = Recommender(randomised_model(ModelConfig(dim=8, user_embedding="local", local_refit_steps=1), split, 0),  # type: ignore[arg-type]
+                      split, calibration="none", events_path=tmp_path / "events.jsonl")
+    # Execute
+    external = compute_external_ids(split.dataset)
+    found = [rec.index_of(u) for u in ("007", "7", "x", "--5", "²")]
+    # Assert: regression: "007" was keyed 7 (two users on one key), "--5", "²" and long digit strings raised
+    assert external == ["007", 7, "x", "--5", "²"]
+    assert found == [0, 1, 2, 3, 4]
+    assert rec.index_of(7) == 1 and rec.index_of(" 7 ") == 1
+    for odd in ("1" * 5000, "+7", "٣"):
+        with pytest.raises(UnknownUserError):
+            rec.index_of(odd)
+    assert parse_event({"user": "1" * 5000, "item": 1, "type": "view"}).user == "1" * 5000
 
 
 def test_an_event_changes_the_list_at_once_and_a_bad_batch_changes_nothing(tmp_path: Path) -> None:
