@@ -8,7 +8,8 @@ Routes (the OpenAPI schema at ``/openapi.json`` is the contract; ``/docs`` rende
 * ``GET /users/{user}`` (the user's items and friends), ``GET /users?prefix=&limit=`` (find a user)
 * ``POST /events``: one event object or a list: ``{"user", "item", "type": view|click|purchase|rating}``
   or ``{"user", "neighbour", "type": follow|unfollow}``; an unknown user is created; events change the
-  user's list at once and are appended (fsync) to ``STATE_DIR/events.jsonl`` for the next rounds
+  user's list at once and are appended (fsync) to ``STATE_DIR/events.jsonl`` for the next rounds;
+  at most ``MAX_EVENTS`` events and ``MAX_BODY_BYTES`` bytes a request (413 beyond)
 * ``GET /social`` (communities, influencers, social share; cached until the next event)
 * ``GET /``: the operator's page (``serve_page.html``, one static file, no external resources)
 
@@ -39,6 +40,7 @@ from fedsocial.shared.serving import Recommender, ServingError, UnknownUserError
 log = logging.getLogger("fedsocial.serve")
 PAGE = Path(__file__).with_name("serve_page.html")
 MAX_EVENTS = 10_000  # per request
+MAX_BODY_BYTES = 8 << 20  # per request: MAX_EVENTS events of ordinary ids fit several times over
 SOCIAL_MAX_USERS = 1000  # the analysis scores one list per user: a seeded sample of a large partner
 
 
@@ -103,10 +105,16 @@ def create_app(rec: Recommender, partner_id: str = "") -> FastAPI:
 
     @app.post("/events", response_model=None)
     async def events(request: Request) -> dict[str, Any] | JSONResponse:
+        raw = await read_body(request, MAX_BODY_BYTES)
+        if raw is None:
+            return error(413, f"body: larger than {MAX_BODY_BYTES} bytes; send at most {MAX_EVENTS} events "
+                              "per request")
         try:
-            body = json.loads(await request.body())
+            body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             return error(400, f"body: not valid JSON ({exc})")
+        except RecursionError:
+            return error(400, "body: not valid JSON (nested too deeply)")
         docs = body if isinstance(body, list) else [body]
         if not docs or len(docs) > MAX_EVENTS:
             return error(422, f"body: expected one event or a list of 1..{MAX_EVENTS} events")
@@ -128,6 +136,21 @@ def create_app(rec: Recommender, partner_id: str = "") -> FastAPI:
         return HTMLResponse(PAGE.read_text(encoding="utf-8"))
 
     return app
+
+
+async def read_body(request: Request, limit: int) -> bytes | None:
+    """The request body, or None when it exceeds ``limit`` bytes. Past the limit the rest is read and
+    dropped as it arrives (memory stays bounded, and the client, still sending, gets the reply instead of
+    a reset connection)."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size <= limit:
+            chunks.append(chunk)
+        elif chunks:
+            chunks.clear()
+    return b"".join(chunks) if size <= limit else None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -120,6 +120,15 @@ def test_unknown_user_with_friends_gets_a_list(server: tuple[str, Path]) -> None
     ("/users/1/recommendations?k=ten", None, None, 422, "k"),
     ("/users/nobody-at-all/recommendations", None, None, 404, "unknown user"),
     ("/no/such/route", None, None, 404, "Not Found"),
+    # regression: these were 500s (RecursionError in the JSON parser, ValueError from int() of an id)
+    ("/events", None, b"[" * 100_000, 400, "nested too deeply"),
+    ("/events", None, b'{"a":' * 50_000, 400, "nested too deeply"),
+    ("/users/--5/recommendations", None, None, 404, "unknown user"),
+    ("/users/%C2%B2/recommendations", None, None, 404, "unknown user"),
+    ("/users/" + "1" * 5000 + "/recommendations", None, None, 404, "unknown user"),
+    ("/events", {"user": "--5", "item": 10**9, "type": "view"}, None, 422, "unknown item"),
+    # regression: a body of any size was read into memory whole before any check
+    ("/events", None, b" " * (9 << 20), 413, "larger than"),
 ])
 def test_malformed_requests_get_a_clear_4xx(server: tuple[str, Path], path: str, body: Any, raw: bytes | None,
                                             code: int, words: str) -> None:
