@@ -46,13 +46,15 @@ def compute_topk_metrics(
 ) -> dict[str, float]:
     """Recall, NDCG and HR at each K, averaged over the rows of ``ground_truth`` that are non-empty.
 
-    ``topk_items`` [U, >= max(ks)] lists item ids best first; row u of ``ground_truth`` (U x n_items)
-    holds u's relevant items. Rows without relevant items are skipped.
+    ``topk_items`` [U, >= max(ks)] lists item ids best first (fewer columns only when they rank the whole
+    catalogue: a catalogue smaller than K); row u of ``ground_truth`` (U x n_items) holds u's relevant
+    items. Rows without relevant items are skipped.
     """
     if topk_items.ndim != 2 or topk_items.shape[0] != ground_truth.shape[0]:
         raise MetricsError(f"topk_items {topk_items.shape} does not match ground truth {ground_truth.shape}")
-    if topk_items.shape[1] < max(ks):
-        raise MetricsError(f"topk_items has {topk_items.shape[1]} columns, need {max(ks)}")
+    if topk_items.shape[1] < min(max(ks), ground_truth.shape[1]):
+        raise MetricsError(f"topk_items has {topk_items.shape[1]} columns, need {max(ks)} "
+                           f"(or the whole catalogue of {ground_truth.shape[1]} items)")
     n_rel = np.diff(ground_truth.indptr).astype(np.float64)
     keep = n_rel > 0
     hits = compute_hits(topk_items, ground_truth)[keep].astype(np.float64)
@@ -150,7 +152,7 @@ def compute_per_user_ndcg(topk_items: np.ndarray, ground_truth: sp.csr_matrix, k
     hits = compute_hits(topk_items[:, :k], ground_truth)[keep].astype(np.float64)
     discounts = 1.0 / np.log2(np.arange(2, k + 2))
     ideal = np.cumsum(discounts)[np.minimum(n_rel[keep], k).astype(np.int64) - 1]
-    return np.asarray((hits * discounts).sum(1) / ideal)
+    return np.asarray((hits * discounts[: hits.shape[1]]).sum(1) / ideal)
 
 
 def _ranked(model: RecModel, split: SplitData, which: str, builder: ExampleBuilder | None, kmax: int,
