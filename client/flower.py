@@ -119,7 +119,8 @@ class FedSocialClient(NumPyClient):
             return 0.0, 0, checked(protocol.parse_eval_report(kept.to_metrics(), round_))
         report = protocol.EvalReport(round_, self.partner.partner_id, n,
                                      {k: float(metrics[k]) for k in protocol.METRIC_KEYS},
-                                     float(metrics.get("eval_time_s", 0.0)))
+                                     float(metrics.get("eval_time_s", 0.0)),
+                                     accounting=self.partner.evaluation_accounting(round_))
         out = checked(protocol.parse_eval_report(report.to_metrics(), round_))
         return 1.0 - float(out["ndcg@10"]), n, out
 

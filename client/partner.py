@@ -580,6 +580,21 @@ class Partner:
         # scope the served model also learnt from every user's data without DP, so it is never released.
         return self._dp_evaluation(round_, dp_model[0], dp_model[1])
 
+    def evaluation_accounting(self, round_: int) -> Any:
+        """The :class:`shared.protocol.EvalAccounting` of round ``round_``'s DP evaluation release (None when
+        there is none): the evaluation reply names it, so that the server's signed head covers it."""
+        from fedsocial.shared import protocol
+        from fedsocial.shared.privacy.ledger import entry_hash
+
+        if not self.cfg.privacy.enabled:
+            return None
+        entry = next((e for e in self.open_ledger().entries()
+                      if int(e["round"]) == round_ and e.get("release") == "evaluation"), None)
+        if entry is None:
+            return None
+        epsilon = entry["epsilon_prv"] if entry["accountant"] == "prv" else entry["epsilon_rdp"]
+        return protocol.EvalAccounting(float(epsilon), int(entry["round"]), entry_hash(entry))
+
     def _dp_evaluation(self, round_: int, metrics: dict[str, float], n: int) -> tuple[dict[str, float] | None, int]:
         """The Gaussian release of the evaluation sums: planned, admitted against the cap, saved, charged
         (an entry with ``release = "evaluation"``, event (sigma, 1, 1)), then returned; a re-run re-sends it."""

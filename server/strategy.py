@@ -418,6 +418,10 @@ class FedSocialStrategy(Strategy):
             info = self.partners.setdefault(rep.partner_id, {})
             info.update(per_partner[rep.partner_id])
             info["eval_time_s_total"] = float(info.get("eval_time_s_total", 0.0)) + rep.eval_time_s
+            if rep.accounting is not None:  # a DP evaluation release: its entry is now the ledger's newest
+                info.update(epsilon=rep.accounting.epsilon, ledger_round=rep.accounting.ledger_round,
+                            ledger_head=rep.accounting.ledger_head)
+                self._round.setdefault("epsilon", {})[rep.partner_id] = rep.accounting.epsilon
         self._finish_round(g, agg, per_partner, len(failures) + len(results) - len(read))
         loss = None if not agg else 1.0 - agg["ndcg@10"]
         return loss, dict(agg)

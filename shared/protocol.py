@@ -16,7 +16,8 @@ Three messages carry scalars besides the shared-parameter arrays:
 * fit reply (:class:`FitReport`): the round, the partner id, scalars about the local training and
   the privacy accounting of its release;
 * evaluation reply (:class:`EvalReport`): the round, the partner id, the ranking metrics over its
-  test users and how many users were evaluated.
+  test users and how many users were evaluated, and for a DP evaluation release the ledger entry
+  that charges it (:class:`EvalAccounting`).
 """
 
 from __future__ import annotations
@@ -374,11 +375,22 @@ def _parse_accounting(m: Mapping[str, Any], errs: list[str]) -> FitAccounting | 
 # ---- evaluation reply -----------------------------------------------------------------------------
 
 @dataclass(frozen=True)
+class EvalAccounting:
+    """The ledger entry that charges a DP evaluation release, named as a fit reply names its own: the
+    cumulative epsilon after it and its (round, hash), which the server signs in ``ledger_heads.json``."""
+
+    epsilon: float
+    ledger_round: int
+    ledger_head: str
+
+
+@dataclass(frozen=True)
 class EvalReport:
     """A partner's evaluation reply: ranking metrics over its test users (each in [0, 1]).
 
     ``released = False``: the partner kept its evaluation (the default under DP, see
     shared/privacy/evaluation.py); the reply then carries only the round and the partner id.
+    ``accounting``: the ledger entry of a DP evaluation release (None without DP).
     """
 
     round: int
@@ -387,16 +399,21 @@ class EvalReport:
     metrics: Mapping[str, float]  # exactly METRIC_KEYS (empty when not released)
     eval_time_s: float = 0.0
     released: bool = True
+    accounting: EvalAccounting | None = None
 
     def to_metrics(self) -> dict[str, Any]:
         if not self.released:
             return {"round": self.round, "partner_id": self.partner_id, "released": 0}
-        return {**{k: float(self.metrics[k]) for k in METRIC_KEYS}, "round": self.round,
-                "partner_id": self.partner_id, "evaluated_users": self.evaluated_users,
-                "eval_time_s": self.eval_time_s, "released": 1}
+        out = {**{k: float(self.metrics[k]) for k in METRIC_KEYS}, "round": self.round,
+               "partner_id": self.partner_id, "evaluated_users": self.evaluated_users,
+               "eval_time_s": self.eval_time_s, "released": 1}
+        if self.accounting is not None:
+            out.update({f.name: getattr(self.accounting, f.name) for f in fields(EvalAccounting)})
+        return out
 
 
-EVAL_METRIC_KEYS = frozenset((_keys(EvalReport) - {"metrics"}) | set(METRIC_KEYS))
+EVAL_METRIC_KEYS = frozenset((_keys(EvalReport) - {"metrics", "accounting"}) | set(METRIC_KEYS)
+                             | _keys(EvalAccounting))
 EVAL_KEPT_KEYS = frozenset({"round", "partner_id", "released"})  # all a kept evaluation lets leave
 
 
@@ -404,7 +421,7 @@ def parse_eval_report(m: Mapping[str, Any], expected_round: int) -> EvalReport |
     """An evaluation reply's metrics as an :class:`EvalReport`, or every problem with them.
 
     A metric outside [0, 1] (NaN, 1e9, a string) or a missing one rejects the reply: it is never
-    averaged in.
+    averaged in; so does an accounting that is incomplete or names another round.
     """
     errs: list[str] = []
     if "released" in m and m["released"] == 0 and not isinstance(m["released"], bool):
@@ -421,9 +438,27 @@ def parse_eval_report(m: Mapping[str, Any], expected_round: int) -> EvalReport |
     users = _int(m, "evaluated_users", errs, hi=MAX_USERS)
     values = {k: _float(m, k, errs, hi=1.0) for k in METRIC_KEYS}
     eval_s = _float(m, "eval_time_s", errs, hi=MAX_SECONDS) if "eval_time_s" in m else 0.0
+    acc = _parse_eval_accounting(m, expected_round, errs)
     if errs or None in (rnd, pid, users, eval_s):
         return Rejected(tuple(errs))
-    return EvalReport(rnd, pid, users, {k: float(v) for k, v in values.items()}, eval_s)  # type: ignore[arg-type]
+    return EvalReport(rnd, pid, users, {k: float(v) for k, v in values.items()}, eval_s,  # type: ignore[arg-type]
+                      accounting=acc)
+
+
+def _parse_eval_accounting(m: Mapping[str, Any], expected_round: int, errs: list[str]) -> EvalAccounting | None:
+    keys = [f.name for f in fields(EvalAccounting)]
+    present = [k for k in keys if k in m]
+    if not present:
+        return None
+    if len(present) != len(keys):
+        errs.append(f"evaluation accounting incomplete: missing {sorted(set(keys) - set(present))}")
+        return None
+    n = len(errs)
+    eps, rnd = _float(m, "epsilon", errs, hi=MAX_EPSILON), _int(m, "ledger_round", errs, lo=1, hi=MAX_ROUND)
+    head = _str(m, "ledger_head", errs, _HEX64)
+    if rnd is not None and rnd != expected_round:
+        errs.append(f"ledger_round {rnd}: an evaluation of round {expected_round} is charged in that round")
+    return None if len(errs) > n else EvalAccounting(eps, rnd, head)  # type: ignore[arg-type]
 
 
 def problems_of(parsed: object) -> tuple[str, ...]:

@@ -212,3 +212,34 @@ def test_a_calibrated_noise_leaves_room_for_every_planned_evaluation_release(tmp
     assert [e.get("release", "training") for e in entries] == ["training", "evaluation"] * 2
     assert all(r is not None for r in released)
     assert 12.0 * 0.98 < entries[-1]["epsilon_rdp"] <= 12.0
+
+
+@pytest.mark.slow  # runs a federation
+def test_the_last_rounds_evaluation_release_is_in_the_signed_heads_and_the_run_epsilon(tmp_path: Path) -> None:
+    # Regression: the evaluation reply named no ledger entry, so the server's signed heads stopped at the
+    # training entry: the last round's evaluation entries could be cut from every ledger and the audit
+    # passed (exit 0), and metrics.json and the summary reported the epsilon before that release.
+    # Prepare: 2 partners, 1 round, a DP evaluation release after it
+    from fedsocial.shared.privacy.ledger import entry_hash
+    from fedsocial.shared.privacy.records import HEADS
+    from fedsocial.simulations.simulate import run_simulation_from_config
+
+    cfg = tiny_config(partners=2, rounds=1, eval_noise_multiplier=4.0, server_noise_multiplier=0.0)
+    run = tmp_path / "run"
+    # Execute
+    doc = run_simulation_from_config(cfg, None, run, progress=False)
+    ledgers = {p: read_ledger(run / "ledgers" / f"{p}.jsonl") for p in ("partner-0", "partner-1")}
+    heads = json.loads((run / HEADS).read_text())["heads"]
+    intact = audit_run(run)
+    for pid in ledgers:  # cut the evaluation entry (the last line) from every ledger
+        path = run / "ledgers" / f"{pid}.jsonl"
+        path.write_text("".join(path.read_text().splitlines(keepends=True)[:-1]))
+    cut = audit_run(run)
+    # Assert
+    for pid, entries in ledgers.items():
+        assert [e.get("release", "training") for e in entries] == ["training", "evaluation"]
+        assert heads[pid] == {"round": 1, "hash": entry_hash(entries[-1])}
+    assert doc["epsilon"] == pytest.approx(max(e[-1]["epsilon_rdp"] for e in ledgers.values()), rel=1e-12)
+    assert doc["epsilon"] > max(e[0]["epsilon_rdp"] for e in ledgers.values())
+    assert intact.exit_code == EXIT_OK, [str(f) for f in intact.findings]
+    assert cut.exit_code == 3 and {f.partner for f in cut.findings if f.severity == "tamper"} == set(ledgers)

@@ -8,6 +8,7 @@ import pytest
 
 from fedsocial.shared import protocol
 from fedsocial.shared.protocol import (
+    EvalAccounting,
     EvalReport,
     FitAccounting,
     FitReport,
@@ -22,6 +23,7 @@ from fedsocial.shared.protocol import (
 HEAD = "ab" * 32
 ACC = FitAccounting(epsilon=1.5, delta=1e-5, noise_multiplier=1.1, sample_rate=0.25, steps=8, max_grad_norm=0.1,
                     ledger_round=3, ledger_head=HEAD)
+EVAL_ACC = EvalAccounting(epsilon=1.6, ledger_round=3, ledger_head=HEAD)
 
 
 def _fit(**over: object) -> dict[str, object]:
@@ -31,7 +33,7 @@ def _fit(**over: object) -> dict[str, object]:
 
 
 def _eval(**over: object) -> dict[str, object]:
-    m = EvalReport(3, "partner-0", 40, dict.fromkeys(protocol.METRIC_KEYS, 0.25), 0.5).to_metrics()
+    m = EvalReport(3, "partner-0", 40, dict.fromkeys(protocol.METRIC_KEYS, 0.25), 0.5, accounting=EVAL_ACC).to_metrics()
     m.update(over)
     return m
 
@@ -42,12 +44,14 @@ def test_reports_round_trip_through_their_metrics() -> None:
     fit = FitReport(3, "partner-0", ("item_emb", "item_bias"), 120, False, 0.69, 1.2, 1.5, 1e-5, ACC)
     refusal = FitReport(3, "partner-0", ("item_emb",), 120, True, epsilon=7.9, delta=1e-5)
     ev = EvalReport(3, "partner-0", 40, dict.fromkeys(protocol.METRIC_KEYS, 0.25), 0.5)
+    dp_ev = EvalReport(3, "partner-0", 40, dict.fromkeys(protocol.METRIC_KEYS, 0.25), 0.5, accounting=EVAL_ACC)
 
     # Execute / Assert: the server's parser gives back the very report
     assert parse_registration(reg.to_metrics()) == reg
     assert parse_fit_report(fit.to_metrics(), 3) == fit
     assert parse_fit_report(refusal.to_metrics(), 3) == refusal
     assert parse_eval_report(ev.to_metrics(), 3) == ev
+    assert parse_eval_report(dp_ev.to_metrics(), 3) == dp_ev
     intent = protocol.Intent("partner-0", 3, False)
     assert parse_intent(intent.to_metrics(), 3) == intent
 
@@ -110,6 +114,17 @@ def test_an_evaluation_missing_a_metric_is_rejected() -> None:
     del m["hr@20"]
     parsed = parse_eval_report(m, 3)
     assert isinstance(parsed, Rejected) and "hr@20" in str(parsed)
+
+
+@pytest.mark.parametrize(("over", "problem"), [
+    ({"ledger_round": 2}, "ledger_round"), ({"ledger_head": "x"}, "ledger_head"), ({"epsilon": math.inf}, "epsilon")])
+def test_an_evaluation_accounting_that_is_incomplete_bad_or_of_another_round_is_rejected(
+        over: dict[str, object], problem: str) -> None:
+    incomplete = _eval()
+    del incomplete["ledger_head"]
+    assert isinstance(parse_eval_report(incomplete, 3), Rejected)
+    parsed = parse_eval_report(_eval(**over), 3)
+    assert isinstance(parsed, Rejected) and problem in str(parsed)
 
 
 def test_registration_bounds_the_declared_user_count() -> None:

@@ -41,7 +41,9 @@ RELEASE_MODES = ("clear", "local", "dp")
 RELEASED_KEYS: dict[str, frozenset[str]] = {
     "clear": frozenset({"round", "partner_id", "released", "evaluated_users", "eval_time_s", *EVAL_METRIC_KEYS}),
     "local": frozenset({"round", "partner_id", "released"}),
-    "dp": frozenset({"round", "partner_id", "released", "evaluated_users", *EVAL_METRIC_KEYS}),
+    # and the ledger entry that charges the release (epsilon after it, its round and hash), as a fit reply's
+    "dp": frozenset({"round", "partner_id", "released", "evaluated_users", *EVAL_METRIC_KEYS,
+                     "epsilon", "ledger_round", "ledger_head"}),
 }
 
 
