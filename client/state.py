@@ -10,6 +10,7 @@ exactly the partners' state of round k, even if a crashed attempt already wrote 
 from __future__ import annotations
 
 import re
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -24,9 +25,16 @@ KEEP_SNAPSHOTS = 3  # the last complete round, plus slack for a crashed round in
 _NAME = re.compile(r"^round_(\d{4,})\.npz$")
 
 
+class StateError(ValueError):
+    """A local-state file that cannot be read (torn, replaced, not an npz archive); the message names it."""
+
+
 def load_npz(path: Path) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as z:
-        return {k: np.array(z[k]) for k in z.files}
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: np.array(z[k]) for k in z.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise StateError(f"{path}: unreadable local state ({exc})") from None
 
 
 def snapshot_path(state_dir: Path, round_: int) -> Path:

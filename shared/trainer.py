@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from fedsocial.shared.batching import Batch, ExampleBuilder
-from fedsocial.shared.config import Config
+from fedsocial.shared.config import Config, ConfigError
 from fedsocial.shared.data import SplitData
 from fedsocial.shared.dp_noise import STREAMS, GaussianStreams
 from fedsocial.shared.metrics import evaluate_model
@@ -49,6 +49,10 @@ from fedsocial.shared.privacy.round import plan_round
 
 class TrainerError(ValueError):
     """Training cannot run with this configuration or these parameters."""
+
+
+class DeviceError(TrainerError, ConfigError):
+    """``train.device`` names a device this machine does not have: the user's config, one line at the CLI."""
 
 
 @dataclass
@@ -102,7 +106,7 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise TrainerError(f"train.device: {device!r} requested but CUDA is not available")
+        raise DeviceError(f"train.device: {device!r} requested but CUDA is not available")
     return torch.device(device)
 
 

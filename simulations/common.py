@@ -10,8 +10,20 @@ from collections.abc import Callable
 from fedsocial.shared.config import Config, ConfigError, load_config
 from fedsocial.shared.data import DataError
 
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DataError, FileNotFoundError)
+# The user's own file-system mistakes too: --out naming a file or a path under one, a folder where a file
+# belongs, a place they may not write. The message names the path.
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DataError, FileNotFoundError, FileExistsError,
+                                                NotADirectoryError, IsADirectoryError, PermissionError)
 EXIT_USER_ERROR = 2
+
+
+def compute_error_line(exc: BaseException) -> str:
+    """One line for a user error: an OS error as ``PATH: what is wrong with it``, else the message."""
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        hint = {FileExistsError: " (a file is in the way of a folder)",
+                NotADirectoryError: " (a part of this path is a file, not a folder)"}.get(type(exc), "")
+        return f"{exc.filename}: {exc.strerror}{hint}"
+    return str(exc)
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,7 +47,7 @@ def user_errors(func: Callable[[list[str] | None], int]) -> Callable[[list[str] 
         try:
             return func(argv)
         except USER_ERRORS as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"error: {compute_error_line(exc)}", file=sys.stderr)
             return EXIT_USER_ERROR
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)

@@ -24,15 +24,21 @@ from typing import Any
 
 import numpy as np
 
+from fedsocial.client.state import StateError
+from fedsocial.server.checkpoint import CheckpointError
 from fedsocial.shared.config import Config, ConfigError, load_config
 from fedsocial.shared.data import SplitData
 from fedsocial.shared.events import EVENTS_FILE, EventError, compute_grown_local_state, load_split_with_events
 from fedsocial.shared.fileio import json_default, write_text_atomic
 from fedsocial.shared.models.social import SocialRec
 from fedsocial.shared.serving import Recommender, ServingError
-from fedsocial.simulations.common import EXIT_USER_ERROR, USER_ERRORS
+from fedsocial.shared.trainer import TrainerError
+from fedsocial.simulations.common import EXIT_USER_ERROR, USER_ERRORS, compute_error_line
 
-SERVING_ERRORS: tuple[type[BaseException], ...] = (*USER_ERRORS, ServingError, EventError)
+# ... and the files a partner's served model is read from: a checkpoint or local state that is unreadable
+# or belongs to another model (TrainerError names the mismatched parameter)
+SERVING_ERRORS: tuple[type[BaseException], ...] = (*USER_ERRORS, ServingError, EventError, CheckpointError,
+                                                   StateError, TrainerError)
 # partner scope (DESIGN.md): a hook that returns the locally adapted model to serve (client/personalize.py)
 Adapter = Callable[[Config, SplitData, SocialRec, Path], SocialRec]
 
@@ -229,13 +235,13 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out)
         if out.suffix not in (".jsonl", ".csv"):
             raise ConfigError(f"--out {out}: the file must end in .jsonl or .csv")
+        out.parent.mkdir(parents=True, exist_ok=True)  # a blocked --out fails before the model is loaded
         rec = load_recommender(source_from_args(args), args.calibration)
         users = list(rec.users) if args.users is None else [rec.users[rec.index_of(u)] for u in args.users]
         rows = compute_rows(rec, users, args.k, args.category)
-        out.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out, format_rows(rows, out.suffix))
     except SERVING_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {compute_error_line(exc)}", file=sys.stderr)
         return EXIT_USER_ERROR
     print(f"{len(rows)} recommendations for {len(users)} users of {args.partner} -> {out}")
     return 0

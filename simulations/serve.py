@@ -138,6 +138,17 @@ def create_app(rec: Recommender, partner_id: str = "") -> FastAPI:
     return app
 
 
+def compute_port(text: str) -> int:
+    """``--port``: an integer in 1..65535 (uvicorn waited forever on 99999999 instead of failing)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be in 1..65535, got {port}")
+    return port
+
+
 async def read_body(request: Request, limit: int) -> bytes | None:
     """The request body, or None when it exceeds ``limit`` bytes. Past the limit the rest is read and
     dropped as it arrives (memory stays bounded, and the client, still sending, gets the reply instead of
@@ -154,12 +165,13 @@ async def read_body(request: Request, limit: int) -> bytes | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from fedsocial.simulations.common import compute_error_line
     from fedsocial.simulations.recommend import SERVING_ERRORS, add_source_arguments, load_recommender, source_from_args
 
     parser = argparse.ArgumentParser(prog="fedsocial serve", description=__doc__.splitlines()[0])
     add_source_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: loopback only)")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=compute_port, default=8000, help="TCP port, 1..65535 (default 8000)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--event-refit", default="async", choices=("sync", "async", "off"),
                         help="the local p_u refit after an event: on a worker thread (default), before the "
@@ -171,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(max(1, args.threads))
         rec = load_recommender(source_from_args(args), args.calibration, refit_on_event=args.event_refit)
     except SERVING_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {compute_error_line(exc)}", file=sys.stderr)
         return 2
     import uvicorn
 

@@ -234,3 +234,47 @@ def test_flowers_ray_tracebacks_become_one_line_per_distinct_partner_error() -> 
     assert [r.getMessage() for r in kept] == [
         "An exception was raised when processing a message by RayBackend",
         "a partner's ClientApp failed: max_epsilon 0.0001 unreachable with noise_multiplier <= 10000.0"]
+
+
+@pytest.mark.parametrize("command", ["train", "simulate", "partition", "init", "keys", "certs", "recommend"])
+@pytest.mark.parametrize("under", [False, True])
+def test_an_out_path_blocked_by_a_file_is_one_line_naming_it_and_the_file_is_kept(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str, under: bool) -> None:
+    # Regression: FileExistsError / NotADirectoryError tracebacks from every command's mkdir
+    # Prepare: a file where the output folder (or one of its parents) should be
+    from fedsocial.simulations import certs, init_cmd, recommend
+
+    blocker = tmp_path / "taken"
+    blocker.write_text("the user's own file\n", encoding="utf-8")
+    out = blocker / "sub" if under else blocker
+    data = partition_cmd.main(["--config", "configs/demo.toml", "--set", "data.n_users=60", "--set", "data.n_items=40",
+                               "--partners", "1", "--out", str(tmp_path / "parts")])
+    assert data == 0
+    capsys.readouterr()
+    argv = {"train": (train.main, ["--config", "configs/demo.toml", "--out", str(out)]),
+            "simulate": (simulate.main, ["--config", "configs/demo.toml", "--out", str(out), "--no-progress"]),
+            "partition": (partition_cmd.main, ["--config", "configs/demo.toml", "--partners", "1", "--out", str(out)]),
+            "init": (init_cmd.main, ["--data", str(tmp_path / "parts" / "partner_0" / "data"),
+                                     "--out", str(out / "mine.toml")]),
+            "keys": (certs.main_keys, ["--partner", "p1", "--out", str(out)]),
+            "certs": (certs.main_certs, ["--out", str(out), "--hosts", "localhost"]),
+            "recommend": (recommend.main, [str(tmp_path / "parts" / "partner_0"), "--partner", "partner_0",
+                                           "--config", "configs/demo.toml", "--checkpoint", str(tmp_path / "none.npz"),
+                                           "--state-dir", str(tmp_path / "state"), "--out", str(out / "r.jsonl")]),
+            }[command]
+    # Execute
+    code = argv[0](argv[1])
+    # Assert: exit 2, one line that names the blocked path, the user's file as it was
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, err
+    assert err and err[-1].startswith("error: ") and str(blocker) in err[-1] and "Traceback" not in "\n".join(err)
+    assert blocker.read_text(encoding="utf-8") == "the user's own file\n"
+
+
+def test_serve_refuses_a_port_outside_1_65535(capsys: pytest.CaptureFixture[str]) -> None:
+    # Regression: uvicorn waited forever on --port 99999999
+    from fedsocial.simulations import serve
+
+    with pytest.raises(SystemExit) as exit_:
+        serve.main(["runs/none", "--partner", "p", "--port", "99999999"])
+    assert exit_.value.code == 2 and "--port: must be in 1..65535" in capsys.readouterr().err

@@ -332,6 +332,36 @@ def test_recommend_refuses_bad_arguments_with_one_line(run_dir: Path, tmp_path: 
     assert "Traceback" not in err
 
 
+def test_recommend_refuses_unreadable_or_foreign_model_files_with_one_line(
+        run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Regression: CheckpointError, TrainerError and numpy's ValueError came out as tracebacks
+    # Prepare: a garbage checkpoint, a missing one, another model's, and a copy of the run with torn local state
+    import shutil
+
+    from fedsocial.server.checkpoint import Checkpoint, save_checkpoint
+
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(b"not an archive")
+    foreign = save_checkpoint(tmp_path / "other",
+                              Checkpoint(1, ["item_emb.weight"], [np.zeros((3, 2), np.float32)], {}))
+    torn = tmp_path / "torn"
+    shutil.copytree(run_dir, torn)
+    (torn / "partners" / "partner-0" / "rounds" / "round_0001.npz").write_bytes(b"PK\x03\x04 torn")
+    out = ["--out", str(tmp_path / "x.jsonl")]
+    # Execute
+    codes = [recommend.main([str(run_dir), "--partner", "partner-0", "--checkpoint", str(ck), *out])
+             for ck in (garbage, tmp_path / "missing.npz", foreign)]
+    codes.append(recommend.main([str(torn), "--partner", "partner-0", *out]))
+    # Assert: exit 2 each, one line naming the file or the mismatched parameter
+    err = capsys.readouterr().err
+    assert codes == [2, 2, 2, 2] and "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 4 and all(line.startswith("error: ") for line in lines)
+    assert str(garbage) in lines[0] and "missing.npz" in lines[1] and "shared parameters mismatch" in lines[2]
+    assert "round_0001.npz: unreadable local state" in lines[3]
+    assert not (tmp_path / "x.jsonl").exists()
+
+
 def test_partner_training_data_includes_served_events(run_dir: Path) -> None:
     """Regression for the loop: the partner's loader (client/partner.py) replays events.jsonl."""
     from fedsocial.client.partner import Partner, PartnerSettings
