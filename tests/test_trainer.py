@@ -9,7 +9,7 @@ import torch
 from fedsocial.shared.config import Config, DataConfig, ModelConfig, TrainConfig
 from fedsocial.shared.data import SplitData
 from fedsocial.shared.metrics import METRIC_KEYS, evaluate_model
-from fedsocial.shared.privacy.accounting import calibrate_noise_multiplier, compute_epsilon
+from fedsocial.shared.privacy.accounting import PrivacyConfigError, calibrate_noise_multiplier, compute_epsilon
 from fedsocial.shared.split import split_dataset
 from fedsocial.shared.synthetic import generate
 from fedsocial.shared.trainer import (
@@ -64,6 +64,18 @@ def test_dp_training_calibrates_noise_to_the_budget() -> None:
                                                                 1e-5))
     assert out.epochs_run == 3 and not out.selected_on_validation and out.delta == 1e-5
     assert set(out.metrics) == set(METRIC_KEYS)
+
+
+def test_centralized_dp_refuses_a_delta_at_or_above_one_over_the_users() -> None:
+    # Regression: `fedsocial train` trained with target_delta 0.5 on 120 users and reported "epsilon 7.995
+    # (delta 0.5)", a bound that permits publishing users' records outright; partners refused it, train did not
+    # Prepare: 80 users, so delta must stay below 1/80
+    cfg = _cfg(privacy={"enabled": True, "max_epsilon": 4.0, "epochs": 1, "target_delta": 1 / 80},
+               model={"user_embedding": "local"})
+    # Execute / Assert: refused before any training, naming the setting
+    with pytest.raises(PrivacyConfigError, match="target_delta"):
+        train_centralized(cfg, _split(cfg))
+    assert train_centralized(cfg.replace("privacy", target_delta=1e-3), _split(cfg)).delta == 1e-3
 
 
 def test_same_seed_same_numbers() -> None:

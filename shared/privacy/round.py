@@ -21,6 +21,7 @@ from fedsocial.shared.privacy.accounting import (
     Event,
     PrivacyConfigError,
     calibrate_noise_multiplier,
+    check_delta,
     compute_epsilon,
     validate_event,
 )
@@ -89,6 +90,7 @@ def plan_round(
     """
     if not math.isfinite(privacy.max_epsilon):
         raise PrivacyConfigError(f"privacy.max_epsilon: must be finite with DP on, got {privacy.max_epsilon!r}")
+    check_delta(privacy.target_delta, int(n_users))  # every DP trainer: delta >= 1/n would permit a whole record
     q = compute_sample_rate(int(n_users), int(batch_size))
     steps = compute_steps(q, epochs)
     fixed = tuple(validate_event(e) for e in prefix)
