@@ -142,8 +142,13 @@ def compute_failed_start(run_dir: Path) -> bool:
     names = {p.name for p in run_dir.iterdir()}
     if not names or names - FAILED_START_LEFTOVERS:
         return False
+    return not compute_has_ledger_lines(run_dir)
+
+
+def compute_has_ledger_lines(run_dir: Path) -> bool:
+    """Whether any ledger of ``run_dir`` holds a line (a release or a refusal on record)."""
     ledgers = run_dir / "ledgers"
-    return not (ledgers.is_dir() and any(f.stat().st_size > 0 for f in ledgers.glob("*.jsonl")))
+    return ledgers.is_dir() and any(f.stat().st_size > 0 for f in ledgers.glob("*.jsonl"))
 
 
 def _clear_keeping_noise_keys(partners: Path) -> None:
@@ -258,6 +263,9 @@ def run_simulation_from_config(cfg: Config, data_dir: str | os.PathLike[str] | N
         ckpt = latest_checkpoint(run_dir)
         if not (run_dir / CONFIG_NAME).is_file():
             raise ConfigError(f"--resume {run_dir}: no {CONFIG_NAME} there, so no run to resume")
+        if ckpt is None and not compute_has_ledger_lines(run_dir):  # e.g. a `fedsocial train` run folder
+            raise ConfigError(f"--resume {run_dir}: no federated round to continue there (no checkpoints/, no "
+                              "ledger entry); it is not a simulation run: start one with --config and a new --out")
         # no checkpoint yet: a start that failed after a partner's release; resume from round 0, the
         # partners' ledgers and saved releases carry what was charged
         check_resumable(load_config(run_dir / CONFIG_NAME), cfg, run_dir)

@@ -278,3 +278,25 @@ def test_serve_refuses_a_port_outside_1_65535(capsys: pytest.CaptureFixture[str]
     with pytest.raises(SystemExit) as exit_:
         serve.main(["runs/none", "--partner", "p", "--port", "99999999"])
     assert exit_.value.code == 2 and "--port: must be in 1..65535" in capsys.readouterr().err
+
+
+def test_simulate_resume_of_a_train_run_folder_is_refused_and_overwrites_nothing(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Regression: `simulate --resume` on a `fedsocial train` folder (it has a config.toml) started a whole new
+    # federation in it, replacing the training run's metrics.json and config.toml
+    # Prepare: a finished centralized run
+    run = tmp_path / "trained"
+    assert train.main(["--config", "configs/demo.toml", "--set", "data.n_users=60", "--set", "data.n_items=40",
+                       "--set", "privacy.enabled=false", "--set", "train.epochs=1", "--no-progress",
+                       "--out", str(run)]) == 0
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    # Execute
+    code = simulate.main(["--resume", str(run), "--no-progress"])
+    # Assert: one line, exit 2, Ray never started, every file of the training run as it was
+    err = capsys.readouterr().err.strip().splitlines()
+    import ray
+
+    assert code == 2 and len(err) == 1 and "not a simulation run" in err[0]
+    assert not ray.is_initialized()
+    assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
