@@ -58,7 +58,7 @@ from fedsocial.server.aggregation import (
 from fedsocial.server.checkpoint import Checkpoint, append_jsonl, save_checkpoint
 from fedsocial.shared import protocol
 from fedsocial.shared.config import Config
-from fedsocial.shared.privacy.records import write_signed_heads
+from fedsocial.shared.privacy.records import compute_params_sha256, write_signed_heads
 
 log = logging.getLogger("fedsocial.server")
 
@@ -476,7 +476,8 @@ class FedSocialStrategy(Strategy):
         heads = {pid: {"round": int(info["ledger_round"]), "hash": str(info["ledger_head"])}
                  for pid, info in sorted(self.partners.items()) if "ledger_head" in info}
         if heads or self.cfg.privacy.enabled:  # what each partner's ledger held when its update arrived,
-            write_signed_heads(self.run_dir, g, heads)  # signed by the server: a truncated or deleted ledger shows
+            write_signed_heads(self.run_dir, g, heads,  # signed by the server: a truncated or deleted ledger shows,
+                               compute_params_sha256(self.names, self.global_params))  # and records of another model
         save_checkpoint(self.run_dir, Checkpoint(g, self.names, self.global_params, self.state_dict()))
         self._round = {}
         if self.on_round is not None:

@@ -20,7 +20,7 @@ def main(config_path: str, run_dir: str) -> int:
     from fedsocial.client.state import compute_release_digest
     from fedsocial.server.checkpoint import Checkpoint, append_jsonl, latest_checkpoint, save_checkpoint
     from fedsocial.shared.config import load_config
-    from fedsocial.shared.privacy.records import write_run_manifest, write_signed_heads
+    from fedsocial.shared.privacy.records import compute_params_sha256, write_run_manifest, write_signed_heads
 
     run = Path(run_dir)
     partner = Partner(settings_from_context({"config-path": config_path, "run-dir": run_dir},
@@ -44,7 +44,8 @@ def main(config_path: str, run_dir: str) -> int:
                                              **{k: metrics[k] for k in ("noise_multiplier", "sample_rate", "steps",
                                                                         "epsilon", "ledger_round", "ledger_head")}})
         write_signed_heads(run, r, {partner.partner_id: {"round": metrics["ledger_round"],
-                                                         "hash": metrics["ledger_head"]}})
+                                                         "hash": metrics["ledger_head"]}},
+                           compute_params_sha256(names, arrays))
         save_checkpoint(run, Checkpoint(r, names, arrays, {}))
         params = arrays
     print(json.dumps({"completed": cfg.federation.rounds}))

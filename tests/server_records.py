@@ -10,15 +10,28 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from fedsocial.server.checkpoint import Checkpoint, save_checkpoint
 from fedsocial.shared.config import config_from_dict
 from fedsocial.shared.privacy.ledger import entry_hash, read_ledger
-from fedsocial.shared.privacy.records import write_run_manifest, write_signed_heads
+from fedsocial.shared.privacy.records import compute_params_sha256, write_run_manifest, write_signed_heads
+
+MODEL_NAMES = ["item_emb.weight", "item_bias.weight"]
+
+
+def model_arrays(seed: int = 0) -> list[np.ndarray]:
+    """A small stand-in for a run's global parameters (what its checkpoint holds)."""
+    rng = np.random.default_rng(seed)
+    return [rng.normal(size=(4, 3)), rng.normal(size=(4, 1))]
 
 
 def sign_server_records(run: Path, declared: Mapping[str, Mapping[str, Any]] | None = None,
-                        max_epsilon: float = 8.0, scope: str = "joint", round_: int | None = None) -> None:
+                        max_epsilon: float = 8.0, scope: str = "joint", round_: int | None = None,
+                        model_seed: int = 0) -> None:
     """A signed manifest registering ``declared`` (default: every ledger in ``run/ledgers``, with its
-    population) and signed heads naming each ledger's newest entry."""
+    population), the checkpoint of the heads' round (:func:`model_arrays`) and signed heads naming each
+    ledger's newest entry and that model."""
     ledgers = sorted(p for p in (run / "ledgers").glob("*.jsonl") if not p.name.endswith(".refusals.jsonl"))
     entries = {p.name[: -len(".jsonl")]: read_ledger(p) for p in ledgers}
     if declared is None:
@@ -27,4 +40,6 @@ def sign_server_records(run: Path, declared: Mapping[str, Mapping[str, Any]] | N
     write_run_manifest(run, cfg, declared)
     heads = {pid: {"round": int(es[-1]["round"]), "hash": entry_hash(es[-1])} for pid, es in entries.items() if es}
     last = max((h["round"] for h in heads.values()), default=0)
-    write_signed_heads(run, last if round_ is None else round_, heads)
+    rnd, arrays = last if round_ is None else round_, model_arrays(model_seed)
+    save_checkpoint(run, Checkpoint(rnd, MODEL_NAMES, arrays, {}))
+    write_signed_heads(run, rnd, heads, compute_params_sha256(MODEL_NAMES, arrays))

@@ -259,3 +259,99 @@ def test_a_run_without_privacy_never_passes(run: Path, keep_ledgers: bool, capsy
     assert "privacy.enabled = false: this run trained without differential privacy" in output
     findings = json.loads((run / "audit.json").read_text())["findings"]
     assert "without differential privacy" in findings[0]["message"]
+
+
+# --- the records name the model they account for ----------------------------------------------------
+
+
+def test_params_digest_known_properties() -> None:
+    # Prepare
+    import numpy as np
+
+    from fedsocial.shared.privacy.records import compute_params_sha256
+
+    a, b = np.arange(6.0).reshape(2, 3), np.ones((2, 1))
+    base = compute_params_sha256(["x", "y"], [a, b])
+    flipped = a.copy()
+    flipped.flat[3] = np.nextafter(flipped.flat[3], 10.0)  # one bit of one coordinate
+
+    # Execute / Assert: equal content hashes alike (whatever the memory layout); every change shows
+    assert base == compute_params_sha256(["x", "y"], [np.asfortranarray(a), b.copy()])
+    assert len(base) == 64 and int(base, 16) >= 0
+    others = [compute_params_sha256(["x", "y"], [flipped, b]), compute_params_sha256(["x", "z"], [a, b]),
+              compute_params_sha256(["x", "y"], [a.astype(np.float32), b]),
+              compute_params_sha256(["x", "y"], [a.reshape(3, 2), b]),
+              compute_params_sha256(["y", "x"], [b, a]),
+              compute_params_sha256(["x"], [np.concatenate([a.ravel(), b.ravel()])])]
+    assert len({base, *others}) == 1 + len(others)
+
+
+def test_records_copied_from_another_run_fail_against_this_runs_model(run: Path, tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    # Prepare: another run with the same partners and ledgers, whose model differs; its every privacy record
+    # (ledgers, keys, manifest, heads, server key) copied over this run's, this run's checkpoint kept
+    other = Path(shutil.copytree(run, tmp_path / "other"))
+    shutil.rmtree(other / "server")
+    for name in (MANIFEST, HEADS, "server.pub"):
+        (other / name).unlink()
+    sign_server_records(other, {pid: {"num_users": n, "max_epsilon": 8.0, "target_delta": DELTA}
+                                for pid, n in PARTNERS.items()}, model_seed=1)
+    assert audit(other, capsys)[0] == EXIT_OK  # the other run is sound on its own
+    for name in (MANIFEST, HEADS, "server.pub"):
+        shutil.copy(other / name, run / name)
+
+    # Execute
+    code, output = audit(run, capsys)
+
+    # Assert
+    assert code == EXIT_TAMPER, output
+    assert "checkpoints/round_0002.npz is not the model the signed ledger_heads.json name" in output
+
+
+def test_a_checkpoint_newer_than_the_signed_heads_fails(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Prepare: a round-3 model in the folder, the heads signed after round 2
+    from fedsocial.server.checkpoint import Checkpoint, save_checkpoint
+    from tests.server_records import MODEL_NAMES, model_arrays
+
+    save_checkpoint(run, Checkpoint(3, MODEL_NAMES, model_arrays(3), {}))
+
+    # Execute
+    code, output = audit(run, capsys)
+
+    # Assert
+    assert code == EXIT_TAMPER, output
+    assert "round_0003.npz is newer than round 2" in output
+
+
+def test_a_missing_or_unbound_model_is_a_warning_and_a_damaged_one_a_finding(run: Path, tmp_path: Path,
+                                                                              capsys: pytest.CaptureFixture[str]
+                                                                              ) -> None:
+    # Prepare: three copies: the checkpoint removed; heads signed without a model digest; the checkpoint garbage
+    removed, unbound, damaged = (Path(shutil.copytree(run, tmp_path / n)) for n in ("removed", "unbound", "damaged"))
+    (removed / "checkpoints" / "round_0002.npz").unlink()
+    heads = {pid: {"round": 2, "hash": entry_hash(read_ledger(unbound / "ledgers" / f"{pid}.jsonl")[-1])}
+             for pid in PARTNERS}
+    write_signed_heads(unbound, 2, heads)
+    (damaged / "checkpoints" / "round_0002.npz").write_bytes(b"not a checkpoint")
+
+    # Execute
+    results = {name: audit(folder, capsys) for name, folder in
+               (("removed", removed), ("unbound", unbound), ("damaged", damaged))}
+
+    # Assert
+    assert results["removed"][0] == EXIT_OK and "no checkpoints/round_0002.npz" in results["removed"][1]
+    assert results["unbound"][0] == EXIT_OK and "names no model" in results["unbound"][1]
+    assert results["damaged"][0] == EXIT_TAMPER and "round_0002.npz" in results["damaged"][1]
+
+
+def test_metrics_reporting_an_epsilon_above_the_ledgers_is_a_warning(run: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    # Prepare: metrics.json of a run whose ledgers reached more than these do
+    (run / "metrics.json").write_text(json.dumps({"epsilon": 7.9}), encoding="utf-8")
+
+    # Execute
+    code, output = audit(run, capsys)
+
+    # Assert
+    assert code == EXIT_OK, output
+    assert "metrics.json reports epsilon 7.9, above the ledgers' largest" in output

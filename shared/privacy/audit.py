@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,7 +66,15 @@ from fedsocial.shared.privacy.ledger import (
     verify_head,
     verify_ledger,
 )
-from fedsocial.shared.privacy.records import HEADS, MANIFEST, SERVER_PUB, RecordError, read_json, verify_record
+from fedsocial.shared.privacy.records import (
+    HEADS,
+    MANIFEST,
+    SERVER_PUB,
+    RecordError,
+    compute_params_sha256,
+    read_json,
+    verify_record,
+)
 
 EXIT_OK, EXIT_INPUT, EXIT_TAMPER, EXIT_BUDGET, EXIT_ACCOUNTING = 0, 2, 3, 4, 5
 _SEVERITY = {"input": EXIT_INPUT, "tamper": EXIT_TAMPER, "accounting": EXIT_ACCOUNTING, "budget": EXIT_BUDGET}
@@ -477,6 +486,7 @@ def _audit_into(run: Path, max_epsilon: float | None, keys_dir: Path | None, res
         result.partners.append(_audit_partner(partner, ledgers, keys_dir, max_epsilon, heads, result))
     if not found:
         result.add("input", None, None, None, f"{ledgers}: no ledgers (<partner_id>.jsonl) found")
+    _check_model(run, result)
     _check_metrics(result)
     _check_canary(result)
     for pub in sorted(ledgers.glob("*.pub")) if ledgers.is_dir() else []:
@@ -612,16 +622,60 @@ def _read_heads(run: Path, server_key: Any, manifest: dict[str, Any] | None, res
         if unknown:
             result.add("tamper", None, None, None, f"{HEADS} names partners the manifest does not: {unknown}")
     result.records["rounds_completed"] = doc.get("round")
+    result.records["params_sha256"] = doc.get("params_sha256")  # verified: the model the heads' round released
     return heads
 
 
+_CHECKPOINT = re.compile(r"round_(\d{4,})\.npz")
+
+
+def _check_model(run: Path, result: AuditResult) -> None:
+    """The signed heads name the global parameters of their round: the folder's checkpoint of that round must
+    be them and none may be newer, else these privacy records are not those of this folder's model."""
+    if "params_sha256" not in result.records:
+        return  # no verified heads: already a finding
+    want, rnd = result.records["params_sha256"], result.records.get("rounds_completed")
+    if not isinstance(want, str) or not isinstance(rnd, int) or isinstance(rnd, bool):
+        result.add("warning", None, None, None, f"{HEADS} names no model (written before the records bound the global "
+                                                 "parameters): nothing ties these records to this folder's model")
+        return
+    folder = run / "checkpoints"
+    rounds = sorted(int(m.group(1)) for p in folder.iterdir() if (m := _CHECKPOINT.fullmatch(p.name))) \
+        if folder.is_dir() else []
+    if rounds and rounds[-1] > rnd:
+        result.add("tamper", None, rounds[-1], None,
+                   f"checkpoints/round_{rounds[-1]:04d}.npz is newer than round {rnd}, the last the signed {HEADS} "
+                   "cover: a released model these privacy records do not account for")
+    if rnd not in rounds:
+        result.add("warning", None, rnd, None,
+                   f"no checkpoints/round_{rnd:04d}.npz: the model the signed {HEADS} name is not in this folder "
+                   "(the server stopped between signing and checkpointing, or the model was removed)")
+        return
+    from fedsocial.server.checkpoint import CheckpointError, load_checkpoint  # the server's own reader (no pickle)
+
+    try:
+        ckpt = load_checkpoint(folder / f"round_{rnd:04d}.npz")
+    except (CheckpointError, TypeError, AttributeError) as exc:
+        result.add("tamper", None, rnd, None, f"checkpoints/round_{rnd:04d}.npz: {exc}")
+        return
+    if compute_params_sha256(ckpt.names, ckpt.arrays) != want:
+        result.add("tamper", None, rnd, None,
+                   f"checkpoints/round_{rnd:04d}.npz is not the model the signed {HEADS} name (its sha256 differs): "
+                   "these privacy records are not those of this folder's run")
+
+
 def _check_metrics(result: AuditResult) -> None:
-    """metrics.json's ``epsilon`` (the largest over partners) must not understate the ledgers."""
+    """metrics.json's ``epsilon`` (the largest over partners) must not understate the ledgers, and one above
+    them says the ledgers are not the run's that wrote it (both warnings: metrics.json is not signed)."""
     reported = result.context.get("metrics", {}).get("epsilon")
     ledger_max = result.ledger_max_epsilon
     if isinstance(reported, (int, float)) and ledger_max is not None and reported < ledger_max * (1 - 1e-6):
         result.add("warning", None, None, None,
                    f"metrics.json reports epsilon {reported:.6g}, below the ledgers' largest {ledger_max:.6g}")
+    elif isinstance(reported, (int, float)) and ledger_max is not None and reported > ledger_max * (1 + 1e-6):
+        result.add("warning", None, None, None,
+                   f"metrics.json reports epsilon {reported:.6g}, above the ledgers' largest {ledger_max:.6g}: "
+                   "these ledgers may not be this run's")
 
 
 def _check_canary(result: AuditResult) -> None:

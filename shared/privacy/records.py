@@ -11,9 +11,11 @@ Ed25519 key created at run start (``RUN_DIR/server/signing.key``, 0600; public h
     budget cap it declared. The auditor checks each partner's budget against its declared cap
     (and the run's cap) with no flags.
 ``RUN_DIR/ledger_heads.json``
-    rewritten after every round: the round, and for each partner the ``(round, hash)`` of the
-    newest ledger entry its last reply named. Every partner with a head must have a ledger that
-    holds that entry.
+    rewritten after every round: the round, for each partner the ``(round, hash)`` of the newest
+    ledger entry its last reply named, and the sha256 of the global parameters that round released
+    (``params_sha256``, :func:`compute_params_sha256`). Every partner with a head must have a ledger
+    that holds that entry, and the run's checkpoint of that round must be those parameters: records
+    copied from another run do not match this folder's model.
 
 Each record is a JSON object with ``record`` (its kind), ``version``, the payload,
 ``server_key_fingerprint`` and ``signature`` (Ed25519, base64, over the canonical JSON of the object
@@ -27,10 +29,11 @@ import binascii
 import hashlib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from fedsocial.shared import signing
@@ -123,14 +126,28 @@ def write_run_manifest(run_dir: str | os.PathLike[str], cfg: Any,
     return doc
 
 
-def write_signed_heads(run_dir: str | os.PathLike[str], round_: int,
-                       heads: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-    """Sign and write each partner's ledger head after ``round_`` (binding them to the manifest)."""
+def compute_params_sha256(names: Sequence[str], arrays: Sequence[Any]) -> str:
+    """sha256 of a model's parameters: each array's name, dtype and shape (canonical JSON) and its C-order
+    bytes, in order, every part length-prefixed (two different parameter lists never hash alike)."""
+    h = hashlib.sha256()
+    for name, a in zip(names, arrays, strict=True):
+        arr = np.ascontiguousarray(a)
+        head = canonical_json({"name": str(name), "dtype": arr.dtype.str, "shape": list(arr.shape)}).encode("ascii")
+        for part in (head, arr.tobytes()):
+            h.update(len(part).to_bytes(8, "big"))
+            h.update(part)
+    return h.hexdigest()
+
+
+def write_signed_heads(run_dir: str | os.PathLike[str], round_: int, heads: Mapping[str, Mapping[str, Any]],
+                       params_sha256: str | None = None) -> dict[str, Any]:
+    """Sign and write each partner's ledger head after ``round_``, bound to the manifest and to the global
+    parameters that round released (``params_sha256``; None only for callers without a model)."""
     run = Path(run_dir)
     key = server_key(run)
     manifest = run / MANIFEST
     digest = hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else None
-    payload = {"round": int(round_), "manifest_sha256": digest,
+    payload = {"round": int(round_), "manifest_sha256": digest, "params_sha256": params_sha256,
                "heads": {str(p): {"round": int(h["round"]), "hash": str(h["hash"])} for p, h in sorted(heads.items())}}
     doc = sign_record(key, "ledger_heads", payload)
     write_json_atomic(run / HEADS, doc)
