@@ -35,6 +35,7 @@ PER_USER_STATE = ("social_emb.weight", "user_emb.weight", "local_user")
 USER_FEATURE_STATE = "user_feat"  # the model's per-user feature codes (a buffer computed from the data)
 _CANONICAL_INT = re.compile(r"-?(0|[1-9][0-9]*)")  # what str(int) writes: "007", "+7", "-0" are other ids
 _MAX_INT_DIGITS = 4000  # below Python's int-from-string limit (4300 digits)
+MAX_ID_CHARS = 1024  # an event's id is a key of the partner's data and its events.jsonl: no 100 KB user ids
 
 
 class EventError(ValueError):
@@ -60,6 +61,8 @@ def _id(doc: Mapping[str, Any], key: str, where: str) -> int | str:
     value = doc.get(key)
     if isinstance(value, bool) or not isinstance(value, int | str) or value == "":
         raise EventError(f"{where}field {key!r}: expected a non-empty string or integer id, got {value!r}")
+    if isinstance(value, str) and len(value) > MAX_ID_CHARS:
+        raise EventError(f"{where}field {key!r}: an id of {len(value)} characters (at most {MAX_ID_CHARS})")
     return compute_external_id(value)
 
 

@@ -64,7 +64,12 @@ class UnknownUserError(ServingError):
 # --- calibration (pure numpy) -----------------------------------------------------------------
 def compute_platt_params(scores: np.ndarray, labels: np.ndarray, weights: np.ndarray, iters: int = 100,
                          ridge: float = 1e-6) -> tuple[float, float]:
-    """(a, b) of P(y=1|s) = sigmoid(a s + b) by weighted Newton on the log-loss (Platt 1999)."""
+    """(a, b) of P(y=1|s) = sigmoid(a s + b) by weighted Newton on the log-loss (Platt 1999), with a >= 0.
+
+    A higher-ranked item must never get a lower probability: where the unconstrained fit's slope is negative
+    (a weak model on few validation users), the log-loss is concave in (a, b), so the constrained optimum
+    lies on a = 0: the weighted base rate for every item.
+    """
     x = np.stack([scores, np.ones_like(scores)], 1).astype(np.float64)
     theta = np.zeros(2)
     for _ in range(iters):
@@ -75,7 +80,10 @@ def compute_platt_params(scores: np.ndarray, labels: np.ndarray, weights: np.nda
         theta -= step
         if np.abs(step).max() < 1e-10:
             break
-    return float(theta[0]), float(theta[1])
+    if theta[0] >= 0:
+        return float(theta[0]), float(theta[1])
+    rate = float(np.clip(np.sum(weights * labels) / max(float(np.sum(weights)), 1e-300), 1e-12, 1 - 1e-12))
+    return 0.0, float(np.log(rate / (1.0 - rate)))
 
 
 def compute_isotonic_fit(scores: np.ndarray, labels: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -383,7 +391,12 @@ class Recommender:
         if category is not None:
             if self.item_category is None:
                 raise ServingError("field 'category': this catalogue has no categories")
-            rank_by[torch.as_tensor(self.item_category != category)] = -torch.inf
+            in_category = self.item_category == category
+            if not in_category.any():  # an empty list would read as "nothing left to recommend"
+                raise ServingError(f"field 'category': no item of this catalogue is in category {category} "
+                                   f"(its categories: {', '.join(map(str, np.unique(self.item_category)[:20]))}"
+                                   f"{', ...' if len(np.unique(self.item_category)) > 20 else ''})")
+            rank_by[torch.as_tensor(~in_category)] = -torch.inf
         top = torch.topk(rank_by, min(k, rank_by.shape[0]))
         keep = torch.isfinite(top.values)
         idx = top.indices[keep].numpy()

@@ -187,10 +187,20 @@ def test_calibrated_probability_is_monotone_in_the_score(rows: list[tuple[float,
     cal = fit_calibrator(s, y, w, method)
     grid = np.linspace(-6, 6, 200)
     p = cal.predict(grid)
-    # Assert: non-decreasing in the score (Platt's slope can be fitted negative only on anti-correlated data)
+    # Assert: non-decreasing in the score, for any data (Platt's slope is held at >= 0)
     assert np.all((p >= 0) & (p <= 1))
-    if method == "isotonic" or cal.params[0] >= 0:
-        assert np.all(np.diff(p) >= -1e-12)
+    assert np.all(np.diff(p) >= -1e-12)
+
+
+def test_platt_on_anti_correlated_scores_gives_the_base_rate_not_a_falling_curve() -> None:
+    # Prepare: labels that fall with the score (was: a negative slope, rank 1 below rank 2)
+    s = np.linspace(-2, 2, 400)
+    y = (s < 0).astype(float)
+    w = np.where(y > 0, 1.0, 3.0)  # weighted base rate 0.25
+    # Execute
+    a, b = compute_platt_params(s, y, w)
+    # Assert
+    assert a == 0.0 and 1 / (1 + np.exp(-b)) == pytest.approx(0.25, rel=1e-9)
 
 
 def test_unknown_calibration_is_refused() -> None:
@@ -204,7 +214,9 @@ def test_unknown_calibration_is_refused() -> None:
     ({"user": 1, "item": 2, "type": "buy"}, "type"), ({"item": 2, "type": "click"}, "user"),
     ({"user": 1, "type": "follow"}, "neighbour"), ({"user": 1, "item": 2, "type": "rating", "value": "x"}, "value"),
     ({"user": 1, "neighbour": 1, "type": "follow"}, "neighbour"), ({"user": True, "item": 2, "type": "view"}, "user"),
-    ({"user": 1, "item": 2, "type": "view", "colour": 1}, "colour"), ([1, 2], "object")])
+    ({"user": 1, "item": 2, "type": "view", "colour": 1}, "colour"), ([1, 2], "object"),
+    ({"user": "u" * 1025, "item": 2, "type": "view"}, "'user': an id of 1025 characters"),
+    ({"user": 1, "item": "9" * 5000, "type": "click"}, "'item': an id of 5000")])
 def test_malformed_events_name_the_field(doc: object, field: str) -> None:
     with pytest.raises(EventError, match=field):
         parse_event(doc)
@@ -262,7 +274,24 @@ def test_string_ids_keep_their_spelling_and_odd_ids_are_unknown_not_errors(tmp_p
     for odd in ("1" * 5000, "+7", "٣"):
         with pytest.raises(UnknownUserError):
             rec.index_of(odd)
-    assert parse_event({"user": "1" * 5000, "item": 1, "type": "view"}).user == "1" * 5000
+    assert parse_event({"user": "x" * 1000, "item": 1, "type": "view"}).user == "x" * 1000  # long, still an id
+    with pytest.raises(EventError, match="an id of 5000 characters"):
+        parse_event({"user": "1" * 5000, "item": 1, "type": "view"})  # longer than any id an event may create
+
+
+def test_a_category_no_item_has_is_refused_not_an_empty_list() -> None:
+    # Prepare: the catalogue's categories are 0..3
+    split = tiny_split()
+    rec = Recommender(randomised_model(ModelConfig(dim=8, user_embedding="none", use_category=True), split, 2),  # type: ignore[arg-type]
+                      split, calibration="none")
+    # Execute
+    inside = rec.recommend(3, 5, category=2, explain=False)
+    # Assert
+    assert inside and all(int(rec.item_category[rec.item_index[x["item"]]]) == 2 for x in inside)
+    for missing in (9999, -5):
+        with pytest.raises(ServingError,
+                           match=rf"no item of this catalogue is in category {missing} \(its categories: 0, 1, 2, 3\)"):
+            rec.recommend(3, 5, category=missing)
 
 
 def test_an_event_changes_the_list_at_once_and_a_bad_batch_changes_nothing(tmp_path: Path) -> None:
