@@ -21,39 +21,19 @@ from flwr.compat.common import recorddict_compat as compat
 from flwr.server import SimpleClientManager
 from flwr.server.compat.app_utils import start_update_client_manager_thread
 from flwr.serverapp import Grid
-from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedsocial.server.federation import RefreshingClientManager, compute_admitted, query_partners
+from tests.stub_grid import StubGrid
 
 
-class TableGrid(Grid):
+class TableGrid(StubGrid):
     """Nodes that are connected, answering each GET_PROPERTIES with their partner id; records batches."""
 
     def __init__(self, node_ids: Iterable[int], silent: Iterable[int] = ()) -> None:
-        self.node_ids = sorted(node_ids)
+        super().__init__(node_ids)
         self.silent = set(silent)
         self.batches: list[list[int]] = []
-        self._run = Run.create_empty(run_id=7)
-
-    def set_run(self, run: Run) -> None:
-        self._run = run
-
-    @property
-    def run(self) -> Run:
-        return self._run
-
-    def create_message(self, *args: Any, **kwargs: Any) -> Message:
-        raise NotImplementedError
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self.node_ids)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        raise NotImplementedError
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         batch = list(messages)

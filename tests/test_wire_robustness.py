@@ -33,8 +33,6 @@ from flwr.server.client_manager import SimpleClientManager
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.server.workflow.default_workflows import default_fit_workflow
-from flwr.serverapp import Grid
-from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedsocial.client.flower import FedSocialClient
@@ -44,6 +42,7 @@ from fedsocial.server.screening import ScreenedGrid, compute_reply_problem
 from fedsocial.server.strategy import FedSocialStrategy
 from fedsocial.shared import protocol
 from fedsocial.shared.config import Config
+from tests.stub_grid import StubGrid
 from tests.test_federation import one_round_partner
 from tests.test_strategy import NAMES, _good_reply, _Proxy, _registrations
 
@@ -503,31 +502,12 @@ def test_global_parameters_that_make_training_diverge_leave_the_partner_as_it_wa
 
 # ---- replies Flower's workflows could not read --------------------------------------------------------
 
-class _ReplyGrid(Grid):
+class _ReplyGrid(StubGrid):
     """Nodes answering each training message with ``reply(node, request)`` (the transport is not under test)."""
 
     def __init__(self, reply: Any) -> None:
+        super().__init__([0, 1, 2])
         self.reply = reply
-        self._run = Run.create_empty(run_id=7)
-
-    def set_run(self, run: Run) -> None:
-        self._run = run
-
-    @property
-    def run(self) -> Run:
-        return self._run
-
-    def create_message(self, *args: Any, **kwargs: Any) -> Message:  # type: ignore[override]
-        raise NotImplementedError
-
-    def get_node_ids(self) -> list[int]:
-        return [0, 1, 2]
-
-    def push_messages(self, messages: Any) -> Any:
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids: Any) -> Any:
-        raise NotImplementedError
 
     def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> list[Message]:
         return [self.reply(m.metadata.dst_node_id, m) for m in messages]
