@@ -35,6 +35,7 @@ PER_USER_STATE = ("social_emb.weight", "user_emb.weight", "local_user")
 USER_FEATURE_STATE = "user_feat"  # the model's per-user feature codes (a buffer computed from the data)
 _CANONICAL_INT = re.compile(r"-?(0|[1-9][0-9]*)")  # what str(int) writes: "007", "+7", "-0" are other ids
 _MAX_INT_DIGITS = 4000  # below Python's int-from-string limit (4300 digits)
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1  # the loader's integer ids are int64 (shared.loaders._typed_ids)
 MAX_ID_CHARS = 1024  # an event's id is a key of the partner's data and its events.jsonl: no 100 KB user ids
 
 
@@ -74,7 +75,8 @@ def compute_external_id(value: int | str) -> int | str:
     ``"--5"``, ``"²"`` or a 5000-digit string are plain strings, never an error.
     """
     if isinstance(value, str) and len(value) <= _MAX_INT_DIGITS and _CANONICAL_INT.fullmatch(value.strip()):
-        return int(value.strip())
+        number = int(value.strip())
+        return number if _INT64_MIN <= number <= _INT64_MAX else value  # the loader keeps wider ids as strings
     return value
 
 

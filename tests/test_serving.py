@@ -537,3 +537,19 @@ def test_recommend_from_a_deployed_partner_folder(run_dir: Path, tmp_path: Path)
     users = {r["user"] for r in rows}
     assert rc == 0 and len(rows) == 4 * len(users) and users
     assert missing == 2
+
+
+def test_an_event_id_is_an_integer_exactly_when_the_loader_would_make_it_one() -> None:
+    # Prepare: ids at and beyond int64 (was: the service made "9223372036854775808" an int, which the loader
+    # keeps as a string, so an event for that user created a second one)
+    from fedsocial.shared.events import compute_external_id
+    from fedsocial.shared.loaders import _typed_ids
+
+    cases = ["9223372036854775807", "-9223372036854775808", "9223372036854775808", "-9223372036854775809", "12"]
+    # Execute
+    service = [compute_external_id(c) for c in cases]
+    loader = [_typed_ids(np.array([c, "1"]))[0] for c in cases]
+    # Assert
+    assert [type(v) is int for v in service] == [isinstance(v, np.integer) for v in loader] == [True, True, False,
+                                                                                                   False, True]
+    assert [str(v) for v in service] == cases
