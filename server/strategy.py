@@ -394,12 +394,21 @@ class FedSocialStrategy(Strategy):
             raise QuorumError(f"round {g}: only {len(accepted)} valid replies, federation.min_partners is {need}"
                               + (f" ({reasons})" if reasons else ""))
 
+    def record_secagg_halt(self, reason: str) -> None:
+        """Why the SecAgg+ workflow stopped this round before ``aggregate_fit``: the round's skip names it."""
+        self._round["halted"] = reason
+
+    def node_name(self, nid: int) -> str:
+        """A node as logs and records name it: its id, and the partner it registered as."""
+        return f"node {nid} ({self.node_partner[nid]})" if nid in self.node_partner else f"node {nid}"
+
     def configure_evaluate(self, server_round: int, parameters: Parameters, client_manager: ClientManager
                            ) -> list[tuple[ClientProxy, EvaluateIns]]:
         g = self.global_round(server_round)
+        halted = self._round.pop("halted", "fewer live contributors than the reconstruction threshold")
         if "accepted" not in self._round:  # the SecAgg+ workflow halted before aggregate_fit
             self._round.setdefault("round", g)
-            self._skip(g, "secure aggregation halted (fewer live contributors than the reconstruction threshold)")
+            self._skip(g, f"secure aggregation halted ({halted})")
         if not compute_is_eval_round(g, self.cfg.federation.rounds, self.cfg.federation.eval_every):
             self._finish_round(g, {}, {}, 0)  # Flower calls no aggregate_evaluate for an empty round
             return []
