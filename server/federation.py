@@ -2,7 +2,8 @@
 
 Settings come from the run config: ``config-path``, ``run-dir`` (and, optionally, ``resume``,
 ``wait-timeout``, ``stop-after``). A fresh run needs an empty run directory; ``resume = true`` continues from the
-newest checkpoint (the last complete round). The SecAgg+ workflow replaces the fit step when
+newest checkpoint (the last complete round). The SecAgg+ workflow (Flower's, with its unmask stage
+screened: :class:`server.secagg.ScreenedSecAggPlusWorkflow`) replaces the fit step when
 ``secagg.enabled``; everything else is Flower's ``DefaultWorkflow`` with :class:`FedSocialStrategy`.
 """
 
@@ -23,7 +24,7 @@ from flwr.common import GetParametersIns, GetPropertiesIns
 from flwr.common.constant import MessageTypeLegacy
 from flwr.compat.common import recorddict_compat as compat
 from flwr.server import LegacyContext, ServerConfig, SimpleClientManager
-from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.server.workflow import DefaultWorkflow
 from flwr.serverapp import Grid
 
 from fedsocial.server.aggregation import ParamSpec, compute_decoded_update, compute_npy_header
@@ -233,7 +234,7 @@ def run_server(grid: Grid, context: Context, overrides: Mapping[str, Any] | None
     props = {nid: reg.to_metrics() for nid, reg in admitted.items()}
     record_run_manifest(s.run_dir, cfg, props)
     secagg_kwargs: dict[str, Any] = {}
-    from fedsocial.server.secagg import derive_secagg_settings
+    from fedsocial.server.secagg import ScreenedSecAggPlusWorkflow, derive_secagg_settings
 
     strategy = FedSocialStrategy(cfg, s.run_dir, names, params, start_round=start, state=state,
                                  secagg=cfg.secagg.enabled, secagg_precision=cfg.secagg.precision,
@@ -245,7 +246,8 @@ def run_server(grid: Grid, context: Context, overrides: Mapping[str, Any] | None
     last = min(cfg.federation.rounds, s.stop_after) if s.stop_after > 0 else cfg.federation.rounds
     remaining = last - start
     if remaining > 0:
-        fit_workflow = SecAggPlusWorkflow(**secagg_kwargs) if cfg.secagg.enabled else None
+        fit_workflow = ScreenedSecAggPlusWorkflow(**secagg_kwargs, on_halt=strategy.record_secagg_halt,
+                                                  name_node=strategy.node_name) if cfg.secagg.enabled else None
         legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=remaining), strategy=strategy,
                                client_manager=RefreshingClientManager())
         DefaultWorkflow(fit_workflow=fit_workflow)(grid, legacy)

@@ -16,14 +16,38 @@ sum. Three settings must therefore match the rest of the pipeline:
   not wrap modulo ``modulus_range``; the quantisation error must stay below ``secagg.precision``.
 
 Inconsistent settings raise :class:`ConfigError` naming the key.
+
+In the unmask stage the server combines, for each partner, the Shamir shares its neighbours hold of
+its mask seed (or, for a partner that dropped out, of its private key). Flower's ``unmask_stage``
+raised on one partner's garbage share (``combine_shares``, the key parsing) and ended the run.
+:class:`ScreenedSecAggPlusWorkflow` drops malformed shares first (:func:`compute_screened_shares`),
+reconstructs from the rest when enough remain, and otherwise halts the round with its reason
+(:func:`compute_unmask_problem`): the round is skipped, the next one proceeds. A share that is
+well formed but wrong gives a wrong secret and a garbage sum, which the strategy's validation of the
+aggregate refuses.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+import logging
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence, Set
+from typing import Any, cast
 
+from flwr.app import Message
+from flwr.common.secure_aggregation.crypto.shamir import combine_shares
+from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from flwr.server.compat.legacy_context import LegacyContext
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
+from flwr.serverapp import Grid
+from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
+
+from fedsocial.server.screening import ScreenedGrid
 from fedsocial.shared.config import Config, ConfigError
+
+log = logging.getLogger("fedsocial.server")
 
 MODULUS_RANGE = 2**32  # Flower's default and its maximum (masks are uint32)
 
@@ -129,3 +153,148 @@ def _check_shares(num_shares: int, threshold: int, partners: int, min_partners: 
         raise ConfigError(f"secagg.reconstruction_threshold: {threshold} shares cannot be recovered when "
                           f"{dropouts} of {partners} partners drop out (federation.min_partners "
                           f"{min_partners}); lower it or raise secagg.num_shares")
+
+
+# ---- the unmask stage: one partner's garbage shares halt a round, never the run --------------------
+
+SHARE_INDEX_BYTES = 4  # Flower's share: a little-endian index, then 16 bytes per 16-byte chunk of the secret
+SHARE_CHUNK_BYTES = 16
+
+
+def compute_share_problem(share: bytes, num_shares: int) -> str | None:
+    """Why ``share`` is no share ``combine_shares`` can read (None: it is well formed).
+
+    A share is a 4-byte little-endian index in ``[1, num_shares]`` followed by one or more 16-byte chunks.
+    """
+    n = len(share)
+    if n < SHARE_INDEX_BYTES + SHARE_CHUNK_BYTES or (n - SHARE_INDEX_BYTES) % SHARE_CHUNK_BYTES:
+        return f"{n} bytes, not 4 + 16k with k >= 1"
+    index = int.from_bytes(share[:SHARE_INDEX_BYTES], "little", signed=False)
+    if not 1 <= index <= num_shares:
+        return f"index {index} outside [1, {num_shares}]"
+    return None
+
+
+def compute_screened_shares(held: Sequence[tuple[int, bytes]], num_shares: int
+                            ) -> tuple[list[tuple[int, bytes]], list[tuple[int, str]]]:
+    """The (holder, share) pairs of one secret worth combining, and (holder, why) for each share dropped.
+
+    Dropped: every share of a holder that sent more than one; a malformed share
+    (:func:`compute_share_problem`); a share whose length is not the one most shares have (all of them
+    when no length is most common); every share whose index another share also has (which is genuine
+    cannot be known).
+    """
+    per_holder = Counter(holder for holder, _ in held)
+    dropped = [(h, f"{per_holder[h]} shares for one secret") for h in sorted(per_holder) if per_holder[h] > 1]
+    kept = []
+    for holder, share in held:
+        if per_holder[holder] > 1:
+            continue  # dropped above
+        problem = compute_share_problem(share, num_shares)
+        if problem is None:
+            kept.append((holder, share))
+        else:
+            dropped.append((holder, f"malformed share: {problem}"))
+    lengths = Counter(len(share) for _, share in kept).most_common()
+    common = lengths[0][0] if lengths and (len(lengths) == 1 or lengths[0][1] > lengths[1][1]) else None
+    dropped += [(h, f"a share of {len(s)} bytes, " + (f"the others' are of {common}" if common is not None
+                                                         else "no length is the most common"))
+                for h, s in kept if len(s) != common]
+    kept = [(h, s) for h, s in kept if len(s) == common]
+    index = Counter(s[:SHARE_INDEX_BYTES] for _, s in kept)
+    dropped += [(h, f"share index {int.from_bytes(s[:SHARE_INDEX_BYTES], 'little')} also sent by another node")
+                for h, s in kept if index[s[:SHARE_INDEX_BYTES]] > 1]
+    return [(h, s) for h, s in kept if index[s[:SHARE_INDEX_BYTES]] == 1], dropped
+
+
+def compute_unmask_problem(shares: Mapping[int, Sequence[bytes]], dead: Set[int], threshold: int,
+                           neighbours: Mapping[int, Set[int]], public_keys: Mapping[int, Sequence[bytes]],
+                           name: Callable[[int], str] = lambda nid: f"node {nid}") -> str | None:
+    """Why unmasking with ``shares`` (owner node -> its screened shares) would raise (None: it would not).
+
+    What ``SecAggPlusWorkflow.unmask_stage`` does with them: it combines each owner's shares; a live
+    owner's secret seeds a generator that needs whole 4-byte words; a dead owner's secret is its private
+    key, exchanged with each neighbour's first public key.
+    """
+    for owner, got in sorted(shares.items()):
+        if len(got) < threshold:
+            return f"{name(owner)}: {len(got)} usable shares of its secret, {threshold} needed"
+    for owner, got in sorted(shares.items()):
+        try:
+            secret = combine_shares(list(got))
+            if owner not in dead:
+                if len(secret) % 4:
+                    return f"{name(owner)}: its shares combine to a {len(secret)}-byte mask seed, not whole words"
+                continue
+            private_key = bytes_to_private_key(secret)
+            for other in sorted(neighbours.get(owner, set()) - {owner}):
+                generate_shared_key(private_key, bytes_to_public_key(public_keys[other][0]))
+        except Exception as exc:  # whatever the parsing and the key exchange raise on hostile bytes
+            return f"{name(owner)}: its shares do not combine to its secret: {type(exc).__name__}: {exc}"
+    return None
+
+
+class UnmaskRefused(Exception):
+    """The unmask stage's shares cannot be unmasked (the message says why); the round halts."""
+
+
+class _UnmaskGrid(ScreenedGrid):
+    """The grid as the unmask stage sees it: malformed shares dropped from the replies, and the
+    reconstruction tried before the workflow does it (:class:`UnmaskRefused` when it would fail)."""
+
+    def __init__(self, grid: Grid, workflow: ScreenedSecAggPlusWorkflow, state: WorkflowState) -> None:
+        super().__init__(grid)
+        self.workflow, self.state = workflow, state
+        self.dead = set(state.sampled_node_ids - state.active_node_ids)  # as the stage computes it
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        replies = list(super().send_and_receive(messages, timeout=timeout))
+        st, name = self.state, self.workflow.name_node
+        held: dict[int, list[tuple[int, bytes]]] = {nid: [] for nid in st.sampled_node_ids}
+        for reply in replies:
+            if not reply.has_error():
+                rec = reply.content.config_records[RECORD_KEY_CONFIGS]  # lists of equal length: screened
+                owners, shares = cast(list[int], rec[Key.NODE_ID_LIST]), cast(list[bytes], rec[Key.SHARE_LIST])
+                for owner, share in zip(owners, shares, strict=True):
+                    held.setdefault(owner, []).append((reply.metadata.src_node_id, share))
+        keep: dict[int, dict[int, bytes]] = {}  # holder -> owner -> the share the workflow may use
+        for owner, pairs in held.items():
+            kept, dropped = compute_screened_shares(pairs, st.num_shares)
+            for holder, why in dropped:
+                log.warning("SecAgg+ unmask: dropped a share of %s's secret sent by %s: %s", name(owner),
+                            name(holder), why)
+            for holder, share in kept:
+                keep.setdefault(holder, {})[owner] = share
+        for reply in replies:
+            if not reply.has_error():
+                mine = keep.get(reply.metadata.src_node_id, {})
+                rec = reply.content.config_records[RECORD_KEY_CONFIGS]
+                rec[Key.NODE_ID_LIST], rec[Key.SHARE_LIST] = list(mine), list(mine.values())
+        usable = {owner: [keep[h][owner] for h in sorted(keep) if owner in keep[h]] for owner in held}
+        problem = compute_unmask_problem(usable, self.dead, st.threshold, st.nid_to_neighbours,
+                                         st.nid_to_publickeys, name)
+        if problem is not None:
+            raise UnmaskRefused(problem)
+        return replies
+
+
+class ScreenedSecAggPlusWorkflow(SecAggPlusWorkflow):
+    """Flower's SecAgg+ workflow whose unmask stage survives hostile shares (see the module docstring).
+
+    ``on_halt(reason)`` is told why a round's unmasking was refused (the strategy records the skip);
+    ``name_node`` names a node in logs and reasons.
+    """
+
+    def __init__(self, *args: Any, on_halt: Callable[[str], None] = lambda reason: None,
+                 name_node: Callable[[int], str] = lambda nid: f"node {nid}", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.on_halt, self.name_node = on_halt, name_node
+
+    def unmask_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
+        try:
+            return super().unmask_stage(_UnmaskGrid(grid, self, state), context, state)
+        except UnmaskRefused as exc:
+            reason = f"unmask refused, nothing aggregated: {exc}"
+            log.warning("SecAgg+ %s", reason)
+            self.on_halt(reason)
+            return False
