@@ -102,6 +102,17 @@ def check_resumable(saved: Config, cfg: Config, run_dir: Path) -> None:
         raise ConfigError("federation.partners: a resumed run must keep its number of partners")
 
 
+GPU_DEVICE_NODES = ("nvidiactl", "nvidia0", "kfd", "dxg")  # NVIDIA's driver, AMD ROCm, WSL 2's GPU bridge
+
+
+def compute_gpu_possible(dev: Path = Path("/dev"), system: str = sys.platform) -> bool:
+    """Whether torch could find a GPU here: on Linux only through a GPU driver's device node in ``dev``;
+    macOS has no CUDA; elsewhere it cannot be told without asking torch (True)."""
+    if system.startswith("linux"):
+        return any((dev / name).exists() for name in GPU_DEVICE_NODES)
+    return system != "darwin"
+
+
 def backend_config(cfg: Config) -> dict[str, Any]:
     """Ray settings: one CPU per ClientApp actor, as many actors as cores, no dashboard, quiet workers.
 
@@ -114,9 +125,9 @@ def backend_config(cfg: Config) -> dict[str, Any]:
         if not cap.isdigit() or int(cap) < 1:
             raise ConfigError(f"environment FEDSOCIAL_SIM_CPUS: expected a positive integer, got {cap!r}")
         n_cpus = min(n_cpus, int(cap))
-    gpu = cfg.train.device.startswith("cuda") or cfg.train.device == "auto"
+    gpu = cfg.train.device.startswith("cuda") or (cfg.train.device == "auto" and compute_gpu_possible())
     n_gpus = 0.0
-    if gpu:
+    if gpu:  # torch's import is about 3 s before Ray starts: only where a GPU can be there
         import torch
 
         n_gpus = 1.0 / max(1, cfg.federation.partners) if torch.cuda.is_available() else 0.0

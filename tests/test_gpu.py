@@ -78,3 +78,36 @@ def test_gpu_bench_script_runs_on_cpu(tmp_path: Path) -> None:
     assert doc["users"] == 400 and doc["device"] == "cpu"
     assert doc["dp"]["users_per_s"] > 0 and doc["non_private"]["users_per_s"] > 0
     assert doc["ratio"] == pytest.approx(doc["dp"]["s_per_epoch"] / doc["non_private"]["s_per_epoch"])
+
+
+@pytest.mark.parametrize(("nodes", "system", "possible"), [
+    ((), "linux", False), (("nvidia0",), "linux", True), (("nvidiactl",), "linux", True), (("kfd",), "linux", True),
+    (("dxg",), "linux", True), ((), "darwin", False), ((), "win32", True)])
+def test_a_gpu_is_possible_only_with_a_driver_device_node_on_linux(tmp_path: Path, nodes: tuple[str, ...],
+                                                                   system: str, possible: bool) -> None:
+    # Prepare: a /dev with only the given nodes
+    from fedsocial.simulations.simulate import compute_gpu_possible
+
+    for name in nodes:
+        (tmp_path / name).touch()
+    # Execute / Assert
+    assert compute_gpu_possible(tmp_path, system) is possible
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here: device = auto asks torch, as it must")
+def test_simulate_with_device_auto_does_not_import_torch_where_no_gpu_can_be() -> None:
+    # Prepare: a fresh interpreter (this one has torch); the driver's Ray settings for device = auto
+    from fedsocial.simulations.simulate import compute_gpu_possible
+
+    if compute_gpu_possible():
+        pytest.skip("this machine has a GPU driver's device node: device = auto must ask torch")
+    script = ("import sys\n"
+              "from fedsocial.shared.config import Config, TrainConfig\n"
+              "from fedsocial.simulations.simulate import backend_config\n"
+              "cfg = backend_config(Config(train=TrainConfig(device='auto')))\n"
+              "assert cfg['client_resources']['num_gpus'] == 0.0, cfg\n"
+              "assert 'torch' not in sys.modules\n")
+    # Execute
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    # Assert: 0 GPUs per actor, and torch (about 3 s) never imported by the driver
+    assert proc.returncode == 0, proc.stderr
