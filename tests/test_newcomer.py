@@ -102,6 +102,18 @@ def test_dp_settings_are_the_dp_ones() -> None:
     assert dp["privacy"]["epochs"][0] == dp["train"]["epochs"][0]
 
 
+def test_dp_settings_validate_at_most_ten_times_because_each_pass_refits_every_user() -> None:
+    # Prepare: a small data set, whose full ranking alone would be evaluated every epoch
+    stats = _stats(1508, 2071, 35494)
+    # Execute
+    plain, dp = compute_settings(stats, False, 3), compute_settings(stats, True, 3)
+    # Assert: at most 10 validation passes (each refits every user's p_u) over the DP schedule, epochs a multiple
+    epochs, every = dp["train"]["epochs"][0], dp["train"]["eval_every"][0]
+    assert plain["train"]["eval_every"][0] == 1 and every > 1
+    assert epochs // every <= 10 and epochs % every == 0
+    assert dp["federation"]["eval_every"][0] == every // 2
+
+
 def test_delta_known_values() -> None:
     assert compute_delta(60) == 1e-5
     assert compute_delta(17000) == 1e-6
