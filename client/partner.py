@@ -658,7 +658,9 @@ class Partner:
         trainer.refit_local()  # p_u from the user's own items against the new global (no-op unless local)
         dp_metrics, dp_n = trainer.evaluate("test")
         dp_model = ({k: float(dp_metrics[k]) for k in METRIC_KEYS}, int(dp_n))
-        if self.cfg.privacy.scope != "partner":
+        if self.cfg.privacy.scope != "partner" or round_ < self.cfg.federation.rounds:
+            # partner scope personalises once, after the last round (and `serve` at serve time): it never feeds
+            # the DP update, so an earlier one (minutes each: a fine-tune and the alone model) is only a record
             return dp_model[0], dp_model[1], time.perf_counter() - t0, dp_model
         from fedsocial.client.personalize import evaluate_personalised  # + local non-DP learning, never sent
 

@@ -391,6 +391,26 @@ def test_partner_scope_changes_nothing_a_partner_sends_or_trains_with(tmp_path: 
     assert not (tmp_path / "joint" / "partners" / "partner-0" / PERSONAL_DIR).exists()
 
 
+def test_partner_scope_personalises_once_after_the_last_round(tmp_path: Path) -> None:
+    # Prepare: three rounds of one partner in partner scope, evaluated after each
+    cfg = tiny_config("partner", rounds=3)
+    partner = Partner(settings_from_context({"config-path": str(write_config(cfg, tmp_path)), "run-dir": str(tmp_path)},
+                                            {"partition-id": 0, "num-partitions": 2}))
+    _, arrays = partner.initial_parameters()
+    # Execute
+    for round_ in (1, 2, 3):
+        arrays, _, _ = partner.fit(arrays, round_)
+        partner.evaluate(arrays, round_)
+    # Assert: one personalisation (the last round's); the earlier rounds record the shared DP model as served
+    folder = tmp_path / "partners" / "partner-0"
+    assert sorted(f.name for f in (folder / PERSONAL_DIR).glob("round_*.json")) == ["round_0003.json"]
+    first = json.loads((folder / "eval" / "round_0001.json").read_text())
+    record = json.loads((folder / PERSONAL_DIR / "round_0003.json").read_text())
+    last = json.loads((folder / "eval" / "round_0003.json").read_text())
+    assert 0.0 <= first["ndcg@10"] <= 1.0  # round 1 was evaluated (the shared DP model), not personalised
+    assert last["ndcg@10"] == pytest.approx(record["test"][record["choice"]]["ndcg@10"])
+
+
 @pytest.fixture(scope="module")
 def partner_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     base = tmp_path_factory.mktemp("scope")
