@@ -33,7 +33,7 @@ from fedsocial.server.screening import ScreenedGrid
 from fedsocial.server.strategy import METRIC_KEYS, FedSocialStrategy, QuorumError
 from fedsocial.shared import protocol
 from fedsocial.shared.config import Config, ConfigError, load_config
-from fedsocial.shared.fileio import write_json_atomic
+from fedsocial.shared.privacy.records import METRICS_RECORD, write_signed_metrics
 from fedsocial.shared.protocol import PRIVACY_MODEL
 
 log = logging.getLogger("fedsocial.server")
@@ -246,13 +246,17 @@ def run_server(grid: Grid, context: Context, overrides: Mapping[str, Any] | None
     last = min(cfg.federation.rounds, s.stop_after) if s.stop_after > 0 else cfg.federation.rounds
     remaining = last - start
     if remaining > 0:
+        # The signed metrics record binds results to the heads' round: it stops being true with this round's
+        # heads, so drop it now (an interrupted resume then audits with a warning, not as tampered); the end
+        # of this process writes both anew.
+        (s.run_dir / METRICS_RECORD).unlink(missing_ok=True)
         fit_workflow = ScreenedSecAggPlusWorkflow(**secagg_kwargs, on_halt=strategy.record_secagg_halt,
                                                   name_node=strategy.node_name) if cfg.secagg.enabled else None
         legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=remaining), strategy=strategy,
                                client_manager=RefreshingClientManager())
         DefaultWorkflow(fit_workflow=fit_workflow)(grid, legacy)
     doc = build_metrics(cfg, strategy, props, time.perf_counter() - t0, secagg_kwargs)
-    write_json_atomic(s.run_dir / "metrics.json", doc)
+    write_signed_metrics(s.run_dir, doc)  # metrics.json, then the server's signature of its bytes
     return doc
 
 

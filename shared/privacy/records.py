@@ -16,6 +16,13 @@ Ed25519 key created at run start (``RUN_DIR/server/signing.key``, 0600; public h
     (``params_sha256``, :func:`compute_params_sha256`). Every partner with a head must have a ledger
     that holds that entry, and the run's checkpoint of that round must be those parameters: records
     copied from another run do not match this folder's model.
+``RUN_DIR/metrics_record.json``
+    written right after ``metrics.json`` (and rewritten with it, by the server on every run or resume
+    and by the operator's own tools that add to it: the simulation driver, ``compare_alone``): the round
+    (``rounds_completed``), the sha256 of ``metrics.json``'s exact bytes, and the sha256 of the manifest and
+    of the heads file it was signed with, with their ``params_sha256``. The published utility numbers
+    (NDCG, recall, the per-partner metrics, ``federation_gain``, the epsilon it reports) are then the
+    server's: an edited or swapped ``metrics.json``, or one of another round than the heads, is tampering.
 
 Each record is a JSON object with ``record`` (its kind), ``version``, the payload,
 ``server_key_fingerprint`` and ``signature`` (Ed25519, base64, over the canonical JSON of the object
@@ -31,13 +38,13 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from fedsocial.shared import signing
-from fedsocial.shared.fileio import write_json_atomic
+from fedsocial.shared.fileio import json_default, write_atomic, write_json_atomic
 from fedsocial.shared.privacy.ledger import canonical_json, utc_timestamp
 
 RECORD_VERSION = 1
@@ -45,6 +52,8 @@ MANIFEST = "run_manifest.json"
 HEADS = "ledger_heads.json"
 SERVER_PUB = "server.pub"
 SERVER_KEY = Path("server") / "signing.key"
+METRICS = "metrics.json"
+METRICS_RECORD = "metrics_record.json"
 
 
 class RecordError(ValueError):
@@ -152,6 +161,99 @@ def write_signed_heads(run_dir: str | os.PathLike[str], round_: int, heads: Mapp
     doc = sign_record(key, "ledger_heads", payload)
     write_json_atomic(run / HEADS, doc)
     return doc
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def compute_metrics_payload(run_dir: str | os.PathLike[str], metrics_bytes: bytes, round_: int,
+                            public_key: Ed25519PublicKey, writer: str) -> dict[str, Any]:
+    """The payload binding ``metrics_bytes`` (metrics.json's exact bytes) to the run's signed records: the
+    round, the manifest's and the heads' sha256 and the heads' ``params_sha256``. Refuses (:class:`RecordError`)
+    heads that ``public_key`` does not verify or that are of another round than ``round_``: a record chained
+    to them would bind these numbers to records that are not the run's, or to another round."""
+    run = Path(run_dir)
+    manifest, heads_path = run / MANIFEST, run / HEADS
+    heads_sha = params_sha = None
+    if heads_path.is_file():
+        heads = verify_record(read_json(heads_path), "ledger_heads", public_key)
+        if heads.get("round") != int(round_):
+            raise RecordError(f"{HEADS} is of round {heads.get('round')!r}, {METRICS} of round {round_}: "
+                              "not signing results of another round than the heads")
+        heads_sha, params_sha = sha256_of(heads_path), heads.get("params_sha256")
+    return {"created": utc_timestamp(), "round": int(round_), "writer": str(writer),
+            "metrics_sha256": hashlib.sha256(metrics_bytes).hexdigest(),
+            "manifest_sha256": sha256_of(manifest) if manifest.is_file() else None,
+            "heads_sha256": heads_sha, "params_sha256": params_sha}
+
+
+def encode_metrics(doc: Mapping[str, Any]) -> bytes:
+    """metrics.json's bytes, as :func:`write_json_atomic` writes them."""
+    return (json.dumps(doc, indent=2, default=json_default) + "\n").encode("utf-8")
+
+
+def write_signed_metrics(run_dir: str | os.PathLike[str], doc: Mapping[str, Any], writer: str = "server",
+                         key: Ed25519PrivateKey | None = None) -> dict[str, Any]:
+    """Write ``metrics.json`` (atomically) and, right after it, ``metrics_record.json`` signing its exact
+    bytes (atomically; ``key``: the run's server key by default). The round is ``doc["rounds_completed"]``.
+
+    Both files are replaced by renames, metrics.json first: a process killed between the two renames
+    leaves a metrics.json its record does not sign (the audit then reports tampering, as it must: it
+    cannot tell that from an edit); rerunning the writer (resume, compare_alone) rewrites both."""
+    run = Path(run_dir)
+    key = server_key(run) if key is None else key
+    data = encode_metrics(doc)
+    payload = compute_metrics_payload(run, data, int(doc.get("rounds_completed") or 0), key.public_key(), writer)
+
+    def write(fh: IO[bytes]) -> None:
+        fh.write(data)
+
+    write_atomic(run / METRICS, write)
+    record = sign_record(key, "metrics", payload)
+    write_json_atomic(run / METRICS_RECORD, record)
+    return record
+
+
+def load_metrics_signer(run_dir: str | os.PathLike[str]) -> Ed25519PrivateKey | None:
+    """The run's server key, for a tool that adds to a finished run's ``metrics.json`` and must re-sign it.
+
+    None when the run has no ``metrics_record.json`` (a run of an older fedsocial: there is no signature to
+    keep, and signing now would bless numbers nobody verified). :class:`RecordError` when the change could
+    not be signed honestly: no ``server/signing.key`` (stripped before the folder was shipped), a key that is
+    not the run's ``server.pub``, a record that does not verify, or a ``metrics.json`` that is not the one it
+    signs (changed since the server wrote it: re-signing would launder the change). Creates nothing."""
+    run = Path(run_dir)
+    record_path, key_path = run / METRICS_RECORD, run / SERVER_KEY
+    if not record_path.is_file():
+        return None
+    if not key_path.is_file():
+        raise RecordError(f"{METRICS} is signed ({METRICS_RECORD}) but {key_path} is not there (stripped before "
+                          "the folder was shipped?): the server's key is needed to re-sign it")
+    try:
+        key = signing.load_private_key(key_path)
+        pub = signing.load_public_key(run / SERVER_PUB)
+    except (signing.SigningError, OSError) as exc:
+        raise RecordError(f"cannot load the run's server key: {exc}") from None
+    if signing.fingerprint(key.public_key()) != signing.fingerprint(pub):
+        raise RecordError(f"{key_path} is not the key of the run's {SERVER_PUB}")
+    record = verify_record(read_json(record_path), "metrics", pub)
+    metrics = run / METRICS
+    if not metrics.is_file() or sha256_of(metrics) != record.get("metrics_sha256"):
+        raise RecordError(f"{metrics} is not the {METRICS} that {METRICS_RECORD} signs (changed or removed "
+                          "since the server wrote it): not re-signing it")
+    return key
+
+
+def resign_metrics(run_dir: str | os.PathLike[str], doc: Mapping[str, Any], writer: str) -> bool:
+    """Rewrite ``metrics.json`` as ``doc`` and re-sign it (:func:`load_metrics_signer` says when it may);
+    without a record (an older run) it is rewritten unsigned. Returns whether it is signed."""
+    key = load_metrics_signer(run_dir)
+    if key is None:
+        write_json_atomic(Path(run_dir) / METRICS, doc)
+        return False
+    write_signed_metrics(run_dir, doc, writer, key)
+    return True
 
 
 def read_json(path: Path) -> Any:
