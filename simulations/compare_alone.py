@@ -150,11 +150,13 @@ def add_alone_metrics_inplace(doc: dict[str, Any], cfg: Config, data_dir: str | 
 def main(argv: list[str] | None = None) -> int:
     """``python -m fedsocial.simulations.compare_alone RUN_DIR [--data-dir DIR]``: add the alone comparison
     to a finished run (its own config.toml), e.g. one run without ``--compare-alone``; rewrites
-    metrics.json and report.html."""
+    metrics.json (re-signed with the run's server key, ``server/signing.key``, when the server signed it)
+    and report.html. Refuses, before training anything, a signed run whose key is not in the folder or
+    whose metrics.json is not the one the server signed."""
     import argparse
 
     from fedsocial.shared.config import load_config, resolve_data_dir
-    from fedsocial.shared.fileio import write_json_atomic
+    from fedsocial.shared.privacy.records import RecordError, load_metrics_signer, resign_metrics
     from fedsocial.simulations.report import write_report
 
     parser = argparse.ArgumentParser(prog="compare_alone", description=main.__doc__)
@@ -168,6 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     if not metrics.is_file():
         print(f"error: {metrics}: no such file (is {run_dir} a finished run?)", file=sys.stderr)
         return 2
+    try:
+        load_metrics_signer(run_dir)  # the signature can be kept: checked before the (long) training alone
+    except RecordError as exc:
+        print(f"error: {run_dir}: {exc}", file=sys.stderr)
+        return 2
     cfg = load_config(run_dir / "config.toml")
     doc = json.loads(metrics.read_text(encoding="utf-8"))
     data_dir = str(resolve_data_dir(args.data_dir).resolve())
@@ -180,7 +187,14 @@ def main(argv: list[str] | None = None) -> int:
         doc["federation_gain_over_local_pipeline"] = compute_federation_gain(
             served, {p: r["ndcg@10"] for p, r in control.items()})
         print(f"{run_dir}: federation_gain_over_local_pipeline {doc['federation_gain_over_local_pipeline']:.4f}")
-    write_json_atomic(metrics, doc)
+    try:
+        signed = resign_metrics(run_dir, doc, "compare_alone")
+    except RecordError as exc:  # changed while the partners trained alone
+        print(f"error: {run_dir}: {exc}", file=sys.stderr)
+        return 2
+    if not signed:
+        print(f"note: {metrics} has no signed record (a run of an older fedsocial): rewritten unsigned",
+              file=sys.stderr)
     write_report(run_dir, doc)
     print(f"{run_dir}: federation_gain {doc['federation_gain']:.4f}")
     return 0

@@ -3,7 +3,8 @@
 ``fedsocial simulate --config configs/NAME.toml [--data-dir DIR] [--partners N] [--rounds R]
 [--set section.key=value ...] [--resume DIR] --out DIR``
 
-The run directory gets ``config.toml`` (the resolved config, which a resume reuses), ``metrics.json``,
+The run directory gets ``config.toml`` (the resolved config, which a resume reuses), ``metrics.json``
+(with ``metrics_record.json``, the server's signature of it: what the driver adds, it re-signs),
 ``rounds.jsonl``, ``checkpoints/``, ``partners/<id>/`` (each partner's local state), ``ledgers/`` (DP)
 and ``report.html``. ``run_simulation`` does not read ``[tool.flwr.app.config]``, so the settings reach
 the apps as constructor arguments (the module-level apps read the same keys from the run config).
@@ -22,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 from fedsocial.shared.config import Config, ConfigError, load_config, resolve_data_dir
-from fedsocial.shared.fileio import write_json_atomic
 from fedsocial.simulations.common import format_table, user_errors
 from fedsocial.simulations.preflight import run_preflight
 from fedsocial.simulations.tracking import add_track_argument
@@ -323,7 +323,12 @@ def run_simulation_from_config(cfg: Config, data_dir: str | os.PathLike[str] | N
         from fedsocial.simulations.compare_alone import add_alone_metrics_inplace
 
         add_alone_metrics_inplace(doc, cfg, str(settings["data-dir"]), run_dir)
-    write_json_atomic(metrics_path, doc)
+    from fedsocial.shared.privacy.records import RecordError, resign_metrics
+
+    try:  # the driver plays the server's operator: what it adds is re-signed with the run's server key
+        resign_metrics(run_dir, doc, "simulate")
+    except RecordError as exc:
+        raise FederationError(f"{metrics_path}: cannot re-sign it: {exc}") from None
     from fedsocial.simulations.report import write_report
 
     write_report(run_dir, doc)
