@@ -204,6 +204,15 @@ def _records_text(result: AuditResult) -> str:
             f"per the server's signed heads: {rec.get('rounds_completed', 'unknown')}; server key: {pinned}.")
 
 
+def metrics_text(result: AuditResult) -> str:
+    """Whether metrics.json (the published NDCG, recall, per-partner metrics, epsilon) is the one the server
+    signed, as the audit found it."""
+    verdict = result.records.get("metrics")
+    if not isinstance(verdict, dict):
+        return "not checked (no metrics.json and no signed records of it)"
+    return str(verdict.get("note", "unknown"))
+
+
 def _selection_text(ctx: dict[str, Any]) -> str:
     sel = ctx.get("config", {}).get("privacy", {}).get("select_on_validation")
     if sel is True:
@@ -263,6 +272,7 @@ def render_html(result: AuditResult) -> str:
         f"<dt>Compositions</dt><dd>rounds per partner: {', '.join(map(str, rounds_all)) or 'n/a'}; "
         f"DP-SGD steps per partner: {', '.join(map(str, steps_all)) or 'n/a'}</dd>",
         f"<dt>Trust model</dt><dd>{esc(_trust_model(result.context))} {esc(_records_text(result))}</dd>",
+        f"<dt>Published results (metrics.json)</dt><dd>{esc(metrics_text(result))}</dd>",
         f"<dt>Hyperparameter selection</dt><dd>{esc(_selection_text(result.context))}</dd>",
         "</dl><h2>Caveats</h2><ul>", *[f"<li>{esc(c)}</li>" for c in CAVEATS], "</ul>",
         "<h2>Empirical lower bound</h2>",

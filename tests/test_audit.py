@@ -16,7 +16,7 @@ from fedsocial.shared import signing
 from fedsocial.shared.privacy.accounting import compute_epsilon
 from fedsocial.shared.privacy.ledger import Ledger, entry_hash, read_ledger
 from fedsocial.simulations.audit import EXIT_ACCOUNTING, EXIT_BUDGET, EXIT_INPUT, EXIT_OK, EXIT_TAMPER, main, run_audit
-from tests.server_records import sign_server_records
+from tests.server_records import metrics_doc, sign_metrics, sign_server_records
 
 PARTNERS = {  # partner: (sigma, q, steps per round, users, rounds)
     "north": (1.2, 0.1, 10, 800, [1, 2, 3]),
@@ -44,9 +44,9 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (run / "config.json").write_text(json.dumps({"privacy": {"max_epsilon": 8.0, "select_on_validation": False},
                                                  "secagg": {"enabled": False}}))
     largest = max(read_ledger(ledgers / f"{pid}.jsonl")[-1]["epsilon_rdp"] for pid in PARTNERS)
-    (run / "metrics.json").write_text(json.dumps({"ndcg@10": 0.1, "epsilon": largest, "delta": DELTA}))
     sign_server_records(run, {pid: {"num_users": users, "max_epsilon": 8.0, "target_delta": DELTA}
-                              for pid, (_, _, _, users, _) in PARTNERS.items()})
+                              for pid, (_, _, _, users, _) in PARTNERS.items()},
+                        metrics={"ndcg@10": 0.1, "epsilon": largest, "delta": DELTA})  # signed, as the server does
     return run
 
 
@@ -299,7 +299,7 @@ def test_signed_underreported_prv_is_an_accounting_mismatch(
 
 
 def test_metrics_understating_epsilon_is_reported(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    (run / "metrics.json").write_text(json.dumps({"epsilon": 0.5, "delta": DELTA}))
+    sign_metrics(run, metrics_doc(run, epsilon=0.5, delta=DELTA))  # signed by the server: still a warning
     code, output = audit(run, capsys)
     assert code == EXIT_OK and "WARNING: run: metrics.json reports epsilon 0.5" in output
 

@@ -8,6 +8,7 @@ audit.json is still written.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -16,9 +17,23 @@ import pytest
 
 from fedsocial.shared import signing
 from fedsocial.shared.privacy.ledger import Ledger, entry_hash, read_ledger
-from fedsocial.shared.privacy.records import HEADS, MANIFEST, SERVER_KEY, server_key, sign_record, write_signed_heads
+from fedsocial.shared.privacy.records import (
+    HEADS,
+    MANIFEST,
+    METRICS_RECORD,
+    SERVER_KEY,
+    RecordError,
+    compute_metrics_payload,
+    compute_params_sha256,
+    load_metrics_signer,
+    resign_metrics,
+    server_key,
+    sign_record,
+    write_signed_heads,
+    write_signed_metrics,
+)
 from fedsocial.simulations.audit import EXIT_BUDGET, EXIT_INPUT, EXIT_OK, EXIT_TAMPER
-from tests.server_records import sign_server_records
+from tests.server_records import metrics_doc, sign_metrics, sign_server_records
 from tests.test_audit import audit  # run the CLI, return (exit code, output)
 
 DELTA = 1e-4
@@ -346,8 +361,8 @@ def test_a_missing_or_unbound_model_is_a_warning_and_a_damaged_one_a_finding(run
 
 def test_metrics_reporting_an_epsilon_above_the_ledgers_is_a_warning(run: Path,
                                                                      capsys: pytest.CaptureFixture[str]) -> None:
-    # Prepare: metrics.json of a run whose ledgers reached more than these do
-    (run / "metrics.json").write_text(json.dumps({"epsilon": 7.9}), encoding="utf-8")
+    # Prepare: metrics.json of a run whose ledgers reached more than these do (signed: the server said so)
+    sign_metrics(run, metrics_doc(run, epsilon=7.9))
 
     # Execute
     code, output = audit(run, capsys)
@@ -355,3 +370,215 @@ def test_metrics_reporting_an_epsilon_above_the_ledgers_is_a_warning(run: Path,
     # Assert
     assert code == EXIT_OK, output
     assert "metrics.json reports epsilon 7.9, above the ledgers' largest" in output
+
+
+# --- the published results: metrics.json is signed by the server -----------------------------------
+
+
+@pytest.fixture
+def signed(run: Path) -> Path:
+    """The run with metrics.json and its signed record, as the server writes them at the end."""
+    sign_metrics(run)
+    return run
+
+
+def edit_ndcg(run: Path) -> None:
+    """One digit of the published NDCG@10 changed (0.1234 -> 0.1934), nothing else."""
+    text = (run / "metrics.json").read_text()
+    assert text.count('"ndcg@10": 0.1234,') == 1 + len(PARTNERS)
+    (run / "metrics.json").write_text(text.replace('"ndcg@10": 0.1234,', '"ndcg@10": 0.1934,', 1))
+
+
+def test_a_run_with_signed_metrics_audits_clean_and_says_so(signed: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Execute
+    code, output = audit(signed, capsys)
+
+    # Assert: exit 0 without a warning; audit.json, the summary and the privacy report say metrics.json verified
+    assert code == EXIT_OK and "WARNING" not in output, output
+    verdict = json.loads((signed / "audit.json").read_text())["records"]["metrics"]
+    assert verdict == {"verified": True, "note": "verified by the server's signature (metrics_record.json, "
+                                                 "round 2, written by server)"}
+    assert "metrics.json: verified by the server's signature" in output
+    assert "verified by the server&#x27;s signature" in (signed / "privacy_report.html").read_text()
+
+
+@pytest.mark.parametrize("damage", ["one_digit", "other_runs_metrics", "other_runs_metrics_and_record",
+                                    "record_signed_by_another_key", "record_of_the_previous_round"])
+def test_altered_published_results_are_tampering(signed: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                 damage: str) -> None:
+    # Prepare
+    metrics, record = signed / "metrics.json", signed / METRICS_RECORD
+    if damage == "one_digit":
+        edit_ndcg(signed)
+    elif damage.startswith("other_runs_metrics"):  # another run, same partners and rounds, better numbers
+        other = tmp_path / "other"
+        shutil.copytree(signed, other)
+        for name in (MANIFEST, HEADS, "server.pub", METRICS_RECORD):
+            (other / name).unlink()
+        shutil.rmtree(other / "server")
+        sign_server_records(other, metrics={"ndcg@10": 0.5})
+        assert audit(other, capsys)[0] == EXIT_OK  # sound on its own
+        shutil.copy(other / "metrics.json", metrics)
+        if damage.endswith("record"):
+            shutil.copy(other / METRICS_RECORD, record)
+    elif damage == "record_signed_by_another_key":  # the edit, and a record of it signed with the attacker's key
+        edit_ndcg(signed)
+        key, _ = signing.generate_keypair()
+        payload = compute_metrics_payload(signed, metrics.read_bytes(), 2, server_key(signed).public_key(), "server")
+        record.write_text(json.dumps(sign_record(key, "metrics", payload)))
+    else:  # the run's own honest record and metrics.json of round 1, kept while the heads moved on to round 2
+        heads = json.loads((signed / HEADS).read_text())
+        stale = {"round": 1, "hash": "0" * 64}
+        write_signed_heads(signed, 1, dict.fromkeys(heads["heads"], stale), heads["params_sha256"])
+        sign_metrics(signed, metrics_doc(signed))
+        kept = metrics.read_bytes(), record.read_bytes()
+        write_signed_heads(signed, 2, heads["heads"], heads["params_sha256"])  # the run goes on to round 2
+        metrics.write_bytes(kept[0])
+        record.write_bytes(kept[1])
+    # Execute
+    code, output = audit(signed, capsys)
+    # Assert
+    assert code == EXIT_TAMPER, output
+    expected = {"one_digit": "metrics.json is not the one the server signed",
+                "other_runs_metrics": "metrics.json is not the one the server signed",
+                "other_runs_metrics_and_record": "metrics_record.json: server_key_fingerprint does not match",
+                "record_signed_by_another_key": "metrics_record.json: server_key_fingerprint does not match",
+                "record_of_the_previous_round": "metrics_record.json was signed for round 1, the signed "
+                                                "ledger_heads.json for round 2"}[damage]
+    assert expected in output, output
+    doc = json.loads((signed / "audit.json").read_text())
+    assert doc["exit_code"] == EXIT_TAMPER and doc["records"]["metrics"]["verified"] is False
+    assert "NOT verified" in (signed / "privacy_report.html").read_text()
+
+
+def test_a_record_for_another_round_than_the_heads_is_tampering_even_when_chained(
+        signed: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Prepare: a record with the server's own key, chained to this folder's heads, naming round 1 (heads: 2)
+    metrics, record = signed / "metrics.json", signed / METRICS_RECORD
+    doc = json.loads(record.read_text())
+    payload = {k: v for k, v in doc.items() if k not in ("record", "version", "server_key_fingerprint", "signature")}
+    record.write_text(json.dumps(sign_record(server_key(signed), "metrics", {**payload, "round": 1})))
+    assert json.loads(record.read_text())["metrics_sha256"] == hashlib.sha256(metrics.read_bytes()).hexdigest()
+    # Execute
+    code, output = audit(signed, capsys)
+    # Assert
+    assert code == EXIT_TAMPER, output
+    assert "run, round 1: metrics_record.json was signed for round 1, the signed ledger_heads.json for round 2" \
+        in output
+
+
+def test_the_server_refuses_to_sign_results_of_another_round_than_its_heads(run: Path) -> None:
+    # Execute / Assert: a rounds_completed that is not the heads' round is never signed, nothing written
+    with pytest.raises(RecordError, match="ledger_heads.json is of round 2, metrics.json of round 1"):
+        write_signed_metrics(run, metrics_doc(run, rounds_completed=1))
+    assert not (run / "metrics.json").exists() and not (run / METRICS_RECORD).exists()
+
+
+@pytest.mark.parametrize("removed", ["record", "record_and_metrics", "metrics"])
+def test_a_missing_record_or_metrics_is_a_warning(signed: Path, capsys: pytest.CaptureFixture[str],
+                                                  removed: str) -> None:
+    # Prepare: a run of an older fedsocial (no record), one stopped before metrics.json, or metrics.json removed
+    if removed.startswith("record"):
+        (signed / METRICS_RECORD).unlink()
+    if removed.endswith("metrics"):
+        (signed / "metrics.json").unlink()
+    # Execute
+    code, output = audit(signed, capsys)
+    # Assert: warnings exit 0 (the audit's exit for warnings), and the verdict says unverified
+    assert code == EXIT_OK, output
+    message = {"record": "WARNING: run: no metrics_record.json: metrics.json is not bound by the server's signature",
+               "record_and_metrics": "WARNING: run: no metrics_record.json: no metrics.json either",
+               "metrics": "WARNING: run: metrics_record.json signs a metrics.json that is not in this folder"}[removed]
+    assert message in output
+    assert json.loads((signed / "audit.json").read_text())["records"]["metrics"]["verified"] is False
+    assert "metrics.json: not signed" in output if removed == "record" else "metrics.json: absent" in output
+
+
+def test_a_resumed_run_rewrites_and_re_signs_its_metrics_and_audits_clean(run: Path,
+                                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    # Prepare: the run stopped after round 1 (heads, checkpoint, metrics.json and its record of round 1)
+    from fedsocial.server.checkpoint import Checkpoint, save_checkpoint
+    from tests.server_records import MODEL_NAMES, model_arrays
+
+    final = json.loads((run / HEADS).read_text())
+    (run / "checkpoints" / "round_0002.npz").unlink()
+    first = {pid: {"round": 1, "hash": entry_hash(read_ledger(run / "ledgers" / f"{pid}.jsonl")[0])}
+             for pid in PARTNERS}
+    save_checkpoint(run, Checkpoint(1, MODEL_NAMES, model_arrays(1), {}))
+    write_signed_heads(run, 1, first, compute_params_sha256(MODEL_NAMES, model_arrays(1)))
+    sign_metrics(run, metrics_doc(run, ndcg_round=1))
+    stopped = json.loads((run / METRICS_RECORD).read_text())
+    # Execute: the resumed server's round 2 (heads, checkpoint), then metrics.json rewritten and re-signed
+    save_checkpoint(run, Checkpoint(2, MODEL_NAMES, model_arrays(0), {}))
+    write_signed_heads(run, 2, final["heads"], final["params_sha256"])
+    sign_metrics(run, metrics_doc(run, ndcg_round=2))
+    code, output = audit(run, capsys)
+    # Assert
+    resumed = json.loads((run / METRICS_RECORD).read_text())
+    assert (stopped["round"], resumed["round"]) == (1, 2) and stopped["metrics_sha256"] != resumed["metrics_sha256"]
+    assert code == EXIT_OK and "WARNING" not in output, output
+    assert json.loads((run / "audit.json").read_text())["records"]["metrics"]["verified"] is True
+
+
+def test_compare_alone_s_addition_is_re_signed_and_audits_clean(signed: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    # Prepare: what compare_alone adds to a finished run's metrics.json
+    doc = json.loads((signed / "metrics.json").read_text())
+    for info in doc["partners"].values():
+        info["alone"] = {"ndcg@10": 0.1}
+        info["served_over_alone"] = 1.234
+    doc["federation_gain"] = 1.234
+    # Execute: compare_alone's writer (resign_metrics, with the run's server key)
+    assert resign_metrics(signed, doc, "compare_alone") is True
+    code, output = audit(signed, capsys)
+    # Assert
+    assert code == EXIT_OK and "WARNING" not in output, output
+    assert json.loads((signed / "metrics.json").read_text())["federation_gain"] == 1.234
+    assert "round 2, written by compare_alone" in output
+
+
+@pytest.mark.parametrize("state", ["edited", "no_key", "other_key"])
+def test_a_re_signer_never_blesses_an_edit_nor_signs_without_the_runs_key(signed: Path, state: str) -> None:
+    # Prepare: metrics.json edited since the server signed it; the server key stripped; a key not the run's
+    if state == "edited":
+        edit_ndcg(signed)
+    elif state == "no_key":
+        (signed / SERVER_KEY).unlink()
+    else:
+        (signed / SERVER_KEY).unlink()
+        signing.save_private_key(signing.generate_keypair()[0], signed / SERVER_KEY)
+    before = (signed / "metrics.json").read_bytes(), (signed / METRICS_RECORD).read_bytes()
+    # Execute / Assert: refused, nothing rewritten, no key created
+    message = {"edited": "is not the metrics.json that metrics_record.json signs",
+               "no_key": "the server's key is needed to re-sign it",
+               "other_key": "is not the key of the run's server.pub"}[state]
+    with pytest.raises(RecordError, match=message):
+        resign_metrics(signed, {"ndcg@10": 0.9, "rounds_completed": 2}, "compare_alone")
+    assert ((signed / "metrics.json").read_bytes(), (signed / METRICS_RECORD).read_bytes()) == before
+    assert (signed / SERVER_KEY).is_file() == (state != "no_key")
+
+
+def test_compare_alone_refuses_before_training_when_it_cannot_re_sign(signed: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    # Prepare: a shipped copy of the run: its server key stripped
+    from fedsocial.simulations.compare_alone import main as compare_alone_main
+
+    (signed / SERVER_KEY).unlink()
+    before = (signed / "metrics.json").read_bytes()
+    # Execute (no config.toml in the folder: reaching the training would fail otherwise)
+    code = compare_alone_main([str(signed)])
+    # Assert
+    assert code == EXIT_INPUT
+    assert "the server's key is needed to re-sign it" in capsys.readouterr().err
+    assert (signed / "metrics.json").read_bytes() == before
+
+
+def test_an_older_run_without_a_record_is_rewritten_unsigned(run: Path) -> None:
+    # Prepare: metrics.json without a record (written by an older fedsocial)
+    (run / "metrics.json").write_text(json.dumps(metrics_doc(run)))
+    # Execute
+    assert load_metrics_signer(run) is None
+    signed = resign_metrics(run, {**metrics_doc(run), "federation_gain": 1.1}, "compare_alone")
+    # Assert: nothing blessed that nobody signed
+    assert signed is False and not (run / METRICS_RECORD).exists()
+    assert json.loads((run / "metrics.json").read_text())["federation_gain"] == 1.1

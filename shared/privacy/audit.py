@@ -8,6 +8,10 @@ What it reads (the layout contract of a federated run; nothing else):
     newest ledger entry as of the last round. They say what must be there: a registered partner whose
     ledger is missing, a ledger the server never registered, a ledger without the entry the server
     recorded, a missing or unsigned heads file, or no manifest at all, are findings.
+``RUN_DIR/metrics_record.json``
+    the server's signature of ``metrics.json``'s exact bytes, for the heads' round, chained to the manifest
+    and heads: a ``metrics.json`` it does not sign (edited, another run's) or a record of another round is
+    tampering; no record beside heads or a metrics.json is a warning (older runs, unfinished runs).
 ``RUN_DIR/ledgers/<partner_id>.jsonl`` and ``<partner_id>.pub``
     each partner's signed, hash-chained ledger (:mod:`shared.privacy.ledger`) and its public key.
     ``--public-keys DIR`` replaces the keys (``DIR/<partner_id>.pub``, and ``DIR/server.pub`` when
@@ -28,7 +32,8 @@ the config); ``target_delta < 1/population`` for every round.
 Exit codes (the most severe wins, in this order):
   2  unreadable or missing input (no ledgers, no manifest, no heads, a garbage line, a bad key file)
   3  tampering: a signature, key fingerprint, hash-chain, canonical-form, schema, round-order or head
-     failure, a missing ledger the signed records expect, or a ledger they do not
+     failure, a missing ledger the signed records expect, or a ledger they do not, a metrics.json the
+     server did not sign
   5  accounting mismatch: a recorded epsilon that the recorded history does not give, or a canary
      lower bound above the accounted epsilon
   4  budget violation: epsilon over the cap, or target_delta >= 1/population
@@ -40,6 +45,7 @@ No exception escapes :func:`audit_run`: an unexpected error while auditing one p
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -69,6 +75,8 @@ from fedsocial.shared.privacy.ledger import (
 from fedsocial.shared.privacy.records import (
     HEADS,
     MANIFEST,
+    METRICS,
+    METRICS_RECORD,
     SERVER_PUB,
     RecordError,
     compute_params_sha256,
@@ -471,7 +479,7 @@ def _audit_into(run: Path, max_epsilon: float | None, keys_dir: Path | None, res
     result.context = _load_context(run, result)
     found = sorted(p.name[: -len(".jsonl")] for p in ledgers.glob("*.jsonl")
                    if not p.name.endswith(".refusals.jsonl")) if ledgers.is_dir() else []
-    expected, heads = _read_records(run, keys_dir, result)
+    expected, heads, server_key = _read_records(run, keys_dir, result)
     for partner in sorted(set(found) | set(expected)):
         if not PARTNER_ID_RE.fullmatch(partner):
             result.add("input", partner, None, None, f"ledger file name {partner!r}.jsonl is not a valid partner id")
@@ -487,6 +495,7 @@ def _audit_into(run: Path, max_epsilon: float | None, keys_dir: Path | None, res
     if not found:
         result.add("input", None, None, None, f"{ledgers}: no ledgers (<partner_id>.jsonl) found")
     _check_model(run, result)
+    _check_metrics_record(run, server_key, result)
     _check_metrics(result)
     _check_canary(result)
     for pub in sorted(ledgers.glob("*.pub")) if ledgers.is_dir() else []:
@@ -508,8 +517,10 @@ def _missing_ledger(partner: str, why: str, heads: dict[str, Any], result: Audit
                    f"registered ({why}) but no ledger and no head recorded: it never trained (nothing released)")
 
 
-def _read_records(run: Path, keys_dir: Path | None, result: AuditResult) -> tuple[dict[str, str], dict[str, Any]]:
-    """The expected partners (partner -> where that expectation comes from) and the signed heads.
+def _read_records(run: Path, keys_dir: Path | None,
+                  result: AuditResult) -> tuple[dict[str, str], dict[str, Any], Any]:
+    """The expected partners (partner -> where that expectation comes from), the signed heads and the server's
+    public key (None when there is none to load).
 
     Sources: the server-signed manifest and heads (server key: ``--public-keys DIR/server.pub`` when
     present, else the run's own ``server.pub``) and the operator's trusted keys ``--public-keys DIR``.
@@ -558,7 +569,7 @@ def _read_records(run: Path, keys_dir: Path | None, result: AuditResult) -> tupl
         result.scope = cfg_scope if isinstance(cfg_scope, str) else ""
     heads = _read_heads(run, server_key, manifest, result)
     result.records["expected_partners"] = sorted(expected)
-    return expected, heads
+    return expected, heads, server_key
 
 
 def _cap_of(partner_cap: Any, run_cap: Any) -> tuple[float, str] | None:
@@ -614,8 +625,6 @@ def _read_heads(run: Path, server_key: Any, manifest: dict[str, Any] | None, res
         result.add("tamper", None, None, None, f"{HEADS}: signed but malformed (heads must map partner -> object)")
         return {}
     if manifest is not None:
-        import hashlib
-
         if doc.get("manifest_sha256") != hashlib.sha256((run / MANIFEST).read_bytes()).hexdigest():
             result.add("tamper", None, None, None, f"{HEADS} was signed for another {MANIFEST}")
         unknown = sorted(set(heads) - set(manifest["partners"]))
@@ -623,6 +632,7 @@ def _read_heads(run: Path, server_key: Any, manifest: dict[str, Any] | None, res
             result.add("tamper", None, None, None, f"{HEADS} names partners the manifest does not: {unknown}")
     result.records["rounds_completed"] = doc.get("round")
     result.records["params_sha256"] = doc.get("params_sha256")  # verified: the model the heads' round released
+    result.records["heads_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
     return heads
 
 
@@ -664,9 +674,81 @@ def _check_model(run: Path, result: AuditResult) -> None:
                    "these privacy records are not those of this folder's run")
 
 
+def _metrics_verdict(result: AuditResult, verified: bool, text: str) -> None:
+    result.records["metrics"] = {"verified": verified, "note": text}
+
+
+def _check_metrics_record(run: Path, server_key: Any, result: AuditResult) -> None:
+    """metrics.json must be the one the server signed (``metrics_record.json``: its sha256), for the round of
+    the signed heads and chained to this folder's manifest and heads; else its numbers were changed after the
+    run, or come from another run or round (tampering). No record beside signed heads or a metrics.json is a
+    warning: a run of an older fedsocial, one still running or stopped before its end, or a removed record."""
+    metrics, path = run / METRICS, run / METRICS_RECORD
+    if not path.is_file():
+        if metrics.is_file() or (run / HEADS).is_file():
+            what = (f"{METRICS} is not bound by the server's signature: its numbers (NDCG, recall, the "
+                    "per-partner metrics, federation_gain, epsilon) are unverified" if metrics.is_file()
+                    else f"no {METRICS} either: the run's results were not published")
+            result.add("warning", None, None, None,
+                       f"no {METRICS_RECORD}: {what} (a run of an older fedsocial, one still running or stopped "
+                       "before its end, or the record was removed)")
+            _metrics_verdict(result, False, f"not signed (no {METRICS_RECORD})" if metrics.is_file()
+                             else f"absent (no {METRICS} and no {METRICS_RECORD})")
+        return
+    try:
+        doc = read_json(path)
+    except RecordError as exc:
+        result.add("input", None, None, None, str(exc))
+        _metrics_verdict(result, False, f"{METRICS_RECORD} unreadable")
+        return
+    if server_key is None:
+        result.add("input", None, None, None, f"{METRICS_RECORD} cannot be verified: no server public key "
+                                              f"({SERVER_PUB})")
+        _metrics_verdict(result, False, f"{METRICS_RECORD} cannot be verified (no server key)")
+        return
+    try:
+        verify_record(doc, "metrics", server_key)
+    except RecordError as exc:
+        result.add("tamper", None, None, None, f"{METRICS_RECORD}: {exc}")
+        _metrics_verdict(result, False, f"NOT verified: {METRICS_RECORD} does not verify")
+        return
+    rnd, problems = doc.get("round"), []
+    heads_round = result.records.get("rounds_completed")
+    if "heads_sha256" in result.records:  # verified heads: the record must be of their round, chained to them
+        if rnd != heads_round:
+            problems.append(f"{METRICS_RECORD} was signed for round {rnd!r}, the signed {HEADS} for round "
+                            f"{heads_round!r}: {METRICS} is not the result of the round these records account for")
+        if doc.get("heads_sha256") != result.records["heads_sha256"] or \
+                doc.get("params_sha256") != result.records.get("params_sha256"):
+            problems.append(f"{METRICS_RECORD} was signed with another {HEADS} (or another model) than this "
+                            "folder's")
+    if (run / MANIFEST).is_file() and doc.get("manifest_sha256") != hashlib.sha256(
+            (run / MANIFEST).read_bytes()).hexdigest():
+        problems.append(f"{METRICS_RECORD} was signed for another {MANIFEST}")
+    for msg in problems:
+        result.add("tamper", None, rnd if isinstance(rnd, int) else None, None, msg)
+    if not metrics.is_file():
+        result.add("warning", None, None, None, f"{METRICS_RECORD} signs a {METRICS} that is not in this folder")
+        _metrics_verdict(result, False, f"absent ({METRICS_RECORD} signs one that is not in this folder)")
+        return
+    if hashlib.sha256(metrics.read_bytes()).hexdigest() != doc.get("metrics_sha256"):
+        result.add("tamper", None, rnd if isinstance(rnd, int) else None, None,
+                   f"{METRICS} is not the one the server signed (its sha256 differs from {METRICS_RECORD}'s): "
+                   "its numbers were changed after the run, or it is another run's")
+        _metrics_verdict(result, False, f"NOT verified: {METRICS} differs from the one the server signed")
+        return
+    if problems:
+        _metrics_verdict(result, False, f"NOT verified: {METRICS_RECORD} is not chained to this folder's records")
+        return
+    writer = doc.get("writer")
+    _metrics_verdict(result, True, f"verified by the server's signature ({METRICS_RECORD}, round {rnd}"
+                                   + (f", written by {writer}" if isinstance(writer, str) else "") + ")")
+
+
 def _check_metrics(result: AuditResult) -> None:
     """metrics.json's ``epsilon`` (the largest over partners) must not understate the ledgers, and one above
-    them says the ledgers are not the run's that wrote it (both warnings: metrics.json is not signed)."""
+    them says the ledgers are not the run's that wrote it (both warnings, also when metrics.json is signed:
+    the ledgers are the accounting of record, metrics.json the server's summary of them)."""
     reported = result.context.get("metrics", {}).get("epsilon")
     ledger_max = result.ledger_max_epsilon
     if isinstance(reported, (int, float)) and ledger_max is not None and reported < ledger_max * (1 - 1e-6):
