@@ -3,8 +3,9 @@
 ``python -m tests.partner_child CONFIG RUN_DIR`` plays partner 0 of the config's partition and the
 server's part around it: the signed manifest at start, then per round: the partner's fit (its
 ledger, its saved release), the reply "leaving" (a line in ``RUN_DIR/replies.jsonl``: what really
-left the partner), the signed heads, and the server checkpoint (server/checkpoint.py). A resumed
-child continues from the latest checkpoint, as the ServerApp does. ``FEDSOCIAL_FAULT`` kills it at a
+left the partner), the signed heads, and the server checkpoint (server/checkpoint.py); at the end,
+metrics.json and its signed record. A resumed child continues from the latest checkpoint, as the
+ServerApp does (dropping the interrupted run's metrics record before its first round). ``FEDSOCIAL_FAULT`` kills it at a
 named boundary (shared/faults.py). A partner refusal exits 3 with its message on stderr.
 """
 
@@ -20,7 +21,13 @@ def main(config_path: str, run_dir: str) -> int:
     from fedsocial.client.state import compute_release_digest
     from fedsocial.server.checkpoint import Checkpoint, append_jsonl, latest_checkpoint, save_checkpoint
     from fedsocial.shared.config import load_config
-    from fedsocial.shared.privacy.records import compute_params_sha256, write_run_manifest, write_signed_heads
+    from fedsocial.shared.privacy.records import (
+        METRICS_RECORD,
+        compute_params_sha256,
+        write_run_manifest,
+        write_signed_heads,
+        write_signed_metrics,
+    )
 
     run = Path(run_dir)
     partner = Partner(settings_from_context({"config-path": config_path, "run-dir": run_dir},
@@ -34,6 +41,8 @@ def main(config_path: str, run_dir: str) -> int:
         start, (names, params) = 0, partner.initial_parameters()
     else:
         start, names, params = ckpt.round, ckpt.names, ckpt.arrays
+    if start < cfg.federation.rounds:
+        (run / METRICS_RECORD).unlink(missing_ok=True)
     for r in range(start + 1, cfg.federation.rounds + 1):
         try:
             arrays, _, metrics = partner.fit(params, r)
@@ -48,6 +57,8 @@ def main(config_path: str, run_dir: str) -> int:
                            compute_params_sha256(names, arrays))
         save_checkpoint(run, Checkpoint(r, names, arrays, {}))
         params = arrays
+    write_signed_metrics(run, {"rounds_completed": cfg.federation.rounds,
+                               "partners": {partner.partner_id: {"num_users": partner.num_users}}})
     print(json.dumps({"completed": cfg.federation.rounds}))
     return 0
 

@@ -79,6 +79,7 @@ def ledger(run: Path) -> list[dict[str, Any]]:
 def audited_epsilon(run: Path) -> float:
     result = audit_run(run)
     assert result.exit_code == EXIT_OK, [str(f) for f in result.findings]
+    assert result.records["metrics"]["verified"] is True  # the resumed coordinator re-signed its metrics.json
     (report,) = result.partners
     return report.epsilon
 

@@ -31,6 +31,7 @@ from fedsocial.client.state import load_npz
 from fedsocial.server.checkpoint import latest_checkpoint
 from fedsocial.shared.config import Config, config_from_dict
 from fedsocial.shared.privacy.accounting import compute_epsilon
+from fedsocial.shared.privacy.audit import audit_run
 from fedsocial.shared.privacy.evaluation import RELEASED_KEYS
 from fedsocial.simulations.audit import main as audit_main
 from fedsocial.simulations.simulate import run_simulation_from_config, write_config
@@ -66,11 +67,12 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
                                           client_mods=[make_egress_recorder(base / "egress")])
     run_simulation_from_config(cfg, None, base / "resumed", progress=False, stop_after=1)
     after_stop = json.loads((base / "resumed" / "metrics.json").read_text())
+    stop_record = json.loads((base / "resumed" / "metrics_record.json").read_text())
     resumed = run_simulation_from_config(cfg, None, base / "resumed", resume=True, progress=False)
     secure = cfg.replace("secagg", enabled=True, num_shares=3, reconstruction_threshold=2)
     secagg = run_simulation_from_config(secure, None, base / "secagg", progress=False)
     return {"base": base, "cfg": cfg, "straight": straight, "after_stop": after_stop, "resumed": resumed,
-            "secagg": secagg}
+            "secagg": secagg, "stop_record": stop_record}
 
 
 @pytest.mark.slow  # runs a federation (or Flower's local runtime)
@@ -88,6 +90,12 @@ def test_resume_gives_the_same_final_metrics_as_a_straight_run(runs: dict[str, A
     for x, y in zip(a.arrays, b.arrays, strict=True):
         np.testing.assert_allclose(x, y, atol=1e-6)
     assert [r["round"] for r in resumed["rounds"]] == [1, 2]
+    # the stopped run's signed metrics (round 1) were rewritten and re-signed for round 2: the audit verifies them
+    record = json.loads((runs["base"] / "resumed" / "metrics_record.json").read_text())
+    assert (runs["stop_record"]["round"], record["round"], record["writer"]) == (1, 2, "simulate")
+    audited = audit_run(runs["base"] / "resumed")
+    assert audited.exit_code == 0 and audited.records["metrics"]["verified"] is True, \
+        [str(f) for f in audited.findings]
     lines = (runs["base"] / "resumed" / "rounds.jsonl").read_text().splitlines()
     assert [json.loads(line)["round"] for line in lines] == [1, 2]
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from fedsocial.shared.privacy.audit import audit_run
 from fedsocial.simulations.simulate import write_config
 from tests.test_federation import tiny_config
 
@@ -126,9 +127,13 @@ def test_flwr_run_on_the_local_simulation_federation_completes(tmp_path: Path, f
     assert proc.returncode == 0, log
     assert superlink_pids(Path(flwr_env["FLWR_HOME"])), "flwr run should have left its detached SuperLink"
     deadline = time.monotonic() + 60  # --stream returns when the run ends; give the files a moment
-    while not (run_dir / "metrics.json").is_file() and time.monotonic() < deadline:
-        time.sleep(0.5)
+    while not (run_dir / "metrics_record.json").is_file() and time.monotonic() < deadline:
+        time.sleep(0.5)  # the ServerApp writes metrics.json, then the record signing it
     doc = json.loads((run_dir / "metrics.json").read_text())
     assert doc["rounds_completed"] == 2
+    audited = audit_run(run_dir)  # the deployed path: the ServerApp alone signs its metrics.json
+    assert audited.exit_code == 0, [str(f) for f in audited.findings]
+    assert audited.records["metrics"] == {"verified": True, "note": "verified by the server's signature "
+                                          "(metrics_record.json, round 2, written by server)"}
     assert set(doc["partners"]) == {"partner-0", "partner-1", "partner-2"}
     assert 0.0 <= doc["ndcg@10"] <= 1.0 and doc["epsilon"] > 0

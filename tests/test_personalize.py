@@ -39,6 +39,7 @@ from fedsocial.server.checkpoint import latest_checkpoint
 from fedsocial.shared.config import Config, config_from_dict
 from fedsocial.shared.metrics import evaluate_model
 from fedsocial.shared.partition import partition_users, partner_split
+from fedsocial.shared.privacy.audit import audit_run
 from fedsocial.shared.split import split_dataset
 from fedsocial.shared.synthetic import generate
 from fedsocial.shared.trainer import LocalTrainer
@@ -472,7 +473,10 @@ def test_compare_alone_completes_a_finished_run_and_refuses_a_missing_one(partne
     missing = compare_alone_main([str(tmp_path / "nothing")])
 
     after = json.loads((run_dir / "metrics.json").read_text())
+    audited = audit_run(run_dir)  # compare_alone re-signed what it added, with the run's server key
     assert rc == 0 and missing == 2
+    assert audited.exit_code == 0 and "written by compare_alone" in audited.records["metrics"]["note"], \
+        [str(f) for f in audited.findings]
     assert after["federation_gain"] == pytest.approx(before["federation_gain"])  # the cached alone models
     ratios = [p["served"]["ndcg@10"] / p["local_pipeline"]["ndcg@10"] for p in after["partners"].values()]
     assert after["federation_gain_over_local_pipeline"] == pytest.approx(sum(ratios) / len(ratios))
