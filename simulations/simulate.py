@@ -256,6 +256,7 @@ def run_simulation_from_config(cfg: Config, data_dir: str | os.PathLike[str] | N
     from fedsocial.client.flower import make_client_app
     from fedsocial.server.app import make_server_app
     from fedsocial.server.checkpoint import latest_checkpoint
+    from fedsocial.shared.privacy.records import METRICS_RECORD, RecordError, resign_metrics
     from fedsocial.simulations.quiet import quiet_simulation_notices
     from fedsocial.simulations.ray_runtime import ensure_ray_inplace
     from fedsocial.simulations.tracking import TrackedRounds, compute_final_scalars, make_tracker
@@ -285,7 +286,8 @@ def run_simulation_from_config(cfg: Config, data_dir: str | os.PathLike[str] | N
         check_resume(run_dir, ckpt.round if ckpt is not None else 0, cfg)  # released rounds keep their settings
         if metrics_path.is_file():
             before = float(json.loads(metrics_path.read_text(encoding="utf-8")).get("simulation_wall_time_s", 0.0))
-        if ckpt is not None and ckpt.round >= cfg.federation.rounds and metrics_path.is_file():
+        if ckpt is not None and ckpt.round >= cfg.federation.rounds and metrics_path.is_file() \
+                and (run_dir / METRICS_RECORD).is_file():  # else the ServerApp rebuilds and signs it
             print(f"{run_dir}: already complete ({ckpt.round} of {cfg.federation.rounds} rounds)", file=sys.stderr)
             return json.loads(metrics_path.read_text(encoding="utf-8"))  # type: ignore[no-any-return]
     config_path = write_config(cfg, run_dir)
@@ -323,8 +325,6 @@ def run_simulation_from_config(cfg: Config, data_dir: str | os.PathLike[str] | N
         from fedsocial.simulations.compare_alone import add_alone_metrics_inplace
 
         add_alone_metrics_inplace(doc, cfg, str(settings["data-dir"]), run_dir)
-    from fedsocial.shared.privacy.records import RecordError, resign_metrics
-
     try:  # the driver plays the server's operator: what it adds is re-signed with the run's server key
         resign_metrics(run_dir, doc, "simulate")
     except RecordError as exc:

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 
 from fedsocial.shared import signing
+from fedsocial.shared.faults import KILLED
 from fedsocial.shared.privacy.ledger import Ledger, entry_hash, read_ledger
 from fedsocial.shared.privacy.records import (
     HEADS,
@@ -582,3 +585,24 @@ def test_an_older_run_without_a_record_is_rewritten_unsigned(run: Path) -> None:
     # Assert: nothing blessed that nobody signed
     assert signed is False and not (run / METRICS_RECORD).exists()
     assert json.loads((run / "metrics.json").read_text())["federation_gain"] == 1.1
+
+
+def _resign_killed_before_the_record(run: str) -> None:
+    """A re-signer (compare_alone's writer) killed after metrics.json's rename, before its record's."""
+    os.environ["FEDSOCIAL_FAULT"] = "before_metrics_record"
+    resign_metrics(Path(run), {**metrics_doc(Path(run)), "federation_gain": 1.5}, "compare_alone")
+    os._exit(0)  # not reached
+
+
+def test_a_writer_killed_between_metrics_and_its_record_leaves_a_warning_not_tampering(
+        signed: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Prepare / Execute: the re-signer, in a forked process, killed at the boundary
+    proc = multiprocessing.get_context("fork").Process(target=_resign_killed_before_the_record, args=(str(signed),))
+    proc.start()
+    proc.join(60)
+    code, output = audit(signed, capsys)
+    # Assert: the new metrics.json, no record (the old one went first): unverified, but not read as an edit
+    assert proc.exitcode == KILLED
+    assert json.loads((signed / "metrics.json").read_text())["federation_gain"] == 1.5
+    assert not (signed / METRICS_RECORD).exists()
+    assert code == EXIT_OK and "no metrics_record.json: metrics.json is not bound" in output, output

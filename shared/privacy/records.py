@@ -44,6 +44,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from fedsocial.shared import signing
+from fedsocial.shared.faults import fault_point
 from fedsocial.shared.fileio import json_default, write_atomic, write_json_atomic
 from fedsocial.shared.privacy.ledger import canonical_json, utc_timestamp
 
@@ -198,18 +199,21 @@ def write_signed_metrics(run_dir: str | os.PathLike[str], doc: Mapping[str, Any]
     """Write ``metrics.json`` (atomically) and, right after it, ``metrics_record.json`` signing its exact
     bytes (atomically; ``key``: the run's server key by default). The round is ``doc["rounds_completed"]``.
 
-    Both files are replaced by renames, metrics.json first: a process killed between the two renames
-    leaves a metrics.json its record does not sign (the audit then reports tampering, as it must: it
-    cannot tell that from an edit); rerunning the writer (resume, compare_alone) rewrites both."""
+    The old record goes first, then metrics.json and the new record are each replaced by a rename: a
+    process killed at any point leaves either both files consistent or metrics.json without a record (an
+    audit warning, never a metrics.json that a record of other bytes signs, which would read as an edit)."""
     run = Path(run_dir)
     key = server_key(run) if key is None else key
     data = encode_metrics(doc)
-    payload = compute_metrics_payload(run, data, int(doc.get("rounds_completed") or 0), key.public_key(), writer)
+    round_ = int(doc.get("rounds_completed") or 0)
+    payload = compute_metrics_payload(run, data, round_, key.public_key(), writer)
+    (run / METRICS_RECORD).unlink(missing_ok=True)
 
     def write(fh: IO[bytes]) -> None:
         fh.write(data)
 
     write_atomic(run / METRICS, write)
+    fault_point("before_metrics_record", round_)
     record = sign_record(key, "metrics", payload)
     write_json_atomic(run / METRICS_RECORD, record)
     return record
