@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +143,22 @@ def test_only_shared_arrays_and_whitelisted_scalars_leave_a_client(runs: dict[st
         assert all(v in (0, 0.0) for vals in rec["metrics"].values() for v in vals.values()), rec["metrics"]
     local = json.loads((base / "straight" / "partners" / "partner-0" / "eval" / "round_0002.json").read_text())
     assert 0.0 <= local["ndcg@10"] <= 1.0  # kept on the partner, where the simulation driver reads it
+
+
+@pytest.mark.slow  # resumes a federation
+def test_resuming_a_complete_run_whose_metrics_record_is_gone_signs_it_anew(runs: dict[str, Any],
+                                                                            tmp_path: Path) -> None:
+    # Prepare: a copy of the finished run, its metrics record removed (a writer killed before it)
+    run_dir = Path(shutil.copytree(runs["base"] / "straight", tmp_path / "run"))
+    (run_dir / "metrics_record.json").unlink()
+    assert audit_run(run_dir).records["metrics"]["verified"] is False
+    # Execute: the resume does not stop at "already complete": the ServerApp rebuilds metrics.json and signs it
+    doc = run_simulation_from_config(runs["cfg"], None, run_dir, resume=True, progress=False)
+    # Assert
+    audited = audit_run(run_dir)
+    assert audited.exit_code == 0 and audited.records["metrics"]["verified"] is True, \
+        [str(f) for f in audited.findings]
+    assert doc["rounds_completed"] == 2 and doc["ndcg@10"] == pytest.approx(runs["straight"]["ndcg@10"], abs=1e-9)
 
 
 def test_run_directory_holds_metrics_rounds_checkpoints_states_ledgers_and_report(runs: dict[str, Any]) -> None:
