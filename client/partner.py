@@ -650,6 +650,78 @@ class Partner:
                       extra={"release": "evaluation", "release_sha256": digest})
         return means, count
 
+    def _dp_selection(self, round_: int, trainer: Any) -> str | None:
+        """Joint scope, after the last round: the DP choice of the served model (shared/privacy/selection.py).
+
+        The ledger's selection entry of ``round_`` when there is one (its saved release re-used, never drawn
+        again); else admitted against the cap, the noisy sums computed (or an uncharged saved release of the
+        same sigma re-used), saved, charged (``release = "selection"``, event (sigma, 1, 1)), and only then
+        recorded as served. None (the DP model is served) when the cap or the ledger's order refuses it."""
+        from fedsocial.shared.metrics import evaluate_model_per_user
+        from fedsocial.shared.privacy.ledger import RELEASE_KINDS, history_of, order_key
+        from fedsocial.shared.privacy.round import PrivacyRound
+        from fedsocial.shared.privacy.selection import (
+            SELECTION_SENSITIVITY,
+            PriorRanking,
+            compute_noisy_sums,
+            compute_selection_release,
+            compute_selection_sums,
+            load_selection_release,
+            save_selection_release,
+            selection_event,
+            write_served_choice,
+        )
+
+        pc, state_dir = self.cfg.privacy, self.settings.state_dir
+        sigma = float(pc.selection_noise_multiplier)
+        ledger = self.open_ledger()
+        entries = ledger.entries()
+        recorded = next((e for e in entries if int(e["round"]) == round_ and e.get("release") == "selection"), None)
+        if recorded is not None:
+            saved = load_selection_release(state_dir, round_)
+            if saved is None or saved["digest"] != recorded.get("release_sha256"):
+                raise PartnerError(f"{self.partner_id}: the selection of round {round_} was released and charged, "
+                                   "but that release is not on this partner's disk (missing or altered); refusing "
+                                   "a second one")
+            write_served_choice(state_dir, saved)  # idempotent: a kill between the charge and this line
+            return str(saved["choice"])
+        if not any(r >= round_ for r, _ in list_snapshots(state_dir)):
+            log.warning("%s: asked for the selection of round %d before its fit of that round; serving the model",
+                        self.partner_id, round_)
+            return None
+        if any(order_key(e) > (round_, RELEASE_KINDS.index("selection")) for e in entries):
+            log.warning("%s: the ledger already holds a later release than round %d's selection; serving the model",
+                        self.partner_id, round_)
+            return None
+        base = self.privacy_plan()
+        plan = dataclasses.replace(base, noise_multiplier=sigma, sample_rate=1.0, steps=1,
+                                   max_grad_norm=SELECTION_SENSITIVITY,
+                                   settings={**base.settings, "privacy.selection_noise_multiplier": sigma})
+        pround = PrivacyRound(plan, history_of(entries))
+        admission = pround.admit()
+        if not admission.admitted:
+            log.warning("%s: the selection of round %d would take epsilon to %.3f > %.3f; serving the model",
+                        self.partner_id, round_, admission.epsilon_next, pc.max_epsilon)
+            return None
+        release = load_selection_release(state_dir, round_)  # saved, never charged (killed before the charge)
+        if release is None or release.get("sigma") != sigma:
+            per_user = {"model": evaluate_model_per_user(trainer.model, self.split, "val", builder=trainer.builder,
+                                                         device=trainer.device)[2],
+                        "prior": evaluate_model_per_user(PriorRanking(trainer.model), self.split, "val",
+                                                         builder=trainer.builder, device=trainer.device)[2]}
+            sums = compute_selection_sums(per_user)
+            # OS entropy, never a seed from the (public) config: whoever knew the seed could remove the noise
+            noisy = compute_noisy_sums(sums, sigma, np.random.default_rng())
+            release = compute_selection_release(round_, sigma, noisy, len(per_user["model"]))
+            save_selection_release(state_dir, release)
+        fault_point("before_selection_append", round_, self.partner_id)
+        pround.record(ledger, round_, selection_event(sigma), self.num_users, False,
+                      extra={"release": "selection", "release_sha256": release["digest"]})
+        fault_point("after_selection_append", round_, self.partner_id)
+        write_served_choice(state_dir, release)
+        log.info("%s: DP selection after round %d serves %s", self.partner_id, round_, release["choice"])
+        return str(release["choice"])
+
     def _evaluate_locally(self, arrays: list[np.ndarray], round_: int
                           ) -> tuple[dict[str, float], int, float, tuple[dict[str, float], int]]:
         """(served metrics, users, seconds, (the DP model's metrics, users)): the two differ in partner scope."""
@@ -658,6 +730,18 @@ class Partner:
         trainer.refit_local()  # p_u from the user's own items against the new global (no-op unless local)
         dp_metrics, dp_n = trainer.evaluate("test")
         dp_model = ({k: float(dp_metrics[k]) for k in METRIC_KEYS}, int(dp_n))
+        if self.cfg.privacy.scope == "joint" and round_ == self.cfg.federation.rounds:
+            from fedsocial.shared.privacy.selection import uses_selection_release
+
+            if uses_selection_release(self.cfg) and self._dp_selection(round_, trainer) == "prior":
+                from fedsocial.shared.metrics import evaluate_model
+                from fedsocial.shared.privacy.selection import PriorRanking
+
+                # what the partner serves from now on (fedsocial recommend / serve read the same choice); its
+                # metrics are still each user's own under DP parameters, so a DP evaluation release holds
+                prior_metrics, prior_n = evaluate_model(PriorRanking(trainer.model), self.split, "test",
+                                                        builder=trainer.builder, device=trainer.device)
+                dp_model = ({k: float(prior_metrics[k]) for k in METRIC_KEYS}, int(prior_n))
         if self.cfg.privacy.scope != "partner" or round_ < self.cfg.federation.rounds:
             # partner scope personalises once, after the last round (and `serve` at serve time): it never feeds
             # the DP update, so an earlier one (minutes each: a fine-tune and the alone model) is only a record

@@ -180,6 +180,10 @@ class PrivacyConfig:
     # weighted 1/sqrt(count), so a user moves it by at most 1 in L2) with this noise multiplier, charged in
     # the ledger; the model adds its log as a fixed item prior (shared/privacy/popularity.py). 0: off
     popularity_noise_multiplier: float = 0.0
+    # scope joint, > 0: after the federation's last round, one Gaussian release of the sums of the validation
+    # users' NDCG@10 under each candidate ("model", "prior": the DP model's item biases alone), L2 sensitivity
+    # sqrt(2), charged in the ledger; the partner serves the noisy argmax (shared/privacy/selection.py). 0: off
+    selection_noise_multiplier: float = 0.0
 
     def __post_init__(self) -> None:
         _check(self.scope in ("joint", "partner"), "privacy.scope", "must be joint|partner")
@@ -197,6 +201,8 @@ class PrivacyConfig:
         _check(self.epochs >= 0, "privacy.epochs", "must be >= 0")
         _check(math.isfinite(self.popularity_noise_multiplier) and self.popularity_noise_multiplier >= 0,
                "privacy.popularity_noise_multiplier", "must be a finite number >= 0 (0: no popularity release)")
+        _check(math.isfinite(self.selection_noise_multiplier) and self.selection_noise_multiplier >= 0,
+               "privacy.selection_noise_multiplier", "must be a finite number >= 0 (0: no DP selection)")
 
 
 @dataclass(frozen=True)

@@ -5,9 +5,11 @@
 name is reached in that round (and, with PARTNER, by that partner). Unset, it costs one dict lookup.
 
 Boundaries: ``before_ledger_append`` and ``after_ledger_append`` (a partner, after training, before
-its reply leaves), ``before_checkpoint`` (the server, after it aggregated the round's replies and
-before it writes the round's checkpoint), ``before_metrics_record`` (a writer of metrics.json, after
-its rename and before the signed record's; the round is the run's ``rounds_completed``).
+its reply leaves), ``before_selection_append`` and ``after_selection_append`` (a joint-scope partner's DP
+selection of its served model, after the last round: its release saved, before / after its ledger entry),
+``before_checkpoint`` (the server, after it aggregated the round's replies and before it writes the round's
+checkpoint), ``before_metrics_record`` (a writer of metrics.json, after its rename and before the signed
+record's; the round is the run's ``rounds_completed``).
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from __future__ import annotations
 import os
 
 ENV = "FEDSOCIAL_FAULT"
-BOUNDARIES = ("before_ledger_append", "after_ledger_append", "before_checkpoint", "before_metrics_record")
+BOUNDARIES = ("before_ledger_append", "after_ledger_append", "before_selection_append", "after_selection_append",
+              "before_checkpoint", "before_metrics_record")
 KILLED = 137  # 128 + SIGKILL, the status a shell reports for a killed process
 
 

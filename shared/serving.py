@@ -20,7 +20,10 @@ The normaliser alpha is the user's, common to all of the user's terms, so shares
 Privacy (DESIGN.md): in the ``joint`` scope a user's list uses only the user's own record and the DP
 shared parameters (plus the social vectors of the user's friends, parameters, never their records);
 nothing here leaves the partner. In the ``partner`` scope a locally adapted model
-(``client/personalize.py``) may replace the model: pass it as ``model`` (a :class:`SocialRec`).
+(``client/personalize.py``) may replace the model: pass it as ``model`` (a :class:`SocialRec`). In the
+``joint`` scope the partner's DP selection (``shared/privacy/selection.py``) may have chosen ``ranking =
+"prior"``: every score is then the item bias ``c_i`` alone (the user-item term dropped; seen items still
+excluded), and the explanation's only term is the bias.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from fedsocial.shared.events import (
     compute_item_external_ids,
 )
 from fedsocial.shared.models.social import SocialRec, compute_user_feature_index
+from fedsocial.shared.privacy.selection import SELECTION_CANDIDATES, compute_prior_scores
 
 _EPS = 1e-12  # torch.nn.functional.normalize's eps: the model's cosine uses it
 
@@ -164,9 +168,13 @@ class Recommender:
     """A partner's served model over its users; ids in and out are the partner's external ids."""
 
     def __init__(self, model: SocialRec, split: SplitData, calibration: str = "platt",
-                 events_path: Path | None = None, seed: int = 0, refit_on_event: str = "sync") -> None:
+                 events_path: Path | None = None, seed: int = 0, refit_on_event: str = "sync",
+                 ranking: str = "model") -> None:
         if not isinstance(model, SocialRec):
             raise ServingError(f"serving needs the social model (model.name = social), got {type(model).__name__}")
+        if ranking not in SELECTION_CANDIDATES:
+            raise ServingError(f"ranking: must be one of {'|'.join(SELECTION_CANDIDATES)}, got {ranking!r}")
+        self.ranking = ranking  # "prior": the DP selection chose the item biases alone (joint scope)
         self.model, self.split, self.cfg = model.eval(), split, model.model_cfg
         self.events_path, self.seed = events_path, seed
         # The local p_u refit after an event (the partner's evaluation procedure, ~50 Adam steps): "sync"
@@ -368,7 +376,10 @@ class Recommender:
         self._pending = []
 
     def scores(self, u: int, bag: Sequence[int] | None = None, friends: Sequence[int] | None = None) -> torch.Tensor:
-        """The model's score of every item for user u: g(h_u) . g(q_i) + c_i  [n_items]."""
+        """The model's score of every item for user u: g(h_u) . g(q_i) + c_i  [n_items] (``c_i`` alone when
+        ``ranking = "prior"``)."""
+        if self.ranking == "prior":
+            return compute_prior_scores(self.item_bias, 1)[0].clone()
         return torch.mv(self.item_matrix, self.user_vector(u, bag, friends)) + self.item_bias
 
     # --- lists ----------------------------------------------------------------------------------
@@ -411,6 +422,11 @@ class Recommender:
               friends: Sequence[int] | None = None) -> Terms:
         """Additive terms of user u's score for ``items``; ``Terms.total()`` equals the model's score."""
         m, mc = self.model, self.cfg
+        if self.ranking == "prior":  # the score is the bias alone
+            idx = np.asarray(items, dtype=np.int64)
+            none = np.zeros(len(idx))
+            return Terms(history=np.zeros((0, len(idx))), friends=np.zeros((0, len(idx))), user=none, mlp=none.copy(),
+                         bias=self.item_bias[torch.as_tensor(idx)].numpy().astype(np.float64))
         bag = self.history[u] if bag is None else list(bag)
         friends = self.friends[u] if friends is None else list(friends)
         idx = torch.as_tensor(np.asarray(items, dtype=np.int64))
@@ -476,7 +492,7 @@ class Recommender:
             parts = [t.history[:, k], t.friends[:, k], np.array([t.user[k], t.mlp[k], t.bias[k]])]
             scale = float(sum(np.abs(p).sum() for p in parts)) or 1.0
             out.append({
-                "reason": "popularity" if cold else "model",
+                "reason": "popularity" if cold else ("prior" if self.ranking == "prior" else "model"),
                 "terms": {"history": float(t.history[:, k].sum()), "social": float(t.friends[:, k].sum()),
                           "user": float(t.user[k]), "mlp": float(t.mlp[k]), "bias": float(t.bias[k])},
                 "history": _top_terms(t.history[:, k], [self.items[i] for i in bag], "item", top, scale),

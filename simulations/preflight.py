@@ -94,7 +94,8 @@ def check_reachable_budget(cfg: Config, n_users: int) -> None:
         raise ConfigError(f"privacy.max_epsilon: {pc.max_epsilon:g} is already spent by the releases besides "
                           f"training (epsilon {compute_epsilon(prefix, pc.target_delta, pc.accountant):.3g}: "
                           f"privacy.popularity_noise_multiplier = {pc.popularity_noise_multiplier:g}, "
-                          f"federation.eval_noise_multiplier = {fc.eval_noise_multiplier:g}); raise their noise")
+                          f"federation.eval_noise_multiplier = {fc.eval_noise_multiplier:g}, "
+                          f"privacy.selection_noise_multiplier = {pc.selection_noise_multiplier:g}); raise their noise")
     if pc.noise_multiplier > 0:
         return
     batch = fc.local_batch_size or cfg.train.batch_size

@@ -304,6 +304,7 @@ def _partner_html(p: PartnerReport) -> str:
             f"({esc(p.cap_source or 'n/a')}); final epsilon {p.epsilon:.4g}; "
             f"scope {esc(p.scope or 'not recorded')}; DP evaluation releases {p.eval_releases}; "
             f"DP popularity releases {p.popularity_releases}; "
+            f"DP selections of the served model {p.selection_releases}; "
             f"{'verified' if p.verified else 'NOT verified'}.</p>")
     cols = ("round", "sigma", "q", "steps", "C", "delta", "users", "accountant", "eps RDP", "eps PRV",
             "dp_accounting RDP", "dp_accounting PLD")

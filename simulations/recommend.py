@@ -179,11 +179,15 @@ def load_recommender(src: ServedSource, calibration: str = "platt", adapt: Adapt
     model = trainer.model
     if not isinstance(model, SocialRec):
         raise ConfigError(f"{src.config_path}: model.name = {cfg.model.name}: serving needs the social model")
+    ranking = "model"
     if cfg.privacy.scope == "partner":  # the local, non-DP adaptation stays inside the partner
         model = (adapt or serve_personalised)(cfg, split, model, src.state_dir)
+    elif cfg.privacy.enabled:  # joint scope: what the partner's charged DP selection chose (else the model)
+        from fedsocial.shared.privacy.selection import read_served_choice
+
+        ranking = read_served_choice(src.state_dir)
     return Recommender(model, split, calibration=calibration, events_path=src.state_dir / EVENTS_FILE,
-                       refit_on_event=refit_on_event,
-                       seed=cfg.train.seed)
+                       refit_on_event=refit_on_event, seed=cfg.train.seed, ranking=ranking)
 
 
 def add_source_arguments(parser: argparse.ArgumentParser) -> None:

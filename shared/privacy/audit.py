@@ -136,7 +136,7 @@ class RoundRow:
     epsilon_dp_accounting: float  # independent RDP recomputation (dp_accounting), checks epsilon_rdp
     epsilon_pld: float  # independent PLD recomputation (dp_accounting), checks epsilon_prv
     timestamp: str
-    release: str = "training"  # what the entry charges: training, evaluation or popularity
+    release: str = "training"  # what the entry charges: training, evaluation, popularity or selection
 
 
 @dataclass
@@ -154,6 +154,7 @@ class PartnerReport:
     scope: str = ""  # privacy.scope the ledger entries name ("" when they predate it)
     eval_releases: int = 0  # DP evaluation releases charged in the ledger
     popularity_releases: int = 0  # DP item-popularity releases charged in the ledger (shared/privacy/popularity.py)
+    selection_releases: int = 0  # DP selections of the served model charged in the ledger (shared/privacy/selection.py)
 
     @property
     def epsilon(self) -> float:
@@ -161,7 +162,8 @@ class PartnerReport:
 
     @property
     def total_steps(self) -> int:
-        """DP-SGD steps of the training releases (a popularity or evaluation release is one Gaussian step)."""
+        """DP-SGD steps of the training releases (a popularity, selection or evaluation release is one Gaussian
+        step)."""
         return sum(r.steps for r in self.rounds if r.release == "training")
 
     @property
@@ -377,6 +379,7 @@ def _audit_partner_into(report: PartnerReport, ledgers: Path, keys_dir: Path | N
                    f"ledger entries name privacy scope {scopes[0]!r}, the run's records {result.scope!r}")
     report.eval_releases = sum(1 for e in scan.entries if e.get("release") == "evaluation")
     report.popularity_releases = sum(1 for e in scan.entries if e.get("release") == "popularity")
+    report.selection_releases = sum(1 for e in scan.entries if e.get("release") == "selection")
     _check_budget(report, cli_cap, result)
 
 

@@ -268,8 +268,9 @@ def read_ledger(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return scan.entries
 
 
-# within a round, in this order: the popularity release (round 1 only), training, evaluation
-RELEASE_KINDS = ("popularity", "training", "evaluation")
+# within a round, in this order: the popularity release (round 1 only), training, the DP selection of the
+# served model (the last round only, shared/privacy/selection.py), evaluation
+RELEASE_KINDS = ("popularity", "training", "selection", "evaluation")
 
 
 def order_key(entry: Mapping[str, Any]) -> tuple[int, int]:

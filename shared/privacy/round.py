@@ -103,12 +103,14 @@ def plan_round(
 
 
 def compute_federation_prefix(cfg: Any) -> list[Event]:
-    """The releases a federated partner makes besides its training rounds: the popularity release and the
-    planned DP evaluations; the calibration composes them (RDP composition does not depend on order)."""
+    """The releases a federated partner makes besides its training rounds: the popularity release, the
+    planned DP evaluations and the DP selection of the served model; the calibration composes them (RDP
+    composition does not depend on order)."""
     from fedsocial.shared.privacy.evaluation import compute_planned_eval_events
     from fedsocial.shared.privacy.popularity import compute_release_prefix
+    from fedsocial.shared.privacy.selection import compute_planned_selection_events
 
-    return [*compute_release_prefix(cfg), *compute_planned_eval_events(cfg)]
+    return [*compute_release_prefix(cfg), *compute_planned_eval_events(cfg), *compute_planned_selection_events(cfg)]
 
 
 def compute_settings(privacy: Any, schedule: Mapping[str, int]) -> dict[str, Any]:

@@ -1,0 +1,177 @@
+"""The DP choice of the model a partner serves in ``joint`` scope (``privacy.selection_noise_multiplier``).
+
+On data it was not tuned on, the DP model can rank below its own item biases (which carry the released
+popularity prior): its noisy user-item term drags it down. A partner must never lose by joining, but in
+joint scope it may not look at its users' validation data without DP: the choice is part of every other
+user's recommendations. So, after the federation's last round (``federation.rounds``) and only then:
+
+* the candidates are :data:`SELECTION_CANDIDATES`: ``model`` (the DP model as trained, with each user's
+  local p_u refit from the user's own items) and ``prior`` (the DP model's item biases alone,
+  ``item_biases()``, which include the released popularity prior when there is one: the user-item term
+  dropped; seen items are still excluded);
+* each validation user's NDCG@10 under each candidate is a function of that user's own record and of DP
+  parameters only, and lies in [0, 1]; the vector of the K per-candidate sums therefore moves by at most
+  ``sqrt(K)`` in L2 norm when one user is added or removed (:data:`SELECTION_SENSITIVITY`, user-level
+  add/remove adjacency);
+* the partner releases that vector plus Gaussian noise of standard deviation ``sigma * sqrt(K)`` on
+  every coordinate (the Gaussian mechanism; RDP ``alpha / (2 sigma^2)``, the same as one sampled-Gaussian
+  step at sample rate 1), charged once in its ledger as the event ``(sigma, 1.0, 1)`` with
+  ``release = "selection"``; the training noise is calibrated with that event planned, so the cap holds;
+* it serves the argmax of the noisy sums (ties to the earlier candidate, ``model`` first): post-processing.
+
+The noisy sums and the choice never leave the partner (``STATE_DIR/selection/round_XXXX.json``, 0600);
+they are saved with their digest before the ledger entry that charges them, so a re-run re-uses them bit
+for bit and never draws again; only after the charge is the choice recorded as served
+(``STATE_DIR/selection/served.json``), which ``fedsocial recommend`` / ``serve`` read. The noise comes
+from OS entropy, never from the (public) config seed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedsocial.shared.fileio import write_json_atomic
+from fedsocial.shared.models import Batch, RecModel
+
+SELECTION_CANDIDATES: tuple[str, ...] = ("model", "prior")
+SELECTION_SENSITIVITY = math.sqrt(len(SELECTION_CANDIDATES))  # K sums, one user moves each by <= 1
+SELECTION_FOLDER = "selection"
+SELECTION_METRIC = "ndcg@10"
+
+
+def uses_selection_release(cfg: Any) -> bool:
+    """Whether a config makes the DP selection: DP on, joint scope, the social model, sigma > 0."""
+    pc = cfg.privacy
+    return bool(pc.enabled and pc.selection_noise_multiplier > 0 and pc.scope == "joint"
+                and cfg.model.name == "social")
+
+
+def selection_event(sigma: float) -> tuple[float, float, int]:
+    """The accountant event of the release: one Gaussian step at sample rate 1."""
+    return (float(sigma), 1.0, 1)
+
+
+def compute_planned_selection_events(cfg: Any) -> list[tuple[float, float, int]]:
+    """The selection release a federated run plans (one, after its last round), for the calibration."""
+    return [selection_event(cfg.privacy.selection_noise_multiplier)] if uses_selection_release(cfg) else []
+
+
+def compute_selection_sums(per_user: Mapping[str, np.ndarray]) -> np.ndarray:
+    """The K sums over the validation users of each candidate's per-user NDCG@10 (candidate order).
+
+    Every candidate must score the same users, each value in [0, 1]: the sensitivity rests on it."""
+    rows = [np.asarray(per_user[name], dtype=np.float64) for name in SELECTION_CANDIDATES]
+    if len({r.shape for r in rows}) != 1 or rows[0].ndim != 1:
+        raise ValueError(f"selection: every candidate must score the same users, got shapes {[r.shape for r in rows]}")
+    for name, r in zip(SELECTION_CANDIDATES, rows, strict=True):
+        if not (np.isfinite(r).all() and (r >= 0).all() and (r <= 1).all()):
+            raise ValueError(f"selection: candidate {name!r} has a per-user metric outside [0, 1]")
+    return np.array([r.sum() for r in rows], dtype=np.float64)
+
+
+def compute_noisy_sums(sums: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
+    """The Gaussian mechanism: ``sums + N(0, (sigma * sqrt(K))^2)`` on every coordinate."""
+    if not sigma > 0:
+        raise ValueError(f"privacy.selection_noise_multiplier: must be > 0 for a release, got {sigma!r}")
+    s = np.asarray(sums, dtype=np.float64)
+    if s.shape != (len(SELECTION_CANDIDATES),):
+        raise ValueError(f"selection: expected {len(SELECTION_CANDIDATES)} sums, got shape {s.shape}")
+    return s + rng.normal(0.0, sigma * SELECTION_SENSITIVITY, s.shape)
+
+
+def compute_noisy_choice(noisy: np.ndarray) -> str:
+    """The candidate with the largest noisy sum; ties go to the earlier one (``model`` first)."""
+    return SELECTION_CANDIDATES[int(np.argmax(np.asarray(noisy, dtype=np.float64)))]
+
+
+def compute_prior_scores(item_biases: torch.Tensor, n_users: int) -> torch.Tensor:
+    """The ``prior`` candidate's scores [n_users, n_items]: every user's row is the item biases."""
+    return item_biases.reshape(1, -1).expand(int(n_users), -1)
+
+
+class PriorRanking(RecModel):
+    """The ``prior`` candidate as a model: ranks by ``model.item_biases()`` alone (no user-item term)."""
+
+    def __init__(self, model: RecModel) -> None:
+        super().__init__(model.n_users, model.n_items, model.model_cfg)
+        if not hasattr(model, "item_biases"):
+            raise ValueError(f"selection: {type(model).__name__} has no item biases to rank by")
+        self.base = model
+
+    def full_sort_predict(self, batch: Batch) -> torch.Tensor:
+        with torch.no_grad():
+            return compute_prior_scores(self.base.item_biases(), batch["users"].shape[0])
+
+
+def _digest(release: Mapping[str, Any]) -> str:
+    from fedsocial.shared.privacy.ledger import canonical_json
+
+    return hashlib.sha256(canonical_json(dict(release)).encode("ascii")).hexdigest()
+
+
+def compute_selection_release(round_: int, sigma: float, noisy: np.ndarray, evaluated_users: int) -> dict[str, Any]:
+    """The record of one release (its noisy sums, the choice they give) and its digest."""
+    release = {"round": int(round_), "sigma": float(sigma), "candidates": list(SELECTION_CANDIDATES),
+               "noisy_sums": [float(v) for v in noisy], "choice": compute_noisy_choice(noisy),
+               "evaluated_users": int(evaluated_users)}
+    return {**release, "digest": _digest(release)}
+
+
+def save_selection_release(state_dir: Path, release: Mapping[str, Any]) -> None:
+    """Keep the release (0600) before its ledger entry, so that a re-run re-uses it instead of drawing again."""
+    path = state_dir / SELECTION_FOLDER / f"round_{int(release['round']):04d}.json"
+    write_json_atomic(path, dict(release))
+    os.chmod(path, 0o600)
+
+
+def load_selection_release(state_dir: Path, round_: int) -> dict[str, Any] | None:
+    """The saved release of ``round_``; None when missing, unreadable or altered (digest mismatch)."""
+    path = state_dir / SELECTION_FOLDER / f"round_{round_:04d}.json"
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(doc, dict) or doc.get("choice") not in SELECTION_CANDIDATES:
+        return None
+    body = {k: v for k, v in doc.items() if k != "digest"}
+    try:
+        ok = doc.get("digest") == _digest(body)
+    except (TypeError, ValueError):
+        return None
+    return doc if ok else None
+
+
+SERVED_FILE = "served.json"
+
+
+def write_served_choice(state_dir: Path, release: Mapping[str, Any]) -> None:
+    """Record what the partner serves, once the ledger has charged ``release`` (never before: an uncharged
+    choice must not reach a user)."""
+    path = state_dir / SELECTION_FOLDER / SERVED_FILE
+    write_json_atomic(path, {"round": int(release["round"]), "choice": str(release["choice"]),
+                             "digest": str(release["digest"])})
+    os.chmod(path, 0o600)
+
+
+def read_served_choice(state_dir: Path) -> str:
+    """What a joint-scope partner serves: the recorded choice of its charged selection release (its saved
+    release intact, same digest), else ``model`` (no selection, or none charged)."""
+    try:
+        doc = json.loads((state_dir / SELECTION_FOLDER / SERVED_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "model"
+    if not isinstance(doc, dict) or not isinstance(doc.get("round"), int):
+        return "model"
+    release = load_selection_release(state_dir, doc["round"])
+    if release is None or release["digest"] != doc.get("digest"):
+        return "model"
+    return str(release["choice"])
