@@ -1,0 +1,348 @@
+"""The DP selection of the served model in joint scope (shared/privacy/selection.py): sensitivity, noise,
+choice, accounting, charged once at every crash point, served by recommend/serve, off changes nothing."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from fedsocial.client import partner as partner_module
+from fedsocial.client.partner import Partner, PartnerError, settings_from_context
+from fedsocial.shared.config import ConfigError, config_from_dict
+from fedsocial.shared.metrics import evaluate_model, evaluate_model_per_user
+from fedsocial.shared.privacy import selection
+from fedsocial.shared.privacy.accounting import compute_epsilon
+from fedsocial.shared.privacy.audit import EXIT_OK, audit_run
+from fedsocial.shared.privacy.ledger import read_ledger
+from fedsocial.shared.privacy.round import compute_federation_prefix
+from fedsocial.shared.privacy.selection import (
+    SELECTION_CANDIDATES,
+    SELECTION_SENSITIVITY,
+    PriorRanking,
+    compute_noisy_choice,
+    compute_noisy_sums,
+    compute_selection_sums,
+    load_selection_release,
+    read_served_choice,
+    uses_selection_release,
+)
+from fedsocial.shared.serving import Recommender
+from fedsocial.shared.trainer import LocalTrainer
+from fedsocial.simulations.preflight import check_reachable_budget
+from fedsocial.simulations.simulate import write_config
+from tests.server_records import sign_server_records
+from tests.test_federation import tiny_config
+
+SIGMA = 2.0
+
+
+def selection_config(sigma: float = SIGMA, **federation: Any) -> Any:
+    return tiny_config(rounds=1, **federation).replace("privacy", selection_noise_multiplier=sigma)
+
+
+def make_partner(tmp_path: Path, cfg: Any, index: int = 0) -> Partner:
+    run = tmp_path / "run"
+    return Partner(settings_from_context({"config-path": str(write_config(cfg, run)), "run-dir": str(run)},
+                                         {"partition-id": index, "num-partitions": 3}))
+
+
+def ledger_of(tmp_path: Path, index: int = 0) -> list[dict[str, Any]]:
+    return read_ledger(tmp_path / "run" / "ledgers" / f"partner-{index}.jsonl")
+
+
+def kinds(entries: list[dict[str, Any]]) -> list[str]:
+    return [e.get("release", "training") for e in entries]
+
+
+# --- the pure mechanism -----------------------------------------------------------------------------
+
+def test_removing_any_one_user_moves_the_k_sums_by_at_most_sqrt_k() -> None:
+    # Property, brute force: per-user metrics in [0, 1] for each candidate (extremes included), any user removed
+    rng = np.random.default_rng(0)
+    k = len(SELECTION_CANDIDATES)
+    worst = 0.0
+    for _ in range(2000):
+        n = int(rng.integers(1, 40))
+        per_user = rng.random((n, k)) * (rng.random((n, 1)) < 0.7)
+        per_user[rng.integers(n)] = rng.choice([0.0, 1.0], k)
+        full = compute_selection_sums(dict(zip(SELECTION_CANDIDATES, per_user.T, strict=True)))
+        for u in range(n):
+            rest = np.delete(per_user, u, 0)
+            without = compute_selection_sums(dict(zip(SELECTION_CANDIDATES, rest.T, strict=True)))
+            worst = max(worst, float(np.linalg.norm(full - without)))
+    assert worst <= SELECTION_SENSITIVITY + 1e-12
+    assert worst == pytest.approx(math.sqrt(2))  # attained: a user at 1 under both candidates
+    assert math.isclose(SELECTION_SENSITIVITY, math.sqrt(2))
+
+
+def test_sums_refuse_values_the_sensitivity_does_not_cover() -> None:
+    with pytest.raises(ValueError, match="outside"):
+        compute_selection_sums({"model": np.array([0.5, 1.2]), "prior": np.array([0.1, 0.2])})
+    with pytest.raises(ValueError, match="outside"):
+        compute_selection_sums({"model": np.array([0.5, np.nan]), "prior": np.array([0.1, 0.2])})
+    with pytest.raises(ValueError, match="same users"):
+        compute_selection_sums({"model": np.array([0.5]), "prior": np.array([0.1, 0.2])})
+
+
+def test_noise_known_values_with_a_fixed_generator_and_its_scale() -> None:
+    # Known values: default_rng(0).normal(0, 1, 2) = (0.12573022, -0.13210486), times sigma 2 x sqrt(2)
+    noisy = compute_noisy_sums(np.array([3.0, 5.0]), 2.0, np.random.default_rng(0))
+    np.testing.assert_allclose(noisy, [3.35561877, 4.62635102], rtol=0, atol=1e-8)
+    draws = np.stack([compute_noisy_sums(np.zeros(2), 0.5, np.random.default_rng(s)) for s in range(4000)])
+    assert draws.std(axis=0) == pytest.approx([0.5 * math.sqrt(2)] * 2, rel=0.05)
+    with pytest.raises(ValueError, match="selection_noise_multiplier"):
+        compute_noisy_sums(np.zeros(2), 0.0, np.random.default_rng(0))
+
+
+def test_the_choice_is_the_argmax_of_the_noisy_sums_ties_to_the_model() -> None:
+    assert compute_noisy_choice(np.array([10.0, 9.5])) == "model"
+    assert compute_noisy_choice(np.array([9.5, 10.0])) == "prior"
+    assert compute_noisy_choice(np.array([7.0, 7.0])) == "model"
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        noisy = rng.normal(0, 5, 2)
+        assert compute_noisy_choice(noisy) == SELECTION_CANDIDATES[int(np.argmax(noisy))]
+
+
+@pytest.mark.parametrize("value", [-1.0, math.inf, math.nan])
+def test_config_refuses_a_bad_selection_noise_multiplier(value: float) -> None:
+    with pytest.raises(ConfigError, match="privacy.selection_noise_multiplier"):
+        config_from_dict({"privacy": {"enabled": True, "selection_noise_multiplier": value}})
+
+
+def test_the_selection_is_made_only_in_joint_scope_under_dp() -> None:
+    cfg = selection_config()
+    assert uses_selection_release(cfg)
+    assert not uses_selection_release(cfg.replace("privacy", scope="partner"))
+    assert not uses_selection_release(cfg.replace("privacy", enabled=False))
+    assert not uses_selection_release(cfg.replace("privacy", selection_noise_multiplier=0.0))
+    assert (SIGMA, 1.0, 1) in compute_federation_prefix(cfg)
+    assert compute_federation_prefix(cfg.replace("privacy", selection_noise_multiplier=0.0)) == []
+
+
+# --- the candidates on constructed models -------------------------------------------------------------
+
+def _trainer(tmp_path: Path) -> LocalTrainer:
+    partner = make_partner(tmp_path, selection_config())
+    cfg = partner.cfg.replace("privacy", enabled=False)
+    return LocalTrainer(cfg, partner.split, device="cpu", seed=1)
+
+
+def _noisy_choice(trainer: LocalTrainer, sigma: float, seed: int) -> tuple[str, np.ndarray]:
+    trainer.refit_local()
+    per_user = {"model": evaluate_model_per_user(trainer.model, trainer.split, "val", builder=trainer.builder)[2],
+                "prior": evaluate_model_per_user(PriorRanking(trainer.model), trainer.split, "val",
+                                                 builder=trainer.builder)[2]}
+    sums = compute_selection_sums(per_user)
+    return compute_noisy_choice(compute_noisy_sums(sums, sigma, np.random.default_rng(seed))), sums
+
+
+def test_the_prior_is_chosen_when_the_model_is_much_worse(tmp_path: Path) -> None:
+    # Prepare: random, large item and history vectors (the user-item term is noise) and strong popularity biases
+    trainer = _trainer(tmp_path)
+    m = trainer.model
+    counts = np.bincount(trainer.split.train_items, minlength=m.n_items).astype(np.float64)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        m.item_emb.weight.normal_(0.0, 3.0, generator=gen)
+        m.hist_emb.weight.normal_(0.0, 3.0, generator=gen)
+        m.item_bias.weight[:, 0] = torch.as_tensor(np.log1p(counts), dtype=torch.float32) / m.model_cfg.bias_scale
+    # Execute: noisy choices under sigma 1 (noise std sqrt(2) per sum)
+    choices = [_noisy_choice(trainer, 1.0, seed) for seed in range(5)]
+    # Assert
+    sums = choices[0][1]
+    assert sums[1] > sums[0] + 5  # precondition: the prior is much better on validation
+    assert {c for c, _ in choices} == {"prior"}
+
+
+def test_the_model_is_chosen_when_it_is_much_better(tmp_path: Path) -> None:
+    # Prepare: a model trained (non-private, a few epochs), then item biases replaced by small random values
+    trainer = _trainer(tmp_path)
+    trainer.fit(20, rng_seed=0)
+    with torch.no_grad():
+        m = trainer.model
+        m.item_bias.weight.normal_(0.0, 1e-3, generator=torch.Generator().manual_seed(1))
+    # Execute
+    choices = [_noisy_choice(trainer, 1.0, seed) for seed in range(5)]
+    # Assert
+    sums = choices[0][1]
+    assert sums[0] > sums[1] + 5  # precondition: the model is much better on validation
+    assert {c for c, _ in choices} == {"model"}
+
+
+def test_prior_ranking_scores_every_user_by_the_item_biases(tmp_path: Path) -> None:
+    trainer = _trainer(tmp_path)
+    batch = {"users": torch.arange(4)}
+    scores = PriorRanking(trainer.model).full_sort_predict(batch)
+    assert scores.shape == (4, trainer.model.n_items)
+    assert torch.equal(scores, trainer.model.item_biases().detach().expand(4, -1))
+
+
+# --- a partner's release ----------------------------------------------------------------------------
+
+def test_one_selection_entry_after_the_last_round_composed_in_epsilon_and_audited(tmp_path: Path) -> None:
+    # Prepare: 2 rounds, a DP evaluation release after each, the selection after the last
+    cfg = tiny_config(rounds=2, eval_noise_multiplier=4.0).replace("privacy", selection_noise_multiplier=SIGMA)
+    partner = make_partner(tmp_path, cfg)
+    _, params = partner.initial_parameters()
+    # Execute
+    sent = []
+    for r in (1, 2):
+        params, _, _ = partner.fit(params, r)
+        sent.append(partner.evaluate(params, r))
+    # Assert: exactly one selection entry, the last round's, between its training and its evaluation
+    entries = ledger_of(tmp_path)
+    assert [(e["round"], k) for e, k in zip(entries, kinds(entries), strict=True)] == [
+        (1, "training"), (1, "evaluation"), (2, "training"), (2, "selection"), (2, "evaluation")]
+    sel = entries[3]
+    assert (sel["noise_multiplier"], sel["sample_rate"], sel["steps"]) == (SIGMA, 1.0, 1)
+    assert sel["max_grad_norm"] == pytest.approx(math.sqrt(2))
+    history = [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in entries]
+    assert entries[-1]["epsilon_rdp"] == pytest.approx(compute_epsilon(history, cfg.privacy.target_delta), rel=1e-9)
+    assert sel["epsilon_rdp"] == pytest.approx(compute_epsilon(history[:4], cfg.privacy.target_delta), rel=1e-9)
+    saved = load_selection_release(partner.settings.state_dir, 2)
+    assert saved is not None and saved["digest"] == sel["release_sha256"]
+    assert (partner.settings.state_dir / "selection" / "round_0002.json").stat().st_mode & 0o077 == 0
+    assert (partner.settings.state_dir / "selection" / "served.json").stat().st_mode & 0o077 == 0
+    assert read_served_choice(partner.settings.state_dir) == saved["choice"]
+    assert all(s is not None and "noisy_sums" not in (s[0] or {}) for s in sent)  # the sums stay on the partner
+    sign_server_records(tmp_path / "run", {"partner-0": {"num_users": partner.num_users, "max_epsilon": 50.0,
+                                                         "target_delta": 1e-4}}, max_epsilon=50.0)
+    result = audit_run(tmp_path / "run")
+    assert result.exit_code == EXIT_OK, [str(f) for f in result.findings]
+    assert result.partners[0].selection_releases == 1
+    assert result.partners[0].epsilon == pytest.approx(entries[-1]["epsilon_rdp"], rel=1e-9)
+
+
+def test_the_served_metrics_are_the_chosen_candidates(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: the noisy sums forced to favour the prior (post-processing of any release is as private)
+    monkeypatch.setattr(selection, "compute_noisy_sums", lambda sums, sigma, rng: np.array([0.0, 1.0]))
+    partner = make_partner(tmp_path, selection_config())
+    _, initial = partner.initial_parameters()
+    new, _, _ = partner.fit(initial, 1)
+    trainer, _ = partner._prepared_trainer(new, 1)
+    trainer.refit_local()
+    prior, _ = evaluate_model(PriorRanking(trainer.model), partner.split, "test", builder=trainer.builder)
+    model, _ = trainer.evaluate("test")
+    # Execute
+    assert partner.evaluate(new, 1) == (None, 0)  # nothing leaves (DP default: the evaluation is kept)
+    # Assert
+    local = json.loads((partner.settings.state_dir / "eval" / "round_0001.json").read_text())
+    assert local["ndcg@10"] == pytest.approx(prior["ndcg@10"]) and prior["ndcg@10"] != pytest.approx(model["ndcg@10"])
+    assert read_served_choice(partner.settings.state_dir) == "prior"
+
+
+@pytest.mark.parametrize("point", ["before_selection_append", "after_selection_append"])
+def test_a_rerun_after_a_kill_reuses_the_saved_release_and_charges_it_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, point: str
+) -> None:
+    # Prepare: the partner dies at the boundary, its release saved
+    partner = make_partner(tmp_path, selection_config())
+    _, initial = partner.initial_parameters()
+    new, _, _ = partner.fit(initial, 1)
+
+    def die(name: str, round_: int, partner_id: str | None = None) -> None:
+        if name == point:
+            raise RuntimeError("killed")
+
+    monkeypatch.setattr(partner_module, "fault_point", die)
+    with pytest.raises(RuntimeError, match="killed"):
+        partner.evaluate(new, 1)
+    monkeypatch.undo()
+    path = partner.settings.state_dir / "selection" / "round_0001.json"
+    before = path.read_bytes()
+    assert read_served_choice(partner.settings.state_dir) == "model"  # not served before it is charged
+    draws: list[int] = []
+    real = selection.compute_noisy_sums
+    monkeypatch.setattr(selection, "compute_noisy_sums", lambda *a: draws.append(1) or real(*a))
+    # Execute: the re-run, twice
+    partner.evaluate(new, 1)
+    partner.evaluate(new, 1)
+    # Assert: one selection entry naming the saved release, bit for bit, and no second draw
+    entries = ledger_of(tmp_path)
+    assert kinds(entries) == ["training", "selection"]
+    assert path.read_bytes() == before and draws == []
+    assert entries[1]["release_sha256"] == json.loads(before)["digest"]
+    assert read_served_choice(partner.settings.state_dir) == json.loads(before)["choice"]
+
+
+def test_a_charged_selection_whose_release_is_lost_is_refused(tmp_path: Path) -> None:
+    partner = make_partner(tmp_path, selection_config())
+    _, initial = partner.initial_parameters()
+    new, _, _ = partner.fit(initial, 1)
+    partner.evaluate(new, 1)
+    path = partner.settings.state_dir / "selection" / "round_0001.json"
+    doc = json.loads(path.read_text())
+    path.write_text(json.dumps({**doc, "choice": "prior" if doc["choice"] == "model" else "model"}))  # altered
+    assert read_served_choice(partner.settings.state_dir) == "model"  # an altered release is never served
+    with pytest.raises(PartnerError, match="selection of round 1 was released and charged"):
+        partner.evaluate(new, 1)
+    assert kinds(ledger_of(tmp_path)) == ["training", "selection"]
+
+
+def test_a_calibrated_noise_leaves_room_for_the_selection(tmp_path: Path) -> None:
+    # Prepare: calibrated training noise (noise_multiplier 0), cap 12, the selection planned
+    cfg = selection_config().replace("privacy", noise_multiplier=0.0, max_epsilon=12.0)
+    partner = make_partner(tmp_path, cfg)
+    _, initial = partner.initial_parameters()
+    # Execute
+    new, _, _ = partner.fit(initial, 1)
+    partner.evaluate(new, 1)
+    # Assert: the selection was admitted and the cap holds after it, close to it
+    entries = ledger_of(tmp_path)
+    assert kinds(entries) == ["training", "selection"]
+    assert 12.0 * 0.98 < entries[-1]["epsilon_rdp"] <= 12.0
+    # a selection noise that alone spends the cap is refused by the preflight, naming the key
+    with pytest.raises(ConfigError, match="privacy.selection_noise_multiplier"):
+        check_reachable_budget(cfg.replace("privacy", selection_noise_multiplier=0.05), 50)
+
+
+def test_off_changes_nothing(tmp_path: Path) -> None:
+    # Prepare: two partners on the same data and noise key material, one with the selection off (0)
+    off = make_partner(tmp_path / "off", selection_config(0.0))
+    _, initial = off.initial_parameters()
+    new, _, _ = off.fit(initial, 1)
+    # Execute
+    sent = off.evaluate(new, 1)
+    # Assert: no selection entry, no selection folder, the served metrics the DP model's
+    assert sent == (None, 0)
+    assert kinds(ledger_of(tmp_path / "off")) == ["training"]
+    assert not (off.settings.state_dir / "selection").exists()
+    trainer, _ = off._prepared_trainer(new, 1)
+    trainer.refit_local()
+    local = json.loads((off.settings.state_dir / "eval" / "round_0001.json").read_text())
+    assert local["ndcg@10"] == pytest.approx(trainer.evaluate("test")[0]["ndcg@10"])
+    assert read_served_choice(off.settings.state_dir) == "model"
+    # and in partner scope a selection sigma is inert
+    part = make_partner(tmp_path / "part", selection_config().replace("privacy", scope="partner"))
+    assert compute_federation_prefix(part.cfg) == []
+
+
+# --- serving ------------------------------------------------------------------------------------------
+
+def test_serving_the_prior_ranks_unseen_items_by_the_biases_with_exact_terms(tmp_path: Path) -> None:
+    trainer = _trainer(tmp_path)
+    model = trainer.model
+    with torch.no_grad():  # distinct biases (an untrained model's are all 0: ties)
+        model.item_bias.weight.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(2))
+    trainer.refit_local()
+    rec = Recommender(model, trainer.split, calibration="none", ranking="prior")
+    biases = model.item_biases().detach().numpy()
+    u = int(trainer.split.train_users[0])
+    rows = rec.recommend(rec.users[u], k=10)
+    seen = rec.seen[u]
+    expected = [i for i in np.argsort(-biases, kind="stable") if int(i) not in seen][:10]
+    assert [rec.item_index[r["item"]] for r in rows] == [int(i) for i in expected]
+    assert all(int(rec.item_index[r["item"]]) not in seen for r in rows)
+    np.testing.assert_allclose([r["score"] for r in rows], biases[expected], rtol=1e-6)
+    terms = rec.terms(u, np.asarray(expected))
+    np.testing.assert_allclose(terms.total(), biases[expected], rtol=1e-6)
+    assert {r["explanation"]["reason"] for r in rows} == {"prior"}
+    with pytest.raises(ValueError, match="ranking"):
+        Recommender(model, trainer.split, calibration="none", ranking="alone")
