@@ -423,10 +423,10 @@ class Recommender:
         """Additive terms of user u's score for ``items``; ``Terms.total()`` equals the model's score."""
         m, mc = self.model, self.cfg
         if self.ranking == "prior":  # the score is the bias alone
-            idx = np.asarray(items, dtype=np.int64)
-            none = np.zeros(len(idx))
-            return Terms(history=np.zeros((0, len(idx))), friends=np.zeros((0, len(idx))), user=none, mlp=none.copy(),
-                         bias=self.item_bias[torch.as_tensor(idx)].numpy().astype(np.float64))
+            ids = np.asarray(items, dtype=np.int64)
+            none = np.zeros(len(ids))
+            return Terms(history=np.zeros((0, len(ids))), friends=np.zeros((0, len(ids))), user=none, mlp=none.copy(),
+                         bias=self.item_bias[torch.as_tensor(ids)].numpy().astype(np.float64))
         bag = self.history[u] if bag is None else list(bag)
         friends = self.friends[u] if friends is None else list(friends)
         idx = torch.as_tensor(np.asarray(items, dtype=np.int64))

@@ -109,7 +109,8 @@ class PriorRanking(RecModel):
 
     def full_sort_predict(self, batch: Batch) -> torch.Tensor:
         with torch.no_grad():
-            return compute_prior_scores(self.base.item_biases(), batch["users"].shape[0])
+            biases = self.base.item_biases()  # type: ignore[operator]  # checked in __init__
+            return compute_prior_scores(biases, batch["users"].shape[0])
 
 
 def _digest(release: Mapping[str, Any]) -> str:
