@@ -115,7 +115,8 @@ class FedSocialClient(NumPyClient):
                             "evaluation instructions").round
         metrics, n = self.partner.evaluate(list(parameters), round_)
         if metrics is None:  # kept on the partner (DP without a DP evaluation release): only the round leaves
-            kept = protocol.EvalReport(round_, self.partner.partner_id, 0, {}, released=False)
+            kept = protocol.EvalReport(round_, self.partner.partner_id, 0, {}, released=False,
+                                       accounting=self.partner.evaluation_accounting(round_))  # a charged selection
             return 0.0, 0, checked(protocol.parse_eval_report(kept.to_metrics(), round_))
         report = protocol.EvalReport(round_, self.partner.partner_id, n,
                                      {k: float(metrics[k]) for k in protocol.METRIC_KEYS},

@@ -581,15 +581,17 @@ class Partner:
         return self._dp_evaluation(round_, dp_model[0], dp_model[1])
 
     def evaluation_accounting(self, round_: int) -> Any:
-        """The :class:`shared.protocol.EvalAccounting` of round ``round_``'s DP evaluation release (None when
-        there is none): the evaluation reply names it, so that the server's signed head covers it."""
+        """The :class:`shared.protocol.EvalAccounting` of the newest release round ``round_``'s evaluation
+        charged (its DP selection and/or its DP evaluation release; None when there is none): the evaluation
+        reply names it, kept or released, so that the server's signed head covers it (the hash chain covers
+        every entry before it) and the run's epsilon includes it."""
         from fedsocial.shared import protocol
         from fedsocial.shared.privacy.ledger import entry_hash
 
         if not self.cfg.privacy.enabled:
             return None
-        entry = next((e for e in self.open_ledger().entries()
-                      if int(e["round"]) == round_ and e.get("release") == "evaluation"), None)
+        entry = next((e for e in reversed(self.open_ledger().entries())
+                      if int(e["round"]) == round_ and e.get("release") in ("evaluation", "selection")), None)
         if entry is None:
             return None
         epsilon = entry["epsilon_prv"] if entry["accountant"] == "prv" else entry["epsilon_rdp"]

@@ -427,7 +427,9 @@ class FedSocialStrategy(Strategy):
             info = self.partners.setdefault(rep.partner_id, {})
             info.update(per_partner[rep.partner_id])
             info["eval_time_s_total"] = float(info.get("eval_time_s_total", 0.0)) + rep.eval_time_s
-            if rep.accounting is not None:  # a DP evaluation release: its entry is now the ledger's newest
+        for rep in read:  # kept or released: a charged DP selection / evaluation release is the ledger's newest entry
+            info = self.partners.setdefault(rep.partner_id, {})
+            if rep.accounting is not None:
                 info.update(epsilon=rep.accounting.epsilon, ledger_round=rep.accounting.ledger_round,
                             ledger_head=rep.accounting.ledger_head)
                 self._round.setdefault("epsilon", {})[rep.partner_id] = rep.accounting.epsilon

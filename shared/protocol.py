@@ -403,10 +403,11 @@ class EvalReport:
 
     def to_metrics(self) -> dict[str, Any]:
         if not self.released:
-            return {"round": self.round, "partner_id": self.partner_id, "released": 0}
-        out = {**{k: float(self.metrics[k]) for k in METRIC_KEYS}, "round": self.round,
-               "partner_id": self.partner_id, "evaluated_users": self.evaluated_users,
-               "eval_time_s": self.eval_time_s, "released": 1}
+            out: dict[str, Any] = {"round": self.round, "partner_id": self.partner_id, "released": 0}
+        else:
+            out = {**{k: float(self.metrics[k]) for k in METRIC_KEYS}, "round": self.round,
+                   "partner_id": self.partner_id, "evaluated_users": self.evaluated_users,
+                   "eval_time_s": self.eval_time_s, "released": 1}
         if self.accounting is not None:
             out.update({f.name: getattr(self.accounting, f.name) for f in fields(EvalAccounting)})
         return out
@@ -414,7 +415,8 @@ class EvalReport:
 
 EVAL_METRIC_KEYS = frozenset((_keys(EvalReport) - {"metrics", "accounting"}) | set(METRIC_KEYS)
                              | _keys(EvalAccounting))
-EVAL_KEPT_KEYS = frozenset({"round", "partner_id", "released"})  # all a kept evaluation lets leave
+EVAL_KEPT_KEYS = frozenset({"round", "partner_id", "released"})  # all a kept evaluation lets leave, and:
+EVAL_ACCOUNTING_KEYS = _keys(EvalAccounting)  # the entry charging the round's DP selection, when there is one
 
 
 def parse_eval_report(m: Mapping[str, Any], expected_round: int) -> EvalReport | Rejected:
@@ -425,11 +427,12 @@ def parse_eval_report(m: Mapping[str, Any], expected_round: int) -> EvalReport |
     """
     errs: list[str] = []
     if "released" in m and m["released"] == 0 and not isinstance(m["released"], bool):
-        _unknown(m, EVAL_KEPT_KEYS, errs)
+        _unknown(m, EVAL_KEPT_KEYS | EVAL_ACCOUNTING_KEYS, errs)
         rnd, pid = _round(m, expected_round, errs), _str(m, "partner_id", errs, _PARTNER_ID)
+        acc = _parse_eval_accounting(m, expected_round, errs)
         if errs or rnd is None or pid is None:
             return Rejected(tuple(errs))
-        return EvalReport(rnd, pid, 0, {}, 0.0, released=False)
+        return EvalReport(rnd, pid, 0, {}, 0.0, released=False, accounting=acc)
     _unknown(m, EVAL_METRIC_KEYS, errs)
     if "released" in m:
         _int(m, "released", errs, lo=1, hi=1)

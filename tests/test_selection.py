@@ -346,3 +346,48 @@ def test_serving_the_prior_ranks_unseen_items_by_the_biases_with_exact_terms(tmp
     assert {r["explanation"]["reason"] for r in rows} == {"prior"}
     with pytest.raises(ValueError, match="ranking"):
         Recommender(model, trainer.split, calibration="none", ranking="alone")
+
+
+def test_the_kept_last_evaluation_names_the_selection_entry_and_the_server_takes_it_as_the_head(
+        tmp_path: Path) -> None:
+    # Prepare: one round, the selection on, no DP evaluation release (the evaluation is kept on the partner)
+    from flwr.common import Code, EvaluateRes, Status
+
+    from fedsocial.client.flower import FedSocialClient
+    from fedsocial.server.strategy import FedSocialStrategy
+    from fedsocial.shared import protocol
+    from fedsocial.shared.privacy.ledger import entry_hash
+    from tests.test_strategy import _Proxy
+
+    cfg = selection_config()
+    partner = make_partner(tmp_path, cfg)
+    client = FedSocialClient(partner)
+    names, params = partner.initial_parameters()
+    params, _, _ = partner.fit(params, 1)
+    # Execute: the ClientApp's evaluation reply, then the server reading it
+    _, n, reply = client.evaluate(params, protocol.EvalInstructions(1).to_config())
+    registrations = {0: {"partner_id": "partner-0", "param_names": ",".join(names), "num_users": partner.num_users}}
+    strategy = FedSocialStrategy(cfg, tmp_path / "server", names, params, registrations=registrations)
+    strategy.aggregate_evaluate(1, [(_Proxy(0), EvaluateRes(Status(Code.OK, ""), 0.0, n, reply))], [])
+    # Assert: the reply leaves only the round, id, released = 0 and the selection entry's (epsilon, round, hash);
+    # the server's record of the partner (what it signs in ledger_heads.json) is that entry, epsilon included
+    sel = ledger_of(tmp_path)[-1]
+    assert sel["release"] == "selection"
+    assert set(reply) == protocol.EVAL_KEPT_KEYS | protocol.EVAL_ACCOUNTING_KEYS and reply["released"] == 0
+    assert (reply["ledger_round"], reply["ledger_head"]) == (1, entry_hash(sel))
+    assert strategy.history[-1]["eval_dropped"] == []
+    info = strategy.partners["partner-0"]
+    assert (info["ledger_round"], info["ledger_head"]) == (1, entry_hash(sel))
+    assert info["epsilon"] == pytest.approx(sel["epsilon_rdp"])
+
+
+def test_a_kept_evaluation_with_accounting_of_another_round_is_refused() -> None:
+    # Prepare: a kept reply naming an entry of round 2 for an evaluation of round 1
+    from fedsocial.shared import protocol
+
+    kept = {"round": 1, "partner_id": "partner-0", "released": 0, "epsilon": 1.0, "ledger_round": 2,
+            "ledger_head": "a" * 64}
+    # Execute
+    parsed = protocol.parse_eval_report(kept, 1)
+    # Assert
+    assert isinstance(parsed, protocol.Rejected) and "ledger_round 2" in str(parsed)
