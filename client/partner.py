@@ -660,11 +660,11 @@ class Partner:
         same sigma re-used), saved, charged (``release = "selection"``, event (sigma, 1, 1)), and only then
         recorded as served. None (the DP model is served) when the cap or the ledger's order refuses it."""
         from fedsocial.shared.metrics import evaluate_model_per_user
+        from fedsocial.shared.models.prior import PriorRanking
         from fedsocial.shared.privacy.ledger import RELEASE_KINDS, history_of, order_key
         from fedsocial.shared.privacy.round import PrivacyRound
         from fedsocial.shared.privacy.selection import (
             SELECTION_SENSITIVITY,
-            PriorRanking,
             compute_noisy_sums,
             compute_selection_release,
             compute_selection_sums,
@@ -737,7 +737,7 @@ class Partner:
 
             if uses_selection_release(self.cfg) and self._dp_selection(round_, trainer) == "prior":
                 from fedsocial.shared.metrics import evaluate_model
-                from fedsocial.shared.privacy.selection import PriorRanking
+                from fedsocial.shared.models.prior import PriorRanking
 
                 # what the partner serves from now on (fedsocial recommend / serve read the same choice); its
                 # metrics are still each user's own under DP parameters, so a DP evaluation release holds

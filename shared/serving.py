@@ -51,8 +51,9 @@ from fedsocial.shared.events import (
     compute_external_ids,
     compute_item_external_ids,
 )
+from fedsocial.shared.models.prior import compute_prior_scores
 from fedsocial.shared.models.social import SocialRec, compute_user_feature_index
-from fedsocial.shared.privacy.selection import SELECTION_CANDIDATES, compute_prior_scores
+from fedsocial.shared.privacy.selection import SELECTION_CANDIDATES
 
 _EPS = 1e-12  # torch.nn.functional.normalize's eps: the model's cosine uses it
 

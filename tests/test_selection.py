@@ -16,6 +16,7 @@ from fedsocial.client import partner as partner_module
 from fedsocial.client.partner import Partner, PartnerError, settings_from_context
 from fedsocial.shared.config import ConfigError, config_from_dict
 from fedsocial.shared.metrics import evaluate_model, evaluate_model_per_user
+from fedsocial.shared.models.prior import PriorRanking
 from fedsocial.shared.privacy import selection
 from fedsocial.shared.privacy.accounting import compute_epsilon
 from fedsocial.shared.privacy.audit import EXIT_OK, audit_run
@@ -24,7 +25,6 @@ from fedsocial.shared.privacy.round import compute_federation_prefix
 from fedsocial.shared.privacy.selection import (
     SELECTION_CANDIDATES,
     SELECTION_SENSITIVITY,
-    PriorRanking,
     compute_noisy_choice,
     compute_noisy_sums,
     compute_selection_sums,

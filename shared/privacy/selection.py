@@ -23,7 +23,9 @@ The noisy sums and the choice never leave the partner (``STATE_DIR/selection/rou
 they are saved with their digest before the ledger entry that charges them, so a re-run re-uses them bit
 for bit and never draws again; only after the charge is the choice recorded as served
 (``STATE_DIR/selection/served.json``), which ``fedsocial recommend`` / ``serve`` read. The noise comes
-from OS entropy, never from the (public) config seed.
+from OS entropy, never from the (public) config seed. The ``prior`` candidate as a model is
+:class:`fedsocial.shared.models.prior.PriorRanking`; this module needs no torch (a partner's accounting, which
+plans this release, loads without it).
 """
 
 from __future__ import annotations
@@ -37,10 +39,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from fedsocial.shared.fileio import write_json_atomic
-from fedsocial.shared.models import Batch, RecModel
 
 SELECTION_CANDIDATES: tuple[str, ...] = ("model", "prior")
 SELECTION_SENSITIVITY = math.sqrt(len(SELECTION_CANDIDATES))  # K sums, one user moves each by <= 1
@@ -91,26 +91,6 @@ def compute_noisy_sums(sums: np.ndarray, sigma: float, rng: np.random.Generator)
 def compute_noisy_choice(noisy: np.ndarray) -> str:
     """The candidate with the largest noisy sum; ties go to the earlier one (``model`` first)."""
     return SELECTION_CANDIDATES[int(np.argmax(np.asarray(noisy, dtype=np.float64)))]
-
-
-def compute_prior_scores(item_biases: torch.Tensor, n_users: int) -> torch.Tensor:
-    """The ``prior`` candidate's scores [n_users, n_items]: every user's row is the item biases."""
-    return item_biases.reshape(1, -1).expand(int(n_users), -1)
-
-
-class PriorRanking(RecModel):
-    """The ``prior`` candidate as a model: ranks by ``model.item_biases()`` alone (no user-item term)."""
-
-    def __init__(self, model: RecModel) -> None:
-        super().__init__(model.n_users, model.n_items, model.model_cfg)
-        if not hasattr(model, "item_biases"):
-            raise ValueError(f"selection: {type(model).__name__} has no item biases to rank by")
-        self.base = model
-
-    def full_sort_predict(self, batch: Batch) -> torch.Tensor:
-        with torch.no_grad():
-            biases = self.base.item_biases()  # type: ignore[operator]  # checked in __init__
-            return compute_prior_scores(biases, batch["users"].shape[0])
 
 
 def _digest(release: Mapping[str, Any]) -> str:
