@@ -610,10 +610,9 @@ class Partner:
             load_eval_release,
             save_eval_release,
         )
-        from fedsocial.shared.privacy.ledger import canonical_json, history_of
-        from fedsocial.shared.privacy.round import PrivacyRound
+        from fedsocial.shared.privacy.ledger import canonical_json
 
-        pc, sigma = self.cfg.privacy, float(self.cfg.federation.eval_noise_multiplier)
+        sigma = float(self.cfg.federation.eval_noise_multiplier)
         ledger = self.open_ledger()
         entries = ledger.entries()
         recorded = next((e for e in entries if int(e["round"]) == round_ and e.get("release") == "evaluation"), None)
@@ -633,15 +632,9 @@ class Partner:
             log.warning("%s: asked to release an evaluation of round %d before its fit of that round; kept local",
                         self.partner_id, round_)
             return None, 0
-        base = self.privacy_plan()
-        plan = dataclasses.replace(base, noise_multiplier=sigma, sample_rate=1.0, steps=1,
-                                   max_grad_norm=EVAL_SENSITIVITY,
-                                   settings={**base.settings, "federation.eval_noise_multiplier": sigma})
-        pround = PrivacyRound(plan, history_of(entries))
-        admission = pround.admit()
-        if not admission.admitted:
-            log.warning("%s: releasing the evaluation of round %d would take epsilon to %.3f > %.3f; kept local",
-                        self.partner_id, round_, admission.epsilon_next, pc.max_epsilon)
+        pround = self._admitted_release(entries, round_, sigma, EVAL_SENSITIVITY, "federation.eval_noise_multiplier",
+                                        "releasing the evaluation", "kept local")
+        if pround is None:
             return None, 0
         # OS entropy, never a seed from the (public) config: whoever knew the seed could remove the noise
         means, count = compute_noisy_release(metrics, n, sigma, self.num_users, np.random.default_rng())
@@ -652,6 +645,25 @@ class Partner:
                       extra={"release": "evaluation", "release_sha256": digest})
         return means, count
 
+    def _admitted_release(self, entries: list[dict[str, Any]], round_: int, sigma: float, sensitivity: float,
+                          key: str, what: str, otherwise: str) -> Any:
+        """The :class:`PrivacyRound` of a one-shot Gaussian release of round ``round_`` (event (sigma, 1, 1), L2
+        sensitivity ``sensitivity``, noise set by config ``key``) when the cap admits it after ``entries``;
+        else None, logged as ``what`` would exceed the cap and ``otherwise`` is done instead."""
+        from fedsocial.shared.privacy.ledger import history_of
+        from fedsocial.shared.privacy.round import PrivacyRound
+
+        base = self.privacy_plan()
+        plan = dataclasses.replace(base, noise_multiplier=sigma, sample_rate=1.0, steps=1, max_grad_norm=sensitivity,
+                                   settings={**base.settings, key: sigma})
+        pround = PrivacyRound(plan, history_of(entries))
+        admission = pround.admit()
+        if admission.admitted:
+            return pround
+        log.warning("%s: %s of round %d would take epsilon to %.3f > %.3f; %s", self.partner_id, what, round_,
+                    admission.epsilon_next, self.cfg.privacy.max_epsilon, otherwise)
+        return None
+
     def _dp_selection(self, round_: int, trainer: Any) -> str | None:
         """Joint scope, after the last round: the DP choice of the served model (shared/privacy/selection.py).
 
@@ -661,8 +673,7 @@ class Partner:
         recorded as served. None (the DP model is served) when the cap or the ledger's order refuses it."""
         from fedsocial.shared.metrics import evaluate_model_per_user
         from fedsocial.shared.models.prior import PriorRanking
-        from fedsocial.shared.privacy.ledger import RELEASE_KINDS, history_of, order_key
-        from fedsocial.shared.privacy.round import PrivacyRound
+        from fedsocial.shared.privacy.ledger import RELEASE_KINDS, order_key
         from fedsocial.shared.privacy.selection import (
             SELECTION_SENSITIVITY,
             compute_noisy_sums,
@@ -695,15 +706,9 @@ class Partner:
             log.warning("%s: the ledger already holds a later release than round %d's selection; serving the model",
                         self.partner_id, round_)
             return None
-        base = self.privacy_plan()
-        plan = dataclasses.replace(base, noise_multiplier=sigma, sample_rate=1.0, steps=1,
-                                   max_grad_norm=SELECTION_SENSITIVITY,
-                                   settings={**base.settings, "privacy.selection_noise_multiplier": sigma})
-        pround = PrivacyRound(plan, history_of(entries))
-        admission = pround.admit()
-        if not admission.admitted:
-            log.warning("%s: the selection of round %d would take epsilon to %.3f > %.3f; serving the model",
-                        self.partner_id, round_, admission.epsilon_next, pc.max_epsilon)
+        pround = self._admitted_release(entries, round_, sigma, SELECTION_SENSITIVITY,
+                                        "privacy.selection_noise_multiplier", "the selection", "serving the model")
+        if pround is None:
             return None
         release = load_selection_release(state_dir, round_)  # saved, never charged (killed before the charge)
         if release is None or release.get("sigma") != sigma:

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedsocial.client import partner as partner_module
-from fedsocial.client.partner import Partner, PartnerError, settings_from_context
+from fedsocial.client.partner import PartnerError
 from fedsocial.shared.config import ConfigError, config_from_dict
 from fedsocial.shared.privacy.accounting import PrivacyConfigError, calibrate_noise_multiplier, compute_epsilon
 from fedsocial.shared.privacy.audit import EXIT_OK, audit_run
@@ -26,6 +26,7 @@ from fedsocial.shared.privacy.popularity import (
 )
 from fedsocial.simulations.privacy_report import render_html
 from fedsocial.simulations.simulate import run_simulation_from_config, write_config
+from tests.partner_run import ledger_of, make_partner
 from tests.test_federation import tiny_config
 
 SIGMA_POP = 3.0
@@ -33,16 +34,6 @@ SIGMA_POP = 3.0
 
 def popularity_config(**federation: Any) -> Any:
     return tiny_config(**federation).replace("privacy", popularity_noise_multiplier=SIGMA_POP)
-
-
-def make_partner(tmp_path: Path, cfg: Any, index: int = 0) -> Partner:
-    run = tmp_path / "run"
-    return Partner(settings_from_context({"config-path": str(write_config(cfg, run)), "run-dir": str(run)},
-                                         {"partition-id": index, "num-partitions": 3}))
-
-
-def ledger_of(tmp_path: Path, index: int = 0) -> list[dict[str, Any]]:
-    return read_ledger(tmp_path / "run" / "ledgers" / f"partner-{index}.jsonl")
 
 
 # --- the pure functions -------------------------------------------------------------------------

@@ -13,14 +13,13 @@ import pytest
 import torch
 
 from fedsocial.client import partner as partner_module
-from fedsocial.client.partner import Partner, PartnerError, settings_from_context
+from fedsocial.client.partner import PartnerError
 from fedsocial.shared.config import ConfigError, config_from_dict
 from fedsocial.shared.metrics import evaluate_model, evaluate_model_per_user
 from fedsocial.shared.models.prior import PriorRanking
 from fedsocial.shared.privacy import selection
 from fedsocial.shared.privacy.accounting import compute_epsilon
 from fedsocial.shared.privacy.audit import EXIT_OK, audit_run
-from fedsocial.shared.privacy.ledger import read_ledger
 from fedsocial.shared.privacy.round import compute_federation_prefix
 from fedsocial.shared.privacy.selection import (
     SELECTION_CANDIDATES,
@@ -35,7 +34,7 @@ from fedsocial.shared.privacy.selection import (
 from fedsocial.shared.serving import Recommender
 from fedsocial.shared.trainer import LocalTrainer
 from fedsocial.simulations.preflight import check_reachable_budget
-from fedsocial.simulations.simulate import write_config
+from tests.partner_run import ledger_of, make_partner
 from tests.server_records import sign_server_records
 from tests.test_federation import tiny_config
 
@@ -44,16 +43,6 @@ SIGMA = 2.0
 
 def selection_config(sigma: float = SIGMA, **federation: Any) -> Any:
     return tiny_config(rounds=1, **federation).replace("privacy", selection_noise_multiplier=sigma)
-
-
-def make_partner(tmp_path: Path, cfg: Any, index: int = 0) -> Partner:
-    run = tmp_path / "run"
-    return Partner(settings_from_context({"config-path": str(write_config(cfg, run)), "run-dir": str(run)},
-                                         {"partition-id": index, "num-partitions": 3}))
-
-
-def ledger_of(tmp_path: Path, index: int = 0) -> list[dict[str, Any]]:
-    return read_ledger(tmp_path / "run" / "ledgers" / f"partner-{index}.jsonl")
 
 
 def kinds(entries: list[dict[str, Any]]) -> list[str]:
