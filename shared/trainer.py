@@ -45,6 +45,7 @@ from fedsocial.shared.privacy.popularity import (
 )
 from fedsocial.shared.privacy.round import compute_sample_rate as compute_sample_rate  # one definition
 from fedsocial.shared.privacy.round import plan_round
+from fedsocial.shared.privacy.selection import compute_planned_selection_events
 
 
 class TrainerError(ValueError):
@@ -86,6 +87,8 @@ class TrainOutcome:
     selected_on_validation: bool  # DP: whether validation data chose the epoch (a use of private data)
     evaluated_users: int
     state: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # the evaluated model's state
+    # joint scope, privacy.selection_noise_multiplier > 0: the charged DP selection (choice, noisy sums, sigma)
+    selection: dict[str, Any] | None = None
 
 
 class PerUserLoss(nn.Module):
@@ -501,10 +504,11 @@ def train_centralized(cfg: Config, split: SplitData, progress: Callable[[dict[st
     select = (not private) or pc.select_on_validation
     sigma, q = 0.0, 0.0
     prefix = compute_release_prefix(cfg)  # the DP popularity release, charged before training
+    after = compute_planned_selection_events(cfg) if private else []  # the DP selection, after training
     if private:
         plan = plan_round(pc, n_users=split.n_users, batch_size=cfg.train.batch_size, epochs=epochs, rounds=1,
                           epochs_key="privacy.epochs or train.epochs", rounds_key="one centralized round",
-                          prefix=prefix)
+                          prefix=[*prefix, *after])  # RDP composition does not depend on order
         q, sigma = plan.sample_rate, plan.noise_multiplier  # the privacy round every DP trainer plans with
         if prefix and resume is None:  # a resumed model already holds its release (item_pop is in its state)
             histogram = compute_popularity_histogram(split.train_users, split.train_items, split.n_users, split.n_items)
@@ -565,10 +569,10 @@ def train_centralized(cfg: Config, split: SplitData, progress: Callable[[dict[st
         seed = None if resume is None else (cfg.train.seed * 1_000_003 + 7919) * 1_000_003 + done
         fit = trainer.fit(remaining, noise_multiplier=sigma if private else None, on_epoch=on_epoch, rng_seed=seed)
     steps_total = steps_before + fit.steps
-    if private and (resume is not None or prefix):
+    if private and (resume is not None or prefix or after):
         from fedsocial.shared.privacy.accounting import compute_epsilon
 
-        events = [*prefix, (sigma, q, steps_total)] if steps_total else list(prefix)
+        events = [*prefix, *([(sigma, q, steps_total)] if steps_total else []), *after]
         fit.epsilon = compute_epsilon(events, pc.target_delta, pc.accountant) if events else 0.0
     if select and best["state"] is not None:
         trainer.model.load_state_dict(best["state"])
@@ -576,6 +580,14 @@ def train_centralized(cfg: Config, split: SplitData, progress: Callable[[dict[st
     else:
         val, _ = trainer.evaluate("val")
     test, n_eval = trainer.evaluate("test")
+    selection = compute_dp_selection(trainer, split, pc.selection_noise_multiplier) if after else None
+    if selection is not None and selection["choice"] == "prior":  # what this training serves: the prior
+        from fedsocial.shared.metrics import evaluate_model
+        from fedsocial.shared.models.prior import PriorRanking
+
+        prior = PriorRanking(trainer.model)
+        val = evaluate_model(prior, split, "val", builder=trainer.builder, device=trainer.device)[0]
+        test, n_eval = evaluate_model(prior, split, "test", builder=trainer.builder, device=trainer.device)
     best_epoch = best["epoch"] if select and best["epoch"] > 0 else len(history)
     return TrainOutcome(
         metrics=test, val_metrics=val, best_epoch=best_epoch, epochs_run=len(history),
@@ -585,4 +597,20 @@ def train_centralized(cfg: Config, split: SplitData, progress: Callable[[dict[st
         max_grad_norm=pc.max_grad_norm if private else None, history=history,
         per_epoch_time_s=float(np.mean(epoch_times)) if epoch_times else 0.0,
         selected_on_validation=bool(private and select), evaluated_users=n_eval,
-        state={k: v.detach().cpu().numpy().copy() for k, v in trainer.model.state_dict().items()})
+        state={k: v.detach().cpu().numpy().copy() for k, v in trainer.model.state_dict().items()},
+        selection=selection)
+
+
+def compute_dp_selection(trainer: LocalTrainer, split: SplitData, sigma: float) -> dict[str, Any]:
+    """The DP choice between the trained model and its item biases alone (shared/privacy/selection.py) on the
+    validation users: the Gaussian mechanism on the two NDCG@10 sums (noise from OS entropy), its argmax served.
+    The caller charges the event ``(sigma, 1, 1)`` in the run's epsilon."""
+    from fedsocial.shared.metrics import evaluate_model_per_user
+    from fedsocial.shared.models.prior import PriorRanking
+    from fedsocial.shared.privacy.selection import compute_noisy_choice, compute_noisy_sums, compute_selection_sums
+
+    per_user = {name: evaluate_model_per_user(model, split, "val", builder=trainer.builder, device=trainer.device)[2]
+                for name, model in (("model", trainer.model), ("prior", PriorRanking(trainer.model)))}
+    noisy = compute_noisy_sums(compute_selection_sums(per_user), sigma, np.random.default_rng())  # never the seed
+    return {"choice": compute_noisy_choice(noisy), "noisy_sums": [float(x) for x in noisy],
+            "noise_multiplier": float(sigma), "evaluated_users": int(len(per_user["model"]))}

@@ -108,6 +108,8 @@ def _outcome_fields(outcome: Any) -> dict[str, Any]:
     fields = dict(vars(outcome))  # a TrainOutcome dataclass instance: its fields by name
     fields.pop("metrics", None)
     fields = {k: v for k, v in fields.items() if not k.startswith("_") and k != "state"}
+    if fields.get("selection") is None:  # no DP selection: metrics.json as before
+        fields.pop("selection", None)
     if fields.get("epsilon") is None:  # DP off: no epsilon/delta keys at all
         fields.pop("epsilon", None)
         fields.pop("delta", None)
@@ -118,6 +120,10 @@ def summary(doc: dict[str, Any]) -> str:
     rows = [(k, f"{doc[k]:.4f}") for k in METRIC_KEYS]
     if "epsilon" in doc:
         rows.append(("epsilon", f"{doc['epsilon']:.3f} (delta {doc['delta']:g})"))
+    if doc.get("selection"):
+        sel = doc["selection"]
+        rows.append(("DP selection", f"serves the {sel['choice']} (noisy validation NDCG@10 sums "
+                                     f"{', '.join(f'{x:.1f}' for x in sel['noisy_sums'])}: model, prior)"))
     for key in ("best_epoch", "epochs_run"):
         if key in doc:
             rows.append((key.replace("_", " "), str(doc[key])))

@@ -380,3 +380,65 @@ def test_a_kept_evaluation_with_accounting_of_another_round_is_refused() -> None
     parsed = protocol.parse_eval_report(kept, 1)
     # Assert
     assert isinstance(parsed, protocol.Rejected) and "ledger_round 2" in str(parsed)
+
+
+# --- centralized DP training (fedsocial train) -------------------------------------------------------
+
+
+def _centralized(sigma: float, noise_multiplier: float = 1.0) -> tuple[Any, Any]:
+    from fedsocial.shared.split import split_dataset
+    from fedsocial.shared.synthetic import generate
+
+    cfg = tiny_config().replace("privacy", selection_noise_multiplier=sigma, noise_multiplier=noise_multiplier,
+                                epochs=2, max_epsilon=20.0)
+    return cfg, split_dataset(generate(cfg.data), cfg.split)
+
+
+def test_centralized_dp_training_charges_one_selection_in_its_epsilon_and_calibrates_around_it() -> None:
+    # Prepare
+    from fedsocial.shared.privacy.popularity import compute_release_prefix
+    from fedsocial.shared.trainer import train_centralized
+
+    cfg, split = _centralized(SIGMA)
+    calibrated_cfg, _ = _centralized(SIGMA, noise_multiplier=0.0)
+    # Execute
+    out = train_centralized(cfg, split)
+    calibrated = train_centralized(calibrated_cfg, split)
+    # Assert: the choice and its two noisy sums; epsilon = the accountant over training and the (sigma, 1, 1) release;
+    # with the noise calibrated (noise_multiplier = 0) the whole history still ends at most at the cap
+    assert out.selection is not None and out.selection["choice"] in SELECTION_CANDIDATES
+    assert len(out.selection["noisy_sums"]) == 2 and out.selection["noise_multiplier"] == SIGMA
+    events = [*compute_release_prefix(cfg), (out.noise_multiplier, out.sample_rate, out.steps), (SIGMA, 1.0, 1)]
+    assert out.epsilon == pytest.approx(compute_epsilon(events, cfg.privacy.target_delta), rel=1e-9)
+    assert out.epsilon > compute_epsilon(events[:-1], cfg.privacy.target_delta)
+    assert calibrated.epsilon is not None and calibrated.epsilon <= calibrated_cfg.privacy.max_epsilon + 1e-9
+    assert calibrated.selection is not None
+
+
+def test_centralized_dp_training_reports_the_chosen_candidates_metrics(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: the noisy sums forced to favour the prior (any post-processing of the release is as private)
+    from fedsocial.shared.trainer import train_centralized
+
+    monkeypatch.setattr(selection, "compute_noisy_sums", lambda sums, sigma, rng: np.array([0.0, 1.0]))
+    cfg, split = _centralized(SIGMA)
+    # Execute
+    out = train_centralized(cfg, split)
+    trainer = LocalTrainer(cfg, split, seed=cfg.train.seed)
+    trainer.model.load_state_dict({k: torch.as_tensor(v) for k, v in out.state.items()})
+    prior, _ = evaluate_model(PriorRanking(trainer.model), split, "test", builder=trainer.builder)
+    # Assert
+    assert out.selection is not None and out.selection["choice"] == "prior"
+    assert out.metrics["ndcg@10"] == pytest.approx(prior["ndcg@10"])
+
+
+def test_centralized_training_without_the_selection_is_unchanged() -> None:
+    # Prepare
+    from fedsocial.shared.trainer import train_centralized
+
+    cfg, split = _centralized(0.0)
+    # Execute
+    out = train_centralized(cfg, split)
+    # Assert: no selection, and epsilon is the training's alone
+    assert out.selection is None
+    assert out.epsilon == pytest.approx(compute_epsilon([(out.noise_multiplier, out.sample_rate, out.steps)],
+                                                        cfg.privacy.target_delta), rel=1e-6)

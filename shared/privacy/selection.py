@@ -61,7 +61,8 @@ def selection_event(sigma: float) -> tuple[float, float, int]:
 
 
 def compute_planned_selection_events(cfg: Any) -> list[tuple[float, float, int]]:
-    """The selection release a federated run plans (one, after its last round), for the calibration."""
+    """The selection release a run plans (one: after a federation's last round, or after centralized DP
+    training), for the calibration."""
     return [selection_event(cfg.privacy.selection_noise_multiplier)] if uses_selection_release(cfg) else []
 
 
