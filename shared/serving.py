@@ -22,8 +22,9 @@ shared parameters (plus the social vectors of the user's friends, parameters, ne
 nothing here leaves the partner. In the ``partner`` scope a locally adapted model
 (``client/personalize.py``) may replace the model: pass it as ``model`` (a :class:`SocialRec`). In the
 ``joint`` scope the partner's DP selection (``shared/privacy/selection.py``) may have chosen ``ranking =
-"prior"``: every score is then the item bias ``c_i`` alone (the user-item term dropped; seen items still
-excluded), and the explanation's only term is the bias.
+"prior"``: every score is then the DP popularity release's prior alone (the item biases where there is no
+release; shared/models/prior.py: the user-item term dropped, seen items still excluded), and the
+explanation's only term is that score (in the bias column).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ from fedsocial.shared.events import (
     compute_external_ids,
     compute_item_external_ids,
 )
-from fedsocial.shared.models.prior import compute_prior_scores
+from fedsocial.shared.models.prior import compute_prior_item_scores, compute_prior_scores
 from fedsocial.shared.models.social import SocialRec, compute_user_feature_index
 from fedsocial.shared.privacy.selection import SELECTION_CANDIDATES
 
@@ -243,6 +244,7 @@ class Recommender:
             # row-major matrix reads it 3x slower (measured at 1M x 64: 58 vs 162 ms under load)
             self.item_matrix = m._normalise(m._item_vectors(torch.arange(m.n_items))).T.contiguous().T
             self.item_bias = m.item_biases().contiguous()  # b_i * bias_scale (+ the DP popularity prior)
+            self.prior_scores = compute_prior_item_scores(m).contiguous()  # ranking = "prior" (DP selection)
 
     # --- user side ------------------------------------------------------------------------------
     def _add_item(self, u: int, i: int) -> bool:
@@ -377,10 +379,10 @@ class Recommender:
         self._pending = []
 
     def scores(self, u: int, bag: Sequence[int] | None = None, friends: Sequence[int] | None = None) -> torch.Tensor:
-        """The model's score of every item for user u: g(h_u) . g(q_i) + c_i  [n_items] (``c_i`` alone when
-        ``ranking = "prior"``)."""
+        """The model's score of every item for user u: g(h_u) . g(q_i) + c_i  [n_items] (the DP popularity prior
+        alone when ``ranking = "prior"``, shared/models/prior.py)."""
         if self.ranking == "prior":
-            return compute_prior_scores(self.item_bias, 1)[0].clone()
+            return compute_prior_scores(self.prior_scores, 1)[0].clone()
         return torch.mv(self.item_matrix, self.user_vector(u, bag, friends)) + self.item_bias
 
     # --- lists ----------------------------------------------------------------------------------
@@ -423,11 +425,11 @@ class Recommender:
               friends: Sequence[int] | None = None) -> Terms:
         """Additive terms of user u's score for ``items``; ``Terms.total()`` equals the model's score."""
         m, mc = self.model, self.cfg
-        if self.ranking == "prior":  # the score is the bias alone
+        if self.ranking == "prior":  # the score is the prior alone (its one term: the bias column)
             ids = np.asarray(items, dtype=np.int64)
             none = np.zeros(len(ids))
             return Terms(history=np.zeros((0, len(ids))), friends=np.zeros((0, len(ids))), user=none, mlp=none.copy(),
-                         bias=self.item_bias[torch.as_tensor(ids)].numpy().astype(np.float64))
+                         bias=self.prior_scores[torch.as_tensor(ids)].numpy().astype(np.float64))
         bag = self.history[u] if bag is None else list(bag)
         friends = self.friends[u] if friends is None else list(friends)
         idx = torch.as_tensor(np.asarray(items, dtype=np.int64))

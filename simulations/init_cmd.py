@@ -136,7 +136,7 @@ def compute_settings(s: DataStats, private: bool, partners: int) -> Settings:
             # calibration composes it); noise std 8 x sqrt(2) = 11 per sum, so on ~400 validation users a 0.06
             # NDCG@10 gap (24 in the sums) is told apart about 93 % of the time
             "selection_noise_multiplier": (8.0, "joint scope: one DP release of the validation NDCG@10 sums of the "
-                                                "DP model and of its item biases alone (the prior), after the last "
+                                                "DP model and of the DP popularity prior alone, after the last "
                                                 "round; the partner serves the better (epsilon 0.48 alone)"),
         })
         fed["local_batch_size"] = (local_batch, f"DP: ~1/4 of a partner's ~{per_partner} users")

@@ -173,6 +173,28 @@ def test_prior_ranking_scores_every_user_by_the_item_biases(tmp_path: Path) -> N
     assert torch.equal(scores, trainer.model.item_biases().detach().expand(4, -1))
 
 
+def test_with_a_popularity_release_the_prior_is_the_release_alone_not_the_trained_biases(tmp_path: Path) -> None:
+    # Prepare: a model holding a popularity release, and trained-looking (non-zero) biases
+    from fedsocial.shared.models.prior import compute_prior_item_scores
+    from fedsocial.shared.split import split_dataset
+    from fedsocial.shared.synthetic import generate
+
+    cfg = tiny_config()
+    split = split_dataset(generate(cfg.data), cfg.split)
+    trainer = LocalTrainer(cfg, split, seed=0, popularity_prior=True)
+    counts = np.random.default_rng(3).poisson(5.0, trainer.model.n_items).astype(np.float64)
+    trainer.set_item_popularity(counts / split.n_users)
+    with torch.no_grad():
+        trainer.model.item_bias.weight.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(4))
+    # Execute
+    scores = PriorRanking(trainer.model).full_sort_predict({"users": torch.arange(3)})
+    # Assert: every row is the release's prior, which the biases do not change
+    prior = trainer.model.item_prior()
+    assert prior is not None
+    assert torch.equal(scores, prior.expand(3, -1)) and torch.equal(compute_prior_item_scores(trainer.model), prior)
+    assert not torch.equal(prior, trainer.model.item_biases().detach())
+
+
 # --- a partner's release ----------------------------------------------------------------------------
 
 def test_one_selection_entry_after_the_last_round_composed_in_epsilon_and_audited(tmp_path: Path) -> None:

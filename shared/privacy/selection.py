@@ -6,9 +6,9 @@ joint scope it may not look at its users' validation data without DP: the choice
 user's recommendations. So, after the federation's last round (``federation.rounds``) and only then:
 
 * the candidates are :data:`SELECTION_CANDIDATES`: ``model`` (the DP model as trained, with each user's
-  local p_u refit from the user's own items) and ``prior`` (the DP model's item biases alone,
-  ``item_biases()``, which include the released popularity prior when there is one: the user-item term
-  dropped; seen items are still excluded);
+  local p_u refit from the user's own items) and ``prior`` (the DP popularity release's prior alone, or the
+  model's item biases where there is no release: :mod:`fedsocial.shared.models.prior`; the user-item term
+  dropped, seen items still excluded);
 * each validation user's NDCG@10 under each candidate is a function of that user's own record and of DP
   parameters only, and lies in [0, 1]; the vector of the K per-candidate sums therefore moves by at most
   ``sqrt(K)`` in L2 norm when one user is added or removed (:data:`SELECTION_SENSITIVITY`, user-level
