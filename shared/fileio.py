@@ -43,11 +43,11 @@ def save_npz_atomic(path: str | os.PathLike[str], arrays: dict[str, np.ndarray],
     write_atomic(path, write, mode)
 
 
-def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
+def write_text_atomic(path: str | os.PathLike[str], text: str, mode: int = 0o644) -> None:
     def write(fh: IO[bytes]) -> None:
         fh.write(text.encode("utf-8"))
 
-    write_atomic(path, write)
+    write_atomic(path, write, mode)
 
 
 def json_default(obj: Any) -> Any:
@@ -61,5 +61,16 @@ def json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
-def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2, default=json_default) + "\n")
+def write_json_atomic(path: str | os.PathLike[str], obj: Any, mode: int = 0o644) -> None:
+    """``obj`` as indented JSON, atomically; ``mode`` 0o600 for a partner's private records (set before the
+    rename, so the file is never readable by others, not even for a moment)."""
+    write_text_atomic(path, json.dumps(obj, indent=2, default=json_default) + "\n", mode)
+
+
+def read_json_object(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The JSON object in ``path``; None when the file is missing, unreadable, not JSON or not an object."""
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    return doc if isinstance(doc, dict) else None

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedsocial.shared.fileio import save_npz_atomic, write_atomic, write_json_atomic
+from fedsocial.shared.fileio import read_json_object, save_npz_atomic, write_atomic, write_json_atomic
 
 
 def test_json_written_whole_and_readable_by_others(tmp_path: Path) -> None:
@@ -25,6 +25,34 @@ def test_private_npz_is_owner_only(tmp_path: Path) -> None:
     save_npz_atomic(tmp_path / "s.npz", {"u": np.ones((2, 2))}, mode=0o600)
     assert stat.S_IMODE((tmp_path / "s.npz").stat().st_mode) == 0o600
     assert np.load(tmp_path / "s.npz")["u"].sum() == 4
+
+
+def test_private_json_is_owner_only_from_its_first_moment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: watch the file's mode at the moment it appears (the rename); it used to be 0644 until a chmod after
+    import os
+
+    seen: list[int] = []
+    rename = os.replace
+
+    def watching(src: str, dst: str) -> None:
+        seen.append(stat.S_IMODE(os.stat(src).st_mode))
+        rename(src, dst)
+
+    monkeypatch.setattr(os, "replace", watching)
+    # Execute
+    write_json_atomic(tmp_path / "e" / "round_0001.json", {"ndcg@10": 0.5}, mode=0o600)
+    # Assert
+    assert seen == [0o600]
+    assert stat.S_IMODE((tmp_path / "e" / "round_0001.json").stat().st_mode) == 0o600
+
+
+@pytest.mark.parametrize("text", ["", "not json", "[1, 2]", "7", "[" * 100000])
+def test_read_json_object_is_none_for_anything_but_an_object(tmp_path: Path, text: str) -> None:
+    (tmp_path / "x.json").write_text(text)
+    assert read_json_object(tmp_path / "x.json") is None
+    assert read_json_object(tmp_path / "missing.json") is None
+    (tmp_path / "ok.json").write_text('{"a": 1}')
+    assert read_json_object(tmp_path / "ok.json") == {"a": 1}
 
 
 def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path: Path) -> None:

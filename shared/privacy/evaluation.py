@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fedsocial.shared.fileio import write_json_atomic
+from fedsocial.shared.fileio import read_json_object, write_json_atomic
 
 EVAL_METRIC_KEYS: tuple[str, ...] = ("recall@10", "ndcg@10", "hr@10", "recall@20", "ndcg@20", "hr@20")
 EVAL_SENSITIVITY = math.sqrt(len(EVAL_METRIC_KEYS) + 1)  # six sums in [0, n] plus the count, one user: <= 1 each
@@ -98,25 +97,18 @@ def write_local_evaluation(state_dir: Path, round_: int, metrics: Mapping[str, f
     """The partner's own record of its evaluation (never sent): ``STATE_DIR/eval/round_XXXX.json``, 0600."""
     path = state_dir / EVAL_FOLDER / f"round_{round_:04d}.json"
     write_json_atomic(path, {"round": int(round_), "evaluated_users": int(n), "eval_time_s": float(eval_time_s),
-                             **{k: float(metrics[k]) for k in EVAL_METRIC_KEYS}})
-    os.chmod(path, 0o600)
+                             **{k: float(metrics[k]) for k in EVAL_METRIC_KEYS}}, mode=0o600)
     return path
 
 
 def save_eval_release(state_dir: Path, round_: int, release: Mapping[str, Any]) -> None:
     """Keep a DP evaluation release before its ledger entry, so a re-run re-sends it (as for training)."""
     path = state_dir / EVAL_RELEASES / f"round_{round_:04d}.json"
-    write_json_atomic(path, dict(release))
-    os.chmod(path, 0o600)
+    write_json_atomic(path, dict(release), mode=0o600)
 
 
 def load_eval_release(state_dir: Path, round_: int) -> dict[str, Any] | None:
-    path = state_dir / EVAL_RELEASES / f"round_{round_:04d}.json"
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return doc if isinstance(doc, dict) else None
+    return read_json_object(state_dir / EVAL_RELEASES / f"round_{round_:04d}.json")
 
 
 def read_local_evaluations(partner_dirs: Sequence[Path]) -> dict[int, dict[str, dict[str, Any]]]:

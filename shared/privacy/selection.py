@@ -33,14 +33,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fedsocial.shared.fileio import write_json_atomic
+from fedsocial.shared.fileio import read_json_object, write_json_atomic
 
 SELECTION_CANDIDATES: tuple[str, ...] = ("model", "prior")
 SELECTION_SENSITIVITY = math.sqrt(len(SELECTION_CANDIDATES))  # K sums, one user moves each by <= 1
@@ -111,18 +110,13 @@ def compute_selection_release(round_: int, sigma: float, noisy: np.ndarray, eval
 def save_selection_release(state_dir: Path, release: Mapping[str, Any]) -> None:
     """Keep the release (0600) before its ledger entry, so that a re-run re-uses it instead of drawing again."""
     path = state_dir / SELECTION_FOLDER / f"round_{int(release['round']):04d}.json"
-    write_json_atomic(path, dict(release))
-    os.chmod(path, 0o600)
+    write_json_atomic(path, dict(release), mode=0o600)
 
 
 def load_selection_release(state_dir: Path, round_: int) -> dict[str, Any] | None:
     """The saved release of ``round_``; None when missing, unreadable or altered (digest mismatch)."""
-    path = state_dir / SELECTION_FOLDER / f"round_{round_:04d}.json"
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(doc, dict) or doc.get("choice") not in SELECTION_CANDIDATES:
+    doc = read_json_object(state_dir / SELECTION_FOLDER / f"round_{round_:04d}.json")
+    if doc is None or doc.get("choice") not in SELECTION_CANDIDATES:
         return None
     body = {k: v for k, v in doc.items() if k != "digest"}
     try:
@@ -140,8 +134,7 @@ def write_served_choice(state_dir: Path, release: Mapping[str, Any]) -> None:
     choice must not reach a user)."""
     path = state_dir / SELECTION_FOLDER / SERVED_FILE
     write_json_atomic(path, {"round": int(release["round"]), "choice": str(release["choice"]),
-                             "digest": str(release["digest"])})
-    os.chmod(path, 0o600)
+                             "digest": str(release["digest"])}, mode=0o600)
 
 
 def read_served_choice(state_dir: Path) -> str:
