@@ -671,8 +671,6 @@ class Partner:
         again); else admitted against the cap, the noisy sums computed (or an uncharged saved release of the
         same sigma re-used), saved, charged (``release = "selection"``, event (sigma, 1, 1)), and only then
         recorded as served. None (the DP model is served) when the cap or the ledger's order refuses it."""
-        from fedsocial.shared.metrics import evaluate_model_per_user
-        from fedsocial.shared.models.prior import PriorRanking
         from fedsocial.shared.privacy.ledger import RELEASE_KINDS, order_key
         from fedsocial.shared.privacy.selection import (
             SELECTION_SENSITIVITY,
@@ -712,10 +710,9 @@ class Partner:
             return None
         release = load_selection_release(state_dir, round_)  # saved, never charged (killed before the charge)
         if release is None or release.get("sigma") != sigma:
-            per_user = {"model": evaluate_model_per_user(trainer.model, self.split, "val", builder=trainer.builder,
-                                                         device=trainer.device)[2],
-                        "prior": evaluate_model_per_user(PriorRanking(trainer.model), self.split, "val",
-                                                         builder=trainer.builder, device=trainer.device)[2]}
+            from fedsocial.shared.trainer import compute_selection_per_user
+
+            per_user = compute_selection_per_user(trainer, self.split)
             sums = compute_selection_sums(per_user)
             # OS entropy, never a seed from the (public) config: whoever knew the seed could remove the noise
             noisy = compute_noisy_sums(sums, sigma, np.random.default_rng())

@@ -601,16 +601,23 @@ def train_centralized(cfg: Config, split: SplitData, progress: Callable[[dict[st
         selection=selection)
 
 
+def compute_selection_per_user(trainer: LocalTrainer, split: SplitData) -> dict[str, np.ndarray]:
+    """Each validation user's NDCG@10 under each selection candidate (the trained model; the prior alone,
+    shared/models/prior.py), the same users in the same order: what the DP selection sums."""
+    from fedsocial.shared.metrics import evaluate_model_per_user
+    from fedsocial.shared.models.prior import PriorRanking
+
+    return {name: evaluate_model_per_user(model, split, "val", builder=trainer.builder, device=trainer.device)[2]
+            for name, model in (("model", trainer.model), ("prior", PriorRanking(trainer.model)))}
+
+
 def compute_dp_selection(trainer: LocalTrainer, split: SplitData, sigma: float) -> dict[str, Any]:
     """The DP choice between the trained model and its item biases alone (shared/privacy/selection.py) on the
     validation users: the Gaussian mechanism on the two NDCG@10 sums (noise from OS entropy), its argmax served.
     The caller charges the event ``(sigma, 1, 1)`` in the run's epsilon."""
-    from fedsocial.shared.metrics import evaluate_model_per_user
-    from fedsocial.shared.models.prior import PriorRanking
     from fedsocial.shared.privacy.selection import compute_noisy_choice, compute_noisy_sums, compute_selection_sums
 
-    per_user = {name: evaluate_model_per_user(model, split, "val", builder=trainer.builder, device=trainer.device)[2]
-                for name, model in (("model", trainer.model), ("prior", PriorRanking(trainer.model)))}
+    per_user = compute_selection_per_user(trainer, split)
     noisy = compute_noisy_sums(compute_selection_sums(per_user), sigma, np.random.default_rng())  # never the seed
     return {"choice": compute_noisy_choice(noisy), "noisy_sums": [float(x) for x in noisy],
             "noise_multiplier": float(sigma), "evaluated_users": int(len(per_user["model"]))}
