@@ -142,4 +142,6 @@ def test_training_loss_equals_the_masked_einsum_loss_in_value_and_every_gradient
     for param, g, w in zip(params, got_grads, want_grads, strict=True):
         assert (g is None) == (w is None)
         if g is not None and w is not None:
-            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-7, msg=lambda m, p=param: f"{p.shape}: {m}")
+            scale = float(w.abs().max())  # float32 sums in another order: error relative to the tensor's scale
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4 * scale + 1e-9,
+                                       msg=lambda m, p=param: f"{p.shape}: {m}")
