@@ -9,7 +9,8 @@ its reply leaves), ``before_selection_append`` and ``after_selection_append`` (a
 selection of its served model, after the last round: its release saved, before / after its ledger entry),
 ``before_checkpoint`` (the server, after it aggregated the round's replies and before it writes the round's
 checkpoint), ``before_metrics_record`` (a writer of metrics.json, after its rename and before the signed
-record's; the round is the run's ``rounds_completed``).
+record's; the round is the run's ``rounds_completed``), ``before_canary_record`` (``fedsocial canary-audit``,
+after canary_audit.json's rename and before its signed record's; round 0).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import os
 
 ENV = "FEDSOCIAL_FAULT"
 BOUNDARIES = ("before_ledger_append", "after_ledger_append", "before_selection_append", "after_selection_append",
-              "before_checkpoint", "before_metrics_record")
+              "before_checkpoint", "before_metrics_record", "before_canary_record")
 KILLED = 137  # 128 + SIGKILL, the status a shell reports for a killed process
 
 

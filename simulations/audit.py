@@ -32,7 +32,7 @@ from fedsocial.shared.privacy.audit import (
     RoundRow,
     audit_run,
 )
-from fedsocial.simulations.privacy_report import metrics_text, render_html, render_svg, summary_table
+from fedsocial.simulations.privacy_report import canary_text, metrics_text, render_html, render_svg, summary_table
 
 __all__ = ["EXIT_ACCOUNTING", "EXIT_BUDGET", "EXIT_INPUT", "EXIT_OK", "EXIT_TAMPER", "PRIVACY_MODEL",
            "RECOMPUTE_RTOL", "AuditResult", "Finding", "PartnerReport", "RoundRow", "main", "render_html",
@@ -91,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         print(summary_table(result))
     print(f"privacy scope: {result.scope or 'not recorded (the run predates privacy.scope)'}")
     print(f"metrics.json: {metrics_text(result)}")
+    if canary_text(result):
+        print(f"canary_audit.json: {canary_text(result)}")
     for f in result.findings:
         print(str(f), file=sys.stderr)
     code = result.exit_code

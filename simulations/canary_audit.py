@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +25,8 @@ import torch
 
 from fedsocial.shared.config import Config
 from fedsocial.shared.data import SplitData
-from fedsocial.shared.fileio import write_json_atomic
 from fedsocial.shared.privacy.one_run import compute_audit_from_scores
+from fedsocial.shared.privacy.records import RecordError, load_run_signer, write_signed_canary
 from fedsocial.simulations.common import add_config_arguments, config_from_args, format_table, user_errors
 
 
@@ -139,8 +140,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="run folder: writes canary_audit.json there")
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
+    out = Path(args.out)
+    try:
+        load_run_signer(out)  # a folder whose key cannot sign is refused before the audit's training
+    except RecordError as exc:
+        print(f"error: {out}: {exc}", file=sys.stderr)
+        return 2
     result = run_canary_audit(cfg, args.data_dir, args.canaries, args.canary_items, args.partner, args.seed)
-    write_json_atomic(Path(args.out) / "canary_audit.json", result)
+    out.mkdir(parents=True, exist_ok=True)
+    signed = write_signed_canary(out, result)
     print(format_table([(k, f"{v:.4g}" if isinstance(v, float) else str(v)) for k, v in result.items()
                         if k != "method"], title=result["method"]))
+    print("canary_audit.json: " + ("signed with the run's server key (canary_record.json)" if signed
+                                   else "unsigned (no run key in this folder: the audit will warn)"))
     return 0

@@ -213,6 +213,13 @@ def metrics_text(result: AuditResult) -> str:
     return str(verdict.get("note", "unknown"))
 
 
+def canary_text(result: AuditResult) -> str:
+    """Whether canary_audit.json is the one ``fedsocial canary-audit`` signed, as the audit found it ("" when
+    the folder holds neither the file nor its record)."""
+    verdict = result.records.get("canary")
+    return str(verdict.get("note", "unknown")) if isinstance(verdict, dict) else ""
+
+
 def _selection_text(ctx: dict[str, Any]) -> str:
     sel = ctx.get("config", {}).get("privacy", {}).get("select_on_validation")
     if sel is True:
@@ -279,8 +286,11 @@ def render_html(result: AuditResult) -> str:
     ]
     if result.canary:
         lb = result.canary.get("epsilon_lower_bound")
-        parts.append(f"<p>Canary audit: empirical epsilon lower bound <strong>{_number(lb)}</strong>.</p>"
+        parts.append(f"<p>Canary audit: empirical epsilon lower bound <strong>{_number(lb)}</strong> "
+                     f"(canary_audit.json: {esc(canary_text(result))}).</p>"
                      + _canary_html(result.canary, result.ledger_max_epsilon))
+    elif canary_text(result):  # a file the audit would not read as the canary audit's: not shown
+        parts.append(f"<p>Canary audit not shown: canary_audit.json {esc(canary_text(result))}.</p>")
     else:
         parts.append("<p>No canary audit in this run (<code>canary_audit.json</code> absent).</p>")
     parts += ["<h2>Cumulative epsilon per round</h2>", render_svg(result)]

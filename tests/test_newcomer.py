@@ -257,6 +257,7 @@ def test_demo_commands_print_no_warning_and_track_per_partner_epsilon(tmp_path: 
     ]
     # Assert: no Warning / DEPRECATED line anywhere; the tracked run holds each partner's epsilon per round
     assert [line for out in outputs for line in warning_lines(out)] == []
+    assert (run / "canary_record.json").is_file() and "canary_audit.json: verified" in outputs[2]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(run / "tensorboard"))

@@ -73,6 +73,8 @@ from fedsocial.shared.privacy.ledger import (
     verify_ledger,
 )
 from fedsocial.shared.privacy.records import (
+    CANARY,
+    CANARY_RECORD,
     HEADS,
     MANIFEST,
     METRICS,
@@ -500,6 +502,7 @@ def _audit_into(run: Path, max_epsilon: float | None, keys_dir: Path | None, res
     _check_model(run, result)
     _check_metrics_record(run, server_key, result)
     _check_metrics(result)
+    _check_canary_record(run, server_key, result)
     _check_canary(result)
     for pub in sorted(ledgers.glob("*.pub")) if ledgers.is_dir() else []:
         if pub.stem not in found and pub.stem not in expected:
@@ -761,6 +764,56 @@ def _check_metrics(result: AuditResult) -> None:
         result.add("warning", None, None, None,
                    f"metrics.json reports epsilon {reported:.6g}, above the ledgers' largest {ledger_max:.6g}: "
                    "these ledgers may not be this run's")
+
+
+def _canary_verdict(result: AuditResult, verified: bool, text: str) -> None:
+    result.records["canary"] = {"verified": verified, "note": text}
+
+
+def _check_canary_record(run: Path, server_key: Any, result: AuditResult) -> None:
+    """canary_audit.json must be the one ``fedsocial canary-audit`` signed with the run's key
+    (``canary_record.json``: its sha256, for this folder's manifest); else its lower bound was edited (lowered
+    to hide an alarm, raised to fake one) or the file is another run's (tampering). An unsigned canary file is a
+    warning: written by an older fedsocial, into a folder without the run's key, or its record removed."""
+    canary, path = run / CANARY, run / CANARY_RECORD
+    if not path.is_file():
+        if canary.is_file():
+            result.add("warning", None, None, None,
+                       f"no {CANARY_RECORD}: {CANARY}'s empirical lower bound is not bound by the server's signature "
+                       "(an older fedsocial, a folder without the run's key, or the record was removed)")
+            _canary_verdict(result, False, f"not signed (no {CANARY_RECORD})")
+        return
+    try:
+        doc = verify_record(read_json(path), "canary", server_key) if server_key is not None else None
+    except RecordError as exc:
+        result.add("tamper", None, None, None, f"{CANARY_RECORD}: {exc}")
+        result.canary = None
+        _canary_verdict(result, False, f"NOT verified: {CANARY_RECORD} does not verify")
+        return
+    if doc is None:
+        result.add("input", None, None, None,
+                   f"{CANARY_RECORD} cannot be verified: no server public key ({SERVER_PUB})")
+        _canary_verdict(result, False, f"{CANARY_RECORD} cannot be verified (no server key)")
+        return
+    if not canary.is_file():
+        result.add("warning", None, None, None, f"{CANARY_RECORD} signs a {CANARY} that is not in this folder "
+                                                "(the canary audit's result was removed)")
+        _canary_verdict(result, False, f"absent ({CANARY_RECORD} signs one that is not in this folder)")
+        return
+    problems = []
+    if hashlib.sha256(canary.read_bytes()).hexdigest() != doc.get("canary_sha256"):
+        problems.append(f"{CANARY} is not the one canary-audit signed (its sha256 differs from {CANARY_RECORD}'s): "
+                        "its lower bound was changed after the audit, or it is another run's")
+    manifest = run / MANIFEST
+    if manifest.is_file() and doc.get("manifest_sha256") != hashlib.sha256(manifest.read_bytes()).hexdigest():
+        problems.append(f"{CANARY_RECORD} was signed for another {MANIFEST}")
+    for msg in problems:
+        result.add("tamper", None, None, None, msg)
+    if problems:
+        result.canary = None  # numbers that are not the audit's are neither shown nor judged
+        _canary_verdict(result, False, f"NOT verified: {problems[0]}")
+        return
+    _canary_verdict(result, True, f"verified by the server's signature ({CANARY_RECORD})")
 
 
 def _check_canary(result: AuditResult) -> None:

@@ -23,6 +23,11 @@ Ed25519 key created at run start (``RUN_DIR/server/signing.key``, 0600; public h
     of the heads file it was signed with, with their ``params_sha256``. The published utility numbers
     (NDCG, recall, the per-partner metrics, ``federation_gain``, the epsilon it reports) are then the
     server's: an edited or swapped ``metrics.json``, or one of another round than the heads, is tampering.
+``RUN_DIR/canary_record.json``
+    written by ``fedsocial canary-audit`` right after ``canary_audit.json``, with the run's own server key
+    when the folder holds it: the sha256 of the canary file's exact bytes and of the manifest. An edited
+    empirical lower bound (lowered to hide an alarm, raised to fake one) or a canary file of another run
+    is tampering.
 
 Each record is a JSON object with ``record`` (its kind), ``version``, the payload,
 ``server_key_fingerprint`` and ``signature`` (Ed25519, base64, over the canonical JSON of the object
@@ -55,6 +60,8 @@ SERVER_PUB = "server.pub"
 SERVER_KEY = Path("server") / "signing.key"
 METRICS = "metrics.json"
 METRICS_RECORD = "metrics_record.json"
+CANARY = "canary_audit.json"
+CANARY_RECORD = "canary_record.json"
 
 
 class RecordError(ValueError):
@@ -257,6 +264,55 @@ def resign_metrics(run_dir: str | os.PathLike[str], doc: Mapping[str, Any], writ
         write_json_atomic(Path(run_dir) / METRICS, doc)
         return False
     write_signed_metrics(run_dir, doc, writer, key)
+    return True
+
+
+def load_run_signer(run_dir: str | os.PathLike[str]) -> Ed25519PrivateKey | None:
+    """The run's server key for a tool that adds a signed file to a finished run (the canary audit).
+
+    None when the folder has neither ``server/signing.key`` nor ``server.pub`` (no run there yet: nothing to
+    sign with, and creating a key would make a server nobody registered with). :class:`RecordError` when only
+    one of them is there or they are not a pair (the file could not be signed honestly). Creates nothing."""
+    run = Path(run_dir)
+    key_path, pub_path = run / SERVER_KEY, run / SERVER_PUB
+    if not key_path.is_file() and not pub_path.is_file():
+        return None
+    if not key_path.is_file():
+        raise RecordError(f"{pub_path} is there but {key_path} is not (stripped before the folder was shipped?): "
+                          "the server's key is needed to sign into this run")
+    try:
+        key = signing.load_private_key(key_path)
+        pub = signing.load_public_key(pub_path)
+    except (signing.SigningError, OSError) as exc:
+        raise RecordError(f"cannot load the run's server key: {exc}") from None
+    if signing.fingerprint(key.public_key()) != signing.fingerprint(pub):
+        raise RecordError(f"{key_path} is not the key of the run's {SERVER_PUB}")
+    return key
+
+
+def write_signed_canary(run_dir: str | os.PathLike[str], doc: Mapping[str, Any],
+                        writer: str = "canary-audit") -> bool:
+    """Write ``canary_audit.json`` (atomically) and, signed with the run's key (:func:`load_run_signer`),
+    ``canary_record.json`` binding its exact bytes to the folder's manifest. Returns whether it is signed.
+
+    The old record goes first: a process killed between the two renames leaves a canary file without a
+    record (an audit warning), never one that a record of other bytes signs (which reads as an edit)."""
+    run = Path(run_dir)
+    key = load_run_signer(run)  # refuses before anything is written
+    data = encode_metrics(doc)
+    (run / CANARY_RECORD).unlink(missing_ok=True)
+
+    def write(fh: IO[bytes]) -> None:
+        fh.write(data)
+
+    write_atomic(run / CANARY, write)
+    if key is None:
+        return False
+    fault_point("before_canary_record", 0)
+    manifest = run / MANIFEST
+    payload = {"created": utc_timestamp(), "writer": str(writer), "canary_sha256": hashlib.sha256(data).hexdigest(),
+               "manifest_sha256": sha256_of(manifest) if manifest.is_file() else None}
+    write_json_atomic(run / CANARY_RECORD, sign_record(key, "canary", payload))
     return True
 
 
