@@ -251,6 +251,7 @@ def run_server(grid: Grid, context: Context, overrides: Mapping[str, Any] | None
         # of this process writes both anew.
         (s.run_dir / METRICS_RECORD).unlink(missing_ok=True)
         fit_workflow = ScreenedSecAggPlusWorkflow(**secagg_kwargs, on_halt=strategy.record_secagg_halt,
+                                                  on_share_dropped=strategy.record_secagg_dropped_share,
                                                   name_node=strategy.node_name) if cfg.secagg.enabled else None
         legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=remaining), strategy=strategy,
                                client_manager=RefreshingClientManager())

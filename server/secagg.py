@@ -263,6 +263,7 @@ class _UnmaskGrid(ScreenedGrid):
             for holder, why in dropped:
                 log.warning("SecAgg+ unmask: dropped a share of %s's secret sent by %s: %s", name(owner),
                             name(holder), why)
+                self.workflow.on_share_dropped(name(owner), name(holder), why)
             for holder, share in kept:
                 keep.setdefault(holder, {})[owner] = share
         for reply in replies:
@@ -282,13 +283,15 @@ class ScreenedSecAggPlusWorkflow(SecAggPlusWorkflow):
     """Flower's SecAgg+ workflow whose unmask stage survives hostile shares (see the module docstring).
 
     ``on_halt(reason)`` is told why a round's unmasking was refused (the strategy records the skip);
+    ``on_share_dropped(owner, holder, why)`` of each share the screen dropped (the round's record lists them);
     ``name_node`` names a node in logs and reasons.
     """
 
     def __init__(self, *args: Any, on_halt: Callable[[str], None] = lambda reason: None,
+                 on_share_dropped: Callable[[str, str, str], None] = lambda owner, holder, why: None,
                  name_node: Callable[[int], str] = lambda nid: f"node {nid}", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.on_halt, self.name_node = on_halt, name_node
+        self.on_halt, self.on_share_dropped, self.name_node = on_halt, on_share_dropped, name_node
 
     def unmask_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
         try:

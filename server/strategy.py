@@ -398,6 +398,11 @@ class FedSocialStrategy(Strategy):
         """Why the SecAgg+ workflow stopped this round before ``aggregate_fit``: the round's skip names it."""
         self._round["halted"] = reason
 
+    def record_secagg_dropped_share(self, owner: str, holder: str, why: str) -> None:
+        """A share of ``owner``'s secret that ``holder`` sent and the unmask screen dropped: the round's record
+        lists it (``secagg_dropped_shares``), so that a partner sending bad shares is named in rounds.jsonl."""
+        self._round.setdefault("secagg_dropped_shares", []).append({"owner": owner, "holder": holder, "reason": why})
+
     def node_name(self, nid: int) -> str:
         """A node as logs and records name it: its id, and the partner it registered as."""
         return f"node {nid} ({self.node_partner[nid]})" if nid in self.node_partner else f"node {nid}"

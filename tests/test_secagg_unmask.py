@@ -231,6 +231,13 @@ def test_malformed_shares_are_dropped_and_the_rest_reconstruct_the_exact_mean(
     assert doc["skipped_rounds"] == [] and _rounds(doc) == [ALL3, ALL3]
     _assert_applied(params, [[1, 2, 3], [1, 2, 3]], bound)
     assert "sent by node 3 (partner-3)" in caplog.text
+    # round 1's record (rounds.jsonl) names the sender of every dropped share, and no honest partner;
+    # round 2, undamaged, lists none
+    first, second = [json.loads(line) for line in (tmp_path / "run" / "rounds.jsonl").read_text().splitlines()]
+    dropped = first["secagg_dropped_shares"]
+    assert dropped and {d["holder"] for d in dropped} == {"node 3 (partner-3)"}, dropped
+    assert all(d["owner"].startswith("node ") and d["reason"] for d in dropped)
+    assert "secagg_dropped_shares" not in second
 
 
 @pytest.mark.usefixtures("server_task")
