@@ -88,19 +88,63 @@ def compute_canary_scores(model: Any, canary_users: np.ndarray, canary_items: np
     return compute_canary_percentiles(model, canary_users, canary_items).mean(1)
 
 
+BACKGROUNDS = ("real", "synthetic")
+
+
+def compute_synthetic_background(cfg: Config, split: SplitData, seed: int) -> tuple[Config, SplitData]:
+    """The canary run's other users, generated instead of the partner's own: as many users and items, the same
+    mean interactions and friends per user (sizes, not records); nothing of a real user's data is used.
+
+    DP is a guarantee for every pair of neighbouring datasets, so a lower bound measured on any background is a
+    valid test of the mechanism; on a generated one, publishing it costs the partner's users nothing."""
+    from fedsocial.shared.config import ConfigError
+    from fedsocial.shared.loaders import load_dataset
+    from fedsocial.shared.split import split_dataset
+
+    mc = cfg.model
+    needs = [k for k in ("use_price", "use_text", "use_user_features") if getattr(mc, k)]
+    if needs:
+        raise ConfigError(f"canary-audit --background synthetic: model.{needs[0]} needs item or user features the "
+                          "generated users do not have; use --background real (its cost is stated) or turn it off")
+    n_users, n_items = int(split.n_users), int(split.n_items)
+    per_user = max(1.0, len(split.train_users) / max(1, n_users))
+    friends = float(len(split.dataset.social_src)) / max(1, split.dataset.n_users)
+    out = cfg.replace("data", format="synthetic", path="", n_users=max(2, n_users), n_items=max(2, n_items),
+                      interactions_per_user=per_user, friends_per_user=friends, synthetic_seed=seed)
+    return out, split_dataset(load_dataset(out.data, None), out.split)
+
+
+def compute_canary_cost(cfg: Config, background: str, partner: int, epsilon: float) -> dict[str, Any]:
+    """What publishing the canary audit's result costs real users: the canary run trains a DP model on its
+    background users, a second use of their data composing with the federation's (the ledgers do not hold it)."""
+    if background == "synthetic" or cfg.data.format == "synthetic":
+        return {"real_users": False, "epsilon": 0.0,
+                "note": "the canary run's other users are generated: publishing its result costs no real user "
+                        "anything"}
+    return {"real_users": True, "epsilon": epsilon, "delta": cfg.privacy.target_delta if cfg.privacy.enabled else None,
+            "partner": partner,
+            "note": f"the canary run trained on partner {partner}'s real users: publishing its result is a second use "
+                    "of their data that composes with the federation's epsilon (not in any ledger); "
+                    "--background synthetic avoids it"}
+
+
 def run_canary_audit(cfg: Config, data_dir: str | None, m: int, items_each: int, partner: int,
-                     seed: int = 0) -> dict[str, Any]:
+                     seed: int = 0, background: str = "real") -> dict[str, Any]:
     from fedsocial.shared.loaders import load_dataset
     from fedsocial.shared.partition import partition_users, partner_split
     from fedsocial.shared.privacy.round import PrivacyRound, compute_sample_rate, plan_round
     from fedsocial.shared.split import split_dataset
     from fedsocial.shared.trainer import LocalTrainer
 
+    if background not in BACKGROUNDS:
+        raise ValueError(f"background must be one of {BACKGROUNDS}, got {background!r}")
     sigma = 0.0
     split = split_dataset(load_dataset(cfg.data, data_dir), cfg.split)
     fc = cfg.federation
     if fc.partners > 1:
         split = partner_split(split, partition_users(split.dataset, fc.partners, cfg.partition), partner)
+    if background == "synthetic" and cfg.data.format != "synthetic":
+        cfg, split = compute_synthetic_background(cfg, split, seed)
     planted, items, included = plant_canaries(split, m, items_each, np.random.default_rng(seed))
     trainer = LocalTrainer(cfg, planted, device=cfg.train.device, seed=cfg.train.seed)
     pc = cfg.privacy
@@ -125,6 +169,8 @@ def run_canary_audit(cfg: Config, data_dir: str | None, m: int, items_each: int,
         "canaries": m, "canary_items": items_each, "included": int(included.sum()), "guesses": audit.guesses,
         "correct": audit.correct, "partner": partner, "partner_users": split.n_users,
         "score_gap": float(scores[included].mean() - scores[~included].mean()),
+        "background": "synthetic" if background == "synthetic" or cfg.data.format == "synthetic" else "real",
+        "privacy_cost": compute_canary_cost(cfg, background, partner, epsilon),
     }
 
 
@@ -137,6 +183,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--canary-items", type=int, default=10)
     parser.add_argument("--partner", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--background", choices=BACKGROUNDS, default="real",
+                        help="the canary run's other users: the partner's own (real; publishing the result then "
+                             "costs them a second epsilon, stated in the file and the report) or generated ones of "
+                             "the same sizes (synthetic: costs them nothing)")
     parser.add_argument("--out", required=True, help="run folder: writes canary_audit.json there")
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
@@ -146,11 +196,13 @@ def main(argv: list[str] | None = None) -> int:
     except RecordError as exc:
         print(f"error: {out}: {exc}", file=sys.stderr)
         return 2
-    result = run_canary_audit(cfg, args.data_dir, args.canaries, args.canary_items, args.partner, args.seed)
+    result = run_canary_audit(cfg, args.data_dir, args.canaries, args.canary_items, args.partner, args.seed,
+                              args.background)
     out.mkdir(parents=True, exist_ok=True)
     signed = write_signed_canary(out, result)
     print(format_table([(k, f"{v:.4g}" if isinstance(v, float) else str(v)) for k, v in result.items()
-                        if k != "method"], title=result["method"]))
+                        if k not in ("method", "privacy_cost")], title=result["method"]))
+    print(f"privacy cost: {result['privacy_cost']['note']}")
     print("canary_audit.json: " + ("signed with the run's server key (canary_record.json)" if signed
                                    else "unsigned (no run key in this folder: the audit will warn)"))
     return 0

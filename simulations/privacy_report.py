@@ -286,8 +286,11 @@ def render_html(result: AuditResult) -> str:
     ]
     if result.canary:
         lb = result.canary.get("epsilon_lower_bound")
+        cost = result.canary.get("privacy_cost")
+        cost_note = f"<p>Privacy cost of the canary audit: {esc(str(cost.get('note')))}.</p>" \
+            if isinstance(cost, dict) and cost.get("note") else ""
         parts.append(f"<p>Canary audit: empirical epsilon lower bound <strong>{_number(lb)}</strong> "
-                     f"(canary_audit.json: {esc(canary_text(result))}).</p>"
+                     f"(canary_audit.json: {esc(canary_text(result))}).</p>" + cost_note
                      + _canary_html(result.canary, result.ledger_max_epsilon))
     elif canary_text(result):  # a file the audit would not read as the canary audit's: not shown
         parts.append(f"<p>Canary audit not shown: canary_audit.json {esc(canary_text(result))}.</p>")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import pytest
 
 from fedsocial.shared.config import load_config
 from fedsocial.shared.loaders import load_dataset
@@ -81,3 +84,71 @@ def test_canary_scores_are_the_models_own_ranking_with_temperature_bias_scale_an
     expected = (scores < own).float().mean(-1).numpy()
     np.testing.assert_allclose(got[:, 0], expected, atol=1e-6)
     assert cfg.model.temperature == 0.5 and trainer.model.cat_emb is not None
+
+
+def _csv_copy(tmp_path: Path, name: str, shuffle: bool) -> list[str]:
+    """SMALL's synthetic data written as a generic CSV data set (a 'real' one to the loader); ``shuffle``: the
+    interactions dealt to other users (the same sizes, other records)."""
+    import dataclasses
+
+    from fedsocial.shared.csvio import write_csv_dataset
+
+    ds = load_dataset(load_config(None, SMALL).data, None)
+    if shuffle:
+        perm = np.random.default_rng(5).permutation(ds.n_items)  # items relabelled: every user, other items
+        ds = dataclasses.replace(ds, items=perm[ds.items])
+    write_csv_dataset(ds, tmp_path / name)
+    return [*SMALL, "data.format=\"csv\"", f"data.path=\"{tmp_path / name}\""]
+
+
+def test_a_synthetic_background_uses_no_real_record_and_costs_nothing(tmp_path: Path) -> None:
+    # Prepare: two 'real' data sets of the same sizes whose users hold different records
+    one, other = _csv_copy(tmp_path, "one", False), _csv_copy(tmp_path, "other", True)
+    # Execute
+    a = run_canary_audit(load_config(None, one), None, m=60, items_each=3, partner=0, background="synthetic")
+    b = run_canary_audit(load_config(None, other), None, m=60, items_each=3, partner=0, background="synthetic")
+    real = run_canary_audit(load_config(None, one), None, m=60, items_each=3, partner=0)
+    # Assert: the generated background depends on sizes only, so the result cannot tell the two apart
+    assert a["background"] == "synthetic" and a["privacy_cost"]["real_users"] is False
+    assert a["score_gap"] == b["score_gap"] and a["epsilon_lower_bound"] == b["epsilon_lower_bound"]
+    assert real["background"] == "real" and real["privacy_cost"]["real_users"] is True
+
+
+def test_a_canary_audit_on_real_users_states_its_cost_in_the_file_the_audit_and_the_report(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Prepare: a DP canary run on a 'real' data set, written into a run folder the audit reads
+    import json
+
+    from fedsocial.simulations.audit import main as audit_main
+    from fedsocial.simulations.canary_audit import main as canary_main
+
+    spec = _csv_copy(tmp_path, "data", False)
+    run = tmp_path / "run"
+    args = ["--config", "configs/demo.toml", *[x for s in spec for x in ("--set", s)], "--set", "privacy.enabled=true",
+            "--canaries", "40", "--canary-items", "3", "--out", str(run)]
+    # Execute
+    assert canary_main(args) == 0
+    doc = json.loads((run / "canary_audit.json").read_text())
+    audit_main([str(run)])
+    output = capsys.readouterr()
+    # Assert
+    cost = doc["privacy_cost"]
+    assert cost["real_users"] is True and cost["epsilon"] == doc["reported_epsilon"] > 0 and cost["partner"] == 0
+    assert "canary_audit.json was computed on partner 0's real users" in output.err + output.out
+    assert "second use of their data" in (run / "privacy_report.html").read_text()
+
+
+def test_a_synthetic_background_refuses_features_it_cannot_generate(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    # Prepare
+    from fedsocial.simulations.canary_audit import main as canary_main
+
+    spec = _csv_copy(tmp_path, "data", False)
+    args = ["--config", "configs/demo.toml", *[x for s in spec for x in ("--set", s)], "--set", "model.use_text=true",
+            "--background", "synthetic", "--out", str(tmp_path / "run")]
+    # Execute
+    code = canary_main(args)
+    # Assert: one line naming the key, nothing written
+    err = capsys.readouterr().err
+    assert code == 2 and "model.use_text" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "canary_audit.json").exists()
