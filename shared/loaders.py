@@ -522,7 +522,8 @@ def _typed_ids(ids: np.ndarray) -> np.ndarray:
 
 def load_csv(folder: PathLike, *, strict: bool = False, price_bins: int = 8, text_dim: int = 32) -> Dataset:
     """The generic format: ``interactions.csv`` (``user,item[,value][,timestamp]``), ``social.csv``
-    (``user,neighbour``, directed: user follows / trusts neighbour), optional ``items.csv``
+    (``user,neighbour``, directed: user follows / trusts neighbour; absent: no social ties, one warning),
+    optional ``items.csv``
     (``item[,category][,title][,text][,price]``: the catalogue, also items without interactions) and
     optional ``users.csv`` (``user`` plus any categorical columns).
 
@@ -543,12 +544,17 @@ def load_csv(folder: PathLike, *, strict: bool = False, price_bins: int = 8, tex
             _check_numbers(inter, name)
     users, items = inter.columns["user"], inter.columns["item"]
 
-    social = read_csv_table(folder / "social.csv", SOCIAL_COLUMNS)
-    _check_ids(social, SOCIAL_COLUMNS)
     u_str = np.unique(users)
-    src, dst = social.columns["user"], social.columns["neighbour"]
-    keep = apply_edge_rule(social.path, social.line_no, compute_unknown_edges(u_str, src, dst), strict)
-    src, dst = src[keep], dst[keep]
+    if (folder / "social.csv").exists() or not (folder / "interactions.csv").is_file():
+        social = read_csv_table(folder / "social.csv", SOCIAL_COLUMNS)
+        _check_ids(social, SOCIAL_COLUMNS)
+        src, dst = social.columns["user"], social.columns["neighbour"]
+        keep = apply_edge_rule(social.path, social.line_no, compute_unknown_edges(u_str, src, dst), strict)
+        src, dst = src[keep], dst[keep]
+    else:  # a data set without social ties: the model's social parts stay empty (every user has no friends)
+        LOG.warning("%s: no social.csv: the data has no social ties; the social parts of the model stay empty and "
+                    "partition.method = community has no graph to follow (use random)", folder)
+        src = dst = u_str[:0]
 
     catalogue = None
     if (folder / "items.csv").is_file():

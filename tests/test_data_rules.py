@@ -48,6 +48,28 @@ def test_csv_edges_to_users_without_interactions_dropped_with_one_counting_notic
     assert "social.csv: dropped 3 social edge(s)" in notices[0] and "lines 3, 5, 6" in notices[0]
 
 
+def test_a_csv_data_set_without_social_csv_loads_with_no_ties_and_one_warning(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # Prepare: interactions only (many public data sets have no social graph)
+    write(tmp_path / "interactions.csv", INTER)
+    # Execute
+    with caplog.at_level(logging.WARNING, logger="fedsocial.data"):
+        ds = load_csv(tmp_path)
+    # Assert: every user and interaction kept, no edge, one warning naming the folder
+    assert ds.n_users == 3 and ds.n_interactions == 3 and ds.n_edges == 0
+    notices = [r.getMessage() for r in caplog.records if r.name == "fedsocial.data"]
+    assert len(notices) == 1 and "no social.csv" in notices[0] and str(tmp_path) in notices[0]
+
+
+def test_a_social_csv_that_is_a_folder_or_unreadable_is_still_an_error(tmp_path: Path) -> None:
+    # Prepare: social.csv present but not a file: not silently read as "no ties"
+    write(tmp_path / "interactions.csv", INTER)
+    (tmp_path / "social.csv").mkdir()
+    # Execute / Assert
+    with pytest.raises((DataError, IsADirectoryError)):
+        load_csv(tmp_path)
+
+
 def test_csv_strict_refuses_and_lists_every_line(tmp_path: Path) -> None:
     # Prepare
     folder = csv_folder(tmp_path, social=SOCIAL_WITH_GHOSTS)

@@ -199,6 +199,21 @@ def test_init_config_simulates_with_no_other_flag(tmp_path: Path, n_users: int, 
     assert warning_lines(proc.stdout) == []
 
 
+def test_a_data_set_without_social_ties_goes_from_init_to_a_trained_model(tmp_path: Path) -> None:
+    # Prepare: interactions only, no social.csv
+    data = _dataset(tmp_path / "data", 60, 80, features=False)
+    (data / "social.csv").unlink()
+    config = tmp_path / "mine.toml"
+    # Execute
+    init = fedsocial(tmp_path, "init", "--data", str(data), "--out", str(config))
+    fedsocial(tmp_path, "train", "--config", str(config), "--out", str(tmp_path / "run"), "--no-progress")
+    # Assert: the missing graph is said once, a random partition is written, the model trains
+    doc = json.loads((tmp_path / "run" / "metrics.json").read_text(encoding="utf-8"))
+    assert init.stdout.count("no social.csv") == 1
+    assert tomllib.loads(config.read_text(encoding="utf-8"))["partition"]["method"] == "random"
+    assert doc["dataset"]["users"] == 60 and 0.0 < doc["ndcg@10"] <= 1.0
+
+
 # --- tracking ---------------------------------------------------------------------------------------
 
 
