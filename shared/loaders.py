@@ -383,6 +383,31 @@ def _decode(path: Path) -> str:
         raise DataError(f"{path}:{line}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 
 
+# the names public data sets give the generic format's columns (MovieLens userId/movieId/rating, LastFM
+# weight, Epinions-style truster/trustee, ...), read as the canonical ones; only where the canonical name is one
+# of the file's columns, and a file that names a column twice (user and userId) is refused as repeated
+COLUMN_ALIASES = {
+    "userid": "user", "user_id": "user", "uid": "user", "truster": "user", "follower": "user",
+    "itemid": "item", "item_id": "item", "iid": "item", "movieid": "item", "movie_id": "item", "productid": "item",
+    "product_id": "item", "artistid": "item", "artist_id": "item", "bookid": "item", "book_id": "item",
+    "rating": "value", "score": "value", "weight": "value", "count": "value",
+    "time": "timestamp", "ts": "timestamp",
+    "neighbor": "neighbour", "friend": "neighbour", "friendid": "neighbour", "friend_id": "neighbour",
+    "trustee": "neighbour", "followee": "neighbour",
+    "genre": "category", "name": "title", "description": "text",
+}
+
+
+def compute_canonical_header(names: Sequence[str], known: Sequence[str]) -> list[str]:
+    """Header names lower-cased and stripped, each alias of a ``known`` column (:data:`COLUMN_ALIASES`) read as it."""
+    out = []
+    for name in names:
+        low = name.strip().lower()
+        alias = COLUMN_ALIASES.get(low)
+        out.append(alias if alias is not None and alias in known else low)
+    return out
+
+
 def _parse_header(
     path: Path, line_no: int, line: str, required: Sequence[str], optional: Sequence[str],
     any_columns: bool = False,
@@ -393,7 +418,7 @@ def _parse_header(
             if delim in line:
                 raise DataError(f"{path}:{line_no}: fields are separated by {label}s; "
                                 f"this format needs commas (header {expected})")
-    header = [h.strip().lower() for h in next(csv.reader([line]))]
+    header = compute_canonical_header(next(csv.reader([line])), (*required, *optional))
     for col in header:
         if col not in (*required, *optional) and (not any_columns or not col or _INT_RE.match(col)):
             hint = " (missing header line?)" if _INT_RE.match(col) or not col else ""

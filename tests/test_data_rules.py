@@ -70,6 +70,40 @@ def test_a_social_csv_that_is_a_folder_or_unreadable_is_still_an_error(tmp_path:
         load_csv(tmp_path)
 
 
+def test_column_names_of_public_data_sets_read_as_the_generic_ones(tmp_path: Path) -> None:
+    # Prepare: MovieLens-style interactions, Epinions-style trust, mixed case and spaces
+    write(tmp_path / "interactions.csv", "userId, movieId ,Rating,timestamp\n1,31,2.5,1260759144\n2,31,4,1\n"
+                                         "2,7,3,2\n")
+    write(tmp_path / "social.csv", "truster,trustee\n1,2\n")
+    # Execute
+    ds = load_csv(tmp_path)
+    # Assert
+    assert (ds.n_users, ds.n_items, ds.n_interactions, ds.n_edges) == (2, 2, 3, 1)
+    assert (str(ds.user_ids[ds.social_src[0]]), str(ds.user_ids[ds.social_dst[0]])) == ("1", "2")
+
+
+@pytest.mark.parametrize(("header", "needle"), [
+    ("user,userId,item", "repeated column"),  # two names for one column
+    ("user,item,stars", "unknown column 'stars'"),  # not an alias: still named
+])
+def test_an_ambiguous_or_unknown_header_is_still_refused(tmp_path: Path, header: str, needle: str) -> None:
+    # Prepare
+    write(tmp_path / "interactions.csv", f"{header}\n" + ",".join(["1"] * len(header.split(","))) + "\n")
+    write(tmp_path / "social.csv", "user,neighbour\n")
+    # Execute / Assert
+    with pytest.raises(DataError, match=needle):
+        load_csv(tmp_path)
+
+
+def test_an_alias_applies_only_to_the_files_own_columns() -> None:
+    # Prepare / Execute / Assert: in users.csv (only 'user' is known) a 'name' or 'rating' column keeps its name
+    from fedsocial.shared.loaders import compute_canonical_header
+
+    assert compute_canonical_header(["UserID", "name", "rating"], ("user",)) == ["user", "name", "rating"]
+    assert compute_canonical_header(["item", "Name", "genre"], ("item", "category", "title")) == \
+        ["item", "title", "category"]
+
+
 def test_csv_strict_refuses_and_lists_every_line(tmp_path: Path) -> None:
     # Prepare
     folder = csv_folder(tmp_path, social=SOCIAL_WITH_GHOSTS)

@@ -217,7 +217,7 @@ INTER, SOCIAL = "interactions.csv", "social.csv"
         ("user\titem\na\tx\n", GOOD_S, INTER, ":1: fields are separated by tabs"),
         ("user,item\na,x\nb;y\n", GOOD_S, INTER, ":3: expected 2 fields (user,item), found 1; it looks"),
         (GOOD_I, "", SOCIAL, "empty file"),
-        (GOOD_I, "user,friend\na,b\n", SOCIAL, ":1: unknown column 'friend'"),
+        (GOOD_I, "user,buddy\na,b\n", SOCIAL, ":1: unknown column 'buddy'"),  # "friend" is an alias of neighbour
         (GOOD_I, "user;neighbour\na;b\n", SOCIAL, "separated by semicolons"),
     ],
 )
