@@ -41,7 +41,10 @@ def plant_canaries(split: SplitData, m: int, items_each: int, rng: np.random.Gen
     items = np.stack([rng.choice(ds.n_items, size=items_each, replace=False) for _ in range(m)])
     included = rng.random(m) < 0.5
     users = np.repeat(n + np.arange(m), items_each)[np.repeat(included, items_each)]
-    new_ds = dataclasses.replace(ds, n_users=n + m, user_ids=None)
+    features = ds.user_features  # canaries have no user features: code 0, "missing", in every column
+    if features is not None:
+        features = np.concatenate([features, np.zeros((m, features.shape[1]), dtype=features.dtype)])
+    new_ds = dataclasses.replace(ds, n_users=n + m, user_ids=None, user_features=features)
     planted = dataclasses.replace(
         split, dataset=new_ds,
         train_users=np.concatenate([split.train_users, users]),
@@ -91,27 +94,36 @@ def compute_canary_scores(model: Any, canary_users: np.ndarray, canary_items: np
 BACKGROUNDS = ("real", "synthetic")
 
 
-def compute_synthetic_background(cfg: Config, split: SplitData, seed: int) -> tuple[Config, SplitData]:
-    """The canary run's other users, generated instead of the partner's own: as many users and items, the same
-    mean interactions and friends per user (sizes, not records); nothing of a real user's data is used.
+def compute_synthetic_background(cfg: Config, split: SplitData, seed: int) -> SplitData:
+    """The canary run's other users, generated instead of the partner's own: as many users, the same catalogue
+    (its items, categories, price bins and text features: public, like the catalogue), the same mean
+    interactions and friends per user, and user-feature codes drawn uniformly within each column's size (sizes,
+    not records); nothing of a real user's record is used.
 
     DP is a guarantee for every pair of neighbouring datasets, so a lower bound measured on any background is a
     valid test of the mechanism; on a generated one, publishing it costs the partner's users nothing."""
-    from fedsocial.shared.config import ConfigError
-    from fedsocial.shared.loaders import load_dataset
+    from fedsocial.shared.config import DataConfig
     from fedsocial.shared.split import split_dataset
+    from fedsocial.shared.synthetic import generate
 
-    mc = cfg.model
-    needs = [k for k in ("use_price", "use_text", "use_user_features") if getattr(mc, k)]
-    if needs:
-        raise ConfigError(f"canary-audit --background synthetic: model.{needs[0]} needs item or user features the "
-                          "generated users do not have; use --background real (its cost is stated) or turn it off")
-    n_users, n_items = int(split.n_users), int(split.n_items)
-    per_user = max(1.0, len(split.train_users) / max(1, n_users))
-    friends = float(len(split.dataset.social_src)) / max(1, split.dataset.n_users)
-    out = cfg.replace("data", format="synthetic", path="", n_users=max(2, n_users), n_items=max(2, n_items),
-                      interactions_per_user=per_user, friends_per_user=friends, synthetic_seed=seed)
-    return out, split_dataset(load_dataset(out.data, None), out.split)
+    real = split.dataset
+    n_users, n_items = max(2, int(split.n_users)), max(2, int(split.n_items))
+    per_user = max(1.0, len(split.train_users) / max(1, int(split.n_users)))
+    friends = float(len(real.social_src)) / max(1, real.n_users)
+    ds = generate(DataConfig(n_users=n_users, n_items=n_items, interactions_per_user=per_user,
+                             friends_per_user=friends, synthetic_seed=seed))
+    rng = np.random.default_rng(seed)
+    users = None
+    if real.user_features is not None and real.user_feature_sizes:
+        users = np.stack([rng.integers(0, max(1, size), size=n_users) for size in real.user_feature_sizes], axis=1)
+    catalogue = n_items == real.n_items  # the real catalogue's features go with its items
+    ds = dataclasses.replace(
+        ds, name="canary-background",
+        item_category=real.item_category if catalogue and real.item_category is not None else ds.item_category,
+        item_price_bin=real.item_price_bin if catalogue else None, item_text=real.item_text if catalogue else None,
+        user_features=users, user_feature_names=real.user_feature_names if users is not None else (),
+        user_feature_sizes=real.user_feature_sizes if users is not None else ())
+    return split_dataset(ds, cfg.split)
 
 
 def compute_canary_cost(cfg: Config, background: str, partner: int, epsilon: float) -> dict[str, Any]:
@@ -125,11 +137,11 @@ def compute_canary_cost(cfg: Config, background: str, partner: int, epsilon: flo
             "partner": partner,
             "note": f"the canary run trained on partner {partner}'s real users: publishing its result is a second use "
                     "of their data that composes with the federation's epsilon (not in any ledger); "
-                    "--background synthetic avoids it"}
+                    "the default --background synthetic avoids it"}
 
 
 def run_canary_audit(cfg: Config, data_dir: str | None, m: int, items_each: int, partner: int,
-                     seed: int = 0, background: str = "real") -> dict[str, Any]:
+                     seed: int = 0, background: str = "synthetic") -> dict[str, Any]:
     from fedsocial.shared.loaders import load_dataset
     from fedsocial.shared.partition import partition_users, partner_split
     from fedsocial.shared.privacy.round import PrivacyRound, compute_sample_rate, plan_round
@@ -144,7 +156,7 @@ def run_canary_audit(cfg: Config, data_dir: str | None, m: int, items_each: int,
     if fc.partners > 1:
         split = partner_split(split, partition_users(split.dataset, fc.partners, cfg.partition), partner)
     if background == "synthetic" and cfg.data.format != "synthetic":
-        cfg, split = compute_synthetic_background(cfg, split, seed)
+        split = compute_synthetic_background(cfg, split, seed)
     planted, items, included = plant_canaries(split, m, items_each, np.random.default_rng(seed))
     trainer = LocalTrainer(cfg, planted, device=cfg.train.device, seed=cfg.train.seed)
     pc = cfg.privacy
@@ -183,10 +195,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--canary-items", type=int, default=10)
     parser.add_argument("--partner", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--background", choices=BACKGROUNDS, default="real",
-                        help="the canary run's other users: the partner's own (real; publishing the result then "
-                             "costs them a second epsilon, stated in the file and the report) or generated ones of "
-                             "the same sizes (synthetic: costs them nothing)")
+    parser.add_argument("--background", choices=BACKGROUNDS, default="synthetic",
+                        help="the canary run's other users: generated ones of the partner's sizes with its catalogue "
+                             "(synthetic, the default: publishing the result costs its users nothing) or the "
+                             "partner's own (real: then it costs them a second epsilon, stated in the file, the "
+                             "audit and the report). On the synthetic data of configs/demo.toml both are generated")
     parser.add_argument("--out", required=True, help="run folder: writes canary_audit.json there")
     args = parser.parse_args(argv)
     cfg = config_from_args(args)

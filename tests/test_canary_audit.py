@@ -107,7 +107,7 @@ def test_a_synthetic_background_uses_no_real_record_and_costs_nothing(tmp_path: 
     # Execute
     a = run_canary_audit(load_config(None, one), None, m=60, items_each=3, partner=0, background="synthetic")
     b = run_canary_audit(load_config(None, other), None, m=60, items_each=3, partner=0, background="synthetic")
-    real = run_canary_audit(load_config(None, one), None, m=60, items_each=3, partner=0)
+    real = run_canary_audit(load_config(None, one), None, m=60, items_each=3, partner=0, background="real")
     # Assert: the generated background depends on sizes only, so the result cannot tell the two apart
     assert a["background"] == "synthetic" and a["privacy_cost"]["real_users"] is False
     assert a["score_gap"] == b["score_gap"] and a["epsilon_lower_bound"] == b["epsilon_lower_bound"]
@@ -125,7 +125,7 @@ def test_a_canary_audit_on_real_users_states_its_cost_in_the_file_the_audit_and_
     spec = _csv_copy(tmp_path, "data", False)
     run = tmp_path / "run"
     args = ["--config", "configs/demo.toml", *[x for s in spec for x in ("--set", s)], "--set", "privacy.enabled=true",
-            "--canaries", "40", "--canary-items", "3", "--out", str(run)]
+            "--canaries", "40", "--canary-items", "3", "--background", "real", "--out", str(run)]
     # Execute
     assert canary_main(args) == 0
     doc = json.loads((run / "canary_audit.json").read_text())
@@ -138,17 +138,28 @@ def test_a_canary_audit_on_real_users_states_its_cost_in_the_file_the_audit_and_
     assert "second use of their data" in (run / "privacy_report.html").read_text()
 
 
-def test_a_synthetic_background_refuses_features_it_cannot_generate(tmp_path: Path,
-                                                                    capsys: pytest.CaptureFixture[str]) -> None:
-    # Prepare
-    from fedsocial.simulations.canary_audit import main as canary_main
+def test_a_synthetic_background_keeps_the_public_catalogue_and_draws_user_features(tmp_path: Path) -> None:
+    # Prepare: a 'real' data set with items.csv (titles: text features) and users.csv (a private column)
+    from fedsocial.simulations.canary_audit import compute_synthetic_background
 
     spec = _csv_copy(tmp_path, "data", False)
-    args = ["--config", "configs/demo.toml", *[x for s in spec for x in ("--set", s)], "--set", "model.use_text=true",
-            "--background", "synthetic", "--out", str(tmp_path / "run")]
+    folder = tmp_path / "data"
+    ds = load_dataset(load_config(None, spec).data, None)
+    (folder / "items.csv").write_text("item,title\n" + "".join(f"{i},shoe model {i % 5}\n" for i in range(ds.n_items)))
+    (folder / "users.csv").write_text("user,region\n" + "".join(f"{u},{'nsew'[u % 4]}\n" for u in range(ds.n_users)))
+    cfg = load_config(None, [*spec, "model.use_text=true", "model.use_user_features=true"])
+    split = split_dataset(load_dataset(cfg.data, None), cfg.split)
     # Execute
-    code = canary_main(args)
-    # Assert: one line naming the key, nothing written
-    err = capsys.readouterr().err
-    assert code == 2 and "model.use_text" in err and "Traceback" not in err
-    assert not (tmp_path / "run" / "canary_audit.json").exists()
+    background = compute_synthetic_background(cfg, split, seed=0)
+    result = run_canary_audit(cfg, None, m=40, items_each=3, partner=0)  # the default background
+    # Assert: the catalogue's text features kept, user-feature codes generated within the column's size
+    bg = background.dataset
+    assert bg.n_users == split.n_users and bg.n_items == split.n_items
+    assert np.array_equal(bg.item_text, split.dataset.item_text)
+    assert bg.user_features is not None and bg.user_feature_sizes == split.dataset.user_feature_sizes
+    assert bg.user_features.max() < bg.user_feature_sizes[0]
+    assert not np.array_equal(bg.users, split.dataset.users[: len(bg.users)])
+    assert result["background"] == "synthetic" and result["privacy_cost"]["real_users"] is False
+    # regression: canaries planted among users with features get code 0 ("missing"); this raised before
+    planted = run_canary_audit(cfg, None, m=20, items_each=3, partner=0, background="real")
+    assert planted["background"] == "real" and planted["canaries"] == 20

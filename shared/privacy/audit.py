@@ -831,7 +831,7 @@ def _check_canary(result: AuditResult) -> None:
         result.add("warning", None, None, None,
                    f"canary_audit.json was computed on partner {cost.get('partner')!s}'s real users: publishing it "
                    f"costs them up to epsilon {eps:.4g} more than their ledger (composition; not in any ledger); "
-                   "`fedsocial canary-audit --background synthetic` measures the same mechanism at no cost"
+                   "`fedsocial canary-audit` without --background real measures the same mechanism at no cost"
                    if is_number(eps) else "canary_audit.json was computed on real users: publishing it is a "
                    "second use of their data that no ledger holds")
     lb, accounted = result.canary.get("epsilon_lower_bound"), result.canary.get("reported_epsilon")
