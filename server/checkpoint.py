@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from fedsocial.shared.faults import fault_point
-from fedsocial.shared.fileio import json_default, save_npz_atomic, write_text_atomic
+from fedsocial.shared.fileio import dumps_strict, save_npz_atomic, write_text_atomic
 
 _NAME = re.compile(r"^round_(\d{4,})\.npz$")
 STATE_KEY = "__state__"
@@ -78,11 +78,11 @@ def append_jsonl(path: Path, record: dict[str, Any]) -> None:
     """Append one JSON line (one write, then fsync)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(record, default=json_default) + "\n")
+        fh.write(dumps_strict(record) + "\n")  # strict JSON: a metric not published is null
         fh.flush()
         os.fsync(fh.fileno())
 
 
 def rewrite_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
     """Replace the file by exactly ``records`` (a resume drops lines of rounds it will redo)."""
-    write_text_atomic(path, "".join(json.dumps(r, default=json_default) + "\n" for r in records))
+    write_text_atomic(path, "".join(dumps_strict(r) + "\n" for r in records))

@@ -7,6 +7,7 @@ renames it over the destination (``os.replace`` is atomic on POSIX within one fi
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -59,6 +60,28 @@ def json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def compute_strict_json(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite number as None (JSON null), numpy values as Python ones: what a strict
+    JSON parser (RFC 8259; JavaScript's ``JSON.parse``, Go, jq) reads. The published files (metrics.json,
+    rounds.jsonl) are written through it: Python's default NaN / Infinity literals are not JSON."""
+    if isinstance(obj, np.ndarray):
+        obj = obj.tolist()
+    elif isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: compute_strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [compute_strict_json(v) for v in obj]
+    return obj
+
+
+def dumps_strict(obj: Any, indent: int | None = None) -> str:
+    """:func:`compute_strict_json` of ``obj`` as JSON text (never a NaN / Infinity literal)."""
+    return json.dumps(compute_strict_json(obj), indent=indent, default=json_default, allow_nan=False)
 
 
 def write_json_atomic(path: str | os.PathLike[str], obj: Any, mode: int = 0o644) -> None:

@@ -515,6 +515,10 @@ def check_audit_catches(c: Cluster, run_dir: Path, partners: Path, work: Path) -
     return codes
 
 
+def _not_json(name: str) -> None:
+    raise E2EError(f"metrics.json holds {name}, which is not JSON (RFC 8259): strict parsers refuse the file")
+
+
 def federated_run(c: Cluster, app: Path, config: Path, run_dir: Path, tm: Timings, label: str,
                   victim: Proc | None = None, cluster_: Cluster | None = None) -> dict[str, Any]:
     """``flwr run``; optionally SIGKILL ``victim`` while it trains in the last round; wait for the end."""
@@ -534,10 +538,12 @@ def federated_run(c: Cluster, app: Path, config: Path, run_dir: Path, tm: Timing
     if status["status"] != "finished:completed":
         log = c.run([str(BIN / "flwr"), "log", str(rid), CONNECTION], check=False, timeout=60).stdout
         raise E2EError(f"{label}: run {rid} ended {status['status']}:\n{log[-3000:]}")
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = json.loads((run_dir / "metrics.json").read_text(), parse_constant=_not_json)  # strict: no NaN
     if metrics.get("rounds_completed") != 2:
         raise E2EError(f"{label}: rounds_completed {metrics.get('rounds_completed')} != 2")
-    tm.mark(f"{label}: completed, ndcg@10 {metrics.get('ndcg@10'):.4f}, epsilon {metrics.get('epsilon')}")
+    ndcg = metrics.get("ndcg@10")  # null where the run published no metrics (DP without an evaluation release)
+    tm.mark(f"{label}: completed, ndcg@10 {'not published' if ndcg is None else f'{ndcg:.4f}'}, "
+            f"epsilon {metrics.get('epsilon')}")
     return {"run_id": rid, "status": status["status"], "ndcg@10": metrics.get("ndcg@10"),
             "epsilon": metrics.get("epsilon"), "dropped_replies": metrics.get("dropped_replies")}
 

@@ -52,6 +52,8 @@ def compute_ticks(lo: float, hi: float, n: int = 4, min_step: float = 0.0) -> tu
 def format_number(value: Any, key: str = "") -> str:
     """A number for people: delta and other tiny or huge magnitudes in scientific notation
     (``1e-05``, not ``0.0000``), integers as integers, the rest with four decimals."""
+    if value is None:  # a metric that was not published (null in metrics.json)
+        return "n/a"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return html.escape(str(value))
     if isinstance(value, int):
@@ -138,6 +140,11 @@ def _fmt(v: Any) -> str:
     return format_number(v)
 
 
+def _num(v: Any) -> float:
+    """A plotted value: NaN for a metric that was not published (null in metrics.json)."""
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan
+
+
 def render_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A table; a row whose first cell is "delta" shows its value in scientific notation."""
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
@@ -151,14 +158,14 @@ def render_report(doc: dict[str, Any], title: str = "fedsocial federated run") -
     rounds = doc.get("rounds", [])
     xs = [float(r["round"]) for r in rounds]
     plots = [svg_line_plot(f"{kind}@K per round", xs,
-                           {f"{kind}@{k}": [float(r.get(f"{kind}@{k}", math.nan)) for r in rounds] for k in (10, 20)})
+                           {f"{kind}@{k}": [_num(r.get(f"{kind}@{k}")) for r in rounds] for k in (10, 20)})
              for kind in ("ndcg", "recall", "hr")]
     if any("epsilon_max" in r for r in rounds):
         plots.append(svg_line_plot("epsilon (max over partners)", xs,
-                                   {"epsilon": [float(r.get("epsilon_max", math.nan)) for r in rounds]}))
+                                   {"epsilon": [_num(r.get("epsilon_max")) for r in rounds]}))
     final_rows = [(k, doc.get(k, math.nan)) for k in METRIC_KEYS]
     if "epsilon" in doc:
-        final_rows += [("epsilon (max over partners)", doc["epsilon"]), ("delta", doc["delta"])]
+        final_rows += [("epsilon (max over partners)", doc["epsilon"]), ("delta", doc.get("delta"))]
     for key in ("rounds_completed", "simulation_wall_time_s", "federation_time_s", "partner_fit_time_s",
                 "partner_eval_time_s", "federation_overhead", "federation_overhead_incl_eval", "secure_aggregation"):
         if doc.get(key) is not None:

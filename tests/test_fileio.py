@@ -69,3 +69,53 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path: Path)
     # Assert
     assert json.loads(path.read_text()) == {"v": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json"]
+
+
+def _strict_loads(text: str) -> object:
+    """json.loads that refuses NaN / Infinity, as RFC 8259 (and JavaScript's JSON.parse) do."""
+    def refuse(name: str) -> None:
+        raise ValueError(f"not JSON: {name}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_strict_json_writes_null_for_every_non_finite_number() -> None:
+    # Prepare
+    import math
+
+    import numpy as np
+
+    from fedsocial.shared.fileio import compute_strict_json, dumps_strict
+
+    doc = {"a": math.nan, "b": [1.5, math.inf, -math.inf], "c": np.float32("nan"), "d": np.array([0.5, np.nan]),
+           "e": {"f": np.int64(3), "g": "NaN", "h": True}}
+    # Execute
+    safe = compute_strict_json(doc)
+    text = dumps_strict(doc, indent=2)
+    # Assert: known values; the text parses strictly; strings and booleans untouched
+    assert safe == {"a": None, "b": [1.5, None, None], "c": None, "d": [0.5, None],
+                    "e": {"f": 3, "g": "NaN", "h": True}}
+    assert _strict_loads(text) == safe
+
+
+def test_published_metrics_and_round_records_are_strict_json(tmp_path: Path) -> None:
+    # Prepare: what a DP run without an evaluation release publishes (no metric: NaN in memory)
+    import math
+
+    from fedsocial.server.checkpoint import append_jsonl, rewrite_jsonl
+    from fedsocial.shared.privacy.records import encode_metrics
+    from fedsocial.simulations.report import render_report
+
+    record = {"round": 1, "ndcg@10": math.nan, "epsilon_max": 7.99}
+    doc = {"ndcg@10": math.nan, "epsilon": 7.99, "delta": 1e-5, "rounds": [record]}
+    # Execute
+    metrics = encode_metrics(doc).decode("utf-8")
+    append_jsonl(tmp_path / "rounds.jsonl", doc["rounds"][0])
+    rewrite_jsonl(tmp_path / "again.jsonl", doc["rounds"])
+    # Assert: null where nothing was published; the report reads the file back and says n/a
+    back = _strict_loads(metrics)
+    assert isinstance(back, dict) and back["ndcg@10"] is None and back["epsilon"] == 7.99
+    for name in ("rounds.jsonl", "again.jsonl"):
+        want = {"round": 1, "ndcg@10": None, "epsilon_max": 7.99}
+        assert _strict_loads((tmp_path / name).read_text().strip()) == want
+    html = render_report(back)
+    assert "n/a" in html and "None" not in html

@@ -50,7 +50,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from fedsocial.shared import signing
 from fedsocial.shared.faults import fault_point
-from fedsocial.shared.fileio import json_default, write_atomic, write_json_atomic
+from fedsocial.shared.fileio import dumps_strict, write_atomic, write_json_atomic
 from fedsocial.shared.privacy.ledger import canonical_json, utc_timestamp
 
 RECORD_VERSION = 1
@@ -197,8 +197,8 @@ def compute_metrics_payload(run_dir: str | os.PathLike[str], metrics_bytes: byte
 
 
 def encode_metrics(doc: Mapping[str, Any]) -> bytes:
-    """metrics.json's bytes, as :func:`write_json_atomic` writes them."""
-    return (json.dumps(doc, indent=2, default=json_default) + "\n").encode("utf-8")
+    """metrics.json's bytes: indented strict JSON (a metric that was not published is null, never NaN)."""
+    return (dumps_strict(doc, indent=2) + "\n").encode("utf-8")
 
 
 def write_signed_metrics(run_dir: str | os.PathLike[str], doc: Mapping[str, Any], writer: str = "server",
