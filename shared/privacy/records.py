@@ -241,14 +241,8 @@ def load_metrics_signer(run_dir: str | os.PathLike[str]) -> Ed25519PrivateKey | 
     if not key_path.is_file():
         raise RecordError(f"{METRICS} is signed ({METRICS_RECORD}) but {key_path} is not there (stripped before "
                           "the folder was shipped?): the server's key is needed to re-sign it")
-    try:
-        key = signing.load_private_key(key_path)
-        pub = signing.load_public_key(run / SERVER_PUB)
-    except (signing.SigningError, OSError) as exc:
-        raise RecordError(f"cannot load the run's server key: {exc}") from None
-    if signing.fingerprint(key.public_key()) != signing.fingerprint(pub):
-        raise RecordError(f"{key_path} is not the key of the run's {SERVER_PUB}")
-    record = verify_record(read_json(record_path), "metrics", pub)
+    key = _load_key_pair(run)
+    record = verify_record(read_json(record_path), "metrics", key.public_key())
     metrics = run / METRICS
     if not metrics.is_file() or sha256_of(metrics) != record.get("metrics_sha256"):
         raise RecordError(f"{metrics} is not the {METRICS} that {METRICS_RECORD} signs (changed or removed "
@@ -280,13 +274,18 @@ def load_run_signer(run_dir: str | os.PathLike[str]) -> Ed25519PrivateKey | None
     if not key_path.is_file():
         raise RecordError(f"{pub_path} is there but {key_path} is not (stripped before the folder was shipped?): "
                           "the server's key is needed to sign into this run")
+    return _load_key_pair(run)
+
+
+def _load_key_pair(run: Path) -> Ed25519PrivateKey:
+    """``server/signing.key``, when it is the key of the run's ``server.pub`` (else :class:`RecordError`)."""
     try:
-        key = signing.load_private_key(key_path)
-        pub = signing.load_public_key(pub_path)
+        key = signing.load_private_key(run / SERVER_KEY)
+        pub = signing.load_public_key(run / SERVER_PUB)
     except (signing.SigningError, OSError) as exc:
         raise RecordError(f"cannot load the run's server key: {exc}") from None
     if signing.fingerprint(key.public_key()) != signing.fingerprint(pub):
-        raise RecordError(f"{key_path} is not the key of the run's {SERVER_PUB}")
+        raise RecordError(f"{run / SERVER_KEY} is not the key of the run's {SERVER_PUB}")
     return key
 
 
