@@ -668,15 +668,15 @@ class Partner:
         """Joint scope, after the last round: the DP choice of the served model (shared/privacy/selection.py).
 
         The ledger's selection entry of ``round_`` when there is one (its saved release re-used, never drawn
-        again); else admitted against the cap, the noisy sums computed (or an uncharged saved release of the
+        again); else admitted against the cap, the noisy differences computed (or an uncharged saved release of the
         same sigma re-used), saved, charged (``release = "selection"``, event (sigma, 1, 1)), and only then
         recorded as served. None (the DP model is served) when the cap or the ledger's order refuses it."""
         from fedsocial.shared.privacy.ledger import RELEASE_KINDS, order_key
         from fedsocial.shared.privacy.selection import (
             SELECTION_SENSITIVITY,
-            compute_noisy_sums,
+            compute_noisy_differences,
+            compute_selection_differences,
             compute_selection_release,
-            compute_selection_sums,
             load_selection_release,
             save_selection_release,
             selection_event,
@@ -713,9 +713,9 @@ class Partner:
             from fedsocial.shared.trainer import compute_selection_per_user
 
             per_user = compute_selection_per_user(trainer, self.split)
-            sums = compute_selection_sums(per_user)
+            differences = compute_selection_differences(per_user)
             # OS entropy, never a seed from the (public) config: whoever knew the seed could remove the noise
-            noisy = compute_noisy_sums(sums, sigma, np.random.default_rng())
+            noisy = compute_noisy_differences(differences, sigma, np.random.default_rng())
             release = compute_selection_release(round_, sigma, noisy, len(per_user["model"]))
             save_selection_release(state_dir, release)
         fault_point("before_selection_append", round_, self.partner_id)

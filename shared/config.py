@@ -180,9 +180,10 @@ class PrivacyConfig:
     # weighted 1/sqrt(count), so a user moves it by at most 1 in L2) with this noise multiplier, charged in
     # the ledger; the model adds its log as a fixed item prior (shared/privacy/popularity.py). 0: off
     popularity_noise_multiplier: float = 0.0
-    # scope joint, > 0: after the federation's last round, one Gaussian release of the sums of the validation
-    # users' NDCG@10 under each candidate ("model", "prior": the DP model's item biases alone), L2 sensitivity
-    # sqrt(2), charged in the ledger; the partner serves the noisy argmax (shared/privacy/selection.py). 0: off
+    # scope joint, > 0: after the federation's last round, one Gaussian release of the difference of the
+    # validation users' NDCG@10 sums under the two candidates ("prior" minus "model"; the prior: the DP
+    # popularity release or the model's item biases), L2 sensitivity 1, charged in the ledger; the partner
+    # serves the better by the noisy difference (shared/privacy/selection.py). 0: off
     selection_noise_multiplier: float = 0.0
 
     def __post_init__(self) -> None:

@@ -87,7 +87,7 @@ class TrainOutcome:
     selected_on_validation: bool  # DP: whether validation data chose the epoch (a use of private data)
     evaluated_users: int
     state: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # the evaluated model's state
-    # joint scope, privacy.selection_noise_multiplier > 0: the charged DP selection (choice, noisy sums, sigma)
+    # joint scope, privacy.selection_noise_multiplier > 0: the charged DP selection (choice, noisy difference, sigma)
     selection: dict[str, Any] | None = None
 
 
@@ -613,11 +613,17 @@ def compute_selection_per_user(trainer: LocalTrainer, split: SplitData) -> dict[
 
 def compute_dp_selection(trainer: LocalTrainer, split: SplitData, sigma: float) -> dict[str, Any]:
     """The DP choice between the trained model and its item biases alone (shared/privacy/selection.py) on the
-    validation users: the Gaussian mechanism on the two NDCG@10 sums (noise from OS entropy), its argmax served.
+    validation users: the Gaussian mechanism on the difference of the two NDCG@10 sums (noise from OS entropy),
+    the better by it served.
     The caller charges the event ``(sigma, 1, 1)`` in the run's epsilon."""
-    from fedsocial.shared.privacy.selection import compute_noisy_choice, compute_noisy_sums, compute_selection_sums
+    from fedsocial.shared.privacy.selection import (
+        compute_noisy_choice,
+        compute_noisy_differences,
+        compute_selection_differences,
+    )
 
     per_user = compute_selection_per_user(trainer, split)
-    noisy = compute_noisy_sums(compute_selection_sums(per_user), sigma, np.random.default_rng())  # never the seed
-    return {"choice": compute_noisy_choice(noisy), "noisy_sums": [float(x) for x in noisy],
+    noisy = compute_noisy_differences(compute_selection_differences(per_user), sigma,
+                                      np.random.default_rng())  # OS entropy, never the seed
+    return {"choice": compute_noisy_choice(noisy), "noisy_differences": [float(x) for x in noisy],
             "noise_multiplier": float(sigma), "evaluated_users": int(len(per_user["model"]))}

@@ -122,8 +122,8 @@ def summary(doc: dict[str, Any]) -> str:
         rows.append(("epsilon", f"{doc['epsilon']:.3f} (delta {doc['delta']:g})"))
     if doc.get("selection"):
         sel = doc["selection"]
-        rows.append(("DP selection", f"serves the {sel['choice']} (noisy validation NDCG@10 sums "
-                                     f"{', '.join(f'{x:.1f}' for x in sel['noisy_sums'])}: model, prior)"))
+        rows.append(("DP selection", f"serves the {sel['choice']} (noisy validation NDCG@10 sum of the prior "
+                                     f"minus the model's: {sel['noisy_differences'][0]:.1f})"))
     for key in ("best_epoch", "epochs_run"):
         if key in doc:
             rows.append((key.replace("_", " "), str(doc[key])))

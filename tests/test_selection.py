@@ -25,7 +25,8 @@ from fedsocial.shared.privacy.selection import (
     SELECTION_CANDIDATES,
     SELECTION_SENSITIVITY,
     compute_noisy_choice,
-    compute_noisy_sums,
+    compute_noisy_differences,
+    compute_selection_differences,
     compute_selection_sums,
     load_selection_release,
     read_served_choice,
@@ -51,7 +52,7 @@ def kinds(entries: list[dict[str, Any]]) -> list[str]:
 
 # --- the pure mechanism -----------------------------------------------------------------------------
 
-def test_removing_any_one_user_moves_the_k_sums_by_at_most_sqrt_k() -> None:
+def test_removing_any_one_user_moves_the_differences_by_at_most_sqrt_k_minus_1() -> None:
     # Property, brute force: per-user metrics in [0, 1] for each candidate (extremes included), any user removed
     rng = np.random.default_rng(0)
     k = len(SELECTION_CANDIDATES)
@@ -60,43 +61,62 @@ def test_removing_any_one_user_moves_the_k_sums_by_at_most_sqrt_k() -> None:
         n = int(rng.integers(1, 40))
         per_user = rng.random((n, k)) * (rng.random((n, 1)) < 0.7)
         per_user[rng.integers(n)] = rng.choice([0.0, 1.0], k)
-        full = compute_selection_sums(dict(zip(SELECTION_CANDIDATES, per_user.T, strict=True)))
+        full = compute_selection_differences(dict(zip(SELECTION_CANDIDATES, per_user.T, strict=True)))
         for u in range(n):
             rest = np.delete(per_user, u, 0)
-            without = compute_selection_sums(dict(zip(SELECTION_CANDIDATES, rest.T, strict=True)))
+            without = compute_selection_differences(dict(zip(SELECTION_CANDIDATES, rest.T, strict=True)))
             worst = max(worst, float(np.linalg.norm(full - without)))
     assert worst <= SELECTION_SENSITIVITY + 1e-12
-    assert worst == pytest.approx(math.sqrt(2))  # attained: a user at 1 under both candidates
-    assert math.isclose(SELECTION_SENSITIVITY, math.sqrt(2))
+    assert worst == pytest.approx(1.0)  # attained: a user at 1 under one candidate and 0 under the other
+    assert math.isclose(SELECTION_SENSITIVITY, 1.0)
+
+
+def test_differences_are_the_sums_against_the_first_candidate() -> None:
+    per_user = {"model": np.array([0.5, 0.25, 1.0]), "prior": np.array([0.0, 0.75, 1.0])}
+    np.testing.assert_allclose(compute_selection_sums(per_user), [1.75, 1.75])
+    np.testing.assert_allclose(compute_selection_differences({"model": per_user["model"],
+                                                              "prior": np.array([0.0, 0.0, 0.5])}), [-1.25])
 
 
 def test_sums_refuse_values_the_sensitivity_does_not_cover() -> None:
     with pytest.raises(ValueError, match="outside"):
         compute_selection_sums({"model": np.array([0.5, 1.2]), "prior": np.array([0.1, 0.2])})
     with pytest.raises(ValueError, match="outside"):
-        compute_selection_sums({"model": np.array([0.5, np.nan]), "prior": np.array([0.1, 0.2])})
+        compute_selection_differences({"model": np.array([0.5, np.nan]), "prior": np.array([0.1, 0.2])})
     with pytest.raises(ValueError, match="same users"):
-        compute_selection_sums({"model": np.array([0.5]), "prior": np.array([0.1, 0.2])})
+        compute_selection_differences({"model": np.array([0.5]), "prior": np.array([0.1, 0.2])})
 
 
 def test_noise_known_values_with_a_fixed_generator_and_its_scale() -> None:
-    # Known values: default_rng(0).normal(0, 1, 2) = (0.12573022, -0.13210486), times sigma 2 x sqrt(2)
-    noisy = compute_noisy_sums(np.array([3.0, 5.0]), 2.0, np.random.default_rng(0))
-    np.testing.assert_allclose(noisy, [3.35561877, 4.62635102], rtol=0, atol=1e-8)
-    draws = np.stack([compute_noisy_sums(np.zeros(2), 0.5, np.random.default_rng(s)) for s in range(4000)])
-    assert draws.std(axis=0) == pytest.approx([0.5 * math.sqrt(2)] * 2, rel=0.05)
+    # Known values: default_rng(0).normal(0, 1, 1) = 0.12573022, times sigma 2 x sqrt(2 - 1)
+    noisy = compute_noisy_differences(np.array([2.0]), 2.0, np.random.default_rng(0))
+    np.testing.assert_allclose(noisy, [2.25146044], rtol=0, atol=1e-8)
+    draws = np.stack([compute_noisy_differences(np.zeros(1), 0.5, np.random.default_rng(s)) for s in range(4000)])
+    assert draws.std(axis=0) == pytest.approx([0.5], rel=0.05)
     with pytest.raises(ValueError, match="selection_noise_multiplier"):
-        compute_noisy_sums(np.zeros(2), 0.0, np.random.default_rng(0))
+        compute_noisy_differences(np.zeros(1), 0.0, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="differences"):
+        compute_noisy_differences(np.zeros(2), 1.0, np.random.default_rng(0))
 
 
-def test_the_choice_is_the_argmax_of_the_noisy_sums_ties_to_the_model() -> None:
-    assert compute_noisy_choice(np.array([10.0, 9.5])) == "model"
-    assert compute_noisy_choice(np.array([9.5, 10.0])) == "prior"
-    assert compute_noisy_choice(np.array([7.0, 7.0])) == "model"
+def test_the_choice_is_the_better_by_the_noisy_difference_ties_to_the_model() -> None:
+    assert compute_noisy_choice(np.array([-0.5])) == "model"
+    assert compute_noisy_choice(np.array([0.5])) == "prior"
+    assert compute_noisy_choice(np.array([0.0])) == "model"
     rng = np.random.default_rng(3)
     for _ in range(200):
-        noisy = rng.normal(0, 5, 2)
-        assert compute_noisy_choice(noisy) == SELECTION_CANDIDATES[int(np.argmax(noisy))]
+        d = rng.normal(0, 5, 1)
+        assert compute_noisy_choice(d) == ("prior" if d[0] > 0 else "model")
+
+
+def test_at_one_epsilon_the_difference_decides_with_half_the_noise_of_two_released_sums() -> None:
+    # Brute force over many draws: the two-sums release (sensitivity sqrt 2, noise sigma sqrt 2 on each) against
+    # the difference release (sensitivity 1, noise sigma), the same (sigma, 1, 1) event and so the same epsilon
+    rng = np.random.default_rng(7)
+    sigma, gap, n = 8.0, 6.5, 20000  # LastFM-like: the model ahead by 0.017 NDCG x 380 validation users
+    wrong_sums = np.mean(gap + rng.normal(0, sigma * math.sqrt(2), n) - rng.normal(0, sigma * math.sqrt(2), n) < 0)
+    wrong_diff = np.mean(gap + rng.normal(0, sigma, n) < 0)
+    assert wrong_diff < 0.23 < 0.27 < wrong_sums  # 2 sigma noise: P(N > 6.5/16) = 0.34; sigma: P(N > 6.5/8) = 0.21
 
 
 @pytest.mark.parametrize("value", [-1.0, math.inf, math.nan])
@@ -128,8 +148,8 @@ def _noisy_choice(trainer: LocalTrainer, sigma: float, seed: int) -> tuple[str, 
     per_user = {"model": evaluate_model_per_user(trainer.model, trainer.split, "val", builder=trainer.builder)[2],
                 "prior": evaluate_model_per_user(PriorRanking(trainer.model), trainer.split, "val",
                                                  builder=trainer.builder)[2]}
-    sums = compute_selection_sums(per_user)
-    return compute_noisy_choice(compute_noisy_sums(sums, sigma, np.random.default_rng(seed))), sums
+    differences = compute_selection_differences(per_user)
+    return compute_noisy_choice(compute_noisy_differences(differences, sigma, np.random.default_rng(seed))), differences
 
 
 def test_the_prior_is_chosen_when_the_model_is_much_worse(tmp_path: Path) -> None:
@@ -145,8 +165,8 @@ def test_the_prior_is_chosen_when_the_model_is_much_worse(tmp_path: Path) -> Non
     # Execute: noisy choices under sigma 1 (noise std sqrt(2) per sum)
     choices = [_noisy_choice(trainer, 1.0, seed) for seed in range(5)]
     # Assert
-    sums = choices[0][1]
-    assert sums[1] > sums[0] + 5  # precondition: the prior is much better on validation
+    differences = choices[0][1]
+    assert differences[0] > 5  # precondition: the prior is much better on validation (prior minus model)
     assert {c for c, _ in choices} == {"prior"}
 
 
@@ -160,8 +180,8 @@ def test_the_model_is_chosen_when_it_is_much_better(tmp_path: Path) -> None:
     # Execute
     choices = [_noisy_choice(trainer, 1.0, seed) for seed in range(5)]
     # Assert
-    sums = choices[0][1]
-    assert sums[0] > sums[1] + 5  # precondition: the model is much better on validation
+    differences = choices[0][1]
+    assert differences[0] < -5  # precondition: the model is much better on validation
     assert {c for c, _ in choices} == {"model"}
 
 
@@ -213,7 +233,7 @@ def test_one_selection_entry_after_the_last_round_composed_in_epsilon_and_audite
         (1, "training"), (1, "evaluation"), (2, "training"), (2, "selection"), (2, "evaluation")]
     sel = entries[3]
     assert (sel["noise_multiplier"], sel["sample_rate"], sel["steps"]) == (SIGMA, 1.0, 1)
-    assert sel["max_grad_norm"] == pytest.approx(math.sqrt(2))
+    assert sel["max_grad_norm"] == pytest.approx(1.0)  # the sensitivity of the released difference
     history = [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in entries]
     assert entries[-1]["epsilon_rdp"] == pytest.approx(compute_epsilon(history, cfg.privacy.target_delta), rel=1e-9)
     assert sel["epsilon_rdp"] == pytest.approx(compute_epsilon(history[:4], cfg.privacy.target_delta), rel=1e-9)
@@ -222,7 +242,7 @@ def test_one_selection_entry_after_the_last_round_composed_in_epsilon_and_audite
     assert (partner.settings.state_dir / "selection" / "round_0002.json").stat().st_mode & 0o077 == 0
     assert (partner.settings.state_dir / "selection" / "served.json").stat().st_mode & 0o077 == 0
     assert read_served_choice(partner.settings.state_dir) == saved["choice"]
-    assert all(s is not None and "noisy_sums" not in (s[0] or {}) for s in sent)  # the sums stay on the partner
+    assert all(s is not None and "noisy_differences" not in (s[0] or {}) for s in sent)  # they stay on the partner
     sign_server_records(tmp_path / "run", {"partner-0": {"num_users": partner.num_users, "max_epsilon": 50.0,
                                                          "target_delta": 1e-4}}, max_epsilon=50.0)
     result = audit_run(tmp_path / "run")
@@ -232,8 +252,8 @@ def test_one_selection_entry_after_the_last_round_composed_in_epsilon_and_audite
 
 
 def test_the_served_metrics_are_the_chosen_candidates(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Prepare: the noisy sums forced to favour the prior (post-processing of any release is as private)
-    monkeypatch.setattr(selection, "compute_noisy_sums", lambda sums, sigma, rng: np.array([0.0, 1.0]))
+    # Prepare: the noisy difference forced to favour the prior (post-processing of any release is as private)
+    monkeypatch.setattr(selection, "compute_noisy_differences", lambda diffs, sigma, rng: np.array([1.0]))
     partner = make_partner(tmp_path, selection_config())
     _, initial = partner.initial_parameters()
     new, _, _ = partner.fit(initial, 1)
@@ -270,8 +290,8 @@ def test_a_rerun_after_a_kill_reuses_the_saved_release_and_charges_it_once(
     before = path.read_bytes()
     assert read_served_choice(partner.settings.state_dir) == "model"  # not served before it is charged
     draws: list[int] = []
-    real = selection.compute_noisy_sums
-    monkeypatch.setattr(selection, "compute_noisy_sums", lambda *a: draws.append(1) or real(*a))
+    real = selection.compute_noisy_differences
+    monkeypatch.setattr(selection, "compute_noisy_differences", lambda *a: draws.append(1) or real(*a))
     # Execute: the re-run, twice
     partner.evaluate(new, 1)
     partner.evaluate(new, 1)
@@ -426,10 +446,10 @@ def test_centralized_dp_training_charges_one_selection_in_its_epsilon_and_calibr
     # Execute
     out = train_centralized(cfg, split)
     calibrated = train_centralized(calibrated_cfg, split)
-    # Assert: the choice and its two noisy sums; epsilon = the accountant over training and the (sigma, 1, 1) release;
+    # Assert: the choice and its noisy difference; epsilon = the accountant over training and the (sigma, 1, 1) release;
     # with the noise calibrated (noise_multiplier = 0) the whole history still ends at most at the cap
     assert out.selection is not None and out.selection["choice"] in SELECTION_CANDIDATES
-    assert len(out.selection["noisy_sums"]) == 2 and out.selection["noise_multiplier"] == SIGMA
+    assert len(out.selection["noisy_differences"]) == 1 and out.selection["noise_multiplier"] == SIGMA
     events = [*compute_release_prefix(cfg), (out.noise_multiplier, out.sample_rate, out.steps), (SIGMA, 1.0, 1)]
     assert out.epsilon == pytest.approx(compute_epsilon(events, cfg.privacy.target_delta), rel=1e-9)
     assert out.epsilon > compute_epsilon(events[:-1], cfg.privacy.target_delta)
@@ -438,10 +458,10 @@ def test_centralized_dp_training_charges_one_selection_in_its_epsilon_and_calibr
 
 
 def test_centralized_dp_training_reports_the_chosen_candidates_metrics(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Prepare: the noisy sums forced to favour the prior (any post-processing of the release is as private)
+    # Prepare: the noisy difference forced to favour the prior (any post-processing of the release is as private)
     from fedsocial.shared.trainer import train_centralized
 
-    monkeypatch.setattr(selection, "compute_noisy_sums", lambda sums, sigma, rng: np.array([0.0, 1.0]))
+    monkeypatch.setattr(selection, "compute_noisy_differences", lambda diffs, sigma, rng: np.array([1.0]))
     cfg, split = _centralized(SIGMA)
     # Execute
     out = train_centralized(cfg, split)

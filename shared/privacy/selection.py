@@ -10,16 +10,20 @@ user's recommendations. So, after the federation's last round (``federation.roun
   model's item biases where there is no release: :mod:`fedsocial.shared.models.prior`; the user-item term
   dropped, seen items still excluded);
 * each validation user's NDCG@10 under each candidate is a function of that user's own record and of DP
-  parameters only, and lies in [0, 1]; the vector of the K per-candidate sums therefore moves by at most
-  ``sqrt(K)`` in L2 norm when one user is added or removed (:data:`SELECTION_SENSITIVITY`, user-level
-  add/remove adjacency);
-* the partner releases that vector plus Gaussian noise of standard deviation ``sigma * sqrt(K)`` on
-  every coordinate (the Gaussian mechanism; RDP ``alpha / (2 sigma^2)``, the same as one sampled-Gaussian
-  step at sample rate 1), charged once in its ledger as the event ``(sigma, 1.0, 1)`` with
-  ``release = "selection"``; the training noise is calibrated with that event planned, so the cap holds;
-* it serves the argmax of the noisy sums (ties to the earlier candidate, ``model`` first): post-processing.
+  parameters only, and lies in [0, 1]; the choice needs only the K - 1 differences of each candidate's sum to
+  the first's (``prior`` minus ``model``), and one user moves each difference by at most 1, so the vector of
+  differences moves by at most ``sqrt(K - 1)`` (= 1) in L2 norm when one user is added or removed
+  (:data:`SELECTION_SENSITIVITY`, user-level add/remove adjacency). Releasing the K sums instead (sensitivity
+  ``sqrt(K)``, their difference carrying noise ``2 sigma``) would compare through twice the noise at the same
+  epsilon (LastFM's 380-user partners chose wrongly that often: docs/BENCHMARKS.md 10.6);
+* the partner releases the differences plus Gaussian noise of standard deviation ``sigma * sqrt(K - 1)`` on
+  each (the Gaussian mechanism; RDP ``alpha / (2 sigma^2)``, the same as one sampled-Gaussian step at sample
+  rate 1), charged once in its ledger as the event ``(sigma, 1.0, 1)`` with ``release = "selection"``; the
+  training noise is calibrated with that event planned, so the cap holds;
+* it serves the argmax over the first candidate (0) and the noisy differences (ties to the earlier
+  candidate, ``model`` first): post-processing.
 
-The noisy sums and the choice never leave the partner (``STATE_DIR/selection/round_XXXX.json``, 0600);
+The noisy differences and the choice never leave the partner (``STATE_DIR/selection/round_XXXX.json``, 0600);
 they are saved with their digest before the ledger entry that charges them, so a re-run re-uses them bit
 for bit and never draws again; only after the charge is the choice recorded as served
 (``STATE_DIR/selection/served.json``), which ``fedsocial recommend`` / ``serve`` read. The noise comes
@@ -42,7 +46,7 @@ import numpy as np
 from fedsocial.shared.fileio import read_json_object, write_json_atomic
 
 SELECTION_CANDIDATES: tuple[str, ...] = ("model", "prior")
-SELECTION_SENSITIVITY = math.sqrt(len(SELECTION_CANDIDATES))  # K sums, one user moves each by <= 1
+SELECTION_SENSITIVITY = math.sqrt(len(SELECTION_CANDIDATES) - 1)  # K - 1 differences, a user moves each by <= 1
 SELECTION_FOLDER = "selection"
 SELECTION_METRIC = "ndcg@10"
 
@@ -78,19 +82,28 @@ def compute_selection_sums(per_user: Mapping[str, np.ndarray]) -> np.ndarray:
     return np.array([r.sum() for r in rows], dtype=np.float64)
 
 
-def compute_noisy_sums(sums: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
-    """The Gaussian mechanism: ``sums + N(0, (sigma * sqrt(K))^2)`` on every coordinate."""
+def compute_selection_differences(per_user: Mapping[str, np.ndarray]) -> np.ndarray:
+    """The K - 1 differences ``sum(candidate k) - sum(candidate 0)``, k >= 1 (``prior`` minus ``model``), over the
+    validation users (each user's term in [-1, 1]: the sensitivity rests on it, :func:`compute_selection_sums`)."""
+    sums = compute_selection_sums(per_user)
+    return sums[1:] - sums[0]
+
+
+def compute_noisy_differences(differences: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
+    """The Gaussian mechanism: ``differences + N(0, (sigma * sqrt(K - 1))^2)`` on every coordinate."""
     if not sigma > 0:
         raise ValueError(f"privacy.selection_noise_multiplier: must be > 0 for a release, got {sigma!r}")
-    s = np.asarray(sums, dtype=np.float64)
-    if s.shape != (len(SELECTION_CANDIDATES),):
-        raise ValueError(f"selection: expected {len(SELECTION_CANDIDATES)} sums, got shape {s.shape}")
-    return s + rng.normal(0.0, sigma * SELECTION_SENSITIVITY, s.shape)
+    d = np.asarray(differences, dtype=np.float64)
+    if d.shape != (len(SELECTION_CANDIDATES) - 1,):
+        raise ValueError(f"selection: expected {len(SELECTION_CANDIDATES) - 1} differences, got shape {d.shape}")
+    return d + rng.normal(0.0, sigma * SELECTION_SENSITIVITY, d.shape)
 
 
-def compute_noisy_choice(noisy: np.ndarray) -> str:
-    """The candidate with the largest noisy sum; ties go to the earlier one (``model`` first)."""
-    return SELECTION_CANDIDATES[int(np.argmax(np.asarray(noisy, dtype=np.float64)))]
+def compute_noisy_choice(noisy_differences: np.ndarray) -> str:
+    """The argmax over the first candidate (difference 0) and the others' noisy differences to it; ties go to the
+    earlier candidate (``model`` first)."""
+    scores = np.concatenate([[0.0], np.asarray(noisy_differences, dtype=np.float64).reshape(-1)])
+    return SELECTION_CANDIDATES[int(np.argmax(scores))]
 
 
 def _digest(release: Mapping[str, Any]) -> str:
@@ -100,9 +113,9 @@ def _digest(release: Mapping[str, Any]) -> str:
 
 
 def compute_selection_release(round_: int, sigma: float, noisy: np.ndarray, evaluated_users: int) -> dict[str, Any]:
-    """The record of one release (its noisy sums, the choice they give) and its digest."""
+    """The record of one release (its noisy differences, the choice they give) and its digest."""
     release = {"round": int(round_), "sigma": float(sigma), "candidates": list(SELECTION_CANDIDATES),
-               "noisy_sums": [float(v) for v in noisy], "choice": compute_noisy_choice(noisy),
+               "noisy_differences": [float(v) for v in noisy], "choice": compute_noisy_choice(noisy),
                "evaluated_users": int(evaluated_users)}
     return {**release, "digest": _digest(release)}
 
