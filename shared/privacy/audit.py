@@ -83,6 +83,7 @@ from fedsocial.shared.privacy.records import (
     RecordError,
     compute_params_sha256,
     read_json,
+    sha256_of,
     verify_record,
 )
 
@@ -801,11 +802,11 @@ def _check_canary_record(run: Path, server_key: Any, result: AuditResult) -> Non
         _canary_verdict(result, False, f"absent ({CANARY_RECORD} signs one that is not in this folder)")
         return
     problems = []
-    if hashlib.sha256(canary.read_bytes()).hexdigest() != doc.get("canary_sha256"):
+    if sha256_of(canary) != doc.get("canary_sha256"):
         problems.append(f"{CANARY} is not the one canary-audit signed (its sha256 differs from {CANARY_RECORD}'s): "
                         "its lower bound was changed after the audit, or it is another run's")
     manifest = run / MANIFEST
-    if manifest.is_file() and doc.get("manifest_sha256") != hashlib.sha256(manifest.read_bytes()).hexdigest():
+    if manifest.is_file() and doc.get("manifest_sha256") != sha256_of(manifest):
         problems.append(f"{CANARY_RECORD} was signed for another {MANIFEST}")
     for msg in problems:
         result.add("tamper", None, None, None, msg)
