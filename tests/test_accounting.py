@@ -74,9 +74,25 @@ def test_opacus_known_value_prv() -> None:
 
 
 def test_registry_and_unknown_accountant() -> None:
-    assert set(ACCOUNTANTS) == {"rdp", "prv"}
+    assert set(ACCOUNTANTS) == {"rdp", "prv", "rdp_int"}
     with pytest.raises(PrivacyConfigError, match="accountant"):
         compute_epsilon(OPACUS_KNOWN, 1e-5, "gdp")
+
+
+def test_rdp_int_is_rdp_at_the_integer_orders_and_never_below_it() -> None:
+    # Prepare: one step at q = 1 (the distributed mechanism's event) and a subsampled history
+    from fedsocial.shared.privacy.accounting import INTEGER_ALPHAS
+
+    full, sampled = [(4.035, 1.0, 40)], [(2.2, 0.25, 160)]
+    # Execute
+    eps_full = compute_epsilon(full, 1e-5, "rdp_int")
+    by_hand = min(40 * a / (2 * 4.035 ** 2) + math.log((a - 1) / a) - (math.log(1e-5) + math.log(a)) / (a - 1)
+                  for a in INTEGER_ALPHAS)
+    # Assert: Balle et al.'s conversion of alpha T / (2 sigma^2) at the integer orders, by hand
+    assert tuple(float(a) for a in [*range(2, 11), *range(12, 64)]) == INTEGER_ALPHAS  # Opacus has no 11
+    assert eps_full == pytest.approx(by_hand, rel=1e-9)
+    for history in (full, sampled):  # fewer orders: the same bound or a looser one
+        assert compute_epsilon(history, 1e-5, "rdp_int") >= compute_epsilon(history, 1e-5, "rdp") * (1 - 1e-12)
 
 
 # ---------------------------------------------------------------- cross-checks

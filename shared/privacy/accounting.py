@@ -34,6 +34,9 @@ History = Sequence[Event]
 
 # Opacus's RDPAccountant.DEFAULT_ALPHAS, spelled out so the orders of record are explicit.
 DEFAULT_ALPHAS: tuple[float, ...] = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)))
+# "rdp_int": the integer orders among them, where the Skellam mechanism's bound is proved
+# (shared/privacy/distributed.py); a valid, slightly looser accountant for the Gaussian too
+INTEGER_ALPHAS: tuple[float, ...] = tuple(float(a) for a in DEFAULT_ALPHAS if float(a).is_integer())
 
 
 class PrivacyConfigError(ConfigError):
@@ -191,6 +194,11 @@ def compute_epsilon_rdp(history: History, target_delta: float) -> float:
     return epsilon_from_rdp(compute_rdp_curve(history), target_delta)
 
 
+def compute_epsilon_rdp_int(history: History, target_delta: float) -> float:
+    """Epsilon of ``history`` by RDP at the integer orders among Opacus's defaults only (2-10, 12-63)."""
+    return epsilon_from_rdp(compute_rdp_curve(history, INTEGER_ALPHAS), target_delta, INTEGER_ALPHAS)
+
+
 def compute_epsilon_prv(history: History, target_delta: float, eps_error: float = 0.01) -> float:
     """Epsilon of ``history`` by Opacus's PRV accountant (upper end of its error band); about 0.1-0.3 s."""
     PRVAccountant = opacus_prv_accountant()  # noqa: N806 - Opacus's class, loaded without its package
@@ -212,11 +220,12 @@ def compute_epsilon_prv(history: History, target_delta: float, eps_error: float 
 ACCOUNTANTS: dict[str, Callable[[History, float], float]] = {
     "rdp": compute_epsilon_rdp,
     "prv": compute_epsilon_prv,
+    "rdp_int": compute_epsilon_rdp_int,
 }
 
 
 def compute_epsilon(history: History, target_delta: float, accountant: str = "rdp") -> float:
-    """Cumulative epsilon of ``history`` at ``target_delta`` with the named accountant ("rdp" or "prv")."""
+    """Cumulative epsilon of ``history`` at ``target_delta`` with the named accountant ("rdp", "prv", "rdp_int")."""
     if accountant not in ACCOUNTANTS:
         raise PrivacyConfigError(f"accountant: must be one of {sorted(ACCOUNTANTS)}, got {accountant!r}")
     return ACCOUNTANTS[accountant](history, target_delta)

@@ -50,6 +50,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from fedsocial.shared import signing
 from fedsocial.shared.privacy.accounting import (
     DEFAULT_ALPHAS,
+    INTEGER_ALPHAS,
     Event,
     PrivacyConfigError,
     compute_epsilon_prv,
@@ -62,7 +63,7 @@ LEDGER_VERSION = 1
 GENESIS_HASH = "0" * 64
 UNIT = "user"
 ADJACENCY = "add/remove one user's record"
-ACCOUNTANT_NAMES = ("rdp", "prv")
+ACCOUNTANT_NAMES = ("rdp", "prv", "rdp_int")
 # Partner ids name files (<id>.jsonl, <id>.pub): no dots, slashes or spaces.
 PARTNER_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 # Relative tolerance when re-deriving a recorded epsilon_rdp with the same (Opacus) analysis: the
@@ -315,6 +316,7 @@ def verify_ledger(
     last_round: int | None = None
     last_key: tuple[int, int] | None = None
     rdp = np.zeros(len(DEFAULT_ALPHAS))
+    rdp_int = np.zeros(len(INTEGER_ALPHAS))  # entries of accountant rdp_int: the integer orders only
     history_ok = True
     for i, entry in enumerate(entries):
         line = lines[i] if lines is not None else i + 1
@@ -357,7 +359,9 @@ def verify_ledger(
         try:
             event = validate_event((entry["noise_multiplier"], entry["sample_rate"], entry["steps"]))
             rdp = rdp + compute_rdp_curve([event])
-            recomputed = epsilon_from_rdp(rdp, entry["target_delta"])
+            rdp_int = rdp_int + compute_rdp_curve([event], INTEGER_ALPHAS)
+            recomputed = (epsilon_from_rdp(rdp_int, entry["target_delta"], INTEGER_ALPHAS)
+                          if entry.get("accountant") == "rdp_int" else epsilon_from_rdp(rdp, entry["target_delta"]))
         except PrivacyConfigError as exc:
             add("schema", str(exc))
             history_ok = False
@@ -629,7 +633,8 @@ class Ledger:
         """Append the entry of a trained round, computing cumulative epsilon_rdp and epsilon_prv
         from this ledger's history plus the new event."""
         history = [*self.history(), validate_event((noise_multiplier, sample_rate, steps))]
-        eps_rdp = epsilon_from_rdp(compute_rdp_curve(history), target_delta)
+        alphas = INTEGER_ALPHAS if accountant == "rdp_int" else DEFAULT_ALPHAS  # the orders its bound holds at
+        eps_rdp = epsilon_from_rdp(compute_rdp_curve(history, alphas), target_delta, alphas)
         eps_prv = compute_epsilon_prv(history, target_delta)
         fields = dict(extra or {})
         fields.update(
