@@ -98,6 +98,12 @@ class FedSocialClient(NumPyClient):
         ins = instructed(protocol.parse_fit_instructions(config, self.partner.cfg.federation.rounds),
                          "training instructions")
         round_ = ins.round
+        own = self.partner.distributed_noise
+        if ins.distributed_noise != own:  # else the update clipping would be skipped, or a share clipped
+            raise PartnerError(f"{self.partner.partner_id}: the server asks for "
+                               f"{'distributed' if ins.distributed_noise else 'per-partner'} noise, this partner's "
+                               f"privacy.distributed_noise is {str(own).lower()}; refusing round {round_} "
+                               "(nothing spent)")
         arrays, weight, metrics = self.partner.fit(list(parameters), round_)
         if ins.weight is not None:  # the bound the server derived from this partner's registration
             weight = min(weight, ins.weight)
@@ -142,11 +148,11 @@ def update_clipping_mod(msg: Message, ctxt: Context, call_next: Any) -> Message:
         return call_next(msg, ctxt)  # type: ignore[no-any-return]
     fit_ins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     # read before training: a bound that cannot clip (absent, NaN, 0, a string) refuses the round unspent
-    clipping_norm = instructed(protocol.parse_fit_instructions(fit_ins.config, None),
-                               "training instructions").clipping_norm
+    ins = instructed(protocol.parse_fit_instructions(fit_ins.config, None), "training instructions")
+    clipping_norm = ins.clipping_norm
     received = parameters_to_ndarrays(fit_ins.parameters)
     out_msg: Message = call_next(msg, ctxt)
-    if out_msg.has_error():
+    if out_msg.has_error() or ins.distributed_noise:  # a Skellam share (checked by FedSocialClient.fit) is no update
         return out_msg
     fit_res = compat.recorddict_to_fitres(out_msg.content, keep_input=True)
     clipped, norm = compute_clipped_update(parameters_to_ndarrays(fit_res.parameters), received, clipping_norm)

@@ -253,6 +253,11 @@ class Partner:
     def num_users(self) -> int:
         return int(self.split.n_users)
 
+    @property
+    def distributed_noise(self) -> bool:
+        """privacy.distributed_noise: each round is this partner's Skellam share of one DP-GD step."""
+        return bool(self.cfg.privacy.enabled and self.cfg.privacy.distributed_noise)
+
     def new_trainer(self) -> Any:
         from fedsocial.shared.trainer import LocalTrainer
 
@@ -284,8 +289,12 @@ class Partner:
             from fedsocial.shared.privacy.round import PARTNER_BATCH_KEY, compute_federation_prefix, plan_round
 
             pc, fc = self.cfg.privacy, self.cfg.federation
-            self._plan = plan_round(pc, n_users=self.num_users, batch_size=self.cfg.train.batch_size,
-                                    epochs=fc.local_epochs, rounds=fc.rounds, batch_key=PARTNER_BATCH_KEY,
+            # distributed noise: one step over every user a round (sample rate 1), whatever the batch size
+            batch = self.num_users if self.distributed_noise else self.cfg.train.batch_size
+            self._plan = plan_round(pc, n_users=self.num_users, batch_size=batch,
+                                    epochs=fc.local_epochs, rounds=fc.rounds,
+                                    batch_key="all users (privacy.distributed_noise)" if self.distributed_noise
+                                    else PARTNER_BATCH_KEY,
                                     calibrate=self._cached_calibration,
                                     prefix=compute_federation_prefix(self.cfg))
         return self._plan
@@ -380,11 +389,17 @@ class Partner:
             save_local_state(self.settings.state_dir, round_, trainer.get_local_state())
             metrics.update(self._refuse(ledger, round_, admission))
             return list(arrays), 0, metrics
-        result = self._train(trainer, round_, pround.plan.noise_multiplier)
-        self._check_finite(trainer, round_)
-        save_local_state(self.settings.state_dir, round_, trainer.get_local_state())
-        new = trainer.get_shared()
-        out, weight = [new[n] for n in names], compute_weight(self.num_users, self.cfg.federation.weight_cap)
+        share: dict[str, Any] = {}
+        if self.distributed_noise:
+            result, out, share = self._distributed_share(trainer, round_, pround.plan.noise_multiplier, names)
+            weight = 1  # the share is of a sum: SecAgg+ adds it as it is (server/secagg.py)
+            save_local_state(self.settings.state_dir, round_, trainer.get_local_state())
+        else:
+            result = self._train(trainer, round_, pround.plan.noise_multiplier)
+            self._check_finite(trainer, round_)
+            save_local_state(self.settings.state_dir, round_, trainer.get_local_state())
+            new = trainer.get_shared()
+            out, weight = [new[n] for n in names], compute_weight(self.num_users, self.cfg.federation.weight_cap)
         # the loss and the time are functions of the users' data that no DP mechanism covers: they stay here
         write_local_fit(self.settings.state_dir, round_, float(result.train_loss), float(result.wall_time_s))
         reply: dict[str, Any] = {}
@@ -392,7 +407,7 @@ class Partner:
         fault_point("before_ledger_append", round_, self.partner_id)
         used = (float(result.noise_multiplier), float(result.sample_rate), int(result.steps))
         entry = pround.record(ledger, round_, used, self.num_users, self.cfg.privacy.secure_rng,
-                              extra={"release_sha256": digest})
+                              extra={"release_sha256": digest, **share})
         fault_point("after_ledger_append", round_, self.partner_id)
         metrics.update(reply)
         metrics.update(self._accounting(pround, entry))
@@ -402,6 +417,41 @@ class Partner:
             except (OSError, ValueError) as exc:
                 log.warning("%s: round %d's intent not answered ahead: %s", self.partner_id, round_ + 1, exc)
         return out, weight, metrics
+
+    def _distributed_share(self, trainer: Any, round_: int, noise_multiplier: float, names: list[str]
+                           ) -> tuple[Any, list[np.ndarray], dict[str, Any]]:
+        """This partner's share of one DP-GD step: its users' clipped gradient sum at the global parameters,
+        rounded to the grid, plus Skellam noise of 1/t of the variance the calibrated noise needs, encoded
+        for the modular secure sum (shared/privacy/distributed.py). Returns (fit result, arrays, the ledger
+        entry's description of the mechanism)."""
+        import time
+
+        from fedsocial.shared.privacy import distributed as dn
+        from fedsocial.shared.trainer import FitResult, compute_dp_seeds
+
+        pc, t0 = self.cfg.privacy, time.perf_counter()
+        seed = compute_round_seed(self.cfg.train.seed, self.settings.partner_index, round_)
+        sums, loss = trainer.clipped_gradient_sum(pc.max_grad_norm, seed)
+        values = {n: v for n, v in trainer.get_shared().items() if n not in sums}
+        unknown = sorted(set(values) - set(dn.VALUE_PARAMS))
+        if unknown:
+            raise PartnerError(f"{self.partner_id}: untrained shared parameters {unknown} are neither a gradient nor "
+                               "a released value; distributed noise cannot send them")
+        dim = sum(int(a.size) for a in sums.values())
+        plan = dn.compute_share_plan(noise_multiplier, pc.max_grad_norm, pc.grid_bits, dim,
+                                     dn.compute_assumed_contributors(self.cfg.federation.min_partners,
+                                                                     self.cfg.secagg.reconstruction_threshold),
+                                     self.cfg.federation.partners)
+        rng = np.random.default_rng(compute_dp_seeds(seed, trainer.noise_key)[1])  # the partner's secret
+        out = [dn.compute_encoded(dn.compute_rounded(sums[n], plan.grid_step)
+                                  + dn.compute_skellam_share(sums[n].shape, plan.share_variance, rng), plan.sum_bits)
+               if n in sums else  # a released value, weighted by this partner's users (the server's mean)
+               dn.compute_encoded(dn.compute_rounded(values[n].astype(np.float64) * self.num_users, dn.VALUE_GRID),
+                                  plan.sum_bits)
+               for n in names]
+        result = FitResult(self.num_users, 1, 1.0, noise_multiplier, pc.max_grad_norm, loss, 0.0, [loss])
+        result.wall_time_s = time.perf_counter() - t0
+        return result, out, plan.to_record()
 
     def _check_finite(self, trainer: Any, round_: int) -> None:
         """Refuse a round whose training diverged (global parameters of absurd size make NaN tables) before

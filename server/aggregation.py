@@ -236,3 +236,25 @@ def compute_weighted_metrics(
 def compute_is_eval_round(round_: int, num_rounds: int, eval_every: int) -> bool:
     """Whether the federated evaluation runs after ``round_``: every ``eval_every`` rounds and the last."""
     return round_ % eval_every == 0 or round_ >= num_rounds
+
+
+def compute_adam_step(params: Sequence[np.ndarray], grads: Sequence[np.ndarray], m: Sequence[np.ndarray],
+                      v: Sequence[np.ndarray], step: int, lr: float, weight_decay: float = 0.0,
+                      betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8
+                      ) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+    """One AdamW step on the server (Kingma and Ba 2015; decoupled decay, Loshchilov and Hutter 2019), the
+    rule the partners' trainer uses: returns (update, m, v), ``step`` counted from 1. Distributed noise
+    (shared/privacy/distributed.py) releases one noisy mean gradient a round; this is its optimizer, a
+    post-processing of the releases only."""
+    b1, b2 = betas
+    c1, c2 = 1.0 - b1 ** step, 1.0 - b2 ** step
+    updates, ms, vs = [], [], []
+    for p, g, m_i, v_i in zip(params, grads, m, v, strict=True):
+        g64 = np.asarray(g, dtype=np.float64)
+        m_new = b1 * np.asarray(m_i, dtype=np.float64) + (1.0 - b1) * g64
+        v_new = b2 * np.asarray(v_i, dtype=np.float64) + (1.0 - b2) * g64 * g64
+        step_dir = (m_new / c1) / (np.sqrt(v_new / c2) + eps)
+        updates.append(-lr * (step_dir + weight_decay * np.asarray(p, dtype=np.float64)))
+        ms.append(m_new)
+        vs.append(v_new)
+    return updates, ms, vs

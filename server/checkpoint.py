@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ class Checkpoint:
     names: list[str]
     arrays: list[np.ndarray]
     state: dict[str, Any]
+    optimizer: dict[str, np.ndarray] = field(default_factory=dict)  # the server optimizer's moments, if any
 
 
 def checkpoint_path(run_dir: Path, round_: int) -> Path:
@@ -43,6 +44,7 @@ def checkpoint_path(run_dir: Path, round_: int) -> Path:
 def save_checkpoint(run_dir: Path, ckpt: Checkpoint) -> Path:
     fault_point("before_checkpoint", ckpt.round)  # crash tests: replies received, round not yet checkpointed
     arrays = {f"param/{n}": a for n, a in zip(ckpt.names, ckpt.arrays, strict=True)}
+    arrays.update({f"opt/{k}": a for k, a in ckpt.optimizer.items()})
     doc = {"round": ckpt.round, "names": ckpt.names, "state": ckpt.state}
     arrays[STATE_KEY] = np.frombuffer(json.dumps(doc).encode("utf-8"), dtype=np.uint8)
     path = checkpoint_path(run_dir, ckpt.round)
@@ -55,9 +57,10 @@ def load_checkpoint(path: Path) -> Checkpoint:
         with np.load(path, allow_pickle=False) as z:
             doc = json.loads(bytes(z[STATE_KEY]).decode("utf-8"))
             arrays = [np.array(z[f"param/{n}"]) for n in doc["names"]]
+            optimizer = {k[len("opt/"):]: np.array(z[k]) for k in z.files if k.startswith("opt/")}
     except (OSError, KeyError, ValueError) as exc:
         raise CheckpointError(f"{path}: unreadable checkpoint ({exc})") from None
-    return Checkpoint(int(doc["round"]), list(doc["names"]), arrays, dict(doc["state"]))
+    return Checkpoint(int(doc["round"]), list(doc["names"]), arrays, dict(doc["state"]), optimizer)
 
 
 def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:

@@ -214,10 +214,12 @@ def run_server(grid: Grid, context: Context, overrides: Mapping[str, Any] | None
     ckpt = latest_checkpoint(s.run_dir) if s.resume else None
     if ckpt is not None:
         names, params, start, state = ckpt.names, ckpt.arrays, ckpt.round, ckpt.state
+        optimizer = ckpt.optimizer
         rewrite_jsonl(s.run_dir / "rounds.jsonl", list(state.get("history", [])))
         log.info("resuming after round %d from %s", start, s.run_dir / "checkpoints")
     else:
         names, params, start, state = [], [], 0, {}
+        optimizer = {}
         for nid, reg in sorted(admitted.items()):  # the first admitted node whose initial parameters are sound
             names = list(reg.param_names)
             got = initial_parameters(grid, nid, names)
@@ -234,12 +236,16 @@ def run_server(grid: Grid, context: Context, overrides: Mapping[str, Any] | None
     props = {nid: reg.to_metrics() for nid, reg in admitted.items()}
     record_run_manifest(s.run_dir, cfg, props)
     secagg_kwargs: dict[str, Any] = {}
-    from fedsocial.server.secagg import ScreenedSecAggPlusWorkflow, derive_secagg_settings
+    from fedsocial.server.secagg import (
+        ScreenedSecAggPlusWorkflow,
+        compute_assumed_contributors,
+        derive_secagg_settings,
+    )
 
     strategy = FedSocialStrategy(cfg, s.run_dir, names, params, start_round=start, state=state,
                                  secagg=cfg.secagg.enabled, secagg_precision=cfg.secagg.precision,
                                  wait_timeout=s.wait_timeout, on_round=on_round, registrations=props,
-                                 refused=refused)
+                                 refused=refused, optimizer=optimizer)
     specs.extend(strategy.specs)
     if cfg.secagg.enabled:  # the weights the strategy will send: declared users, bounded
         secagg_kwargs = derive_secagg_settings(cfg, list(strategy.weight_bounds().values()))
@@ -252,7 +258,9 @@ def run_server(grid: Grid, context: Context, overrides: Mapping[str, Any] | None
         (s.run_dir / METRICS_RECORD).unlink(missing_ok=True)
         fit_workflow = ScreenedSecAggPlusWorkflow(**secagg_kwargs, on_halt=strategy.record_secagg_halt,
                                                   on_share_dropped=strategy.record_secagg_dropped_share,
-                                                  name_node=strategy.node_name) if cfg.secagg.enabled else None
+                                                  name_node=strategy.node_name,
+                                                  min_summed=compute_assumed_contributors(cfg) if strategy.distributed
+                                                  else 0) if cfg.secagg.enabled else None
         legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=remaining), strategy=strategy,
                                client_manager=RefreshingClientManager())
         DefaultWorkflow(fit_workflow=fit_workflow)(grid, legacy)

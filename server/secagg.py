@@ -102,6 +102,8 @@ def derive_secagg_settings(cfg: Config, weights: Sequence[float] | None = None) 
     """
     sa, fed = cfg.secagg, cfg.federation
     _check_shares(sa.num_shares, sa.reconstruction_threshold, fed.partners, fed.min_partners)
+    if cfg.privacy.enabled and cfg.privacy.distributed_noise:
+        return derive_share_settings(cfg)
 
     clipping_range = sa.clipping_range or fed.clipping_norm
     if clipping_range < fed.clipping_norm:
@@ -132,6 +134,29 @@ def derive_secagg_settings(cfg: Config, weights: Sequence[float] | None = None) 
         "quantization_range": q,
         "modulus_range": MODULUS_RANGE,
     }
+
+
+def derive_share_settings(cfg: Config) -> dict[str, Any]:
+    """SecAgg+ settings under which its quantisation maps the encoded integer shares of
+    shared/privacy/distributed.py onto themselves: weight 1 of max_weight 1, and clipping_range
+    2**(m-1) with quantization_range 2**m (one grid step per integer), so the unmasked sum is the sum of
+    the shares modulo 2**m, nothing rounded or clipped."""
+    from fedsocial.shared.privacy.distributed import compute_sum_bits
+
+    bits = compute_sum_bits(cfg.federation.partners)
+    if cfg.secagg.num_shares > MODULUS_RANGE >> bits:
+        raise ConfigError(f"secagg.num_shares: at most {MODULUS_RANGE >> bits} with privacy.distributed_noise and "
+                          f"{cfg.federation.partners} partners (Flower: num_shares <= modulus / quantization range)")
+    return {"num_shares": cfg.secagg.num_shares, "reconstruction_threshold": cfg.secagg.reconstruction_threshold,
+            "max_weight": 1.0, "clipping_range": float(1 << (bits - 1)), "quantization_range": 1 << bits,
+            "modulus_range": MODULUS_RANGE}
+
+
+def compute_assumed_contributors(cfg: Config) -> int:
+    """t of ``cfg``'s distributed mechanism (:func:`shared.privacy.distributed.compute_assumed_contributors`)."""
+    from fedsocial.shared.privacy.distributed import compute_assumed_contributors as assumed
+
+    return assumed(cfg.federation.min_partners, cfg.secagg.reconstruction_threshold)
 
 
 def _check_shares(num_shares: int, threshold: int, partners: int, min_partners: int) -> None:
@@ -289,11 +314,19 @@ class ScreenedSecAggPlusWorkflow(SecAggPlusWorkflow):
 
     def __init__(self, *args: Any, on_halt: Callable[[str], None] = lambda reason: None,
                  on_share_dropped: Callable[[str, str, str], None] = lambda owner, holder, why: None,
-                 name_node: Callable[[int], str] = lambda nid: f"node {nid}", **kwargs: Any) -> None:
+                 name_node: Callable[[int], str] = lambda nid: f"node {nid}", min_summed: int = 0,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.on_halt, self.on_share_dropped, self.name_node = on_halt, on_share_dropped, name_node
+        self.min_summed = min_summed  # distributed noise: a sum of fewer shares holds less noise than accounted
 
     def unmask_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
+        if len(state.active_node_ids) < self.min_summed:
+            reason = (f"unmask refused, nothing aggregated: {len(state.active_node_ids)} masked shares collected, "
+                      f"fewer than the {self.min_summed} whose noise the partners' accounting assumes")
+            log.warning("SecAgg+ %s", reason)
+            self.on_halt(reason)
+            return False
         try:
             return super().unmask_stage(_UnmaskGrid(grid, self, state), context, state)
         except UnmaskRefused as exc:

@@ -41,6 +41,7 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
 from fedsocial.server.aggregation import (
+    compute_adam_step,
     compute_applied,
     compute_decoded_update,
     compute_is_eval_round,
@@ -96,7 +97,8 @@ class FedSocialStrategy(Strategy):
                  secagg_precision: float = 0.0, wait_timeout: float = 600.0,
                  on_round: Callable[[dict[str, Any]], None] | None = None,
                  registrations: Mapping[int, Mapping[str, Any]] | None = None,
-                 refused: Mapping[int, str] | None = None) -> None:
+                 refused: Mapping[int, str] | None = None,
+                 optimizer: Mapping[str, np.ndarray] | None = None) -> None:
         self.cfg, self.run_dir, self.names = cfg, run_dir, list(names)
         self.specs = compute_specs(names, initial)
         self.global_params = [np.asarray(a) for a in initial]
@@ -116,6 +118,14 @@ class FedSocialStrategy(Strategy):
             self.rng.bit_generator.state = state["rng"]
         self._round: dict[str, Any] = {}
         self._t0 = time.perf_counter()
+        # privacy.distributed_noise: the server's AdamW over the released mean gradients (kept in checkpoints)
+        self.distributed = bool(cfg.privacy.enabled and cfg.privacy.distributed_noise)
+        self.opt_step = int(state.get("opt_step", 0))
+        opt = dict(optimizer or {})
+        self.opt_m = [np.asarray(opt.get(f"m/{n}", np.zeros(a.shape)), dtype=np.float64)
+                      for n, a in zip(self.names, self.global_params, strict=True)]
+        self.opt_v = [np.asarray(opt.get(f"v/{n}", np.zeros(a.shape)), dtype=np.float64)
+                      for n, a in zip(self.names, self.global_params, strict=True)]
         self.refused_nodes.update(refused or {})  # refused at the bootstrap: never asked again
         self.register_all(registrations or {})
 
@@ -173,7 +183,14 @@ class FedSocialStrategy(Strategy):
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": self.history, "partners": self.partners, "registered": self.registered,
-                "elapsed_s": self.elapsed_s, "rng": self.rng.bit_generator.state}
+                "elapsed_s": self.elapsed_s, "rng": self.rng.bit_generator.state, "opt_step": self.opt_step}
+
+    def optimizer_arrays(self) -> dict[str, np.ndarray]:
+        """The server optimizer's moments (distributed noise only), for the checkpoint."""
+        if not self.distributed:
+            return {}
+        return {**{f"m/{n}": a for n, a in zip(self.names, self.opt_m, strict=True)},
+                **{f"v/{n}": a for n, a in zip(self.names, self.opt_v, strict=True)}}
 
     def _sample(self, client_manager: ClientManager) -> list[ClientProxy]:
         fc = self.cfg.federation
@@ -211,7 +228,7 @@ class FedSocialStrategy(Strategy):
         out = []
         for proxy in proxies:
             ins = protocol.FitInstructions(g, fc.clipping_norm, fc.rounds, int(bounds[self._who(proxy)]),
-                                           fc.weight_cap, self.secagg)
+                                           fc.weight_cap, self.secagg, self.distributed)
             out.append((proxy, FitIns(ndarrays_to_parameters(self.global_params), ins.to_config())))
         return out
 
@@ -274,7 +291,9 @@ class FedSocialStrategy(Strategy):
         for pid in exhausted:
             log.warning("round %d: %s has exhausted its privacy budget and did not train", g, pid)
         self._round.update(dropped=dropped, budget_exhausted=exhausted)
-        if self.secagg:
+        if self.distributed:
+            update = self._distributed_update(g, results, reports, dropped)
+        elif self.secagg:
             update = self._secagg_update(g, results, reports, dropped)
         else:
             update = self._plain_update(g, reports, dropped)
@@ -350,11 +369,11 @@ class FedSocialStrategy(Strategy):
         self._check_quorum(g, kept, dropped)
         return compute_weighted_average(updates, np.asarray(weights, dtype=np.float64))
 
-    def _secagg_update(self, g: int, results: list[tuple[ClientProxy, FitRes]],
-                       reports: list[tuple[ClientProxy, FitRes, protocol.FitReport]],
-                       dropped: list[dict[str, Any]]) -> list[np.ndarray] | None:
-        """Under SecAgg+ every FitRes carries the same unmasked weighted mean; check it as a whole."""
-        fc = self.cfg.federation
+    def _summed_contributors(self, g: int, results: list[tuple[ClientProxy, FitRes]],
+                             reports: list[tuple[ClientProxy, FitRes, protocol.FitReport]],
+                             dropped: list[dict[str, Any]], need: int
+                             ) -> list[tuple[ClientProxy, FitRes, protocol.FitReport]] | None:
+        """The valid contributors of a secure sum, or None (the round skipped) when it cannot be used."""
         contributors = [t for t in reports if not t[2].budget_exhausted and t[1].num_examples > 0]
         for _, _, rep in contributors:  # its masked share is in the sum: one false claim voids the sum
             reason = self._privacy_refusal(rep, math.inf)
@@ -362,13 +381,79 @@ class FedSocialStrategy(Strategy):
                 log.warning("round %d: the reply of %s in the secure sum: %s", g, rep.partner_id, reason)
                 dropped.append({"partner": rep.partner_id, "reason": reason})
         contributors = [t for t in contributors if self._privacy_refusal(t[2], math.inf) is None]
-        need = self.secagg_min_contributors()
         if len(contributors) < need or len(contributors) != len(results):
             self._skip(g, f"{len(contributors)} valid contributors of {len(results)} in the secure sum "
                           f"(at least {need} needed, and every summed reply valid): not aggregated")
             reports[:] = []
             return None
         self._check_quorum(g, contributors, dropped)
+        return contributors
+
+    def _distributed_update(self, g: int, results: list[tuple[ClientProxy, FitRes]],
+                            reports: list[tuple[ClientProxy, FitRes, protocol.FitReport]],
+                            dropped: list[dict[str, Any]]) -> list[np.ndarray] | None:
+        """Distributed noise: the secure sum of the partners' Skellam shares, decoded, is the noisy sum of
+        every contributor's clipped user gradients; divided by their declared users it is one DP-GD step's
+        gradient, and the server's AdamW turns it into the update (shared/privacy/distributed.py)."""
+        from fedsocial.server.secagg import compute_assumed_contributors
+        from fedsocial.shared.privacy import distributed as dn
+
+        pc, tc = self.cfg.privacy, self.cfg.train
+        contributors = self._summed_contributors(g, results, reports, dropped,
+                                                 compute_assumed_contributors(self.cfg))
+        if contributors is None:
+            return None
+        n = len(contributors)
+        bits, step = dn.compute_sum_bits(self.cfg.federation.partners), dn.compute_grid_step(pc.max_grad_norm,
+                                                                                            pc.grid_bits)
+        users = sum(int(self.registered[r.partner_id]["num_users"]) for _, _, r in contributors)
+        mean = parameters_to_ndarrays(results[0][1].parameters)
+        if [tuple(a.shape) for a in mean] != [tuple(sp.shape) for sp in self.specs]:
+            self._skip(g, "the securely aggregated shares do not have the shared parameters' shapes")
+            reports[:] = []
+            return None
+        sums = [dn.compute_decoded_sum(np.asarray(a, dtype=np.float64) * n, n, bits) for a in mean]
+        reason = self._implausible_sum(sums, contributors, users, step)
+        if reason is not None:
+            self._skip(g, f"the securely aggregated shares are not a noisy gradient sum: {reason}")
+            reports[:] = []
+            return None
+        grads = [s * (step / max(1, users)) for s in sums]
+        self.opt_step += 1
+        update, self.opt_m, self.opt_v = compute_adam_step(self.global_params, grads, self.opt_m, self.opt_v,
+                                                           self.opt_step, tc.lr, tc.weight_decay)
+        for i, name in enumerate(self.names):  # a released value (item_pop): the users-weighted mean, no step
+            if name in dn.VALUE_PARAMS:
+                update[i] = sums[i] * (dn.VALUE_GRID / max(1, users)) - self.global_params[i].astype(np.float64)
+                self.opt_m[i], self.opt_v[i] = np.zeros_like(self.opt_m[i]), np.zeros_like(self.opt_v[i])
+        self._round.update(distributed={"contributors": n, "users": users, "optimizer_step": self.opt_step})
+        return update
+
+    def _implausible_sum(self, sums: list[np.ndarray], contributors: list[Any], users: int, step: float
+                         ) -> str | None:
+        """Why the decoded sum cannot be honest shares' (its gradient part beyond
+        :func:`shared.privacy.distributed.compute_sum_bound` at the largest noise any contributor claims), or None."""
+        from fedsocial.shared.privacy import distributed as dn
+
+        pc, fc = self.cfg.privacy, self.cfg.federation
+        grad = [s for s, name in zip(sums, self.names, strict=True) if name not in dn.VALUE_PARAMS]
+        dim = sum(int(s.size) for s in grad)
+        sigmas = [r.accounting.noise_multiplier for _, _, r in contributors if r.accounting is not None]
+        if not grad or not sigmas:
+            return None if grad else "no trained parameter in the sum"
+        t = dn.compute_assumed_contributors(fc.min_partners, self.cfg.secagg.reconstruction_threshold)
+        plan = dn.compute_share_plan(max(sigmas), pc.max_grad_norm, pc.grid_bits, dim, t, fc.partners)
+        bound = dn.compute_sum_bound(users, len(contributors), pc.max_grad_norm, step, dim, plan.share_variance)
+        norm = math.sqrt(sum(float(np.dot(s.ravel().astype(np.float64), s.ravel().astype(np.float64))) for s in grad))
+        return None if norm <= bound else f"L2 norm {norm:.4g} grid steps, above the bound {bound:.4g}"
+
+    def _secagg_update(self, g: int, results: list[tuple[ClientProxy, FitRes]],
+                       reports: list[tuple[ClientProxy, FitRes, protocol.FitReport]],
+                       dropped: list[dict[str, Any]]) -> list[np.ndarray] | None:
+        """Under SecAgg+ every FitRes carries the same unmasked weighted mean; check it as a whole."""
+        fc = self.cfg.federation
+        if self._summed_contributors(g, results, reports, dropped, self.secagg_min_contributors()) is None:
+            return None
         mean = parameters_to_ndarrays(results[0][1].parameters)
         dim = sum(int(np.prod(s.shape)) for s in self.specs)
         slack = math.sqrt(dim) * self.secagg_precision * fc.clipping_norm  # quantisation error bound
@@ -494,7 +579,8 @@ class FedSocialStrategy(Strategy):
         if heads or self.cfg.privacy.enabled:  # what each partner's ledger held when its update arrived,
             write_signed_heads(self.run_dir, g, heads,  # signed by the server: a truncated or deleted ledger shows,
                                compute_params_sha256(self.names, self.global_params))  # and records of another model
-        save_checkpoint(self.run_dir, Checkpoint(g, self.names, self.global_params, self.state_dict()))
+        save_checkpoint(self.run_dir, Checkpoint(g, self.names, self.global_params, self.state_dict(),
+                                                 self.optimizer_arrays()))
         self._round = {}
         if self.on_round is not None:
             self.on_round(record)

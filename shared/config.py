@@ -170,7 +170,7 @@ class PrivacyConfig:
     max_grad_norm: float = 0.1  # per-user clipping bound C
     target_delta: float = 1e-5
     max_epsilon: float = 8.0  # the budget cap
-    accountant: str = "rdp"  # rdp|prv
+    accountant: str = "rdp"  # rdp|prv|rdp_int (RDP at integer orders only; what distributed_noise needs)
     secure_rng: bool = False
     epochs: int = 0  # fixed DP schedule (0: use train.epochs); DP runs do not early-stop by default
     select_on_validation: bool = False  # choosing the epoch on validation data uses private data
@@ -185,6 +185,10 @@ class PrivacyConfig:
     # popularity release or the model's item biases), L2 sensitivity 1, charged in the ledger; the partner
     # serves the better by the noisy difference (shared/privacy/selection.py). 0: off
     selection_noise_multiplier: float = 0.0
+    # true: one full-batch DP-GD step per round, the noise split over the partners under SecAgg+ as integer
+    # Skellam shares whose sum is one central step's noise (shared/privacy/distributed.py; PRIVACY.md 6)
+    distributed_noise: bool = False
+    grid_bits: int = 16  # distributed_noise: the clipped sum is rounded to steps of max_grad_norm / 2**grid_bits
 
     def __post_init__(self) -> None:
         _check(self.scope in ("joint", "partner"), "privacy.scope", "must be joint|partner")
@@ -198,7 +202,12 @@ class PrivacyConfig:
                f"must be finite when privacy.enabled (got {self.max_epsilon}); turn privacy off instead")
         _check(math.isfinite(self.noise_multiplier), "privacy.noise_multiplier", "must be finite")
         _check(math.isfinite(self.max_grad_norm), "privacy.max_grad_norm", "must be finite")
-        _check(self.accountant in ("rdp", "prv"), "privacy.accountant", "must be rdp|prv")
+        _check(self.accountant in ("rdp", "prv", "rdp_int"), "privacy.accountant", "must be rdp|prv|rdp_int")
+        _check(1 <= self.grid_bits <= 24, "privacy.grid_bits", "must be in [1, 24]")
+        # the Skellam bound is proved at integer orders (Agarwal, Kairouz, Liu 2021, Thm 3.5)
+        _check(not (self.enabled and self.distributed_noise) or self.accountant == "rdp_int",
+               "privacy.accountant", 'must be "rdp_int" with privacy.distributed_noise (the Skellam '
+               "mechanism's RDP bound holds at integer orders)")
         _check(self.epochs >= 0, "privacy.epochs", "must be >= 0")
         _check(math.isfinite(self.popularity_noise_multiplier) and self.popularity_noise_multiplier >= 0,
                "privacy.popularity_noise_multiplier", "must be a finite number >= 0 (0: no popularity release)")
@@ -275,6 +284,16 @@ class Config:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
+
+    def __post_init__(self) -> None:
+        pc, fc = self.privacy, self.federation
+        if pc.enabled and pc.distributed_noise:
+            _check(self.secagg.enabled, "secagg.enabled", "must be true with privacy.distributed_noise: only the "
+                   "secure sum hides each partner's share, which alone carries a fraction of the noise")
+            _check(fc.local_epochs == 1, "federation.local_epochs", "must be 1 with privacy.distributed_noise "
+                   "(a round is one full-batch DP-GD step; more rounds give more steps)")
+            _check(fc.server_noise_multiplier == 0, "federation.server_noise_multiplier",
+                   "must be 0 with privacy.distributed_noise (the partners' shares are the noise)")
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)

@@ -209,10 +209,15 @@ class FitInstructions:
     weight: int | None = None  # the bound the server derived from the registration
     weight_cap: int | None = None
     secure_aggregation: bool = False
+    # the reply is an encoded Skellam share of the round's gradient sum (shared/privacy/distributed.py), not
+    # new parameters: the client's update clipping leaves it as it is; a partner refuses a value not its own
+    distributed_noise: bool = False
 
     def to_config(self) -> dict[str, Any]:
         out: dict[str, Any] = {"round": self.round, "clipping_norm": self.clipping_norm,
                                "secure_aggregation": int(self.secure_aggregation)}
+        if self.distributed_noise:
+            out["distributed_noise"] = 1
         out.update({k: v for k, v in (("num_rounds", self.num_rounds), ("weight", self.weight),
                                       ("weight_cap", self.weight_cap)) if v is not None})
         return out
@@ -244,9 +249,10 @@ def parse_fit_instructions(m: Mapping[str, Any], planned_rounds: int | None) -> 
     weight = _int(m, "weight", errs, hi=MAX_USERS) if "weight" in m else None
     cap = _int(m, "weight_cap", errs, hi=MAX_USERS) if "weight_cap" in m else None
     secure = _int(m, "secure_aggregation", errs, hi=1) if "secure_aggregation" in m else 0
-    if errs or rnd is None or clip is None or secure is None:
+    distributed = _int(m, "distributed_noise", errs, hi=1) if "distributed_noise" in m else 0
+    if errs or rnd is None or clip is None or secure is None or distributed is None:
         return Rejected(tuple(errs))
-    return FitInstructions(rnd, clip, total, weight, cap, bool(secure))
+    return FitInstructions(rnd, clip, total, weight, cap, bool(secure), bool(distributed))
 
 
 @dataclass(frozen=True)

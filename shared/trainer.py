@@ -439,6 +439,33 @@ class LocalTrainer:
             opt.zero_grad(set_to_none=True)
         return steps
 
+    def clipped_gradient_sum(self, max_grad_norm: float, rng_seed: int) -> tuple[dict[str, np.ndarray], float]:
+        """sum over every user of clip(grad_u, C) for the shared parameters, in batches of train.batch_size;
+        returns it (float64) and the mean training loss. One full-batch DP-GD step's query of the
+        distributed mechanism (shared/privacy/distributed.py): the noise is added by the caller."""
+        rng = np.random.default_rng(rng_seed)
+        shared = set(self.shared_names())
+        named = {p: n for n, p in self.model.named_parameters()}
+        clipper = OnePassClipper(self.model)
+        sums = {n: np.zeros(tuple(p.shape), dtype=np.float64) for n, p in self.model.named_parameters()
+                if n in shared and p.requires_grad}  # the untrained shared values (item_pop) are no gradient
+        users, bs, total = self._example_users(), max(1, self.cfg.train.batch_size), 0.0
+        self.model.train()
+        try:
+            for start in range(0, len(users), bs):
+                self.model.zero_grad(set_to_none=True)
+                clipper.start()
+                per_user = self.model(self._batch(users[start:start + bs], rng))
+                total += float(per_user.detach().sum())
+                clipper.clipped_backward(per_user, max_grad_norm)
+                for p in clipper.params:
+                    if named[p] in sums and p.grad is not None:
+                        sums[named[p]] += p.grad.detach().cpu().numpy().astype(np.float64)
+        finally:
+            clipper.close()
+            self.model.zero_grad(set_to_none=True)
+        return sums, total / max(1, len(users))
+
     def refit_local(self) -> None:
         """Reconstruct the local p_u (user_embedding = local) from each user's own training items."""
         mc = self.cfg.model

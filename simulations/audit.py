@@ -31,6 +31,7 @@ from fedsocial.shared.privacy.audit import (
     PartnerReport,
     RoundRow,
     audit_run,
+    noise_text,
 )
 from fedsocial.simulations.privacy_report import canary_text, metrics_text, render_html, render_svg, summary_table
 
@@ -90,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     if result.partners:
         print(summary_table(result))
     print(f"privacy scope: {result.scope or 'not recorded (the run predates privacy.scope)'}")
+    if noise_text(result):
+        print(f"noise: {noise_text(result)}")
     print(f"metrics.json: {metrics_text(result)}")
     if canary_text(result):
         print(f"canary_audit.json: {canary_text(result)}")

@@ -15,6 +15,7 @@ from fedsocial.shared.privacy.audit import (
     RECOMPUTE_RTOL,
     AuditResult,
     PartnerReport,
+    noise_text,
     scope_note,
 )
 from fedsocial.shared.privacy.ledger import ADJACENCY
@@ -274,6 +275,7 @@ def render_html(result: AuditResult) -> str:
         "(shared parameters, partner updates, other users' recommendations) is (epsilon, delta)-DP with "
         "respect to u's record</dd>",
         f"<dt>Mechanism</dt><dd>{esc(PRIVACY_MODEL['mechanism'])}</dd>",
+        *([f"<dt>Noise</dt><dd>{esc(noise_text(result))}</dd>"] if noise_text(result) else []),
         f"<dt>Accountant</dt><dd>{esc(PRIVACY_MODEL['accountant'])}; recomputation tolerance "
         f"{RECOMPUTE_RTOL:.0%} (recorded may not fall below it)</dd>",
         f"<dt>Compositions</dt><dd>rounds per partner: {', '.join(map(str, rounds_all)) or 'n/a'}; "

@@ -55,6 +55,7 @@ from typing import Any
 
 from fedsocial.shared import signing
 from fedsocial.shared.privacy.accounting import (
+    INTEGER_ALPHAS,
     PrivacyConfigError,
     check_delta,
     compute_epsilon_dp_accounting,
@@ -237,6 +238,18 @@ def scope_note(scope: str) -> str:
             "runs of that time trained in the joint scope, but the audit cannot verify it")
 
 
+def noise_text(result: AuditResult) -> str:
+    """Where the run's noise was added, from the signed manifest, with the assumptions that makes."""
+    priv = (result.records.get("manifest") or {}).get("privacy") or {}
+    if priv.get("distributed_noise") is True:
+        return (f"distributed: integer Skellam shares of one full-batch DP-GD step's noise under SecAgg+ "
+                f"(shared/privacy/distributed.py); assumes SecAgg+ hides every share and at least "
+                f"{priv.get('contributors')} honest partners' shares in each released sum")
+    if priv.get("enabled") is True:
+        return "per partner: each partner's release carries its full noise (no trust in secure aggregation needed)"
+    return ""
+
+
 PRIVACY_MODEL = {
     "unit": f"{UNIT}: one user of a partner platform (their interactions and their own out-neighbour list)",
     "adjacency": ADJACENCY,
@@ -373,6 +386,7 @@ def _audit_partner_into(report: PartnerReport, ledgers: Path, keys_dir: Path | N
     structurally_ok = all(f.severity != "tamper" and f.severity != "input" for f in result.findings[n_before:])
     if structurally_ok:
         report.rounds = _recompute(partner, scan.entries, scan.lines, result)
+        _check_skellam(partner, scan.entries, scan.lines, _shared_dim(ledgers.parent), result)
     scopes = sorted({str(e["scope"]) for e in scan.entries if isinstance(e.get("scope"), str)})
     report.scope = ",".join(scopes)
     if len(scopes) > 1:
@@ -386,16 +400,63 @@ def _audit_partner_into(report: PartnerReport, ledgers: Path, keys_dir: Path | N
     _check_budget(report, cli_cap, result)
 
 
+def _shared_dim(run: Path) -> int | None:
+    """The number of shared coordinates, from the newest checkpoint's shapes (None without one)."""
+    from fedsocial.server.checkpoint import CheckpointError, latest_checkpoint
+
+    try:
+        ckpt = latest_checkpoint(run)
+    except CheckpointError:
+        return None
+    return None if ckpt is None else sum(int(a.size) for a in ckpt.arrays)
+
+
+def _check_skellam(partner: str, entries: list[dict[str, Any]], lines: list[int], dim: int | None,
+                   result: AuditResult) -> None:
+    """Distributed-noise entries (shared/privacy/distributed.py): the recorded noise multiplier must be the
+    Gaussian equivalent of the recorded shares over the model's coordinates, at no fewer contributors than
+    the signed manifest assumes, and only where secure aggregation hid the shares."""
+    from fedsocial.shared.privacy.distributed import compute_record_problems
+
+    manifest = result.records.get("manifest") or {}
+    priv, fed = manifest.get("privacy") or {}, manifest.get("federation") or {}
+    for entry, line in zip(entries, lines, strict=True):
+        if entry.get("mechanism") != "skellam":
+            continue
+        rnd = entry.get("round")
+        if dim is None:
+            result.add("warning", partner, rnd, line, "distributed noise: no checkpoint to take the model's size "
+                                                      "from; the recorded sensitivities are not re-derived")
+        else:
+            for problem in compute_record_problems(entry, float(entry["noise_multiplier"]),
+                                                   float(entry["max_grad_norm"]), dim):
+                result.add("accounting", partner, rnd, line, f"distributed noise: {problem}")
+        if manifest and fed.get("secure_aggregation") is not True:
+            result.add("accounting", partner, rnd, line, "distributed noise without secure aggregation in the "
+                                                         "signed manifest: each share alone carries 1/t of the noise")
+        assumed = priv.get("contributors")
+        if isinstance(assumed, int) and int(entry.get("contributors", 0)) > assumed:  # mu / t each: t too large
+            result.add("accounting", partner, rnd, line, f"distributed noise: shares sized for "
+                                                         f"{entry.get('contributors')} contributors, but the run "
+                                                         f"releases sums of as few as {assumed}")
+        elif manifest and not isinstance(assumed, int):
+            result.add("accounting", partner, rnd, line, "distributed noise in a run whose signed manifest does "
+                                                         "not say so (privacy.distributed_noise)")
+
+
 def _recompute(partner: str, entries: list[dict[str, Any]], lines: list[int],
                result: AuditResult) -> list[RoundRow]:
     """Per-round rows, with each cumulative epsilon recomputed by dp_accounting (RDP and PLD)."""
     history = history_of(entries)
     deltas = {e["target_delta"] for e in entries}
+    # rdp_int (the distributed Skellam rounds): dp_accounting at the same integer orders
+    orders = list(INTEGER_ALPHAS) if any(e.get("accountant") == "rdp_int" for e in entries) else None
     if len(deltas) == 1:  # the usual case: one pass, cumulative values after each round
         delta = deltas.pop()
-        rdp, pld = compute_epsilons_dp_accounting(history, delta), compute_epsilons_pld(history, delta)
+        rdp, pld = compute_epsilons_dp_accounting(history, delta, orders), compute_epsilons_pld(history, delta)
     else:
-        rdp = [compute_epsilon_dp_accounting(history[: i + 1], e["target_delta"]) for i, e in enumerate(entries)]
+        rdp = [compute_epsilon_dp_accounting(history[: i + 1], e["target_delta"], orders)
+               for i, e in enumerate(entries)]
         pld = [compute_epsilons_pld(history[: i + 1], e["target_delta"])[-1] for i, e in enumerate(entries)]
     rows = []
     for entry, line, eps_dp, eps_pld in zip(entries, lines, rdp, pld, strict=True):

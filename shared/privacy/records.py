@@ -104,13 +104,20 @@ def verify_record(doc: Any, kind: str, public_key: Ed25519PublicKey) -> dict[str
 def compute_manifest_payload(cfg: Any, partners: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     """The run's privacy settings and each registered partner's declaration (``num_users``,
     ``max_epsilon``, ``target_delta``), as the manifest records them."""
+    from fedsocial.shared.privacy.distributed import compute_assumed_contributors
+
     pc, fc = cfg.privacy, cfg.federation
+    distributed = bool(pc.enabled and pc.distributed_noise)
+    # t: the fewest honest shares a released sum is assumed to hold (shared/privacy/distributed.py)
+    shares = {"grid_bits": int(pc.grid_bits),
+              "contributors": compute_assumed_contributors(fc.min_partners, cfg.secagg.reconstruction_threshold)}
     return {
         "created": utc_timestamp(),
         "privacy": {"enabled": bool(pc.enabled), "scope": pc.scope, "max_epsilon": float(pc.max_epsilon),
                     "target_delta": float(pc.target_delta), "noise_multiplier": float(pc.noise_multiplier),
                     "max_grad_norm": float(pc.max_grad_norm), "accountant": pc.accountant,
-                    "secure_rng": bool(pc.secure_rng)},
+                    "secure_rng": bool(pc.secure_rng), "distributed_noise": distributed,
+                    **(shares if distributed else {})},
         "federation": {"partners": int(fc.partners), "rounds": int(fc.rounds), "local_epochs": int(fc.local_epochs),
                        "clipping_norm": float(fc.clipping_norm),
                        "server_noise_multiplier": float(fc.server_noise_multiplier),

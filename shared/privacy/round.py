@@ -120,6 +120,8 @@ def compute_settings(privacy: Any, schedule: Mapping[str, int]) -> dict[str, Any
             "privacy.target_delta": float(privacy.target_delta), "privacy.max_epsilon": float(privacy.max_epsilon),
             "privacy.accountant": str(privacy.accountant), "privacy.scope": str(privacy.scope),
             "privacy.popularity_noise_multiplier": float(privacy.popularity_noise_multiplier),
+            "privacy.distributed_noise": bool(getattr(privacy, "distributed_noise", False)),
+            **({"privacy.grid_bits": int(privacy.grid_bits)} if getattr(privacy, "distributed_noise", False) else {}),
             **{k: int(v) for k, v in schedule.items()}}
 
 
