@@ -1,10 +1,11 @@
 """The Flower side of a partner (legacy path, so that SecAgg+ composes): NumPyClient, mods, ClientApp.
 
-Pipeline of a training message, outermost first: ``secagg_when_requested_mod`` (SecAgg+ masking when
+Pipeline of a training message, outermost first: ``make_secagg_mod`` (SecAgg+ masking when
 the server runs the SecAgg+ workflow), ``update_clipping_mod`` (the reply's new parameters become the
 update against the received global, clipped to the server's ``clipping_norm``; the same place as
 Flower's ``fixedclipping_mod``), then :class:`FedSocialClient`. So the only arrays that leave are
-clipped updates (masked under SecAgg+), and the partner's tables stay in its state directory.
+clipped updates (masked under SecAgg+), or under distributed noise the masked integer share of a round's
+noisy gradient sum (shared/privacy/distributed.py), and the partner's tables stay in its state directory.
 """
 
 from __future__ import annotations
@@ -132,14 +133,66 @@ class FedSocialClient(NumPyClient):
         return 1.0 - float(out["ndcg@10"]), n, out
 
 
-def secagg_when_requested_mod(msg: Message, ctxt: Context, call_next: Any) -> Message:
+def make_secagg_mod(fixed: Mapping[str, Any] | None = None) -> Mod:
     """``secaggplus_mod`` for training messages of the SecAgg+ workflow; other messages pass through.
 
-    One ClientApp then serves runs with and without secure aggregation (``secagg.enabled``).
+    One ClientApp then serves runs with and without secure aggregation (``secagg.enabled``). Under
+    distributed noise SecAgg+ is part of the guarantee, so the partner checks what the server asks
+    (:func:`check_share_stage`) before Flower's mod acts on it. ``fixed``: the settings that override
+    the run config (as :func:`make_client_app` gives them).
     """
-    if msg.metadata.message_type == MessageType.TRAIN and RECORD_KEY_CONFIGS in msg.content.config_records:
-        return secaggplus_mod(msg, ctxt, call_next)
-    return call_next(msg, ctxt)  # type: ignore[no-any-return]
+    overrides = dict(fixed or {})
+
+    def secagg_when_requested_mod(msg: Message, ctxt: Context, call_next: Any) -> Message:
+        if msg.metadata.message_type == MessageType.TRAIN and RECORD_KEY_CONFIGS in msg.content.config_records:
+            check_share_stage(dict(msg.content.config_records[RECORD_KEY_CONFIGS]), _share_expectation(
+                {**dict(ctxt.run_config), **overrides}, ctxt.node_config))
+            return secaggplus_mod(msg, ctxt, call_next)  # type: ignore[no-any-return]
+        return call_next(msg, ctxt)  # type: ignore[no-any-return]
+
+    return secagg_when_requested_mod
+
+
+def _share_expectation(run_config: Mapping[str, Any], node_config: Mapping[str, Any]
+                       ) -> tuple[dict[str, Any], int, int] | None:
+    """(SecAgg+ settings, t, partners) of this partner's distributed noise; None without distributed noise."""
+    from fedsocial.client.partner import compute_local_config, compute_partner_config
+    from fedsocial.shared.config import load_config
+    from fedsocial.shared.privacy import distributed as dn
+
+    settings = settings_from_context(run_config, node_config)
+    cfg = compute_partner_config(compute_local_config(load_config(settings.config_path)), settings)
+    if not (cfg.privacy.enabled and cfg.privacy.distributed_noise):
+        return None
+    sa, fc = cfg.secagg, cfg.federation
+    return (dn.compute_secagg_share_settings(fc.partners, sa.num_shares, sa.reconstruction_threshold),
+            dn.compute_assumed_contributors(fc.min_partners, sa.reconstruction_threshold), fc.partners)
+
+
+def check_share_stage(configs: Mapping[str, Any], expected: tuple[dict[str, Any], int, int] | None) -> None:
+    """Refuse (PartnerError) a SecAgg+ stage that would break the distributed mechanism's guarantee: a setup
+    whose quantisation would not carry the integer shares unchanged (a share clipped or rounded alone is no
+    longer a share of the Skellam sum), or an unmask after more of this partner's SecAgg+ neighbours dropped
+    than the n - t the noise allows (then fewer than t shares are in the sum). A partner sees only its
+    neighbours, so this is a necessary condition; the server's own check (server/secagg.py) counts them all."""
+    from flwr.common.secure_aggregation.secaggplus_constants import Key, Stage
+
+    if expected is None:
+        return
+    settings, t, partners = expected
+    stage = configs.get(Key.STAGE)
+    if stage == Stage.SETUP:
+        asked = {"clipping_range": configs.get(Key.CLIPPING_RANGE), "quantization_range": configs.get(Key.TARGET_RANGE),
+                 "modulus_range": configs.get(Key.MOD_RANGE), "max_weight": configs.get(Key.MAX_WEIGHT)}
+        wrong = {k: v for k, v in asked.items() if v != settings[k]}
+        if wrong:
+            raise PartnerError(f"refusing SecAgg+ settings {wrong}: distributed noise needs "
+                               f"{ {k: settings[k] for k in wrong} } (its shares must pass unchanged)")
+    elif stage == Stage.UNMASK:
+        dead = configs.get(Key.DEAD_NODE_ID_LIST) or []
+        if len(dead) > partners - t:
+            raise PartnerError(f"refusing to unmask: {len(dead)} of this partner's SecAgg+ neighbours dropped out, "
+                               f"so fewer than the {t} shares distributed noise assumes are in the sum")
 
 
 def update_clipping_mod(msg: Message, ctxt: Context, call_next: Any) -> Message:
@@ -212,5 +265,5 @@ def make_client_app(settings: Mapping[str, Any] | None = None, extra_mods: list[
         partner = get_partner(settings_from_context(run_config, context.node_config))
         return FedSocialClient(partner).to_client()
 
-    mods: list[Any] = [*(extra_mods or []), secagg_when_requested_mod, update_clipping_mod]
+    mods: list[Any] = [*(extra_mods or []), make_secagg_mod(fixed), update_clipping_mod]
     return ClientApp(client_fn=client_fn, mods=mods)

@@ -137,19 +137,14 @@ def derive_secagg_settings(cfg: Config, weights: Sequence[float] | None = None) 
 
 
 def derive_share_settings(cfg: Config) -> dict[str, Any]:
-    """SecAgg+ settings under which its quantisation maps the encoded integer shares of
-    shared/privacy/distributed.py onto themselves: weight 1 of max_weight 1, and clipping_range
-    2**(m-1) with quantization_range 2**m (one grid step per integer), so the unmasked sum is the sum of
-    the shares modulo 2**m, nothing rounded or clipped."""
-    from fedsocial.shared.privacy.distributed import compute_sum_bits
+    """The SecAgg+ settings of distributed noise (:func:`shared.privacy.distributed.compute_secagg_share_settings`)."""
+    from fedsocial.shared.privacy.distributed import DistributedNoiseError, compute_secagg_share_settings
 
-    bits = compute_sum_bits(cfg.federation.partners)
-    if cfg.secagg.num_shares > MODULUS_RANGE >> bits:
-        raise ConfigError(f"secagg.num_shares: at most {MODULUS_RANGE >> bits} with privacy.distributed_noise and "
-                          f"{cfg.federation.partners} partners (Flower: num_shares <= modulus / quantization range)")
-    return {"num_shares": cfg.secagg.num_shares, "reconstruction_threshold": cfg.secagg.reconstruction_threshold,
-            "max_weight": 1.0, "clipping_range": float(1 << (bits - 1)), "quantization_range": 1 << bits,
-            "modulus_range": MODULUS_RANGE}
+    try:
+        return dict(compute_secagg_share_settings(cfg.federation.partners, cfg.secagg.num_shares,
+                                                  cfg.secagg.reconstruction_threshold))
+    except DistributedNoiseError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def compute_assumed_contributors(cfg: Config) -> int:

@@ -247,3 +247,47 @@ def test_only_masked_shares_and_whitelisted_scalars_leave_a_partner(tmp_path: Pa
     for rec in (r for r in records if r["message_type"] == "evaluate"):
         values = {k for rn, vals in rec["configs"].items() if not rn.endswith(".status") for k in vals}
         assert values == set(RELEASED_KEYS["local"]), values
+
+
+def test_a_distributed_partner_refuses_secagg_stages_that_break_its_shares() -> None:
+    # Prepare: what a partner of tiny_raw expects, and a server's setup asking for Flower's defaults instead
+    from flwr.common.secure_aggregation.secaggplus_constants import Key, Stage
+
+    from fedsocial.client.flower import check_share_stage
+    from fedsocial.client.partner import PartnerError
+
+    settings = dn.compute_secagg_share_settings(PARTNERS, 3, 2)
+    expected = (settings, 2, PARTNERS)  # t = 2 of 3: one dropout allowed
+    good = {Key.STAGE: Stage.SETUP, Key.CLIPPING_RANGE: settings["clipping_range"],
+            Key.TARGET_RANGE: settings["quantization_range"], Key.MOD_RANGE: settings["modulus_range"],
+            Key.MAX_WEIGHT: 1.0}
+    # Execute / Assert: the expected setup and an unmask of enough shares pass; the others are refused
+    check_share_stage(good, expected)
+    check_share_stage({Key.STAGE: Stage.UNMASK, Key.ACTIVE_NODE_ID_LIST: [1, 2], Key.DEAD_NODE_ID_LIST: [3]}, expected)
+    # Regression: the unmask lists are the partner's neighbours, not every contributor: three active
+    # neighbours of five partners with t = 5 is no evidence of a small sum (it refused every round)
+    check_share_stage({Key.STAGE: Stage.UNMASK, Key.ACTIVE_NODE_ID_LIST: [1, 2, 3], Key.DEAD_NODE_ID_LIST: []},
+                      (dn.compute_secagg_share_settings(5, 3, 2), 5, 5))
+    with pytest.raises(PartnerError, match="clipping_range"):
+        check_share_stage({**good, Key.CLIPPING_RANGE: 8.0, Key.TARGET_RANGE: 4194304}, expected)
+    with pytest.raises(PartnerError, match="2 of this partner's SecAgg"):
+        check_share_stage({Key.STAGE: Stage.UNMASK, Key.ACTIVE_NODE_ID_LIST: [1], Key.DEAD_NODE_ID_LIST: [2, 3]},
+                          expected)
+    check_share_stage({**good, Key.CLIPPING_RANGE: 8.0}, None)  # per-partner noise: SecAgg+'s own settings
+
+
+@pytest.mark.slow  # a federation
+def test_every_partner_needed_with_fewer_secagg_neighbours_than_partners(tmp_path: Path) -> None:
+    # Regression: the partners' unmask check counted their SecAgg+ neighbours as the contributors, so with
+    # 5 partners, 3 shares each and t = 5 every round was refused and nothing was trained
+    # Prepare
+    raw = tiny_raw()
+    raw["federation"] = {**raw["federation"], "partners": 5, "min_partners": 5, "rounds": 1, "eval_every": 1}
+    raw["data"] = {**raw["data"], "n_users": 200}
+    run = tmp_path / "run"
+    # Execute
+    doc = run_simulation_from_config(config_from_dict(raw), None, run, progress=False)
+    # Assert: the round was aggregated from all five shares, and the audit passes
+    assert doc["rounds_completed"] == 1 and doc["epsilon"] > 0
+    assert load_checkpoint(checkpoint_path(run, 1)).state["opt_step"] == 1
+    assert audit_run(run).exit_code == EXIT_OK

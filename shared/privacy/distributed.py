@@ -231,3 +231,19 @@ def compute_sum_bound(users: int, contributors: int, max_grad_norm: float, grid_
     few percent of its mean). A larger decoded sum is a hostile or broken share, not a gradient."""
     noise = 2.0 * math.sqrt(dim * contributors * share_variance) + 64.0 * math.sqrt(contributors * share_variance)
     return users * max_grad_norm / grid_step + contributors * math.sqrt(dim) / 2.0 + noise
+
+
+def compute_secagg_share_settings(partners: int, num_shares: int, reconstruction_threshold: int
+                                  ) -> dict[str, float | int]:
+    """SecAgg+ settings under which its quantisation maps the encoded shares onto themselves: weight 1 of
+    max_weight 1, clipping_range 2**(m-1) and quantization_range 2**m (one step per integer), so the unmasked
+    sum is the shares' sum modulo 2**m (Flower's ``quantize`` and ``factor_combine``). The server runs the
+    workflow with them and a partner refuses any other (client/flower.py)."""
+    bits = compute_sum_bits(partners)
+    if num_shares > 1 << (SUM_BITS_MAX - bits):
+        raise DistributedNoiseError(f"secagg.num_shares: at most {1 << (SUM_BITS_MAX - bits)} with "
+                                    f"privacy.distributed_noise and {partners} partners (Flower: num_shares <= "
+                                    "modulus / quantization range)")
+    return {"num_shares": int(num_shares), "reconstruction_threshold": int(reconstruction_threshold),
+            "max_weight": 1.0, "clipping_range": float(1 << (bits - 1)), "quantization_range": 1 << bits,
+            "modulus_range": 1 << SUM_BITS_MAX}
