@@ -121,6 +121,7 @@ class FedSocialStrategy(Strategy):
         # privacy.distributed_noise: the server's AdamW over the released mean gradients (kept in checkpoints)
         self.distributed = bool(cfg.privacy.enabled and cfg.privacy.distributed_noise)
         self.opt_step = int(state.get("opt_step", 0))
+        self._wrap_warned = False  # the modular sum's range warning, once a run
         opt = dict(optimizer or {})
         self.opt_m = [np.asarray(opt.get(f"m/{n}", np.zeros(a.shape)), dtype=np.float64)
                       for n, a in zip(self.names, self.global_params, strict=True)]
@@ -407,6 +408,11 @@ class FedSocialStrategy(Strategy):
         bits, step = dn.compute_sum_bits(self.cfg.federation.partners), dn.compute_grid_step(pc.max_grad_norm,
                                                                                             pc.grid_bits)
         users = sum(int(self.registered[r.partner_id]["num_users"]) for _, _, r in contributors)
+        if users << pc.grid_bits >= 1 << (bits - 1) and not self._wrap_warned:
+            self._wrap_warned = True
+            log.warning("round %d: %d users x 2**%d grid steps reach the modular sum's range 2**%d: a coordinate "
+                        "that most users' gradients share may wrap around (lower privacy.grid_bits)", g, users,
+                        pc.grid_bits, bits - 1)
         mean = parameters_to_ndarrays(results[0][1].parameters)
         if [tuple(a.shape) for a in mean] != [tuple(sp.shape) for sp in self.specs]:
             self._skip(g, "the securely aggregated shares do not have the shared parameters' shapes")

@@ -1,4 +1,4 @@
-"""``fedsocial init --data DIR --out CONFIG [--private] [--partners N]``: a config sized to a CSV data set.
+"""``fedsocial init --data DIR --out CONFIG [--private [--distributed]] [--partners N]``: a config for a CSV data set.
 
 Reads the data set in the generic CSV format (``interactions.csv``, ``social.csv``, optional
 ``items.csv`` / ``users.csv``; every loader rule applies, errors name file and line), measures it,
@@ -152,6 +152,36 @@ def compute_settings(s: DataStats, private: bool, partners: int) -> Settings:
     return {"model": model, "train": train, "privacy": privacy, "federation": fed}
 
 
+def compute_distributed_settings(settings: Settings, partners: int) -> Settings:
+    """DP settings with the noise split over the partners under SecAgg+ (``--distributed``; docs/PRIVACY.md
+    section 6): one full-batch DP-GD step a round, 80 rounds at the server's AdamW rate 0.01 (measured on
+    LastFM, docs/BENCHMARKS.md 10.7), every partner one of the SecAgg+ neighbours, one dropout tolerated."""
+    if partners < 3:
+        raise ConfigError(f"--distributed: needs at least 3 partners (SecAgg+ shares among 3 or more), got {partners}")
+    threshold = partners // 2 + 1  # more than half (Bonawitz et al. 2017), and recoverable after one dropout
+    out = {section: dict(values) for section, values in settings.items()}
+    out["train"]["lr"] = (0.01, "distributed noise: the server's AdamW, one step a round")
+    out["privacy"].update({
+        "accountant": ("rdp_int", "distributed noise: the Skellam bound holds at integer RDP orders"),
+        "distributed_noise": (True, "each round one full-batch DP-GD step; the partners split its noise as integer "
+                                    "Skellam shares under SecAgg+ (assumes SecAgg+ hides each share and at least "
+                                    f"{max(2, partners - 1)} honest partners per sum)"),
+        "grid_bits": (16, "the clipped sum on steps of max_grad_norm / 2**16"),
+    })
+    out["federation"].update({
+        "rounds": (80, "distributed noise: 80 full-batch DP-GD steps"),
+        "local_epochs": (1, "distributed noise: one step a round"),
+        "eval_every": (80, "one federated evaluation, after the last round"),
+        "min_partners": (max(2, partners - 1), "quorum: one dropout tolerated (t, the shares' divisor)"),
+    })
+    out["secagg"] = {
+        "enabled": (True, "distributed noise needs the secure sum: a share alone carries 1/t of the noise"),
+        "num_shares": (partners, "every partner is every other's SecAgg+ neighbour"),
+        "reconstruction_threshold": (threshold, "more than half of the shares, recoverable after one dropout"),
+    }
+    return out
+
+
 def compute_dp_changes(current: Settings, private: Settings) -> list[str]:
     """The ``section.key=value`` overrides that turn the non-private settings into the DP ones."""
     out = []
@@ -181,7 +211,9 @@ def render_config(data_dir: Path, stats: DataStats, settings: Settings, dp_chang
                   "#   " + " ".join(f"--set {c}" for c in dp_changes)]
     lines += ["", "[data]", 'format = "csv"', f"path = {json.dumps(str(data_dir))}  # absolute: no --data-dir needed",
               "", "[split]", "seed = 2024", "", "[partition]", 'method = "random"', ""]
-    for section in ("model", "train", "privacy", "federation"):
+    for section in ("model", "train", "privacy", "federation", "secagg"):
+        if section not in settings:
+            continue
         lines.append(f"[{section}]")
         lines += [f"{k} = {_toml(v)}  # {why}" for k, (v, why) in settings[section].items()]
         lines.append("")
@@ -194,12 +226,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", required=True, help="folder with interactions.csv and social.csv")
     parser.add_argument("--out", required=True, help="config file to write (TOML)")
     parser.add_argument("--private", action="store_true", help="settings for user-level DP training")
+    parser.add_argument("--distributed", action="store_true",
+                        help="with --private: the partners split each DP step's noise under SecAgg+ "
+                             "(docs/PRIVACY.md section 6)")
     parser.add_argument("--partners", type=int, default=3, help="partners of a simulation (default 3)")
     parser.add_argument("--force", action="store_true", help="overwrite an existing config")
     return parser
 
 
-def write_init_config(data: Path, out: Path, private: bool, partners: int, force: bool = False) -> DataStats:
+def write_init_config(data: Path, out: Path, private: bool, partners: int, force: bool = False,
+                      distributed: bool = False) -> DataStats:
     """Inspect ``data``, write the config to ``out`` (checked by reading it back); returns the stats."""
     from fedsocial.shared.loaders import load_dataset
 
@@ -212,7 +248,11 @@ def write_init_config(data: Path, out: Path, private: bool, partners: int, force
     if stats.users < 2 * partners:
         raise ConfigError(f"{data_dir}: {stats.users} users cannot be split into {partners} partners "
                           "(pass a smaller --partners)")
+    if distributed and not private:
+        raise ConfigError("--distributed: distributed noise is a DP setting; pass --private too")
     settings = compute_settings(stats, private, partners)
+    if distributed:
+        settings = compute_distributed_settings(settings, partners)
     dp_changes = [] if private else compute_dp_changes(settings, compute_settings(stats, True, partners))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
@@ -226,8 +266,9 @@ def write_init_config(data: Path, out: Path, private: bool, partners: int, force
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out = Path(args.out)
-    stats = write_init_config(Path(args.data), out, args.private, args.partners, args.force)
-    kind = "user-level DP" if args.private else "non-private"
+    stats = write_init_config(Path(args.data), out, args.private, args.partners, args.force, args.distributed)
+    kind = ("user-level DP, distributed noise" if args.distributed else "user-level DP") if args.private \
+        else "non-private"
     print(f"{out}: {kind} config for {stats.users} users, {stats.items} items, {stats.interactions} interactions",
           file=sys.stderr)
     print(f"next: fedsocial train --config {out} --out runs/{out.stem}   (or: fedsocial simulate ...)", file=sys.stderr)

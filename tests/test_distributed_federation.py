@@ -95,6 +95,11 @@ def test_the_ledger_charges_one_full_batch_step_a_round_and_the_audit_passes(run
     assert training[-1]["epsilon_rdp"] <= 8.0 and training[-1]["contributors"] == 2
     assert result.exit_code == EXIT_OK, [str(f) for f in result.findings]
     assert result.records["manifest"]["privacy"]["distributed_noise"] is True
+    from fedsocial.shared.privacy.audit import noise_text
+    from fedsocial.simulations.privacy_report import render_html
+
+    assert "at least 2 honest partners' shares" in noise_text(result)  # the assumption, stated with its t
+    assert "<dt>Noise</dt><dd>distributed: integer Skellam shares" in render_html(result)
 
 
 def test_record_problems_name_an_undersized_share_and_wrong_sensitivities() -> None:
@@ -182,6 +187,8 @@ def test_the_popularity_release_is_averaged_by_users_not_stepped(tmp_path: Path)
     # Assert: the users-weighted mean of the partners' releases, kept as it is by the next round
     assert np.array_equal(first, expected.astype(first.dtype))
     assert np.abs(first).max() > 0 and np.allclose(first, second, atol=dn.VALUE_GRID / users * PARTNERS)
+    # the audit's dimension leaves the released values out, as the partners' shares do (regression)
+    assert audit_run(run).exit_code == EXIT_OK
 
 
 def test_a_partner_refuses_instructions_of_the_other_noise_placement(tmp_path: Path) -> None:

@@ -199,6 +199,40 @@ def test_init_config_simulates_with_no_other_flag(tmp_path: Path, n_users: int, 
     assert warning_lines(proc.stdout) == []
 
 
+@pytest.mark.slow
+def test_init_distributed_config_simulates_and_audits(tmp_path: Path) -> None:
+    # Prepare: a DP config whose partners split the noise under SecAgg+
+    data = _dataset(tmp_path / "data", 120, 80, features=False)
+    config = tmp_path / "mine.toml"
+    fedsocial(tmp_path, "init", "--data", str(data), "--out", str(config), "--private", "--distributed")
+    # Execute: two of its 80 rounds
+    fedsocial(tmp_path, "simulate", "--config", str(config), "--out", str(tmp_path / "run"),
+              "--set", "federation.rounds=2", "--set", "federation.eval_every=2", timeout=400)
+    audit = fedsocial(tmp_path, "audit", str(tmp_path / "run"))
+    # Assert
+    written = tomllib.loads(config.read_text(encoding="utf-8"))
+    doc = json.loads((tmp_path / "run" / "metrics.json").read_text(encoding="utf-8"))
+    assert written["privacy"]["distributed_noise"] is True and written["secagg"]["enabled"] is True
+    assert doc["rounds_completed"] == 2 and 0 < doc["epsilon"] <= 8.0 + 1e-6
+    assert "noise: distributed" in audit.stdout and "all ledgers verified" in audit.stdout
+
+
+def test_init_distributed_needs_private_and_three_partners(tmp_path: Path) -> None:
+    # Prepare
+    data = _dataset(tmp_path / "data", 60, 80, features=False)
+    # Execute
+    def init(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "fedsocial.simulations.cli", "init", "--data", str(data), *args],
+                              cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=120)
+
+    alone = init("--out", str(tmp_path / "a.toml"), "--distributed")
+    two = init("--out", str(tmp_path / "b.toml"), "--private", "--distributed", "--partners", "2")
+    # Assert: one line each, naming the flag, and no config written
+    assert alone.returncode == 2 and "--distributed" in alone.stderr and "Traceback" not in alone.stderr
+    assert two.returncode == 2 and "at least 3 partners" in two.stderr
+    assert not (tmp_path / "a.toml").exists() and not (tmp_path / "b.toml").exists()
+
+
 def test_a_data_set_without_social_ties_goes_from_init_to_a_trained_model(tmp_path: Path) -> None:
     # Prepare: interactions only, no social.csv
     data = _dataset(tmp_path / "data", 60, 80, features=False)

@@ -401,14 +401,18 @@ def _audit_partner_into(report: PartnerReport, ledgers: Path, keys_dir: Path | N
 
 
 def _shared_dim(run: Path) -> int | None:
-    """The number of shared coordinates, from the newest checkpoint's shapes (None without one)."""
+    """The number of trained shared coordinates (the Skellam mechanism's dimension: the released values such
+    as item_pop are not in it), from the newest checkpoint's shapes (None without one)."""
     from fedsocial.server.checkpoint import CheckpointError, latest_checkpoint
+    from fedsocial.shared.privacy.distributed import VALUE_PARAMS
 
     try:
         ckpt = latest_checkpoint(run)
     except CheckpointError:
         return None
-    return None if ckpt is None else sum(int(a.size) for a in ckpt.arrays)
+    if ckpt is None:
+        return None
+    return sum(int(a.size) for n, a in zip(ckpt.names, ckpt.arrays, strict=True) if n not in VALUE_PARAMS)
 
 
 def _check_skellam(partner: str, entries: list[dict[str, Any]], lines: list[int], dim: int | None,
