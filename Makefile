@@ -71,6 +71,7 @@ bench-gpu: $(STAMP)
 	$(PY) -m fedsocial.simulations.gpu_bench --data-dir $(DATA_DIR) --out runs/gpu_bench
 
 # Federated vs centralized vs local-only (issue 3) and the privacy-utility grid (issue 4): hours on 2 cores.
+SIM := FEDSOCIAL_SIM_CPUS=1 $(VENV)/bin/fedsocial simulate --data-dir $(DATA_DIR) --partners 5 --set train.num_threads=1
 GRID := FEDSOCIAL_SIM_CPUS=1 $(PY) -m fedsocial.simulations.privacy_grid --partners 5 --set train.num_threads=1
 bench-fed: $(STAMP)
 	FEDSOCIAL_SIM_CPUS=1 $(PY) -m fedsocial.simulations.fed_bench --config configs/lastfm_fed.toml --data-dir $(DATA_DIR) --partners 5 \
@@ -114,6 +115,15 @@ bench-privacy: $(STAMP)
 			--set data.n_users=$$((5 * n)) --set federation.local_batch_size=$$((n / 100)) \
 			--out runs/grid/synthetic_$$n || exit 1; \
 	done
+	# distributed noise under SecAgg+ (BENCHMARKS.md section 10.7): joint scope, t = 5, seeds 0-2
+	for s in 0 1 2; do \
+		$(SIM) --config configs/lastfm_dp_distributed.toml --set federation.min_partners=5 --set train.seed=$$s \
+			--out runs/dist/e8_s$$s || exit 1; \
+		$(SIM) --config configs/lastfm_dp_distributed.toml --set federation.min_partners=5 --set train.seed=$$s \
+			--set federation.rounds=40 --set federation.eval_every=40 --set train.lr=0.02 --set privacy.max_epsilon=2 \
+			--set privacy.popularity_noise_multiplier=4 --out runs/dist/e2_s$$s || exit 1; \
+	done
+	$(SIM) --config configs/lastfm_dp_distributed.toml --set privacy.scope=partner --compare-alone --out runs/dist/partner_e8
 
 # Serving (docs/BENCHMARKS.md, serving): top-10 latency at 100k / 1M items, single and 32 concurrent
 # clients on 127.0.0.1, event-to-list latency; cold-start NDCG@10 with / without the social term.

@@ -271,7 +271,11 @@ def main(argv: list[str] | None = None) -> int:
         else "non-private"
     print(f"{out}: {kind} config for {stats.users} users, {stats.items} items, {stats.interactions} interactions",
           file=sys.stderr)
-    print(f"next: fedsocial train --config {out} --out runs/{out.stem}   (or: fedsocial simulate ...)", file=sys.stderr)
+    if args.distributed:  # a federation setting: the centralized trainer has no partners to split the noise over
+        print(f"next: fedsocial simulate --config {out} --out runs/{out.stem}", file=sys.stderr)
+    else:
+        print(f"next: fedsocial train --config {out} --out runs/{out.stem}   (or: fedsocial simulate ...)",
+              file=sys.stderr)
     return 0
 
 
