@@ -10,6 +10,7 @@ noisy gradient sum (shared/privacy/distributed.py), and the partner's tables sta
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -156,11 +157,17 @@ def make_secagg_mod(fixed: Mapping[str, Any] | None = None) -> Mod:
 def _share_expectation(run_config: Mapping[str, Any], node_config: Mapping[str, Any]
                        ) -> tuple[dict[str, Any], int, int] | None:
     """(SecAgg+ settings, t, partners) of this partner's distributed noise; None without distributed noise."""
+    settings = settings_from_context(run_config, node_config)
+    return _share_expectation_of(settings, settings.config_path.read_bytes())
+
+
+@functools.lru_cache(maxsize=8)
+def _share_expectation_of(settings: Any, config_bytes: bytes) -> tuple[dict[str, Any], int, int] | None:
+    """:func:`_share_expectation` once per settings and config content (four SecAgg+ stages a round)."""
     from fedsocial.client.partner import compute_local_config, compute_partner_config
     from fedsocial.shared.config import load_config
     from fedsocial.shared.privacy import distributed as dn
 
-    settings = settings_from_context(run_config, node_config)
     cfg = compute_partner_config(compute_local_config(load_config(settings.config_path)), settings)
     if not (cfg.privacy.enabled and cfg.privacy.distributed_noise):
         return None
