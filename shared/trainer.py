@@ -23,6 +23,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -50,6 +51,10 @@ from fedsocial.shared.privacy.selection import compute_planned_selection_events
 
 class TrainerError(ValueError):
     """Training cannot run with this configuration or these parameters."""
+
+
+class SelectionReleaseError(TrainerError):
+    """A run's DP selection cannot be re-used (missing or altered): never drawn twice; the message names the file."""
 
 
 class DeviceError(TrainerError, ConfigError):
@@ -512,7 +517,7 @@ def _torch_state(state: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
 
 def train_centralized(cfg: Config, split: SplitData, progress: Callable[[dict[str, Any]], None] | None = None,
                       checkpoint: Callable[[TrainCheckpoint], None] | None = None,
-                      resume: TrainCheckpoint | None = None) -> TrainOutcome:
+                      resume: TrainCheckpoint | None = None, release_dir: Path | None = None) -> TrainOutcome:
     """Train on all users; non-private: early stopping on validation NDCG@10 (best weights restored);
     DP: a fixed schedule, the final model evaluated (unless privacy.select_on_validation).
 
@@ -521,6 +526,8 @@ def train_centralized(cfg: Config, split: SplitData, progress: Callable[[dict[st
     restored, the remaining epochs trained with a fresh optimizer (its moment estimates restart) and
     fresh sampling and noise seeds (a repeated noise draw would not be independent noise), and with
     DP the epsilon of all the steps behind the final model, under the plan's noise multiplier.
+    ``release_dir`` (the run's checkpoint folder): the DP selection is saved there before it is used, and a
+    resumed run re-uses it instead of drawing it again (:func:`compute_kept_selection`).
     """
     t0 = time.perf_counter()
     if cfg.train.num_threads:
@@ -607,7 +614,8 @@ def train_centralized(cfg: Config, split: SplitData, progress: Callable[[dict[st
     else:
         val, _ = trainer.evaluate("val")
     test, n_eval = trainer.evaluate("test")
-    selection = compute_dp_selection(trainer, split, pc.selection_noise_multiplier) if after else None
+    selection = (compute_kept_selection(trainer, split, pc.selection_noise_multiplier, release_dir, epochs)
+                 if after else None)
     if selection is not None and selection["choice"] == "prior":  # what this training serves: the prior
         from fedsocial.shared.metrics import evaluate_model
         from fedsocial.shared.models.prior import PriorRanking
@@ -636,6 +644,38 @@ def compute_selection_per_user(trainer: LocalTrainer, split: SplitData) -> dict[
 
     return {name: evaluate_model_per_user(model, split, "val", builder=trainer.builder, device=trainer.device)[2]
             for name, model in (("model", trainer.model), ("prior", PriorRanking(trainer.model)))}
+
+
+def compute_kept_selection(trainer: LocalTrainer, split: SplitData, sigma: float, release_dir: Path | None,
+                           round_: int) -> dict[str, Any]:
+    """The DP selection of a centralized run, drawn once per run folder: a release saved in ``release_dir``
+    (``selection/round_XXXX.json``, 0600, before it is used) is re-used by a resumed run; an altered one is
+    refused (a second draw would be an uncharged release; a finished run whose record is missing is refused
+    earlier, simulations/train_checkpoint.py). Without ``release_dir`` (library callers) every call draws."""
+    from fedsocial.shared.privacy.selection import (
+        SELECTION_FOLDER,
+        compute_selection_release,
+        load_selection_release,
+        save_selection_release,
+    )
+
+    if release_dir is None:
+        return compute_dp_selection(trainer, split, sigma)
+    path = release_dir / SELECTION_FOLDER / f"round_{round_:04d}.json"
+    saved = load_selection_release(release_dir, round_)
+    if saved is None and path.exists():
+        raise SelectionReleaseError(f"{path}: the DP selection of this run was drawn, but its record is altered or "
+                                    "unreadable; refusing a second draw (train into a new --out)")
+    if saved is not None:
+        if saved.get("sigma") != float(sigma):
+            raise SelectionReleaseError(f"{path}: drawn at sigma {saved.get('sigma')!r}, not the config's {sigma:g}")
+        drawn: dict[str, Any] = {"choice": saved["choice"], "noisy_differences": list(saved["noisy_differences"]),
+                                 "noise_multiplier": float(sigma), "evaluated_users": int(saved["evaluated_users"])}
+        return drawn
+    drawn = compute_dp_selection(trainer, split, sigma)
+    save_selection_release(release_dir, compute_selection_release(round_, sigma, np.asarray(
+        drawn["noisy_differences"]), drawn["evaluated_users"]))
+    return drawn
 
 
 def compute_dp_selection(trainer: LocalTrainer, split: SplitData, sigma: float) -> dict[str, Any]:

@@ -59,7 +59,12 @@ def run_train(cfg: Any, data_dir: str | None, out: Path, progress: bool = True, 
     from fedsocial.shared.split import split_dataset
     from fedsocial.shared.trainer import train_centralized
     from fedsocial.simulations.init_cmd import dp_advice_line
-    from fedsocial.simulations.train_checkpoint import mark_finished, prepare_run_folder, save_train_checkpoint
+    from fedsocial.simulations.train_checkpoint import (
+        CHECKPOINT_DIR,
+        mark_finished,
+        prepare_run_folder,
+        save_train_checkpoint,
+    )
 
     start = prepare_run_folder(cfg, out, resume)  # refuses a mismatched --resume before any work
     advice = dp_advice_line(cfg)  # DP turned on for a non-private config: say which keys to change
@@ -83,7 +88,8 @@ def run_train(cfg: Any, data_dir: str | None, out: Path, progress: bool = True, 
     tracker.log_config(cfg.to_dict())
     try:
         outcome = train_centralized(cfg, split, progress=TrackedEpochs(bar, tracker),
-                                    checkpoint=lambda ck: save_train_checkpoint(out, ck, cfg), resume=start)
+                                    checkpoint=lambda ck: save_train_checkpoint(out, ck, cfg), resume=start,
+                                    release_dir=out / CHECKPOINT_DIR)
     finally:
         bar.close()
     doc: dict[str, Any] = {k: float(outcome.metrics[k]) for k in METRIC_KEYS}

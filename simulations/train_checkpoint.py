@@ -131,4 +131,20 @@ def prepare_run_folder(cfg: Config, out: Path, resume: bool) -> TrainCheckpoint 
         raise TrainCheckpointError(f"--resume: {saved}: no such file (nothing to resume in {out})")
     if load_config(saved) != cfg:
         raise TrainCheckpointError(f"--resume: the config differs from {saved}, the one this run started with")
+    if progress is not None and progress.get("finished"):
+        check_published_selection(cfg, out)
     return load_train_checkpoint(out)
+
+
+def check_published_selection(cfg: Config, out: Path) -> None:
+    """A finished DP run with a selection published it in metrics.json: its saved release must be there, intact,
+    for ``--resume`` to re-use it (a second draw would be an uncharged release of the same validation data)."""
+    from fedsocial.shared.privacy.selection import SELECTION_FOLDER, load_selection_release, uses_selection_release
+
+    if not uses_selection_release(cfg):
+        return
+    epochs = cfg.privacy.epochs or cfg.train.epochs
+    if load_selection_release(out / CHECKPOINT_DIR, epochs) is None:
+        path = out / CHECKPOINT_DIR / SELECTION_FOLDER / f"round_{epochs:04d}.json"
+        raise TrainCheckpointError(f"--resume: {path}: the finished run's DP selection was published, but its record "
+                                   "is missing or altered; refusing a second draw (train into a new --out)")

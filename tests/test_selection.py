@@ -484,3 +484,64 @@ def test_centralized_training_without_the_selection_is_unchanged() -> None:
     assert out.selection is None
     assert out.epsilon == pytest.approx(compute_epsilon([(out.noise_multiplier, out.sample_rate, out.steps)],
                                                         cfg.privacy.target_delta), rel=1e-6)
+
+
+# --- fedsocial train --resume: the centralized selection is drawn once per run folder (regression) -------------
+
+
+def _published_run(tmp_path: Path) -> tuple[Any, Path, dict[str, Any]]:
+    from fedsocial.simulations.train import run_train
+
+    cfg, _ = _centralized(SIGMA)
+    out = tmp_path / "run"
+    return cfg, out, run_train(cfg, None, out, progress=False)
+
+
+def test_resuming_a_finished_centralized_run_reuses_its_selection_instead_of_drawing_again(tmp_path: Path) -> None:
+    # Prepare: a finished DP run that published its selection in metrics.json (before the fix, every
+    # `fedsocial train --resume` of it drew a new noisy difference: uncharged releases to average the noise away)
+    from fedsocial.simulations.train import run_train
+
+    cfg, out, first = _published_run(tmp_path)
+    # Execute
+    again = [run_train(cfg, None, out, progress=False, resume=True) for _ in range(3)]
+    # Assert: the saved release (0600) is the published one, bit for bit, at every resume
+    saved = load_selection_release(out / "checkpoint", cfg.privacy.epochs)
+    assert saved is not None and saved["noisy_differences"] == first["selection"]["noisy_differences"]
+    assert (out / "checkpoint" / "selection" / f"round_{cfg.privacy.epochs:04d}.json").stat().st_mode & 0o777 == 0o600
+    assert all(doc["selection"] == first["selection"] for doc in again)
+
+
+def test_a_crash_after_the_selection_draw_resumes_with_the_same_draw(tmp_path: Path) -> None:
+    # Prepare: the run killed after its selection was saved, before metrics.json was marked finished
+    from fedsocial.simulations.train import run_train
+
+    cfg, out, first = _published_run(tmp_path)
+    progress = out / "checkpoint" / "progress.json"
+    doc = json.loads(progress.read_text(encoding="utf-8"))
+    progress.write_text(json.dumps({**doc, "finished": False}), encoding="utf-8")
+    # Execute
+    resumed = run_train(cfg, None, out, progress=False, resume=True)
+    # Assert
+    assert resumed["selection"] == first["selection"]
+
+
+@pytest.mark.parametrize("damage", ["removed", "altered"])
+def test_a_published_selection_whose_record_is_gone_or_altered_is_never_drawn_again(tmp_path: Path,
+                                                                                    damage: str) -> None:
+    # Prepare
+    from fedsocial.simulations.train import run_train
+    from fedsocial.simulations.train_checkpoint import TrainCheckpointError
+
+    cfg, out, first = _published_run(tmp_path)
+    path = out / "checkpoint" / "selection" / f"round_{cfg.privacy.epochs:04d}.json"
+    if damage == "removed":
+        path.unlink()
+    else:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        path.write_text(json.dumps({**record, "noisy_differences": [-1e9]}), encoding="utf-8")
+    metrics_before = (out / "metrics.json").read_bytes()
+    # Execute / Assert: refused with the file named; the published metrics are kept as they were
+    with pytest.raises(TrainCheckpointError, match=str(path.name)):
+        run_train(cfg, None, out, progress=False, resume=True)
+    assert (out / "metrics.json").read_bytes() == metrics_before
