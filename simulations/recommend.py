@@ -31,7 +31,7 @@ from fedsocial.shared.data import SplitData
 from fedsocial.shared.events import EVENTS_FILE, EventError, compute_grown_local_state, load_split_with_events
 from fedsocial.shared.fileio import json_default, write_text_atomic
 from fedsocial.shared.models.social import SocialRec
-from fedsocial.shared.serving import Recommender, ServingError
+from fedsocial.shared.serving import Recommender, ServingError, UnknownUserError
 from fedsocial.shared.trainer import TrainerError
 from fedsocial.simulations.common import EXIT_USER_ERROR, USER_ERRORS, compute_error_line
 
@@ -207,6 +207,16 @@ def source_from_args(args: argparse.Namespace) -> ServedSource:
                           args.state_dir)
 
 
+def _partner_user(rec: Recommender, user: str, partner: str) -> Any:
+    """The partner's id of ``user``; unknown: the error says whose users were searched (a user of another partner
+    is not in this one's data)."""
+    try:
+        return rec.users[rec.index_of(user)]
+    except UnknownUserError:
+        raise UnknownUserError(f"--users: unknown user {user!r}: not among {partner}'s {len(rec.users)} users "
+                               "(each partner serves only its own users)") from None
+
+
 def compute_rows(rec: Recommender, users: list[Any], k: int, category: int | None = None) -> list[dict[str, Any]]:
     rows = []
     for user in users:
@@ -241,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--out {out}: the file must end in .jsonl or .csv")
         out.parent.mkdir(parents=True, exist_ok=True)  # a blocked --out fails before the model is loaded
         rec = load_recommender(source_from_args(args), args.calibration)
-        users = list(rec.users) if args.users is None else [rec.users[rec.index_of(u)] for u in args.users]
+        users = list(rec.users) if args.users is None else [_partner_user(rec, u, args.partner) for u in args.users]
         rows = compute_rows(rec, users, args.k, args.category)
         write_text_atomic(out, format_rows(rows, out.suffix))
     except SERVING_ERRORS as exc:

@@ -358,6 +358,7 @@ def test_recommend_refuses_bad_arguments_with_one_line(run_dir: Path, tmp_path: 
     err = capsys.readouterr().err
     assert (bad_suffix, bad_partner, bad_user, not_a_run) == (2, 2, 2, 2)
     assert ".jsonl or .csv" in err and "partner-9" in err and "no-such-user" in err and "--checkpoint" in err
+    assert "not among partner-0's" in err  # a user of another partner: the message says whose users were searched
     assert "Traceback" not in err
 
 
