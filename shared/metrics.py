@@ -14,7 +14,7 @@ items when testing).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -155,29 +155,61 @@ def compute_per_user_ndcg(topk_items: np.ndarray, ground_truth: sp.csr_matrix, k
     return np.asarray((hits * discounts[: hits.shape[1]]).sum(1) / ideal)
 
 
+def evaluate_models_per_user(models: Mapping[str, RecModel], split: SplitData, which: str = "test",
+                             builder: ExampleBuilder | None = None, ks: Sequence[int] = (10, 20), batch_size: int = 0,
+                             device: str | torch.device = "cpu") -> dict[str, tuple[dict[str, float], int, np.ndarray]]:
+    """:func:`evaluate_model_per_user` of several models over the same users in one ranking pass: each chunk's
+    batch is built once and handed to every model in turn (so that models which share scores can reuse them within a
+    chunk, client/personalize.py), each model's item side computed once. The same results as one call per model."""
+    tops, truth_rows = _ranked_many(models, split, which, builder, max(ks), batch_size, device)
+    out: dict[str, tuple[dict[str, float], int, np.ndarray]] = {}
+    for name, top in tops.items():
+        if not len(top):
+            out[name] = ({k: 0.0 for k in METRIC_KEYS}, 0, np.zeros(0))
+        else:
+            out[name] = (compute_topk_metrics(top, truth_rows, ks), int(len(top)),
+                         compute_per_user_ndcg(top, truth_rows, ks[0]))
+    return out
+
+
 def _ranked(model: RecModel, split: SplitData, which: str, builder: ExampleBuilder | None, kmax: int,
             batch_size: int, device: str | torch.device) -> tuple[np.ndarray, sp.csr_matrix]:
     """(top-``kmax`` item ids [U, kmax] of every user with relevant items in ``which``, their truth rows)."""
+    tops, truth_rows = _ranked_many({"model": model}, split, which, builder, kmax, batch_size, device)
+    return tops["model"], truth_rows
+
+
+@torch.no_grad()  # evaluation never differentiates: without this every chunk's scores carried an autograd graph
+def _ranked_many(models: Mapping[str, RecModel], split: SplitData, which: str, builder: ExampleBuilder | None,
+                 kmax: int, batch_size: int, device: str | torch.device) -> tuple[dict[str, np.ndarray], sp.csr_matrix]:
+    """:func:`_ranked` of every model, the users visited once in chunks (every model scores a chunk's batch)."""
     from fedsocial.shared.batching import ExampleBuilder  # local import: batching imports nothing from here
 
-    builder = builder if builder is not None else ExampleBuilder.from_split(split, model.model_cfg)
+    if not models:
+        raise MetricsError("evaluate: no model to rank with")
+    first = next(iter(models.values()))
+    builder = builder if builder is not None else ExampleBuilder.from_split(split, first.model_cfg)
     truth, seen = evaluation_matrices(split, which)
     users = np.flatnonzero(np.diff(truth.indptr) > 0)
     if not len(users):
-        return np.zeros((0, kmax), dtype=np.int64), truth[users]
+        return {name: np.zeros((0, kmax), dtype=np.int64) for name in models}, truth[users]
     order = users[np.argsort(np.diff(builder.item_indptr)[users], kind="stable")]
     chunk = batch_size or compute_chunk_rows(split.n_items)
-    was_training = model.training
-    model.eval()
-    side = model.item_side()
-    tops = np.zeros((len(users), min(kmax, split.n_items)), dtype=np.int64)
+    was_training = {name: m.training for name, m in models.items()}
+    for m in models.values():
+        m.eval()
+    sides = {name: m.item_side() for name, m in models.items()}
+    tops = {name: np.zeros((len(users), min(kmax, split.n_items)), dtype=np.int64) for name in models}
     slot = np.searchsorted(users, order)  # row of each visited user in ``users``
     for start in range(0, len(order), chunk):
         ub = order[start:start + chunk]
         batch = {k: v.to(device) for k, v in builder.eval_batch(ub).items()}
-        scores = model.score_all(batch, side).float()
-        if scores._base is not None or not scores.is_contiguous():
-            scores = scores.clone()  # a view (e.g. MostPop's expanded counts): the mask writes in place
-        tops[slot[start:start + chunk]] = mask_and_topk(scores, seen[ub], kmax).cpu().numpy()
-    model.train(was_training)
+        rows_seen = seen[ub]
+        for name, m in models.items():
+            scores = m.score_all(batch, sides[name]).float()
+            if scores._base is not None or not scores.is_contiguous():
+                scores = scores.clone()  # a view (e.g. MostPop's expanded counts): the mask writes in place
+            tops[name][slot[start:start + chunk]] = mask_and_topk(scores, rows_seen, kmax).cpu().numpy()
+    for name, m in models.items():
+        m.train(was_training[name])
     return tops, truth[users]

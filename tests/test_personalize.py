@@ -270,6 +270,56 @@ def test_served_is_never_below_alone_on_validation(partner_split_and_cfg: tuple[
     assert (tmp_path / PERSONAL_DIR / "alone.npz").is_file()
 
 
+def test_one_pass_over_the_candidates_gives_each_candidates_own_figures(
+        partner_split_and_cfg: tuple[Any, Config]) -> None:
+    # Prepare: three different models and the six mixtures personalise() builds; small chunks (many batches)
+    from fedsocial.client.personalize import MIX_ALPHAS, evaluate_candidates
+    from fedsocial.shared.batching import ExampleBuilder
+    from fedsocial.shared.metrics import evaluate_model_per_user
+
+    part, cfg = partner_split_and_cfg
+    trainers = [LocalTrainer(cfg, part, seed=s) for s in (3, 4, 5)]
+    for t, epochs in zip(trainers, (1, 2, 0), strict=True):
+        if epochs:
+            t.fit(epochs, noise_multiplier=1.0, rng_seed=5)
+    models: dict[str, Any] = dict(zip(("shared", "alone", "finetune"), (t.model for t in trainers), strict=True))
+    for base in ("shared", "finetune"):
+        for alpha in MIX_ALPHAS:
+            models[f"mix:{base}:{alpha:g}"] = ScoreMixture(models[base], models["alone"], alpha)
+    builder = ExampleBuilder.from_split(part, cfg.model)
+    modes = {name: m.training for name, m in models.items()}
+    # Execute
+    together = {which: evaluate_candidates(models, part, which, builder, batch_size=7) for which in ("val", "test")}
+    # Assert: bit for bit what one evaluation per candidate gives, every metric and every user's NDCG@10
+    for which, results in together.items():
+        assert set(results) == set(models)
+        for name, m in models.items():
+            metrics, n, rows = evaluate_model_per_user(m, part, which, builder=builder)
+            assert results[name][0] == metrics and results[name][1] == n > 0, (which, name)
+            assert np.array_equal(results[name][2], rows), (which, name)
+    assert {name: m.training for name, m in models.items()} == modes
+
+
+def test_per_user_evaluation_builds_no_autograd_graph(partner_split_and_cfg: tuple[Any, Config]) -> None:
+    # Regression: evaluate_model_per_user (personalise, the DP selection) scored with autograd on; with the
+    # candidates' shared scores that kept every chunk's graph alive (a Ciao partner's pass grew past 20 GB)
+    from fedsocial.shared.metrics import evaluate_model_per_user
+
+    part, cfg = partner_split_and_cfg
+    model = LocalTrainer(cfg, part, seed=3).model
+    seen: list[bool] = []
+    score_all = model.score_all
+
+    def spy(batch: Any, side: Any) -> torch.Tensor:
+        out = score_all(batch, side)
+        seen.append(torch.is_grad_enabled() or out.requires_grad)
+        return out
+
+    model.score_all = spy  # type: ignore[method-assign]
+    evaluate_model_per_user(model, part, "val")
+    assert seen and not any(seen)
+
+
 def test_the_record_keeps_every_candidates_per_user_validation_ndcg(partner_split_and_cfg: tuple[Any, Config],
                                                                   tmp_path: Path) -> None:
     # Prepare
