@@ -574,7 +574,9 @@ def train_centralized(cfg: Config, split: SplitData, progress: Callable[[dict[st
     def on_epoch(epoch: int, loss: float) -> bool:
         epoch += done  # epochs are numbered over the whole run, across a resume
         epoch_times.append(time.perf_counter() - last[0])
-        row: dict[str, float] = {"epoch": float(epoch + 1), "loss": loss, "epoch_time_s": epoch_times[-1]}
+        row: dict[str, float] = {"epoch": float(epoch + 1), "epoch_time_s": epoch_times[-1]}
+        if not private:  # a DP run's loss is a non-private function of the batch: it stays unpublished
+            row["loss"] = loss
         stop = False
         if select and ((epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == epochs):
             trainer.refit_local()

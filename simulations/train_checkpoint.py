@@ -124,6 +124,12 @@ def prepare_run_folder(cfg: Config, out: Path, resume: bool) -> TrainCheckpoint 
         if progress is not None and not progress.get("finished"):
             raise TrainCheckpointError(f"--out {out}: holds an unfinished run ({progress.get('epochs_done')} epochs "
                                        "done); pass --resume to continue it, or choose another --out")
+        if progress is not None and (cfg.privacy.enabled or (out / CONFIG_NAME).is_file()
+                                     and _was_private(out / CONFIG_NAME)):
+            # a second DP training over the same data in the same folder: fresh noise, its releases overwriting
+            # the first's as if only one had been made (averaging the two would remove noise)
+            raise TrainCheckpointError(f"--out {out}: holds a finished DP run, whose releases are published; train "
+                                       "into a new --out (each DP run is a separate release of the data)")
         write_config(cfg, out)
         return None
     saved = out / CONFIG_NAME
@@ -134,6 +140,13 @@ def prepare_run_folder(cfg: Config, out: Path, resume: bool) -> TrainCheckpoint 
     if progress is not None and progress.get("finished"):
         check_published_selection(cfg, out)
     return load_train_checkpoint(out)
+
+
+def _was_private(path: Path) -> bool:
+    try:
+        return bool(load_config(path).privacy.enabled)
+    except ConfigError:
+        return True  # unreadable: treat as the stricter case
 
 
 def check_published_selection(cfg: Config, out: Path) -> None:

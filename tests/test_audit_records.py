@@ -338,7 +338,23 @@ def test_a_checkpoint_newer_than_the_signed_heads_fails(run: Path, capsys: pytes
 
     # Assert
     assert code == EXIT_TAMPER, output
-    assert "round_0003.npz is newer than round 2" in output
+    assert "a model of round 3, newer than round 2" in output
+
+
+@pytest.mark.parametrize("name", ["round_003.npz", "round_0003.npz.bak", "round_3"])
+def test_a_newer_checkpoint_under_another_name_still_fails(run: Path, capsys: pytest.CaptureFixture[str],
+                                                           name: str) -> None:
+    # Regression (red team): a round-3 model renamed away from round_XXXX.npz passed the audit without a word
+    from fedsocial.server.checkpoint import Checkpoint, save_checkpoint
+    from tests.server_records import MODEL_NAMES, model_arrays
+
+    save_checkpoint(run, Checkpoint(3, MODEL_NAMES, model_arrays(3), {}))
+    (run / "checkpoints" / "round_0003.npz").rename(run / "checkpoints" / name)
+    # Execute
+    code, output = audit(run, capsys)
+    # Assert
+    assert code == EXIT_TAMPER, output
+    assert "a model of round 3, newer than round 2" in output
 
 
 def test_a_missing_or_unbound_model_is_a_warning_and_a_damaged_one_a_finding(run: Path, tmp_path: Path,

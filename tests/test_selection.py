@@ -545,3 +545,18 @@ def test_a_published_selection_whose_record_is_gone_or_altered_is_never_drawn_ag
     with pytest.raises(TrainCheckpointError, match=str(path.name)):
         run_train(cfg, None, out, progress=False, resume=True)
     assert (out / "metrics.json").read_bytes() == metrics_before
+
+
+def test_a_second_dp_training_into_a_finished_run_folder_is_refused(tmp_path: Path) -> None:
+    # Regression: `fedsocial train` without --resume into a finished DP folder trained again with fresh noise
+    # (a second popularity release and DP-SGD run over the same data) and overwrote the first's metrics
+    from fedsocial.simulations.train import run_train
+    from fedsocial.simulations.train_checkpoint import TrainCheckpointError
+
+    cfg, out, _ = _published_run(tmp_path)
+    before = (out / "metrics.json").read_bytes()
+    with pytest.raises(TrainCheckpointError, match="finished DP run"):
+        run_train(cfg, None, out, progress=False)
+    with pytest.raises(TrainCheckpointError, match="finished DP run"):  # nor as a non-private config
+        run_train(cfg.replace("privacy", enabled=False), None, out, progress=False)
+    assert (out / "metrics.json").read_bytes() == before

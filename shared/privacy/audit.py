@@ -708,7 +708,9 @@ def _read_heads(run: Path, server_key: Any, manifest: dict[str, Any] | None, res
     return heads
 
 
-_CHECKPOINT = re.compile(r"round_(\d{4,})\.npz")
+# any round-numbered file, however renamed (round_3.npz, round_0004.npz.bak): a model hidden under another
+# name is still a released model
+_CHECKPOINT = re.compile(r"round_(\d+)(?:\..*)?")
 
 
 def _check_model(run: Path, result: AuditResult) -> None:
@@ -726,8 +728,8 @@ def _check_model(run: Path, result: AuditResult) -> None:
         if folder.is_dir() else []
     if rounds and rounds[-1] > rnd:
         result.add("tamper", None, rounds[-1], None,
-                   f"checkpoints/round_{rounds[-1]:04d}.npz is newer than round {rnd}, the last the signed {HEADS} "
-                   "cover: a released model these privacy records do not account for")
+                   f"checkpoints/ holds a model of round {rounds[-1]}, newer than round {rnd}, the last the signed "
+                   f"{HEADS} cover: a released model these privacy records do not account for")
     if rnd not in rounds:
         result.add("warning", None, rnd, None,
                    f"no checkpoints/round_{rnd:04d}.npz: the model the signed {HEADS} name is not in this folder "
