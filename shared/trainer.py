@@ -655,15 +655,15 @@ def compute_kept_selection(trainer: LocalTrainer, split: SplitData, sigma: float
     refused (a second draw would be an uncharged release; a finished run whose record is missing is refused
     earlier, simulations/train_checkpoint.py). Without ``release_dir`` (library callers) every call draws."""
     from fedsocial.shared.privacy.selection import (
-        SELECTION_FOLDER,
         compute_selection_release,
         load_selection_release,
         save_selection_release,
+        selection_release_path,
     )
 
     if release_dir is None:
         return compute_dp_selection(trainer, split, sigma)
-    path = release_dir / SELECTION_FOLDER / f"round_{round_:04d}.json"
+    path = selection_release_path(release_dir, round_)
     saved = load_selection_release(release_dir, round_)
     if saved is None and path.exists():
         raise SelectionReleaseError(f"{path}: the DP selection of this run was drawn, but its record is altered or "

@@ -152,12 +152,16 @@ def _was_private(path: Path) -> bool:
 def check_published_selection(cfg: Config, out: Path) -> None:
     """A finished DP run with a selection published it in metrics.json: its saved release must be there, intact,
     for ``--resume`` to re-use it (a second draw would be an uncharged release of the same validation data)."""
-    from fedsocial.shared.privacy.selection import SELECTION_FOLDER, load_selection_release, uses_selection_release
+    from fedsocial.shared.privacy.selection import (
+        load_selection_release,
+        selection_release_path,
+        uses_selection_release,
+    )
 
     if not uses_selection_release(cfg):
         return
     epochs = cfg.privacy.epochs or cfg.train.epochs
     if load_selection_release(out / CHECKPOINT_DIR, epochs) is None:
-        path = out / CHECKPOINT_DIR / SELECTION_FOLDER / f"round_{epochs:04d}.json"
+        path = selection_release_path(out / CHECKPOINT_DIR, epochs)
         raise TrainCheckpointError(f"--resume: {path}: the finished run's DP selection was published, but its record "
                                    "is missing or altered; refusing a second draw (train into a new --out)")

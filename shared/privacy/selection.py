@@ -120,15 +120,20 @@ def compute_selection_release(round_: int, sigma: float, noisy: np.ndarray, eval
     return {**release, "digest": _digest(release)}
 
 
+def selection_release_path(state_dir: Path, round_: int) -> Path:
+    """Where the selection release of ``round_`` is kept (0600, never sent)."""
+    return state_dir / SELECTION_FOLDER / f"round_{int(round_):04d}.json"
+
+
 def save_selection_release(state_dir: Path, release: Mapping[str, Any]) -> None:
     """Keep the release (0600) before its ledger entry, so that a re-run re-uses it instead of drawing again."""
-    path = state_dir / SELECTION_FOLDER / f"round_{int(release['round']):04d}.json"
+    path = selection_release_path(state_dir, int(release["round"]))
     write_json_atomic(path, dict(release), mode=0o600)
 
 
 def load_selection_release(state_dir: Path, round_: int) -> dict[str, Any] | None:
     """The saved release of ``round_``; None when missing, unreadable or altered (digest mismatch)."""
-    doc = read_json_object(state_dir / SELECTION_FOLDER / f"round_{round_:04d}.json")
+    doc = read_json_object(selection_release_path(state_dir, round_))
     if doc is None or doc.get("choice") not in SELECTION_CANDIDATES:
         return None
     body = {k: v for k, v in doc.items() if k != "digest"}
