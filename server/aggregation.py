@@ -211,6 +211,15 @@ def compute_server_noise_std(noise_multiplier: float, clipping_norm: float, n_pa
     return 0.0 if n_partners <= 0 else noise_multiplier * clipping_norm / n_partners
 
 
+def compute_server_noise_rng(noise_key: bytes, round_: int) -> np.random.Generator:
+    """The generator of round ``round_``'s server-side noise, keyed by the server's secret ``noise_key``.
+
+    Noise seeded from the shared config could be regenerated and subtracted by anyone holding it (Abadi et al.
+    2016 assume noise nobody can replay); one stream per round makes a re-run of a round draw the same noise,
+    so a crash and resume never releases the same aggregate under two independent draws."""
+    return np.random.default_rng(np.random.SeedSequence(int.from_bytes(noise_key, "big"), spawn_key=(0x5E, round_)))
+
+
 def compute_noised(update: Sequence[np.ndarray], std: float, rng: np.random.Generator) -> list[np.ndarray]:
     """``update`` plus i.i.d. N(0, std^2) noise per coordinate (no-op when std is 0)."""
     if std <= 0:

@@ -47,6 +47,7 @@ from fedsocial.server.aggregation import (
     compute_is_eval_round,
     compute_noised,
     compute_privacy_bounds,
+    compute_server_noise_rng,
     compute_server_noise_std,
     compute_specs,
     compute_update_norm,
@@ -59,6 +60,7 @@ from fedsocial.server.aggregation import (
 from fedsocial.server.checkpoint import Checkpoint, append_jsonl, save_checkpoint
 from fedsocial.shared import protocol
 from fedsocial.shared.config import Config
+from fedsocial.shared.privacy.noise_key import load_or_create_noise_key
 from fedsocial.shared.privacy.records import compute_params_sha256, write_signed_heads
 
 log = logging.getLogger("fedsocial.server")
@@ -113,9 +115,6 @@ class FedSocialStrategy(Strategy):
         self.node_partner: dict[int, str] = {}  # node id -> partner id (this process's connections)
         self.refused_nodes: dict[int, str] = {}  # node id -> why it is not part of the run
         self.elapsed_s = float(state.get("elapsed_s", 0.0))
-        self.rng = np.random.default_rng(np.random.SeedSequence([cfg.train.seed, 0x5E]))
-        if "rng" in state:
-            self.rng.bit_generator.state = state["rng"]
         self._round: dict[str, Any] = {}
         self._t0 = time.perf_counter()
         # privacy.distributed_noise: the server's AdamW over the released mean gradients (kept in checkpoints)
@@ -184,7 +183,7 @@ class FedSocialStrategy(Strategy):
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": self.history, "partners": self.partners, "registered": self.registered,
-                "elapsed_s": self.elapsed_s, "rng": self.rng.bit_generator.state, "opt_step": self.opt_step}
+                "elapsed_s": self.elapsed_s, "opt_step": self.opt_step}  # no noise state: keyed by server/dp_noise.key
 
     def optimizer_arrays(self) -> dict[str, np.ndarray]:
         """The server optimizer's moments (distributed noise only), for the checkpoint."""
@@ -303,7 +302,10 @@ class FedSocialStrategy(Strategy):
         accepted = [r for _, _, r in reports]
         std = compute_server_noise_std(self.cfg.federation.server_noise_multiplier, self.cfg.federation.clipping_norm,
                                        len(accepted))
-        update = compute_noised(update, std, self.rng)
+        if std > 0:  # keyed by the server's secret, never by train.seed (which every party knows)
+            (self.run_dir / "server").mkdir(parents=True, exist_ok=True)
+            key = load_or_create_noise_key(self.run_dir / "server")  # 0600, OS entropy, never sent
+            update = compute_noised(update, std, compute_server_noise_rng(key, g))
         self.global_params = compute_applied(self.global_params, update)
         for rep in accepted:
             info = self.partners.setdefault(rep.partner_id, {})

@@ -15,6 +15,7 @@ from fedsocial.server.aggregation import (
     compute_applied,
     compute_is_eval_round,
     compute_noised,
+    compute_server_noise_rng,
     compute_server_noise_std,
     compute_specs,
     compute_update_norm,
@@ -248,6 +249,46 @@ def test_strategy_drops_each_bad_reply_with_partner_and_reason_and_aggregates_th
     new = parameters_to_ndarrays(params)
     np.testing.assert_allclose(new[0], good[0], atol=1e-6)
     np.testing.assert_allclose(new[1], 1.0 + good[1], atol=1e-6)
+
+
+def test_server_noise_streams_are_keyed_per_round() -> None:
+    # Prepare: two secrets
+    key, other = bytes(range(32)), bytes(range(1, 33))
+
+    # Execute: the first draws of each (key, round)
+    def draw(k: bytes, r: int) -> list[float]:
+        return compute_server_noise_rng(k, r).normal(size=4).tolist()
+
+    # Assert: a re-run of a round redraws the same noise; another round or key draws other noise
+    assert draw(key, 3) == draw(key, 3)
+    assert draw(key, 3) != draw(key, 4)
+    assert draw(key, 3) != draw(other, 3)
+
+
+def _noised_round(run: Path, seed: int) -> np.ndarray:
+    cfg = Config().replace("federation", partners=1, min_partners=1, clipping_norm=1.0,
+                           server_noise_multiplier=1.0).replace("train", seed=seed)
+    strategy = FedSocialStrategy(cfg, run, NAMES, [np.zeros((5, 3), np.float32), np.zeros(5, np.float32)],
+                                 registrations=_registrations(1))
+    zero = [np.zeros((5, 3), np.float32), np.zeros(5, np.float32)]
+    params, _ = strategy.aggregate_fit(1, [_reply(0, zero, 1)], [])
+    assert params is not None
+    return parameters_to_ndarrays(params)[0]
+
+
+def test_server_noise_comes_from_the_servers_secret_not_the_shared_seed(tmp_path: Path) -> None:
+    # Prepare / Execute: the same config (same train.seed) in two run folders, and one folder twice
+    first = _noised_round(tmp_path / "a", seed=7)
+    again = _noised_round(tmp_path / "a", seed=7)
+    other = _noised_round(tmp_path / "b", seed=7)
+
+    # Assert: noise is there; the seed everyone knows does not regenerate it; the key file is the server's, 0600
+    assert np.abs(first).max() > 0
+    assert not np.allclose(first, other)
+    np.testing.assert_array_equal(first, again)  # a resumed server redraws the same noise for the same round
+    key = tmp_path / "a" / "server" / "dp_noise.key"
+    assert key.stat().st_mode & 0o777 == 0o600 and len(key.read_bytes()) == 32
+    assert "rng" not in FedSocialStrategy(Config(), tmp_path / "c", NAMES, [np.zeros(5, np.float32)] * 2).state_dict()
 
 
 def test_strategy_fails_the_round_clearly_when_the_quorum_is_lost(tmp_path: Path) -> None:
