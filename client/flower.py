@@ -106,7 +106,8 @@ class FedSocialClient(NumPyClient):
                                f"{'distributed' if ins.distributed_noise else 'per-partner'} noise, this partner's "
                                f"privacy.distributed_noise is {str(own).lower()}; refusing round {round_} "
                                "(nothing spent)")
-        arrays, weight, metrics = self.partner.fit(list(parameters), round_)
+        # under distributed noise the share is saved with the set the sum is over, and re-sent into that set only
+        arrays, weight, metrics = self.partner.fit(list(parameters), round_, ins.contributors)
         if ins.weight is not None:  # the bound the server derived from this partner's registration
             weight = min(weight, ins.weight)
         out = checked(protocol.parse_fit_report(metrics, round_))

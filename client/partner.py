@@ -354,7 +354,8 @@ class Partner:
                 return state
         return None
 
-    def fit(self, arrays: list[np.ndarray], round_: int) -> tuple[list[np.ndarray], int, dict[str, Any]]:
+    def fit(self, arrays: list[np.ndarray], round_: int, contributors: tuple[str, ...] | None = None
+            ) -> tuple[list[np.ndarray], int, dict[str, Any]]:
         """Train one round from the global ``arrays``; returns (new shared arrays, weight, metrics).
 
         With DP, the order is what makes every release charged exactly once (DESIGN.md, integrity of
@@ -362,6 +363,10 @@ class Partner:
         metrics) on the partner's disk; append the signed ledger entry that charges it, naming the
         release's digest; only then return it. A round the ledger already charged is never trained
         again: its saved release is sent again, bit-for-bit, or the partner refuses.
+
+        ``contributors``: under distributed noise, the partner ids whose shares the round's secure sum is
+        formed over (the fit instruction names them). The share is saved with that set, and re-sent into
+        the identical set only (:meth:`_check_resend_set`).
         """
         trainer, names = self._prepared_trainer(arrays, round_ - 1)
         metrics: dict[str, Any] = {"round": round_, "partner_id": self.partner_id, "param_names": ",".join(names),
@@ -376,7 +381,9 @@ class Partner:
             return [new[n] for n in names], compute_weight(self.num_users, self.cfg.federation.weight_cap), metrics
         ledger, pround, recorded = self._ledger_before(round_)
         if recorded is not None:
-            return self._resend(ledger, pround, recorded, names, metrics)
+            return self._resend(ledger, pround, recorded, names, metrics, contributors)
+        if self.distributed_noise:  # before anything is drawn or charged
+            self._check_summed_set(round_, contributors)
         if self._releases_popularity(round_):
             released = self._popularity_release(ledger, pround)
             if released is None:  # the release alone would pass the cap: neither it nor training leaves
@@ -403,7 +410,10 @@ class Partner:
         # the loss and the time are functions of the users' data that no DP mechanism covers: they stay here
         write_local_fit(self.settings.state_dir, round_, float(result.train_loss), float(result.wall_time_s))
         reply: dict[str, Any] = {}
-        digest = save_release(self.settings.state_dir, round_, names, out, {"weight": weight, "reply": reply})
+        # distributed noise: the share is saved with the set it is released into (a re-send goes into that set only)
+        summed = {"contributors": sorted(contributors or ())} if self.distributed_noise else {}
+        digest = save_release(self.settings.state_dir, round_, names, out, {"weight": weight, "reply": reply,
+                                                                            **summed})
         fault_point("before_ledger_append", round_, self.partner_id)
         used = (float(result.noise_multiplier), float(result.sample_rate), int(result.steps))
         entry = pround.record(ledger, round_, used, self.num_users, self.cfg.privacy.secure_rng,
@@ -530,9 +540,59 @@ class Partner:
         pround.history.append(popularity_event(sigma))
         return noisy
 
+    def _check_summed_set(self, round_: int, contributors: tuple[str, ...] | None) -> None:
+        """Refuse (PartnerError, nothing drawn or charged) a distributed-noise round whose instruction does not
+        name the partners the secure sum is formed over, leaves this partner out, or names fewer than the ``t``
+        shares the noise is calibrated for."""
+        from fedsocial.shared.privacy import distributed as dn
+
+        t = dn.compute_assumed_contributors(self.cfg.federation.min_partners, self.cfg.secagg.reconstruction_threshold)
+        if contributors is None:
+            problem = "does not name the partners whose shares the secure sum is formed over"
+        elif self.partner_id not in contributors:
+            problem = f"names a sum over {_set_text(contributors)} without this partner"
+        elif len(contributors) < t:
+            problem = f"names a sum over {_set_text(contributors)}, fewer than the {t} shares the noise assumes"
+        else:
+            return
+        raise PartnerError(f"{self.partner_id}: round {round_}'s instruction {problem}; under distributed noise "
+                           "a share is released into a known set of at least t partners only; refusing (nothing "
+                           "trained or charged)")
+
+    def _check_resend_set(self, ledger: Any, pround: Any, recorded: dict[str, Any], meta: Mapping[str, Any],
+                          contributors: tuple[str, ...] | None) -> None:
+        """Distributed noise: a charged share is re-sent only into the very set of partners it was released into.
+
+        Two released sums over different sets differ by the missing partners' contributions with their shares'
+        noise alone (mu / t each, not mu): a release nobody charged. So a request naming another set, or none, or
+        a share saved without its set, is refused: logged beside the ledger as a refusal (nothing new charged)
+        and raised (nothing sent, nothing drawn again)."""
+        from fedsocial.shared.privacy.ledger import record_refusal
+
+        round_ = int(recorded["round"])
+        saved = meta.get("contributors")
+        released = (tuple(sorted(saved)) if isinstance(saved, list) and saved and all(isinstance(x, str) for x in saved)
+                    else None)
+        if released is not None and contributors is not None and released == tuple(sorted(contributors)):
+            return
+        was = _set_text(released) if released is not None else "a set not recorded with it"
+        asked = _set_text(contributors) if contributors is not None else "no named set"
+        reason = (f"round {round_}'s share was released and charged into the sum over {was}; asked again for a sum "
+                  f"over {asked}: refusing to re-send it (two sums over different sets release the difference with a "
+                  "fraction of the charged noise); nothing sent, nothing charged")
+        spent = pround.epsilon_of(recorded)
+        record_refusal(ledger.path, partner_id=self.partner_id, round=round_, epsilon_spent=spent, epsilon_next=spent,
+                       max_epsilon=self.cfg.privacy.max_epsilon, reason=reason)
+        log.warning("%s: %s", self.partner_id, reason)
+        raise PartnerError(f"{self.partner_id}: {reason}")
+
     def _resend(self, ledger: Any, pround: Any, recorded: dict[str, Any], names: list[str],
-                metrics: dict[str, Any]) -> tuple[list[np.ndarray], int, dict[str, Any]]:
-        """Send the release a charged round already released, or refuse (never a second, uncharged one)."""
+                metrics: dict[str, Any], contributors: tuple[str, ...] | None = None
+                ) -> tuple[list[np.ndarray], int, dict[str, Any]]:
+        """Send the release a charged round already released, or refuse (never a second, uncharged one).
+
+        Without distributed noise the release carries its full noise, so sending it again is post-processing;
+        a distributed share goes only into the set it was released into (:meth:`_check_resend_set`)."""
         from fedsocial.shared.privacy.round import compute_plan_mismatches
 
         round_ = int(recorded["round"])
@@ -546,6 +606,8 @@ class Partner:
                                "release it charged is not on this partner's disk (missing or altered); refusing "
                                "to release a second update the ledger does not charge")
         _, arrays, meta = saved
+        if self.distributed_noise or recorded.get("mechanism") == "skellam":
+            self._check_resend_set(ledger, pround, recorded, meta, contributors)
         log.info("%s: round %d was already released and charged; sending that release again", self.partner_id,
                  round_)
         reply = meta.get("reply")
@@ -806,6 +868,11 @@ class Partner:
                                            compute_round_seed(self.cfg.train.seed, self.settings.partner_index,
                                                               round_) + 1)
         return {k: float(metrics[k]) for k in METRIC_KEYS}, int(n), time.perf_counter() - t0, dp_model
+
+
+def _set_text(ids: tuple[str, ...] | list[str]) -> str:
+    """A set of partner ids as messages name it: ``{a, b, c}``."""
+    return "{" + ", ".join(sorted(ids)) + "}"
 
 
 _PARTNERS: dict[tuple[PartnerSettings, bytes], Partner] = {}

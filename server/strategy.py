@@ -225,10 +225,13 @@ class FedSocialStrategy(Strategy):
             if not proxies:
                 return []  # SecAggPlusWorkflow cancels the fit step; the round is recorded as skipped
         bounds = self.weight_bounds()
+        # distributed noise: every partner is told whose shares the secure sum is formed over; it re-sends an
+        # already charged share into that same set only (a sum over another set would release the difference)
+        summed = tuple(sorted(self._who(p) for p in proxies)) if self.distributed else None
         out = []
         for proxy in proxies:
             ins = protocol.FitInstructions(g, fc.clipping_norm, fc.rounds, int(bounds[self._who(proxy)]),
-                                           fc.weight_cap, self.secagg, self.distributed)
+                                           fc.weight_cap, self.secagg, self.distributed, summed)
             out.append((proxy, FitIns(ndarrays_to_parameters(self.global_params), ins.to_config())))
         return out
 

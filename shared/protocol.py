@@ -212,12 +212,17 @@ class FitInstructions:
     # the reply is an encoded Skellam share of the round's gradient sum (shared/privacy/distributed.py), not
     # new parameters: the client's update clipping leaves it as it is; a partner refuses a value not its own
     distributed_noise: bool = False
+    # distributed noise: the partner ids whose shares the round's secure sum is formed over (sorted). A partner
+    # records it with its charged share and re-sends that share into this very set only (client/partner.py)
+    contributors: tuple[str, ...] | None = None
 
     def to_config(self) -> dict[str, Any]:
         out: dict[str, Any] = {"round": self.round, "clipping_norm": self.clipping_norm,
                                "secure_aggregation": int(self.secure_aggregation)}
         if self.distributed_noise:
             out["distributed_noise"] = 1
+        if self.contributors is not None:
+            out["contributors"] = ",".join(sorted(self.contributors))
         out.update({k: v for k, v in (("num_rounds", self.num_rounds), ("weight", self.weight),
                                       ("weight_cap", self.weight_cap)) if v is not None})
         return out
@@ -250,9 +255,21 @@ def parse_fit_instructions(m: Mapping[str, Any], planned_rounds: int | None) -> 
     cap = _int(m, "weight_cap", errs, hi=MAX_USERS) if "weight_cap" in m else None
     secure = _int(m, "secure_aggregation", errs, hi=1) if "secure_aggregation" in m else 0
     distributed = _int(m, "distributed_noise", errs, hi=1) if "distributed_noise" in m else 0
+    contributors = _partner_ids(m, "contributors", errs) if "contributors" in m else None
     if errs or rnd is None or clip is None or secure is None or distributed is None:
         return Rejected(tuple(errs))
-    return FitInstructions(rnd, clip, total, weight, cap, bool(secure), bool(distributed))
+    return FitInstructions(rnd, clip, total, weight, cap, bool(secure), bool(distributed), contributors)
+
+
+def _partner_ids(m: Mapping[str, Any], key: str, errs: list[str]) -> tuple[str, ...] | None:
+    """A set of partner ids sent as one comma-separated string (ids hold no comma), as a sorted tuple."""
+    v = m.get(key)
+    ids = tuple(v.split(",")) if isinstance(v, str) and v else ()
+    if not ids or any(_PARTNER_ID.fullmatch(i) is None for i in ids) or len(set(ids)) != len(ids):
+        shown = v if not isinstance(v, str) or len(v) <= 80 else v[:80] + "..."
+        errs.append(f"{key}: expected distinct comma-separated partner ids, got {shown!r}")
+        return None
+    return tuple(sorted(ids))
 
 
 @dataclass(frozen=True)
