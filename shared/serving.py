@@ -19,8 +19,14 @@ The normaliser alpha is the user's, common to all of the user's terms, so shares
 
 Privacy (DESIGN.md): in the ``joint`` scope a user's list uses only the user's own record and the DP
 shared parameters (plus the social vectors of the user's friends, parameters, never their records);
-nothing here leaves the partner. In the ``partner`` scope a locally adapted model
-(``client/personalize.py``) may replace the model: pass it as ``model`` (a :class:`SocialRec`). In the
+nothing here leaves the partner. What a user sees beyond their own record must then be DP as well, so in
+``joint`` scope (``privacy_scope = "joint"``: a DP run, ``privacy.scope = "joint"``) two things the other
+scopes fit on the partner's records are replaced: a cold user (no items, no friends) is ranked by the DP
+popularity release's prior (the model's item biases where the run has none, ``compute_prior_item_scores``),
+never by exact training counts, and live events do not move it; and probabilities are the sigmoid of the
+model's score (``calibration = "none"``), never Platt or isotonic fits on validation records (asked for
+explicitly, they are refused; ``"auto"`` picks ``none`` and says why). In the ``partner`` scope a locally
+adapted model (``client/personalize.py``) may replace the model: pass it as ``model`` (a :class:`SocialRec`). In the
 ``joint`` scope the partner's DP selection (``shared/privacy/selection.py``) may have chosen ``ranking =
 "prior"``: every score is then the DP popularity release's prior alone (the item biases where there is no
 release; shared/models/prior.py: the user-item term dropped, seen items still excluded), and the
@@ -117,12 +123,14 @@ def compute_isotonic_fit(scores: np.ndarray, labels: np.ndarray, weights: np.nda
 
 @dataclass(frozen=True)
 class Calibrator:
-    """Score -> probability of interaction; ``method`` platt | isotonic | none (sigmoid of the score)."""
+    """Score -> probability of interaction; ``method`` platt | isotonic | none (sigmoid of the score);
+    ``reason``: why this method (set where it is not the one asked for, or where privacy decided it)."""
 
     method: str
     params: tuple[float, float] = (1.0, 0.0)
     knots_x: np.ndarray = field(default_factory=lambda: np.zeros(0))
     knots_y: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    reason: str = ""
 
     def predict(self, scores: np.ndarray) -> np.ndarray:
         s = np.asarray(scores, dtype=np.float64)
@@ -132,7 +140,10 @@ class Calibrator:
         return 1.0 / (1.0 + np.exp(-np.clip(a * s + b, -50, 50)))
 
     def to_json(self) -> dict[str, Any]:
-        return {"method": self.method, "params": list(self.params), "knots": len(self.knots_x)}
+        doc: dict[str, Any] = {"method": self.method, "params": list(self.params), "knots": len(self.knots_x)}
+        if self.reason:
+            doc["reason"] = self.reason
+        return doc
 
 
 def fit_calibrator(scores: np.ndarray, labels: np.ndarray, weights: np.ndarray, method: str) -> Calibrator:
@@ -144,6 +155,37 @@ def fit_calibrator(scores: np.ndarray, labels: np.ndarray, weights: np.ndarray, 
     if method == "none":
         return Calibrator("none")
     raise ServingError(f"calibration: must be platt|isotonic|none, got {method!r}")
+
+
+# --- what the privacy scope allows the service to learn from the partner's records ---------------
+PRIVACY_SCOPES = ("none", "partner", "joint")  # none: a non-private run (privacy.enabled = false)
+CALIBRATIONS = ("auto", "platt", "isotonic", "none")  # auto: platt where the scope allows it, else none
+JOINT_CALIBRATION_REASON = ("privacy.scope = joint: Platt and isotonic calibration are fitted on the partner's "
+                            "validation records without DP, and other users' probabilities would reveal them; "
+                            "probability = sigmoid(score), the DP model's own estimate")
+
+
+def compute_serving_scope(enabled: bool, scope: str) -> str:
+    """The scope serving enforces: ``none`` for a non-private run (``privacy.enabled = false``: nothing is DP,
+    so nothing to protect), else ``privacy.scope`` (joint | partner)."""
+    if scope not in ("joint", "partner"):
+        raise ServingError(f"privacy.scope: must be joint|partner, got {scope!r}")
+    return scope if enabled else "none"
+
+
+def compute_calibration_method(calibration: str, privacy_scope: str) -> tuple[str, str]:
+    """(method, reason) to fit: ``auto`` is platt, except in joint scope where it is none (the reason says why);
+    platt or isotonic asked for in joint scope is refused (they would fit on private records without DP)."""
+    if calibration not in CALIBRATIONS:
+        raise ServingError(f"calibration: must be {'|'.join(CALIBRATIONS)}, got {calibration!r}")
+    if privacy_scope != "joint":
+        return ("platt" if calibration == "auto" else calibration), ""
+    if calibration in ("platt", "isotonic"):
+        raise ServingError(f"calibration: {calibration} is fitted on the partner's validation records without DP, "
+                           "which privacy.scope = \"joint\" does not allow (other users' probabilities would reveal "
+                           "those records); use calibration none or auto (sigmoid of the score; CLI: --calibration), "
+                           "or serve under privacy.scope = \"partner\"")
+    return "none", JOINT_CALIBRATION_REASON if calibration == "auto" else ""
 
 
 # --- the served model ---------------------------------------------------------------------------
@@ -169,13 +211,21 @@ def _user_rows(items: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
 class Recommender:
     """A partner's served model over its users; ids in and out are the partner's external ids."""
 
-    def __init__(self, model: SocialRec, split: SplitData, calibration: str = "platt",
+    def __init__(self, model: SocialRec, split: SplitData, calibration: str = "auto",
                  events_path: Path | None = None, seed: int = 0, refit_on_event: str = "sync",
-                 ranking: str = "model") -> None:
+                 ranking: str = "model", privacy_scope: str = "none") -> None:
+        """``privacy_scope``: what the run's privacy allows serving to learn from the partner's records
+        (:func:`compute_serving_scope`): ``joint`` (a DP run in joint scope) ranks cold users by the DP
+        popularity prior and serves uncalibrated probabilities; ``partner`` and ``none`` (a non-private run)
+        may use exact counts and fit calibration on validation records. Pass it for a DP run."""
         if not isinstance(model, SocialRec):
             raise ServingError(f"serving needs the social model (model.name = social), got {type(model).__name__}")
         if ranking not in SELECTION_CANDIDATES:
             raise ServingError(f"ranking: must be one of {'|'.join(SELECTION_CANDIDATES)}, got {ranking!r}")
+        if privacy_scope not in PRIVACY_SCOPES:
+            raise ServingError(f"privacy_scope: must be {'|'.join(PRIVACY_SCOPES)}, got {privacy_scope!r}")
+        compute_calibration_method(calibration, privacy_scope)  # a refused calibration fails before any work
+        self.privacy_scope = privacy_scope
         self.ranking = ranking  # "prior": the DP selection chose the item biases alone (joint scope)
         self.model, self.split, self.cfg = model.eval(), split, model.model_cfg
         self.events_path, self.seed = events_path, seed
@@ -207,7 +257,11 @@ class Recommender:
         for a, b in zip(ds.social_src.tolist(), ds.social_dst.tolist(), strict=True):
             if a != b and b not in self.friends[a]:
                 self.friends[a].append(b)
-        self.popularity = np.bincount(split.train_items, minlength=ds.n_items).astype(np.float64)
+        # cold users' ranking: exact training counts (moved by events) where the scope allows them; in joint
+        # scope they are never computed, and cold users get the DP prior (prior_scores, _refresh_items)
+        self.popularity: np.ndarray | None = (
+            None if privacy_scope == "joint"
+            else np.bincount(split.train_items, minlength=ds.n_items).astype(np.float64))
         self._refresh_items()
         self._h: dict[int, tuple[torch.Tensor, int]] = {}  # live user vector and the p_u version it used
         self.calibrator = self.fit_calibration(calibration)  # p_u as refitted on training items
@@ -245,6 +299,14 @@ class Recommender:
             self.item_matrix = m._normalise(m._item_vectors(torch.arange(m.n_items))).T.contiguous().T
             self.item_bias = m.item_biases().contiguous()  # b_i * bias_scale (+ the DP popularity prior)
             self.prior_scores = compute_prior_item_scores(m).contiguous()  # ranking = "prior" (DP selection)
+            # what the prior is: the DP popularity release's (charged in the ledger), else the item biases
+            self.prior_source = "dp_release" if m.item_prior() is not None else "item_biases"
+
+    @property
+    def cold_source(self) -> str:
+        """What a cold user (no items, no friends) is ranked by: ``training_counts`` (exact, partner scope or a
+        non-private run), or in joint scope ``dp_release`` / ``item_biases`` (:attr:`prior_scores`)."""
+        return self.prior_source if self.popularity is None else "training_counts"
 
     # --- user side ------------------------------------------------------------------------------
     def _add_item(self, u: int, i: int) -> bool:
@@ -398,8 +460,14 @@ class Recommender:
     def _recommend(self, u: int, k: int, category: int | None, explain: bool) -> list[dict[str, Any]]:
         cold = not self.history[u] and not self.friends[u]
         scores = self.scores(u)
-        # no items and no friends: the model's vector is empty, so rank by popularity (the model's score kept)
-        rank_by = torch.as_tensor(self.popularity, dtype=scores.dtype) if cold else scores.clone()
+        # no items and no friends: the model's vector is empty, so rank by popularity (the model's score kept):
+        # exact counts where the scope allows them, else (joint scope) the DP prior, never a function of records
+        if not cold:
+            rank_by = scores.clone()
+        elif self.popularity is None:
+            rank_by = self.prior_scores.to(scores.dtype).clone()
+        else:
+            rank_by = torch.as_tensor(self.popularity, dtype=scores.dtype)
         if self.seen[u]:
             rank_by[torch.as_tensor(sorted(self.seen[u]))] = -torch.inf
         if category is not None:
@@ -494,13 +562,16 @@ class Recommender:
         for k in range(len(items)):
             parts = [t.history[:, k], t.friends[:, k], np.array([t.user[k], t.mlp[k], t.bias[k]])]
             scale = float(sum(np.abs(p).sum() for p in parts)) or 1.0
-            out.append({
+            doc: dict[str, Any] = {
                 "reason": "popularity" if cold else ("prior" if self.ranking == "prior" else "model"),
                 "terms": {"history": float(t.history[:, k].sum()), "social": float(t.friends[:, k].sum()),
                           "user": float(t.user[k]), "mlp": float(t.mlp[k]), "bias": float(t.bias[k])},
                 "history": _top_terms(t.history[:, k], [self.items[i] for i in bag], "item", top, scale),
                 "friends": _top_terms(t.friends[:, k], [self.users[v] for v in friends], "user", top, scale),
-            })
+            }
+            if cold:  # which popularity ranked the list (the terms stay the model's score)
+                doc["popularity"] = self.cold_source
+            out.append(doc)
         return out
 
     # --- events ---------------------------------------------------------------------------------
@@ -529,7 +600,9 @@ class Recommender:
                     self.friends[u].append(v)
                 elif e.type == "unfollow" and v in self.friends[u]:
                     self.friends[u].remove(v)
-            elif self._add_item(u, self._item_of(e.item)):  # type: ignore[arg-type]
+            elif self._add_item(u, self._item_of(e.item)) and self.popularity is not None:  # type: ignore[arg-type]
+                # exact counts only where the scope allows them: in joint scope an event changes only its
+                # user's own list (the cold ranking is the DP prior, which no event moves)
                 self.popularity[self._item_of(e.item)] += 1  # type: ignore[arg-type]
         for u in touched:
             self._h.pop(u, None)
@@ -541,12 +614,14 @@ class Recommender:
     def fit_calibration(self, method: str, max_users: int = 2000, negatives: int = 50) -> Calibrator:
         """Fit score -> P(interaction) on validation data: each user's vector from training items only,
         validation items as positives, ``negatives`` uniform unseen items per user each weighted as the
-        (unseen catalogue / negatives) items it stands for, so the probabilities keep the true base rate."""
+        (unseen catalogue / negatives) items it stands for, so the probabilities keep the true base rate.
+        In joint scope only ``none`` (no fit) is allowed: the validation records are never read."""
+        method, reason = compute_calibration_method(method, self.privacy_scope)
         if method == "none":
-            return Calibrator("none")
+            return Calibrator("none", reason=reason)
         s, y, w = self.validation_scores(max_users, negatives)
         if not len(s) or y.sum() == 0:
-            return Calibrator("none")
+            return Calibrator("none", reason=f"{method}: no validation interactions to fit on")
         return fit_calibrator(s, y, w, method)
 
     def validation_scores(self, max_users: int = 2000, negatives: int = 50) -> tuple[np.ndarray, np.ndarray,

@@ -31,7 +31,14 @@ from fedsocial.shared.data import SplitData
 from fedsocial.shared.events import EVENTS_FILE, EventError, compute_grown_local_state, load_split_with_events
 from fedsocial.shared.fileio import json_default, write_text_atomic
 from fedsocial.shared.models.social import SocialRec
-from fedsocial.shared.serving import Recommender, ServingError, UnknownUserError
+from fedsocial.shared.serving import (
+    CALIBRATIONS,
+    Recommender,
+    ServingError,
+    UnknownUserError,
+    compute_calibration_method,
+    compute_serving_scope,
+)
 from fedsocial.shared.trainer import TrainerError
 from fedsocial.simulations.common import EXIT_USER_ERROR, USER_ERRORS, compute_error_line
 
@@ -162,12 +169,18 @@ def serve_personalised(cfg: Config, split: SplitData, shared: SocialRec, state_d
     return model
 
 
-def load_recommender(src: ServedSource, calibration: str = "platt", adapt: Adapter | None = None,
+def load_recommender(src: ServedSource, calibration: str = "auto", adapt: Adapter | None = None,
                      refit_on_event: str = "sync") -> Recommender:
-    """The partner's served model: shared parameters + local state of the same round + its data and events."""
+    """The partner's served model: shared parameters + local state of the same round + its data and events.
+
+    The run's privacy decides what serving may learn from the partner's records (``compute_serving_scope``): in
+    joint scope under DP, cold users are ranked by the DP popularity prior and ``calibration`` must be ``auto``
+    or ``none`` (platt or isotonic is refused, before anything is loaded)."""
     from fedsocial.shared.trainer import LocalTrainer
 
     cfg = src.config if src.config is not None else load_config(src.config_path)
+    privacy_scope = compute_serving_scope(cfg.privacy.enabled, cfg.privacy.scope)
+    compute_calibration_method(calibration, privacy_scope)  # a refused calibration fails fast
     split = load_split_with_events(load_partner_data(cfg, src), src.state_dir)
     round_, shared = _parameters(src)
     trainer = LocalTrainer(cfg, split, device="cpu", seed=cfg.train.seed)
@@ -187,7 +200,14 @@ def load_recommender(src: ServedSource, calibration: str = "platt", adapt: Adapt
 
         ranking = read_served_choice(src.state_dir)
     return Recommender(model, split, calibration=calibration, events_path=src.state_dir / EVENTS_FILE,
-                       refit_on_event=refit_on_event, seed=cfg.train.seed, ranking=ranking)
+                       refit_on_event=refit_on_event, seed=cfg.train.seed, ranking=ranking,
+                       privacy_scope=privacy_scope)
+
+
+def describe_calibration(rec: Recommender) -> str:
+    """One line for the operator: the calibration served, and why where privacy or the data decided it."""
+    cal = rec.calibrator
+    return f"calibration: {cal.method}" + (f" ({cal.reason})" if cal.reason else "")
 
 
 def add_source_arguments(parser: argparse.ArgumentParser) -> None:
@@ -198,8 +218,10 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None, help="deployed partner: the federation's config")
     parser.add_argument("--checkpoint", default=None, help="global shared parameters (a checkpoint .npz)")
     parser.add_argument("--state-dir", default=None, help="the partner's state folder")
-    parser.add_argument("--calibration", default="platt", choices=("platt", "isotonic", "none"),
-                        help="score -> probability, fitted on the partner's validation data")
+    parser.add_argument("--calibration", default="auto", choices=CALIBRATIONS,
+                        help="score -> probability: platt or isotonic, fitted on the partner's validation data, or "
+                        "none (sigmoid of the score); auto (default): platt, except none in privacy.scope = joint "
+                        "under DP, where platt and isotonic are refused (they are not DP)")
 
 
 def source_from_args(args: argparse.Namespace) -> ServedSource:
@@ -257,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     except SERVING_ERRORS as exc:
         print(f"error: {compute_error_line(exc)}", file=sys.stderr)
         return EXIT_USER_ERROR
+    print(describe_calibration(rec), file=sys.stderr)
     print(f"{len(rows)} recommendations for {len(users)} users of {args.partner} -> {out}")
     return 0
 

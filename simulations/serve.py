@@ -4,7 +4,7 @@ Routes (the OpenAPI schema at ``/openapi.json`` is the contract; ``/docs`` rende
 
 * ``GET /health``
 * ``GET /users/{user}/recommendations?k=10[&category=C]`` -> ``{"user", "items": [{"item", "score",
-  "probability", "explanation"}]}``
+  "probability", "explanation"}], "calibration"}`` (the calibration served, with its reason where privacy chose it)
 * ``GET /users/{user}`` (the user's items and friends), ``GET /users?prefix=&limit=`` (find a user)
 * ``POST /events``: one event object or a list: ``{"user", "item", "type": view|click|purchase|rating}``
   or ``{"user", "neighbour", "type": follow|unfollow}``; an unknown user is created; events change the
@@ -91,7 +91,7 @@ def create_app(rec: Recommender, partner_id: str = "") -> FastAPI:
                               explain: bool = True) -> dict[str, Any]:
         t0 = time.perf_counter()
         items = rec.recommend(user, k, category=category, explain=explain)
-        return {"user": rec.users[rec.index_of(user)], "items": items,
+        return {"user": rec.users[rec.index_of(user)], "items": items, "calibration": rec.calibrator.to_json(),
                 "elapsed_ms": (time.perf_counter() - t0) * 1e3}
 
     @app.get("/users/{user}")
@@ -166,7 +166,13 @@ async def read_body(request: Request, limit: int) -> bytes | None:
 
 def main(argv: list[str] | None = None) -> int:
     from fedsocial.simulations.common import compute_error_line
-    from fedsocial.simulations.recommend import SERVING_ERRORS, add_source_arguments, load_recommender, source_from_args
+    from fedsocial.simulations.recommend import (
+        SERVING_ERRORS,
+        add_source_arguments,
+        describe_calibration,
+        load_recommender,
+        source_from_args,
+    )
 
     parser = argparse.ArgumentParser(prog="fedsocial serve", description=__doc__.splitlines()[0])
     add_source_arguments(parser)
@@ -187,8 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import uvicorn
 
-    print(f"serving {args.partner}: {len(rec.users)} users, {len(rec.items)} items on http://{args.host}:{args.port}/",
-          flush=True)
+    print(f"serving {args.partner}: {len(rec.users)} users, {len(rec.items)} items on http://{args.host}:{args.port}/; "
+          f"{describe_calibration(rec)}", flush=True)
     uvicorn.run(create_app(rec, args.partner), host=args.host, port=args.port, log_level="warning")
     return 0
 

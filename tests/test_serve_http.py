@@ -88,6 +88,7 @@ def test_ten_items_then_purchases_change_the_list_and_are_excluded(server: tuple
     # Assert
     assert status == 200 and len(first["items"]) == 10 and first["user"] == user
     assert all({"item", "score", "probability", "explanation"} <= set(x) for x in first["items"])
+    assert first["calibration"]["method"] == "platt"  # a non-private run: fitted on validation data (auto)
     assert post == (200, {"accepted": 3, "created_users": 0, "durable": True})
     after = [x["item"] for x in second["items"]]
     assert status2 == 200 and len(after) == 10 and after != [x["item"] for x in first["items"]]

@@ -287,6 +287,7 @@ def test_a_category_no_item_has_is_refused_not_an_empty_list() -> None:
     # Execute
     inside = rec.recommend(3, 5, category=2, explain=False)
     # Assert
+    assert rec.item_category is not None
     assert inside and all(int(rec.item_category[rec.item_index[x["item"]]]) == 2 for x in inside)
     for missing in (9999, -5):
         with pytest.raises(ServingError,
