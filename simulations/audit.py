@@ -32,6 +32,7 @@ from fedsocial.shared.privacy.audit import (
     RoundRow,
     audit_run,
     noise_text,
+    trust_text,
 )
 from fedsocial.simulations.privacy_report import canary_text, metrics_text, render_html, render_svg, summary_table
 
@@ -94,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     if noise_text(result):
         print(f"noise: {noise_text(result)}")
     print(f"metrics.json: {metrics_text(result)}")
+    if result.records.get("trust"):
+        print(f"keys: {trust_text(result)}")
     if canary_text(result):
         print(f"canary_audit.json: {canary_text(result)}")
     for f in result.findings:

@@ -17,6 +17,7 @@ from fedsocial.shared.privacy.audit import (
     PartnerReport,
     noise_text,
     scope_note,
+    trust_text,
 )
 from fedsocial.shared.privacy.ledger import ADJACENCY
 
@@ -181,28 +182,42 @@ def _nice_step(raw: float) -> float:
     return next(m * power for m in (1.0, 2.0, 2.5, 5.0, 10.0) if m * power >= raw * (1 - 1e-12))
 
 
-def _trust_model(ctx: dict[str, Any]) -> str:
-    cfg = ctx.get("config", {})
-    secagg = cfg.get("secagg", {}).get("enabled")
-    server_noise = cfg.get("federation", {}).get("server_noise_multiplier")
-    secagg_text = {True: "SecAgg+ was ON in this run: the server saw only the sum of the partners' updates.",
-                   False: "SecAgg+ was OFF in this run: the server saw each partner's clipped update.",
-                   None: "SecAgg+ setting unknown (no config.json)."}[secagg if isinstance(secagg, bool) else None]
+def compute_run_settings(result: AuditResult) -> tuple[dict[str, Any], str]:
+    """The run's SecAgg+, server-noise and selection settings, and where they come from: the signed manifest
+    when the audit verified one, else the run's unsigned config (said so, since anyone can rewrite it)."""
+    manifest = result.records.get("manifest")
+    if isinstance(manifest, dict):
+        fed, priv = manifest.get("federation") or {}, manifest.get("privacy") or {}
+        return ({"secure_aggregation": fed.get("secure_aggregation"),
+                 "server_noise_multiplier": fed.get("server_noise_multiplier"),
+                 "select_on_validation": priv.get("select_on_validation")}, "the signed run manifest")
+    cfg = result.context.get("config", {})
+    return ({"secure_aggregation": (cfg.get("secagg") or {}).get("enabled"),
+             "server_noise_multiplier": (cfg.get("federation") or {}).get("server_noise_multiplier"),
+             "select_on_validation": (cfg.get("privacy") or {}).get("select_on_validation")},
+            f"the run's {result.context.get('config_file', 'config')} (unsigned, not verified)")
+
+
+def _trust_model(result: AuditResult) -> str:
+    settings, source = compute_run_settings(result)
+    secagg, server_noise = settings["secure_aggregation"], settings["server_noise_multiplier"]
+    secagg_text = {True: "SecAgg+ was ON in this run: the server saw only the sum of the partners' updates",
+                   False: "SecAgg+ was OFF in this run: the server saw each partner's clipped update",
+                   None: "SecAgg+ setting unknown"}[secagg if isinstance(secagg, bool) else None]
     noise = (f" Server-side noise multiplier: {server_noise} (partner-level DP on top)." if
              isinstance(server_noise, (int, float)) and server_noise > 0 else "")
     return ("The server (and every other partner) sees only clipped updates of the shared parameters "
             "(item table, item biases, history table, per-category vectors if used, MLP, aggregator); "
             "user-specific social embeddings "
-            "and any per-user vectors stay on the partner. " + secagg_text + noise)
+            f"and any per-user vectors stay on the partner. {secagg_text} (from {source}).{noise} "
+            f"Keys: {trust_text(result)}.")
 
 
 def _records_text(result: AuditResult) -> str:
     rec = result.records
     expected = rec.get("expected_partners") or []
-    pinned = ("a trusted copy (--public-keys)" if rec.get("server_key_pinned")
-              else "the run folder's own server.pub (not pinned)")
     return (f"Expected partners from the signed records: {', '.join(expected) or 'none'}; rounds completed "
-            f"per the server's signed heads: {rec.get('rounds_completed', 'unknown')}; server key: {pinned}.")
+            f"per the server's signed heads: {rec.get('rounds_completed', 'unknown')}.")
 
 
 def metrics_text(result: AuditResult) -> str:
@@ -221,14 +236,15 @@ def canary_text(result: AuditResult) -> str:
     return str(verdict.get("note", "unknown")) if isinstance(verdict, dict) else ""
 
 
-def _selection_text(ctx: dict[str, Any]) -> str:
-    sel = ctx.get("config", {}).get("privacy", {}).get("select_on_validation")
+def _selection_text(result: AuditResult) -> str:
+    settings, source = compute_run_settings(result)
+    sel = settings["select_on_validation"]
     if sel is True:
         return ("Epoch/hyperparameter selection on validation data was ON: that selection uses private data "
-                "and is not covered by the ledger's epsilon unless accounted separately.")
+                f"and is not covered by the ledger's epsilon unless accounted separately (from {source}).")
     if sel is False:
-        return "A fixed training schedule was used (no selection on validation data)."
-    return "Whether selection on validation data was used is unknown (no config.json)."
+        return f"A fixed training schedule was used (no selection on validation data; from {source})."
+    return f"Whether selection on validation data was used is not recorded in {source}."
 
 
 CAVEATS = (
@@ -280,9 +296,9 @@ def render_html(result: AuditResult) -> str:
         f"{RECOMPUTE_RTOL:.0%} (recorded may not fall below it)</dd>",
         f"<dt>Compositions</dt><dd>rounds per partner: {', '.join(map(str, rounds_all)) or 'n/a'}; "
         f"DP-SGD steps per partner: {', '.join(map(str, steps_all)) or 'n/a'}</dd>",
-        f"<dt>Trust model</dt><dd>{esc(_trust_model(result.context))} {esc(_records_text(result))}</dd>",
+        f"<dt>Trust model</dt><dd>{esc(_trust_model(result))} {esc(_records_text(result))}</dd>",
         f"<dt>Published results (metrics.json)</dt><dd>{esc(metrics_text(result))}</dd>",
-        f"<dt>Hyperparameter selection</dt><dd>{esc(_selection_text(result.context))}</dd>",
+        f"<dt>Hyperparameter selection</dt><dd>{esc(_selection_text(result))}</dd>",
         "</dl><h2>Caveats</h2><ul>", *[f"<li>{esc(c)}</li>" for c in CAVEATS], "</ul>",
         "<h2>Empirical lower bound</h2>",
     ]
@@ -334,7 +350,9 @@ def _partner_html(p: PartnerReport) -> str:
     table = "<table><tr>" + "".join(f"<th>{c}</th>" for c in cols) + "</tr>" + rows + "</table>"
     refused = ""
     if p.refusals:
-        refused = "<p>Rounds refused (budget): " + ", ".join(esc(str(r.get("round"))) for r in p.refusals) + "</p>"
+        refused = "<p>Rounds refused (nothing released or charged):</p><ul>" + "".join(
+            f"<li>round {esc(str(r.get('round')))}: {esc(str(r.get('reason') or 'budget'))}</li>"
+            for r in p.refusals) + "</ul>"
     return head + table + refused
 
 

@@ -240,12 +240,20 @@ def test_canary_bound_above_the_accounted_epsilon_fails(run: Path, capsys: pytes
 def test_refusals_appear_in_the_report(run: Path) -> None:
     from fedsocial.shared.privacy.ledger import record_refusal
 
+    # Prepare: a budget refusal and a refusal to re-send a distributed share into another set
     record_refusal(run / "ledgers" / "north.jsonl", partner_id="north", round=4, epsilon_spent=7.9,
                    epsilon_next=8.3, max_epsilon=8.0)
+    record_refusal(run / "ledgers" / "north.jsonl", partner_id="north", round=5, epsilon_spent=7.9,
+                   epsilon_next=7.9, max_epsilon=8.0, reason="asked again for a sum over {north}")
+
+    # Execute
     result = run_audit(run)
+
+    # Assert: each refusal listed with its own reason (a set refusal is not labelled a budget one)
     assert result.exit_code == EXIT_OK  # a refusals log is not a ledger
     assert [p.partner_id for p in result.partners] == ["north", "south"]
-    assert "Rounds refused (budget): 4" in (run / "privacy_report.html").read_text()
+    html = (run / "privacy_report.html").read_text()
+    assert "round 4: budget exhausted" in html and "round 5: asked again for a sum over {north}" in html
 
 
 def _single_partner(tmp_path: Path, pid: str, **fields: Any) -> None:

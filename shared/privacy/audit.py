@@ -250,6 +250,50 @@ def noise_text(result: AuditResult) -> str:
     return ""
 
 
+SIGNING_KEY_NAMES = ("ledger_signing.key", "signing.key")  # a partner's ledger key, the server's record key
+
+
+def trust_text(result: AuditResult) -> str:
+    """What the verdict rests on: whose public keys were used, and whether the folder itself could forge them."""
+    trust = result.records.get("trust") or {}
+    held = trust.get("private_keys_in_folder") or []
+    if trust.get("partner_keys") == "pinned" and trust.get("server_key") == "pinned":
+        text = "every key pinned (--public-keys): the records are those the key holders signed"
+    elif trust.get("partner_keys") == "pinned":
+        text = ("partner keys pinned (--public-keys), the server's key read from the run folder: the manifest, "
+                "heads and metrics record prove nothing against a rewrite re-signed under a new server key")
+    else:
+        text = ("nothing pinned: every public key was read from the run folder, so the audit proves the records "
+                "complete and consistent, not who wrote them; give --public-keys DIR (each partner's "
+                "<partner_id>.pub and the coordinator's server.pub, obtained from them) to prove that")
+    if held:
+        text += (f"; the folder also holds {len(held)} private signing key(s) ({', '.join(held[:3])}"
+                 f"{', ...' if len(held) > 3 else ''}): whoever has this folder can re-sign it consistently "
+                 "(a simulation plays every party); remove them before handing the folder to an auditor")
+    return text
+
+
+def _check_trust(run: Path, keys_dir: Path | None, result: AuditResult) -> None:
+    """Record which keys the verdict rests on; pinning that cannot hold (no server.pub, or the private keys
+    shipped in the folder) is a warning, since the operator asked for more than the folder can prove."""
+    pinned_server = keys_dir is not None and (keys_dir / SERVER_PUB).is_file()
+    held = sorted(str(p.relative_to(run)) for name in SIGNING_KEY_NAMES for p in run.rglob(name)
+                  if p.is_file() and len(p.relative_to(run).parts) <= 4)
+    result.records["trust"] = {"partner_keys": "pinned" if keys_dir is not None else "run folder",
+                               "server_key": "pinned" if pinned_server else "run folder",
+                               "private_keys_in_folder": held}
+    if keys_dir is not None and not pinned_server:
+        result.add("warning", None, None, None,
+                   f"--public-keys {keys_dir} has no {SERVER_PUB}: the manifest, heads and metrics record were "
+                   f"checked against the run folder's own {SERVER_PUB}, so a rollback of the ledgers with the "
+                   f"heads re-signed under a new server key would pass; add the coordinator's {SERVER_PUB}")
+    if keys_dir is not None and held:
+        result.add("warning", None, None, None,
+                   f"the run folder holds private signing keys ({', '.join(held)}): with them, anyone holding the "
+                   "folder can re-sign forged ledgers and records that verify under the pinned public keys; an "
+                   "audit of this folder proves consistency only (remove the keys, or audit the parties' copies)")
+
+
 PRIVACY_MODEL = {
     "unit": f"{UNIT}: one user of a partner platform (their interactions and their own out-neighbour list)",
     "adjacency": ADJACENCY,
@@ -551,6 +595,7 @@ def _audit_into(run: Path, max_epsilon: float | None, keys_dir: Path | None, res
     found = sorted(p.name[: -len(".jsonl")] for p in ledgers.glob("*.jsonl")
                    if not p.name.endswith(".refusals.jsonl")) if ledgers.is_dir() else []
     expected, heads, server_key = _read_records(run, keys_dir, result)
+    _check_trust(run, keys_dir, result)
     for partner in sorted(set(found) | set(expected)):
         if not PARTNER_ID_RE.fullmatch(partner):
             result.add("input", partner, None, None, f"ledger file name {partner!r}.jsonl is not a valid partner id")

@@ -117,6 +117,7 @@ def compute_manifest_payload(cfg: Any, partners: Mapping[str, Mapping[str, Any]]
                     "target_delta": float(pc.target_delta), "noise_multiplier": float(pc.noise_multiplier),
                     "max_grad_norm": float(pc.max_grad_norm), "accountant": pc.accountant,
                     "secure_rng": bool(pc.secure_rng), "distributed_noise": distributed,
+                    "select_on_validation": bool(pc.select_on_validation),
                     **(shares if distributed else {})},
         "federation": {"partners": int(fc.partners), "rounds": int(fc.rounds), "local_epochs": int(fc.local_epochs),
                        "clipping_norm": float(fc.clipping_norm),
