@@ -102,9 +102,10 @@ BACKGROUNDS = ("real", "synthetic")
 
 def compute_synthetic_background(cfg: Config, split: SplitData, seed: int) -> SplitData:
     """The canary run's other users, generated instead of the partner's own: as many users, the same catalogue
-    (its items, categories, price bins and text features: public, like the catalogue), the same mean
-    interactions and friends per user, and user-feature codes drawn uniformly within each column's size (sizes,
-    not records); nothing of a real user's record is used.
+    (its items, categories, price bins and text features: public, like the catalogue), the generator's public
+    default activity (``DataConfig``'s ``interactions_per_user`` and ``friends_per_user``, not the partner's
+    means, which are statistics of its users' records), and user-feature codes drawn uniformly within each
+    column's size (sizes, not records); nothing computed from a real user's record is used.
 
     DP is a guarantee for every pair of neighbouring datasets, so a lower bound measured on any background is a
     valid test of the mechanism; on a generated one, publishing it costs the partner's users nothing."""
@@ -114,8 +115,8 @@ def compute_synthetic_background(cfg: Config, split: SplitData, seed: int) -> Sp
 
     real = split.dataset
     n_users, n_items = max(2, int(split.n_users)), max(2, int(split.n_items))
-    per_user = max(1.0, len(split.train_users) / max(1, int(split.n_users)))
-    friends = float(len(real.social_src)) / max(1, real.n_users)
+    public = DataConfig()  # the generator's defaults: no statistic of the partner's records (the user count is
+    per_user, friends = public.interactions_per_user, public.friends_per_user  # declared in the manifest anyway)
     ds = generate(DataConfig(n_users=n_users, n_items=n_items, interactions_per_user=per_user,
                              friends_per_user=friends, synthetic_seed=seed))
     rng = np.random.default_rng(seed)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +51,6 @@ def test_attack_detects_non_private_training_and_dp_bound_stays_below_epsilon() 
 
 def test_canary_scores_are_the_models_own_ranking_with_temperature_bias_scale_and_categories() -> None:
     # Prepare: a model with every scoring feature the old re-implementation left out, random weights
-    import dataclasses
 
     import torch
 
@@ -89,7 +89,6 @@ def test_canary_scores_are_the_models_own_ranking_with_temperature_bias_scale_an
 def _csv_copy(tmp_path: Path, name: str, shuffle: bool) -> list[str]:
     """SMALL's synthetic data written as a generic CSV data set (a 'real' one to the loader); ``shuffle``: the
     interactions dealt to other users (the same sizes, other records)."""
-    import dataclasses
 
     from fedsocial.shared.csvio import write_csv_dataset
 
@@ -159,6 +158,11 @@ def test_a_synthetic_background_keeps_the_public_catalogue_and_draws_user_featur
     assert bg.user_features is not None and bg.user_feature_sizes == split.dataset.user_feature_sizes
     assert bg.user_features.max() < bg.user_feature_sizes[0]
     assert not np.array_equal(bg.users, split.dataset.users[: len(bg.users)])
+    # regression: the background's activity is the generator's public default, not the partner's mean
+    doubled = dataclasses.replace(split, train_users=np.concatenate([split.train_users, split.train_users]),
+                                  train_items=np.concatenate([split.train_items, split.train_items]))
+    again = compute_synthetic_background(cfg, doubled, seed=0).dataset
+    assert np.array_equal(again.users, bg.users) and np.array_equal(again.items, bg.items)
     assert result["background"] == "synthetic" and result["privacy_cost"]["real_users"] is False
     # regression: canaries planted among users with features get code 0 ("missing"); this raised before
     planted = run_canary_audit(cfg, None, m=20, items_each=3, partner=0, background="real")
