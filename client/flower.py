@@ -67,7 +67,9 @@ class FedSocialClient(NumPyClient):
                            "properties request")
         if asked is not None:  # the server asks whether this partner will train that round (SecAgg+)
             round_ = asked
-            intent = protocol.Intent(self.partner.partner_id, round_, self.partner.will_train(round_))
+            released = self.partner.released_share(round_)  # a share enters one secure sum only
+            intent = protocol.Intent(self.partner.partner_id, round_, not released and self.partner.will_train(round_),
+                                     released)
             return checked(protocol.parse_intent(intent.to_metrics(), round_))
         names, _ = self.partner.initial_parameters()
         pc = self.partner.cfg.privacy

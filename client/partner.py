@@ -365,8 +365,9 @@ class Partner:
         again: its saved release is sent again, bit-for-bit, or the partner refuses.
 
         ``contributors``: under distributed noise, the partner ids whose shares the round's secure sum is
-        formed over (the fit instruction names them). The share is saved with that set, and re-sent into
-        the identical set only (:meth:`_check_resend_set`).
+        formed over (the fit instruction names them): a fresh share needs a named set of at least ``t``
+        partners with this one, is saved with it, and is never sent into a second sum
+        (:meth:`_refuse_second_sum`).
         """
         trainer, names = self._prepared_trainer(arrays, round_ - 1)
         metrics: dict[str, Any] = {"round": round_, "partner_id": self.partner_id, "param_names": ",".join(names),
@@ -410,7 +411,7 @@ class Partner:
         # the loss and the time are functions of the users' data that no DP mechanism covers: they stay here
         write_local_fit(self.settings.state_dir, round_, float(result.train_loss), float(result.wall_time_s))
         reply: dict[str, Any] = {}
-        # distributed noise: the share is saved with the set it is released into (a re-send goes into that set only)
+        # distributed noise: the share is saved with the set it is released into (it never enters a second sum)
         summed = {"contributors": sorted(contributors or ())} if self.distributed_noise else {}
         digest = save_release(self.settings.state_dir, round_, names, out, {"weight": weight, "reply": reply,
                                                                             **summed})
@@ -559,32 +560,40 @@ class Partner:
                            "a share is released into a known set of at least t partners only; refusing (nothing "
                            "trained or charged)")
 
-    def _check_resend_set(self, ledger: Any, pround: Any, recorded: dict[str, Any], meta: Mapping[str, Any],
-                          contributors: tuple[str, ...] | None) -> None:
-        """Distributed noise: a charged share is re-sent only into the very set of partners it was released into.
+    def _refuse_second_sum(self, ledger: Any, pround: Any, recorded: dict[str, Any], meta: Mapping[str, Any],
+                           contributors: tuple[str, ...] | None) -> None:
+        """Distributed noise: a charged share enters one secure sum only, so asking again is always refused.
 
-        Two released sums over different sets differ by the missing partners' contributions with their shares'
-        noise alone (mu / t each, not mu): a release nobody charged. So a request naming another set, or none, or
-        a share saved without its set, is refused: logged beside the ledger as a refusal (nothing new charged)
-        and raised (nothing sent, nothing drawn again)."""
+        A share carries ``mu / t`` of the round's noise. Two released sums holding it differ by the contributions
+        that are in one and not the other (a partner left out of the second set, or one SecAgg+ unmasked as a
+        dropout in one session only, which a server can force), each with its share's noise alone: a release
+        nobody charged. Secure aggregation hides an input within one session; no rule about sets makes two
+        sessions over one input safe. So the request is logged beside the ledger as a refusal (nothing new
+        charged) and raised (nothing sent, nothing drawn again): the round is lost, its charge stays."""
         from fedsocial.shared.privacy.ledger import record_refusal
 
         round_ = int(recorded["round"])
         saved = meta.get("contributors")
-        released = (tuple(sorted(saved)) if isinstance(saved, list) and saved and all(isinstance(x, str) for x in saved)
-                    else None)
-        if released is not None and contributors is not None and released == tuple(sorted(contributors)):
-            return
-        was = _set_text(released) if released is not None else "a set not recorded with it"
+        was = (_set_text(saved) if isinstance(saved, list) and saved and all(isinstance(x, str) for x in saved)
+               else "a secure sum")
         asked = _set_text(contributors) if contributors is not None else "no named set"
-        reason = (f"round {round_}'s share was released and charged into the sum over {was}; asked again for a sum "
-                  f"over {asked}: refusing to re-send it (two sums over different sets release the difference with a "
-                  "fraction of the charged noise); nothing sent, nothing charged")
+        reason = (f"round {round_}'s share was released and charged into the sum over {was}; asked again (a sum "
+                  f"over {asked}): refusing, a share enters one secure sum only (two sums holding it release "
+                  "their difference with a fraction of the charged noise); nothing sent, nothing charged")
         spent = pround.epsilon_of(recorded)
         record_refusal(ledger.path, partner_id=self.partner_id, round=round_, epsilon_spent=spent, epsilon_next=spent,
                        max_epsilon=self.cfg.privacy.max_epsilon, reason=reason)
         log.warning("%s: %s", self.partner_id, reason)
         raise PartnerError(f"{self.partner_id}: {reason}")
+
+    def released_share(self, round_: int) -> bool:
+        """Whether this partner already released (and charged) a distributed-noise share for ``round_``: it then
+        declines the round's SecAgg+ intent and refuses its fit (:meth:`_refuse_second_sum`)."""
+        from fedsocial.shared.privacy.ledger import training_entries
+
+        if not (self.cfg.privacy.enabled and self.distributed_noise):
+            return False
+        return any(int(e["round"]) == round_ for e in training_entries(self.open_ledger().entries()))
 
     def _resend(self, ledger: Any, pround: Any, recorded: dict[str, Any], names: list[str],
                 metrics: dict[str, Any], contributors: tuple[str, ...] | None = None
@@ -592,7 +601,7 @@ class Partner:
         """Send the release a charged round already released, or refuse (never a second, uncharged one).
 
         Without distributed noise the release carries its full noise, so sending it again is post-processing;
-        a distributed share goes only into the set it was released into (:meth:`_check_resend_set`)."""
+        a distributed share is never sent twice (:meth:`_refuse_second_sum`)."""
         from fedsocial.shared.privacy.round import compute_plan_mismatches
 
         round_ = int(recorded["round"])
@@ -607,7 +616,7 @@ class Partner:
                                "to release a second update the ledger does not charge")
         _, arrays, meta = saved
         if self.distributed_noise or recorded.get("mechanism") == "skellam":
-            self._check_resend_set(ledger, pround, recorded, meta, contributors)
+            self._refuse_second_sum(ledger, pround, recorded, meta, contributors)
         log.info("%s: round %d was already released and charged; sending that release again", self.partner_id,
                  round_)
         reply = meta.get("reply")
@@ -641,6 +650,8 @@ class Partner:
         """
         if not self.cfg.privacy.enabled:
             return True
+        if self.released_share(round_):  # a share enters one secure sum only (_refuse_second_sum)
+            return False
         from fedsocial.shared.privacy.accounting import would_exceed
         from fedsocial.shared.privacy.ledger import entries_before_training, history_of
         from fedsocial.shared.privacy.popularity import popularity_event

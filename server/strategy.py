@@ -239,7 +239,7 @@ class FedSocialStrategy(Strategy):
         """The partners that will train round ``g``; none when too few to hide one update."""
         from concurrent.futures import ThreadPoolExecutor
 
-        will, exhausted, dropped = [], [], []
+        will, exhausted, dropped, released = [], [], [], []
         # asked together (as Flower's own fit_clients does), so a dead partner costs one timeout, not one each
         with ThreadPoolExecutor(max_workers=max(1, len(proxies))) as pool:
             intents = list(pool.map(lambda proxy: self._ask_intent(proxy, g), proxies))
@@ -249,9 +249,15 @@ class FedSocialStrategy(Strategy):
                 dropped.append({"partner": pid, "reason": f"intent: {intent}"})
             elif intent.will_train:
                 will.append(proxy)
+            elif intent.released:  # a resumed round: its share is in a sum already, and enters one sum only
+                released.append(pid)
             else:
                 exhausted.append(pid)
-        self._round.update(budget_exhausted=exhausted, dropped=dropped)
+        if released:
+            log.warning("round %d: %s already released this round's share (a re-run of a released round): not "
+                        "asked again", g, ", ".join(released))
+        self._round.update(budget_exhausted=exhausted, dropped=dropped, **({"released_before": released}
+                                                                           if released else {}))
         need = self.secagg_min_contributors()
         if len(will) < need:
             self._skip(g, f"only {len(will)} partners will contribute to the secure sum, fewer than "

@@ -166,9 +166,13 @@ class Intent:
     partner_id: str
     round: int
     will_train: bool
+    # distributed noise: this partner already released its share of the round into a secure sum (a resumed
+    # server asking again), and a share enters one sum only; the server then does not count it as out of budget
+    released: bool = False
 
     def to_metrics(self) -> dict[str, Any]:
-        return {"partner_id": self.partner_id, "round": self.round, "will_train": int(self.will_train)}
+        out = {"partner_id": self.partner_id, "round": self.round, "will_train": int(self.will_train)}
+        return {**out, "released": 1} if self.released else out
 
 
 INTENT_KEYS = _keys(Intent)
@@ -180,9 +184,12 @@ def parse_intent(m: Mapping[str, Any], expected_round: int) -> Intent | Rejected
     pid = _str(m, "partner_id", errs, _PARTNER_ID)
     rnd = _round(m, expected_round, errs)
     will = _int(m, "will_train", errs, hi=1)
-    if errs or pid is None or rnd is None or will is None:
+    released = _int(m, "released", errs, hi=1) if "released" in m else 0
+    if errs or pid is None or rnd is None or will is None or released is None:
         return Rejected(tuple(errs))
-    return Intent(pid, rnd, bool(will))
+    if will and released:
+        return Rejected(("released: a partner that already released the round's share cannot train it again",))
+    return Intent(pid, rnd, bool(will), bool(released))
 
 
 def _round(m: Mapping[str, Any], expected: int, errs: list[str]) -> int | None:

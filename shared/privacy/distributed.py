@@ -13,10 +13,10 @@ quantisation maps them onto themselves (server/secagg.py).
 Assumptions, stated wherever the guarantee is: the secure sum hides every share, and at least ``t``
 partners whose shares are in a released sum neither collude with the server nor drop out after
 sending (the server refuses to aggregate fewer than ``t``). A colluder knows its own share, so the
-noise that protects a user is that of the honest contributors. Two sums of one round over different
-sets would release their difference with a fraction of the noise: a partner re-sends a charged share
-only into the set of partners it was released into (client/partner.py), and a re-run of a released
-round is assumed to unmask the same shares of that set again (SecAgg+'s dropouts decide which).
+noise that protects a user is that of the honest contributors. Two sums holding one share would
+release their difference with a fraction of the noise, so a share enters one secure sum only: a partner
+asked again for a round it released declines it (client/partner.py), and the round is lost, never
+released twice.
 
 Pure functions; :mod:`shared.privacy.accounting` composes the result (``rdp_int``: RDP at integer
 orders, where the Skellam bound is proved).
