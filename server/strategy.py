@@ -260,9 +260,11 @@ class FedSocialStrategy(Strategy):
                                                                            if released else {}))
         need = self.secagg_min_contributors()
         if len(will) < need:
+            why = (f" ({len(released)} already released this round's share before a restart: a share enters one "
+                   "secure sum only)" if released else "")
             self._skip(g, f"only {len(will)} partners will contribute to the secure sum, fewer than "
                           f"max(2, secagg.reconstruction_threshold) = {need}: a sum of so few could reveal "
-                          "one partner's update")
+                          f"one partner's update{why}")
             return []
         return will
 

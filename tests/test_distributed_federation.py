@@ -4,6 +4,7 @@ recorded mechanism, and misconfigurations are refused by name."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -298,3 +299,30 @@ def test_every_partner_needed_with_fewer_secagg_neighbours_than_partners(tmp_pat
     assert doc["rounds_completed"] == 1 and doc["epsilon"] > 0
     assert load_checkpoint(checkpoint_path(run, 1)).state["opt_step"] == 1
     assert audit_run(run).exit_code == EXIT_OK
+
+
+@pytest.mark.slow  # two federations (a run stopped after round 2, then resumed)
+def test_a_server_crash_after_a_released_round_loses_the_round_and_never_sums_a_share_twice(
+        tmp_path: Path) -> None:
+    # Prepare: the state a server killed after aggregating round 2 and before checkpointing it leaves (its signed
+    # heads and round record of round 2 written, the partners' round-2 shares released and charged, the newest
+    # checkpoint round 1's)
+    cfg, run = config_from_dict(tiny_raw()), tmp_path / "run"
+    run_simulation_from_config(cfg, None, run, progress=False, stop_after=2)
+    checkpoint_path(run, 2).unlink()
+
+    # Execute: the resumed server asks round 2 again
+    run_simulation_from_config(cfg, None, run, resume=True, progress=False)
+
+    # Assert: every partner declined round 2 (released before), so it was skipped, not summed a second time; round 3
+    # went on; every round charged once; the audit verifies the run
+    records = {r["round"]: r for r in map(json.loads, (run / "rounds.jsonl").read_text().splitlines())}
+    assert sorted(records[2]["released_before"]) == [f"partner-{i}" for i in range(PARTNERS)]
+    assert "skipped" in records[2] and records[2]["budget_exhausted"] == []
+    assert len(records[3]["accepted"]) == PARTNERS
+    for i in range(PARTNERS):
+        rounds = [e["round"] for e in read_ledger(run / "ledgers" / f"partner-{i}.jsonl")
+                  if e.get("release", "training") == "training"]
+        assert rounds == [1, 2, 3]
+    audited = audit_run(run)
+    assert audited.exit_code == EXIT_OK, [str(f) for f in audited.findings]
