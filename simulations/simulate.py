@@ -165,22 +165,28 @@ def compute_has_ledger_lines(run_dir: Path) -> bool:
 def _clear_keeping_noise_keys(partners: Path) -> None:
     """Empty each partner folder but keep its DP noise secret: no release was made with it (no ledger line),
     and keeping it lets a partner (or a test) provision its secret before the first start."""
-    import shutil
-
-    from fedsocial.shared.privacy.noise_key import NOISE_KEY
-
     for folder in partners.iterdir():
         if not folder.is_dir() or folder.is_symlink():
             folder.unlink()
             continue
-        for path in folder.iterdir():
-            if path.name == NOISE_KEY and path.is_file() and not path.is_symlink():
-                continue
-            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
-        if not any(folder.iterdir()):
-            folder.rmdir()
+        _clear_folder_keeping_noise_key(folder)
     if not any(partners.iterdir()):
         partners.rmdir()
+
+
+def _clear_folder_keeping_noise_key(folder: Path) -> None:
+    """Empty ``folder`` but its DP noise secret (a partner's, or the server's ``server/dp_noise.key``);
+    remove it when nothing is left."""
+    import shutil
+
+    from fedsocial.shared.privacy.noise_key import NOISE_KEY
+
+    for path in folder.iterdir():
+        if path.name == NOISE_KEY and path.is_file() and not path.is_symlink():
+            continue
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    if not any(folder.iterdir()):
+        folder.rmdir()
 
 
 def clear_failed_start_inplace(run_dir: Path) -> None:
@@ -191,6 +197,8 @@ def clear_failed_start_inplace(run_dir: Path) -> None:
         path = run_dir / name
         if name == "partners" and path.is_dir() and not path.is_symlink():
             _clear_keeping_noise_keys(path)
+        elif name == "server" and path.is_dir() and not path.is_symlink():
+            _clear_folder_keeping_noise_key(path)
         elif path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         elif path.exists() or path.is_symlink():

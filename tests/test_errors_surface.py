@@ -117,9 +117,12 @@ def test_a_failed_start_leaves_out_reusable_but_never_wipes_a_release(tmp_path: 
     _failed_start(clean)
     (clean / "partners" / "partner-0").mkdir(parents=True, exist_ok=True)
     (clean / "partners" / "partner-0" / NOISE_KEY).write_bytes(b"k" * 32)
+    (clean / "server").mkdir()  # so does the server's (regression: it was wiped, and runs keyed alike differed)
+    (clean / "server" / NOISE_KEY).write_bytes(b"s" * 32)
+    (clean / "server" / "leftover.json").write_text("{}", encoding="utf-8")
     clear_failed_start_inplace(clean)
-    assert [p.relative_to(clean) for p in clean.rglob("*") if p.is_file()] == [
-        Path("partners") / "partner-0" / NOISE_KEY]
+    assert sorted(p.relative_to(clean) for p in clean.rglob("*") if p.is_file()) == [
+        Path("partners") / "partner-0" / NOISE_KEY, Path("server") / NOISE_KEY]
     # a release on record must be resumed, never restarted; a folder with the user's own files is refused
     assert not compute_failed_start(charged) and not compute_failed_start(mine)
     for folder in (charged, mine):
