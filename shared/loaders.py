@@ -455,7 +455,20 @@ def read_csv_table(path: Path, required: Sequence[str], optional: Sequence[str] 
     first_line = head + 2
     if any('"' in line for line in body):
         rows, numbers = [], []
-        for k, fields in enumerate(csv.reader(body)):
+        # strict: an unbalanced quote is an error, not a field that silently swallows the rest of the file;
+        # each line keeps its "\n", so a quoted field may span lines (a record's line is where it starts)
+        reader = csv.reader((line + "\n" for line in body), strict=True, skipinitialspace=True)
+        consumed = 0  # lines of body the reader has read
+        while True:
+            k = consumed  # the next record starts on body line k
+            try:
+                fields = next(reader, None)
+            except csv.Error as exc:
+                raise DataError(f"{path}:{k + first_line}: malformed quoting ({exc}): a quoted field must end "
+                                "with a quote followed by a comma or the line end, a quote inside it doubled") from None
+            if fields is None:
+                break
+            consumed = reader.line_num
             if not fields or (len(fields) == 1 and not fields[0].strip()):
                 continue  # blank line
             if len(fields) != len(header):
@@ -501,6 +514,10 @@ def _check_ids(table: CsvTable, names: Sequence[str]) -> None:
         empty = col == ""
         if empty.any():
             raise DataError(f"{table.path}:{table.where(empty)}: empty {name} id")
+        broken = np.char.find(col, "\n") >= 0 if col.size else np.zeros(0, dtype=bool)
+        if broken.any():
+            raise DataError(f"{table.path}:{table.where(broken)}: {name} id {str(col[int(np.argmax(broken))])!r} "
+                            "spans several lines (a quoted field with a line break)")
         for delim, label in _DELIMITERS:
             stray = np.char.find(col, delim) >= 0 if col.size else np.zeros(0, dtype=bool)
             if stray.any():

@@ -246,8 +246,10 @@ def write_init_config(data: Path, out: Path, private: bool, partners: int, force
     data_dir = data.resolve()
     stats = compute_stats(load_dataset(DataConfig(format="csv", path=str(data_dir))))
     if stats.users < 2 * partners:
-        raise ConfigError(f"{data_dir}: {stats.users} users cannot be split into {partners} partners "
-                          "(pass a smaller --partners)")
+        fix = (f"pass --partners {stats.users // 2} or fewer" if stats.users >= 2
+               else "the data needs at least 2 users with interactions")
+        raise ConfigError(f"{data_dir}: {stats.users} user(s) cannot be split into {partners} partner(s): each "
+                          f"partner needs at least 2 users ({fix})")
     if distributed and not private:
         raise ConfigError("--distributed: distributed noise is a DP setting; pass --private too")
     settings = compute_settings(stats, private, partners)
@@ -269,8 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     stats = write_init_config(Path(args.data), out, args.private, args.partners, args.force, args.distributed)
     kind = ("user-level DP, distributed noise" if args.distributed else "user-level DP") if args.private \
         else "non-private"
-    print(f"{out}: {kind} config for {stats.users} users, {stats.items} items, {stats.interactions} interactions",
-          file=sys.stderr)
+    print(f"{out}: {kind} config for {stats.users} users, {stats.items} items, {stats.interactions} interactions, "
+          f"{stats.edges} social edges", file=sys.stderr)
     if args.distributed:  # a federation setting: the centralized trainer has no partners to split the noise over
         print(f"next: fedsocial simulate --config {out} --out runs/{out.stem}", file=sys.stderr)
     else:

@@ -28,7 +28,13 @@ from fedsocial.client.state import StateError
 from fedsocial.server.checkpoint import CheckpointError
 from fedsocial.shared.config import Config, ConfigError, load_config
 from fedsocial.shared.data import SplitData
-from fedsocial.shared.events import EVENTS_FILE, EventError, compute_grown_local_state, load_split_with_events
+from fedsocial.shared.events import (
+    EVENTS_FILE,
+    PER_USER_STATE,
+    EventError,
+    compute_grown_local_state,
+    load_split_with_events,
+)
 from fedsocial.shared.fileio import json_default, write_text_atomic
 from fedsocial.shared.models.social import SocialRec
 from fedsocial.shared.serving import (
@@ -169,6 +175,21 @@ def serve_personalised(cfg: Config, split: SplitData, shared: SocialRec, state_d
     return model
 
 
+def check_state_fits_data(state: dict[str, Any], data_users: int, served_users: int, src: ServedSource,
+                          round_: int) -> None:
+    """The local state's per-user rows are the partner's users by index: refuse a state whose row count is not
+    between the users of the data (as it reads now) and those plus the users its events created. The data
+    changed since the run otherwise (rows added or removed move every user to another partner and split), and the
+    rows would silently belong to other users."""
+    for name in PER_USER_STATE:
+        table = state.get(name)
+        rows = 0 if table is None else int(np.shape(table)[0])
+        if rows and not data_users <= rows <= served_users:
+            raise ConfigError(f"{src.state_dir}: {src.partner_id}'s local state of round {round_} holds {rows} "
+                              f"users, its data (data.path of {src.config_path}) now gives it {data_users}: the data "
+                              "changed since the run; serve the data the run trained on, or train again")
+
+
 def load_recommender(src: ServedSource, calibration: str = "auto", adapt: Adapter | None = None,
                      refit_on_event: str = "sync") -> Recommender:
     """The partner's served model: shared parameters + local state of the same round + its data and events.
@@ -181,12 +202,14 @@ def load_recommender(src: ServedSource, calibration: str = "auto", adapt: Adapte
     cfg = src.config if src.config is not None else load_config(src.config_path)
     privacy_scope = compute_serving_scope(cfg.privacy.enabled, cfg.privacy.scope)
     compute_calibration_method(calibration, privacy_scope)  # a refused calibration fails fast
-    split = load_split_with_events(load_partner_data(cfg, src), src.state_dir)
+    data = load_partner_data(cfg, src)
+    split = load_split_with_events(data, src.state_dir)
     round_, shared = _parameters(src)
     trainer = LocalTrainer(cfg, split, device="cpu", seed=cfg.train.seed)
     trainer.set_shared(shared)
     state = _local_state(src.state_dir, round_)
     if state is not None:
+        check_state_fits_data(state, data.n_users, split.n_users, src, round_)
         trainer.set_local_state(compute_grown_local_state(state, split.n_users))
     trainer.refit_local()  # p_u from training items, for calibration on validation data
     model = trainer.model

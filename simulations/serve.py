@@ -164,6 +164,26 @@ async def read_body(request: Request, limit: int) -> bytes | None:
     return b"".join(chunks) if size <= limit else None
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Refuse, as a user error naming the address, a port another process holds or a host that is not local."""
+    import socket
+
+    from fedsocial.shared.config import ConfigError
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise ConfigError(f"--host {host}: cannot be resolved ({exc})") from None
+    family, kind, proto, _, addr = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            sock.bind(addr)
+        except OSError as exc:
+            raise ConfigError(f"--port {port}: cannot listen on {host}:{port} ({exc.strerror or exc}); "
+                              "is another service on it? choose another --port") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     from fedsocial.simulations.common import compute_error_line
     from fedsocial.simulations.recommend import (
@@ -184,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
                         "reply, or only at the next start")
     args = parser.parse_args(argv)
     try:
+        check_port_free(args.host, args.port)  # before the model loads, not after a "serving" line
         import torch
 
         torch.set_num_threads(max(1, args.threads))

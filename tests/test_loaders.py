@@ -344,3 +344,48 @@ def test_csv_export_of_a_partner_uses_global_user_indices(tmp_path: Path) -> Non
     # Assert: the exported ids are the global user indices of the partner's users.
     assert tolist(back.user_ids) == np.flatnonzero(assignment == 1).tolist()
     assert_same_dataset(part, back)
+
+
+def test_load_csv_line_numbers_stay_right_after_a_quoted_field_spanning_lines(tmp_path: Path) -> None:
+    # Prepare: a title with a line break (what product exports hold), then a bad row on line 5
+    write(tmp_path / "interactions.csv", GOOD_I)
+    write(tmp_path / "social.csv", GOOD_S)
+    write(tmp_path / "items.csv", 'item,title\nx,"line one\nline two"\ny,plain\nz,"a","b"\n')
+    # Execute
+    with pytest.raises(DataError) as err:
+        load_csv(tmp_path)
+    # Assert: the line an editor shows, not the record count
+    assert "items.csv:5: expected 2 fields" in str(err.value)
+
+
+def test_load_csv_multi_line_title_keeps_its_line_break_and_its_line(tmp_path: Path) -> None:
+    # Prepare
+    from fedsocial.shared.loaders import read_csv_table
+
+    write(tmp_path / "items.csv", 'item,title\n"x,1", "multi\nline, title"\ny,\n')
+    # Execute
+    table = read_csv_table(tmp_path / "items.csv", ("item",), ("title",))
+    # Assert: a space before the opening quote is ignored, the break is kept, y is on line 4
+    assert tolist(table.columns["item"]) == ["x,1", "y"]
+    assert tolist(table.columns["title"]) == ["multi\nline, title", ""]
+    assert tolist(table.line_no) == [2, 4]
+
+
+@pytest.mark.parametrize(
+    ("interactions", "needle"),
+    [
+        # an unbalanced quote used to swallow the rest of the file into one id: users c and d vanished silently
+        ('user,item\na,x\nb,"y\nc,z\nd,w\n', "interactions.csv:3: malformed quoting (unexpected end of data)"),
+        ('user,item\na,x\nb,"y"z\nc,z\n', "interactions.csv:3: malformed quoting"),
+        ('user,item\na,x\n"b\nq",y\nc,z\n', "interactions.csv:3: user id 'b\\nq' spans several lines"),
+    ],
+)
+def test_load_csv_refuses_broken_quoting_with_its_line(tmp_path: Path, interactions: str, needle: str) -> None:
+    # Prepare
+    write(tmp_path / "interactions.csv", interactions)
+    write(tmp_path / "social.csv", "user,neighbour\na,c\n")
+    # Execute
+    with pytest.raises(DataError) as err:
+        load_csv(tmp_path)
+    # Assert: one line naming file, line and problem
+    assert needle in str(err.value) and "\n" not in str(err.value)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedsocial.shared.config import DataConfig, load_config
+from fedsocial.shared.config import ConfigError, DataConfig, load_config
 from fedsocial.shared.csvio import write_csv_dataset
 from fedsocial.shared.synthetic import generate
 from fedsocial.simulations.init_cmd import DataStats, compute_delta, compute_settings
@@ -152,6 +152,26 @@ def test_init_refuses_to_overwrite_and_names_bad_data(tmp_path: Path) -> None:
     assert (tmp_path / "c.toml").read_text(encoding="utf-8") == "# mine\n"
     assert bad.returncode == 2 and "interactions.csv:3: the header line is repeated" in bad.stderr
     assert not (tmp_path / "d.toml").exists()
+
+
+def test_init_too_few_users_says_how_many_partners_fit(tmp_path: Path) -> None:
+    # Prepare: one user (a degenerate export) and five users
+    from fedsocial.simulations.init_cmd import write_init_config
+
+    for name, users in (("one", ["a"]), ("five", list("abcde"))):
+        (tmp_path / name).mkdir()
+        rows = "".join(f"{u},x\n{u},y\n" for u in users)
+        (tmp_path / name / "interactions.csv").write_text("user,item\n" + rows, encoding="utf-8")
+        (tmp_path / name / "social.csv").write_text("user,neighbour\n", encoding="utf-8")
+    # Execute
+    with pytest.raises(ConfigError) as one:
+        write_init_config(tmp_path / "one", tmp_path / "one.toml", private=True, partners=1)
+    with pytest.raises(ConfigError) as five:
+        write_init_config(tmp_path / "five", tmp_path / "five.toml", private=True, partners=3)
+    # Assert: no advice to pass "a smaller --partners" than 1; the largest count that fits
+    assert "smaller --partners" not in str(one.value) and "at least 2 users" in str(one.value)
+    assert "pass --partners 2 or fewer" in str(five.value)
+    assert not (tmp_path / "one.toml").exists() and not (tmp_path / "five.toml").exists()
 
 
 # --- the written config works as is -----------------------------------------------------------------

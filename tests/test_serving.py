@@ -555,3 +555,49 @@ def test_an_event_id_is_an_integer_exactly_when_the_loader_would_make_it_one() -
     assert [type(v) is int for v in service] == [isinstance(v, np.integer) for v in loader] == [True, True, False,
                                                                                                    False, True]
     assert [str(v) for v in service] == cases
+
+
+def test_recommend_refuses_local_state_of_data_that_changed_since_the_run(
+        run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Regression: after users were added to the data, the partition moved every user and the saved per-user rows
+    # (social table, p_u) were silently served to other users (zero-padded for the "new" ones)
+    # Prepare: a copy of the run whose data now has 20 more users
+    import shutil
+
+    grown = tmp_path / "grown"
+    shutil.copytree(run_dir, grown)
+    config = grown / "config.toml"
+    text = config.read_text(encoding="utf-8")
+    assert "n_users = 160" in text
+    config.write_text(text.replace("n_users = 160", "n_users = 180"), encoding="utf-8")
+    out = tmp_path / "x.jsonl"
+    # Execute
+    rc = recommend.main([str(grown), "--partner", "partner-0", "--out", str(out)])
+    rc_same = recommend.main([str(run_dir), "--partner", "partner-0", "--out", str(out)])
+    # Assert: one line naming the state, the round and both user counts; the unchanged run still serves
+    err = capsys.readouterr().err
+    assert rc == 2 and rc_same == 0 and "Traceback" not in err
+    line = next(x for x in err.splitlines() if x.startswith("error: "))
+    assert "partner-0's local state of round 1 holds" in line and "the data changed since the run" in line
+
+
+def test_serve_refuses_a_busy_port_before_loading_the_model(tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    # Regression: the model loaded (tens of seconds), "serving ... on http://..." was printed, then uvicorn's
+    # own ERROR line and exit 1
+    # Prepare: another process's socket on a port (a folder that is not a run: the port is checked first)
+    import socket
+
+    from fedsocial.simulations import serve
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        # Execute
+        rc = serve.main([str(tmp_path), "--partner", "partner-0", "--port", str(port)])
+    # Assert: exit 2, one line naming the port, nothing claims to serve
+    captured = capsys.readouterr()
+    assert rc == 2 and "serving" not in captured.out
+    assert captured.err.strip() == captured.err.strip().splitlines()[0]
+    assert f"--port {port}: cannot listen on 127.0.0.1:{port}" in captured.err
