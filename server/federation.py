@@ -247,6 +247,10 @@ def run_server(grid: Grid, context: Context, overrides: Mapping[str, Any] | None
                                  wait_timeout=s.wait_timeout, on_round=on_round, registrations=props,
                                  refused=refused, optimizer=optimizer)
     specs.extend(strategy.specs)
+    # the straggler deadline from here on (admission waited for all); under SecAgg+ the quorum is t, the fewest
+    # live partners whose shares it can unmask
+    quorum = compute_assumed_contributors(cfg) if cfg.secagg.enabled else cfg.federation.min_partners
+    grid.set_deadline(quorum, cfg.federation.straggler_grace, on_missed=strategy.record_missed_deadline)
     if cfg.secagg.enabled:  # the weights the strategy will send: declared users, bounded
         secagg_kwargs = derive_secagg_settings(cfg, list(strategy.weight_bounds().values()))
     last = min(cfg.federation.rounds, s.stop_after) if s.stop_after > 0 else cfg.federation.rounds

@@ -14,6 +14,7 @@ The screen checks what the workflows will read, not whether it is honest: the st
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -26,6 +27,9 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
 from fedsocial.server.aggregation import ParamSpec, compute_npy_header
+from fedsocial.server.deadline import MISSED_DEADLINE_CODE, POLL_S, collect_replies
+
+log = logging.getLogger("fedsocial.server")
 
 SCREEN_ERROR_CODE = 4242  # a reply refused by the screen (Flower's own codes are below 1000)
 
@@ -128,16 +132,50 @@ class ScreenedGrid(Grid):
     """The ServerApp's grid, with every reply of ``send_and_receive`` screened (:func:`compute_screened`).
 
     ``expected`` gives the shared parameters once known (the bootstrap learns them from a registration).
+    Replies are collected by :func:`server.deadline.collect_replies`: ``quorum`` and ``grace`` (seconds) are
+    the straggler deadline, set from the config by :meth:`set_deadline` (until then: wait for every reply).
+    A node that missed the deadline is out of the rest of that round (the messages' ``group_id``), as a
+    device that drops out is in Bonawitz et al. 2019: later requests of the round get its error reply at
+    once instead of a second wait (the federated evaluation after a training stage it missed).
     """
 
     def __init__(self, grid: Grid, expected: Callable[[], Sequence[ParamSpec]] = lambda: ()) -> None:
         self.inner, self.expected = grid, expected
+        self.quorum, self.grace = 1, 0.0
+        self.missed: tuple[str, set[int]] = ("", set())  # (round's group_id, nodes that missed its deadline)
+        self.on_missed: Callable[[int], None] = lambda nid: None
+
+    def set_deadline(self, quorum: int, grace: float, on_missed: Callable[[int], None] = lambda nid: None) -> None:
+        """Once ``quorum`` partners have answered a request, the others have ``grace`` s (0: no deadline);
+        ``on_missed(node_id)`` for each node that missed it (the round's record names it)."""
+        self.quorum, self.grace, self.on_missed = quorum, grace, on_missed
 
     def __getattr__(self, name: str) -> Any:  # anything else a runtime's grid has
         return getattr(self.inner, name)
 
     def set_run(self, run: Run) -> None:
         self.inner.set_run(run)
+
+    def _collect(self, sent: list[Message], timeout: float | None) -> list[Message]:
+        """The replies within the deadline; a node that missed it earlier in the round is not asked again."""
+        group = sent[0].metadata.group_id if sent else ""
+        if self.missed[0] != group:
+            self.missed = (group, set())
+        out = [m for m in sent if m.metadata.dst_node_id in self.missed[1]]
+        skipped = [Message(Error(MISSED_DEADLINE_CODE, f"node {m.metadata.dst_node_id} missed the straggler deadline "
+                                 f"earlier in round {group}"), reply_to=m) for m in out]
+        ask = [m for m in sent if m.metadata.dst_node_id not in self.missed[1]]
+        poll = min(POLL_S, float(getattr(self.inner, "pull_interval", POLL_S)))  # in-memory grid: its own
+        replies = collect_replies(self.inner, ask, timeout=timeout, quorum=self.quorum, grace=self.grace,
+                                  poll=poll) if ask else []
+        if self.grace > 0:
+            late = {m.metadata.dst_node_id for m in ask} - {r.metadata.src_node_id for r in replies}
+            for nid in sorted(late):
+                log.warning("round %s: node %d missed the straggler deadline (%.1f s after %d partners answered); "
+                            "it is out of the rest of the round", group, nid, self.grace, self.quorum)
+                self.on_missed(nid)
+            self.missed[1].update(late)
+        return [*replies, *skipped]
 
     @property
     def run(self) -> Run:
@@ -158,6 +196,9 @@ class ScreenedGrid(Grid):
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         sent = list(messages)
         by_node = {m.metadata.dst_node_id: m for m in sent}
-        replies = self.inner.send_and_receive(sent, timeout=timeout)
+        if isinstance(self.inner, ScreenedGrid):  # a screen over the run's grid: its deadline and screen first
+            replies = list(self.inner.send_and_receive(sent, timeout=timeout))
+        else:
+            replies = self._collect(sent, timeout)
         expected = self.expected()
         return [compute_screened(by_node.get(r.metadata.src_node_id), r, expected) for r in replies]

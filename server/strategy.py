@@ -507,6 +507,11 @@ class FedSocialStrategy(Strategy):
         lists it (``secagg_dropped_shares``), so that a partner sending bad shares is named in rounds.jsonl."""
         self._round.setdefault("secagg_dropped_shares", []).append({"owner": owner, "holder": holder, "reason": why})
 
+    def record_missed_deadline(self, nid: int) -> None:
+        """A node that missed the straggler deadline (server/deadline.py): the round's record names it
+        (``missed_deadline``), whichever stage it missed (SecAgg+ counts it as a dropout, unnamed)."""
+        self._round.setdefault("missed_deadline", []).append(self.node_partner.get(nid, f"node-{nid}"))
+
     def node_name(self, nid: int) -> str:
         """A node as logs and records name it: its id, and the partner it registered as."""
         return f"node {nid} ({self.node_partner[nid]})" if nid in self.node_partner else f"node {nid}"

@@ -235,6 +235,9 @@ class FederationConfig:
     # under DP: 0 keeps each partner's evaluation on the partner; > 0 releases Gaussian-noised metric sums,
     # charged in its ledger (shared/privacy/evaluation.py)
     eval_noise_multiplier: float = 0.0
+    # the straggler deadline (server/deadline.py): once min_partners have answered a request, the others have
+    # this many seconds more; 0 waits for every reply (or the SuperLink's offline verdict, 36-60 s)
+    straggler_grace: float = 0.0
 
     def __post_init__(self) -> None:
         _check(self.partners >= 1, "federation.partners", "must be >= 1")
@@ -252,6 +255,8 @@ class FederationConfig:
         _check(math.isfinite(self.eval_noise_multiplier) and self.eval_noise_multiplier >= 0,
                "federation.eval_noise_multiplier", "must be finite and >= 0")
         _check(self.personal_epochs >= 0, "federation.personal_epochs", "must be >= 0 (0: rounds x local_epochs)")
+        _check(math.isfinite(self.straggler_grace) and self.straggler_grace >= 0, "federation.straggler_grace",
+               "must be finite and >= 0 seconds (0: wait for every reply)")
 
 
 @dataclass(frozen=True)

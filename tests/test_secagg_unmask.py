@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -78,12 +79,13 @@ class _Partner:
 
 class _FederationGrid(StubGrid):
     """Routes each message to its partner; in round 1 ``HOSTILE`` passes its unmask reply through
-    ``damage``, and ``gone`` (if any) fails after sending its key shares (a dropout SecAgg+ recovers from)."""
+    ``damage``, and ``gone`` (if any) fails after sending its key shares (a dropout SecAgg+ recovers from);
+    ``silent``: ``gone`` sends no reply at all instead of an error."""
 
     def __init__(self, partners: dict[int, _Partner], damage: Callable[[Shares], Shares] | None,
-                 gone: int | None = None) -> None:
+                 gone: int | None = None, silent: bool = False) -> None:
         super().__init__(partners)
-        self.partners, self.damage, self.gone = partners, damage, gone
+        self.partners, self.damage, self.gone, self.silent = partners, damage, gone, silent
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
         out = []
@@ -93,8 +95,11 @@ class _FederationGrid(StubGrid):
             stage = configs.get(Key.STAGE) if configs is not None else None
             first = msg.metadata.group_id == "1"
             if first and nid == self.gone and stage == Stage.COLLECT_MASKED_VECTORS:
-                out.append(Message(Error(0, "the partner went away"), reply_to=request))
+                if not self.silent:  # silent: no reply at all (a straggler, or a node not yet declared offline)
+                    out.append(Message(Error(0, "the partner went away"), reply_to=request))
                 continue
+            if first and nid == self.gone and self.silent and msg.metadata.message_type == MessageType.EVALUATE:
+                raise AssertionError(f"node {nid} missed round 1's deadline and was asked to evaluate round 1")
             reply = self.partners[nid].answer(request)
             if first and nid == HOSTILE and stage == Stage.UNMASK and self.damage is not None:
                 rec = reply.content.config_records[RECORD_KEY_CONFIGS]
@@ -122,19 +127,20 @@ def _updates(n: int) -> list[list[np.ndarray]]:
 
 
 def _federate(tmp_path: Path, damage: Callable[[Shares], Shares] | None, n: int = 3, gone: int | None = None,
-              secagg: str = "") -> tuple[dict[str, Any], list[np.ndarray], float]:
+              secagg: str = "", federation: str = "", silent: bool = False,
+              ) -> tuple[dict[str, Any], list[np.ndarray], float]:
     """Two rounds of ``n`` partners (nodes 1..n, 10, 20, 30, ... users): metrics.json, the global
     parameters after them, and the quantisation error bound of one round's weighted mean."""
     config = tmp_path / "fed.toml"
     config.write_text(f"[federation]\npartners = {n}\nmin_partners = {n - 1}\nrounds = 2\nclipping_norm = 1.0\n"
-                      f"[secagg]\nenabled = true\n{secagg}")
+                      f"{federation}[secagg]\nenabled = true\n{secagg}")
     updates = _updates(n)
     partners = {i + 1: _Partner(i + 1, 10 * (i + 1), updates[i]) for i in range(n)}
     run_dir = tmp_path / "run"
     context = Context(run_id=7, node_id=0, node_config={}, state=RecordDict(),
                       run_config={"config-path": str(config), "run-dir": str(run_dir), "wait-timeout": 5.0})
 
-    doc = run_server(_FederationGrid(partners, damage, gone), context)
+    doc = run_server(_FederationGrid(partners, damage, gone, silent), context)
 
     s = doc["secagg_settings"]
     bound = compute_quantization_error(s["clipping_range"], 1.0, s["quantization_range"], s["max_weight"],
@@ -209,6 +215,21 @@ def test_an_honest_dropout_after_the_key_shares_is_unmasked_from_its_private_key
     # Assert: round 1 is the mean of partners 1 and 3, round 2 of all three
     assert doc["skipped_rounds"] == [] and _rounds(doc) == [["partner-1", "partner-3"], ALL3]
     _assert_applied(params, [[1, 3], [1, 2, 3]], bound)
+
+
+@pytest.mark.usefixtures("server_task")
+def test_a_silent_straggler_misses_the_deadline_and_the_round_goes_on(tmp_path: Path) -> None:
+    # Execute: partner-2 sends no masked vector in round 1 (no reply, no error); the straggler deadline is 0.3 s
+    t0 = time.monotonic()
+    doc, params, bound = _federate(tmp_path, None, gone=2, silent=True, federation="straggler_grace = 0.3\n")
+
+    # Assert: round 1 closed without it (unmasked from its private key's shares) and named it; it was not asked
+    # to evaluate round 1 (the grid raises if it is), and round 2 asked it again and aggregated all three
+    assert doc["skipped_rounds"] == [] and _rounds(doc) == [["partner-1", "partner-3"], ALL3]
+    _assert_applied(params, [[1, 3], [1, 2, 3]], bound)
+    assert doc["rounds"][0]["missed_deadline"] == ["partner-2"] and "missed_deadline" not in doc["rounds"][1]
+    assert doc["rounds"][0]["eval_failures"] == 1
+    assert time.monotonic() - t0 < 60.0  # without the deadline the round would wait for ever
 
 
 @pytest.mark.usefixtures("server_task")
