@@ -213,11 +213,12 @@ class Recommender:
 
     def __init__(self, model: SocialRec, split: SplitData, calibration: str = "auto",
                  events_path: Path | None = None, seed: int = 0, refit_on_event: str = "sync",
-                 ranking: str = "model", privacy_scope: str = "none") -> None:
+                 ranking: str = "model", *, privacy_scope: str) -> None:
         """``privacy_scope``: what the run's privacy allows serving to learn from the partner's records
         (:func:`compute_serving_scope`): ``joint`` (a DP run in joint scope) ranks cold users by the DP
         popularity prior and serves uncalibrated probabilities; ``partner`` and ``none`` (a non-private run)
-        may use exact counts and fit calibration on validation records. Pass it for a DP run."""
+        may use exact counts and fit calibration on validation records. Required, with no default: a caller
+        that forgot it would serve a joint-scope run with non-DP statistics of other users' records."""
         if not isinstance(model, SocialRec):
             raise ServingError(f"serving needs the social model (model.name = social), got {type(model).__name__}")
         if ranking not in SELECTION_CANDIDATES:

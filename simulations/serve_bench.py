@@ -73,7 +73,7 @@ def build_recommender(n_items: int, refit: str = "sync") -> Any:
     from fedsocial.shared.serving import Recommender
 
     model, split = synthetic_partner(n_items)
-    return Recommender(model, split, calibration="platt", refit_on_event=refit)
+    return Recommender(model, split, calibration="platt", privacy_scope="none", refit_on_event=refit)
 
 
 def measure_in_process(rec: Any, n: int = 300, seed: int = 1) -> dict[str, Any]:

@@ -363,7 +363,7 @@ def test_serving_the_prior_ranks_unseen_items_by_the_biases_with_exact_terms(tmp
     with torch.no_grad():  # distinct biases (an untrained model's are all 0: ties)
         model.item_bias.weight.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(2))
     trainer.refit_local()
-    rec = Recommender(model, trainer.split, calibration="none", ranking="prior")
+    rec = Recommender(model, trainer.split, calibration="none", privacy_scope="none", ranking="prior")
     biases = model.item_biases().detach().numpy()
     u = int(trainer.split.train_users[0])
     rows = rec.recommend(rec.users[u], k=10)
@@ -376,7 +376,7 @@ def test_serving_the_prior_ranks_unseen_items_by_the_biases_with_exact_terms(tmp
     np.testing.assert_allclose(terms.total(), biases[expected], rtol=1e-6)
     assert {r["explanation"]["reason"] for r in rows} == {"prior"}
     with pytest.raises(ValueError, match="ranking"):
-        Recommender(model, trainer.split, calibration="none", ranking="alone")
+        Recommender(model, trainer.split, calibration="none", privacy_scope="none", ranking="alone")
 
 
 def test_the_kept_last_evaluation_names_the_selection_entry_and_the_server_takes_it_as_the_head(

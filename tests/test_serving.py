@@ -92,7 +92,7 @@ def test_terms_sum_to_the_models_own_score(variant: dict[str, object]) -> None:
     split = tiny_split()
     mc = ModelConfig(dim=8, mlp_hidden=8, local_refit_steps=3, **variant)  # type: ignore[arg-type]
     model = randomised_model(mc, split, seed=len(str(variant)))
-    rec = Recommender(model, split, calibration="none")  # type: ignore[arg-type]
+    rec = Recommender(model, split, calibration="none", privacy_scope="none")  # type: ignore[arg-type]
     rec.apply_events([parse_event({"user": "new", "neighbour": 3, "type": "follow"})])  # a cold-start user
     eval_builder = ExampleBuilder.from_split(split, mc)
     all_items = np.arange(split.n_items)
@@ -117,7 +117,7 @@ def test_explanations_name_the_largest_terms_and_exclude_seen_items() -> None:
     # Prepare
     split = tiny_split(seed=1)
     model = randomised_model(ModelConfig(dim=8, mlp_hidden=8, user_embedding="none"), split, seed=3)
-    rec = Recommender(model, split, calibration="none")  # type: ignore[arg-type]
+    rec = Recommender(model, split, calibration="none", privacy_scope="none")  # type: ignore[arg-type]
     user = 4
     # Execute
     items = rec.recommend(user, k=5)
@@ -263,7 +263,7 @@ def test_string_ids_keep_their_spelling_and_odd_ids_are_unknown_not_errors(tmp_p
     split = SplitData(dataclasses.replace(split.dataset, user_ids=ids), split.train_users, split.train_items,
                       split.val_users, split.val_items, split.test_users, split.test_items)
     rec = Recommender(randomised_model(ModelConfig(dim=8, user_embedding="local", local_refit_steps=1), split, 0),  # type: ignore[arg-type]
-                      split, calibration="none", events_path=tmp_path / "events.jsonl")
+                      split, calibration="none", privacy_scope="none", events_path=tmp_path / "events.jsonl")
     # Execute
     external = compute_external_ids(split.dataset)
     found = [rec.index_of(u) for u in ("007", "7", "x", "--5", "²")]
@@ -283,7 +283,7 @@ def test_a_category_no_item_has_is_refused_not_an_empty_list() -> None:
     # Prepare: the catalogue's categories are 0..3
     split = tiny_split()
     rec = Recommender(randomised_model(ModelConfig(dim=8, user_embedding="none", use_category=True), split, 2),  # type: ignore[arg-type]
-                      split, calibration="none")
+                      split, calibration="none", privacy_scope="none")
     # Execute
     inside = rec.recommend(3, 5, category=2, explain=False)
     # Assert
@@ -299,7 +299,7 @@ def test_an_event_changes_the_list_at_once_and_a_bad_batch_changes_nothing(tmp_p
     # Prepare
     split = tiny_split()
     rec = Recommender(randomised_model(ModelConfig(dim=8, user_embedding="local", local_refit_steps=3), split, 5),  # type: ignore[arg-type]
-                      split, calibration="none", events_path=tmp_path / "events.jsonl")
+                      split, calibration="none", privacy_scope="none", events_path=tmp_path / "events.jsonl")
     user = 3
     before = [x["item"] for x in rec.recommend(user, 5, explain=False)]
     # Execute
@@ -497,8 +497,8 @@ def test_async_refit_gives_the_synchronous_result() -> None:
     # Prepare
     split = tiny_split(seed=4)
     model = randomised_model(ModelConfig(dim=8, user_embedding="local", local_refit_steps=5), split, 9)
-    sync = Recommender(copy.deepcopy(model), split, calibration="none")  # type: ignore[arg-type]
-    lazy = Recommender(copy.deepcopy(model), split, calibration="none", refit_on_event="async")  # type: ignore[arg-type]
+    sync = Recommender(copy.deepcopy(model), split, calibration="none", privacy_scope="none")  # type: ignore[arg-type]
+    lazy = Recommender(copy.deepcopy(model), split, calibration="none", privacy_scope="none", refit_on_event="async")  # type: ignore[arg-type]
     user = 6
     bought = [x["item"] for x in sync.recommend(user, 2, explain=False)]
     events = [parse_event({"user": user, "item": i, "type": "purchase"}) for i in bought]
@@ -516,7 +516,7 @@ def test_async_refit_gives_the_synchronous_result() -> None:
     top = lazy.recommend(user, 1)[0]
     assert abs(sum(top["explanation"]["terms"].values()) - top["score"]) < 1e-5
     with pytest.raises(ServingError, match="refit_on_event"):
-        Recommender(model, split, calibration="none", refit_on_event="later")  # type: ignore[arg-type]
+        Recommender(model, split, calibration="none", privacy_scope="none", refit_on_event="later")  # type: ignore[arg-type]
 
 
 def test_recommend_from_a_deployed_partner_folder(run_dir: Path, tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 from pathlib import Path
 from typing import Any
 
@@ -101,7 +102,8 @@ def test_joint_scope_without_a_release_ranks_cold_users_by_the_models_item_biase
     # Prepare: a DP model without a popularity release, two splits differing in one user's training record
     split = tiny_split(seed=3)
     model = dp_model(split, release=False)
-    changed = heavy_user_change(split, Recommender(copy.deepcopy(model), split, calibration="none"))
+    exact = Recommender(copy.deepcopy(model), split, calibration="none", privacy_scope="none")
+    changed = heavy_user_change(split, exact)
     # Execute
     rec = Recommender(copy.deepcopy(model), split, privacy_scope="joint")
     a = rec.recommend(COLD, 10)
@@ -178,9 +180,21 @@ def test_partner_scope_and_non_private_runs_keep_exact_counts_and_validation_cal
     assert [counts[x["item"]] for x in before] == sorted(counts, reverse=True)[:10]  # ties in any order
     assert {x["explanation"]["popularity"] for x in before} == {"training_counts"}
     assert rec.popularity is not None and rec.popularity[item] == counts[item] + 1
-    expected = fit_calibrator(*Recommender(copy.deepcopy(model), split, calibration="none").validation_scores(),
-                              "platt")
+    exact = Recommender(copy.deepcopy(model), split, calibration="none", privacy_scope="none")
+    expected = fit_calibrator(*exact.validation_scores(), "platt")
     assert (rec.calibrator.method, rec.calibrator.params, rec.calibrator.reason) == ("platt", expected.params, "")
+
+
+def test_a_direct_caller_must_name_the_scope() -> None:
+    # Prepare: a DP model, served from Python rather than the CLI
+    split = tiny_split()
+    model = dp_model(split)
+    # Execute / Assert: no default scope to fall back on (it once defaulted to "none": exact counts and
+    # calibration on validation records, served from a joint-scope run by any caller that forgot it)
+    with pytest.raises(TypeError, match="privacy_scope"):
+        Recommender(model, split, calibration="none")  # type: ignore[call-arg]
+    with pytest.raises(ServingError, match=re.escape("privacy_scope: must be none|partner|joint, got ''")):
+        Recommender(model, split, privacy_scope="")
 
 
 def test_the_run_config_decides_the_serving_scope() -> None:
