@@ -44,6 +44,14 @@ MAX_BODY_BYTES = 8 << 20  # per request: MAX_EVENTS events of ordinary ids fit s
 SOCIAL_MAX_USERS = 1000  # the analysis scores one list per user: a seeded sample of a large partner
 
 
+def compute_health(rec: Recommender, partner_id: str) -> dict[str, Any]:
+    """``GET /health``: counts, and what the run's privacy let serving use: the scope, what cold users are
+    ranked by (``dp_release``, ``item_biases`` or exact ``training_counts``), the calibration and its reason."""
+    return {"status": "ok", "partner": partner_id, "users": len(rec.users), "items": len(rec.items),
+            "privacy_scope": rec.privacy_scope, "cold_start": rec.cold_source, "ranking": rec.ranking,
+            "calibration": rec.calibrator.to_json()}
+
+
 def create_app(rec: Recommender, partner_id: str = "") -> FastAPI:
     """The FastAPI application over one :class:`Recommender`."""
     app = FastAPI(title="fedsocial partner recommendations", version="1",
@@ -82,8 +90,7 @@ def create_app(rec: Recommender, partner_id: str = "") -> FastAPI:
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "partner": partner_id, "users": len(rec.users), "items": len(rec.items),
-                "calibration": rec.calibrator.to_json()}
+        return compute_health(rec, partner_id)
 
     @app.get("/users/{user}/recommendations")
     async def recommendations(user: str, k: int = Query(10, ge=1, le=1000),

@@ -139,6 +139,15 @@ def test_malformed_requests_get_a_clear_4xx(server: tuple[str, Path], path: str,
     assert status == code and words in doc["detail"]
 
 
+def test_health_says_what_privacy_let_serving_use(server: tuple[str, Path]) -> None:
+    # Execute
+    status, doc = call(server[0], "/health")
+    # Assert: the served run is non-private, so exact counts rank cold users and Platt is fitted on validation
+    assert status == 200 and doc["status"] == "ok" and doc["partner"] == "partner-0"
+    assert (doc["privacy_scope"], doc["cold_start"], doc["ranking"]) == ("none", "training_counts", "model")
+    assert doc["calibration"]["method"] == "platt" and "reason" not in doc["calibration"]
+
+
 def test_openapi_schema_lists_the_contract(server: tuple[str, Path]) -> None:
     # Execute
     status, schema = call(server[0], "/openapi.json")
@@ -156,6 +165,7 @@ def test_page_shows_the_list_an_event_changes_it_and_social_view(server: tuple[s
     # Execute
     with open_page(f"{base}/?user={user}") as page:
         page.wait_for_function("document.querySelectorAll('#list li').length === 10")
+        meta = page.inner_text("#meta")
         before = page.eval_on_selector_all("#list li", "els => els.map(e => e.dataset.item)")
         page.fill("#etarget", before[0])
         page.select_option("#etype", "purchase")
@@ -170,5 +180,8 @@ def test_page_shows_the_list_an_event_changes_it_and_social_view(server: tuple[s
     # Assert
     assert len(after) == 10 and before[0] not in after
     assert communities >= 1
+    # the operator sees what privacy let serving use (a non-private run: exact counts, Platt on validation)
+    assert "privacy scope: none (a non-private run)" in meta and "cold users ranked by: exact training counts" in meta
+    assert "probabilities: platt" in meta
     assert screenshot_variance(tmp_path / "list.png") > 50.0
     assert screenshot_variance(tmp_path / "social.png") > 50.0

@@ -28,6 +28,7 @@ from fedsocial.shared.serving import (
     fit_calibrator,
 )
 from fedsocial.simulations import recommend
+from fedsocial.simulations.serve import compute_health
 from tests.serving_run import make_run
 from tests.test_serving import randomised_model, tiny_split
 
@@ -237,3 +238,7 @@ def test_a_dp_joint_run_serves_the_release_to_cold_users_and_refuses_platt(
     assert prior is not None
     assert [rec.item_index[x["item"]] for x in rows] == [int(i) for i in np.argsort(-prior.numpy(), kind="stable")[:10]]
     assert {x["explanation"]["popularity"] for x in rows} == {"dp_release"}
+    health = compute_health(rec, "partner-0")  # what GET /health and the operator's page show
+    assert (health["privacy_scope"], health["cold_start"], health["calibration"]["method"]) == ("joint", "dp_release",
+                                                                                                 "none")
+    assert "privacy.scope = joint" in health["calibration"]["reason"]
