@@ -36,7 +36,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -445,8 +445,10 @@ def run_scenario(work: Path, kill: bool = True, app: Path | None = None) -> dict
         wait_for("3 SuperNodes online", lambda: online_nodes(c) >= set(nodes), 90, sl,
                  hint=lambda: count_activations(sl) >= 3)
         tm.mark("3 SuperNodes online")
-        summary["refusals"] = expect_refused(c, attempts, sl, {"rogue-supernode": NODE_REFUSED}, set(nodes))
-        tm.mark("; ".join(summary["refusals"]))
+
+        def check_refusals() -> None:  # while the run's first round starts: a refused node exits within seconds
+            summary["refusals"] = expect_refused(c, attempts, sl, {"rogue-supernode": NODE_REFUSED}, set(nodes))
+            tm.mark("; ".join(summary["refusals"]))
 
         # One 2-round run: round 1 with all three partners; partner_2 is SIGKILLed while it trains in
         # round 2, which must still complete with the other two (quorum 2). Two separate runs would
@@ -455,7 +457,7 @@ def run_scenario(work: Path, kill: bool = True, app: Path | None = None) -> dict
         app = app if app is not None else copy_app(work / "app")
         victim = sns[2] if kill else None
         summary["run"] = federated_run(c, app, partners / "federation.toml", run_dir, tm,
-                                       "federated run", victim=victim, cluster_=c)
+                                       "federated run", victim=victim, cluster_=c, after_submit=check_refusals)
         rounds = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines() if line]
         summary["accepted"] = {r["round"]: r["accepted"] for r in rounds}
         summary["missed_deadline"] = {r["round"]: r["missed_deadline"] for r in rounds if r.get("missed_deadline")}
@@ -526,10 +528,13 @@ def _not_json(name: str) -> None:
 
 
 def federated_run(c: Cluster, app: Path, config: Path, run_dir: Path, tm: Timings, label: str,
-                  victim: Proc | None = None, cluster_: Cluster | None = None) -> dict[str, Any]:
-    """``flwr run``; optionally SIGKILL ``victim`` while it trains in the last round; wait for the end."""
+                  victim: Proc | None = None, cluster_: Cluster | None = None,
+                  after_submit: Callable[[], None] = lambda: None) -> dict[str, Any]:
+    """``flwr run``; ``after_submit()``; optionally SIGKILL ``victim`` while it trains in the last round;
+    wait for the end."""
     rid = flwr_run(c, app, {"config-path": str(config.resolve()), "run-dir": str(run_dir.resolve())})
     tm.mark(f"{label}: submitted run {rid}")
+    after_submit()
     if victim is not None and cluster_ is not None:
         wait_for("partner_2 to train in round 2", lambda: round_train_messages(victim.log, 2) >= 3, 420, victim)
         time.sleep(1.0)
