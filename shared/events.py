@@ -37,6 +37,9 @@ _CANONICAL_INT = re.compile(r"-?(0|[1-9][0-9]*)")  # what str(int) writes: "007"
 _MAX_INT_DIGITS = 4000  # below Python's int-from-string limit (4300 digits)
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1  # the loader's integer ids are int64 (shared.loaders._typed_ids)
 MAX_ID_CHARS = 1024  # an event's id is a key of the partner's data and its events.jsonl: no 100 KB user ids
+# what no id of the data can hold (the CSV loader refuses them in a row): control characters and Unicode line
+# breaks; a lone surrogate ("\ud800", valid in JSON) is not text at all: it cannot be written as UTF-8
+_BAD_ID_CHAR = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 
 
 class EventError(ValueError):
@@ -64,6 +67,10 @@ def _id(doc: Mapping[str, Any], key: str, where: str) -> int | str:
         raise EventError(f"{where}field {key!r}: expected a non-empty string or integer id, got {value!r}")
     if isinstance(value, str) and len(value) > MAX_ID_CHARS:
         raise EventError(f"{where}field {key!r}: an id of {len(value)} characters (at most {MAX_ID_CHARS})")
+    bad = _BAD_ID_CHAR.search(value) if isinstance(value, str) else None
+    if bad is not None:
+        raise EventError(f"{where}field {key!r}: an id may not hold the character U+{ord(bad.group()):04X} "
+                         "(a control character, line break or lone surrogate)")
     return compute_external_id(value)
 
 
@@ -126,13 +133,22 @@ def read_events(path: Path) -> list[Event]:
     if not path.is_file():
         return []
     out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line_no = data[: exc.start].count(b"\n") + 1
+        raise EventError(f"{path}:{line_no}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    # lines end at "\n" only (what append_events_durably writes), so line numbers are an editor's
+    for n, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
             doc = json.loads(line)
         except json.JSONDecodeError as exc:
             raise EventError(f"{path}:{n}: not JSON ({exc.msg})") from None
+        except (ValueError, RecursionError) as exc:  # a 5000-digit integer, nesting deeper than the parser goes
+            raise EventError(f"{path}:{n}: not an event ({type(exc).__name__}: {str(exc)[:120]})") from None
         out.append(parse_event(doc, where=f"{path}:{n}: "))
     return out
 

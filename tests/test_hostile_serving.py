@@ -1,0 +1,75 @@
+"""Hostile requests to a partner's service and tampered serving files: a clear 4xx or a one-line error naming
+the field or the file's line, never a 500, a traceback, or a user the service can no longer answer for."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+
+from fedsocial.shared.config import ModelConfig
+from fedsocial.shared.events import EventError, parse_event, read_events
+from fedsocial.shared.serving import Recommender
+from fedsocial.simulations.serve import create_app
+from tests.test_serving import randomised_model, tiny_split
+
+with warnings.catch_warnings():  # starlette's TestClient warns that it wants httpx2; httpx is what is installed
+    warnings.simplefilter("ignore")
+    from starlette.testclient import TestClient
+
+
+def client_of(rec: Recommender) -> TestClient:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return TestClient(create_app(rec, "partner-0"), raise_server_exceptions=False)
+
+
+@pytest.mark.parametrize(("user", "code"), [("\ud800", "D800"), ("a\nb", "000A"), ("tab\there", "0009"),
+                                           ("nul\x00", "0000"), ("line\u2028sep", "2028"), ("del\x7f", "007F")])
+def test_an_event_id_no_data_set_can_hold_is_refused_and_never_breaks_the_service(tmp_path: Path, user: str,
+                                                                                  code: str) -> None:
+    # Prepare: a service whose events go to a file (a lone surrogate was accepted, appended to events.jsonl, and
+    # from then on GET /users answered 500 and `fedsocial recommend --out x.csv` died in a UnicodeEncodeError)
+    split = tiny_split()
+    events = tmp_path / "events.jsonl"
+    rec = Recommender(randomised_model(ModelConfig(dim=8), split, 1), split,  # type: ignore[arg-type]
+                      calibration="none", privacy_scope="none", events_path=events)
+    client = client_of(rec)
+    # Execute
+    headers = {"content-type": "application/json"}  # json.dumps escapes as "\\ud800", as a hostile client sends it
+    posted = client.post("/events", content=json.dumps({"user": user, "item": 3, "type": "view"}), headers=headers)
+    follow = client.post("/events", content=json.dumps({"user": 3, "neighbour": user, "type": "follow"}),
+                         headers=headers)
+    listed = client.get("/users?limit=1000")
+    # Assert
+    assert posted.status_code == 422 and follow.status_code == 422
+    assert posted.json()["detail"] == (f"field 'user': an id may not hold the character U+{code} "
+                                       "(a control character, line break or lone surrogate)")
+    assert follow.json()["detail"].startswith(f"field 'neighbour': an id may not hold the character U+{code} ")
+    assert not events.exists() and listed.status_code == 200 and len(listed.json()["users"]) == split.n_users
+
+
+def test_a_tampered_events_file_is_an_error_naming_its_line(tmp_path: Path) -> None:
+    # Prepare: one good event, then lines an attacker (or a torn disk) left: each was a raw UnicodeDecodeError,
+    # ValueError or RecursionError traceback out of `fedsocial recommend` / `serve` before
+    path = tmp_path / "events.jsonl"
+    good = b'{"item": 3, "type": "view", "user": 1}\n'
+    cases = {
+        good + b"\n\xff\xfe\n": r"events.jsonl:3: not UTF-8 text \(invalid start byte at byte 40\)",
+        good + b'{"user": ' + b"9" * 5000 + b', "item": 1, "type": "view"}\n':
+            r"events.jsonl:2: not an event \(ValueError",
+        good + b"[" * 100_000 + b"\n": r"events.jsonl:2: not an event \(RecursionError",
+        good + b'{"user": "\\ud800", "item": 1, "type": "view"}\n':
+            r"events.jsonl:2: field 'user': an id may not hold the character U\+D800",
+        good + b'{"user": 1, "item": 3, "type": "view"}\xe2\x80\xa8{"user": 2, "item": 3, "type": "view"}\n':
+            r"events.jsonl:2: not JSON",
+    }
+    for body, message in cases.items():
+        path.write_bytes(body)
+        # Execute / Assert
+        with pytest.raises(EventError, match=message):
+            read_events(path)
+    path.write_bytes(good + b"\r\n" + good)  # CRLF line ends are only whitespace
+    assert read_events(path) == [parse_event({"item": 3, "type": "view", "user": 1})] * 2
