@@ -61,6 +61,8 @@ def compute_user_social_terms(rec: Recommender, u: int, k: int = 10) -> UserSoci
     total = (np.abs(t.history).sum() + np.abs(t.friends).sum() + np.abs(t.user).sum() + np.abs(t.mlp).sum()
              + np.abs(t.bias).sum())
     share = float(np.abs(t.friends).sum() / total) if total > 0 else 0.0
+    if len(mag) != len(rec.friends[u]):  # the score has no friend term (no social table, or the DP prior is served)
+        return UserSocialTerms(u, {}, share)
     return UserSocialTerms(u, {v: float(m) for v, m in zip(rec.friends[u], mag, strict=True)}, share)
 
 

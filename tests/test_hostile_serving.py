@@ -12,6 +12,7 @@ import pytest
 from fedsocial.shared.config import ModelConfig
 from fedsocial.shared.events import EventError, parse_event, read_events
 from fedsocial.shared.serving import Recommender
+from fedsocial.shared.social_analysis import analyse
 from fedsocial.simulations.serve import create_app
 from tests.test_serving import randomised_model, tiny_split
 
@@ -73,3 +74,22 @@ def test_a_tampered_events_file_is_an_error_naming_its_line(tmp_path: Path) -> N
             read_events(path)
     path.write_bytes(good + b"\r\n" + good)  # CRLF line ends are only whitespace
     assert read_events(path) == [parse_event({"item": 3, "type": "view", "user": 1})] * 2
+
+
+@pytest.mark.parametrize(("variant", "ranking"), [({}, "prior"), ({"use_social": False}, "model")],
+                         ids=["dp-prior-served", "no-social-table"])
+def test_the_social_analysis_of_a_score_without_friend_terms_answers_not_500(variant: dict[str, object],
+                                                                              ranking: str) -> None:
+    # Prepare: users with friends, served by a score with no friend term: the DP selection chose the prior
+    # (joint scope), or the model has no social table (was: GET /social answered 500, "zip() argument 2 is
+    # shorter than argument 1", on every DP run whose partner serves the prior)
+    split = tiny_split()
+    rec = Recommender(randomised_model(ModelConfig(dim=8, **variant), split, 1), split,  # type: ignore[arg-type]
+                      calibration="none", privacy_scope="none", ranking=ranking)
+    assert any(rec.friends)
+    # Execute
+    doc = analyse(rec, k=5)
+    reply = client_of(rec).get("/social?k=5")
+    # Assert
+    assert reply.status_code == 200 and reply.json()["influencers"] == [] and doc["influencers"] == []
+    assert doc["social_share"] == 0.0 and doc["analysed_users"] == split.n_users
