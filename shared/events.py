@@ -65,8 +65,8 @@ def _id(doc: Mapping[str, Any], key: str, where: str) -> int | str:
     value = doc.get(key)
     if isinstance(value, bool) or not isinstance(value, int | str) or value == "":
         raise EventError(f"{where}field {key!r}: expected a non-empty string or integer id, got {value!r}")
-    if isinstance(value, str) and len(value) > MAX_ID_CHARS:
-        raise EventError(f"{where}field {key!r}: an id of {len(value)} characters (at most {MAX_ID_CHARS})")
+    if len(str(value)) > MAX_ID_CHARS:  # a JSON integer too: 4,000 digits are no id either
+        raise EventError(f"{where}field {key!r}: an id of {len(str(value))} characters (at most {MAX_ID_CHARS})")
     bad = _BAD_ID_CHAR.search(value) if isinstance(value, str) else None
     if bad is not None:
         raise EventError(f"{where}field {key!r}: an id may not hold the character U+{ord(bad.group()):04X} "
@@ -84,6 +84,8 @@ def compute_external_id(value: int | str) -> int | str:
     if isinstance(value, str) and len(value) <= _MAX_INT_DIGITS and _CANONICAL_INT.fullmatch(value.strip()):
         number = int(value.strip())
         return number if _INT64_MIN <= number <= _INT64_MAX else value  # the loader keeps wider ids as strings
+    if isinstance(value, int) and not isinstance(value, bool) and not _INT64_MIN <= value <= _INT64_MAX:
+        return str(value)  # a JSON integer beyond int64 names the user the loader keeps as that string
     return value
 
 

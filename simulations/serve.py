@@ -122,6 +122,8 @@ def create_app(rec: Recommender, partner_id: str = "") -> FastAPI:
             return error(400, f"body: not valid JSON ({exc})")
         except RecursionError:
             return error(400, "body: not valid JSON (nested too deeply)")
+        except ValueError as exc:  # an integer of more digits than Python converts (4,300)
+            return error(400, f"body: not valid JSON ({exc})")
         docs = body if isinstance(body, list) else [body]
         if not docs or len(docs) > MAX_EVENTS:
             return error(422, f"body: expected one event or a list of 1..{MAX_EVENTS} events")

@@ -3,13 +3,16 @@ the field or the file's line, never a 500, a traceback, or a user the service ca
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fedsocial.shared.config import ModelConfig
+from fedsocial.shared.data import SplitData
 from fedsocial.shared.events import EventError, parse_event, read_events
 from fedsocial.shared.serving import Recommender
 from fedsocial.shared.social_analysis import analyse
@@ -93,3 +96,30 @@ def test_the_social_analysis_of_a_score_without_friend_terms_answers_not_500(var
     # Assert
     assert reply.status_code == 200 and reply.json()["influencers"] == [] and doc["influencers"] == []
     assert doc["social_share"] == 0.0 and doc["analysed_users"] == split.n_users
+
+
+def test_a_json_integer_beyond_int64_names_the_user_the_loader_keeps_as_a_string(tmp_path: Path) -> None:
+    # Prepare: ids beyond int64, which the CSV loader keeps as strings (was: {"user": 100000000000000000001} in
+    # an event created a second user next to "100000000000000000001"; a 5,000-digit integer body answered 500)
+    split = tiny_split(n_users=3)
+    wide = ["100000000000000000001", "100000000000000000002", "-9223372036854775809"]
+    split = SplitData(dataclasses.replace(split.dataset, user_ids=np.array(wide, dtype=object)), split.train_users,
+                      split.train_items, split.val_users, split.val_items, split.test_users, split.test_items)
+    events = tmp_path / "events.jsonl"
+    rec = Recommender(randomised_model(ModelConfig(dim=8), split, 1), split,  # type: ignore[arg-type]
+                      calibration="none", privacy_scope="none", events_path=events)
+    client = client_of(rec)
+    headers = {"content-type": "application/json"}
+    # Execute
+    same = client.post("/events", content='[{"user": 100000000000000000001, "item": 3, "type": "view"}, '
+                                          '{"user": -9223372036854775809, "neighbour": 100000000000000000002, '
+                                          '"type": "follow"}]', headers=headers)
+    huge = client.post("/events", content='{"user": ' + "9" * 5000 + ', "item": 3, "type": "view"}', headers=headers)
+    long = client.post("/events", content='{"user": ' + "9" * 2000 + ', "item": 3, "type": "view"}', headers=headers)
+    # Assert
+    assert same.status_code == 200 and same.json()["created_users"] == 0 and len(rec.users) == 3
+    assert [e.user for e in read_events(events)] == ["100000000000000000001", "-9223372036854775809"]
+    assert 1 in rec.friends[2]
+    assert huge.status_code == 400 and huge.json()["detail"].startswith("body: not valid JSON (Exceeds the limit")
+    assert long.status_code == 422 and long.json()["detail"] == "field 'user': an id of 2000 characters (at most 1024)"
+    assert parse_event({"user": 2**63 - 1, "item": 1, "type": "view"}).user == 2**63 - 1  # int64 stays an integer
