@@ -37,6 +37,7 @@ from fedsocial.shared.events import (
 )
 from fedsocial.shared.fileio import json_default, write_text_atomic
 from fedsocial.shared.models.social import SocialRec
+from fedsocial.shared.privacy.selection import SelectionError
 from fedsocial.shared.serving import (
     CALIBRATIONS,
     Recommender,
@@ -51,7 +52,7 @@ from fedsocial.simulations.common import EXIT_USER_ERROR, USER_ERRORS, compute_e
 # ... and the files a partner's served model is read from: a checkpoint or local state that is unreadable
 # or belongs to another model (TrainerError names the mismatched parameter)
 SERVING_ERRORS: tuple[type[BaseException], ...] = (*USER_ERRORS, ServingError, EventError, CheckpointError,
-                                                   StateError, TrainerError)
+                                                   StateError, TrainerError, SelectionError)
 # partner scope (DESIGN.md): a hook that returns the locally adapted model to serve (client/personalize.py)
 Adapter = Callable[[Config, SplitData, SocialRec, Path], SocialRec]
 

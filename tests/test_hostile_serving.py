@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
+import shutil
 import warnings
 from pathlib import Path
 
@@ -123,3 +125,59 @@ def test_a_json_integer_beyond_int64_names_the_user_the_loader_keeps_as_a_string
     assert huge.status_code == 400 and huge.json()["detail"].startswith("body: not valid JSON (Exceeds the limit")
     assert long.status_code == 422 and long.json()["detail"] == "field 'user': an id of 2000 characters (at most 1024)"
     assert parse_event({"user": 2**63 - 1, "item": 1, "type": "view"}).user == 2**63 - 1  # int64 stays an integer
+
+
+@pytest.fixture(scope="module")
+def dp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A joint-scope DP run folder whose partner-0 recorded a charged DP selection of the prior (round 2)."""
+    from fedsocial.shared.privacy.selection import (
+        compute_selection_release,
+        save_selection_release,
+        write_served_choice,
+    )
+    from tests.serving_run import make_run
+
+    run = make_run(tmp_path_factory.mktemp("dp") / "run",
+                   ["privacy.enabled=true", "privacy.scope=joint", "privacy.noise_multiplier=1.0"], epochs=1)
+    state = run / "partners" / "partner-0"
+    release = compute_selection_release(2, 8.0, np.array([5.0]), 40)
+    save_selection_release(state, release)
+    write_served_choice(state, release)
+    return run
+
+
+@pytest.mark.parametrize(("name", "tamper", "message"), [
+    ("garbage", lambda sel: (sel / "served.json").write_text("{"), r"served.json: unreadable served choice"),
+    ("a list", lambda sel: (sel / "served.json").write_text("[1]"), r"served.json: not a served choice"),
+    ("choice edited", lambda sel: (sel / "served.json").write_text(
+        (sel / "served.json").read_text().replace('"prior"', '"model"')),
+     r"served.json: records choice 'model' and digest .*, its release of round 2 says 'prior'"),
+    ("release deleted", lambda sel: (sel / "round_0002.json").unlink(),
+     r"served.json: the selection release of round 2 it records \(.*round_0002.json\) is missing"),
+    ("release edited", lambda sel: (sel / "round_0002.json").write_text(
+        (sel / "round_0002.json").read_text().replace('"evaluated_users": 40', '"evaluated_users": 41')),
+     r"the selection release of round 2 .* is missing, unreadable or altered"),
+], ids=["garbage", "a-list", "choice-edited", "release-deleted", "release-edited"])
+def test_a_tampered_served_choice_is_refused_by_recommend_naming_the_file(
+        dp_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str, tamper: object,
+        message: str) -> None:
+    # Prepare: a joint-scope DP run folder whose partner's charged DP selection chose the prior (was: any of these
+    # edits made `fedsocial recommend` / `serve` silently serve the DP model instead, exit 0)
+    run = tmp_path / "run"
+    shutil.copytree(dp_run, run)
+    state = run / "partners" / "partner-0"
+    out = tmp_path / "lists.jsonl"
+    from fedsocial.simulations import recommend
+
+    assert recommend.main([str(run), "--partner", "partner-0", "--k", "2", "--out", str(out)]) == 0
+    assert json.loads(out.read_text().splitlines()[0])["explanation"]["reason"] in ("prior", "popularity")
+    out.unlink()
+    capsys.readouterr()
+    tamper(state / "selection")  # type: ignore[operator]
+    # Execute
+    code = recommend.main([str(run), "--partner", "partner-0", "--k", "2", "--out", str(out)])
+    # Assert
+    err = capsys.readouterr().err
+    assert code == 2 and not out.exists() and "Traceback" not in err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
+    assert re.search(message, err), err

@@ -24,6 +24,7 @@ from fedsocial.shared.privacy.round import compute_federation_prefix
 from fedsocial.shared.privacy.selection import (
     SELECTION_CANDIDATES,
     SELECTION_SENSITIVITY,
+    SelectionError,
     compute_noisy_choice,
     compute_noisy_differences,
     compute_selection_differences,
@@ -311,7 +312,8 @@ def test_a_charged_selection_whose_release_is_lost_is_refused(tmp_path: Path) ->
     path = partner.settings.state_dir / "selection" / "round_0001.json"
     doc = json.loads(path.read_text())
     path.write_text(json.dumps({**doc, "choice": "prior" if doc["choice"] == "model" else "model"}))  # altered
-    assert read_served_choice(partner.settings.state_dir) == "model"  # an altered release is never served
+    with pytest.raises(SelectionError, match="round_0001.json\\) is missing, unreadable or altered"):
+        read_served_choice(partner.settings.state_dir)  # an altered release is never served: refused, by name
     with pytest.raises(PartnerError, match="selection of round 1 was released and charged"):
         partner.evaluate(new, 1)
     assert kinds(ledger_of(tmp_path)) == ["training", "selection"]

@@ -155,16 +155,34 @@ def write_served_choice(state_dir: Path, release: Mapping[str, Any]) -> None:
                              "digest": str(release["digest"])}, mode=0o600)
 
 
+class SelectionError(ValueError):
+    """A recorded served choice that cannot be trusted (unreadable, altered, or its charged release gone);
+    the message names the file."""
+
+
 def read_served_choice(state_dir: Path) -> str:
     """What a joint-scope partner serves: the recorded choice of its charged selection release (its saved
-    release intact, same digest), else ``model`` (no selection, or none charged)."""
+    release intact, same digest), else ``model`` when no choice was recorded (no selection, or none charged
+    yet). A recorded choice that is unreadable, malformed, or whose saved release is missing or altered is a
+    :class:`SelectionError` naming the file: serving another model than the charged choice, silently, is not
+    an answer to tampering."""
+    path = state_dir / SELECTION_FOLDER / SERVED_FILE
+    if not path.exists():
+        return "model"
     try:
-        doc = json.loads((state_dir / SELECTION_FOLDER / SERVED_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return "model"
-    if not isinstance(doc, dict) or not isinstance(doc.get("round"), int):
-        return "model"
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:
+        raise SelectionError(f"{path}: unreadable served choice ({type(exc).__name__}: {str(exc)[:120]})") from None
+    if not isinstance(doc, dict) or isinstance(doc.get("round"), bool) or not isinstance(doc.get("round"), int) \
+            or doc.get("choice") not in SELECTION_CANDIDATES or not isinstance(doc.get("digest"), str):
+        raise SelectionError(f"{path}: not a served choice (expected an object with an integer round, a choice "
+                             f"among {', '.join(SELECTION_CANDIDATES)} and a digest)")
     release = load_selection_release(state_dir, doc["round"])
-    if release is None or release["digest"] != doc.get("digest"):
-        return "model"
+    if release is None:
+        raise SelectionError(f"{path}: the selection release of round {doc['round']} it records "
+                             f"({selection_release_path(state_dir, doc['round'])}) is missing, unreadable or altered")
+    if release["digest"] != doc["digest"] or release["choice"] != doc["choice"]:
+        raise SelectionError(f"{path}: records choice {doc['choice']!r} and digest {doc['digest'][:12]}..., its "
+                             f"release of round {doc['round']} says {release['choice']!r} and "
+                             f"{str(release['digest'])[:12]}...: one of them was altered")
     return str(release["choice"])
