@@ -138,6 +138,19 @@ def backend_config(cfg: Config) -> dict[str, Any]:
     }
 
 
+def compute_straggler_note(cfg: Config, actors: int) -> str:
+    """Why ``federation.straggler_grace`` would drop partners that are not late in a simulation ("": it will
+    not): with fewer actors than partners they train one batch of actors after another, and those still
+    queued when the grace ends miss the deadline."""
+    fed = cfg.federation
+    if fed.straggler_grace <= 0 or actors >= fed.partners:
+        return ""
+    return (f"federation.straggler_grace = {fed.straggler_grace:g} s: the simulation runs {fed.partners} partners on "
+            f"{actors} actor(s), one group after another, so partners still queued {fed.straggler_grace:g} s after "
+            f"{fed.min_partners} have answered miss the deadline and drop out of that round; set it to 0 for a "
+            "simulation, or above a round's whole training time")
+
+
 # What a start that failed before any round completed leaves in --out (the apps' own files only).
 FAILED_START_LEFTOVERS = frozenset({CONFIG_NAME, "partners", "ledgers", "run_manifest.json", "server.pub", "server"})
 
@@ -310,6 +323,9 @@ def run_simulation_from_config(cfg: Config, data_dir: str | os.PathLike[str] | N
     one_line = OneLineErrors()
     flwr_logger.addFilter(one_line)
     ray_config = backend_config(cfg)
+    note = compute_straggler_note(cfg, int(ray_config["init_args"]["num_cpus"]))
+    if note:
+        print(f"warning: {note}", file=sys.stderr)
     ensure_ray_inplace(ray_config["init_args"])  # inside kept_ray_runtime() only (tests, grids): one Ray for all runs
     try:
         run_simulation(server_app=make_server_app(settings, printer), client_app=make_client_app(settings, client_mods),

@@ -12,7 +12,8 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedsocial.server import deadline
 from fedsocial.server.deadline import MISSED_DEADLINE_CODE, collect_replies, compute_wait_s
 from fedsocial.server.screening import SCREEN_ERROR_CODE, ScreenedGrid
-from fedsocial.shared.config import ConfigError, FederationConfig
+from fedsocial.shared.config import Config, ConfigError, FederationConfig
+from fedsocial.simulations.simulate import compute_straggler_note
 from tests.stub_grid import StubGrid
 
 
@@ -223,3 +224,14 @@ def test_straggler_grace_is_validated() -> None:
         with pytest.raises(ConfigError, match="federation.straggler_grace"):
             FederationConfig(straggler_grace=bad)
     assert FederationConfig(straggler_grace=20.0).straggler_grace == 20.0
+
+
+def test_a_simulation_with_fewer_actors_than_partners_is_warned_of_the_deadline() -> None:
+    # Prepare: 5 partners, quorum 2, a 10 s grace
+    cfg = Config(federation=FederationConfig(partners=5, min_partners=2, straggler_grace=10.0))
+    # Execute
+    queued, enough, off = (compute_straggler_note(cfg, 2), compute_straggler_note(cfg, 5),
+                           compute_straggler_note(cfg.replace("federation", straggler_grace=0.0), 2))
+    # Assert: queued partners would miss it; with an actor each, or no deadline, nothing to say
+    assert "5 partners on 2 actor(s)" in queued and "miss the deadline" in queued and "set it to 0" in queued
+    assert enough == "" and off == ""
