@@ -138,6 +138,19 @@ def _local_state(state_dir: Path, round_: int) -> dict[str, Any] | None:
     return {k: v for k, v in load_npz(latest).items() if k != "__round__"} if latest.is_file() else None
 
 
+def check_alone_cache(path: Path) -> None:
+    """Refuse, naming it, a cached alone model (``STATE_DIR/personal/alone.npz``) that is torn, replaced or not such a
+    cache: client/personalize.py would load it with a raw numpy / zipfile / KeyError traceback."""
+    from fedsocial.client.state import StateError, load_npz
+
+    if not path.is_file():
+        return
+    saved = load_npz(path)  # StateError naming the file when it is not an npz archive
+    if "__key__" not in saved or saved["__key__"].shape != () or saved["__key__"].dtype.kind != "U":
+        raise StateError(f"{path}: not a cache of the partner's alone model (no config key); delete it and the "
+                         "alone model is trained again")
+
+
 def serve_personalised(cfg: Config, split: SplitData, shared: SocialRec, state_dir: Path) -> SocialRec:
     """Partner scope: the model client/personalize.py chooses on the partner's validation data (shared,
     alone, fine-tuned; models cached under STATE_DIR/personal/). A score mixture is not one model's sum
@@ -154,6 +167,7 @@ def serve_personalised(cfg: Config, split: SplitData, shared: SocialRec, state_d
     from fedsocial.shared.privacy.popularity import uses_popularity_release
     from fedsocial.shared.trainer import LocalTrainer
 
+    check_alone_cache(state_dir / PERSONAL_DIR / "alone.npz")
     result = personalise(cfg, split, shared, state_dir, cfg.train.seed)
     if isinstance(result.model, SocialRec):
         return result.model

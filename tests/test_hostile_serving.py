@@ -181,3 +181,34 @@ def test_a_tampered_served_choice_is_refused_by_recommend_naming_the_file(
     assert code == 2 and not out.exists() and "Traceback" not in err
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
     assert re.search(message, err), err
+
+
+def test_a_torn_or_replaced_cache_of_the_alone_model_is_refused_naming_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Prepare: a partner-scope run served once (which caches the partner's alone model in personal/alone.npz);
+    # was: a torn or replaced cache made `fedsocial recommend` / `serve` die in a raw numpy ValueError,
+    # zipfile.BadZipFile or KeyError traceback (exit 1)
+    from fedsocial.simulations import recommend
+    from tests.serving_run import make_run
+
+    run = make_run(tmp_path / "run", ["privacy.scope=partner", "train.epochs=1", "model.dim=8"], epochs=1)
+    cache = run / "partners" / "partner-0" / "personal" / "alone.npz"
+    out = tmp_path / "lists.jsonl"
+    args = [str(run), "--partner", "partner-0", "--k", "2", "--out", str(out)]
+    assert recommend.main(args) == 0 and cache.is_file()
+    good = cache.read_bytes()
+    cases = {b"xx\n": "unreadable local state", good[:200]: r"unreadable local state \(File is not a zip file\)"}
+    for body, message in cases.items():
+        out.unlink(missing_ok=True)
+        cache.write_bytes(body)
+        capsys.readouterr()
+        # Execute
+        code = recommend.main(args)
+        # Assert
+        err = capsys.readouterr().err
+        assert code == 2 and not out.exists() and re.search(rf"personal/alone.npz: {message}", err), err
+    np.savez(cache, weights=np.zeros(3))  # an archive, but no cache of an alone model
+    assert recommend.main(args) == 2
+    assert "alone.npz: not a cache of the partner's alone model (no config key); delete it" in capsys.readouterr().err
+    cache.write_bytes(good)
+    assert recommend.main(args) == 0
