@@ -102,6 +102,7 @@ def load_train_checkpoint(out: Path) -> TrainCheckpoint | None:
     if doc is None:
         return None
     folder, path = out / CHECKPOINT_DIR, out / CHECKPOINT_DIR / PROGRESS
+    check_progress(path, doc)
     try:
         best = doc["best_state"]
         return TrainCheckpoint(
@@ -113,6 +114,34 @@ def load_train_checkpoint(out: Path) -> TrainCheckpoint | None:
             steps=int(doc["steps"]))
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise TrainCheckpointError(f"{path}: malformed checkpoint ({exc!r})") from None
+
+
+def check_progress(path: Path, doc: dict[str, Any]) -> None:
+    """The counters and file names of a progress file are what :func:`save_train_checkpoint` writes: a count is a
+    JSON integer >= 0 (the best epoch -1 when there is none, else at most the epochs done), the arrays are this
+    folder's ``state-E.npz`` and ``best-E.npz`` of that same E. Anything else was edited: -5 epochs done trained 7
+    epochs more than the config asks, a step count of 1.5 is no count of DP steps, ``../..`` reads outside the
+    folder. (A missing field is left to the reader's "malformed checkpoint".)"""
+    def count(key: str, least: int = 0) -> int | None:
+        if key not in doc:
+            return None
+        value = doc[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise TrainCheckpointError(f"{path}: field {key!r} must be an integer >= {least}, got {value!r}")
+        return value
+
+    epochs, best_epoch = count("epochs_done"), count("best_epoch", -1)
+    count("steps")
+    if epochs is None:
+        return
+    if best_epoch is not None and best_epoch > epochs:
+        raise TrainCheckpointError(f"{path}: field 'best_epoch' is {best_epoch}, after the {epochs} epochs done")
+    if "state" in doc and doc["state"] != f"state-{epochs}.npz":
+        raise TrainCheckpointError(f"{path}: field 'state' must be 'state-{epochs}.npz' (the {epochs} epochs done), "
+                                   f"got {doc['state']!r}")
+    if doc.get("best_state") not in (None, f"best-{epochs}.npz"):
+        raise TrainCheckpointError(f"{path}: field 'best_state' must be null or 'best-{epochs}.npz', "
+                                   f"got {doc.get('best_state')!r}")
 
 
 def prepare_run_folder(cfg: Config, out: Path, resume: bool) -> TrainCheckpoint | None:
