@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import re
@@ -27,6 +28,7 @@ import numpy as np
 
 from fedsocial.shared.data import Dataset, SplitData
 
+LOG = logging.getLogger("fedsocial.events")
 EVENTS_FILE = "events.jsonl"
 INTERACTIONS = ("view", "click", "purchase", "rating")
 SOCIAL = ("follow", "unfollow")
@@ -115,15 +117,43 @@ def parse_event(doc: Any, where: str = "") -> Event:
                  value=None if value is None else float(value))
 
 
+_TAIL_BYTES = 1 << 20  # how far back an append looks for the end of the last complete line
+
+
+def _parse_tail(tail: bytes) -> Event | None:
+    """The event an unterminated last line holds, or None when it holds none (a write cut short)."""
+    try:
+        return parse_event(json.loads(tail.decode("utf-8")))
+    except (ValueError, RecursionError):  # UnicodeDecodeError, JSONDecodeError and EventError are ValueErrors
+        return None
+
+
 def append_events_durably(path: Path, events: Iterable[Event]) -> int:
-    """Append events as JSON lines in one write, then fsync (a crash loses none that was acknowledged)."""
+    """Append events as JSON lines in one write, then fsync (a crash loses none that was acknowledged).
+
+    A last line without its ``\\n`` is a write cut short (a crash, a full disk): it was never acknowledged, as
+    the reply follows the fsync of the whole write. It is cut off first, so that the new lines never join it
+    (which made the file unreadable and lost the events just acknowledged); one that holds an event (a file
+    edited by hand) is ended with ``\\n`` instead. A short write is continued until every byte is written.
+    """
     lines = "".join(json.dumps(e.to_json(), sort_keys=True) + "\n" for e in events)
     if not lines:
         return 0
+    data = lines.encode("utf-8")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
     try:
-        os.write(fd, lines.encode("utf-8"))
+        size = os.fstat(fd).st_size
+        end = os.pread(fd, min(size, _TAIL_BYTES), max(0, size - _TAIL_BYTES)) if size else b""
+        if end and not end.endswith(b"\n"):
+            cut = end.rfind(b"\n") + 1
+            if _parse_tail(end[cut:]) is not None or (cut == 0 and size > _TAIL_BYTES):
+                data = b"\n" + data
+            else:
+                os.ftruncate(fd, size - (len(end) - cut))
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -131,11 +161,19 @@ def append_events_durably(path: Path, events: Iterable[Event]) -> int:
 
 
 def read_events(path: Path) -> list[Event]:
-    """All events of ``path`` (none when it does not exist); a bad line is an error naming it."""
+    """All events of ``path`` (none when it does not exist); a bad line is an error naming it.
+
+    An unterminated last line that holds no event is a write cut short, never acknowledged (see
+    :func:`append_events_durably`): it is skipped with a warning, so that a partner restarts after a crash."""
     if not path.is_file():
         return []
     out = []
     data = path.read_bytes()
+    cut = data.rfind(b"\n") + 1
+    if cut < len(data) and data[cut:].strip() and _parse_tail(data[cut:]) is None:
+        LOG.warning("%s:%d: an unterminated last line that holds no event (a write cut short, never acknowledged): "
+                    "ignored", path, data.count(b"\n") + 1)
+        data = data[:cut]
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -212,3 +212,30 @@ def test_a_torn_or_replaced_cache_of_the_alone_model_is_refused_naming_it(
     assert "alone.npz: not a cache of the partner's alone model (no config key); delete it" in capsys.readouterr().err
     cache.write_bytes(good)
     assert recommend.main(args) == 0
+
+
+def test_an_append_after_a_write_cut_short_never_joins_it_and_the_file_stays_readable(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # Prepare: events.jsonl whose last write was cut short (a crash, a full disk) in the middle of a line, and
+    # in the middle of a multi-byte character (was: the next acknowledged event was appended onto the fragment,
+    # '{"item": 4, "ty{"item": 5, ...}', so the file no longer read and the acknowledged event was lost, and a
+    # partner or service could not start again: "events.jsonl:2: not JSON")
+    from fedsocial.shared.events import append_events_durably
+
+    path = tmp_path / "events.jsonl"
+    first, second = parse_event({"user": 1, "item": 3, "type": "view"}), parse_event({"user": 2, "item": 5,
+                                                                                      "type": "view"})
+    for torn in (b'{"item": 4, "ty', b'{"item": 4, "type": "view", "user": "\xc3'):
+        path.write_bytes(b'{"item": 3, "type": "view", "user": 1}\n' + torn)
+        # Execute
+        with caplog.at_level("WARNING", logger="fedsocial.events"):
+            restarted = read_events(path)
+        append_events_durably(path, [second])
+        # Assert
+        assert restarted == [first] and "events.jsonl:2: an unterminated last line that holds no event" in caplog.text
+        assert read_events(path) == [first, second]
+        assert path.read_bytes().endswith(b"\n") and path.read_bytes().count(b"\n") == 2
+    path.write_bytes(b'{"item": 3, "type": "view", "user": 1}')  # a file edited by hand, no final newline
+    assert read_events(path) == [first]
+    append_events_durably(path, [second])
+    assert read_events(path) == [first, second]
