@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import time
 import zlib
 from collections.abc import Mapping
@@ -218,6 +219,25 @@ def _calibrate(max_epsilon: float, delta: float, sample_rate: float, steps: int,
                                       tolerance=1e-3, prefix=prefix)
 
 
+def compute_is_calibration(sigma: Any, max_epsilon: float, delta: float, sample_rate: float, total_steps: int,
+                           accountant: str, prefix: tuple[tuple[float, float, int], ...] = ()) -> bool:
+    """Whether ``sigma`` is what :func:`_calibrate` returns for this plan, up to its tolerance: a finite number > 0
+    whose epsilon is within the cap while 0.2 % less noise exceeds it (the calibration's invariant, tolerance
+    0.1 %). A cached value edited down would make the partner refuse every round as out of budget, one edited up
+    would waste its budget; neither is taken on trust."""
+    from fedsocial.shared.privacy.accounting import compute_epsilon
+
+    if isinstance(sigma, bool) or not isinstance(sigma, int | float) or not math.isfinite(sigma) or sigma <= 0:
+        return False
+    try:
+        within = compute_epsilon([*prefix, (float(sigma), sample_rate, total_steps)], delta, accountant) <= max_epsilon
+        tight = compute_epsilon([*prefix, (float(sigma) * (1 - 2e-3), sample_rate, total_steps)], delta,
+                                accountant) > max_epsilon
+    except (ValueError, ArithmeticError):
+        return False
+    return within and tight
+
+
 def compute_all_finite(a: Any) -> bool:
     """Whether ``a`` is a real-valued numeric array with only finite values."""
     arr = np.asarray(a)
@@ -309,7 +329,11 @@ class Partner:
         except (OSError, ValueError):
             cached = {}  # a damaged cache only costs a recalibration
         if isinstance(cached, dict) and cached.get("key") == key:
-            return float(cached["noise_multiplier"])
+            sigma = cached.get("noise_multiplier")
+            if compute_is_calibration(sigma, max_epsilon, delta, q, steps * rounds, accountant, tuple(prefix)):
+                return float(sigma)  # type: ignore[arg-type]
+            log.warning("%s: the cached noise multiplier %r is not the calibration of this plan (edited or damaged); "
+                        "calibrating again", path, sigma)
         sigma = _calibrate(max_epsilon, delta, q, steps, rounds, accountant, tuple(prefix))
         write_json_atomic(path, {"key": key, "noise_multiplier": sigma})
         return sigma

@@ -54,3 +54,41 @@ def test_an_edited_progress_file_is_refused_naming_the_field(tmp_path: Path, fie
     with pytest.raises(TrainCheckpointError) as caught:
         load_train_checkpoint(tmp_path)
     assert str(caught.value) == f"{progress}: {message}"
+
+
+@pytest.mark.parametrize("cached", [0.3, 1e6, -1.0, "abc", None, True, float("nan")])
+def test_an_edited_cached_noise_calibration_is_recalibrated_not_taken(
+        tmp_path: Path, cached: object, caplog: pytest.LogCaptureFixture) -> None:
+    # Prepare: a partner whose calibrated noise is cached in privacy_plan.json, then the cached sigma edited (was:
+    # 0.3 made the partner refuse every round as "exhausted its privacy budget", 1e6 trained on noise alone, "abc"
+    # failed its ClientApp with a ValueError; all silently, the key still matching)
+    from tests.partner_run import make_partner
+    from tests.test_federation import tiny_config
+
+    cfg = tiny_config().replace("privacy", noise_multiplier=0.0, max_epsilon=4.0)
+    honest = make_partner(tmp_path, cfg).privacy_plan().noise_multiplier
+    path = tmp_path / "run" / "partners" / "partner-0" / "privacy_plan.json"
+    doc = json.loads(path.read_text())
+    path.write_text(json.dumps({**doc, "noise_multiplier": cached}))
+    # Execute
+    with caplog.at_level("WARNING", logger="fedsocial.client"):
+        again = make_partner(tmp_path, cfg).privacy_plan().noise_multiplier
+    # Assert
+    assert again == pytest.approx(honest, rel=1e-9)
+    assert "privacy_plan.json: the cached noise multiplier" in caplog.text and "calibrating again" in caplog.text
+    assert json.loads(path.read_text())["noise_multiplier"] == pytest.approx(honest, rel=1e-9)  # the cache repaired
+
+
+def test_an_honest_cached_noise_calibration_is_used_without_a_warning(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # Prepare
+    from tests.partner_run import make_partner
+    from tests.test_federation import tiny_config
+
+    cfg = tiny_config().replace("privacy", noise_multiplier=0.0, max_epsilon=4.0)
+    honest = make_partner(tmp_path, cfg).privacy_plan().noise_multiplier
+    # Execute
+    with caplog.at_level("WARNING", logger="fedsocial.client"):
+        again = make_partner(tmp_path, cfg).privacy_plan().noise_multiplier
+    # Assert
+    assert again == honest and "calibrating again" not in caplog.text
