@@ -32,6 +32,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -47,6 +48,8 @@ from fedsocial.shared.data import SplitData
 from fedsocial.shared.fileio import save_npz_atomic, write_json_atomic
 from fedsocial.shared.metrics import evaluate_model, evaluate_models_per_user
 from fedsocial.shared.models import RecModel
+
+log = logging.getLogger("fedsocial.client")
 
 PERSONAL_DIR = "personal"
 MIX_ALPHAS = (0.25, 0.5, 0.75)
@@ -289,6 +292,28 @@ def _config_key(cfg: Config, split: SplitData) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def _load_alone_cache_inplace(model: RecModel, path: Path, key: str) -> bool:
+    """Load the cached alone model into ``model`` if ``path`` is a readable cache of this config (``key``).
+
+    A cache of another config is stale (False, silently); one that is torn, replaced or does not fit the model
+    is trained again with a warning naming it: it is a local, non-private cache, so retraining costs time,
+    never privacy, where a raw numpy or zipfile error would stop the partner."""
+    from fedsocial.client.state import StateError, load_npz
+
+    try:
+        saved = load_npz(path)
+        if "__key__" not in saved or saved["__key__"].shape != () or saved["__key__"].dtype.kind != "U":
+            raise StateError(f"{path}: not a cache of the partner's alone model (no config key)")
+        if str(saved["__key__"]) != key:
+            return False
+        model.load_state_dict({k: torch.as_tensor(v) for k, v in saved.items() if k != "__key__"})
+    except (StateError, RuntimeError, KeyError) as exc:  # load_state_dict: missing, unexpected or mis-shaped
+        log.warning("%s: unusable cache of the alone model, training it again (%s)", path,
+                    str(exc).splitlines()[0][:300])
+        return False
+    return True
+
+
 def train_alone_model(cfg: Config, split: SplitData, cache_dir: Path | None = None) -> tuple[RecModel, Any]:
     """The partner's alone model (see :func:`compute_alone_config`); cached in ``cache_dir`` by config.
 
@@ -299,11 +324,8 @@ def train_alone_model(cfg: Config, split: SplitData, cache_dir: Path | None = No
     trainer = LocalTrainer(alone_cfg, split, device="cpu", seed=alone_cfg.train.seed)
     key = _config_key(alone_cfg, split)
     path = None if cache_dir is None else cache_dir / "alone.npz"
-    if path is not None and path.is_file():
-        with np.load(path, allow_pickle=False) as z:
-            if str(z["__key__"]) == key:
-                trainer.model.load_state_dict({k: torch.as_tensor(z[k]) for k in z.files if k != "__key__"})
-                return trainer.model, None
+    if path is not None and path.is_file() and _load_alone_cache_inplace(trainer.model, path, key):
+        return trainer.model, None
     outcome = train_centralized(alone_cfg, split)
     trainer.model.load_state_dict({k: torch.as_tensor(v) for k, v in outcome.state.items()})
     if path is not None:

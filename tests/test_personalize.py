@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 from pathlib import Path
@@ -241,6 +242,35 @@ def test_alone_model_is_trained_without_dp_and_within_the_budget(partner_split_a
     assert outcome.epsilon is None and outcome.noise_multiplier == 0.0
     assert 1 <= outcome.epochs_run <= cfg.federation.rounds * cfg.federation.local_epochs
     for a, b in zip(model.state_dict().values(), cached.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "no key", "foreign arrays"])
+def test_an_unusable_alone_cache_is_trained_again_with_a_warning(partner_split_and_cfg: tuple[Any, Config],
+                                                                 tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                                 damage: str) -> None:
+    # Prepare: a good cache, then damaged in place (a partner's ClientApp once died on np.load / KeyError here)
+    part, cfg = partner_split_and_cfg
+    model, _ = train_alone_model(cfg, part, tmp_path)
+    cache = tmp_path / "alone.npz"
+    with np.load(cache) as z:
+        key = z["__key__"]
+    if damage == "garbage":
+        cache.write_bytes(b"xx")
+    elif damage == "truncated":
+        cache.write_bytes(cache.read_bytes()[:100])
+    elif damage == "no key":
+        np.savez(cache, w=np.zeros(3))
+    else:
+        np.savez(cache, __key__=key, w=np.zeros(3))
+    # Execute
+    with caplog.at_level(logging.WARNING, logger="fedsocial.client"):
+        again, outcome = train_alone_model(cfg, part, tmp_path)
+        reloaded, none = train_alone_model(cfg, part, tmp_path)
+    # Assert: trained again, the warning names the file, and the rewritten cache loads the next time
+    assert outcome is not None and none is None
+    assert any(str(cache) in r.getMessage() and "training it again" in r.getMessage() for r in caplog.records)
+    for a, b in zip(again.state_dict().values(), reloaded.state_dict().values(), strict=True):
         assert torch.equal(a, b)
 
 
