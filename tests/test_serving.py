@@ -6,6 +6,7 @@ import dataclasses
 import itertools
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -517,6 +518,41 @@ def test_async_refit_gives_the_synchronous_result() -> None:
     assert abs(sum(top["explanation"]["terms"].values()) - top["score"]) < 1e-5
     with pytest.raises(ServingError, match="refit_on_event"):
         Recommender(model, split, calibration="none", privacy_scope="none", refit_on_event="later")  # type: ignore[arg-type]
+
+
+def test_a_request_of_many_users_refits_them_in_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    import copy
+
+    from fedsocial.shared import serving
+    from fedsocial.shared.models.social import SocialRec
+
+    # Prepare: 2,500 events, each creating a user with one item (one refit per user once blocked the service
+    # for minutes: 18 ms each)
+    split = tiny_split(seed=5)
+    model = randomised_model(ModelConfig(dim=8, user_embedding="local", local_refit_steps=5), split, 3)
+    rec = Recommender(copy.deepcopy(model), split, calibration="none", privacy_scope="none")  # type: ignore[arg-type]
+    alone = Recommender(copy.deepcopy(model), split, calibration="none", privacy_scope="none")  # type: ignore[arg-type]
+    items = [rec.items[i % len(rec.items)] for i in range(2500)]
+    events = [parse_event({"user": f"new {i}", "item": it, "type": "view"}) for i, it in enumerate(items)]
+    calls: list[int] = []
+    inner = SocialRec.refit_local_users
+
+    def counted(self: SocialRec, batch: Any, *args: Any, **kwargs: Any) -> None:
+        calls.append(int(batch["users"].shape[0]))
+        inner(self, batch, *args, **kwargs)
+
+    monkeypatch.setattr(SocialRec, "refit_local_users", counted)
+    # Execute
+    rec.apply_events(events)
+    batched = list(calls)
+    alone.apply_events(events[:1])  # the first user on its own: the per-user path
+    # Assert: three batched refits of at most REFIT_CHUNK users cover all 2,500; each user's p_u is its own
+    # convex fit, so the first user's batched vector is close to the one refitted alone (other negatives)
+    assert batched == [serving.REFIT_CHUNK, serving.REFIT_CHUNK, 2500 - 2 * serving.REFIT_CHUNK]
+    first = rec.index_of("new 0")
+    assert first == alone.index_of("new 0")
+    a, b = rec.model.local_user[first].numpy(), alone.model.local_user[first].numpy()
+    assert np.linalg.norm(a) > 0 and np.linalg.norm(a - b) < 0.5 * np.linalg.norm(b)
 
 
 def test_recommend_from_a_deployed_partner_folder(run_dir: Path, tmp_path: Path) -> None:
