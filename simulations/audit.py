@@ -83,10 +83,31 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+RUN_MARKERS = ("run_manifest.json", "ledger_heads.json", "metrics.json", "metrics_record.json", "ledgers",
+               "checkpoints", "server.pub")  # what a simulation or deployed run folder holds (any one)
+
+
+def compute_not_a_run(run_dir: Path) -> str:
+    """Why ``run_dir`` is no run folder to audit ("": it is one, possibly damaged: the audit says how). Nothing is
+    written into a folder that holds none of ``RUN_MARKERS``: a typo must not leave audit files behind."""
+    if not run_dir.exists():
+        return f"{run_dir}: no such run directory"
+    if not run_dir.is_dir():
+        return f"{run_dir}: not a directory (give the run folder that holds ledgers/ and run_manifest.json)"
+    if not any((run_dir / name).exists() for name in RUN_MARKERS):
+        return (f"{run_dir}: not a run folder (none of {', '.join(RUN_MARKERS)} is there); nothing written")
+    return ""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.max_epsilon is not None and not (math.isfinite(args.max_epsilon) and args.max_epsilon > 0):
         print(f"fedsocial audit: --max-epsilon must be > 0, got {args.max_epsilon}", file=sys.stderr)
+        return EXIT_INPUT
+    why = compute_not_a_run(Path(args.run_dir))
+    if why:
+        print(f"fedsocial audit: {why}", file=sys.stderr)
+        print(f"audit: FAILED, exit code {EXIT_INPUT}")
         return EXIT_INPUT
     result = run_audit(args.run_dir, args.max_epsilon, args.public_keys)
     if result.partners:

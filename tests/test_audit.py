@@ -211,6 +211,27 @@ def test_unreadable_input(run: Path, capsys: pytest.CaptureFixture[str], damage:
     assert "Traceback" not in output
 
 
+@pytest.mark.parametrize("where", ["missing", "a file", "no run"])
+def test_a_folder_that_is_no_run_is_refused_and_nothing_is_written(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], where: str) -> None:
+    # Prepare: a typo, a file, a folder of something else
+    target = tmp_path / "x"
+    if where == "a file":
+        target.write_text("not a run")
+    elif where == "no run":
+        target.mkdir()
+        (target / "notes.txt").write_text("hello")
+    # Execute
+    code = main([str(target)])
+    err = capsys.readouterr().err
+    # Assert: one line naming the folder, exit 2, and no audit.json or report left in someone's folder
+    assert code == EXIT_INPUT
+    assert str(target) in err and ("no such run directory" in err or "not a directory" in err
+                                   or "not a run folder" in err)
+    if where == "no run":
+        assert sorted(p.name for p in target.iterdir()) == ["notes.txt"]
+
+
 def test_canary_lower_bound_is_reported(run: Path) -> None:
     (run / "canary_audit.json").write_text(json.dumps({"epsilon_lower_bound": 0.42, "canaries": 100}))
     result = run_audit(run)
