@@ -84,7 +84,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 RUN_MARKERS = ("run_manifest.json", "ledger_heads.json", "metrics.json", "metrics_record.json", "ledgers",
-               "checkpoints", "server.pub")  # what a simulation or deployed run folder holds (any one)
+               "checkpoints", "server.pub", "canary_audit.json", "canary_record.json", "config.toml",
+               "config.json")  # what a simulation, deployed run or canary-audit folder holds (any one)
 
 
 def compute_not_a_run(run_dir: Path) -> str:
