@@ -161,9 +161,9 @@ class ScreenedGrid(Grid):
         group = sent[0].metadata.group_id if sent else ""
         if self.missed[0] != group:
             self.missed = (group, set())
-        out = [m for m in sent if m.metadata.dst_node_id in self.missed[1]]
         skipped = [Message(Error(MISSED_DEADLINE_CODE, f"node {m.metadata.dst_node_id} missed the straggler deadline "
-                                 f"earlier in round {group}"), reply_to=m) for m in out]
+                                 f"earlier in round {group}"), reply_to=m)
+                   for m in sent if m.metadata.dst_node_id in self.missed[1]]
         ask = [m for m in sent if m.metadata.dst_node_id not in self.missed[1]]
         poll = min(POLL_S, float(getattr(self.inner, "pull_interval", POLL_S)))  # in-memory grid: its own
         replies = collect_replies(self.inner, ask, timeout=timeout, quorum=self.quorum, grace=self.grace,
