@@ -292,18 +292,28 @@ def _config_key(cfg: Config, split: SplitData) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def read_alone_cache(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of a cached alone model (``STATE_DIR/personal/alone.npz``), its config key under ``__key__``;
+    :class:`client.state.StateError` naming the file when it is torn, replaced or not such a cache."""
+    from fedsocial.client.state import StateError, load_npz
+
+    saved = load_npz(path)  # StateError naming the file when it is not an npz archive
+    if "__key__" not in saved or saved["__key__"].shape != () or saved["__key__"].dtype.kind != "U":
+        raise StateError(f"{path}: not a cache of the partner's alone model (no config key); delete it and the "
+                         "alone model is trained again")
+    return saved
+
+
 def _load_alone_cache_inplace(model: RecModel, path: Path, key: str) -> bool:
     """Load the cached alone model into ``model`` if ``path`` is a readable cache of this config (``key``).
 
     A cache of another config is stale (False, silently); one that is torn, replaced or does not fit the model
     is trained again with a warning naming it: it is a local, non-private cache, so retraining costs time,
     never privacy, where a raw numpy or zipfile error would stop the partner."""
-    from fedsocial.client.state import StateError, load_npz
+    from fedsocial.client.state import StateError
 
     try:
-        saved = load_npz(path)
-        if "__key__" not in saved or saved["__key__"].shape != () or saved["__key__"].dtype.kind != "U":
-            raise StateError(f"{path}: not a cache of the partner's alone model (no config key)")
+        saved = read_alone_cache(path)
         if str(saved["__key__"]) != key:
             return False
         model.load_state_dict({k: torch.as_tensor(v) for k, v in saved.items() if k != "__key__"})

@@ -141,14 +141,10 @@ def _local_state(state_dir: Path, round_: int) -> dict[str, Any] | None:
 def check_alone_cache(path: Path) -> None:
     """Refuse, naming it, a cached alone model (``STATE_DIR/personal/alone.npz``) that is torn, replaced or not such a
     cache: client/personalize.py would load it with a raw numpy / zipfile / KeyError traceback."""
-    from fedsocial.client.state import StateError, load_npz
+    from fedsocial.client.personalize import read_alone_cache
 
-    if not path.is_file():
-        return
-    saved = load_npz(path)  # StateError naming the file when it is not an npz archive
-    if "__key__" not in saved or saved["__key__"].shape != () or saved["__key__"].dtype.kind != "U":
-        raise StateError(f"{path}: not a cache of the partner's alone model (no config key); delete it and the "
-                         "alone model is trained again")
+    if path.is_file():
+        read_alone_cache(path)
 
 
 def serve_personalised(cfg: Config, split: SplitData, shared: SocialRec, state_dir: Path) -> SocialRec:
