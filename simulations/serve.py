@@ -118,11 +118,9 @@ def create_app(rec: Recommender, partner_id: str = "") -> FastAPI:
                               "per request")
         try:
             body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            return error(400, f"body: not valid JSON ({exc})")
         except RecursionError:
             return error(400, "body: not valid JSON (nested too deeply)")
-        except ValueError as exc:  # an integer of more digits than Python converts (4,300)
+        except ValueError as exc:  # JSON syntax, not UTF-8, or an integer of more digits than Python converts
             return error(400, f"body: not valid JSON ({exc})")
         docs = body if isinstance(body, list) else [body]
         if not docs or len(docs) > MAX_EVENTS:
