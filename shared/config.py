@@ -235,7 +235,7 @@ class FederationConfig:
     # under DP: 0 keeps each partner's evaluation on the partner; > 0 releases Gaussian-noised metric sums,
     # charged in its ledger (shared/privacy/evaluation.py)
     eval_noise_multiplier: float = 0.0
-    # the straggler deadline (server/deadline.py): once min_partners have answered a request, the others have
+    # the straggler deadline (server/deadline.py): once min_partners (t under SecAgg+) have answered, the others have
     # this many seconds more; 0 waits for every reply (or the SuperLink's offline verdict, 36-60 s)
     straggler_grace: float = 0.0
 
