@@ -68,18 +68,22 @@ class ServedSource:
     partner_id: str
     data_dir: str | None
     config: Config | None = None  # a deployed partner's partner.toml carries its config
+    ledger_path: Path | None = None  # the partner's privacy ledger (decides its charged selection); None: unknown
 
 
 def resolve_source(path: Path, partner_id: str, data_dir: str | None = None, config: str | None = None,
-                   checkpoint: str | None = None, state_dir: str | None = None) -> ServedSource:
-    """A simulation run folder (``config.toml``, ``checkpoints/``, ``partners/ID``), or a deployed partner."""
+                   checkpoint: str | None = None, state_dir: str | None = None,
+                   ledger_dir: str | None = None) -> ServedSource:
+    """A simulation run folder (``config.toml``, ``checkpoints/``, ``partners/ID``, ``ledgers/ID.jsonl``), or a
+    deployed partner (its ledger in ``partner.toml``'s ledger-dir, or ``ledger_dir``)."""
+    ledger = None if ledger_dir is None else Path(ledger_dir) / f"{partner_id}.jsonl"
     if (path / "config.toml").is_file() and config is None:
         sd = Path(state_dir) if state_dir else path / "partners" / partner_id
         if not sd.is_dir():
             known = sorted(p.name for p in (path / "partners").iterdir()) if (path / "partners").is_dir() else []
             raise ConfigError(f"--partner {partner_id}: no folder {sd} (partners of this run: {', '.join(known)})")
         return ServedSource(path / "config.toml", Path(checkpoint) if checkpoint else None, sd, path, partner_id,
-                            data_dir)
+                            data_dir, ledger_path=ledger or path / "ledgers" / f"{partner_id}.jsonl")
     if (path / "partner.toml").is_file() and config is None:  # a folder written by `fedsocial partition`
         from fedsocial.simulations.partition_cmd import read_partner_toml
 
@@ -89,13 +93,15 @@ def resolve_source(path: Path, partner_id: str, data_dir: str | None = None, con
         if partner_id != str(table.get("id", partner_id)):
             raise ConfigError(f"--partner {partner_id}: {path / 'partner.toml'} is partner {table.get('id')!r}")
         sd = Path(state_dir) if state_dir else Path(str(table.get("state-dir", path / "state")))
+        ledger = ledger or Path(str(table.get("ledger-dir", path / "ledger"))) / f"{partner_id}.jsonl"
         return ServedSource(path / "partner.toml", Path(checkpoint), sd, None, partner_id,
-                            str(table.get("data-dir", path)), cfg)
+                            str(table.get("data-dir", path)), cfg, ledger)
     if config is None or checkpoint is None or state_dir is None:
         raise ConfigError(f"{path}: neither a simulation run folder (config.toml) nor a partner folder "
                           "(partner.toml); for a deployed partner's data folder pass --config, --checkpoint "
                           "and --state-dir")
-    return ServedSource(Path(config), Path(checkpoint), Path(state_dir), None, partner_id, str(path))
+    return ServedSource(Path(config), Path(checkpoint), Path(state_dir), None, partner_id, str(path),
+                        ledger_path=ledger)
 
 
 def load_partner_data(cfg: Config, src: ServedSource) -> SplitData:
@@ -232,10 +238,27 @@ def load_recommender(src: ServedSource, calibration: str = "auto", adapt: Adapte
     elif cfg.privacy.enabled:  # joint scope: what the partner's charged DP selection chose (else the model)
         from fedsocial.shared.privacy.selection import read_served_choice
 
-        ranking = read_served_choice(src.state_dir)
+        ranking = read_served_choice(src.state_dir, read_selection_charges(src.ledger_path), src.ledger_path)
     return Recommender(model, split, calibration=calibration, events_path=src.state_dir / EVENTS_FILE,
                        refit_on_event=refit_on_event, seed=cfg.train.seed, ranking=ranking,
                        privacy_scope=privacy_scope)
+
+
+def read_selection_charges(ledger_path: Path | None) -> list[dict[str, Any]] | None:
+    """The selection charges of the partner's ledger; None where there is no ledger file to read."""
+    import warnings
+
+    from fedsocial.shared.privacy.ledger import LedgerError, TornTailWarning, read_ledger
+    from fedsocial.shared.privacy.selection import selection_charges
+
+    if ledger_path is None or not ledger_path.is_file():
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", TornTailWarning)  # a torn last line is an interrupted write, not a charge
+            return [dict(e) for e in selection_charges(read_ledger(ledger_path))]
+    except LedgerError as exc:
+        raise SelectionError(f"the partner's ledger: {exc}") from None
 
 
 def describe_calibration(rec: Recommender) -> str:
@@ -252,6 +275,8 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None, help="deployed partner: the federation's config")
     parser.add_argument("--checkpoint", default=None, help="global shared parameters (a checkpoint .npz)")
     parser.add_argument("--state-dir", default=None, help="the partner's state folder")
+    parser.add_argument("--ledger-dir", default=None, help="the partner's ledger folder (default: the run's "
+                        "ledgers/, or partner.toml's ledger-dir)")
     parser.add_argument("--calibration", default="auto", choices=CALIBRATIONS,
                         help="score -> probability: platt or isotonic, fitted on the partner's validation data, or "
                         "none (sigmoid of the score); auto (default): platt, except none in privacy.scope = joint "
@@ -260,7 +285,7 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
 
 def source_from_args(args: argparse.Namespace) -> ServedSource:
     return resolve_source(Path(args.run_dir), args.partner, args.data_dir, args.config, args.checkpoint,
-                          args.state_dir)
+                          args.state_dir, args.ledger_dir)
 
 
 def _partner_user(rec: Recommender, user: str, partner: str) -> Any:

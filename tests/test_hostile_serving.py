@@ -183,6 +183,56 @@ def test_a_tampered_served_choice_is_refused_by_recommend_naming_the_file(
     assert re.search(message, err), err
 
 
+def _ledger_with(run: Path, charge_digest: str | None) -> Path:
+    """partner-0's ledger in ``run``: one training round 2, then a selection charge of ``charge_digest`` if any."""
+    from fedsocial.shared import signing
+    from fedsocial.shared.privacy.ledger import Ledger
+
+    path = run / "ledgers" / "partner-0.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ledger = Ledger(path, signing.load_or_create_keypair(run / "partners" / "partner-0" / "ledger_signing.key"),
+                    "partner-0")
+    common = {"max_grad_norm": 1.0, "target_delta": 1e-5, "population": 80, "secure_rng": False}
+    ledger.append_round(round=2, noise_multiplier=1.0, sample_rate=0.1, steps=10, **common)
+    if charge_digest is not None:
+        ledger.append_round(round=2, noise_multiplier=8.0, sample_rate=1.0, steps=1, **common,
+                            extra={"release": "selection", "release_sha256": charge_digest})
+    return path
+
+
+def test_recommend_serves_the_charged_choice_when_its_record_is_deleted_and_refuses_an_uncharged_one(
+        dp_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Prepare: the run's ledger charged the selection of the prior; served.json deleted (was: the DP model was
+    # served instead of the charged choice, exit 0, silently)
+    from fedsocial.simulations import recommend
+
+    run = tmp_path / "run"
+    shutil.copytree(dp_run, run)
+    sel = run / "partners" / "partner-0" / "selection"
+    digest = json.loads((sel / "served.json").read_text())["digest"]
+    _ledger_with(run, digest)
+    (sel / "served.json").unlink()
+    out = tmp_path / "lists.jsonl"
+    args = [str(run), "--partner", "partner-0", "--k", "2", "--out", str(out)]
+    # Execute
+    code = recommend.main(args)
+    # Assert: the charged choice (the prior) is served
+    assert code == 0
+    assert json.loads(out.read_text().splitlines()[0])["explanation"]["reason"] in ("prior", "popularity")
+    # Prepare: a ledger that never charged it, and the record put back
+    other = tmp_path / "other"
+    shutil.copytree(dp_run, other)
+    ledger = _ledger_with(other, None)
+    out.unlink()
+    capsys.readouterr()
+    # Execute
+    code = recommend.main([str(other), "--partner", "partner-0", "--k", "2", "--out", str(out)])
+    # Assert: refused in one line naming the record and the ledger
+    err = capsys.readouterr().err
+    assert code == 2 and not out.exists() and "Traceback" not in err
+    assert "served.json: records the selection of round 2, which" in err and str(ledger) in err
+
+
 def test_a_torn_or_replaced_cache_of_the_alone_model_is_refused_naming_it(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # Prepare: a partner-scope run served once (which caches the partner's alone model in personal/alone.npz);

@@ -31,7 +31,9 @@ from fedsocial.shared.privacy.selection import (
     compute_selection_sums,
     load_selection_release,
     read_served_choice,
+    selection_charges,
     uses_selection_release,
+    write_served_choice,
 )
 from fedsocial.shared.serving import Recommender
 from fedsocial.shared.trainer import LocalTrainer
@@ -289,7 +291,9 @@ def test_a_rerun_after_a_kill_reuses_the_saved_release_and_charges_it_once(
     monkeypatch.undo()
     path = partner.settings.state_dir / "selection" / "round_0001.json"
     before = path.read_bytes()
-    assert read_served_choice(partner.settings.state_dir) == "model"  # not served before it is charged
+    charges = selection_charges(ledger_of(tmp_path))  # the ledger tells "not charged" from a lost record
+    assert read_served_choice(partner.settings.state_dir, charges) == ("model" if not charges else
+                                                                      json.loads(before)["choice"])
     draws: list[int] = []
     real = selection.compute_noisy_differences
     monkeypatch.setattr(selection, "compute_noisy_differences", lambda *a: draws.append(1) or real(*a))
@@ -302,6 +306,71 @@ def test_a_rerun_after_a_kill_reuses_the_saved_release_and_charges_it_once(
     assert path.read_bytes() == before and draws == []
     assert entries[1]["release_sha256"] == json.loads(before)["digest"]
     assert read_served_choice(partner.settings.state_dir) == json.loads(before)["choice"]
+
+
+def test_a_deleted_served_record_is_decided_by_the_ledger(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: a charged selection of the prior, then its served.json deleted (was: read as "no selection charged
+    # yet", so the DP model was served instead of the charged choice, silently)
+    monkeypatch.setattr(selection, "compute_noisy_differences", lambda diffs, sigma, rng: np.array([1.0]))
+    partner = make_partner(tmp_path, selection_config())
+    _, initial = partner.initial_parameters()
+    new, _, _ = partner.fit(initial, 1)
+    partner.evaluate(new, 1)
+    state = partner.settings.state_dir
+    (state / "selection" / "served.json").unlink()
+    # Execute
+    charges = selection_charges(ledger_of(tmp_path))
+    served = read_served_choice(state, charges)
+    # Assert: the ledger's charge decides; without the ledger the two states cannot be told apart: refused
+    assert len(charges) == 1 and served == "prior"
+    with pytest.raises(SelectionError, match="served.json is missing beside the saved selection release .*ledger-dir"):
+        read_served_choice(state)
+
+
+def test_an_uncharged_release_serves_the_model_and_a_record_the_ledger_never_charged_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: the partner killed before the charge (its release saved, no ledger entry)
+    monkeypatch.setattr(selection, "compute_noisy_differences", lambda diffs, sigma, rng: np.array([1.0]))
+    partner = make_partner(tmp_path, selection_config())
+    _, initial = partner.initial_parameters()
+    new, _, _ = partner.fit(initial, 1)
+
+    def die(name: str, round_: int, partner_id: str | None = None) -> None:
+        if name == "before_selection_append":
+            raise RuntimeError("killed")
+
+    monkeypatch.setattr(partner_module, "fault_point", die)
+    with pytest.raises(RuntimeError, match="killed"):
+        partner.evaluate(new, 1)
+    state = partner.settings.state_dir
+    charges = selection_charges(ledger_of(tmp_path))
+    # Execute / Assert: nothing charged, so the model is served
+    assert charges == [] and read_served_choice(state, charges) == "model"
+    # Execute: a served record written by hand for the uncharged release (the choice reaches users uncharged)
+    release = load_selection_release(state, 1)
+    assert release is not None
+    write_served_choice(state, release)
+    # Assert: refused with the ledger at hand, naming the file
+    with pytest.raises(SelectionError, match="served.json: records the selection of round 1, which .* never charged"):
+        read_served_choice(state, charges, tmp_path / "run" / "ledgers" / "partner-0.jsonl")
+
+
+def test_a_later_charge_decides_over_an_older_served_record(tmp_path: Path) -> None:
+    # Prepare: two charged selections (rounds 1 and 2), the record still naming round 1 (killed before it was
+    # rewritten)
+    state = tmp_path / "state"
+    first = selection.compute_selection_release(1, 8.0, np.array([-1.0]), 10)
+    second = selection.compute_selection_release(2, 8.0, np.array([1.0]), 10)
+    for release in (first, second):
+        selection.save_selection_release(state, release)
+    write_served_choice(state, first)
+    charges = [{"round": r["round"], "release": "selection", "release_sha256": r["digest"]} for r in (first, second)]
+    # Execute
+    served = read_served_choice(state, charges)
+    # Assert
+    assert (first["choice"], second["choice"]) == ("model", "prior") and served == "prior"
+    assert read_served_choice(state, charges[:1]) == "model"
 
 
 def test_a_charged_selection_whose_release_is_lost_is_refused(tmp_path: Path) -> None:

@@ -37,7 +37,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -160,14 +160,46 @@ class SelectionError(ValueError):
     the message names the file."""
 
 
-def read_served_choice(state_dir: Path) -> str:
-    """What a joint-scope partner serves: the recorded choice of its charged selection release (its saved
-    release intact, same digest), else ``model`` when no choice was recorded (no selection, or none charged
-    yet). A recorded choice that is unreadable, malformed, or whose saved release is missing or altered is a
-    :class:`SelectionError` naming the file: serving another model than the charged choice, silently, is not
-    an answer to tampering."""
+def selection_charges(entries: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The ledger entries that charged a selection release (``release = "selection"``), in ledger order."""
+    return [e for e in entries if e.get("release") == "selection"]
+
+
+def _charged_release(state_dir: Path, charge: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """The saved release a ledger charge names, intact (same digest), else a :class:`SelectionError`."""
+    round_ = charge.get("round")
+    if isinstance(round_, bool) or not isinstance(round_, int):
+        raise SelectionError(f"{where}: a selection charge without an integer round")
+    release = load_selection_release(state_dir, round_)
+    if release is None or release["digest"] != charge.get("release_sha256"):
+        raise SelectionError(f"{where}: charges the selection release of round {round_}, but "
+                             f"{selection_release_path(state_dir, round_)} is missing, unreadable or altered")
+    return release
+
+
+def read_served_choice(state_dir: Path, charges: Sequence[Mapping[str, Any]] | None = None,
+                       ledger_path: Path | None = None) -> str:
+    """What a joint-scope partner serves: the choice of its charged selection release (its saved release intact,
+    same digest), else ``model`` when none was charged.
+
+    ``charges`` are the partner's ledger entries that charged a selection (:func:`selection_charges`; read from
+    ``ledger_path``, named in errors), or None where the ledger is not at hand. With them, the ledger decides:
+    a recorded choice it never charged is refused, and a charged choice whose record (``served.json``) is gone
+    is served from its saved release (the partner was stopped between the charge and the record, or the record
+    was deleted: the charged choice is what it serves either way). Without them, a saved release with no
+    recorded choice cannot be told apart (charged, record deleted; or never charged, killed before the charge)
+    and is refused. A recorded choice that is unreadable, malformed, or whose saved release is missing or
+    altered is a :class:`SelectionError` naming the file: serving another model than the charged choice,
+    silently, is not an answer to tampering."""
     path = state_dir / SELECTION_FOLDER / SERVED_FILE
+    where = str(ledger_path) if ledger_path is not None else "the partner's ledger"
     if not path.exists():
+        if charges:
+            return str(_charged_release(state_dir, charges[-1], where)["choice"])
+        saved = sorted((state_dir / SELECTION_FOLDER).glob("round_*.json"))
+        if charges is None and saved:
+            raise SelectionError(f"{path} is missing beside the saved selection release {saved[-1]}: whether it was "
+                                 "charged is in the partner's ledger, which was not found (pass --ledger-dir)")
         return "model"
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
@@ -185,4 +217,9 @@ def read_served_choice(state_dir: Path) -> str:
         raise SelectionError(f"{path}: records choice {doc['choice']!r} and digest {doc['digest'][:12]}..., its "
                              f"release of round {doc['round']} says {release['choice']!r} and "
                              f"{str(release['digest'])[:12]}...: one of them was altered")
+    if charges is not None and not any(c.get("round") == doc["round"] and c.get("release_sha256") == doc["digest"]
+                                       for c in charges):
+        raise SelectionError(f"{path}: records the selection of round {doc['round']}, which {where} never charged")
+    if charges and charges[-1].get("round") != doc["round"]:  # a later charge whose record was not written yet
+        return str(_charged_release(state_dir, charges[-1], where)["choice"])
     return str(release["choice"])
