@@ -41,7 +41,9 @@ def write_csv_dataset(ds: Dataset, folder: str | os.PathLike[str]) -> Path:
            zip(user_ids[ds.social_src].tolist(), user_ids[ds.social_dst].tolist(), strict=True))
     items_csv = out / "items.csv"
     if ds.item_category is not None:
-        rows = zip(item_ids.tolist(), ds.item_category.tolist(), strict=True)
+        names = ds.item_category_names  # named categories are written by name, so the export reads back the same
+        labels = [names[c] for c in ds.item_category.tolist()] if names else ds.item_category.tolist()
+        rows = zip(item_ids.tolist(), labels, strict=True)
         _write(items_csv, ("item", "category"), rows)
     elif items_csv.exists():
         items_csv.unlink()  # a stale catalogue from an earlier export would be read back

@@ -25,6 +25,7 @@ class Dataset:
     social_src: np.ndarray  # int64 [E] u in "u follows v"
     social_dst: np.ndarray  # int64 [E] v
     item_category: np.ndarray | None = None  # int64 [n_items] or None
+    item_category_names: tuple[str, ...] = ()  # code c's name, where items.csv named its categories (else the codes)
     name: str = ""
     user_ids: np.ndarray | None = None  # original id of each user index (None: identity)
     item_ids: np.ndarray | None = None  # original id of each item index

@@ -37,6 +37,15 @@ def compute_codes(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return codes.astype(np.int64), uniq
 
 
+def compute_code_names(values: np.ndarray) -> tuple[str, ...]:
+    """The name of each code, for codes :func:`compute_codes` gave by rank (named categories); ``()`` where the
+    values were canonical integers, which name themselves."""
+    values = np.asarray(values, dtype=str)
+    if values.size and all(v.isdigit() and str(int(v)) == v for v in np.unique(values).tolist()):
+        return ()
+    return tuple(str(v) for v in np.unique(values).tolist())
+
+
 def compute_price_bins(prices: np.ndarray, n_bins: int) -> np.ndarray:
     """Quantile bin (0..n_bins-1) of each price; a missing price (NaN) gets the extra code ``n_bins``.
 

@@ -38,7 +38,7 @@ import numpy as np
 
 from fedsocial.shared.config import DataConfig, resolve_data_path
 from fedsocial.shared.data import DataError, Dataset
-from fedsocial.shared.features import cached_text_features, compute_codes, compute_price_bins
+from fedsocial.shared.features import cached_text_features, compute_code_names, compute_codes, compute_price_bins
 
 PathLike = str | os.PathLike[str]
 LOG = logging.getLogger("fedsocial.data")
@@ -632,6 +632,8 @@ def _with_item_features(ds: Dataset, catalogue: dict[str, Any], index: np.ndarra
     changes: dict[str, Any] = {}
     if catalogue.get("category") is None:
         changes["item_category"] = None
+    elif catalogue.get("category_names"):
+        changes["item_category_names"] = tuple(catalogue["category_names"])
     if catalogue.get("price") is not None:
         bins = np.empty(ds.n_items, dtype=np.int64)
         bins[index] = compute_price_bins(catalogue["price"], price_bins)
@@ -695,6 +697,7 @@ def _read_items_csv(path: Path) -> dict[str, Any]:
             raise DataError(f"{path}:{table.where(empty)}: empty category (leave the column out, "
                             "or give every item one)")
         out["category"] = compute_codes(cats)[0]
+        out["category_names"] = compute_code_names(cats)
     if "price" in table.columns:
         out["price"] = _read_prices(table)
     texts = [table.columns[c] for c in ("title", "text") if c in table.columns]

@@ -154,7 +154,8 @@ def partner_split(split: SplitData, assignment: np.ndarray, partner: int) -> Spl
     sub = Dataset(
         n_users=int(members.size), n_items=ds.n_items, users=users, items=items,
         social_src=local[ds.social_src[keep]], social_dst=local[ds.social_dst[keep]],
-        item_category=ds.item_category, name=f"{ds.name}/partner{partner}", user_ids=members,
+        item_category=ds.item_category, item_category_names=ds.item_category_names,
+        name=f"{ds.name}/partner{partner}", user_ids=members,
         item_ids=ds.item_ids, extra={"partner": partner, "original_user_ids": original},
         item_price_bin=ds.item_price_bin, item_text=ds.item_text,  # the catalogue's features are public
         user_features=None if ds.user_features is None else ds.user_features[members],  # stay with the partner

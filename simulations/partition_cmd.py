@@ -56,6 +56,7 @@ def compute_partner_dataset(ds: Dataset, assignment: np.ndarray, partner: int) -
     category = sub.item_category if sub.item_category is not None else np.zeros(ds.n_items, dtype=np.int64)
     return Dataset(n_users=sub.n_users, n_items=sub.n_items, users=sub.users, items=sub.items,
                    social_src=sub.social_src, social_dst=sub.social_dst, item_category=category,
+                   item_category_names=ds.item_category_names,
                    name=sub.name, user_ids=_global_user_ids(ds, sub), item_ids=ds.item_ids)
 
 

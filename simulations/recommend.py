@@ -298,7 +298,8 @@ def _partner_user(rec: Recommender, user: str, partner: str) -> Any:
                                "(each partner serves only its own users)") from None
 
 
-def compute_rows(rec: Recommender, users: list[Any], k: int, category: int | None = None) -> list[dict[str, Any]]:
+def compute_rows(rec: Recommender, users: list[Any], k: int, category: int | str | None = None
+                 ) -> list[dict[str, Any]]:
     rows = []
     for user in users:
         for rank, item in enumerate(rec.recommend(user, k, category=category), start=1):
@@ -324,7 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--k", type=int, default=10, help="list length (default 10)")
     parser.add_argument("--out", required=True, help="output file: .jsonl (JSON Lines) or .csv")
     parser.add_argument("--users", nargs="+", default=None, help="only these users (default: all of the partner's)")
-    parser.add_argument("--category", type=int, default=None, help="only items of this catalogue category")
+    parser.add_argument("--category", default=None, help="only items of this catalogue category (its code, or its "
+                        "name where items.csv names the categories)")
     args = parser.parse_args(argv)
     try:
         out = Path(args.out)

@@ -46,10 +46,11 @@ SOCIAL_MAX_USERS = 1000  # the analysis scores one list per user: a seeded sampl
 
 def compute_health(rec: Recommender, partner_id: str) -> dict[str, Any]:
     """``GET /health``: counts, and what the run's privacy let serving use: the scope, what cold users are
-    ranked by (``dp_release``, ``item_biases`` or exact ``training_counts``), the calibration and its reason."""
+    ranked by (``dp_release``, ``item_biases`` or exact ``training_counts``), the calibration and its reason, and the
+    catalogue's categories (names where items.csv names them, else codes) that ``category`` takes."""
     return {"status": "ok", "partner": partner_id, "users": len(rec.users), "items": len(rec.items),
             "privacy_scope": rec.privacy_scope, "cold_start": rec.cold_source, "ranking": rec.ranking,
-            "calibration": rec.calibrator.to_json()}
+            "calibration": rec.calibrator.to_json(), "categories": rec.category_labels()}
 
 
 def create_app(rec: Recommender, partner_id: str = "") -> FastAPI:
@@ -94,7 +95,7 @@ def create_app(rec: Recommender, partner_id: str = "") -> FastAPI:
 
     @app.get("/users/{user}/recommendations")
     async def recommendations(user: str, k: int = Query(10, ge=1, le=1000),
-                              category: int | None = Query(None, ge=0),
+                              category: str | None = Query(None, max_length=1024),
                               explain: bool = True) -> dict[str, Any]:
         t0 = time.perf_counter()
         items = rec.recommend(user, k, category=category, explain=explain)

@@ -195,6 +195,26 @@ def test_load_csv_items_file_adds_catalogue_and_categories(tmp_path: Path) -> No
     assert pairs(ds) == {(0, 1), (1, 0)} and ds.n_edges == 0
 
 
+def test_named_categories_keep_their_names_and_read_back_the_same_after_an_export(tmp_path: Path) -> None:
+    # Prepare: categories given by name (was: the names were dropped, so `recommend --category` and the service
+    # took only the codes the loader made up)
+    write(tmp_path / "in" / "interactions.csv", "user,item\nu1,b\nu2,a\nu2,c\n")
+    write(tmp_path / "in" / "social.csv", "user,neighbour\n")
+    write(tmp_path / "in" / "items.csv", "item,category\nc,Garden & Outdoor\na,Books\nb,Garden & Outdoor\nd,Toys\n")
+    # Execute
+    ds = load_csv(tmp_path / "in")
+    back = load_csv(write_csv_dataset(ds, tmp_path / "out"))
+    # Assert: codes by sorted name, each code's name kept, and an export reads back the same
+    assert ds.item_category_names == ("Books", "Garden & Outdoor", "Toys")
+    assert tolist(ds.item_ids) == ["a", "b", "c", "d"] and tolist(ds.item_category) == [0, 1, 1, 2]
+    assert back.item_category_names == ds.item_category_names
+    np.testing.assert_array_equal(back.item_category, ds.item_category)
+    assert "Garden & Outdoor" in (tmp_path / "out" / "items.csv").read_text()
+    # integer categories name themselves
+    assert load_csv(write_csv_dataset(generate(DataConfig(n_users=50, n_items=80)), tmp_path / "syn")
+                    ).item_category_names == ()
+
+
 GOOD_I = "user,item\na,x\nb,y\n"
 GOOD_S = "user,neighbour\na,b\n"
 INTER, SOCIAL = "interactions.csv", "social.csv"

@@ -119,6 +119,7 @@ def test_unknown_user_with_friends_gets_a_list(server: tuple[str, Path]) -> None
     ("/events", [], None, 422, "list"),
     ("/users/1/recommendations?k=0", None, None, 422, "k"),
     ("/users/1/recommendations?k=ten", None, None, 422, "k"),
+    ("/users/1/recommendations?category=nonsense", None, None, 422, "no category 'nonsense' in this catalogue"),
     ("/users/nobody-at-all/recommendations", None, None, 404, "unknown user"),
     ("/no/such/route", None, None, 404, "Not Found"),
     # regression: these were 500s (RecursionError in the JSON parser, ValueError from int() of an id)
@@ -146,6 +147,7 @@ def test_health_says_what_privacy_let_serving_use(server: tuple[str, Path]) -> N
     assert status == 200 and doc["status"] == "ok" and doc["partner"] == "partner-0"
     assert (doc["privacy_scope"], doc["cold_start"], doc["ranking"]) == ("none", "training_counts", "model")
     assert doc["calibration"]["method"] == "platt" and "reason" not in doc["calibration"]
+    assert doc["categories"] and all(isinstance(c, str) for c in doc["categories"])  # what ?category= takes
 
 
 def test_openapi_schema_lists_the_contract(server: tuple[str, Path]) -> None:

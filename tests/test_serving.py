@@ -296,6 +296,27 @@ def test_a_category_no_item_has_is_refused_not_an_empty_list() -> None:
             rec.recommend(3, 5, category=missing)
 
 
+def test_a_category_is_taken_by_its_name_or_code_and_an_unknown_name_is_refused() -> None:
+    # Prepare: the catalogue's four categories named (items.csv gave names; was: only integer codes were taken)
+    split = tiny_split()
+    names = ("Books", "Garden", "Music", "Toys")
+    split = dataclasses.replace(split, dataset=dataclasses.replace(split.dataset, item_category_names=names))
+    rec = Recommender(randomised_model(ModelConfig(dim=8, user_embedding="none", use_category=True), split, 2),  # type: ignore[arg-type]
+                      split, calibration="none", privacy_scope="none")
+    # Execute
+    by_name = rec.recommend(3, 5, category="Music", explain=False)
+    by_code = rec.recommend(3, 5, category=2, explain=False)
+    by_text = rec.recommend(3, 5, category="2", explain=False)  # a query string or CLI argument
+    # Assert
+    assert by_name == by_code == by_text and by_name
+    assert rec.category_labels() == list(names)
+    with pytest.raises(ServingError, match=r"no category 'Gardening' in this catalogue \(its categories: Books, "
+                                           r"Garden, Music, Toys\)"):
+        rec.recommend(3, 5, category="Gardening")
+    with pytest.raises(ServingError, match="no item of this catalogue is in category 7 .*Books"):
+        rec.recommend(3, 5, category="7")
+
+
 def test_an_event_changes_the_list_at_once_and_a_bad_batch_changes_nothing(tmp_path: Path) -> None:
     # Prepare
     split = tiny_split()
