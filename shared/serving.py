@@ -248,6 +248,7 @@ class Recommender:
         self.items: list[int | str] = compute_item_external_ids(ds)
         self.item_index = {it: i for i, it in enumerate(self.items)}
         self.item_category = None if ds.item_category is None else np.asarray(ds.item_category)
+        self.item_category_names: tuple[str, ...] = tuple(ds.item_category_names)  # () : the codes name themselves
         # each user's own record as the service sees it: every known interaction, out-neighbours
         self.history: list[list[int]] = [[] for _ in self.users]
         self.seen: list[set[int]] = [set() for _ in self.users]
@@ -468,14 +469,41 @@ class Recommender:
         return torch.mv(self.item_matrix, self.user_vector(u, bag, friends)) + self.item_bias
 
     # --- lists ----------------------------------------------------------------------------------
-    def recommend(self, user: int | str, k: int = 10, category: int | None = None,
+    def category_code(self, category: int | str) -> int:
+        """The code of a catalogue category given by its code, or by its name where items.csv named them."""
+        if self.item_category is None:
+            raise ServingError("field 'category': this catalogue has no categories")
+        names = self.item_category_names
+        if isinstance(category, str) and category in names:
+            return names.index(category)
+        if isinstance(category, str) and category.isascii() and category.lstrip("-").isdigit() \
+                and len(category) <= 20:
+            category = int(category)  # a code given as text (a query string, a CLI argument)
+        if isinstance(category, bool) or not isinstance(category, int):
+            raise ServingError(f"field 'category': no category {str(category)[:80]!r} in this catalogue "
+                               f"(its categories: {self._category_list()})")
+        return category
+
+    def category_labels(self, limit: int = 1000) -> list[str]:
+        """The catalogue's categories that hold items, by name where items.csv named them (else their codes)."""
+        if self.item_category is None:
+            return []
+        codes = np.unique(self.item_category)[:limit].tolist()
+        return [self.item_category_names[c] if self.item_category_names else str(c) for c in codes]
+
+    def _category_list(self) -> str:
+        shown = self.category_labels(21)
+        return ", ".join(shown[:20]) + (", ..." if len(shown) > 20 else "")
+
+    def recommend(self, user: int | str, k: int = 10, category: int | str | None = None,
                   explain: bool = True) -> list[dict[str, Any]]:
-        """Top-``k`` unseen items for ``user`` (optionally within one catalogue category)."""
+        """Top-``k`` unseen items for ``user`` (optionally within one catalogue category: its code or name)."""
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 1000:
             raise ServingError(f"field 'k': must be an integer in [1, 1000], got {k!r}")
+        code = None if category is None else self.category_code(category)
         u = self.index_of(user)
         with self._lock:  # the scores and the explanation read the same p_u
-            return self._recommend(u, k, category, explain)
+            return self._recommend(u, k, code, explain)
 
     def _recommend(self, u: int, k: int, category: int | None, explain: bool) -> list[dict[str, Any]]:
         cold = not self.history[u] and not self.friends[u]
@@ -491,13 +519,11 @@ class Recommender:
         if self.seen[u]:
             rank_by[torch.as_tensor(sorted(self.seen[u]))] = -torch.inf
         if category is not None:
-            if self.item_category is None:
-                raise ServingError("field 'category': this catalogue has no categories")
+            assert self.item_category is not None  # category_code refused a catalogue without categories
             in_category = self.item_category == category
             if not in_category.any():  # an empty list would read as "nothing left to recommend"
                 raise ServingError(f"field 'category': no item of this catalogue is in category {category} "
-                                   f"(its categories: {', '.join(map(str, np.unique(self.item_category)[:20]))}"
-                                   f"{', ...' if len(np.unique(self.item_category)) > 20 else ''})")
+                                   f"(its categories: {self._category_list()})")
             rank_by[torch.as_tensor(~in_category)] = -torch.inf
         top = torch.topk(rank_by, min(k, rank_by.shape[0]))
         keep = torch.isfinite(top.values)
