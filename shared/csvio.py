@@ -2,9 +2,11 @@
 
 ``interactions.csv`` (``user,item``), ``social.csv`` (``user,neighbour``, directed) and, when the
 dataset has item categories, ``items.csv`` (``item,category`` for the whole catalogue, so items
-without interactions survive a round trip). Ids are the dataset's original ids (``user_ids`` /
-``item_ids``) where present, else the indices. ``fedsocial partition`` exports each partner's
-folder with this.
+without interactions survive a round trip; named categories by name) and, when it has user features,
+``users.csv`` with ``user_feature_values.json`` (the values of each column's codes, so that a subset of the
+users is coded as the whole was). Ids are the dataset's original ids (``user_ids`` / ``item_ids``) where
+present, else the indices. ``fedsocial partition`` exports each partner's folder with this (and gives every
+partner the data set's own ``items.csv``, prices and texts included).
 """
 
 from __future__ import annotations
@@ -47,4 +49,24 @@ def write_csv_dataset(ds: Dataset, folder: str | os.PathLike[str]) -> Path:
         _write(items_csv, ("item", "category"), rows)
     elif items_csv.exists():
         items_csv.unlink()  # a stale catalogue from an earlier export would be read back
+    if ds.user_features is not None and ds.user_feature_values:
+        _write_user_features(ds, user_ids, out)
+    else:
+        for stale in ("users.csv", "user_feature_values.json"):
+            (out / stale).unlink(missing_ok=True)
     return out
+
+
+def _write_user_features(ds: Dataset, user_ids: np.ndarray, out: Path) -> None:
+    """``users.csv`` (each user's values, empty where missing) and the schema ``user_feature_values.json`` that
+    codes them as they were coded here (a partner's own users may not hold every value)."""
+    from fedsocial.shared.fileio import write_json_atomic
+    from fedsocial.shared.loaders import USER_VALUES_FILE
+
+    assert ds.user_features is not None
+    columns = [("",) + tuple(v) for v in ds.user_feature_values]  # code 0: missing
+    rows = ((uid, *(columns[f][c] for f, c in enumerate(codes)))
+            for uid, codes in zip(user_ids.tolist(), ds.user_features.tolist(), strict=True))
+    _write(out / "users.csv", ("user", *ds.user_feature_names), rows)
+    write_json_atomic(out / USER_VALUES_FILE, dict(zip(ds.user_feature_names, map(list, ds.user_feature_values),
+                                                       strict=True)))

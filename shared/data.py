@@ -37,6 +37,7 @@ class Dataset:
     user_features: np.ndarray | None = None  # int64 [n_users, F] categorical codes (0: missing)
     user_feature_names: tuple[str, ...] = ()
     user_feature_sizes: tuple[int, ...] = ()  # codes per column, 0 (missing) included: the same for every partner
+    user_feature_values: tuple[tuple[str, ...], ...] = ()  # per column, the value of codes 1, 2, ... (the schema)
 
     @property
     def n_interactions(self) -> int:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import logging
 import os
 import re
@@ -619,8 +620,34 @@ def load_csv(folder: PathLike, *, strict: bool = False, price_bins: int = 8, tex
     if catalogue is not None:
         ds = _with_item_features(ds, catalogue, np.searchsorted(i_str, catalogue["ids"]), price_bins, text_dim)
     if (folder / "users.csv").is_file():
-        ds = _with_user_features(ds, folder / "users.csv", u_str)
+        ds = _with_user_features(ds, folder / "users.csv", u_str, read_user_feature_values(folder / USER_VALUES_FILE))
     return ds
+
+
+USER_VALUES_FILE = "user_feature_values.json"  # the federation's schema of users.csv: {column: [values, ...]}
+
+
+def read_user_feature_values(path: Path) -> dict[str, tuple[str, ...]] | None:
+    """``user_feature_values.json`` beside users.csv, where there is one: each column's values in code order.
+
+    Every partner codes its users.csv with the same lists, so a shared vector per (column, value) means the same
+    value on every partner (a deployed partner sees only its own users' values; :func:`fedsocial partition`
+    writes the file)."""
+    if not path.exists():
+        return None
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:
+        raise DataError(f"{path}: unreadable ({type(exc).__name__}: {str(exc)[:120]})") from None
+    if not isinstance(doc, dict):
+        raise DataError(f"{path}: expected an object {{column: [value, ...]}}")
+    out = {}
+    for column, values in doc.items():
+        if not isinstance(values, list) or not all(isinstance(v, str) and v for v in values) \
+                or len(set(values)) != len(values):
+            raise DataError(f"{path}: column {column!r}: expected a list of distinct non-empty strings")
+        out[str(column)] = tuple(values)
+    return out
 
 
 def _with_item_features(ds: Dataset, catalogue: dict[str, Any], index: np.ndarray, price_bins: int,
@@ -646,8 +673,10 @@ def _with_item_features(ds: Dataset, catalogue: dict[str, Any], index: np.ndarra
     return dataclasses.replace(ds, **changes) if changes else ds
 
 
-def _with_user_features(ds: Dataset, path: Path, u_str: np.ndarray) -> Dataset:
-    """users.csv (``user`` + categorical columns) as codes [n_users, F], 0 for a missing value or user.
+def _with_user_features(ds: Dataset, path: Path, u_str: np.ndarray,
+                        schema: dict[str, tuple[str, ...]] | None = None) -> Dataset:
+    """users.csv (``user`` + categorical columns) as codes [n_users, F], 0 for a missing value or user: a value's
+    rank among the column's values, or its place in ``schema`` (``user_feature_values.json``) where given.
 
     Rows for users without interactions are ignored (they have no record to train on).
     """
@@ -656,19 +685,32 @@ def _with_user_features(ds: Dataset, path: Path, u_str: np.ndarray) -> Dataset:
     ids = table.columns["user"]
     _refuse_repeated(table, ids, "user")
     names = tuple(c for c in table.header if c != "user")
+    if schema is not None and set(schema) != set(names):
+        raise DataError(f"{path.parent / USER_VALUES_FILE}: lists columns {sorted(schema)}, {path} has {sorted(names)}")
     pos = np.searchsorted(u_str, ids)
     known = (pos < u_str.size) & (u_str[np.minimum(pos, u_str.size - 1)] == ids)
     out = np.zeros((ds.n_users, len(names)), dtype=np.int64)
-    sizes = []
+    sizes, vocabularies = [], []
     for f, name in enumerate(names):
         col = table.columns[name]
         present = col != ""
-        _, codes = np.unique(col[present], return_inverse=True) if present.any() else (None, np.zeros(0, int))
+        vocabulary = schema[name] if schema is not None else tuple(np.unique(col[present]).tolist())
+        vocab = np.asarray(vocabulary, dtype=str)
+        order = np.argsort(vocab, kind="stable")
+        given = col[present]
+        at = np.minimum(np.searchsorted(vocab[order], given), max(vocab.size - 1, 0))
+        unknown = vocab[order][at] != given if vocab.size else np.ones(given.size, dtype=bool)
+        if unknown.any():
+            r = int(np.flatnonzero(present)[np.argmax(unknown)])
+            raise DataError(f"{path}:{table.line_no[r]}: column {name!r}: value {str(col[r])[:80]!r} is not "
+                            f"among the {len(vocabulary)} values {path.parent / USER_VALUES_FILE} lists")
         values = np.zeros(col.size, dtype=np.int64)
-        values[present] = codes + 1
+        values[present] = order[at] + 1
         out[pos[known], f] = values[known]
-        sizes.append(int(values.max(initial=0)) + 1)
-    return dataclasses.replace(ds, user_features=out, user_feature_names=names, user_feature_sizes=tuple(sizes))
+        sizes.append(len(vocabulary) + 1)
+        vocabularies.append(tuple(str(v) for v in vocabulary))
+    return dataclasses.replace(ds, user_features=out, user_feature_names=names, user_feature_sizes=tuple(sizes),
+                               user_feature_values=tuple(vocabularies))
 
 
 def _refuse_repeated(table: CsvTable, ids: np.ndarray, what: str) -> None:

@@ -160,6 +160,7 @@ def partner_split(split: SplitData, assignment: np.ndarray, partner: int) -> Spl
         item_price_bin=ds.item_price_bin, item_text=ds.item_text,  # the catalogue's features are public
         user_features=None if ds.user_features is None else ds.user_features[members],  # stay with the partner
         user_feature_names=ds.user_feature_names, user_feature_sizes=ds.user_feature_sizes,
+        user_feature_values=ds.user_feature_values,
     )
     tu, ti = cut(split.train_users, split.train_items)
     vu, vi = cut(split.val_users, split.val_items)

@@ -57,7 +57,9 @@ def compute_partner_dataset(ds: Dataset, assignment: np.ndarray, partner: int) -
     return Dataset(n_users=sub.n_users, n_items=sub.n_items, users=sub.users, items=sub.items,
                    social_src=sub.social_src, social_dst=sub.social_dst, item_category=category,
                    item_category_names=ds.item_category_names,
-                   name=sub.name, user_ids=_global_user_ids(ds, sub), item_ids=ds.item_ids)
+                   name=sub.name, user_ids=_global_user_ids(ds, sub), item_ids=ds.item_ids,
+                   user_features=sub.user_features, user_feature_names=sub.user_feature_names,
+                   user_feature_sizes=sub.user_feature_sizes, user_feature_values=sub.user_feature_values)
 
 
 def _global_user_ids(ds: Dataset, sub: Dataset) -> np.ndarray:
@@ -104,8 +106,14 @@ def partner_table(cfg: Config, index: int, partners: int) -> dict[str, Any]:
     }
 
 
-def write_partitions(cfg: Config, ds: Dataset, partners: int, out: str | os.PathLike[str]) -> list[Path]:
-    """Write every partner's folder, ``catalogue.json`` and ``federation.toml``; returns the folders."""
+def write_partitions(cfg: Config, ds: Dataset, partners: int, out: str | os.PathLike[str],
+                     catalogue: Path | None = None) -> list[Path]:
+    """Write every partner's folder, ``catalogue.json`` and ``federation.toml``; returns the folders.
+
+    ``catalogue``: the data set's own ``items.csv`` (generic CSV), given to every partner as it is, so that its
+    prices, titles and texts (public, and the same for every partner) reach the partners' features."""
+    import shutil
+
     from fedsocial.shared.csvio import write_csv_dataset
     from fedsocial.shared.partition import partition_users
 
@@ -123,6 +131,8 @@ def write_partitions(cfg: Config, ds: Dataset, partners: int, out: str | os.Path
         folder = out / partner_name(p)
         folder.mkdir(mode=0o700)
         write_csv_dataset(compute_partner_dataset(ds, assignment, p), folder / DATA_SUBDIR)
+        if catalogue is not None:
+            shutil.copyfile(catalogue, folder / DATA_SUBDIR / "items.csv")
         tables = {"partner": partner_table(cfg, p, partners), **{f"config.{k}": v for k, v in fed.items()}}
         header = (f"Partner {p} of {partners} (fedsocial partition of {ds.name}).\n"
                   "[partner] paths are relative to this folder; [config.*] is the federation's config.")
@@ -205,14 +215,15 @@ def _parser() -> argparse.ArgumentParser:
 @user_errors
 def main(argv: list[str] | None = None) -> int:
     """``fedsocial partition --config C [--data-dir D] [--set k=v] --partners N --out DIR``."""
-    from fedsocial.shared.loaders import load_dataset
+    from fedsocial.shared.loaders import load_dataset, resolve_data_path
 
     args = _parser().parse_args(argv)
     if args.partners < 1:
         raise ConfigError(f"--partners {args.partners}: must be >= 1")
     cfg = config_from_args(args)
     ds = load_dataset(cfg.data, args.data_dir)
-    folders = write_partitions(cfg, ds, args.partners, args.out)
+    items = resolve_data_path(cfg.data, args.data_dir) / "items.csv" if cfg.data.format == "csv" else None
+    folders = write_partitions(cfg, ds, args.partners, args.out, items if items and items.is_file() else None)
     sizes = json.loads((Path(args.out) / "catalogue.json").read_text(encoding="utf-8"))["partners"]
     for folder in folders:
         print(f"{folder}: {sizes[folder.name]['num_users']} users")

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from fedsocial.shared.config import ConfigError, load_config
+from fedsocial.shared.data import DataError
 from fedsocial.shared.loaders import load_csv, load_dataset
 from fedsocial.simulations import partition_cmd
 
@@ -96,3 +97,65 @@ def test_refuses_to_mix_with_an_earlier_partition(tmp_path: Path, capsys: pytest
         partition_cmd.write_partitions(cfg, load_dataset(cfg.data), 2, tmp_path / "parts")
     rc = partition_cmd.main(["--config", str(_config(tmp_path)), "--partners", "0", "--out", str(tmp_path / "x")])
     assert rc == 2 and "--partners" in capsys.readouterr().err
+
+
+def _feature_rich_csv(folder: Path) -> None:
+    """A generic-CSV data set with named categories, titles, prices and a users.csv column."""
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True)
+    users, items = [f"u{i}" for i in range(90)], [f"it{j}" for j in range(120)]
+    inter = {(u, items[j]) for u in users for j in rng.choice(120, 10, replace=False).tolist()}
+    (folder / "interactions.csv").write_text("user,item\n" + "".join(f"{u},{i}\n" for u, i in sorted(inter)))
+    edges = {(u, users[v]) for u in users for v in rng.choice(90, 3).tolist() if users[v] != u}
+    (folder / "social.csv").write_text("user,neighbour\n" + "".join(f"{a},{b}\n" for a, b in sorted(edges)))
+    cats = ("Books", "Garden & Outdoor", "Toys")
+    (folder / "items.csv").write_text("item,category,title,price\n" + "".join(
+        f'{it},{cats[j % 3]},"a {cats[j % 3]} thing number {j}",{(j * 7) % 40 + 0.5}\n' for j, it in enumerate(items)))
+    regions = ("north", "south", "east", "west", "rare-isle")
+    (folder / "users.csv").write_text("user,region\n" + "".join(
+        f"{u},{'rare-isle' if k == 5 else regions[k % 4] if k % 11 else ''}\n" for k, u in enumerate(users)))
+
+
+def test_each_partner_folder_loads_the_features_its_slice_of_the_whole_has(tmp_path: Path) -> None:
+    # Prepare: was: the export wrote items.csv with category codes only and no users.csv, so a deployed
+    # partner of a config with use_price / use_text / use_user_features had none of them, and a partner's own
+    # users.csv would code its users' values by its own ranks (the shared vector of a value differing by partner)
+    _feature_rich_csv(tmp_path / "data")
+    cfg_path = tmp_path / "cfg.toml"
+    cfg_path.write_text(f'[data]\nformat = "csv"\npath = "{tmp_path / "data"}"\n[partition]\nmethod = "random"\n',
+                        encoding="utf-8")
+    whole = load_csv(tmp_path / "data")
+    # Execute
+    rc = partition_cmd.main(["--config", str(cfg_path), "--partners", "3", "--out", str(tmp_path / "parts")])
+    parts = [load_csv(tmp_path / "parts" / f"partner_{p}" / "data") for p in range(3)]
+    # Assert: the catalogue's features are the whole's on every partner; each user's feature codes and the sizes
+    # are the whole's (the rare value one user holds keeps its code on every partner)
+    assert rc == 0 and whole.item_price_bin is not None and whole.item_text is not None
+    assert whole.user_features is not None
+    index = {u: k for k, u in enumerate(np.asarray(whole.user_ids).tolist())}
+    for d in parts:
+        assert d.item_category_names == whole.item_category_names == ("Books", "Garden & Outdoor", "Toys")
+        assert np.array_equal(d.item_category, whole.item_category)
+        assert np.array_equal(d.item_price_bin, whole.item_price_bin)
+        assert np.allclose(d.item_text, whole.item_text)
+        assert d.user_feature_sizes == whole.user_feature_sizes == (6,)
+        assert d.user_feature_values == whole.user_feature_values
+        rows = [index[u] for u in np.asarray(d.user_ids).tolist()]
+        assert d.user_features is not None and np.array_equal(d.user_features, whole.user_features[rows])
+    users_csv = (tmp_path / "parts" / "partner_0" / "data" / "users.csv").read_text().splitlines()
+    assert len(users_csv) == 1 + parts[0].n_users  # its own users only
+
+
+def test_a_user_value_outside_the_schema_is_refused_naming_the_line(tmp_path: Path) -> None:
+    # Prepare
+    _feature_rich_csv(tmp_path / "data")
+    (tmp_path / "data" / "user_feature_values.json").write_text('{"region": ["north", "south"]}')
+    # Execute / Assert
+    with pytest.raises(DataError, match=r"users.csv:4: column 'region': value 'east' is not among the 2 values"):
+        load_csv(tmp_path / "data")
+    (tmp_path / "data" / "user_feature_values.json").write_text('{"age": ["1"]}')
+    with pytest.raises(DataError, match=r"user_feature_values.json: lists columns \['age'\], .* has \['region'\]"):
+        load_csv(tmp_path / "data")
+    (tmp_path / "data" / "user_feature_values.json").write_text('{"region": ["a", "a"]}')
+    with pytest.raises(DataError, match="expected a list of distinct non-empty strings"):
+        load_csv(tmp_path / "data")
