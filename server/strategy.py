@@ -61,7 +61,7 @@ from fedsocial.server.checkpoint import Checkpoint, append_jsonl, save_checkpoin
 from fedsocial.shared import protocol
 from fedsocial.shared.config import Config
 from fedsocial.shared.privacy.noise_key import load_or_create_noise_key
-from fedsocial.shared.privacy.records import compute_params_sha256, write_signed_heads
+from fedsocial.shared.privacy.records import compute_params_sha256, compute_received, write_signed_heads
 
 log = logging.getLogger("fedsocial.server")
 
@@ -321,6 +321,8 @@ class FedSocialStrategy(Strategy):
         for rep in accepted:
             info = self.partners.setdefault(rep.partner_id, {})
             info.update({k: v for k, v in rep.to_metrics().items() if k not in ("param_names", "partner_id")})
+            if rep.accounting is not None:  # what the aggregate used: the partner's ledger must charge it
+                self._record_received(rep.partner_id, rep.accounting.ledger_head)
             info["fit_time_s_total"] = float(info.get("fit_time_s_total", 0.0)) + rep.fit_time_s
         self._round.update(accepted=[r.partner_id for r in accepted], update_norm=compute_update_norm(update),
                            server_noise_std=std, fit_time_s={r.partner_id: r.fit_time_s for r in accepted},
@@ -498,6 +500,13 @@ class FedSocialStrategy(Strategy):
             raise QuorumError(f"round {g}: only {len(accepted)} valid replies, federation.min_partners is {need}"
                               + (f" ({reasons})" if reasons else ""))
 
+    def _record_received(self, partner_id: str, ledger_head: str) -> None:
+        """The round's record (``received``, signed in ledger_heads.json) names the ledger entry that a reply
+        said charges what it carried: the audit finds a release of any round that the ledger does not hold."""
+        got = self._round.setdefault("received", {}).setdefault(partner_id, [])
+        if ledger_head not in got:
+            got.append(ledger_head)
+
     def record_secagg_halt(self, reason: str) -> None:
         """Why the SecAgg+ workflow stopped this round before ``aggregate_fit``: the round's skip names it."""
         self._round["halted"] = reason
@@ -546,6 +555,7 @@ class FedSocialStrategy(Strategy):
             if rep.accounting is not None:
                 info.update(epsilon=rep.accounting.epsilon, ledger_round=rep.accounting.ledger_round,
                             ledger_head=rep.accounting.ledger_head)
+                self._record_received(rep.partner_id, rep.accounting.ledger_head)
                 self._round.setdefault("epsilon", {})[rep.partner_id] = rep.accounting.epsilon
         self._finish_round(g, agg, per_partner, len(failures) + len(results) - len(read))
         loss = None if not agg else 1.0 - agg["ndcg@10"]
@@ -602,7 +612,8 @@ class FedSocialStrategy(Strategy):
                  for pid, info in sorted(self.partners.items()) if "ledger_head" in info}
         if heads or self.cfg.privacy.enabled:  # what each partner's ledger held when its update arrived,
             write_signed_heads(self.run_dir, g, heads,  # signed by the server: a truncated or deleted ledger shows,
-                               compute_params_sha256(self.names, self.global_params))  # and records of another model
+                               compute_params_sha256(self.names, self.global_params),  # records of another model,
+                               compute_received(self.history))  # and a release of any round left uncharged
         save_checkpoint(self.run_dir, Checkpoint(g, self.names, self.global_params, self.state_dict(),
                                                  self.optimizer_arrays()))
         self._round = {}

@@ -5,9 +5,10 @@ What it reads (the layout contract of a federated run; nothing else):
 ``RUN_DIR/run_manifest.json``, ``RUN_DIR/ledger_heads.json``, ``RUN_DIR/server.pub``
     the coordinator's signed records (:mod:`shared.privacy.records`): the partners that registered
     with their declared caps and the run's privacy settings (scope included), and each partner's
-    newest ledger entry as of the last round. They say what must be there: a registered partner whose
-    ledger is missing, a ledger the server never registered, a ledger without the entry the server
-    recorded, a missing or unsigned heads file, or no manifest at all, are findings.
+    newest ledger entry as of the last round, and per round the entry each reply it took named
+    (``received``). They say what must be there: a registered partner whose ledger is missing, a ledger
+    the server never registered, a ledger without an entry the server recorded (the newest, or that of
+    any round's release), a missing or unsigned heads file, or no manifest at all, are findings.
 ``RUN_DIR/metrics_record.json``
     the server's signature of ``metrics.json``'s exact bytes, for the heads' round, chained to the manifest
     and heads: a ``metrics.json`` it does not sign (edited, another run's) or a record of another round is
@@ -67,6 +68,7 @@ from fedsocial.shared.privacy.ledger import (
     PARTNER_ID_RE,
     UNIT,
     LedgerError,
+    entry_hash,
     history_of,
     is_number,
     scan_ledger,
@@ -427,6 +429,7 @@ def _audit_partner_into(report: PartnerReport, ledgers: Path, keys_dir: Path | N
             head = heads[partner] if isinstance(heads[partner], dict) else {}
             for p in verify_head(scan.entries, head.get("round"), str(head.get("hash", "")), partner):
                 result.add("tamper", partner, p.round, p.line, f"{p.kind}: {p.message}")
+        _check_received(partner, scan.entries, scan.lines, result)
     structurally_ok = all(f.severity != "tamper" and f.severity != "input" for f in result.findings[n_before:])
     if structurally_ok:
         report.rounds = _recompute(partner, scan.entries, scan.lines, result)
@@ -747,10 +750,61 @@ def _read_heads(run: Path, server_key: Any, manifest: dict[str, Any] | None, res
         unknown = sorted(set(heads) - set(manifest["partners"]))
         if unknown:
             result.add("tamper", None, None, None, f"{HEADS} names partners the manifest does not: {unknown}")
+    received = _parse_received(doc.get("received"), heads)
+    if received is None:
+        result.add("tamper", None, None, None, f"{HEADS}: signed but malformed received (a list of rounds, each "
+                                               "naming partners -> ledger entry hashes)")
+    elif "received" in doc:
+        result.records["received"] = received
+    else:
+        result.records["received_note"] = (f"{HEADS} names no per-round received entries (an older fedsocial): only "
+                                           "each ledger's newest entry is checked against the server's record")
     result.records["rounds_completed"] = doc.get("round")
     result.records["params_sha256"] = doc.get("params_sha256")  # verified: the model the heads' round released
     result.records["heads_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
     return heads
+
+
+def _parse_received(raw: Any, heads: dict[str, Any]) -> dict[str, list[tuple[int, str]]] | None:
+    """The signed heads' ``received`` as partner -> [(server round, entry hash)]; None when malformed. A
+    partner named there must have a head too (the server keeps the newest it received)."""
+    if raw is None:
+        return {}
+    out: dict[str, list[tuple[int, str]]] = {}
+    if not isinstance(raw, list):
+        return None
+    for rec in raw:
+        rnd = rec.get("round") if isinstance(rec, dict) else None
+        partners = rec.get("partners") if isinstance(rec, dict) else None
+        if not isinstance(rnd, int) or isinstance(rnd, bool) or not isinstance(partners, dict):
+            return None
+        for pid, hashes in partners.items():
+            if pid not in heads or not isinstance(hashes, list) or \
+                    not all(isinstance(h, str) and re.fullmatch(r"[0-9a-f]{64}", h) for h in hashes):
+                return None
+            out.setdefault(pid, []).extend((rnd, h) for h in hashes)
+    return out
+
+
+def _check_received(partner: str, entries: list[dict[str, Any]], lines: list[int], result: AuditResult) -> None:
+    """Every release the server received from ``partner`` (signed in the heads, per round) must be charged by
+    the entry its reply named, in that round: the newest head alone cannot show a round a partner left out."""
+    by_hash: dict[str, tuple[int, Any]] = {}
+    for entry, line in zip(entries, lines, strict=True):
+        try:
+            by_hash[entry_hash(entry)] = (line, entry.get("round"))
+        except (TypeError, ValueError):  # no canonical form: already a schema finding
+            continue
+    for rnd, digest in (result.records.get("received") or {}).get(partner, []):
+        found = by_hash.get(digest)
+        if found is None:
+            result.add("tamper", partner, rnd, None,
+                       f"the server received a release of round {rnd} that the reply said ledger entry "
+                       f"{digest[:12]}... charges, and this ledger has no such entry: a release went uncharged "
+                       "(or the ledger was rewritten)")
+        elif found[1] != rnd:
+            result.add("tamper", partner, rnd, found[0],
+                       f"the entry charging the release the server received in round {rnd} is of round {found[1]!r}")
 
 
 # any round-numbered file, however renamed (round_3.npz, round_0004.npz.bak): a model hidden under another

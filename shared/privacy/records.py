@@ -13,9 +13,10 @@ Ed25519 key created at run start (``RUN_DIR/server/signing.key``, 0600; public h
 ``RUN_DIR/ledger_heads.json``
     rewritten after every round: the round, for each partner the ``(round, hash)`` of the newest
     ledger entry its last reply named, and the sha256 of the global parameters that round released
-    (``params_sha256``, :func:`compute_params_sha256`). Every partner with a head must have a ledger
-    that holds that entry, and the run's checkpoint of that round must be those parameters: records
-    copied from another run do not match this folder's model.
+    (``params_sha256``, :func:`compute_params_sha256`), and per round the hash of every ledger entry a
+    reply the server took named (``received``, :func:`compute_received`). Every partner with a head must
+    have a ledger that holds that entry and each entry it was received with, and the run's checkpoint of
+    that round must be those parameters: records copied from another run do not match this folder's model.
 ``RUN_DIR/metrics_record.json``
     written right after ``metrics.json`` (and rewritten with it, by the server on every run or resume
     and by the operator's own tools that add to it: the simulation driver, ``compare_alone``): the round
@@ -164,16 +165,37 @@ def compute_params_sha256(names: Sequence[str], arrays: Sequence[Any]) -> str:
     return h.hexdigest()
 
 
+def compute_received(history: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Per server round, each partner's ledger entries (their hashes) that charged a release the server
+    received in that round (the ``received`` of each round's record, :mod:`server.strategy`), for the heads."""
+    out = []
+    for rec in history:
+        got = rec.get("received")
+        if isinstance(got, Mapping) and got and isinstance(rec.get("round"), int):
+            out.append({"round": int(rec["round"]),
+                        "partners": {str(p): sorted({str(h) for h in hs}) for p, hs in sorted(got.items())}})
+    return out
+
+
 def write_signed_heads(run_dir: str | os.PathLike[str], round_: int, heads: Mapping[str, Mapping[str, Any]],
-                       params_sha256: str | None = None) -> dict[str, Any]:
+                       params_sha256: str | None = None,
+                       received: Sequence[Mapping[str, Any]] | None = None) -> dict[str, Any]:
     """Sign and write each partner's ledger head after ``round_``, bound to the manifest and to the global
-    parameters that round released (``params_sha256``; None only for callers without a model)."""
+    parameters that round released (``params_sha256``; None only for callers without a model).
+
+    ``received`` (:func:`compute_received`): every round so far, with the hash of each ledger entry that a
+    partner's reply named as charging the release it sent. The newest head alone lets a partner that lies
+    while the run goes on skip the entries of earlier rounds (its chain stays valid without them); each of
+    these hashes must be in its ledger, so a release the server received uncharged is a finding."""
     run = Path(run_dir)
     key = server_key(run)
     manifest = run / MANIFEST
     digest = hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else None
-    payload = {"round": int(round_), "manifest_sha256": digest, "params_sha256": params_sha256,
-               "heads": {str(p): {"round": int(h["round"]), "hash": str(h["hash"])} for p, h in sorted(heads.items())}}
+    payload: dict[str, Any] = {
+        "round": int(round_), "manifest_sha256": digest, "params_sha256": params_sha256,
+        "heads": {str(p): {"round": int(h["round"]), "hash": str(h["hash"])} for p, h in sorted(heads.items())}}
+    if received is not None:
+        payload["received"] = [dict(r) for r in received]
     doc = sign_record(key, "ledger_heads", payload)
     write_json_atomic(run / HEADS, doc)
     return doc

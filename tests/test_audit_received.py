@@ -1,0 +1,175 @@
+"""A release the server took must be charged in the partner's ledger, in every round, not only the last.
+
+The signed heads name each partner's newest ledger entry. A partner that lies while the run goes on (its
+reply names an entry it never appended, say in round 2) keeps a valid chain without that entry, and its
+newest head still matches: only the server's per-round record (``received`` in ``ledger_heads.json``, the
+entry each taken reply named) shows the round that was released uncharged.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from fedsocial.server.strategy import FedSocialStrategy
+from fedsocial.shared import signing
+from fedsocial.shared.config import Config, config_from_dict
+from fedsocial.shared.privacy.audit import audit_run
+from fedsocial.shared.privacy.ledger import Ledger, entry_hash, read_ledger
+from fedsocial.shared.privacy.records import (
+    HEADS,
+    compute_params_sha256,
+    compute_received,
+    write_run_manifest,
+    write_signed_heads,
+)
+from fedsocial.simulations.audit import EXIT_OK, EXIT_TAMPER
+from tests.server_records import MODEL_NAMES, model_arrays
+from tests.test_strategy import NAMES, _registrations
+from tests.test_wire_robustness import INITIAL, _direction, _fit
+
+DELTA = 1e-4
+USERS = 500
+
+
+def _build(run: Path, rounds: dict[str, list[int]]) -> dict[str, list[dict[str, Any]]]:
+    """Each partner's signed ledger, charging one training release per listed round; the manifest and the
+    checkpoint of the last round, as the server writes them. Returns the ledgers' entries."""
+    out = {}
+    for pid, charged in rounds.items():
+        key, pub = signing.generate_keypair()
+        signing.save_public_key(pub, run / "ledgers" / f"{pid}.pub")
+        ledger = Ledger(run / "ledgers" / f"{pid}.jsonl", key, pid)
+        for r in charged:
+            ledger.append_round(round=r, noise_multiplier=1.1, sample_rate=0.05, steps=20, max_grad_norm=0.1,
+                                target_delta=DELTA, population=USERS, secure_rng=False, extra={"scope": "joint"})
+        out[pid] = read_ledger(ledger.path)
+    cfg = config_from_dict({"privacy": {"enabled": True, "max_epsilon": 8.0, "target_delta": DELTA}})
+    write_run_manifest(run, cfg, {pid: {"num_users": USERS, "max_epsilon": 8.0, "target_delta": DELTA}
+                                  for pid in rounds})
+    from fedsocial.server.checkpoint import Checkpoint, save_checkpoint
+
+    save_checkpoint(run, Checkpoint(3, MODEL_NAMES, model_arrays(), {}))
+    return out
+
+
+def _sign_heads(run: Path, entries: dict[str, list[dict[str, Any]]],
+                received: dict[int, dict[str, list[str]]]) -> None:
+    """The heads the server signs after round 3: each partner's newest entry, and what it took per round."""
+    heads = {pid: {"round": es[-1]["round"], "hash": entry_hash(es[-1])} for pid, es in entries.items()}
+    history = [{"round": r, "received": got} for r, got in sorted(received.items())]
+    write_signed_heads(run, 3, heads, compute_params_sha256(MODEL_NAMES, model_arrays()), compute_received(history))
+
+
+def _honest(entries: dict[str, list[dict[str, Any]]]) -> dict[int, dict[str, list[str]]]:
+    return {r: {pid: [entry_hash(es[r - 1])] for pid, es in entries.items()} for r in (1, 2, 3)}
+
+
+def test_an_honest_per_round_record_audits_clean(tmp_path: Path) -> None:
+    # Prepare: both partners charge rounds 1-3 and the server took each round's release
+    entries = _build(tmp_path, {"north": [1, 2, 3], "south": [1, 2, 3]})
+    _sign_heads(tmp_path, entries, _honest(entries))
+    # Execute
+    result = audit_run(tmp_path)
+    # Assert
+    assert result.exit_code == EXIT_OK, [str(f) for f in result.findings]
+    assert sorted(result.records["received"]) == ["north", "south"]
+    assert [r for r, _ in result.records["received"]["north"]] == [1, 2, 3]
+
+
+def test_a_round_the_server_took_but_the_ledger_never_charged_is_tampering(tmp_path: Path) -> None:
+    # Prepare: north's ledger charges rounds 1 and 3 only (a valid chain: round 2 was never appended), while
+    # its round-2 reply named an entry hash and the server took that update; its newest head is genuine
+    entries = _build(tmp_path, {"north": [1, 3], "south": [1, 2, 3]})
+    received = _honest({"south": entries["south"]})
+    for r, got in received.items():
+        got["north"] = [entry_hash(entries["north"][0 if r == 1 else 1])] if r != 2 else ["2e" * 32]
+    _sign_heads(tmp_path, entries, received)
+    # Execute
+    result = audit_run(tmp_path)
+    # Assert: before the per-round record this audited 0 (chain, signatures and newest head all verify)
+    assert result.exit_code == EXIT_TAMPER
+    (finding,) = [f for f in result.findings if f.severity == "tamper"]
+    assert (finding.partner, finding.round) == ("north", 2)
+    assert "release went uncharged" in finding.message
+
+
+def test_a_reply_naming_an_entry_of_another_round_is_tampering(tmp_path: Path) -> None:
+    # Prepare: north's round-2 reply named its round-1 entry (a charge counted twice, round 2 never charged)
+    entries = _build(tmp_path, {"north": [1, 3], "south": [1, 2, 3]})
+    received = _honest({"south": entries["south"]})
+    for r, got in received.items():
+        got["north"] = [entry_hash(entries["north"][0 if r in (1, 2) else 1])]
+    _sign_heads(tmp_path, entries, received)
+    # Execute
+    result = audit_run(tmp_path)
+    # Assert
+    assert result.exit_code == EXIT_TAMPER
+    (finding,) = [f for f in result.findings if f.severity == "tamper"]
+    assert (finding.partner, finding.round, finding.line) == ("north", 2, 1)
+    assert "is of round 1" in finding.message
+
+
+@pytest.mark.parametrize("received", [
+    {"round": 1},  # not a list
+    [{"round": "1", "partners": {}}],
+    [{"round": 1, "partners": {"north": "ab" * 32}}],  # not a list of hashes
+    [{"round": 1, "partners": {"north": ["zz" * 32]}}],
+    [{"round": 1, "partners": {"east": ["ab" * 32]}}],  # a partner without a head
+])
+def test_a_signed_but_malformed_per_round_record_is_tampering(tmp_path: Path, received: Any) -> None:
+    # Prepare: signed by the server's key, so only its shape can be wrong
+    entries = _build(tmp_path, {"north": [1, 2, 3]})
+    _sign_heads(tmp_path, entries, {})
+    doc = json.loads((tmp_path / HEADS).read_text())
+    from fedsocial.shared.privacy.records import server_key, sign_record
+
+    payload = {k: v for k, v in doc.items() if k not in ("record", "version", "server_key_fingerprint", "signature")}
+    (tmp_path / HEADS).write_text(json.dumps(sign_record(server_key(tmp_path), "ledger_heads",
+                                                         {**payload, "received": received})))
+    # Execute
+    result = audit_run(tmp_path)
+    # Assert
+    assert result.exit_code == EXIT_TAMPER
+    assert any("malformed received" in f.message for f in result.findings)
+
+
+def test_the_server_signs_each_round_s_taken_releases_and_nothing_it_dropped_or_that_was_refused(
+        tmp_path: Path) -> None:
+    # Prepare: a DP run of 3 partners; partner-2 refuses round 2 (budget) and claims an over-cap epsilon in
+    # round 3 (dropped)
+    cfg = Config().replace("federation", partners=3, min_partners=2, clipping_norm=1.0, rounds=3).replace(
+        "privacy", enabled=True, max_epsilon=8.0, target_delta=1e-5)
+    strategy = FedSocialStrategy(cfg, tmp_path, NAMES, INITIAL, registrations=_registrations(3))
+    zero = [np.zeros_like(a) for a in INITIAL]
+
+    def acc(r: int, n: int, **over: Any) -> dict[str, Any]:
+        return {"round": r, "epsilon": 1.0 * r, "delta": 1e-5, "noise_multiplier": 1.1, "sample_rate": 0.1,
+                "steps": 10, "max_grad_norm": 0.1, "ledger_round": r, "ledger_head": f"{r}{n}" * 32, **over}
+
+    # Execute: three rounds as Flower drives them (fit, then the evaluation that closes the round)
+    for r in (1, 2, 3):
+        replies = [_fit(n, _direction(n), 10, **acc(r, n)) for n in (0, 1)]
+        if r == 1:
+            replies.append(_fit(2, _direction(2), 10, **acc(r, 2)))
+        elif r == 2:
+            replies.append(_fit(2, zero, 0, round=2, budget_exhausted=1, epsilon=7.9, delta=1e-5))
+        else:
+            replies.append(_fit(2, _direction(2), 10, **acc(r, 2, epsilon=9.5)))
+        strategy.aggregate_fit(r, replies, [])  # type: ignore[arg-type]
+        strategy.aggregate_evaluate(r, [], [])
+    # Assert: the signed heads list per round the entry each taken reply named, and rounds.jsonl says the same
+    doc = json.loads((tmp_path / HEADS).read_text())
+    assert doc["received"] == [
+        {"round": 1, "partners": {f"partner-{n}": [f"1{n}" * 32] for n in (0, 1, 2)}},
+        {"round": 2, "partners": {f"partner-{n}": [f"2{n}" * 32] for n in (0, 1)}},
+        {"round": 3, "partners": {f"partner-{n}": [f"3{n}" * 32] for n in (0, 1)}},
+    ]
+    assert doc["heads"]["partner-2"] == {"round": 1, "hash": "12" * 32}
+    rounds = [json.loads(line) for line in (tmp_path / "rounds.jsonl").read_text().splitlines()]
+    assert [sorted(r["received"]) for r in rounds] == [["partner-0", "partner-1", "partner-2"],
+                                                       ["partner-0", "partner-1"], ["partner-0", "partner-1"]]
