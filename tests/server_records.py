@@ -59,7 +59,11 @@ def sign_server_records(run: Path, declared: Mapping[str, Mapping[str, Any]] | N
     entries = {p.name[: -len(".jsonl")]: read_ledger(p) for p in ledgers}
     if declared is None:
         declared = {pid: {"num_users": int(es[-1]["population"]) if es else 1} for pid, es in entries.items()}
-    cfg = config_from_dict({"privacy": {"enabled": True, "max_epsilon": max_epsilon, "scope": scope}})
+    # the run's delta admits every partner's (the server holds each to the tighter of the run's and its declared)
+    deltas = [float(d["target_delta"]) for d in declared.values() if d.get("target_delta")] or \
+        [float(e["target_delta"]) for es in entries.values() for e in es]
+    privacy = {"enabled": True, "max_epsilon": max_epsilon, "scope": scope}
+    cfg = config_from_dict({"privacy": {**privacy, **({"target_delta": max(deltas)} if deltas else {})}})
     write_run_manifest(run, cfg, declared)
     heads = {pid: {"round": int(es[-1]["round"]), "hash": entry_hash(es[-1])} for pid, es in entries.items() if es}
     last = max((h["round"] for h in heads.values()), default=0)

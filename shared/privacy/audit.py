@@ -560,11 +560,27 @@ def _check_budget(report: PartnerReport, cli_cap: float | None, result: AuditRes
                        f"cumulative epsilon ({over[0].accountant}) {over[0].epsilon:.4g} exceeds the cap "
                        f"{report.max_epsilon:g} ({report.cap_source}); final epsilon {report.epsilon:.4g}")
     decl_delta, decl_pop = report.declared.get("target_delta"), report.declared.get("population")
+    signed = (result.records.get("signed_declarations") or {}).get(partner) or {}
+    signed_delta, signed_users = signed.get("target_delta"), signed.get("num_users")
     for r in report.rounds:
         try:
             check_delta(r.target_delta, r.population)
         except PrivacyConfigError as exc:
             result.add("budget", partner, r.round, None, str(exc))
+        # the signed manifest: the delta the server held this partner's replies to, the users it registered (an
+        # entry at a larger delta reports a smaller epsilon than the guarantee the run was run for)
+        if signed_delta is not None and r.target_delta > signed_delta * (1 + 1e-12):
+            result.add("budget", partner, r.round, None,
+                       f"target_delta {r.target_delta!r} is above {signed_delta!r}, the delta the signed {MANIFEST} "
+                       "holds this partner to: its epsilon is stated for a weaker guarantee than the run's")
+        if signed_users is not None and r.population != signed_users:
+            result.add("warning", partner, r.round, None,
+                       f"population {r.population} differs from the {signed_users} users the partner registered "
+                       f"(signed {MANIFEST})")
+            try:
+                check_delta(r.target_delta, signed_users)
+            except PrivacyConfigError as exc:
+                result.add("budget", partner, r.round, None, f"{exc} (the registered users, signed {MANIFEST})")
         if isinstance(decl_delta, (int, float)) and not math.isclose(r.target_delta, decl_delta, rel_tol=1e-12):
             result.add("budget", partner, r.round, None,
                        f"target_delta {r.target_delta!r} differs from the declared {decl_delta!r}")
@@ -673,12 +689,16 @@ def _read_records(run: Path, keys_dir: Path | None,
                        "trained without differential privacy, so what its partners released has no (epsilon, "
                        "delta) bound and nothing here can certify it as private")
         caps: dict[str, tuple[float, str]] = {}
+        signed: dict[str, dict[str, Any]] = {}
         for pid, decl in (manifest.get("partners") or {}).items():
             expected.setdefault(str(pid), f"{MANIFEST}")
             cap = _cap_of(decl.get("max_epsilon") if isinstance(decl, dict) else None, run_cap)
             if cap is not None:
                 caps[str(pid)] = cap
+            signed[str(pid)] = _signed_declaration(decl if isinstance(decl, dict) else {},
+                                                   priv.get("target_delta") if priv.get("enabled") else None)
         result.records["caps"] = caps
+        result.records["signed_declarations"] = signed
     elif keys_dir is None and not (run / MANIFEST).is_file():
         result.add("input", None, None, None,
                    f"no signed {MANIFEST} (and no --public-keys): the partners this run must account for are "
@@ -690,6 +710,16 @@ def _read_records(run: Path, keys_dir: Path | None,
     heads = _read_heads(run, server_key, manifest, result)
     result.records["expected_partners"] = sorted(expected)
     return expected, heads, server_key
+
+
+def _signed_declaration(decl: dict[str, Any], run_delta: Any) -> dict[str, Any]:
+    """What the manifest signs about one partner's releases: the delta they must stay within (the tighter of
+    the run's and the partner's declared, as the server holds its replies to) and the users it registered."""
+    deltas = [float(d) for d in (run_delta, decl.get("target_delta"))
+              if is_number(d) and math.isfinite(d) and 0 < d < 1]
+    users = decl.get("num_users")
+    return {"target_delta": min(deltas) if deltas else None,
+            "num_users": users if isinstance(users, int) and not isinstance(users, bool) and users > 0 else None}
 
 
 def _cap_of(partner_cap: Any, run_cap: Any) -> tuple[float, str] | None:
