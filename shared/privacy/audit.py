@@ -60,11 +60,13 @@ from fedsocial.shared.privacy.accounting import (
     PrivacyConfigError,
     check_delta,
     compute_epsilon_dp_accounting,
+    compute_epsilon_prv,
     compute_epsilons_dp_accounting,
     compute_epsilons_pld,
 )
 from fedsocial.shared.privacy.ledger import (
     ADJACENCY,
+    EPSILON_RTOL,
     PARTNER_ID_RE,
     UNIT,
     LedgerError,
@@ -433,6 +435,7 @@ def _audit_partner_into(report: PartnerReport, ledgers: Path, keys_dir: Path | N
     structurally_ok = all(f.severity != "tamper" and f.severity != "input" for f in result.findings[n_before:])
     if structurally_ok:
         report.rounds = _recompute(partner, scan.entries, scan.lines, result)
+        _check_prv_of_record(partner, scan.entries, scan.lines, result)
         _check_skellam(partner, scan.entries, scan.lines, _shared_dim(ledgers.parent), result)
     scopes = sorted({str(e["scope"]) for e in scan.entries if isinstance(e.get("scope"), str)})
     report.scope = ",".join(scopes)
@@ -531,6 +534,21 @@ def _recompute(partner: str, entries: list[dict[str, Any]], lines: list[int],
                            f"{floor:.6g} (the tighter of RDP {eps_dp:.6g} and PLD {eps_pld:.6g}) by more than "
                            f"{RECOMPUTE_RTOL:.0%}")
     return rows
+
+
+def _check_prv_of_record(partner: str, entries: list[dict[str, Any]], lines: list[int], result: AuditResult) -> None:
+    """A newest entry whose accountant of record is ``prv`` has its epsilon_prv re-derived with the ledger's own
+    Opacus PRV computation (deterministic; about 0.1-1 s), as verify_ledger does for epsilon_rdp: the 5% PLD
+    cross-check alone would let a value 4% low pass the cap. The newest entry suffices for the cap, since the
+    true cumulative epsilon only grows along the ledger."""
+    if not entries or entries[-1].get("accountant") != "prv":
+        return
+    last = entries[-1]
+    recomputed = compute_epsilon_prv(history_of(entries), float(last["target_delta"]))
+    if not math.isclose(last["epsilon_prv"], recomputed, rel_tol=EPSILON_RTOL, abs_tol=1e-12):
+        result.add("accounting", partner, last.get("round"), lines[-1],
+                   f"epsilon: recorded cumulative epsilon_prv {last['epsilon_prv']!r} (the accountant of record) but "
+                   f"the recorded history gives {recomputed!r} with Opacus's PRV accountant")
 
 
 def _check_budget(report: PartnerReport, cli_cap: float | None, result: AuditResult) -> None:
