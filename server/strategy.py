@@ -577,6 +577,9 @@ class FedSocialStrategy(Strategy):
             elif rep.released and mode == "local":
                 reason = ("released metrics in a DP run that keeps evaluations on the partners "
                           "(federation.eval_noise_multiplier = 0): no DP bound covers them, not published")
+            elif rep.released and mode == "dp" and rep.accounting is None:
+                reason = ("released metrics without the accounting of the ledger entry that charges them: a DP "
+                          "evaluation release no ledger is known to charge, not published")
             elif rep.partner_id != who:
                 reason = f"the evaluation claims partner id {rep.partner_id!r}, the node registered as {who!r}"
             elif rep.evaluated_users > int(self.registered[who]["num_users"]):

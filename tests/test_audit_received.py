@@ -173,3 +173,27 @@ def test_the_server_signs_each_round_s_taken_releases_and_nothing_it_dropped_or_
     rounds = [json.loads(line) for line in (tmp_path / "rounds.jsonl").read_text().splitlines()]
     assert [sorted(r["received"]) for r in rounds] == [["partner-0", "partner-1", "partner-2"],
                                                        ["partner-0", "partner-1"], ["partner-0", "partner-1"]]
+
+
+def test_under_dp_evaluation_releases_a_released_evaluation_without_its_charge_is_not_published(
+        tmp_path: Path) -> None:
+    # Prepare: a DP run with DP evaluation releases (eval_noise_multiplier > 0); partner-0 and partner-1 send
+    # released metrics naming the ledger entry that charges them, partner-2 sends released metrics with none
+    from fedsocial.shared import protocol
+    from tests.test_wire_robustness import _eval
+
+    cfg = Config().replace("federation", partners=3, min_partners=2, clipping_norm=1.0,
+                           eval_noise_multiplier=2.0).replace("privacy", enabled=True)
+    strategy = FedSocialStrategy(cfg, tmp_path, NAMES, INITIAL, registrations=_registrations(3, 100))
+    charged = [_eval(n, **{"epsilon": 1.0, "ledger_round": 1, "ledger_head": f"e{n}" * 32}) for n in (0, 1)]
+    uncharged = _eval(2, **{"ndcg@10": 0.9})
+    assert not isinstance(protocol.parse_eval_report(uncharged[1].metrics, 1), protocol.Rejected)
+    # Execute
+    _, agg = strategy.aggregate_evaluate(1, [*charged, uncharged], [])  # type: ignore[arg-type]
+    # Assert: (was: averaged in and published, a release no ledger charged); the charged ones are signed as received
+    record = strategy.history[-1]
+    assert sorted(record["partners"]) == ["partner-0", "partner-1"] and agg["ndcg@10"] == pytest.approx(0.2)
+    (dropped,) = record["eval_dropped"]
+    assert dropped["partner"] == "partner-2" and "without the accounting" in dropped["reason"]
+    doc = json.loads((tmp_path / HEADS).read_text())
+    assert doc["received"] == [{"round": 1, "partners": {f"partner-{n}": [f"e{n}" * 32] for n in (0, 1)}}]
