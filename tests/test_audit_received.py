@@ -197,3 +197,47 @@ def test_under_dp_evaluation_releases_a_released_evaluation_without_its_charge_i
     assert dropped["partner"] == "partner-2" and "without the accounting" in dropped["reason"]
     doc = json.loads((tmp_path / HEADS).read_text())
     assert doc["received"] == [{"round": 1, "partners": {f"partner-{n}": [f"e{n}" * 32] for n in (0, 1)}}]
+
+
+def _popularity_run(run: Path, north_charges_popularity: bool) -> None:
+    """Two partners' ledgers of rounds 1-3 and a model with the DP popularity prior (``item_pop``) that the
+    signed heads name; south charges its round-1 popularity release, north only if told to."""
+    from fedsocial.server.checkpoint import Checkpoint, save_checkpoint
+
+    entries = {}
+    for pid in ("north", "south"):
+        key, pub = signing.generate_keypair()
+        signing.save_public_key(pub, run / "ledgers" / f"{pid}.pub")
+        ledger = Ledger(run / "ledgers" / f"{pid}.jsonl", key, pid)
+        for r in (1, 2, 3):
+            if r == 1 and (pid == "south" or north_charges_popularity):
+                ledger.append_round(round=1, noise_multiplier=2.0, sample_rate=1.0, steps=1, max_grad_norm=1.0,
+                                    target_delta=DELTA, population=USERS, secure_rng=False,
+                                    extra={"scope": "joint", "release": "popularity"})
+            ledger.append_round(round=r, noise_multiplier=1.1, sample_rate=0.05, steps=20, max_grad_norm=0.1,
+                                target_delta=DELTA, population=USERS, secure_rng=False, extra={"scope": "joint"})
+        entries[pid] = [e for e in read_ledger(ledger.path) if e.get("release", "training") == "training"]
+    cfg = config_from_dict({"privacy": {"enabled": True, "max_epsilon": 8.0, "target_delta": DELTA}})
+    write_run_manifest(run, cfg, {pid: {"num_users": USERS, "max_epsilon": 8.0, "target_delta": DELTA}
+                                  for pid in entries})
+    names, arrays = [*MODEL_NAMES, "item_pop"], [*model_arrays(), np.full(4, 0.25)]
+    save_checkpoint(run, Checkpoint(3, names, arrays, {}))
+    heads = {pid: {"round": 3, "hash": entry_hash(es[-1])} for pid, es in entries.items()}
+    history = [{"round": r, "received": {pid: [entry_hash(es[r - 1])] for pid, es in entries.items()}}
+               for r in (1, 2, 3)]
+    write_signed_heads(run, 3, heads, compute_params_sha256(names, arrays), compute_received(history))
+
+
+def test_a_model_with_the_popularity_prior_needs_each_round_1_partner_s_popularity_charge(tmp_path: Path) -> None:
+    # Prepare: two copies, north charging its popularity release in one only
+    honest, cut = tmp_path / "honest", tmp_path / "cut"
+    _popularity_run(honest, north_charges_popularity=True)
+    _popularity_run(cut, north_charges_popularity=False)
+    # Execute
+    clean, found = audit_run(honest), audit_run(cut)
+    # Assert: (was: exit 0 for both) the histogram north sent with round 1 is in the model, uncharged
+    assert clean.exit_code == EXIT_OK, [str(f) for f in clean.findings]
+    assert clean.records["popularity_prior"] is True
+    assert found.exit_code == EXIT_TAMPER
+    (finding,) = [f for f in found.findings if f.severity == "tamper"]
+    assert (finding.partner, finding.round) == ("north", 1) and "no popularity release" in finding.message

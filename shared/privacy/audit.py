@@ -108,6 +108,7 @@ _PRECEDENCE = ("input", "tamper", "accounting", "budget")
 RECOMPUTE_RTOL = 0.05
 _CAP_SLACK = 1e-9  # float noise when comparing epsilon with the cap
 
+POPULARITY_PARAM = "item_pop"  # the released popularity's shared array (shared/privacy/distributed.VALUE_PARAMS)
 _TAMPER_KINDS = {"schema", "key", "signature", "chain", "order", "format", "partner", "head"}
 
 
@@ -648,6 +649,7 @@ def _audit_into(run: Path, max_epsilon: float | None, keys_dir: Path | None, res
     if not found:
         result.add("input", None, None, None, f"{ledgers}: no ledgers (<partner_id>.jsonl) found")
     _check_model(run, result)
+    _check_popularity(result)
     _check_metrics_record(run, server_key, result)
     _check_metrics(result)
     _check_canary_record(run, server_key, result)
@@ -893,6 +895,26 @@ def _check_model(run: Path, result: AuditResult) -> None:
         result.add("tamper", None, rnd, None,
                    f"checkpoints/round_{rnd:04d}.npz is not the model the signed {HEADS} name (its sha256 differs): "
                    "these privacy records are not those of this folder's run")
+        return
+    result.records["popularity_prior"] = POPULARITY_PARAM in ckpt.names  # the model the heads name carries it
+
+
+def _check_popularity(result: AuditResult) -> None:
+    """A model with the DP popularity prior (``item_pop``: only a config that releases popularity has it, and
+    partners register one parameter list) was trained by partners that each released their histogram with
+    their first round: every partner whose round-1 release the server took must charge a popularity entry of
+    round 1 (shared/privacy/popularity.py), else the histogram in the model went uncharged."""
+    if result.records.get("popularity_prior") is not True:
+        return
+    for report in result.partners:
+        if not report.rounds or not any(r == 1 for r, _ in (result.records.get("received") or {}).get(
+                report.partner_id, [])):
+            continue  # no verified entries (already a finding), or no round-1 release the server took
+        if not any(r.release == "popularity" and r.round == 1 for r in report.rounds):
+            result.add("tamper", report.partner_id, 1, None,
+                       f"the server took this partner's round-1 release and the model carries the DP popularity "
+                       f"prior ({POPULARITY_PARAM}), but the ledger charges no popularity release: the histogram "
+                       "it sent with round 1 went uncharged")
 
 
 def _metrics_verdict(result: AuditResult, verified: bool, text: str) -> None:
