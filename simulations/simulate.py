@@ -280,6 +280,7 @@ def run_simulation_from_config(cfg: Config, data_dir: str | os.PathLike[str] | N
     from fedsocial.shared.privacy.records import METRICS_RECORD, RecordError, resign_metrics
     from fedsocial.simulations.quiet import quiet_simulation_notices
     from fedsocial.simulations.ray_runtime import ensure_ray_inplace
+    from fedsocial.simulations.reaper import start_reaper
     from fedsocial.simulations.tracking import TrackedRounds, compute_final_scalars, make_tracker
 
     quiet_simulation_notices()  # Ray's FutureWarning and Flower's run_simulation banner (see quiet.py)
@@ -326,6 +327,7 @@ def run_simulation_from_config(cfg: Config, data_dir: str | os.PathLike[str] | N
     note = compute_straggler_note(cfg, int(ray_config["init_args"]["num_cpus"]))
     if note:
         print(f"warning: {note}", file=sys.stderr)
+    start_reaper()  # Ray's agents outlive a SIGKILLed driver: its watcher stops them (reaper.py)
     ensure_ray_inplace(ray_config["init_args"])  # inside kept_ray_runtime() only (tests, grids): one Ray for all runs
     try:
         run_simulation(server_app=make_server_app(settings, printer), client_app=make_client_app(settings, client_mods),
