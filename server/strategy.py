@@ -322,7 +322,7 @@ class FedSocialStrategy(Strategy):
             info = self.partners.setdefault(rep.partner_id, {})
             info.update({k: v for k, v in rep.to_metrics().items() if k not in ("param_names", "partner_id")})
             if rep.accounting is not None:  # what the aggregate used: the partner's ledger must charge it
-                self._record_received(rep.partner_id, rep.accounting.ledger_head)
+                self._record_received(rep.partner_id, rep.accounting.ledger_head, "fit")
             info["fit_time_s_total"] = float(info.get("fit_time_s_total", 0.0)) + rep.fit_time_s
         self._round.update(accepted=[r.partner_id for r in accepted], update_norm=compute_update_norm(update),
                            server_noise_std=std, fit_time_s={r.partner_id: r.fit_time_s for r in accepted},
@@ -500,12 +500,13 @@ class FedSocialStrategy(Strategy):
             raise QuorumError(f"round {g}: only {len(accepted)} valid replies, federation.min_partners is {need}"
                               + (f" ({reasons})" if reasons else ""))
 
-    def _record_received(self, partner_id: str, ledger_head: str) -> None:
+    def _record_received(self, partner_id: str, ledger_head: str, reply: str) -> None:
         """The round's record (``received``, signed in ledger_heads.json) names the ledger entry that a reply
-        said charges what it carried: the audit finds a release of any round that the ledger does not hold."""
+        (``fit``, ``evaluation`` released or ``kept``) said charges what it carried: the audit finds a release
+        of any round that the ledger does not hold, or one charged by an entry of another kind."""
         got = self._round.setdefault("received", {}).setdefault(partner_id, [])
-        if ledger_head not in got:
-            got.append(ledger_head)
+        if {"reply": reply, "hash": ledger_head} not in got:
+            got.append({"reply": reply, "hash": ledger_head})
 
     def record_secagg_halt(self, reason: str) -> None:
         """Why the SecAgg+ workflow stopped this round before ``aggregate_fit``: the round's skip names it."""
@@ -555,7 +556,8 @@ class FedSocialStrategy(Strategy):
             if rep.accounting is not None:
                 info.update(epsilon=rep.accounting.epsilon, ledger_round=rep.accounting.ledger_round,
                             ledger_head=rep.accounting.ledger_head)
-                self._record_received(rep.partner_id, rep.accounting.ledger_head)
+                self._record_received(rep.partner_id, rep.accounting.ledger_head,
+                                      "evaluation" if rep.released else "kept")
                 self._round.setdefault("epsilon", {})[rep.partner_id] = rep.accounting.epsilon
         self._finish_round(g, agg, per_partner, len(failures) + len(results) - len(read))
         loss = None if not agg else 1.0 - agg["ndcg@10"]

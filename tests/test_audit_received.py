@@ -30,7 +30,8 @@ from fedsocial.shared.privacy.records import (
 from fedsocial.simulations.audit import EXIT_OK, EXIT_TAMPER
 from tests.server_records import MODEL_NAMES, model_arrays
 from tests.test_strategy import NAMES, _registrations
-from tests.test_wire_robustness import INITIAL, _direction, _fit
+from tests.test_wire_robustness import INITIAL, _direction
+from tests.test_wire_robustness import _fit as _fit_reply
 
 DELTA = 1e-4
 USERS = 500
@@ -57,16 +58,20 @@ def _build(run: Path, rounds: dict[str, list[int]]) -> dict[str, list[dict[str, 
     return out
 
 
+def _fit(digest: str) -> dict[str, str]:
+    return {"reply": "fit", "hash": digest}
+
+
 def _sign_heads(run: Path, entries: dict[str, list[dict[str, Any]]],
-                received: dict[int, dict[str, list[str]]]) -> None:
+                received: dict[int, dict[str, list[dict[str, str]]]]) -> None:
     """The heads the server signs after round 3: each partner's newest entry, and what it took per round."""
     heads = {pid: {"round": es[-1]["round"], "hash": entry_hash(es[-1])} for pid, es in entries.items()}
     history = [{"round": r, "received": got} for r, got in sorted(received.items())]
     write_signed_heads(run, 3, heads, compute_params_sha256(MODEL_NAMES, model_arrays()), compute_received(history))
 
 
-def _honest(entries: dict[str, list[dict[str, Any]]]) -> dict[int, dict[str, list[str]]]:
-    return {r: {pid: [entry_hash(es[r - 1])] for pid, es in entries.items()} for r in (1, 2, 3)}
+def _honest(entries: dict[str, list[dict[str, Any]]]) -> dict[int, dict[str, list[dict[str, str]]]]:
+    return {r: {pid: [_fit(entry_hash(es[r - 1]))] for pid, es in entries.items()} for r in (1, 2, 3)}
 
 
 def test_an_honest_per_round_record_audits_clean(tmp_path: Path) -> None:
@@ -78,7 +83,7 @@ def test_an_honest_per_round_record_audits_clean(tmp_path: Path) -> None:
     # Assert
     assert result.exit_code == EXIT_OK, [str(f) for f in result.findings]
     assert sorted(result.records["received"]) == ["north", "south"]
-    assert [r for r, _ in result.records["received"]["north"]] == [1, 2, 3]
+    assert [(r, reply) for r, reply, _ in result.records["received"]["north"]] == [(1, "fit"), (2, "fit"), (3, "fit")]
 
 
 def test_a_round_the_server_took_but_the_ledger_never_charged_is_tampering(tmp_path: Path) -> None:
@@ -87,7 +92,7 @@ def test_a_round_the_server_took_but_the_ledger_never_charged_is_tampering(tmp_p
     entries = _build(tmp_path, {"north": [1, 3], "south": [1, 2, 3]})
     received = _honest({"south": entries["south"]})
     for r, got in received.items():
-        got["north"] = [entry_hash(entries["north"][0 if r == 1 else 1])] if r != 2 else ["2e" * 32]
+        got["north"] = [_fit(entry_hash(entries["north"][0 if r == 1 else 1]) if r != 2 else "2e" * 32)]
     _sign_heads(tmp_path, entries, received)
     # Execute
     result = audit_run(tmp_path)
@@ -103,7 +108,7 @@ def test_a_reply_naming_an_entry_of_another_round_is_tampering(tmp_path: Path) -
     entries = _build(tmp_path, {"north": [1, 3], "south": [1, 2, 3]})
     received = _honest({"south": entries["south"]})
     for r, got in received.items():
-        got["north"] = [entry_hash(entries["north"][0 if r in (1, 2) else 1])]
+        got["north"] = [_fit(entry_hash(entries["north"][0 if r in (1, 2) else 1]))]
     _sign_heads(tmp_path, entries, received)
     # Execute
     result = audit_run(tmp_path)
@@ -117,9 +122,11 @@ def test_a_reply_naming_an_entry_of_another_round_is_tampering(tmp_path: Path) -
 @pytest.mark.parametrize("received", [
     {"round": 1},  # not a list
     [{"round": "1", "partners": {}}],
-    [{"round": 1, "partners": {"north": "ab" * 32}}],  # not a list of hashes
-    [{"round": 1, "partners": {"north": ["zz" * 32]}}],
-    [{"round": 1, "partners": {"east": ["ab" * 32]}}],  # a partner without a head
+    [{"round": 1, "partners": {"north": {"reply": "fit", "hash": "ab" * 32}}}],  # not a list
+    [{"round": 1, "partners": {"north": ["ab" * 32]}}],  # a bare hash
+    [{"round": 1, "partners": {"north": [{"reply": "fit", "hash": "zz" * 32}]}}],
+    [{"round": 1, "partners": {"north": [{"reply": "popularity", "hash": "ab" * 32}]}}],  # no such reply
+    [{"round": 1, "partners": {"east": [{"reply": "fit", "hash": "ab" * 32}]}}],  # a partner without a head
 ])
 def test_a_signed_but_malformed_per_round_record_is_tampering(tmp_path: Path, received: Any) -> None:
     # Prepare: signed by the server's key, so only its shape can be wrong
@@ -153,21 +160,21 @@ def test_the_server_signs_each_round_s_taken_releases_and_nothing_it_dropped_or_
 
     # Execute: three rounds as Flower drives them (fit, then the evaluation that closes the round)
     for r in (1, 2, 3):
-        replies = [_fit(n, _direction(n), 10, **acc(r, n)) for n in (0, 1)]
+        replies = [_fit_reply(n, _direction(n), 10, **acc(r, n)) for n in (0, 1)]
         if r == 1:
-            replies.append(_fit(2, _direction(2), 10, **acc(r, 2)))
+            replies.append(_fit_reply(2, _direction(2), 10, **acc(r, 2)))
         elif r == 2:
-            replies.append(_fit(2, zero, 0, round=2, budget_exhausted=1, epsilon=7.9, delta=1e-5))
+            replies.append(_fit_reply(2, zero, 0, round=2, budget_exhausted=1, epsilon=7.9, delta=1e-5))
         else:
-            replies.append(_fit(2, _direction(2), 10, **acc(r, 2, epsilon=9.5)))
+            replies.append(_fit_reply(2, _direction(2), 10, **acc(r, 2, epsilon=9.5)))
         strategy.aggregate_fit(r, replies, [])  # type: ignore[arg-type]
         strategy.aggregate_evaluate(r, [], [])
     # Assert: the signed heads list per round the entry each taken reply named, and rounds.jsonl says the same
     doc = json.loads((tmp_path / HEADS).read_text())
     assert doc["received"] == [
-        {"round": 1, "partners": {f"partner-{n}": [f"1{n}" * 32] for n in (0, 1, 2)}},
-        {"round": 2, "partners": {f"partner-{n}": [f"2{n}" * 32] for n in (0, 1)}},
-        {"round": 3, "partners": {f"partner-{n}": [f"3{n}" * 32] for n in (0, 1)}},
+        {"round": 1, "partners": {f"partner-{n}": [_fit(f"1{n}" * 32)] for n in (0, 1, 2)}},
+        {"round": 2, "partners": {f"partner-{n}": [_fit(f"2{n}" * 32)] for n in (0, 1)}},
+        {"round": 3, "partners": {f"partner-{n}": [_fit(f"3{n}" * 32)] for n in (0, 1)}},
     ]
     assert doc["heads"]["partner-2"] == {"round": 1, "hash": "12" * 32}
     rounds = [json.loads(line) for line in (tmp_path / "rounds.jsonl").read_text().splitlines()]
@@ -196,7 +203,8 @@ def test_under_dp_evaluation_releases_a_released_evaluation_without_its_charge_i
     (dropped,) = record["eval_dropped"]
     assert dropped["partner"] == "partner-2" and "without the accounting" in dropped["reason"]
     doc = json.loads((tmp_path / HEADS).read_text())
-    assert doc["received"] == [{"round": 1, "partners": {f"partner-{n}": [f"e{n}" * 32] for n in (0, 1)}}]
+    assert doc["received"] == [{"round": 1, "partners": {f"partner-{n}": [{"reply": "evaluation", "hash": f"e{n}" * 32}]
+                                                         for n in (0, 1)}}]
 
 
 def _popularity_run(run: Path, north_charges_popularity: bool) -> None:
@@ -223,7 +231,7 @@ def _popularity_run(run: Path, north_charges_popularity: bool) -> None:
     names, arrays = [*MODEL_NAMES, "item_pop"], [*model_arrays(), np.full(4, 0.25)]
     save_checkpoint(run, Checkpoint(3, names, arrays, {}))
     heads = {pid: {"round": 3, "hash": entry_hash(es[-1])} for pid, es in entries.items()}
-    history = [{"round": r, "received": {pid: [entry_hash(es[r - 1])] for pid, es in entries.items()}}
+    history = [{"round": r, "received": {pid: [_fit(entry_hash(es[r - 1]))] for pid, es in entries.items()}}
                for r in (1, 2, 3)]
     write_signed_heads(run, 3, heads, compute_params_sha256(names, arrays), compute_received(history))
 
@@ -241,3 +249,19 @@ def test_a_model_with_the_popularity_prior_needs_each_round_1_partner_s_populari
     assert found.exit_code == EXIT_TAMPER
     (finding,) = [f for f in found.findings if f.severity == "tamper"]
     assert (finding.partner, finding.round) == ("north", 1) and "no popularity release" in finding.message
+
+
+def test_an_evaluation_release_charged_by_the_round_s_training_entry_is_tampering(tmp_path: Path) -> None:
+    # Prepare: north's released evaluation of round 3 named its round-3 training entry (right round, wrong kind:
+    # the evaluation release itself was never charged; was: exit 0)
+    entries = _build(tmp_path, {"north": [1, 2, 3], "south": [1, 2, 3]})
+    received = _honest(entries)
+    received[3]["north"].append({"reply": "evaluation", "hash": entry_hash(entries["north"][2])})
+    _sign_heads(tmp_path, entries, received)
+    # Execute
+    result = audit_run(tmp_path)
+    # Assert
+    assert result.exit_code == EXIT_TAMPER
+    (finding,) = [f for f in result.findings if f.severity == "tamper"]
+    assert (finding.partner, finding.round, finding.line) == ("north", 3, 3)
+    assert "named a 'training' entry as its charge" in finding.message

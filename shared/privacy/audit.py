@@ -84,6 +84,7 @@ from fedsocial.shared.privacy.records import (
     MANIFEST,
     METRICS,
     METRICS_RECORD,
+    RECEIVED_REPLIES,
     SERVER_PUB,
     RecordError,
     compute_params_sha256,
@@ -815,12 +816,12 @@ def _read_heads(run: Path, server_key: Any, manifest: dict[str, Any] | None, res
     return heads
 
 
-def _parse_received(raw: Any, heads: dict[str, Any]) -> dict[str, list[tuple[int, str]]] | None:
-    """The signed heads' ``received`` as partner -> [(server round, entry hash)]; None when malformed. A
-    partner named there must have a head too (the server keeps the newest it received)."""
+def _parse_received(raw: Any, heads: dict[str, Any]) -> dict[str, list[tuple[int, str, str]]] | None:
+    """The signed heads' ``received`` as partner -> [(server round, reply kind, entry hash)]; None when
+    malformed. A partner named there must have a head too (the server keeps the newest it received)."""
     if raw is None:
         return {}
-    out: dict[str, list[tuple[int, str]]] = {}
+    out: dict[str, list[tuple[int, str, str]]] = {}
     if not isinstance(raw, list):
         return None
     for rec in raw:
@@ -828,33 +829,45 @@ def _parse_received(raw: Any, heads: dict[str, Any]) -> dict[str, list[tuple[int
         partners = rec.get("partners") if isinstance(rec, dict) else None
         if not isinstance(rnd, int) or isinstance(rnd, bool) or not isinstance(partners, dict):
             return None
-        for pid, hashes in partners.items():
-            if pid not in heads or not isinstance(hashes, list) or \
-                    not all(isinstance(h, str) and re.fullmatch(r"[0-9a-f]{64}", h) for h in hashes):
+        for pid, got in partners.items():
+            if pid not in heads or not isinstance(got, list):
                 return None
-            out.setdefault(pid, []).extend((rnd, h) for h in hashes)
+            for e in got:
+                if not isinstance(e, dict) or e.get("reply") not in RECEIVED_REPLIES or \
+                        not (isinstance(e.get("hash"), str) and re.fullmatch(r"[0-9a-f]{64}", e["hash"])):
+                    return None
+                out.setdefault(pid, []).append((rnd, e["reply"], e["hash"]))
     return out
 
 
 def _check_received(partner: str, entries: list[dict[str, Any]], lines: list[int], result: AuditResult) -> None:
-    """Every release the server received from ``partner`` (signed in the heads, per round) must be charged by
-    the entry its reply named, in that round: the newest head alone cannot show a round a partner left out."""
-    by_hash: dict[str, tuple[int, Any]] = {}
+    """Every release the server took from ``partner`` (signed in the heads, per round) must be charged by the
+    entry its reply named, of that round and of that release's kind: the newest head alone cannot show a round
+    a partner left out, nor an evaluation release charged by the round's training entry."""
+    by_hash: dict[str, tuple[int, dict[str, Any]]] = {}
     for entry, line in zip(entries, lines, strict=True):
         try:
-            by_hash[entry_hash(entry)] = (line, entry.get("round"))
+            by_hash[entry_hash(entry)] = (line, entry)
         except (TypeError, ValueError):  # no canonical form: already a schema finding
             continue
-    for rnd, digest in (result.records.get("received") or {}).get(partner, []):
+    for rnd, reply, digest in (result.records.get("received") or {}).get(partner, []):
         found = by_hash.get(digest)
         if found is None:
             result.add("tamper", partner, rnd, None,
-                       f"the server received a release of round {rnd} that the reply said ledger entry "
-                       f"{digest[:12]}... charges, and this ledger has no such entry: a release went uncharged "
-                       "(or the ledger was rewritten)")
-        elif found[1] != rnd:
-            result.add("tamper", partner, rnd, found[0],
-                       f"the entry charging the release the server received in round {rnd} is of round {found[1]!r}")
+                       f"the server took a {reply} reply of round {rnd} naming ledger entry {digest[:12]}... as its "
+                       "charge, and this ledger has no such entry: a release went uncharged (or the ledger was "
+                       "rewritten)")
+            continue
+        line, entry = found
+        kind = entry.get("release", "training")
+        if entry.get("round") != rnd:
+            result.add("tamper", partner, rnd, line,
+                       f"the entry charging the {reply} reply the server took in round {rnd} is of round "
+                       f"{entry.get('round')!r}")
+        elif kind not in RECEIVED_REPLIES[reply]:
+            result.add("tamper", partner, rnd, line,
+                       f"the {reply} reply the server took in round {rnd} named a {kind!r} entry as its charge "
+                       f"(it needs {' or '.join(map(repr, RECEIVED_REPLIES[reply]))}): that release went uncharged")
 
 
 # any round-numbered file, however renamed (round_3.npz, round_0004.npz.bak): a model hidden under another
@@ -907,8 +920,8 @@ def _check_popularity(result: AuditResult) -> None:
     if result.records.get("popularity_prior") is not True:
         return
     for report in result.partners:
-        if not report.rounds or not any(r == 1 for r, _ in (result.records.get("received") or {}).get(
-                report.partner_id, [])):
+        if not report.rounds or not any(r == 1 and reply == "fit" for r, reply, _ in (
+                result.records.get("received") or {}).get(report.partner_id, [])):
             continue  # no verified entries (already a finding), or no round-1 release the server took
         if not any(r.release == "popularity" and r.round == 1 for r in report.rounds):
             result.add("tamper", report.partner_id, 1, None,

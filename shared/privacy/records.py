@@ -165,15 +165,23 @@ def compute_params_sha256(names: Sequence[str], arrays: Sequence[Any]) -> str:
     return h.hexdigest()
 
 
+RECEIVED_REPLIES = {"fit": ("training",), "evaluation": ("evaluation",), "kept": ("selection", "evaluation")}
+"""The kinds of reply the server records in ``received``, and the ledger releases that may charge each: a fit
+reply its round's training, a released evaluation its DP evaluation release, a kept evaluation with accounting
+the round's DP selection (or, newest, its evaluation release)."""
+
+
 def compute_received(history: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Per server round, each partner's ledger entries (their hashes) that charged a release the server
-    received in that round (the ``received`` of each round's record, :mod:`server.strategy`), for the heads."""
+    """Per server round, for each partner the ledger entries (``{"reply", "hash"}``) that the replies the server
+    took in that round named as charging them (the ``received`` of each round's record, :mod:`server.strategy`),
+    for the heads."""
     out = []
     for rec in history:
         got = rec.get("received")
         if isinstance(got, Mapping) and got and isinstance(rec.get("round"), int):
             out.append({"round": int(rec["round"]),
-                        "partners": {str(p): sorted({str(h) for h in hs}) for p, hs in sorted(got.items())}})
+                        "partners": {str(p): [{"reply": str(e["reply"]), "hash": str(e["hash"])} for e in es]
+                                     for p, es in sorted(got.items())}})
     return out
 
 
