@@ -598,6 +598,30 @@ def test_recommend_from_a_deployed_partner_folder(run_dir: Path, tmp_path: Path)
     assert missing == 2
 
 
+def test_each_kind_of_source_finds_the_partners_ledger(run_dir: Path, tmp_path: Path) -> None:
+    # Prepare: a deployed partner folder (its partner.toml names ledger-dir), and the run folder
+    from fedsocial.simulations import partition_cmd
+    from tests.serving_run import ROOT, SMALL
+
+    sets = [a for kv in SMALL for a in ("--set", kv)]
+    assert partition_cmd.main(["--config", str(ROOT / "configs" / "demo.toml"), *sets, "--partners", "2",
+                               "--out", str(tmp_path / "parts")]) == 0
+    folder = tmp_path / "parts" / "partner_1"
+    ckpt = str(run_dir / "checkpoints" / "round_0001.npz")
+    # Execute
+    run = recommend.resolve_source(run_dir, "partner-0")
+    deployed = recommend.resolve_source(folder, "partner_1", checkpoint=ckpt)
+    explicit = recommend.resolve_source(folder / "data", "partner_1", config=str(run_dir / "config.toml"),
+                                        checkpoint=ckpt, state_dir=str(folder / "state"))
+    given = recommend.resolve_source(folder / "data", "partner_1", config=str(run_dir / "config.toml"),
+                                     checkpoint=ckpt, state_dir=str(folder / "state"), ledger_dir=str(tmp_path))
+    # Assert: the run's ledgers/, partner.toml's ledger-dir, unknown without --ledger-dir, or the one given
+    assert run.ledger_path == run_dir / "ledgers" / "partner-0.jsonl"
+    assert deployed.ledger_path == (folder / "ledger" / "partner_1.jsonl").resolve()
+    assert explicit.ledger_path is None and given.ledger_path == tmp_path / "partner_1.jsonl"
+    assert recommend.read_selection_charges(explicit.ledger_path) is None
+
+
 def test_an_event_id_is_an_integer_exactly_when_the_loader_would_make_it_one() -> None:
     # Prepare: ids at and beyond int64 (was: the service made "9223372036854775808" an int, which the loader
     # keeps as a string, so an event for that user created a second one)
