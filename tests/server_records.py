@@ -37,9 +37,20 @@ def model_arrays(seed: int = 0) -> list[np.ndarray]:
 def metrics_doc(run: Path, **extra: Any) -> dict[str, Any]:
     """A metrics.json as build_metrics shapes it (the keys the audit and reports read), for the heads' round."""
     heads = json.loads((run / HEADS).read_text())
-    partners = {pid: {"num_users": 100, "ndcg@10": 0.1234, "epsilon": 1.5} for pid in heads["heads"]}
+    partners = {pid: {"num_users": 100, "ndcg@10": 0.1234, "epsilon": _head_epsilon(run, pid, head["hash"])}
+                for pid, head in heads["heads"].items()}
     return {"recall@10": 0.2345, "ndcg@10": 0.1234, "hr@10": 0.3456, "recall@20": 0.3, "ndcg@20": 0.15,
             "hr@20": 0.45, "rounds_completed": heads["round"], "partners": partners, **extra}
+
+
+def _head_epsilon(run: Path, pid: str, digest: str) -> float:
+    """The epsilon of record of the ledger entry a head names, as the partner's reply reported it to the server
+    (what build_metrics publishes per partner); 0.0 when that entry is not in the ledger."""
+    path = run / "ledgers" / f"{pid}.jsonl"
+    for e in read_ledger(path) if path.is_file() else []:
+        if entry_hash(e) == digest:
+            return float(e["epsilon_prv"] if e["accountant"] == "prv" else e["epsilon_rdp"])
+    return 0.0
 
 
 def sign_metrics(run: Path, doc: Mapping[str, Any] | None = None, writer: str = "server") -> dict[str, Any]:

@@ -328,9 +328,33 @@ def test_signed_underreported_prv_is_an_accounting_mismatch(
 
 
 def test_metrics_understating_epsilon_is_reported(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    sign_metrics(run, metrics_doc(run, epsilon=0.5, delta=DELTA))  # signed by the server: still a warning
+    # Prepare: a signed metrics.json publishing 0.5, and an unsigned copy of it (its record removed)
+    sign_metrics(run, metrics_doc(run, epsilon=0.5, delta=DELTA))
+    unsigned = Path(shutil.copytree(run, run.parent / "unsigned"))
+    (unsigned / "metrics_record.json").unlink()
+    # Execute
     code, output = audit(run, capsys)
-    assert code == EXIT_OK and "WARNING: run: metrics.json reports epsilon 0.5" in output
+    code_unsigned, output_unsigned = audit(unsigned, capsys)
+    # Assert: signed, it publishes less than the entries the server's signed heads name (was: a warning, exit 0);
+    # unsigned, the numbers are the server's summary of nothing verified: a warning
+    assert code == EXIT_ACCOUNTING, output
+    assert "ACCOUNTING: run: the signed metrics.json publishes epsilon 0.5, below" in output
+    assert code_unsigned == EXIT_OK and "WARNING: run: metrics.json reports epsilon 0.5" in output_unsigned
+
+
+def test_signed_metrics_understating_one_partner_s_epsilon_is_an_accounting_finding(
+        run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Prepare: the top-level epsilon right, south's own published epsilon lowered before the server signed it
+    doc = metrics_doc(run, delta=DELTA)
+    doc["epsilon"] = max(p["epsilon"] for p in doc["partners"].values())
+    doc["partners"]["south"]["epsilon"] = 0.5
+    sign_metrics(run, doc)
+    # Execute
+    code, output = audit(run, capsys)
+    # Assert
+    assert code == EXIT_ACCOUNTING, output
+    assert "ACCOUNTING: partner south: the signed metrics.json publishes this partner's epsilon 0.5" in output
+    assert "partner north" not in output.split("ACCOUNTING")[1]
 
 
 def test_cap_falls_back_to_the_run_config_toml(run: Path, capsys: pytest.CaptureFixture[str]) -> None:

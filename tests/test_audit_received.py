@@ -123,7 +123,7 @@ def test_a_reply_naming_an_entry_of_another_round_is_tampering(tmp_path: Path) -
     {"round": 1},  # not a list
     [{"round": "1", "partners": {}}],
     [{"round": 1, "partners": {"north": {"reply": "fit", "hash": "ab" * 32}}}],  # not a list
-    [{"round": 1, "partners": {"north": ["ab" * 32]}}],  # a bare hash
+    [{"round": 1, "partners": {"north": [None]}}],
     [{"round": 1, "partners": {"north": [{"reply": "fit", "hash": "zz" * 32}]}}],
     [{"round": 1, "partners": {"north": [{"reply": "popularity", "hash": "ab" * 32}]}}],  # no such reply
     [{"round": 1, "partners": {"east": [{"reply": "fit", "hash": "ab" * 32}]}}],  # a partner without a head
@@ -265,3 +265,24 @@ def test_an_evaluation_release_charged_by_the_round_s_training_entry_is_tamperin
     (finding,) = [f for f in result.findings if f.severity == "tamper"]
     assert (finding.partner, finding.round, finding.line) == ("north", 3, 3)
     assert "named a 'training' entry as its charge" in finding.message
+
+
+def test_the_first_form_of_the_record_bare_hashes_is_still_checked(tmp_path: Path) -> None:
+    # Prepare: heads whose received lists bare hashes (written before the reply kinds were recorded), north's
+    # round-2 hash not in its ledger
+    entries = _build(tmp_path, {"north": [1, 3]})
+    _sign_heads(tmp_path, entries, {})
+    doc = json.loads((tmp_path / HEADS).read_text())
+    from fedsocial.shared.privacy.records import server_key, sign_record
+
+    payload = {k: v for k, v in doc.items() if k not in ("record", "version", "server_key_fingerprint", "signature")}
+    bare = [{"round": 1, "partners": {"north": [entry_hash(entries["north"][0])]}},
+            {"round": 2, "partners": {"north": ["2e" * 32]}}]
+    (tmp_path / HEADS).write_text(json.dumps(sign_record(server_key(tmp_path), "ledger_heads",
+                                                         {**payload, "received": bare})))
+    # Execute
+    result = audit_run(tmp_path)
+    # Assert: round 1 verifies, round 2's release is uncharged
+    assert result.exit_code == EXIT_TAMPER
+    (finding,) = [f for f in result.findings if f.severity == "tamper"]
+    assert (finding.partner, finding.round) == ("north", 2) and "release went uncharged" in finding.message

@@ -35,8 +35,9 @@ Exit codes (the most severe wins, in this order):
   3  tampering: a signature, key fingerprint, hash-chain, canonical-form, schema, round-order or head
      failure, a missing ledger the signed records expect, or a ledger they do not, a metrics.json the
      server did not sign
-  5  accounting mismatch: a recorded epsilon that the recorded history does not give, or a canary
-     lower bound above the accounted epsilon
+  5  accounting mismatch: a recorded epsilon that the recorded history does not give, a canary
+     lower bound above the accounted epsilon, or a signed metrics.json publishing an epsilon below that of
+     the entries the signed heads name
   4  budget violation: epsilon over the cap, or target_delta >= 1/population
   0  everything verified
 
@@ -165,6 +166,7 @@ class PartnerReport:
     eval_releases: int = 0  # DP evaluation releases charged in the ledger
     popularity_releases: int = 0  # DP item-popularity releases charged in the ledger (shared/privacy/popularity.py)
     selection_releases: int = 0  # DP selections of the served model charged in the ledger (shared/privacy/selection.py)
+    head_epsilon: float | None = None  # epsilon of record of the entry the server's signed head names
 
     @property
     def epsilon(self) -> float:
@@ -433,6 +435,10 @@ def _audit_partner_into(report: PartnerReport, ledgers: Path, keys_dir: Path | N
             head = heads[partner] if isinstance(heads[partner], dict) else {}
             for p in verify_head(scan.entries, head.get("round"), str(head.get("hash", "")), partner):
                 result.add("tamper", partner, p.round, p.line, f"{p.kind}: {p.message}")
+            named = next((e for e in scan.entries if _entry_hash_or_none(e) == head.get("hash")), None)
+            if named is not None and is_number(named.get("epsilon_prv")) and is_number(named.get("epsilon_rdp")):
+                report.head_epsilon = float(named["epsilon_prv"] if named.get("accountant") == "prv"
+                                            else named["epsilon_rdp"])
         _check_received(partner, scan.entries, scan.lines, result)
     structurally_ok = all(f.severity != "tamper" and f.severity != "input" for f in result.findings[n_before:])
     if structurally_ok:
@@ -833,11 +839,20 @@ def _parse_received(raw: Any, heads: dict[str, Any]) -> dict[str, list[tuple[int
             if pid not in heads or not isinstance(got, list):
                 return None
             for e in got:
-                if not isinstance(e, dict) or e.get("reply") not in RECEIVED_REPLIES or \
+                if isinstance(e, str):  # the first form (a bare hash, no reply kind): presence and round only
+                    e = {"reply": "any", "hash": e}
+                if not isinstance(e, dict) or e.get("reply") not in (*RECEIVED_REPLIES, "any") or \
                         not (isinstance(e.get("hash"), str) and re.fullmatch(r"[0-9a-f]{64}", e["hash"])):
                     return None
                 out.setdefault(pid, []).append((rnd, e["reply"], e["hash"]))
     return out
+
+
+def _entry_hash_or_none(entry: dict[str, Any]) -> str | None:
+    try:
+        return entry_hash(entry)
+    except (TypeError, ValueError):  # no canonical form: already a schema finding
+        return None
 
 
 def _check_received(partner: str, entries: list[dict[str, Any]], lines: list[int], result: AuditResult) -> None:
@@ -864,7 +879,7 @@ def _check_received(partner: str, entries: list[dict[str, Any]], lines: list[int
             result.add("tamper", partner, rnd, line,
                        f"the entry charging the {reply} reply the server took in round {rnd} is of round "
                        f"{entry.get('round')!r}")
-        elif kind not in RECEIVED_REPLIES[reply]:
+        elif reply != "any" and kind not in RECEIVED_REPLIES[reply]:
             result.add("tamper", partner, rnd, line,
                        f"the {reply} reply the server took in round {rnd} named a {kind!r} entry as its charge "
                        f"(it needs {' or '.join(map(repr, RECEIVED_REPLIES[reply]))}): that release went uncharged")
@@ -1005,8 +1020,11 @@ def _check_metrics(result: AuditResult) -> None:
     """metrics.json's ``epsilon`` (the largest over partners) must not understate the ledgers, and one above
     them says the ledgers are not the run's that wrote it (both warnings, also when metrics.json is signed:
     the ledgers are the accounting of record, metrics.json the server's summary of them)."""
-    reported = result.context.get("metrics", {}).get("epsilon")
+    metrics = result.context.get("metrics", {})
+    reported = metrics.get("epsilon")
     ledger_max = result.ledger_max_epsilon
+    if (result.records.get("metrics") or {}).get("verified") is True and _check_published_epsilon(metrics, result):
+        return
     if isinstance(reported, (int, float)) and ledger_max is not None and reported < ledger_max * (1 - 1e-6):
         result.add("warning", None, None, None,
                    f"metrics.json reports epsilon {reported:.6g}, below the ledgers' largest {ledger_max:.6g}")
@@ -1014,6 +1032,34 @@ def _check_metrics(result: AuditResult) -> None:
         result.add("warning", None, None, None,
                    f"metrics.json reports epsilon {reported:.6g}, above the ledgers' largest {ledger_max:.6g}: "
                    "these ledgers may not be this run's")
+
+
+def _check_published_epsilon(metrics: dict[str, Any], result: AuditResult) -> bool:
+    """A signed, verified metrics.json must not publish an epsilon below that of the entries the server's
+    signed heads name (what it took last from each partner: its ``epsilon``, the largest over partners, and
+    each partner's own): the ledgers exceed those only by releases the server never took (a straggler's
+    late reply), the heads never. Returns whether it found such an understatement (an accounting finding)."""
+    heads = {p.partner_id: p.head_epsilon for p in result.partners if p.head_epsilon is not None}
+    if not heads:
+        return False
+    found = False
+    top, largest = metrics.get("epsilon"), max(heads.values())
+    if is_number(top) and top < largest * (1 - 1e-6):
+        found = True
+        result.add("accounting", None, None, None,
+                   f"the signed metrics.json publishes epsilon {top:.6g}, below {largest:.6g}, the epsilon of record "
+                   f"of the newest entries the server took (its signed {HEADS}): the published privacy loss "
+                   "understates the run's accounting")
+    partners = metrics.get("partners")
+    for pid, eps in sorted(heads.items()):
+        own = partners.get(pid) if isinstance(partners, dict) else None
+        claimed = own.get("epsilon") if isinstance(own, dict) else None
+        if is_number(claimed) and claimed < eps * (1 - 1e-6):
+            found = True
+            result.add("accounting", pid, None, None,
+                       f"the signed metrics.json publishes this partner's epsilon {claimed:.6g}, below {eps:.6g}, that "
+                       f"of the entry the server's signed {HEADS} name: the published privacy loss understates it")
+    return found
 
 
 def _canary_verdict(result: AuditResult, verified: bool, text: str) -> None:
