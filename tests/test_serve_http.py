@@ -175,12 +175,23 @@ def test_page_shows_the_list_an_event_changes_it_and_social_view(server: tuple[s
         page.wait_for_function(f"document.querySelector('#list li').dataset.item !== '{before[0]}'")
         after = page.eval_on_selector_all("#list li", "els => els.map(e => e.dataset.item)")
         page.screenshot(path=str(tmp_path / "list.png"))
+        offered = page.eval_on_selector_all("#categories option", "els => els.map(e => e.value)")
+        page.fill("#category", offered[-1])  # a category the page offers (GET /health's categories)
+        page.evaluate("document.querySelector('#status').textContent = ''")  # wait for this list, not the last
+        page.click("#show")
+        page.wait_for_function("document.querySelector('#list-title').textContent.includes('ms)') && "
+                               "document.querySelector('#status').textContent.endsWith('items')")
+        in_category = page.eval_on_selector_all("#list li", "els => els.map(e => e.dataset.item)")
+        page.fill("#category", "")
         page.click("#tab-social")
         page.wait_for_selector("#communities tbody tr")
         communities = page.eval_on_selector_all("#communities tbody tr", "els => els.length")
         page.screenshot(path=str(tmp_path / "social.png"))
     # Assert
     assert len(after) == 10 and before[0] not in after
+    _, health = call(base, "/health")
+    _, listed = call(base, f"/users/{user}/recommendations?k=10&category={offered[-1]}")
+    assert offered == health["categories"] and in_category == [str(x["item"]) for x in listed["items"]] != after
     assert communities >= 1
     # the operator sees what privacy let serving use (a non-private run: exact counts, Platt on validation)
     assert "privacy scope: none (a non-private run)" in meta and "cold users ranked by: exact training counts" in meta
