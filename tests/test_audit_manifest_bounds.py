@@ -93,3 +93,4 @@ def test_delta_is_held_below_one_over_the_registered_users_too(tmp_path: Path) -
     found = [f for f in result.findings if f.severity == "budget"]
     assert [f.round for f in found] == [1, 2, 3] and all("the registered users" in f.message for f in found)
     assert result.exit_code == EXIT_BUDGET
+

@@ -51,6 +51,7 @@ import hashlib
 import json
 import math
 import re
+import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -636,6 +637,11 @@ def _audit_into(run: Path, max_epsilon: float | None, keys_dir: Path | None, res
     if keys_dir is not None and not keys_dir.is_dir():
         result.add("input", None, None, None, f"{keys_dir}: no such public-keys directory")
         keys_dir = None
+    unsafe = compute_unreadable_inputs(run, keys_dir)
+    for msg in unsafe:
+        result.add("input", None, None, None, msg)
+    if unsafe:
+        return  # reading a FIFO blocks for ever, /dev/zero fills the memory: audit nothing rather than hang
     result.context = _load_context(run, result)
     found = sorted(p.name[: -len(".jsonl")] for p in ledgers.glob("*.jsonl")
                    if not p.name.endswith(".refusals.jsonl")) if ledgers.is_dir() else []
@@ -664,6 +670,35 @@ def _audit_into(run: Path, max_epsilon: float | None, keys_dir: Path | None, res
     for pub in sorted(ledgers.glob("*.pub")) if ledgers.is_dir() else []:
         if pub.stem not in found and pub.stem not in expected:
             result.add("warning", pub.stem, None, None, "a public key without a ledger (the partner never trained?)")
+
+
+MAX_INPUT_BYTES = 1 << 30  # no honest run's record, ledger, key or checkpoint comes near 1 GiB
+_INPUT_NAMES = (MANIFEST, HEADS, SERVER_PUB, METRICS, METRICS_RECORD, CANARY, CANARY_RECORD, "config.json",
+                "config.toml")
+
+
+def compute_unreadable_inputs(run: Path, keys_dir: Path | None) -> list[str]:
+    """Each file the audit would read that is not a regular file of at most :data:`MAX_INPUT_BYTES` (a FIFO, a
+    device such as /dev/zero, a directory, a link to one, or a huge file), as a message naming it."""
+    paths = [run / name for name in _INPUT_NAMES]
+    for folder, pattern in ((run / "ledgers", "*.jsonl"), (run / "ledgers", "*.pub"), (run / "ledgers", "*.json"),
+                            (run / "checkpoints", "round_*.npz"), (keys_dir, "*.pub")):
+        if folder is not None and folder.is_dir():
+            paths += sorted(folder.glob(pattern))
+    out = []
+    for path in paths:
+        if not path.exists() and not path.is_symlink():
+            continue
+        try:
+            st = path.stat()
+        except OSError as exc:
+            out.append(f"{path}: cannot be read ({exc.strerror or exc})")
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            out.append(f"{path}: not a regular file (a FIFO, device, directory or a link to one): not read")
+        elif st.st_size > MAX_INPUT_BYTES:
+            out.append(f"{path}: {st.st_size} bytes, above the {MAX_INPUT_BYTES} an audit input may have: not read")
+    return out
 
 
 def _missing_ledger(partner: str, why: str, heads: dict[str, Any], result: AuditResult) -> None:
