@@ -24,9 +24,10 @@ REGISTERED = {"num_users": 500, "max_epsilon": 8.0, "target_delta": 1e-5}
 
 
 def _run(run: Path, delta: float, population: int, run_delta: float = 1e-5,
-         registered: dict[str, float] | None = None) -> None:
-    """One partner's signed ledger of 3 rounds at ``delta`` / ``population``, and the server's signed records
-    registering it as ``registered`` (default ``REGISTERED``) in a run of ``run_delta``."""
+         registered: dict[str, float] | None = None, local_epochs: int = 1) -> None:
+    """One partner's signed ledger of 3 rounds at ``delta`` / ``population`` (sample rate 0.05, 20 steps: one
+    epoch), and the server's signed records registering it as ``registered`` (default ``REGISTERED``) in a run of
+    ``run_delta`` and ``local_epochs``."""
     registered = REGISTERED if registered is None else registered
     key, pub = signing.generate_keypair()
     signing.save_public_key(pub, run / "ledgers" / "north.pub")
@@ -35,7 +36,8 @@ def _run(run: Path, delta: float, population: int, run_delta: float = 1e-5,
         ledger.append_round(round=r, noise_multiplier=1.1, sample_rate=0.05, steps=20, max_grad_norm=0.1,
                             target_delta=delta, population=population, secure_rng=False, extra={"scope": "joint"})
     write_run_manifest(run, config_from_dict({"privacy": {"enabled": True, "max_epsilon": 8.0,
-                                                          "target_delta": run_delta}}), {"north": registered})
+                                                          "target_delta": run_delta},
+                                              "federation": {"local_epochs": local_epochs}}), {"north": registered})
     sign_server_records(run, {"north": registered})  # the manifest above is kept; heads and checkpoint signed
 
 
@@ -94,3 +96,27 @@ def test_delta_is_held_below_one_over_the_registered_users_too(tmp_path: Path) -
     assert [f.round for f in found] == [1, 2, 3] and all("the registered users" in f.message for f in found)
     assert result.exit_code == EXIT_BUDGET
 
+
+
+def test_a_sample_rate_below_one_user_per_batch_is_a_budget_finding(tmp_path: Path) -> None:
+    # Prepare: sample rate 0.05 over a population of 10 (Opacus's rate is 1/ceil(n/batch) >= 1/10; was: exit 0
+    # with the epsilon of an amplification no loader gives), registered as 10 users
+    _run(tmp_path, 1e-5, 10, registered={"num_users": 10, "max_epsilon": 8.0, "target_delta": 1e-5})
+    # Execute
+    result = audit_run(tmp_path)
+    # Assert
+    assert result.exit_code == EXIT_BUDGET
+    found = [f for f in result.findings if f.severity == "budget"]
+    assert [f.round for f in found] == [1, 2, 3] and "below 1/population = 1/10" in found[0].message
+
+
+def test_steps_other_than_the_signed_local_epochs_take_are_named(tmp_path: Path) -> None:
+    # Prepare: the run signed 2 local epochs; north's entries charge 20 steps at rate 0.05, one epoch
+    _run(tmp_path, 1e-5, 500, local_epochs=2)
+    # Execute
+    result = audit_run(tmp_path)
+    # Assert: a warning per entry (a deployed partner may run its own schedule), the verdict unchanged
+    warned = [f for f in result.findings if "local epochs" in f.message]
+    assert [(f.severity, f.round) for f in warned] == [("warning", 1), ("warning", 2), ("warning", 3)]
+    assert "20 steps at sample rate 0.05: 2 local epochs" in warned[0].message and "take 40" in warned[0].message
+    assert result.exit_code == EXIT_OK

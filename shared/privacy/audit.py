@@ -589,7 +589,19 @@ def _check_budget(report: PartnerReport, cli_cap: float | None, result: AuditRes
     decl_delta, decl_pop = report.declared.get("target_delta"), report.declared.get("population")
     signed = (result.records.get("signed_declarations") or {}).get(partner) or {}
     signed_delta, signed_users = signed.get("target_delta"), signed.get("num_users")
+    epochs = ((result.records.get("manifest") or {}).get("federation") or {}).get("local_epochs")
     for r in report.rounds:
+        if r.release == "training" and r.sample_rate * r.population < 1 - 1e-9:
+            # Opacus's rate is 1 / ceil(n / batch) >= 1 / n: less claims an amplification no loader gives
+            result.add("budget", partner, r.round, None,
+                       f"sample_rate {r.sample_rate!r} is below 1/population = 1/{r.population}: no DP-SGD loader "
+                       "samples fewer than one user per expected batch, so the epsilon claims an amplification "
+                       "that never ran")
+        if r.release == "training" and isinstance(epochs, int) and not isinstance(epochs, bool) and \
+                r.steps != epochs * round(1 / r.sample_rate):
+            result.add("warning", partner, r.round, None,
+                       f"{r.steps} steps at sample rate {r.sample_rate:.6g}: {epochs} local epochs (signed "
+                       f"{MANIFEST} federation.local_epochs) take {epochs * round(1 / r.sample_rate)}")
         try:
             check_delta(r.target_delta, r.population)
         except PrivacyConfigError as exc:
