@@ -914,9 +914,10 @@ def _check_received(partner: str, entries: list[dict[str, Any]], lines: list[int
             continue
     for rnd, reply, digest in (result.records.get("received") or {}).get(partner, []):
         found = by_hash.get(digest)
+        what = "reply" if reply == "any" else f"{reply} reply"
         if found is None:
             result.add("tamper", partner, rnd, None,
-                       f"the server took a {reply} reply of round {rnd} naming ledger entry {digest[:12]}... as its "
+                       f"the server took a {what} of round {rnd} naming ledger entry {digest[:12]}... as its "
                        "charge, and this ledger has no such entry: a release went uncharged (or the ledger was "
                        "rewritten)")
             continue
@@ -924,7 +925,7 @@ def _check_received(partner: str, entries: list[dict[str, Any]], lines: list[int
         kind = entry.get("release", "training")
         if entry.get("round") != rnd:
             result.add("tamper", partner, rnd, line,
-                       f"the entry charging the {reply} reply the server took in round {rnd} is of round "
+                       f"the entry charging the {what} the server took in round {rnd} is of round "
                        f"{entry.get('round')!r}")
         elif reply != "any" and kind not in RECEIVED_REPLIES[reply]:
             result.add("tamper", partner, rnd, line,
