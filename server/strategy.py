@@ -618,7 +618,8 @@ class FedSocialStrategy(Strategy):
         if heads or self.cfg.privacy.enabled:  # what each partner's ledger held when its update arrived,
             write_signed_heads(self.run_dir, g, heads,  # signed by the server: a truncated or deleted ledger shows,
                                compute_params_sha256(self.names, self.global_params),  # records of another model,
-                               compute_received(self.history))  # and a release of any round left uncharged
+                               compute_received(self.history),  # and a release of any round left uncharged
+                               self.names)
         save_checkpoint(self.run_dir, Checkpoint(g, self.names, self.global_params, self.state_dict(),
                                                  self.optimizer_arrays()))
         self._round = {}

@@ -207,9 +207,10 @@ def test_under_dp_evaluation_releases_a_released_evaluation_without_its_charge_i
                                                          for n in (0, 1)}}]
 
 
-def _popularity_run(run: Path, north_charges_popularity: bool) -> None:
+def _popularity_run(run: Path, north_charges_popularity: bool, signed_names: bool = True) -> None:
     """Two partners' ledgers of rounds 1-3 and a model with the DP popularity prior (``item_pop``) that the
-    signed heads name; south charges its round-1 popularity release, north only if told to."""
+    signed heads name (with its parameter names unless ``signed_names`` is false, as before they were signed);
+    south charges its round-1 popularity release, north only if told to."""
     from fedsocial.server.checkpoint import Checkpoint, save_checkpoint
 
     entries = {}
@@ -233,7 +234,8 @@ def _popularity_run(run: Path, north_charges_popularity: bool) -> None:
     heads = {pid: {"round": 3, "hash": entry_hash(es[-1])} for pid, es in entries.items()}
     history = [{"round": r, "received": {pid: [_fit(entry_hash(es[r - 1]))] for pid, es in entries.items()}}
                for r in (1, 2, 3)]
-    write_signed_heads(run, 3, heads, compute_params_sha256(names, arrays), compute_received(history))
+    write_signed_heads(run, 3, heads, compute_params_sha256(names, arrays), compute_received(history),
+                       names if signed_names else None)
 
 
 def test_a_model_with_the_popularity_prior_needs_each_round_1_partner_s_popularity_charge(tmp_path: Path) -> None:
@@ -249,6 +251,24 @@ def test_a_model_with_the_popularity_prior_needs_each_round_1_partner_s_populari
     assert found.exit_code == EXIT_TAMPER
     (finding,) = [f for f in found.findings if f.severity == "tamper"]
     assert (finding.partner, finding.round) == ("north", 1) and "no popularity release" in finding.message
+
+
+@pytest.mark.parametrize("signed_names", [True, False])
+def test_removing_the_checkpoint_does_not_hide_an_uncharged_popularity_release(tmp_path: Path,
+                                                                            signed_names: bool) -> None:
+    # Prepare: north's popularity release uncharged, and the model's checkpoint deleted (a warning only)
+    _popularity_run(tmp_path, north_charges_popularity=False, signed_names=signed_names)
+    (tmp_path / "checkpoints" / "round_0003.npz").unlink()
+    # Execute
+    result = audit_run(tmp_path)
+    # Assert: the heads sign the parameter names, so the prior is known without the checkpoint; heads of the
+    # first form (no names) leave it unknown, which the missing-checkpoint warning says
+    tampered = [f for f in result.findings if f.severity == "tamper" and "no popularity release" in f.message]
+    assert any("no checkpoints/round_0003.npz" in f.message for f in result.findings if f.severity == "warning")
+    if signed_names:
+        assert result.exit_code == EXIT_TAMPER and [(f.partner, f.round) for f in tampered] == [("north", 1)]
+    else:
+        assert result.exit_code == EXIT_OK and not tampered
 
 
 def test_an_evaluation_release_charged_by_the_round_s_training_entry_is_tampering(tmp_path: Path) -> None:

@@ -863,6 +863,11 @@ def _read_heads(run: Path, server_key: Any, manifest: dict[str, Any] | None, res
     else:
         result.records["received_note"] = (f"{HEADS} names no per-round received entries (an older fedsocial): only "
                                            "each ledger's newest entry is checked against the server's record")
+    names = doc.get("param_names")
+    if isinstance(names, list) and all(isinstance(n, str) for n in names):  # signed: known without the checkpoint
+        result.records["popularity_prior"] = POPULARITY_PARAM in names
+    elif names is not None:
+        result.add("tamper", None, None, None, f"{HEADS}: signed but malformed param_names (a list of names)")
     result.records["rounds_completed"] = doc.get("round")
     result.records["params_sha256"] = doc.get("params_sha256")  # verified: the model the heads' round released
     result.records["heads_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
@@ -972,7 +977,7 @@ def _check_model(run: Path, result: AuditResult) -> None:
                    f"checkpoints/round_{rnd:04d}.npz is not the model the signed {HEADS} name (its sha256 differs): "
                    "these privacy records are not those of this folder's run")
         return
-    result.records["popularity_prior"] = POPULARITY_PARAM in ckpt.names  # the model the heads name carries it
+    result.records.setdefault("popularity_prior", POPULARITY_PARAM in ckpt.names)  # heads without param_names
 
 
 def _check_popularity(result: AuditResult) -> None:

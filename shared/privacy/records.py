@@ -187,14 +187,17 @@ def compute_received(history: Sequence[Mapping[str, Any]]) -> list[dict[str, Any
 
 def write_signed_heads(run_dir: str | os.PathLike[str], round_: int, heads: Mapping[str, Mapping[str, Any]],
                        params_sha256: str | None = None,
-                       received: Sequence[Mapping[str, Any]] | None = None) -> dict[str, Any]:
+                       received: Sequence[Mapping[str, Any]] | None = None,
+                       param_names: Sequence[str] | None = None) -> dict[str, Any]:
     """Sign and write each partner's ledger head after ``round_``, bound to the manifest and to the global
     parameters that round released (``params_sha256``; None only for callers without a model).
 
     ``received`` (:func:`compute_received`): every round so far, with the hash of each ledger entry that a
     partner's reply named as charging the release it sent. The newest head alone lets a partner that lies
     while the run goes on skip the entries of earlier rounds (its chain stays valid without them); each of
-    these hashes must be in its ledger, so a release the server received uncharged is a finding."""
+    these hashes must be in its ledger, so a release the server received uncharged is a finding.
+    ``param_names``: the names of those parameters, so that what the model carries (the DP popularity
+    prior's ``item_pop``) is known to the audit without its checkpoint."""
     run = Path(run_dir)
     key = server_key(run)
     manifest = run / MANIFEST
@@ -204,6 +207,8 @@ def write_signed_heads(run_dir: str | os.PathLike[str], round_: int, heads: Mapp
         "heads": {str(p): {"round": int(h["round"]), "hash": str(h["hash"])} for p, h in sorted(heads.items())}}
     if received is not None:
         payload["received"] = [dict(r) for r in received]
+    if param_names is not None:
+        payload["param_names"] = [str(n) for n in param_names]
     doc = sign_record(key, "ledger_heads", payload)
     write_json_atomic(run / HEADS, doc)
     return doc
