@@ -45,9 +45,16 @@ class DataConfig:
     strict: bool = False
     price_bins: int = 8  # items.csv price: quantile bins over the catalogue (a shared vector per bin)
     text_dim: int = 32  # items.csv title/text: size of the offline text features (hashed TF-IDF + SVD)
+    # csv, > 0: keep only interactions whose value column is >= this (4: ratings of 4 and 5 are the positives);
+    # 0 keeps every row, with or without a value column (as implicit positives)
+    min_value: float = 0.0
 
     def __post_init__(self) -> None:
         _check(self.price_bins >= 1, "data.price_bins", "must be >= 1")
+        _check(math.isfinite(self.min_value) and self.min_value >= 0, "data.min_value",
+               "must be a finite number >= 0 (0 keeps every interaction)")
+        _check(self.min_value == 0 or self.format == "csv", "data.min_value",
+               "applies to data.format = csv (its value column)")
         _check(self.text_dim >= 1, "data.text_dim", "must be >= 1")
         formats = ("synthetic", "filmtrust", "lastfm", "douban", "ciao", "csv")
         _check(self.format in formats, "data.format", f"must be one of {formats}, got {self.format!r}")

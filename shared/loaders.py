@@ -563,7 +563,8 @@ def _typed_ids(ids: np.ndarray) -> np.ndarray:
     return as_int if (as_int.astype(str) == ids).all() else ids  # "01" or "+1" stay strings
 
 
-def load_csv(folder: PathLike, *, strict: bool = False, price_bins: int = 8, text_dim: int = 32) -> Dataset:
+def load_csv(folder: PathLike, *, strict: bool = False, price_bins: int = 8, text_dim: int = 32,
+             min_value: float = 0.0) -> Dataset:
     """The generic format: ``interactions.csv`` (``user,item[,value][,timestamp]``), ``social.csv``
     (``user,neighbour``, directed: user follows / trusts neighbour; absent: no social ties, one warning),
     optional ``items.csv``
@@ -586,6 +587,14 @@ def load_csv(folder: PathLike, *, strict: bool = False, price_bins: int = 8, tex
         if name in inter.columns:
             _check_numbers(inter, name)
     users, items = inter.columns["user"], inter.columns["item"]
+    if min_value > 0:  # explicit feedback: only values >= min_value are positives
+        if "value" not in inter.columns:
+            raise DataError(f"{inter.path}: data.min_value = {min_value:g} needs a value column "
+                            "(value, rating, score, weight or count)")
+        keep = inter.columns["value"].astype(np.float64) >= min_value
+        if not keep.any():
+            raise DataError(f"{inter.path}: no interaction has a value >= data.min_value = {min_value:g}")
+        users, items = users[keep], items[keep]
 
     u_str = np.unique(users)
     if (folder / "social.csv").exists() or not (folder / "interactions.csv").is_file():
@@ -786,5 +795,6 @@ def load_dataset(cfg: DataConfig, data_dir: PathLike | None = None) -> Dataset:
         raise DataError(f"{folder}: no such dataset folder (data.format = {cfg.format!r}, "
                         f"data.path = {cfg.path!r}; set --data-dir or FEDSOCIAL_DATA_DIR)")
     if cfg.format == "csv":
-        return load_csv(folder, strict=cfg.strict, price_bins=cfg.price_bins, text_dim=cfg.text_dim)
+        return load_csv(folder, strict=cfg.strict, price_bins=cfg.price_bins, text_dim=cfg.text_dim,
+                        min_value=cfg.min_value)
     return LOADERS[cfg.format](folder, strict=cfg.strict)

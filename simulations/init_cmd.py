@@ -210,6 +210,7 @@ def render_config(data_dir: Path, stats: DataStats, settings: Settings, dp_chang
         lines += ["# User-level DP: rerun `fedsocial init` with --private, or change exactly these keys:",
                   "#   " + " ".join(f"--set {c}" for c in dp_changes)]
     lines += ["", "[data]", 'format = "csv"', f"path = {json.dumps(str(data_dir))}  # absolute: no --data-dir needed",
+              "min_value = 0.0  # every interaction is a positive; explicit ratings: e.g. 4.0 keeps those >= 4",
               "", "[split]", "seed = 2024", "", "[partition]", 'method = "random"', ""]
     for section in ("model", "train", "privacy", "federation", "secagg"):
         if section not in settings:

@@ -15,6 +15,8 @@ from fedsocial.shared.partition import partition_users, partner_split
 from fedsocial.shared.split import split_dataset
 from fedsocial.shared.synthetic import generate
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def write(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -409,3 +411,38 @@ def test_load_csv_refuses_broken_quoting_with_its_line(tmp_path: Path, interacti
         load_csv(tmp_path)
     # Assert: one line naming file, line and problem
     assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_min_value_keeps_the_ratings_at_or_above_it_and_needs_a_value_column(tmp_path: Path) -> None:
+    # Prepare: explicit ratings; u3 rated only low, so it has no positive left
+    write(tmp_path / "r" / "interactions.csv", "user,item,rating\nu1,a,5\nu1,b,2\nu2,a,4\nu2,c,3\nu3,b,1\n")
+    write(tmp_path / "r" / "social.csv", "user,neighbour\nu1,u2\nu3,u1\n")
+    write(tmp_path / "p" / "interactions.csv", "user,item\nu1,a\n")
+    write(tmp_path / "p" / "social.csv", "user,neighbour\n")
+    # Execute
+    every = load_csv(tmp_path / "r")
+    positives = load_csv(tmp_path / "r", min_value=4)
+    # Assert: only the 4s and 5s; a user left without any is gone with its edges
+    assert every.n_interactions == 5 and tolist(every.user_ids) == ["u1", "u2", "u3"]
+    assert tolist(positives.user_ids) == ["u1", "u2"] and tolist(positives.item_ids) == ["a"]
+    assert positives.n_interactions == 2 and positives.n_edges == 1
+    with pytest.raises(DataError, match=r"interactions.csv: data.min_value = 4 needs a value column"):
+        load_csv(tmp_path / "p", min_value=4)
+    with pytest.raises(DataError, match=r"no interaction has a value >= data.min_value = 9"):
+        load_csv(tmp_path / "r", min_value=9)
+
+
+def test_min_value_is_a_csv_setting_and_round_trips_through_the_config(tmp_path: Path) -> None:
+    # Prepare / Execute
+    from fedsocial.shared.config import ConfigError, load_config
+    from fedsocial.simulations.simulate import write_config
+
+    cfg = load_config(ROOT / "configs" / "demo.toml", ["data.format=csv", "data.path=x", "data.min_value=3.5"])
+    back = load_config(write_config(cfg, tmp_path / "run"))
+    default = load_config(write_config(load_config(ROOT / "configs" / "demo.toml"), tmp_path / "run2"))
+    # Assert
+    assert back.data.min_value == 3.5 and default.data.min_value == 0.0
+    with pytest.raises(ConfigError, match="data.min_value: applies to data.format = csv"):
+        load_config(ROOT / "configs" / "demo.toml", ["data.min_value=4"])
+    with pytest.raises(ConfigError, match="data.min_value"):
+        load_config(ROOT / "configs" / "demo.toml", ["data.format=csv", "data.path=x", "data.min_value=-1"])
