@@ -74,6 +74,14 @@ def _honest(entries: dict[str, list[dict[str, Any]]]) -> dict[int, dict[str, lis
     return {r: {pid: [_fit(entry_hash(es[r - 1]))] for pid, es in entries.items()} for r in (1, 2, 3)}
 
 
+def _the_tampering(run: Path) -> Any:
+    """The audit's one tampering finding on ``run`` (its exit code says tampering)."""
+    result = audit_run(run)
+    assert result.exit_code == EXIT_TAMPER
+    (finding,) = [f for f in result.findings if f.severity == "tamper"]
+    return finding
+
+
 def test_an_honest_per_round_record_audits_clean(tmp_path: Path) -> None:
     # Prepare: both partners charge rounds 1-3 and the server took each round's release
     entries = _build(tmp_path, {"north": [1, 2, 3], "south": [1, 2, 3]})
@@ -95,10 +103,8 @@ def test_a_round_the_server_took_but_the_ledger_never_charged_is_tampering(tmp_p
         got["north"] = [_fit(entry_hash(entries["north"][0 if r == 1 else 1]) if r != 2 else "2e" * 32)]
     _sign_heads(tmp_path, entries, received)
     # Execute
-    result = audit_run(tmp_path)
+    finding = _the_tampering(tmp_path)
     # Assert: before the per-round record this audited 0 (chain, signatures and newest head all verify)
-    assert result.exit_code == EXIT_TAMPER
-    (finding,) = [f for f in result.findings if f.severity == "tamper"]
     assert (finding.partner, finding.round) == ("north", 2)
     assert "release went uncharged" in finding.message
 
@@ -111,10 +117,8 @@ def test_a_reply_naming_an_entry_of_another_round_is_tampering(tmp_path: Path) -
         got["north"] = [_fit(entry_hash(entries["north"][0 if r in (1, 2) else 1]))]
     _sign_heads(tmp_path, entries, received)
     # Execute
-    result = audit_run(tmp_path)
+    finding = _the_tampering(tmp_path)
     # Assert
-    assert result.exit_code == EXIT_TAMPER
-    (finding,) = [f for f in result.findings if f.severity == "tamper"]
     assert (finding.partner, finding.round, finding.line) == ("north", 2, 1)
     assert "is of round 1" in finding.message
 
@@ -279,10 +283,8 @@ def test_an_evaluation_release_charged_by_the_round_s_training_entry_is_tamperin
     received[3]["north"].append({"reply": "evaluation", "hash": entry_hash(entries["north"][2])})
     _sign_heads(tmp_path, entries, received)
     # Execute
-    result = audit_run(tmp_path)
+    finding = _the_tampering(tmp_path)
     # Assert
-    assert result.exit_code == EXIT_TAMPER
-    (finding,) = [f for f in result.findings if f.severity == "tamper"]
     assert (finding.partner, finding.round, finding.line) == ("north", 3, 3)
     assert "named a 'training' entry as its charge" in finding.message
 
@@ -301,8 +303,6 @@ def test_the_first_form_of_the_record_bare_hashes_is_still_checked(tmp_path: Pat
     (tmp_path / HEADS).write_text(json.dumps(sign_record(server_key(tmp_path), "ledger_heads",
                                                          {**payload, "received": bare})))
     # Execute
-    result = audit_run(tmp_path)
+    finding = _the_tampering(tmp_path)
     # Assert: round 1 verifies, round 2's release is uncharged
-    assert result.exit_code == EXIT_TAMPER
-    (finding,) = [f for f in result.findings if f.severity == "tamper"]
     assert (finding.partner, finding.round) == ("north", 2) and "release went uncharged" in finding.message
