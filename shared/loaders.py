@@ -685,7 +685,8 @@ def _with_item_features(ds: Dataset, catalogue: dict[str, Any], index: np.ndarra
 def _with_user_features(ds: Dataset, path: Path, u_str: np.ndarray,
                         schema: dict[str, tuple[str, ...]] | None = None) -> Dataset:
     """users.csv (``user`` + categorical columns) as codes [n_users, F], 0 for a missing value or user: a value's
-    rank among the column's values, or its place in ``schema`` (``user_feature_values.json``) where given.
+    rank among the column's values, or its place in ``schema`` (``user_feature_values.json``) where given; with a
+    schema the columns are in its order, whatever order the file's header has.
 
     Rows for users without interactions are ignored (they have no record to train on).
     """
@@ -696,6 +697,8 @@ def _with_user_features(ds: Dataset, path: Path, u_str: np.ndarray,
     names = tuple(c for c in table.header if c != "user")
     if schema is not None and set(schema) != set(names):
         raise DataError(f"{path.parent / USER_VALUES_FILE}: lists columns {sorted(schema)}, {path} has {sorted(names)}")
+    if schema is not None:  # the schema's column order, not the file's: column f's codes are rows of the same
+        names = tuple(schema)  # shared table on every partner whatever order its users.csv lists them in
     pos = np.searchsorted(u_str, ids)
     known = (pos < u_str.size) & (u_str[np.minimum(pos, u_str.size - 1)] == ids)
     out = np.zeros((ds.n_users, len(names)), dtype=np.int64)

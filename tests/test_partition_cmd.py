@@ -159,3 +159,29 @@ def test_a_user_value_outside_the_schema_is_refused_naming_the_line(tmp_path: Pa
     (tmp_path / "data" / "user_feature_values.json").write_text('{"region": ["a", "a"]}')
     with pytest.raises(DataError, match="expected a list of distinct non-empty strings"):
         load_csv(tmp_path / "data")
+
+
+def test_a_partner_users_csv_with_its_columns_in_another_order_codes_them_as_the_schema_does(tmp_path: Path) -> None:
+    # Prepare: was: a partner's columns were coded in its users.csv header order, so a partner listing
+    # (tier, region) where the schema has (region, tier) put its tier codes on the rows of the shared table that
+    # the others use for region (same total size, so the same shapes: nothing refused it, the vectors mixed)
+    folder = tmp_path / "data"
+    _feature_rich_csv(folder)
+    users = [line.split(",")[0] for line in (folder / "users.csv").read_text().splitlines()[1:]]
+    tiers = ("gold", "silver")
+    rows = [line.split(",") for line in (folder / "users.csv").read_text().splitlines()[1:]]
+    (folder / "users.csv").write_text("user,region,tier\n" + "".join(
+        f"{u},{r[1]},{tiers[k % 2]}\n" for k, (u, r) in enumerate(zip(users, rows, strict=True))))
+    (folder / "user_feature_values.json").write_text(json.dumps(
+        {"region": ["east", "north", "rare-isle", "south", "west"], "tier": list(tiers)}))
+    in_order = load_csv(folder)
+    (folder / "users.csv").write_text("user,tier,region\n" + "".join(
+        f"{u},{tiers[k % 2]},{r[1]}\n" for k, (u, r) in enumerate(zip(users, rows, strict=True))))
+    # Execute
+    swapped = load_csv(folder)
+    # Assert: the same column order, codes and sizes as the partner whose header follows the schema
+    assert swapped.user_feature_names == in_order.user_feature_names == ("region", "tier")
+    assert swapped.user_feature_sizes == in_order.user_feature_sizes == (6, 3)
+    assert swapped.user_features is not None and in_order.user_features is not None
+    assert np.array_equal(swapped.user_features, in_order.user_features)
+    assert set(in_order.user_features[:, 1].tolist()) == {1, 2}  # tier codes in the second column
