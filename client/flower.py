@@ -71,12 +71,13 @@ class FedSocialClient(NumPyClient):
             intent = protocol.Intent(self.partner.partner_id, round_, not released and self.partner.will_train(round_),
                                      released)
             return checked(protocol.parse_intent(intent.to_metrics(), round_))
-        names, _ = self.partner.initial_parameters()
+        names, arrays = self.partner.initial_parameters()
         pc = self.partner.cfg.privacy
         if pc.enabled:
             self._calibrate_early()
         reg = protocol.Registration(self.partner.partner_id, tuple(names), self.partner.num_users,
-                                    pc.max_epsilon if pc.enabled else 0.0, pc.target_delta if pc.enabled else 0.0)
+                                    pc.max_epsilon if pc.enabled else 0.0, pc.target_delta if pc.enabled else 0.0,
+                                    tuple(tuple(int(d) for d in np.shape(a)) for a in arrays))
         return checked(protocol.parse_registration(reg.to_metrics()))
 
     def _calibrate_early(self) -> None:

@@ -138,14 +138,30 @@ def compute_admitted(props: Mapping[int, Mapping[str, Any]]
         if ids[reg.partner_id] > 1:
             refused[nid] = f"registration refused: partner id {reg.partner_id!r} declared by two nodes"
             del valid[nid]
-    names = Counter(r.param_names for r in valid.values())
-    if names:
-        common = max(names, key=lambda n: (names[n], -min(nid for nid, r in valid.items() if r.param_names == n)))
+    declared = Counter((r.param_names, r.param_shapes) for r in valid.values())
+    if declared:
+        common = max(declared, key=lambda d: (declared[d], -min(nid for nid, r in valid.items()
+                                                                if (r.param_names, r.param_shapes) == d)))
         for nid, reg in list(valid.items()):
-            if reg.param_names != common:
-                refused[nid] = f"registration refused: {reg.partner_id} declares other shared parameters"
+            if (reg.param_names, reg.param_shapes) != common:
+                refused[nid] = f"registration refused: {reg.partner_id} declares other shared parameters" \
+                               f"{compute_shape_difference(reg, *common)}"
                 del valid[nid]
     return valid, dict(sorted(refused.items()))
+
+
+def compute_shape_difference(reg: protocol.Registration, names: tuple[str, ...],
+                             shapes: tuple[tuple[int, ...], ...]) -> str:
+    """Where ``reg`` declares the common names with other shapes: the first parameter that differs, and what
+    usually makes it differ (each partner derives the shapes from its items.csv, its users.csv schema and the
+    config)."""
+    if reg.param_names != names or not reg.param_shapes or not shapes:
+        return ""
+    for name, mine, theirs in zip(names, reg.param_shapes, shapes, strict=True):
+        if mine != theirs:
+            return (f": {name} has shape {mine}, the other partners' {theirs} (every partner needs the same "
+                    "items.csv, user_feature_values.json and config)")
+    return ""
 
 
 def initial_parameters(grid: Grid, node_id: int, names: Sequence[str]) -> list[np.ndarray] | str:
@@ -223,6 +239,8 @@ def run_server(grid: Grid, context: Context, overrides: Mapping[str, Any] | None
         for nid, reg in sorted(admitted.items()):  # the first admitted node whose initial parameters are sound
             names = list(reg.param_names)
             got = initial_parameters(grid, nid, names)
+            if not isinstance(got, str) and reg.param_shapes and tuple(a.shape for a in got) != reg.param_shapes:
+                got = "initial parameters: not of the shapes its registration declared"
             if not isinstance(got, str):
                 params = got
                 break

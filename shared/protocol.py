@@ -137,10 +137,18 @@ class Registration:
     num_users: int  # bounds the partner's aggregation weight for the whole run
     max_epsilon: float = 0.0  # the partner's budget cap (0: privacy off)
     target_delta: float = 0.0
+    # each shared parameter's shape as this partner's data make it (items.csv, the users.csv schema, the config):
+    # a partner whose shapes differ from the others' is refused at registration, naming the parameter; () where
+    # the partner did not declare them (then only the names are compared)
+    param_shapes: tuple[tuple[int, ...], ...] = ()
 
     def to_metrics(self) -> dict[str, Any]:
-        return {"partner_id": self.partner_id, "param_names": ",".join(self.param_names),
-                "num_users": self.num_users, "max_epsilon": self.max_epsilon, "target_delta": self.target_delta}
+        out: dict[str, Any] = {"partner_id": self.partner_id, "param_names": ",".join(self.param_names),
+                               "num_users": self.num_users, "max_epsilon": self.max_epsilon,
+                               "target_delta": self.target_delta}
+        if self.param_shapes:
+            out["param_shapes"] = ",".join("x".join(map(str, s)) for s in self.param_shapes)
+        return out
 
 
 REGISTRATION_KEYS = _keys(Registration)
@@ -154,9 +162,33 @@ def parse_registration(m: Mapping[str, Any]) -> Registration | Rejected:
     users = _int(m, "num_users", errs, lo=1, hi=MAX_USERS)
     eps = _float(m, "max_epsilon", errs) if "max_epsilon" in m else 0.0
     delta = _float(m, "target_delta", errs, hi=1.0) if "target_delta" in m else 0.0
-    if errs or pid is None or names is None or users is None or eps is None or delta is None:
+    shapes = _shapes(m, "param_shapes", errs, len(names) if names is not None else None) \
+        if "param_shapes" in m else ()
+    if errs or pid is None or names is None or users is None or eps is None or delta is None or shapes is None:
         return Rejected(tuple(errs))
-    return Registration(pid, names, users, eps, delta)
+    return Registration(pid, names, users, eps, delta, shapes)
+
+
+MAX_DIM = 2**31 - 1
+
+
+def _shapes(m: Mapping[str, Any], key: str, errs: list[str], count: int | None) -> tuple[tuple[int, ...], ...] | None:
+    """``"400x16,5x16,"``: one shape per parameter name, dimensions joined by ``x`` (empty: a scalar)."""
+    v = m.get(key)
+    if not isinstance(v, str) or len(v) > 100_000:
+        errs.append(f"{key}: expected comma-separated shapes such as 400x16, got {str(v)[:80]!r}")
+        return None
+    shapes = []
+    for part in v.split(","):
+        dims = part.split("x") if part else []
+        if not all(d.isascii() and d.isdigit() and len(d) <= 10 and int(d) <= MAX_DIM for d in dims):
+            errs.append(f"{key}: {part[:40]!r} is not a shape such as 400x16")
+            return None
+        shapes.append(tuple(int(d) for d in dims))
+    if count is not None and len(shapes) != count:
+        errs.append(f"{key}: {len(shapes)} shapes for {count} parameter names")
+        return None
+    return tuple(shapes)
 
 
 @dataclass(frozen=True)

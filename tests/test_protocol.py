@@ -41,6 +41,7 @@ def _eval(**over: object) -> dict[str, object]:
 def test_reports_round_trip_through_their_metrics() -> None:
     # Prepare: one report of each kind, as a partner builds them
     reg = Registration("partner-0", ("item_emb", "item_bias"), 120, 8.0, 1e-5)
+    shaped = Registration("partner-0", ("item_emb", "scale"), 120, 8.0, 1e-5, ((400, 16), ()))
     fit = FitReport(3, "partner-0", ("item_emb", "item_bias"), 120, False, 0.69, 1.2, 1.5, 1e-5, ACC)
     refusal = FitReport(3, "partner-0", ("item_emb",), 120, True, epsilon=7.9, delta=1e-5)
     ev = EvalReport(3, "partner-0", 40, dict.fromkeys(protocol.METRIC_KEYS, 0.25), 0.5)
@@ -48,6 +49,7 @@ def test_reports_round_trip_through_their_metrics() -> None:
 
     # Execute / Assert: the server's parser gives back the very report
     assert parse_registration(reg.to_metrics()) == reg
+    assert parse_registration(shaped.to_metrics()) == shaped
     assert parse_fit_report(fit.to_metrics(), 3) == fit
     assert parse_fit_report(refusal.to_metrics(), 3) == refusal
     assert parse_eval_report(ev.to_metrics(), 3) == ev
@@ -59,7 +61,8 @@ def test_reports_round_trip_through_their_metrics() -> None:
 def test_key_sets_are_the_reports_fields() -> None:
     assert set(_fit()) == protocol.FIT_METRIC_KEYS
     assert set(_eval()) == protocol.EVAL_METRIC_KEYS
-    assert {"partner_id", "param_names", "num_users", "max_epsilon", "target_delta"} == protocol.REGISTRATION_KEYS
+    assert {"partner_id", "param_names", "num_users", "max_epsilon", "target_delta",
+            "param_shapes"} == protocol.REGISTRATION_KEYS
 
 
 @pytest.mark.parametrize(("over", "problem"), [

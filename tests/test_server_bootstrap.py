@@ -121,3 +121,23 @@ def test_the_bootstrap_admits_valid_unique_registrations_with_the_names_most_dec
     assert "declares other shared parameters" in refused[1]
     assert "declared by two nodes" in refused[4] and "declared by two nodes" in refused[5]
     assert "partner_id" in refused[6] and "num_users" in refused[6]
+
+
+def test_a_partner_whose_data_give_other_parameter_shapes_is_refused_at_registration_naming_the_parameter() -> None:
+    # Prepare: was: registrations named the shared parameters only, so a partner whose items.csv held one
+    # more item (or that lacked user_feature_values.json) registered, the run started from one node's shapes,
+    # and the first round failed with a trainer shape error on one side and lost its quorum with "?" as the
+    # culprit; here p3 has 401 items where p1 and p2 have 400, and p4 declares no shapes for two names
+    shapes = "400x16,400"
+    props = {1: {**_registration("p1"), "param_shapes": shapes}, 2: {**_registration("p2"), "param_shapes": shapes},
+             3: {**_registration("p3"), "param_shapes": "401x16,401"},
+             4: {**_registration("p4"), "param_shapes": "400x16"}, 5: {**_registration("p5"), "param_shapes": "4x-1,2"}}
+    # Execute
+    admitted, refused = compute_admitted(props)
+    # Assert: the majority's shapes start the run; the odd partner is refused naming the first parameter that
+    # differs and the files that decide it; malformed shape lists are refused by the protocol
+    assert sorted(admitted) == [1, 2] and admitted[1].param_shapes == ((400, 16), (400,))
+    assert "p3 declares other shared parameters: a has shape (401, 16), the other partners' (400, 16)" in refused[3]
+    assert "items.csv" in refused[3] and "user_feature_values.json" in refused[3]
+    assert "param_shapes: 1 shapes for 2 parameter names" in refused[4]
+    assert "param_shapes: '4x-1' is not a shape" in refused[5]
