@@ -181,6 +181,8 @@ def load_partner_split(cfg: Config, s: PartnerSettings) -> SplitData:
     sections = {k: v for k, v in cfg.to_dict().items() if k in ("data", "split", "partition")}
     base = json.dumps([sections, s.data_dir], sort_keys=True)
     key = f"{base}|{s.partner_index}|{s.num_partitions}"
+    if s.num_partitions is None:  # checked on every call: a cached split does not outlive its schema file
+        _check_user_schema(cfg, s)
     if key in _SPLITS:
         return _SPLITS[key]  # type: ignore[no-any-return]
     if s.num_partitions is None:
@@ -199,6 +201,24 @@ def load_partner_split(cfg: Config, s: PartnerSettings) -> SplitData:
         part = partner_split(split, assignment, s.partner_index)
     _SPLITS[key] = part
     return part
+
+
+def _check_user_schema(cfg: Config, s: PartnerSettings) -> None:
+    """A deployed partner with ``model.use_user_features`` codes its users.csv by the federation's schema: without
+    ``user_feature_values.json`` beside it the loader would code each value by its rank among this partner's own
+    users' values, so a value's shared vector would be another value's on other partners (silently, where the
+    sizes happen to agree)."""
+    from fedsocial.shared.config import resolve_data_path
+    from fedsocial.shared.data import DataError
+    from fedsocial.shared.loaders import USER_VALUES_FILE
+
+    if cfg.data.format != "csv" or not cfg.model.use_user_features:
+        return
+    folder = resolve_data_path(cfg.data, s.data_dir)
+    if (folder / "users.csv").is_file() and not (folder / USER_VALUES_FILE).is_file():
+        raise DataError(f"{folder / USER_VALUES_FILE}: no such file: with model.use_user_features every partner "
+                        "codes users.csv by the federation's schema (fedsocial partition writes it; partners that "
+                        "bring their own data copy the one they agreed on)")
 
 
 def compute_local_config(cfg: Config) -> Config:

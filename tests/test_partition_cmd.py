@@ -185,3 +185,26 @@ def test_a_partner_users_csv_with_its_columns_in_another_order_codes_them_as_the
     assert swapped.user_features is not None and in_order.user_features is not None
     assert np.array_equal(swapped.user_features, in_order.user_features)
     assert set(in_order.user_features[:, 1].tolist()) == {1, 2}  # tier codes in the second column
+
+
+def test_a_deployed_partner_without_the_user_schema_refuses_to_load_naming_the_file(tmp_path: Path) -> None:
+    # Prepare: was: a partner folder missing user_feature_values.json loaded, coding users.csv by the ranks of
+    # its own users' values: with a value only another partner's user holds, its user-feature table had other
+    # rows, and where the sizes agreed a value's shared vector silently meant another value elsewhere
+    from fedsocial.client.partner import load_partner_split, settings_from_context
+
+    _feature_rich_csv(tmp_path / "data")
+    cfg_path = tmp_path / "cfg.toml"
+    cfg_path.write_text(f'[data]\nformat = "csv"\npath = "{tmp_path / "data"}"\n[partition]\nmethod = "random"\n'
+                        '[model]\nuse_user_features = true\n', encoding="utf-8")
+    assert partition_cmd.main(["--config", str(cfg_path), "--partners", "3", "--out", str(tmp_path / "parts")]) == 0
+    federation = str(tmp_path / "parts" / "federation.toml")
+    folder = tmp_path / "parts" / "partner_1"
+    settings = settings_from_context({"config-path": federation}, partition_cmd.node_config(folder / "partner.toml"))
+    cfg = load_config(federation)
+    assert load_partner_split(cfg, settings).dataset.user_features is not None  # with the schema: loads
+    (folder / "data" / "user_feature_values.json").unlink()
+    # Execute / Assert: refused, naming the missing file and where it comes from
+    with pytest.raises(DataError, match=r"partner_1/data/user_feature_values.json: no such file: with "
+                                        r"model.use_user_features every partner codes users.csv"):
+        load_partner_split(load_config(federation), settings)
