@@ -200,7 +200,26 @@ def _toml(value: Any) -> str:
     return repr(value)
 
 
-def render_config(data_dir: Path, stats: DataStats, settings: Settings, dp_changes: list[str]) -> str:
+DATA_KEYS = ("min_value", "strict", "price_bins", "text_dim")  # [data] keys that change what init measures
+
+
+def compute_data_config(data_dir: Path, overrides: list[str]) -> DataConfig:
+    """The [data] section init reads the data set with: ``--set data.KEY=VALUE`` for the keys of DATA_KEYS
+    (``data.min_value=4``: the settings follow from the interactions that remain positives)."""
+    from fedsocial.shared.config import apply_overrides, config_from_dict
+
+    for text in overrides:
+        section, key = text.split("=", 1)[0].strip().partition(".")[::2]
+        if section != "data" or key not in DATA_KEYS:
+            raise ConfigError(f"--set {text!r}: fedsocial init takes only {', '.join('data.' + k for k in DATA_KEYS)}"
+                              " (they change what it measures); set other keys where the config is used "
+                              "(fedsocial train/simulate/partition --set)")
+    raw = apply_overrides({"data": {"format": "csv", "path": str(data_dir)}}, overrides)
+    return config_from_dict(raw, "--set").data
+
+
+def render_config(data_dir: Path, stats: DataStats, settings: Settings, dp_changes: list[str],
+                  data: DataConfig | None = None) -> str:
     """The TOML text: data and split first, then each section with each value's reason."""
     lines = [f"# Written by `fedsocial init` for {data_dir.name}: {stats.users} users, {stats.items} items, "
              f"{stats.interactions} interactions, {stats.edges} social edges.",
@@ -210,8 +229,13 @@ def render_config(data_dir: Path, stats: DataStats, settings: Settings, dp_chang
         lines += ["# User-level DP: rerun `fedsocial init` with --private, or change exactly these keys:",
                   "#   " + " ".join(f"--set {c}" for c in dp_changes)]
     lines += ["", "[data]", 'format = "csv"', f"path = {json.dumps(str(data_dir))}  # absolute: no --data-dir needed",
-              "min_value = 0.0  # every interaction is a positive; explicit ratings: e.g. 4.0 keeps those >= 4",
-              "", "[split]", "seed = 2024", "", "[partition]", 'method = "random"', ""]
+              (f"min_value = {_toml(float(data.min_value))}  # interactions with a value >= {data.min_value:g} are the "
+               "positives (--set data.min_value)" if data is not None and data.min_value > 0 else
+               "min_value = 0.0  # every interaction is a positive; explicit ratings: init with data.min_value=4 "
+               "keeps those >= 4 and sizes the settings by them")]
+    lines += [f"{k} = {_toml(getattr(data, k))}  # --set data.{k}" for k in DATA_KEYS[1:]
+              if data is not None and getattr(data, k) != getattr(DataConfig(), k)]
+    lines += ["", "[split]", "seed = 2024", "", "[partition]", 'method = "random"', ""]
     for section in ("model", "train", "privacy", "federation", "secagg"):
         if section not in settings:
             continue
@@ -232,11 +256,14 @@ def build_parser() -> argparse.ArgumentParser:
                              "(docs/PRIVACY.md section 6)")
     parser.add_argument("--partners", type=int, default=3, help="partners of a simulation (default 3)")
     parser.add_argument("--force", action="store_true", help="overwrite an existing config")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="data.KEY=VALUE",
+                        help=f"read the data with this [data] setting ({', '.join(DATA_KEYS)}), e.g. "
+                             "data.min_value=4: ratings of 4 and 5 are the positives; repeatable")
     return parser
 
 
 def write_init_config(data: Path, out: Path, private: bool, partners: int, force: bool = False,
-                      distributed: bool = False) -> DataStats:
+                      distributed: bool = False, overrides: list[str] | None = None) -> DataStats:
     """Inspect ``data``, write the config to ``out`` (checked by reading it back); returns the stats."""
     from fedsocial.shared.loaders import load_dataset
 
@@ -245,7 +272,8 @@ def write_init_config(data: Path, out: Path, private: bool, partners: int, force
     if out.exists() and not force:
         raise ConfigError(f"--out {out}: exists; choose another name or pass --force")
     data_dir = data.resolve()
-    stats = compute_stats(load_dataset(DataConfig(format="csv", path=str(data_dir))))
+    data_cfg = compute_data_config(data_dir, list(overrides or []))
+    stats = compute_stats(load_dataset(data_cfg))
     if stats.users < 2 * partners:
         fix = (f"pass --partners {stats.users // 2} or fewer" if stats.users >= 2
                else "the data needs at least 2 users with interactions")
@@ -259,7 +287,7 @@ def write_init_config(data: Path, out: Path, private: bool, partners: int, force
     dp_changes = [] if private else compute_dp_changes(settings, compute_settings(stats, True, partners))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(render_config(data_dir, stats, settings, dp_changes), encoding="utf-8")
+    tmp.write_text(render_config(data_dir, stats, settings, dp_changes, data_cfg), encoding="utf-8")
     load_config(tmp)  # the written file must be a valid config
     tmp.replace(out)
     return stats
@@ -269,7 +297,8 @@ def write_init_config(data: Path, out: Path, private: bool, partners: int, force
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out = Path(args.out)
-    stats = write_init_config(Path(args.data), out, args.private, args.partners, args.force, args.distributed)
+    stats = write_init_config(Path(args.data), out, args.private, args.partners, args.force, args.distributed,
+                              args.overrides)
     kind = ("user-level DP, distributed noise" if args.distributed else "user-level DP") if args.private \
         else "non-private"
     print(f"{out}: {kind} config for {stats.users} users, {stats.items} items, {stats.interactions} interactions, "
