@@ -493,7 +493,8 @@ class Recommender:
 
     def _category_list(self) -> str:
         shown = self.category_labels(21)
-        return ", ".join(shown[:20]) + (", ..." if len(shown) > 20 else "")
+        quoted = [repr(c) for c in shown[:20]] if self.item_category_names else shown[:20]  # names may hold commas
+        return ", ".join(quoted) + (", ..." if len(shown) > 20 else "")
 
     def recommend(self, user: int | str, k: int = 10, category: int | str | None = None,
                   explain: bool = True) -> list[dict[str, Any]]:

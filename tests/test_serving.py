@@ -310,10 +310,10 @@ def test_a_category_is_taken_by_its_name_or_code_and_an_unknown_name_is_refused(
     # Assert
     assert by_name == by_code == by_text and by_name
     assert rec.category_labels() == list(names)
-    with pytest.raises(ServingError, match=r"no category 'Gardening' in this catalogue \(its categories: Books, "
-                                           r"Garden, Music, Toys\)"):
+    with pytest.raises(ServingError, match=r"no category 'Gardening' in this catalogue \(its categories: 'Books', "
+                                           r"'Garden', 'Music', 'Toys'\)"):
         rec.recommend(3, 5, category="Gardening")
-    with pytest.raises(ServingError, match="no item of this catalogue is in category 7 .*Books"):
+    with pytest.raises(ServingError, match="no item of this catalogue is in category 7 .*'Books'"):
         rec.recommend(3, 5, category="7")
 
 
