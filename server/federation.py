@@ -14,7 +14,7 @@ import platform
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from flwr.serverapp import Grid
 from fedsocial.server.aggregation import ParamSpec, compute_decoded_update, compute_npy_header
 from fedsocial.server.checkpoint import latest_checkpoint, list_checkpoints, rewrite_jsonl
 from fedsocial.server.screening import ScreenedGrid
-from fedsocial.server.strategy import METRIC_KEYS, FedSocialStrategy, QuorumError
+from fedsocial.server.strategy import METRIC_KEYS, FedSocialStrategy, QuorumError, compute_pin_refusal
 from fedsocial.shared import protocol
 from fedsocial.shared.config import Config, ConfigError, load_config
 from fedsocial.shared.privacy.records import METRICS_RECORD, write_signed_metrics
@@ -46,6 +46,8 @@ class ServerSettings:
     resume: bool
     wait_timeout: float
     stop_after: int  # > 0: end this process after that global round (a planned interruption); 0: run to the end
+    # partner id -> the node id its SuperNode's key was registered under (run config partner-nodes); empty: any
+    partner_nodes: Mapping[str, int] = field(default_factory=dict)
 
 
 def _resolve_config_path(text: str) -> Path:
@@ -70,7 +72,26 @@ def settings_from_run_config(run_config: Mapping[str, Any]) -> ServerSettings:
         resume=resume,
         wait_timeout=float(run_config.get("wait-timeout", 600.0)),
         stop_after=int(run_config.get("stop-after", 0)),
+        partner_nodes=parse_partner_nodes(run_config.get("partner-nodes", "")),
     )
+
+
+def parse_partner_nodes(text: Any) -> dict[str, int]:
+    """Run config ``partner-nodes``: ``"partner_0=NODE_ID,partner_1=NODE_ID,..."``, the node id that ``flwr
+    supernode register`` returned for each partner's key; empty: a node may declare any partner id."""
+    if not isinstance(text, str):
+        raise ConfigError(f"run config partner-nodes: expected a string, got {text!r}")
+    pins: dict[str, int] = {}
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        pid, sep, nid = item.partition("=")
+        if not sep or not pid.strip() or not nid.strip().isdigit():
+            raise ConfigError(f"run config partner-nodes: {item[:80]!r} is not PARTNER_ID=NODE_ID")
+        if pid.strip() in pins or int(nid) in pins.values():
+            raise ConfigError(f"run config partner-nodes: {item[:80]!r} pins a partner or a node twice")
+        pins[pid.strip()] = int(nid)
+    return pins
 
 
 def _ask_all(grid: Grid, node_ids: list[int], message_type: str, make_content: Callable[[], Any]
@@ -125,14 +146,20 @@ def query_partners(grid: Grid, nodes: list[int]) -> tuple[dict[int, dict[str, An
             failed)
 
 
-def compute_admitted(props: Mapping[int, Mapping[str, Any]]
+def compute_admitted(props: Mapping[int, Mapping[str, Any]], pins: Mapping[str, int] | None = None
                      ) -> tuple[dict[int, protocol.Registration], dict[int, str]]:
     """The registrations a run starts from, and every other node with why it is refused: a registration
-    must parse, name a partner id no other node declares, and declare the shared parameters most of the
-    valid ones declare (a first node with other names must not decide them for everyone)."""
+    must parse, name the partner id its node is pinned to (``pins``, where given), name a partner id no other
+    node declares, and declare the shared parameters most of the valid ones declare (a first node with other
+    names must not decide them for everyone)."""
     parsed = {nid: protocol.parse_registration(p) for nid, p in sorted(props.items())}
     valid = {nid: r for nid, r in parsed.items() if isinstance(r, protocol.Registration)}
     refused = {nid: f"registration refused: {r}" for nid, r in parsed.items() if isinstance(r, protocol.Rejected)}
+    for nid, reg in list(valid.items()):
+        why = compute_pin_refusal(nid, reg.partner_id, pins or {})
+        if why is not None:
+            refused[nid] = why
+            del valid[nid]
     ids = Counter(r.partner_id for r in valid.values())
     for nid, reg in list(valid.items()):
         if ids[reg.partner_id] > 1:
@@ -225,7 +252,7 @@ def run_server(grid: Grid, context: Context, overrides: Mapping[str, Any] | None
     s.run_dir.mkdir(parents=True, exist_ok=True)
     nodes = wait_for_nodes(grid, cfg, s.wait_timeout)
     answered, refused = query_partners(grid, nodes)
-    admitted, not_admitted = compute_admitted(answered)
+    admitted, not_admitted = compute_admitted(answered, s.partner_nodes)
     refused.update(not_admitted)
     ckpt = latest_checkpoint(s.run_dir) if s.resume else None
     if ckpt is not None:
@@ -263,7 +290,7 @@ def run_server(grid: Grid, context: Context, overrides: Mapping[str, Any] | None
     strategy = FedSocialStrategy(cfg, s.run_dir, names, params, start_round=start, state=state,
                                  secagg=cfg.secagg.enabled, secagg_precision=cfg.secagg.precision,
                                  wait_timeout=s.wait_timeout, on_round=on_round, registrations=props,
-                                 refused=refused, optimizer=optimizer)
+                                 refused=refused, optimizer=optimizer, partner_nodes=s.partner_nodes)
     specs.extend(strategy.specs)
     # the straggler deadline from here on (admission waited for all); under SecAgg+ the quorum is t, the fewest
     # live partners whose shares it can unmask

@@ -85,6 +85,20 @@ def _node(proxy: ClientProxy) -> int:
     return int(getattr(proxy, "node_id", -1))
 
 
+def compute_pin_refusal(nid: int, partner_id: str, pins: Mapping[str, int]) -> str | None:
+    """Why node ``nid`` may not be partner ``partner_id`` under the run's pins (None: it may). Node
+    authentication proves only that a node holds a registered key; the pin ties each key's node to one partner,
+    so a SuperNode started with another partner's node config cannot act as that partner."""
+    if not pins:
+        return None
+    if partner_id not in pins:
+        return f"registration refused: partner id {partner_id!r} is not among the run config's partner-nodes"
+    if pins[partner_id] != nid:
+        return (f"registration refused: node {nid} declares {partner_id}, whose SuperNode the run config pins to "
+                f"node {pins[partner_id]}")
+    return None
+
+
 class FedSocialStrategy(Strategy):
     """Weighted FedAvg of validated, clipped updates of the shared parameters; state in ``state_dict``.
 
@@ -100,8 +114,10 @@ class FedSocialStrategy(Strategy):
                  on_round: Callable[[dict[str, Any]], None] | None = None,
                  registrations: Mapping[int, Mapping[str, Any]] | None = None,
                  refused: Mapping[int, str] | None = None,
-                 optimizer: Mapping[str, np.ndarray] | None = None) -> None:
+                 optimizer: Mapping[str, np.ndarray] | None = None,
+                 partner_nodes: Mapping[str, int] | None = None) -> None:
         self.cfg, self.run_dir, self.names = cfg, run_dir, list(names)
+        self.partner_nodes = dict(partner_nodes or {})  # run config partner-nodes: partner id -> its node id
         self.specs = compute_specs(names, initial)
         self.global_params = [np.asarray(a) for a in initial]
         self.offset = start_round
@@ -137,6 +153,8 @@ class FedSocialStrategy(Strategy):
         for nid, reg in parsed.items():
             if isinstance(reg, protocol.Rejected):
                 self._refuse_node(nid, f"registration refused: {reg}")
+            elif (why := compute_pin_refusal(nid, reg.partner_id, self.partner_nodes)) is not None:
+                self._refuse_node(nid, why)
             elif ids.count(reg.partner_id) > 1:
                 self._refuse_node(nid, f"registration refused: partner id {reg.partner_id!r} declared by two nodes")
             else:

@@ -456,8 +456,10 @@ def run_scenario(work: Path, kill: bool = True, app: Path | None = None) -> dict
         run_dir = work / "run"
         app = app if app is not None else copy_app(work / "app")
         victim = sns[2] if kill else None
+        pins = ",".join(f"partner_{p}={nid}" for nid, p in sorted(nodes.items(), key=lambda kv: kv[1]))
         summary["run"] = federated_run(c, app, partners / "federation.toml", run_dir, tm,
-                                       "federated run", victim=victim, cluster_=c, after_submit=check_refusals)
+                                       "federated run", victim=victim, cluster_=c, after_submit=check_refusals,
+                                       partner_nodes=pins)  # each registered key's node is one partner
         rounds = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines() if line]
         summary["accepted"] = {r["round"]: r["accepted"] for r in rounds}
         summary["missed_deadline"] = {r["round"]: r["missed_deadline"] for r in rounds if r.get("missed_deadline")}
@@ -529,10 +531,11 @@ def _not_json(name: str) -> None:
 
 def federated_run(c: Cluster, app: Path, config: Path, run_dir: Path, tm: Timings, label: str,
                   victim: Proc | None = None, cluster_: Cluster | None = None,
-                  after_submit: Callable[[], None] = lambda: None) -> dict[str, Any]:
+                  after_submit: Callable[[], None] = lambda: None, partner_nodes: str = "") -> dict[str, Any]:
     """``flwr run``; ``after_submit()``; optionally SIGKILL ``victim`` while it trains in the last round;
     wait for the end."""
-    rid = flwr_run(c, app, {"config-path": str(config.resolve()), "run-dir": str(run_dir.resolve())})
+    run_config = {"config-path": str(config.resolve()), "run-dir": str(run_dir.resolve())}
+    rid = flwr_run(c, app, {**run_config, **({"partner-nodes": partner_nodes} if partner_nodes else {})})
     tm.mark(f"{label}: submitted run {rid}")
     after_submit()
     if victim is not None and cluster_ is not None:

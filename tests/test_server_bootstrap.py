@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,7 +24,13 @@ from flwr.server.compat.app_utils import start_update_client_manager_thread
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedsocial.server.federation import RefreshingClientManager, compute_admitted, query_partners
+from fedsocial.server.federation import (
+    RefreshingClientManager,
+    compute_admitted,
+    parse_partner_nodes,
+    query_partners,
+)
+from fedsocial.shared.config import ConfigError
 from tests.stub_grid import StubGrid
 
 
@@ -141,3 +148,48 @@ def test_a_partner_whose_data_give_other_parameter_shapes_is_refused_at_registra
     assert "items.csv" in refused[3] and "user_feature_values.json" in refused[3]
     assert "param_shapes: 1 shapes for 2 parameter names" in refused[4]
     assert "param_shapes: '4x-1' is not a shape" in refused[5]
+
+
+def test_partner_nodes_parses_pins_and_refuses_malformed_ones() -> None:
+    # Execute / Assert
+    assert parse_partner_nodes("") == {}
+    assert parse_partner_nodes(" partner_0=17, partner_1=4 ,") == {"partner_0": 17, "partner_1": 4}
+    for bad in ("partner_0", "partner_0=x", "=5", "a=1,a=2", "a=1,b=1"):
+        with pytest.raises(ConfigError, match="run config partner-nodes"):
+            parse_partner_nodes(bad)
+    with pytest.raises(ConfigError, match="expected a string"):
+        parse_partner_nodes(5)
+
+
+def test_a_node_declaring_a_partner_pinned_to_another_node_is_refused_at_the_bootstrap() -> None:
+    # Prepare: node auth proves only that a node holds a registered key (was: a SuperNode started with another
+    # partner's node config ran as that partner, its data path and ledger, when the real one was offline);
+    # p1 is pinned to node 1, node 7 declares it; p9 is pinned to no node
+    props = {2: _registration("p2"), 3: _registration("p3"), 7: _registration("p1"), 9: _registration("p9")}
+    pins = {"p1": 1, "p2": 2, "p3": 3}
+    # Execute
+    admitted, refused = compute_admitted(props, pins)
+    unpinned, _ = compute_admitted(props)
+    # Assert
+    assert sorted(admitted) == [2, 3] and sorted(unpinned) == [2, 3, 7, 9]
+    assert refused[7] == "registration refused: node 7 declares p1, whose SuperNode the run config pins to node 1"
+    assert "'p9' is not among the run config's partner-nodes" in refused[9]
+
+
+def test_a_late_registration_is_held_to_the_pins_too(tmp_path: Path) -> None:
+    # Prepare: the strategy registers a node first sampled after the start
+    import numpy as np
+
+    from fedsocial.server.strategy import FedSocialStrategy
+    from fedsocial.shared.config import Config
+    from tests.test_strategy import NAMES
+
+    cfg = Config().replace("federation", partners=2, rounds=1, min_partners=1, clipping_norm=1.0)
+    initial = [np.zeros((5, 3), np.float32), np.zeros(5, np.float32)]
+    strategy = FedSocialStrategy(cfg, tmp_path, NAMES, initial, partner_nodes={"partner-0": 10, "partner-1": 11})
+    reg = {"param_names": ",".join(NAMES), "num_users": 10}
+    # Execute
+    strategy.register_all({12: {**reg, "partner_id": "partner-0"}, 11: {**reg, "partner_id": "partner-1"}})
+    # Assert
+    assert strategy.node_partner == {11: "partner-1"}
+    assert "whose SuperNode the run config pins to node 10" in strategy.refused_nodes[12]
