@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -228,6 +229,11 @@ class FedSocialStrategy(Strategy):
     def _who(self, proxy: ClientProxy) -> str:
         return self.node_partner.get(_node(proxy), f"node-{_node(proxy)}")
 
+    def _who_failed(self, error: str) -> str:
+        """The partner of a failed reply known only by its error's text (the screen names the node first)."""
+        found = re.search(r"node (\d+)", error)
+        return "?" if found is None else self.node_partner.get(int(found.group(1)), f"node-{found.group(1)}")
+
     # --- Flower Strategy API -----------------------------------------------------------------
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
         return ndarrays_to_parameters(self.global_params)
@@ -310,7 +316,7 @@ class FedSocialStrategy(Strategy):
         g = self.global_round(server_round)
         dropped: list[dict[str, Any]] = list(self._round.get("dropped", []))
         for f in failures:
-            who = self._who(f[0]) if isinstance(f, tuple) else "?"
+            who = self._who(f[0]) if isinstance(f, tuple) else self._who_failed(str(f))
             reason = f"no reply: {compute_failure_reason(str(f if isinstance(f, BaseException) else f[1].status))}"
             log.warning("round %d: dropped a reply of %s: %s", g, who, reason)
             dropped.append({"partner": who, "reason": reason})

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.common import (
     Code,
@@ -573,7 +573,34 @@ def test_a_reply_flowers_workflow_cannot_read_is_that_partners_failure_not_the_r
     # Assert: partner-2 is a failure with the screen's reason; the round aggregated the other two
     assert strategy._round["accepted"] == ["partner-0", "partner-1"]
     (dropped,) = strategy._round["dropped"]
-    assert dropped["partner"] == "?" and "refused by the server: node 2: unreadable train reply" in dropped["reason"]
+    assert dropped["partner"] == "partner-2"  # named by its node (was "?")
+    assert "refused by the server: node 2: unreadable train reply" in dropped["reason"]
+
+
+@pytest.mark.usefixtures("server_task")
+def test_a_partners_failed_reply_is_recorded_under_its_name(tmp_path: Path) -> None:
+    # Prepare: partner-1's ClientApp fails (an error reply, as Flower sends it, with no node id in its text; was:
+    # the round's record said the dropped reply was "?"'s, so an operator could not tell whose it was)
+    def reply(node: int, request: Message) -> Message:
+        if node == 1:
+            return Message(Error(0, "ValueError: the partner's data changed"), reply_to=request)
+        return _honest_reply(node, request)
+
+    strategy = _strategy(tmp_path)
+    manager = SimpleClientManager()
+    for node in range(3):
+        manager.register(_Proxy(node))
+    context = LegacyContext(Context(7, 0, {}, RecordDict(), {}), ServerConfig(num_rounds=1), strategy, manager)
+    context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: 1})
+    context.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
+        ndarrays_to_parameters(INITIAL), True)
+    grid = ScreenedGrid(_ReplyGrid(reply), lambda: strategy.specs)
+    # Execute
+    default_fit_workflow(grid, context)
+    # Assert: the failure is partner-1's, with its own reason; the others aggregated
+    assert strategy._round["accepted"] == ["partner-0", "partner-2"]
+    (dropped,) = strategy._round["dropped"]
+    assert dropped["partner"] == "partner-1" and "the partner's data changed" in dropped["reason"]
 
 
 def _stage_messages(stage: str, asked: dict[str, Any], got: dict[str, Any]) -> tuple[Message, Message]:
