@@ -123,8 +123,8 @@ def compute_screened(request: Message | None, reply: Message, expected: Sequence
     """``reply``, or its sender's error reply naming why the workflow could not read it. An error reply is
     given its sender's node id (Flower's legacy workflows keep only the error's text, so the run's record could not
     say whose reply failed)."""
-    if request is not None and reply.has_error() and not reply.error.reason.startswith("node "):
-        return Message(Error(reply.error.code, f"node {reply.metadata.src_node_id}: {reply.error.reason}"),
+    if request is not None and reply.has_error() and not (reply.error.reason or "").startswith("node "):
+        return Message(Error(reply.error.code, f"node {reply.metadata.src_node_id}: {reply.error.reason or ''}"),
                        reply_to=request)
     problem = None if request is None else compute_reply_problem(request, reply, expected)
     if problem is None or request is None:
