@@ -546,6 +546,19 @@ def server_task(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(TaskIdentity, "_task_id", 1)
 
 
+def _fit_round_through_flowers_workflow(strategy: Any, reply: Any) -> None:
+    """Round 1 of Flower's own fit workflow over three partners, each answering with ``reply(node, request)``,
+    through the server's screen."""
+    manager = SimpleClientManager()
+    for node in range(3):
+        manager.register(_Proxy(node))
+    context = LegacyContext(Context(7, 0, {}, RecordDict(), {}), ServerConfig(num_rounds=1), strategy, manager)
+    context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: 1})
+    context.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
+        ndarrays_to_parameters(INITIAL), True)
+    default_fit_workflow(ScreenedGrid(_ReplyGrid(reply), lambda: strategy.specs), context)
+
+
 @pytest.mark.usefixtures("server_task")
 @pytest.mark.parametrize("damage", [_no_num_examples, _list_metric, _no_status, _bad_code, _count_list])
 def test_a_reply_flowers_workflow_cannot_read_is_that_partners_failure_not_the_runs(tmp_path: Path,
@@ -558,17 +571,9 @@ def test_a_reply_flowers_workflow_cannot_read_is_that_partners_failure_not_the_r
         return msg
 
     strategy = _strategy(tmp_path)
-    manager = SimpleClientManager()
-    for node in range(3):
-        manager.register(_Proxy(node))
-    context = LegacyContext(Context(7, 0, {}, RecordDict(), {}), ServerConfig(num_rounds=1), strategy, manager)
-    context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: 1})
-    context.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
-        ndarrays_to_parameters(INITIAL), True)
-    grid = ScreenedGrid(_ReplyGrid(reply), lambda: strategy.specs)
 
     # Execute: without the screen, Flower's conversion raised here and ended the run
-    default_fit_workflow(grid, context)
+    _fit_round_through_flowers_workflow(strategy, reply)
 
     # Assert: partner-2 is a failure with the screen's reason; the round aggregated the other two
     assert strategy._round["accepted"] == ["partner-0", "partner-1"]
@@ -587,16 +592,8 @@ def test_a_partners_failed_reply_is_recorded_under_its_name(tmp_path: Path) -> N
         return _honest_reply(node, request)
 
     strategy = _strategy(tmp_path)
-    manager = SimpleClientManager()
-    for node in range(3):
-        manager.register(_Proxy(node))
-    context = LegacyContext(Context(7, 0, {}, RecordDict(), {}), ServerConfig(num_rounds=1), strategy, manager)
-    context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: 1})
-    context.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
-        ndarrays_to_parameters(INITIAL), True)
-    grid = ScreenedGrid(_ReplyGrid(reply), lambda: strategy.specs)
     # Execute
-    default_fit_workflow(grid, context)
+    _fit_round_through_flowers_workflow(strategy, reply)
     # Assert: the failure is partner-1's, with its own reason; the others aggregated
     assert strategy._round["accepted"] == ["partner-0", "partner-2"]
     (dropped,) = strategy._round["dropped"]
