@@ -21,6 +21,7 @@ A partner needs only its folder: :func:`node_config` turns ``partner.toml`` into
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -54,12 +55,8 @@ def compute_partner_dataset(ds: Dataset, assignment: np.ndarray, partner: int) -
                       val_items=empty, test_users=empty, test_items=empty)
     sub = partner_split(whole, assignment, partner).dataset
     category = sub.item_category if sub.item_category is not None else np.zeros(ds.n_items, dtype=np.int64)
-    return Dataset(n_users=sub.n_users, n_items=sub.n_items, users=sub.users, items=sub.items,
-                   social_src=sub.social_src, social_dst=sub.social_dst, item_category=category,
-                   item_category_names=ds.item_category_names,
-                   name=sub.name, user_ids=_global_user_ids(ds, sub), item_ids=ds.item_ids,
-                   user_features=sub.user_features, user_feature_names=sub.user_feature_names,
-                   user_feature_sizes=sub.user_feature_sizes, user_feature_values=sub.user_feature_values)
+    # the partner's slice as partner_split makes it (user features and schema included), under global ids
+    return dataclasses.replace(sub, item_category=category, user_ids=_global_user_ids(ds, sub), extra={})
 
 
 def _global_user_ids(ds: Dataset, sub: Dataset) -> np.ndarray:
