@@ -333,6 +333,26 @@ def test_standalone_prv_accountant_is_opacus_own() -> None:
         assert compute_epsilon_prv(history, 1e-5) == float(opacus.get_epsilon(delta=1e-5, eps_error=0.01))
 
 
+def test_a_full_batch_release_is_accounted_by_prv_without_a_numpy_warning() -> None:
+    # Prepare: a sample-rate-1 event (the DP selection, a full-batch step) next to a subsampled history; was:
+    # Opacus's log(1 - q) at q = 1 printed "divide by zero encountered in log" in every partner's log
+    import warnings
+
+    from opacus.accountants import PRVAccountant
+
+    history = [(2.2, 0.25, 160), (8.0, 1.0, 1)]
+    opacus = PRVAccountant()
+    opacus.history = list(history)
+    with np.errstate(divide="ignore"):
+        expected = float(opacus.get_epsilon(delta=1e-5, eps_error=0.01))
+    # Execute
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails the test
+        eps = compute_epsilon(history, 1e-5, "prv")
+    # Assert: Opacus's own value, silently
+    assert eps == expected and math.isfinite(eps)
+
+
 def test_standalone_rdp_analysis_is_opacus_own() -> None:
     # Prepare
     from opacus.accountants.analysis import rdp as opacus_rdp

@@ -214,7 +214,8 @@ def compute_epsilon_prv(history: History, target_delta: float, eps_error: float 
         merged[(sigma, q)] = merged.get((sigma, q), 0) + steps  # exact and much faster to discretise
     acc = PRVAccountant()
     acc.history = [(sigma, q, steps) for (sigma, q), steps in merged.items()]
-    return float(acc.get_epsilon(delta=target_delta, eps_error=eps_error))
+    with np.errstate(divide="ignore"):  # q = 1 (a full-batch release): Opacus takes log(1 - q) = -inf on purpose
+        return float(acc.get_epsilon(delta=target_delta, eps_error=eps_error))
 
 
 ACCOUNTANTS: dict[str, Callable[[History, float], float]] = {
