@@ -25,25 +25,15 @@ _HASH_BUCKETS = 1 << 18
 _TOKEN_RE = re.compile(r"\w+", re.UNICODE)
 
 
-def compute_codes(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Integer codes of string values: canonical integers keep their value when all are non-negative
-    integers (Ciao's category ids, partition exports), else the rank in sorted order. Returns
-    (codes, the distinct values in code order)."""
+def compute_codes(values: np.ndarray) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Integer codes of string values and the name of each code: canonical integers keep their value when all
+    are non-negative integers (Ciao's category ids, partition exports; they name themselves: ``()``), else the
+    rank in sorted order, code c named by the c-th distinct value."""
     values = np.asarray(values, dtype=str)
-    if values.size and all(v.isdigit() and str(int(v)) == v for v in np.unique(values).tolist()):
-        codes = values.astype(np.int64)
-        return codes, np.unique(values)
     uniq, codes = np.unique(values, return_inverse=True)
-    return codes.astype(np.int64), uniq
-
-
-def compute_code_names(values: np.ndarray) -> tuple[str, ...]:
-    """The name of each code, for codes :func:`compute_codes` gave by rank (named categories); ``()`` where the
-    values were canonical integers, which name themselves."""
-    values = np.asarray(values, dtype=str)
-    if values.size and all(v.isdigit() and str(int(v)) == v for v in np.unique(values).tolist()):
-        return ()
-    return tuple(str(v) for v in np.unique(values).tolist())
+    if uniq.size and all(v.isdigit() and str(int(v)) == v for v in uniq.tolist()):
+        return values.astype(np.int64), ()
+    return codes.astype(np.int64), tuple(str(v) for v in uniq.tolist())
 
 
 def compute_price_bins(prices: np.ndarray, n_bins: int) -> np.ndarray:

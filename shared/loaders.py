@@ -39,7 +39,7 @@ import numpy as np
 
 from fedsocial.shared.config import DataConfig, resolve_data_path
 from fedsocial.shared.data import DataError, Dataset
-from fedsocial.shared.features import cached_text_features, compute_code_names, compute_codes, compute_price_bins
+from fedsocial.shared.features import cached_text_features, compute_codes, compute_price_bins
 
 PathLike = str | os.PathLike[str]
 LOG = logging.getLogger("fedsocial.data")
@@ -750,8 +750,7 @@ def _read_items_csv(path: Path) -> dict[str, Any]:
         if empty.any():
             raise DataError(f"{path}:{table.where(empty)}: empty category (leave the column out, "
                             "or give every item one)")
-        out["category"] = compute_codes(cats)[0]
-        out["category_names"] = compute_code_names(cats)
+        out["category"], out["category_names"] = compute_codes(cats)
     if "price" in table.columns:
         out["price"] = _read_prices(table)
     texts = [table.columns[c] for c in ("title", "text") if c in table.columns]
