@@ -841,9 +841,11 @@ class Partner:
         from fedsocial.shared.privacy.ledger import RELEASE_KINDS, order_key
         from fedsocial.shared.privacy.selection import (
             SELECTION_SENSITIVITY,
+            SelectionError,
             compute_noisy_differences,
             compute_selection_differences,
             compute_selection_release,
+            load_charged_release,
             load_selection_release,
             save_selection_release,
             selection_event,
@@ -856,11 +858,12 @@ class Partner:
         entries = ledger.entries()
         recorded = next((e for e in entries if int(e["round"]) == round_ and e.get("release") == "selection"), None)
         if recorded is not None:
-            saved = load_selection_release(state_dir, round_)
-            if saved is None or saved["digest"] != recorded.get("release_sha256"):
+            try:
+                saved = load_charged_release(state_dir, recorded, f"{self.partner_id}'s ledger")
+            except SelectionError:
                 raise PartnerError(f"{self.partner_id}: the selection of round {round_} was released and charged, "
                                    "but that release is not on this partner's disk (missing or altered); refusing "
-                                   "a second one")
+                                   "a second one") from None
             write_served_choice(state_dir, saved)  # idempotent: a kill between the charge and this line
             return str(saved["choice"])
         if not any(r >= round_ for r, _ in list_snapshots(state_dir)):

@@ -249,6 +249,7 @@ class Recommender:
         self.item_index = {it: i for i, it in enumerate(self.items)}
         self.item_category = None if ds.item_category is None else np.asarray(ds.item_category)
         self.item_category_names: tuple[str, ...] = tuple(ds.item_category_names)  # () : the codes name themselves
+        self._category_codes = np.unique(self.item_category) if self.item_category is not None else None  # once
         # each user's own record as the service sees it: every known interaction, out-neighbours
         self.history: list[list[int]] = [[] for _ in self.users]
         self.seen: list[set[int]] = [set() for _ in self.users]
@@ -486,9 +487,9 @@ class Recommender:
 
     def category_labels(self, limit: int = 1000) -> list[str]:
         """The catalogue's categories that hold items, by name where items.csv named them (else their codes)."""
-        if self.item_category is None:
+        if self._category_codes is None:
             return []
-        codes = np.unique(self.item_category)[:limit].tolist()
+        codes = self._category_codes[:limit].tolist()
         return [self.item_category_names[c] if self.item_category_names else str(c) for c in codes]
 
     def _category_list(self) -> str:

@@ -165,7 +165,7 @@ def selection_charges(entries: Sequence[Mapping[str, Any]]) -> list[Mapping[str,
     return [e for e in entries if e.get("release") == "selection"]
 
 
-def _charged_release(state_dir: Path, charge: Mapping[str, Any], where: str) -> dict[str, Any]:
+def load_charged_release(state_dir: Path, charge: Mapping[str, Any], where: str) -> dict[str, Any]:
     """The saved release a ledger charge names, intact (same digest), else a :class:`SelectionError`."""
     round_ = charge.get("round")
     if isinstance(round_, bool) or not isinstance(round_, int):
@@ -195,7 +195,7 @@ def read_served_choice(state_dir: Path, charges: Sequence[Mapping[str, Any]] | N
     where = str(ledger_path) if ledger_path is not None else "the partner's ledger"
     if not path.exists():
         if charges:
-            return str(_charged_release(state_dir, charges[-1], where)["choice"])
+            return str(load_charged_release(state_dir, charges[-1], where)["choice"])
         saved = sorted((state_dir / SELECTION_FOLDER).glob("round_*.json"))
         if charges is None and saved:
             raise SelectionError(f"{path} is missing beside the saved selection release {saved[-1]}: whether it was "
@@ -221,5 +221,5 @@ def read_served_choice(state_dir: Path, charges: Sequence[Mapping[str, Any]] | N
                                        for c in charges):
         raise SelectionError(f"{path}: records the selection of round {doc['round']}, which {where} never charged")
     if charges and charges[-1].get("round") != doc["round"]:  # a later charge whose record was not written yet
-        return str(_charged_release(state_dir, charges[-1], where)["choice"])
+        return str(load_charged_release(state_dir, charges[-1], where)["choice"])
     return str(release["choice"])
