@@ -72,7 +72,7 @@ from fedsocial.shared.privacy.ledger import (
     PARTNER_ID_RE,
     UNIT,
     LedgerError,
-    entry_hash,
+    compute_entry_hash_or_none,
     history_of,
     is_number,
     scan_ledger,
@@ -436,7 +436,7 @@ def _audit_partner_into(report: PartnerReport, ledgers: Path, keys_dir: Path | N
             head = heads[partner] if isinstance(heads[partner], dict) else {}
             for p in verify_head(scan.entries, head.get("round"), str(head.get("hash", "")), partner):
                 result.add("tamper", partner, p.round, p.line, f"{p.kind}: {p.message}")
-            named = next((e for e in scan.entries if _entry_hash_or_none(e) == head.get("hash")), None)
+            named = next((e for e in scan.entries if compute_entry_hash_or_none(e) == head.get("hash")), None)
             if named is not None and is_number(named.get("epsilon_prv")) and is_number(named.get("epsilon_rdp")):
                 report.head_epsilon = float(named["epsilon_prv"] if named.get("accountant") == "prv"
                                             else named["epsilon_rdp"])
@@ -900,23 +900,12 @@ def _parse_received(raw: Any, heads: dict[str, Any]) -> dict[str, list[tuple[int
     return out
 
 
-def _entry_hash_or_none(entry: dict[str, Any]) -> str | None:
-    try:
-        return entry_hash(entry)
-    except (TypeError, ValueError):  # no canonical form: already a schema finding
-        return None
-
-
 def _check_received(partner: str, entries: list[dict[str, Any]], lines: list[int], result: AuditResult) -> None:
     """Every release the server took from ``partner`` (signed in the heads, per round) must be charged by the
     entry its reply named, of that round and of that release's kind: the newest head alone cannot show a round
     a partner left out, nor an evaluation release charged by the round's training entry."""
-    by_hash: dict[str, tuple[int, dict[str, Any]]] = {}
-    for entry, line in zip(entries, lines, strict=True):
-        try:
-            by_hash[entry_hash(entry)] = (line, entry)
-        except (TypeError, ValueError):  # no canonical form: already a schema finding
-            continue
+    hashed = ((compute_entry_hash_or_none(entry), line, entry) for entry, line in zip(entries, lines, strict=True))
+    by_hash = {h: (line, entry) for h, line, entry in hashed if h is not None}  # None: already a schema finding
     for rnd, reply, digest in (result.records.get("received") or {}).get(partner, []):
         found = by_hash.get(digest)
         what = "reply" if reply == "any" else f"{reply} reply"

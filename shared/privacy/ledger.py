@@ -382,7 +382,7 @@ def verify_head(
     """
     same_round = [i for i, entry in enumerate(entries) if entry.get("round") == head_round]
     if same_round:  # a round may hold a training and an evaluation release: the head names one of them
-        if any(_hash_or_none(entries[i]) == head_hash for i in same_round):
+        if any(compute_entry_hash_or_none(entries[i]) == head_hash for i in same_round):
             return []
         return [Problem(partner_id, head_round, same_round[0] + 1, "head",
                         "entry differs from the head recorded by the server")]
@@ -394,7 +394,8 @@ def verify_head(
                     f"(last entry: round {last}); entries were removed")]
 
 
-def _hash_or_none(entry: Mapping[str, Any]) -> str | None:
+def compute_entry_hash_or_none(entry: Mapping[str, Any]) -> str | None:
+    """The entry's hash, or None for an entry with no canonical form (already a schema finding)."""
     try:
         return entry_hash(entry)
     except (TypeError, ValueError):  # NaN or a non-JSON value smuggled in: no canonical form, no hash
