@@ -321,6 +321,8 @@ class FedSocialStrategy(Strategy):
             log.warning("round %d: dropped a reply of %s: %s", g, who, reason)
             dropped.append({"partner": who, "reason": reason})
         reports = self._read_fit_replies(g, results, dropped)
+        for _, _, rep in reports:  # read by the server, aggregated or dropped below: its ledger must charge it
+            self._note_release(rep)
         exhausted = list(self._round.get("budget_exhausted", []))
         exhausted += [r.partner_id for _, _, r in reports if r.budget_exhausted]
         for pid in exhausted:
@@ -345,12 +347,11 @@ class FedSocialStrategy(Strategy):
         for rep in accepted:
             info = self.partners.setdefault(rep.partner_id, {})
             info.update({k: v for k, v in rep.to_metrics().items() if k not in ("param_names", "partner_id")})
-            if rep.accounting is not None:  # what the aggregate used: the partner's ledger must charge it
-                self._record_received(rep.partner_id, rep.accounting.ledger_head, "fit")
             info["fit_time_s_total"] = float(info.get("fit_time_s_total", 0.0)) + rep.fit_time_s
         self._round.update(accepted=[r.partner_id for r in accepted], update_norm=compute_update_norm(update),
-                           server_noise_std=std, fit_time_s={r.partner_id: r.fit_time_s for r in accepted},
-                           epsilon={r.partner_id: r.epsilon for r in accepted if r.epsilon is not None})
+                           server_noise_std=std, fit_time_s={r.partner_id: r.fit_time_s for r in accepted})
+        eps = self._round.setdefault("epsilon", {})
+        eps.update({r.partner_id: r.epsilon for r in accepted if r.epsilon is not None})
         return ndarrays_to_parameters(self.global_params), {"accepted": len(accepted), "dropped": len(dropped)}
 
     def _read_fit_replies(self, g: int, results: list[tuple[ClientProxy, FitRes]], dropped: list[dict[str, Any]]
@@ -523,6 +524,20 @@ class FedSocialStrategy(Strategy):
             reasons = "; ".join(f"{d['partner']}: {d['reason']}" for d in dropped)
             raise QuorumError(f"round {g}: only {len(accepted)} valid replies, federation.min_partners is {need}"
                               + (f" ({reasons})" if reasons else ""))
+
+    def _note_release(self, rep: protocol.FitReport) -> None:
+        """A fit reply the server read (its update decoded or its share in an unmasked sum), whether the round
+        then aggregates it or drops it (over the clipping norm, over its cap, a sum voided by another reply): the
+        release left the partner all the same. Its accounting becomes the partner's newest head and published
+        epsilon, and the round's ``received`` names the ledger entry it said charges it, so that the audit finds
+        a dropped release its ledger left out, not only an aggregated one."""
+        acc = rep.accounting
+        if acc is None:  # no DP, or a refusal (the budget exhausted: nothing trained, nothing released)
+            return
+        info = self.partners.setdefault(rep.partner_id, {})
+        info.update(epsilon=acc.epsilon, delta=acc.delta, ledger_round=acc.ledger_round, ledger_head=acc.ledger_head)
+        self._round.setdefault("epsilon", {})[rep.partner_id] = acc.epsilon
+        self._record_received(rep.partner_id, acc.ledger_head, "fit")
 
     def _record_received(self, partner_id: str, ledger_head: str, reply: str) -> None:
         """The round's record (``received``, signed in ledger_heads.json) names the ledger entry that a reply

@@ -149,10 +149,9 @@ def test_a_signed_but_malformed_per_round_record_is_tampering(tmp_path: Path, re
     assert any("malformed received" in f.message for f in result.findings)
 
 
-def test_the_server_signs_each_round_s_taken_releases_and_nothing_it_dropped_or_that_was_refused(
-        tmp_path: Path) -> None:
+def test_the_server_signs_each_round_s_read_releases_dropped_ones_too_and_no_refusal(tmp_path: Path) -> None:
     # Prepare: a DP run of 3 partners; partner-2 refuses round 2 (budget) and claims an over-cap epsilon in
-    # round 3 (dropped)
+    # round 3 (dropped, but read: the release left the partner)
     cfg = Config().replace("federation", partners=3, min_partners=2, clipping_norm=1.0, rounds=3).replace(
         "privacy", enabled=True, max_epsilon=8.0, target_delta=1e-5)
     strategy = FedSocialStrategy(cfg, tmp_path, NAMES, INITIAL, registrations=_registrations(3))
@@ -178,12 +177,52 @@ def test_the_server_signs_each_round_s_taken_releases_and_nothing_it_dropped_or_
     assert doc["received"] == [
         {"round": 1, "partners": {f"partner-{n}": [_fit(f"1{n}" * 32)] for n in (0, 1, 2)}},
         {"round": 2, "partners": {f"partner-{n}": [_fit(f"2{n}" * 32)] for n in (0, 1)}},
-        {"round": 3, "partners": {f"partner-{n}": [_fit(f"3{n}" * 32)] for n in (0, 1)}},
+        {"round": 3, "partners": {f"partner-{n}": [_fit(f"3{n}" * 32)] for n in (0, 1, 2)}},
     ]
-    assert doc["heads"]["partner-2"] == {"round": 1, "hash": "12" * 32}
+    assert doc["heads"]["partner-2"] == {"round": 3, "hash": "32" * 32}
     rounds = [json.loads(line) for line in (tmp_path / "rounds.jsonl").read_text().splitlines()]
     assert [sorted(r["received"]) for r in rounds] == [["partner-0", "partner-1", "partner-2"],
-                                                       ["partner-0", "partner-1"], ["partner-0", "partner-1"]]
+                                                       ["partner-0", "partner-1"],
+                                                       ["partner-0", "partner-1", "partner-2"]]
+    assert rounds[2]["accepted"] == ["partner-0", "partner-1"] and rounds[2]["epsilon"]["partner-2"] == 9.5
+    assert strategy.partners["partner-2"]["epsilon"] == 9.5  # what metrics.json publishes: the release it read
+
+
+@pytest.mark.parametrize("why", ["over the clipping norm", "over its cap"])
+def test_a_reply_the_server_read_and_dropped_is_still_a_release_its_ledger_must_charge(
+        tmp_path: Path, why: str) -> None:
+    # Regression: a reply dropped after the server decoded it was in no round's record, so a ledger that left
+    # its charge out audited clean although the release had left the partner.
+    # Prepare: two partners; in round 2 partner-1's reply is read and dropped, and names an entry its ledger
+    # never appended (the ledger charges rounds 1 and 3 only)
+    cfg = Config().replace("federation", partners=2, min_partners=1, clipping_norm=1.0, rounds=3).replace(
+        "privacy", enabled=True, max_epsilon=8.0, target_delta=DELTA)
+    entries = _build(tmp_path, {"partner-0": [1, 2, 3], "partner-1": [1, 3]})
+    strategy = FedSocialStrategy(cfg, tmp_path, NAMES, INITIAL, registrations=_registrations(2))
+    missing = "ab" * 32
+
+    def acc(pid: str, r: int) -> dict[str, Any]:
+        es = {e["round"]: e for e in entries[pid]}
+        head = entry_hash(es[r]) if r in es else missing
+        return {"epsilon": 1.0 * r, "delta": DELTA, "noise_multiplier": 1.1, "sample_rate": 0.05, "steps": 20,
+                "max_grad_norm": 0.1, "ledger_round": r, "ledger_head": head}
+
+    # Execute: three rounds; partner-1's round-2 update is ten times the clipping norm, or claims epsilon 9.5
+    for r in (1, 2, 3):
+        bad = r == 2 and why == "over the clipping norm"
+        over = {"epsilon": 9.5} if r == 2 and why == "over its cap" else {}
+        replies = [_fit_reply(0, _direction(0), 10, round=r, **acc("partner-0", r)),
+                   _fit_reply(1, [10 * a for a in _direction(1)] if bad else _direction(1), 10, round=r,
+                              **{**acc("partner-1", r), **over})]
+        strategy.aggregate_fit(r, replies, [])  # type: ignore[arg-type]
+        strategy.aggregate_evaluate(r, [], [])
+    rounds = [json.loads(line) for line in (tmp_path / "rounds.jsonl").read_text().splitlines()]
+    assert rounds[1]["accepted"] == ["partner-0"] and rounds[1]["dropped"][0]["partner"] == "partner-1"
+
+    # Assert: the audit names the round the server read but the ledger never charged
+    finding = _the_tampering(tmp_path)
+    assert finding.partner == "partner-1" and finding.round == 2
+    assert "no such entry" in finding.message
 
 
 def test_under_dp_evaluation_releases_a_released_evaluation_without_its_charge_is_not_published(

@@ -217,14 +217,20 @@ def test_under_dp_an_update_with_false_or_missing_privacy_accounting_is_refused(
     # Execute
     _, info = strategy.aggregate_fit(1, [*honest, _fit(2, _direction(2), 10, **metrics)], [])  # type: ignore[arg-type]
 
-    # Assert: dropped with its reason; its claims reach neither the round's record nor the signed heads
+    # Assert: dropped with its reason, out of the aggregate; a reply with accounting was read all the same, so
+    # the round's record names the entry it said charges it (the audit then holds the ledger to it)
     if problem is None:
         assert info == {"accepted": 3, "dropped": 0}
         return
     assert info == {"accepted": 2, "dropped": 1}
     (dropped,) = strategy._round["dropped"]
     assert dropped["partner"] == "partner-2" and problem in dropped["reason"], dropped
-    assert "partner-2" not in strategy._round["epsilon"] and "partner-2" not in strategy.partners
+    assert strategy._round["accepted"] == ["partner-0", "partner-1"]
+    if "ledger_head" in metrics and not dropped["reason"].startswith("malformed reply"):  # parsed, then refused
+        assert strategy._round["received"]["partner-2"] == [{"reply": "fit", "hash": metrics["ledger_head"]}]
+        assert strategy._round["epsilon"]["partner-2"] == metrics["epsilon"]
+    else:  # no accounting, or none the screen could parse: no entry it can name
+        assert "partner-2" not in strategy._round["received"] and "partner-2" not in strategy._round["epsilon"]
 
 
 def test_under_dp_a_refusal_and_a_zero_update_without_accounting_are_taken(tmp_path: Path) -> None:
@@ -404,6 +410,30 @@ def test_secagg_sum_with_a_weight_0_reply_is_not_aggregated(tmp_path: Path) -> N
     assert info["accepted"] == 0 and "skipped" in strategy._round
     new = parameters_to_ndarrays(params)  # type: ignore[arg-type]
     assert all(np.array_equal(a, b) for a, b in zip(new, INITIAL, strict=True))
+
+
+def test_a_voided_secure_sum_still_records_each_release_the_server_unmasked(tmp_path: Path) -> None:
+    # Regression: a skipped SecAgg+ round recorded no release, although the server had unmasked the sum of
+    # every contributor's update: a ledger leaving its charge out audited clean
+    # Prepare: a DP sum of 2 where partner-1 claims an epsilon over its cap (one false claim voids the sum)
+    strategy = _strategy(tmp_path, secagg=True)
+    strategy.cfg = strategy.cfg.replace("privacy", enabled=True, max_epsilon=8.0, target_delta=1e-5)
+    mean = _direction(0)
+
+    def acc(n: int, eps: float) -> dict[str, Any]:
+        return {"epsilon": eps, "delta": 1e-5, "noise_multiplier": 1.1, "sample_rate": 0.1, "steps": 10,
+                "max_grad_norm": 0.1, "ledger_round": 1, "ledger_head": f"{n}" * 64}
+
+    replies = [_fit(0, mean, 10, **acc(0, 1.0)), _fit(1, mean, 10, **acc(1, 9.5))]
+
+    # Execute
+    _, info = strategy.aggregate_fit(1, replies, [])  # type: ignore[arg-type]
+
+    # Assert: not aggregated, and both releases named with the entries their replies said charge them
+    assert info["accepted"] == 0 and "skipped" in strategy._round
+    assert strategy._round["received"] == {"partner-0": [{"reply": "fit", "hash": "0" * 64}],
+                                           "partner-1": [{"reply": "fit", "hash": "1" * 64}]}
+    assert strategy._round["epsilon"] == {"partner-0": 1.0, "partner-1": 9.5}
 
 
 def test_an_exhausted_partner_drops_out_of_a_secagg_round_instead_of_sending_zeros(tmp_path: Path) -> None:
