@@ -73,9 +73,18 @@ class QuorumError(RuntimeError):
     """Fewer valid replies than ``federation.min_partners``: the round (and the run) cannot continue."""
 
 
+ACTOR_DIED_MARKERS = ("The actor died unexpectedly", "The actor is dead because")  # Ray's words for a lost process
+_WORKER_EXIT = re.compile(r"Worker exit type: (\w+)")
+
+
 def compute_failure_reason(text: str, limit: int = 300) -> str:
     """One line from a failed reply: a ClientApp's error arrives as a whole Ray traceback, whose last
-    ``Message:`` (or last line) is the partner's own error; the rest would bury it in every log."""
+    ``Message:`` (or last line) is the partner's own error; the rest would bury it in every log. A process
+    that died (killed, out of memory, crashed) has no error of its own: Ray's paragraph becomes one line."""
+    if any(marker in text for marker in ACTOR_DIED_MARKERS):
+        exit_type = _WORKER_EXIT.search(text)
+        return ("its process died before replying (killed, out of memory or crashed"
+                + (f"; Ray worker exit type {exit_type.group(1)})" if exit_type else ")"))
     lines = [ln.strip(" '\"\\>)") for ln in text.replace("\\n", "\n").splitlines() if ln.strip()]
     marked = [ln.split("Message:", 1)[1].strip() for ln in lines if "Message:" in ln]
     line = (marked or lines or [""])[-1]

@@ -219,19 +219,28 @@ def clear_failed_start_inplace(run_dir: Path) -> None:
 
 
 class OneLineErrors(logging.Filter):
-    """Flower logs a partner's failed ClientApp as whole Ray tracebacks (hundreds of lines per round):
-    keep one line with the partner's own error, once per distinct error."""
+    """Flower logs a partner's failed ClientApp as whole Ray tracebacks (hundreds of lines per round), and a
+    partner process that died as Ray's paragraph on the dead actor: keep one line with the partner's own error
+    (or that its process died), once per distinct error, and Flower's header line once."""
+
+    HEADER = "An exception was raised when processing a message by RayBackend"
 
     def __init__(self) -> None:
         super().__init__()
         self.seen: set[str] = set()
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if "\n" not in message or not ("Traceback" in message or 'File "' in message):
-            return True
-        from fedsocial.server.strategy import compute_failure_reason
+        from fedsocial.server.strategy import ACTOR_DIED_MARKERS, compute_failure_reason
 
+        message = record.getMessage()
+        if message == self.HEADER:  # the same line before each partner's failure: once says it
+            if message in self.seen:
+                return False
+            self.seen.add(message)
+            return True
+        died = any(marker in message for marker in ACTOR_DIED_MARKERS)
+        if not died and ("\n" not in message or not ("Traceback" in message or 'File "' in message)):
+            return True
         reason = compute_failure_reason(message)
         if reason in self.seen:
             return False

@@ -239,6 +239,34 @@ def test_flowers_ray_tracebacks_become_one_line_per_distinct_partner_error() -> 
         "a partner's ClientApp failed: max_epsilon 0.0001 unreachable with noise_multiplier <= 10000.0"]
 
 
+ACTOR_DIED = ("The actor died unexpectedly before finishing this task.\n\tclass_name: ClientAppActor\n\t"
+              "actor_id: 0f6c69117622c3eefdd9fada01000000\n\tpid: 3083\n\tnamespace: af87cbe3\n\tip: 192.0.2.2\n"
+              "The actor is dead because its worker process has died. Worker exit type: SYSTEM_ERROR Worker exit "
+              "detail: Worker unexpectedly exits with a connection error code 2. End of file. Some common causes "
+              "include: (1) the process was killed by the OOM killer due to high memory usage, (2) ray stop --force "
+              "was called, or (3) the worker crashed unexpectedly due to SIGSEGV or another unexpected error.")
+
+
+def test_a_partner_process_that_died_is_one_line_once_not_rays_paragraph_per_partner() -> None:
+    # Regression: a SIGKILLed (or OOM-killed) partner printed Ray's 8-line paragraph on the dead actor, with
+    # Flower's header line, once per partner and message, and its 300-character cut in every dropped reason
+    # Prepare: what Flower logs when three partners' processes die in one round
+    log_filter = OneLineErrors()
+    header = OneLineErrors.HEADER
+    records = [logging.LogRecord("flwr", logging.ERROR, "vce_api.py", 1, msg, None, None)
+               for msg in (header, ACTOR_DIED, header, ACTOR_DIED, header, ACTOR_DIED.replace("3083", "3084"))]
+
+    # Execute
+    kept = [r.getMessage() for r in records if log_filter.filter(r)]
+
+    # Assert: the header once and one line that says what happened
+    reason = "its process died before replying (killed, out of memory or crashed; Ray worker exit type SYSTEM_ERROR)"
+    assert kept == [header, f"a partner's ClientApp failed: {reason}"]
+    assert compute_failure_reason(f"Error(code=2, reason='{ACTOR_DIED}')") == reason
+    assert compute_failure_reason("The actor died unexpectedly before finishing this task.") == \
+        "its process died before replying (killed, out of memory or crashed)"
+
+
 @pytest.mark.parametrize("command", ["train", "simulate", "partition", "init", "keys", "certs", "recommend"])
 @pytest.mark.parametrize("under", [False, True])
 def test_an_out_path_blocked_by_a_file_is_one_line_naming_it_and_the_file_is_kept(
