@@ -102,6 +102,7 @@ class ModelConfig:
     use_social: bool = True  # the social term r_u
     use_history: bool = True  # the behaviour term b_u
     use_category: bool = False  # add a vector per catalogue category to item and history vectors
+    prior_by_category: bool = True  # the joint-scope prior x the user's own category shares (models/prior.py)
     use_price: bool = False  # add a vector per price bin (items.csv price) to item and history vectors
     use_text: bool = False  # add a shared projection of the items' offline text features to item vectors
     use_user_features: bool = False  # users.csv: a shared vector per (column, value), summed into the user's vector

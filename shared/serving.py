@@ -58,7 +58,13 @@ from fedsocial.shared.events import (
     compute_external_ids,
     compute_item_external_ids,
 )
-from fedsocial.shared.models.prior import compute_prior_item_scores, compute_prior_scores
+from fedsocial.shared.models.prior import (
+    category_index,
+    compute_category_affinity,
+    compute_category_log_mass,
+    compute_prior_item_scores,
+    compute_user_category_counts,
+)
 from fedsocial.shared.models.social import SocialRec, compute_user_feature_index
 from fedsocial.shared.privacy.selection import SELECTION_CANDIDATES
 
@@ -303,6 +309,10 @@ class Recommender:
             self.item_matrix = m._normalise(m._item_vectors(torch.arange(m.n_items))).T.contiguous().T
             self.item_bias = m.item_biases().contiguous()  # b_i * bias_scale (+ the DP popularity prior)
             self.prior_scores = compute_prior_item_scores(m).contiguous()  # ranking = "prior" (DP selection)
+            # the prior personalised by the user's own category shares where the model has item categories
+            self.prior_cats = category_index(m)
+            self.prior_log_mass = (None if self.prior_cats is None
+                                   else compute_category_log_mass(self.prior_scores, self.prior_cats))
             # what the prior is: the DP popularity release's (charged in the ledger), else the item biases
             self.prior_source = "dp_release" if m.item_prior() is not None else "item_biases"
 
@@ -466,8 +476,21 @@ class Recommender:
         """The model's score of every item for user u: g(h_u) . g(q_i) + c_i  [n_items] (the DP popularity prior
         alone when ``ranking = "prior"``, shared/models/prior.py)."""
         if self.ranking == "prior":
-            return compute_prior_scores(self.prior_scores, 1)[0].clone()
+            within, affinity = self._prior_terms(u, bag)
+            return within + affinity
         return torch.mv(self.item_matrix, self.user_vector(u, bag, friends)) + self.item_bias
+
+    def _prior_terms(self, u: int, bag: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``ranking = "prior"``: (log P(i | c(i)) [I], log P(c(i) | u) [I]) from the user's own items (its live
+        record: clicks and purchases move it), shared/models/prior.py; the plain prior and zeros without
+        categories."""
+        cats, log_mass = self.prior_cats, self.prior_log_mass
+        if cats is None or log_mass is None:
+            return self.prior_scores.clone(), torch.zeros_like(self.prior_scores)
+        items = torch.as_tensor(list(self.history[u] if bag is None else bag), dtype=torch.long).reshape(1, -1)
+        counts = compute_user_category_counts(items, torch.ones(items.shape), cats, log_mass.shape[0])
+        affinity = compute_category_affinity(counts, log_mass)[0]
+        return self.prior_scores - log_mass[cats], affinity[cats]
 
     # --- lists ----------------------------------------------------------------------------------
     def category_code(self, category: int | str) -> int:
@@ -541,11 +564,13 @@ class Recommender:
               friends: Sequence[int] | None = None) -> Terms:
         """Additive terms of user u's score for ``items``; ``Terms.total()`` equals the model's score."""
         m, mc = self.model, self.cfg
-        if self.ranking == "prior":  # the score is the prior alone (its one term: the bias column)
-            ids = np.asarray(items, dtype=np.int64)
+        if self.ranking == "prior":  # the prior within the item's category (bias) and the user's share of it (user)
+            ids = torch.as_tensor(np.asarray(items, dtype=np.int64))
+            within, affinity = self._prior_terms(u, bag)
             none = np.zeros(len(ids))
-            return Terms(history=np.zeros((0, len(ids))), friends=np.zeros((0, len(ids))), user=none, mlp=none.copy(),
-                         bias=self.prior_scores[torch.as_tensor(ids)].numpy().astype(np.float64))
+            return Terms(history=np.zeros((0, len(ids))), friends=np.zeros((0, len(ids))),
+                         user=affinity[ids].numpy().astype(np.float64), mlp=none,
+                         bias=within[ids].numpy().astype(np.float64))
         bag = self.history[u] if bag is None else list(bag)
         friends = self.friends[u] if friends is None else list(friends)
         idx = torch.as_tensor(np.asarray(items, dtype=np.int64))
