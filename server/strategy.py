@@ -330,8 +330,12 @@ class FedSocialStrategy(Strategy):
             log.warning("round %d: dropped a reply of %s: %s", g, who, reason)
             dropped.append({"partner": who, "reason": reason})
         reports = self._read_fit_replies(g, results, dropped)
-        for _, _, rep in reports:  # read by the server, aggregated or dropped below: its ledger must charge it
-            self._note_release(rep)
+        # every fit reply read (its update decoded, or its share in an unmasked sum), aggregated or dropped below
+        # (over the clipping norm, over its cap, a sum voided by another reply): the release left the partner all
+        # the same, so the audit holds its ledger to it; no accounting: no DP, or a refusal (nothing released)
+        for _, _, rep in reports:
+            if rep.accounting is not None:
+                self._note_accounting(rep.partner_id, rep.accounting, "fit")
         exhausted = list(self._round.get("budget_exhausted", []))
         exhausted += [r.partner_id for _, _, r in reports if r.budget_exhausted]
         for pid in exhausted:
@@ -534,19 +538,14 @@ class FedSocialStrategy(Strategy):
             raise QuorumError(f"round {g}: only {len(accepted)} valid replies, federation.min_partners is {need}"
                               + (f" ({reasons})" if reasons else ""))
 
-    def _note_release(self, rep: protocol.FitReport) -> None:
-        """A fit reply the server read (its update decoded or its share in an unmasked sum), whether the round
-        then aggregates it or drops it (over the clipping norm, over its cap, a sum voided by another reply): the
-        release left the partner all the same. Its accounting becomes the partner's newest head and published
-        epsilon, and the round's ``received`` names the ledger entry it said charges it, so that the audit finds
-        a dropped release its ledger left out, not only an aggregated one."""
-        acc = rep.accounting
-        if acc is None:  # no DP, or a refusal (the budget exhausted: nothing trained, nothing released)
-            return
-        info = self.partners.setdefault(rep.partner_id, {})
-        info.update(epsilon=acc.epsilon, delta=acc.delta, ledger_round=acc.ledger_round, ledger_head=acc.ledger_head)
-        self._round.setdefault("epsilon", {})[rep.partner_id] = acc.epsilon
-        self._record_received(rep.partner_id, acc.ledger_head, "fit")
+    def _note_accounting(self, partner_id: str, acc: protocol.FitAccounting | protocol.EvalAccounting,
+                         reply: str) -> None:
+        """A reply's accounting the server read: the partner's newest head and published epsilon, and the
+        round's ``received`` names the ledger entry it said charges the release (:meth:`_record_received`)."""
+        info = self.partners.setdefault(partner_id, {})
+        info.update(epsilon=acc.epsilon, ledger_round=acc.ledger_round, ledger_head=acc.ledger_head)
+        self._round.setdefault("epsilon", {})[partner_id] = acc.epsilon
+        self._record_received(partner_id, acc.ledger_head, reply)
 
     def _record_received(self, partner_id: str, ledger_head: str, reply: str) -> None:
         """The round's record (``received``, signed in ledger_heads.json) names the ledger entry that a reply
@@ -600,13 +599,9 @@ class FedSocialStrategy(Strategy):
             info.update(per_partner[rep.partner_id])
             info["eval_time_s_total"] = float(info.get("eval_time_s_total", 0.0)) + rep.eval_time_s
         for rep in read:  # kept or released: a charged DP selection / evaluation release is the ledger's newest entry
-            info = self.partners.setdefault(rep.partner_id, {})
+            self.partners.setdefault(rep.partner_id, {})
             if rep.accounting is not None:
-                info.update(epsilon=rep.accounting.epsilon, ledger_round=rep.accounting.ledger_round,
-                            ledger_head=rep.accounting.ledger_head)
-                self._record_received(rep.partner_id, rep.accounting.ledger_head,
-                                      "evaluation" if rep.released else "kept")
-                self._round.setdefault("epsilon", {})[rep.partner_id] = rep.accounting.epsilon
+                self._note_accounting(rep.partner_id, rep.accounting, "evaluation" if rep.released else "kept")
         self._finish_round(g, agg, per_partner, len(failures) + len(results) - len(read))
         loss = None if not agg else 1.0 - agg["ndcg@10"]
         return loss, dict(agg)

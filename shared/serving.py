@@ -313,6 +313,8 @@ class Recommender:
             self.prior_cats = category_index(m)
             self.prior_log_mass = (None if self.prior_cats is None
                                    else compute_category_log_mass(self.prior_scores, self.prior_cats))
+            self.prior_within = (self.prior_scores if self.prior_cats is None or self.prior_log_mass is None
+                                 else self.prior_scores - self.prior_log_mass[self.prior_cats])  # log P(i | c(i))
             # what the prior is: the DP popularity release's (charged in the ledger), else the item biases
             self.prior_source = "dp_release" if m.item_prior() is not None else "item_biases"
 
@@ -486,11 +488,10 @@ class Recommender:
         categories."""
         cats, log_mass = self.prior_cats, self.prior_log_mass
         if cats is None or log_mass is None:
-            return self.prior_scores.clone(), torch.zeros_like(self.prior_scores)
+            return self.prior_within, torch.zeros_like(self.prior_within)
         items = torch.as_tensor(list(self.history[u] if bag is None else bag), dtype=torch.long).reshape(1, -1)
         counts = compute_user_category_counts(items, torch.ones(items.shape), cats, log_mass.shape[0])
-        affinity = compute_category_affinity(counts, log_mass)[0]
-        return self.prior_scores - log_mass[cats], affinity[cats]
+        return self.prior_within, compute_category_affinity(counts, log_mass)[0][cats]
 
     # --- lists ----------------------------------------------------------------------------------
     def category_code(self, category: int | str) -> int:

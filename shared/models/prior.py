@@ -79,10 +79,10 @@ def compute_category_prior_scores(item_scores: torch.Tensor, item_cat: torch.Ten
 def category_index(model: RecModel) -> torch.Tensor | None:
     """The model's item categories [I] where it has them (``model.use_category``) and its prior is personalised by
     them (``model.prior_by_category``), else None."""
-    if not getattr(model.model_cfg, "prior_by_category", True):
+    if not model.model_cfg.prior_by_category:
         return None
-    cats = getattr(model, "item_cat", None)
-    return cats if isinstance(cats, torch.Tensor) and cats.numel() == model.n_items and cats.numel() else None
+    cats = getattr(model, "item_cat", None)  # a buffer of the social model; empty without model.use_category
+    return cats if isinstance(cats, torch.Tensor) and cats.numel() == model.n_items > 0 else None
 
 
 class PriorRanking(RecModel):
