@@ -840,20 +840,21 @@ class Partner:
         recorded as served. None (the DP model is served) when the cap or the ledger's order refuses it."""
         from fedsocial.shared.privacy.ledger import RELEASE_KINDS, order_key
         from fedsocial.shared.privacy.selection import (
-            SELECTION_SENSITIVITY,
             SelectionError,
             compute_noisy_differences,
             compute_selection_differences,
             compute_selection_release,
+            compute_selection_sensitivity,
             load_charged_release,
             load_selection_release,
             save_selection_release,
+            selection_candidates,
             selection_event,
             write_served_choice,
         )
 
         pc, state_dir = self.cfg.privacy, self.settings.state_dir
-        sigma = float(pc.selection_noise_multiplier)
+        sigma, candidates = float(pc.selection_noise_multiplier), selection_candidates(self.cfg)
         ledger = self.open_ledger()
         entries = ledger.entries()
         recorded = next((e for e in entries if int(e["round"]) == round_ and e.get("release") == "selection"), None)
@@ -874,19 +875,19 @@ class Partner:
             log.warning("%s: the ledger already holds a later release than round %d's selection; serving the model",
                         self.partner_id, round_)
             return None
-        pround = self._admitted_release(entries, round_, sigma, SELECTION_SENSITIVITY,
+        pround = self._admitted_release(entries, round_, sigma, compute_selection_sensitivity(candidates),
                                         "privacy.selection_noise_multiplier", "the selection", "serving the model")
         if pround is None:
             return None
         release = load_selection_release(state_dir, round_)  # saved, never charged (killed before the charge)
-        if release is None or release.get("sigma") != sigma:
+        if release is None or release.get("sigma") != sigma or tuple(release["candidates"]) != candidates:
             from fedsocial.shared.trainer import compute_selection_per_user
 
             per_user = compute_selection_per_user(trainer, self.split)
-            differences = compute_selection_differences(per_user)
+            differences = compute_selection_differences(per_user, candidates)
             # OS entropy, never a seed from the (public) config: whoever knew the seed could remove the noise
-            noisy = compute_noisy_differences(differences, sigma, np.random.default_rng())
-            release = compute_selection_release(round_, sigma, noisy, len(per_user["model"]))
+            noisy = compute_noisy_differences(differences, sigma, np.random.default_rng(), candidates)
+            release = compute_selection_release(round_, sigma, noisy, len(per_user["model"]), candidates)
             save_selection_release(state_dir, release)
         fault_point("before_selection_append", round_, self.partner_id)
         pround.record(ledger, round_, selection_event(sigma), self.num_users, False,
@@ -907,15 +908,16 @@ class Partner:
         if self.cfg.privacy.scope == "joint" and round_ == self.cfg.federation.rounds:
             from fedsocial.shared.privacy.selection import uses_selection_release
 
-            if uses_selection_release(self.cfg) and self._dp_selection(round_, trainer) == "prior":
+            choice = self._dp_selection(round_, trainer) if uses_selection_release(self.cfg) else None
+            if choice is not None and choice != "model":
                 from fedsocial.shared.metrics import evaluate_model
-                from fedsocial.shared.models.prior import PriorRanking
+                from fedsocial.shared.models.prior import candidate_model
 
                 # what the partner serves from now on (fedsocial recommend / serve read the same choice); its
                 # metrics are still each user's own under DP parameters, so a DP evaluation release holds
-                prior_metrics, prior_n = evaluate_model(PriorRanking(trainer.model), self.split, "test",
-                                                        builder=trainer.builder, device=trainer.device)
-                dp_model = ({k: float(prior_metrics[k]) for k in METRIC_KEYS}, int(prior_n))
+                chosen, chosen_n = evaluate_model(candidate_model(choice, trainer.model), self.split, "test",
+                                                  builder=trainer.builder, device=trainer.device)
+                dp_model = ({k: float(chosen[k]) for k in METRIC_KEYS}, int(chosen_n))
         if self.cfg.privacy.scope != "partner" or round_ < self.cfg.federation.rounds:
             # partner scope personalises once, after the last round (and `serve` at serve time): it never feeds
             # the DP update, so an earlier one (minutes each: a fine-tune and the alone model) is only a record

@@ -189,10 +189,13 @@ class PrivacyConfig:
     # the ledger; the model adds its log as a fixed item prior (shared/privacy/popularity.py). 0: off
     popularity_noise_multiplier: float = 0.0
     # scope joint, > 0: after the federation's last round, one Gaussian release of the difference of the
-    # validation users' NDCG@10 sums under the two candidates ("prior" minus "model"; the prior: the DP
-    # popularity release or the model's item biases), L2 sensitivity 1, charged in the ledger; the partner
-    # serves the better by the noisy difference (shared/privacy/selection.py). 0: off
+    # validation users' NDCG@10 sums under the candidates (each minus "model"; the prior: the DP popularity
+    # release or the model's item biases), charged in the ledger; the partner serves the best by the noisy
+    # differences (shared/privacy/selection.py). 0: off
     selection_noise_multiplier: float = 0.0
+    # the selection's candidates, comma-separated, "model" first: model, prior, product (the model's score plus
+    # the prior's); K candidates release K - 1 differences, L2 sensitivity sqrt(K - 1), noise sigma sqrt(K - 1)
+    selection_candidates: str = "model,prior"
     # true: one full-batch DP-GD step per round, the noise split over the partners under SecAgg+ as integer
     # Skellam shares whose sum is one central step's noise (shared/privacy/distributed.py; PRIVACY.md 6)
     distributed_noise: bool = False
@@ -221,6 +224,12 @@ class PrivacyConfig:
                "privacy.popularity_noise_multiplier", "must be a finite number >= 0 (0: no popularity release)")
         _check(math.isfinite(self.selection_noise_multiplier) and self.selection_noise_multiplier >= 0,
                "privacy.selection_noise_multiplier", "must be a finite number >= 0 (0: no DP selection)")
+        try:
+            from fedsocial.shared.privacy.selection import parse_selection_candidates
+
+            parse_selection_candidates(self.selection_candidates)
+        except ValueError as exc:
+            raise ConfigError(f"privacy.selection_candidates: {exc}") from None
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,8 @@ adapted model (``client/personalize.py``) may replace the model: pass it as ``mo
 ``joint`` scope the partner's DP selection (``shared/privacy/selection.py``) may have chosen ``ranking =
 "prior"``: every score is then the DP popularity release's prior alone (the item biases where there is no
 release; shared/models/prior.py: the user-item term dropped, seen items still excluded), and the
-explanation's only term is that score (in the bias column).
+explanation's only term is that score (in the bias column); or ``ranking = "product"``: the model's score plus
+the prior's, whose terms join the explanation's bias (within the category) and user (category share) columns.
 """
 
 from __future__ import annotations
@@ -234,7 +235,7 @@ class Recommender:
             raise ServingError(f"privacy_scope: must be {'|'.join(PRIVACY_SCOPES)}, got {privacy_scope!r}")
         compute_calibration_method(calibration, privacy_scope)  # a refused calibration fails before any work
         self.privacy_scope = privacy_scope
-        self.ranking = ranking  # "prior": the DP selection chose the item biases alone (joint scope)
+        self.ranking = ranking  # "prior" / "product": the DP selection chose the prior alone / times the model
         self.model, self.split, self.cfg = model.eval(), split, model.model_cfg
         self.events_path, self.seed = events_path, seed
         # The local p_u refit after an event (the partner's evaluation procedure, ~50 Adam steps): "sync"
@@ -476,16 +477,20 @@ class Recommender:
 
     def scores(self, u: int, bag: Sequence[int] | None = None, friends: Sequence[int] | None = None) -> torch.Tensor:
         """The model's score of every item for user u: g(h_u) . g(q_i) + c_i  [n_items] (the DP popularity prior
-        alone when ``ranking = "prior"``, shared/models/prior.py)."""
+        alone when ``ranking = "prior"``, the two added when ``ranking = "product"``: shared/models/prior.py)."""
         if self.ranking == "prior":
             within, affinity = self._prior_terms(u, bag)
             return within + affinity
-        return torch.mv(self.item_matrix, self.user_vector(u, bag, friends)) + self.item_bias
+        scores = torch.mv(self.item_matrix, self.user_vector(u, bag, friends)) + self.item_bias
+        if self.ranking == "product":  # the model times the prior (ProductRanking): their scores add
+            within, affinity = self._prior_terms(u, bag)
+            return scores + within + affinity
+        return scores
 
     def _prior_terms(self, u: int, bag: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``ranking = "prior"``: (log P(i | c(i)) [I], log P(c(i) | u) [I]) from the user's own items (its live
-        record: clicks and purchases move it), shared/models/prior.py; the plain prior and zeros without
-        categories."""
+        """``ranking = "prior"`` or ``"product"``: (log P(i | c(i)) [I], log P(c(i) | u) [I]) from the user's own
+        items (its live record: clicks and purchases move it), shared/models/prior.py; the plain prior and zeros
+        without categories."""
         cats, log_mass = self.prior_cats, self.prior_log_mass
         if cats is None or log_mass is None:
             return self.prior_within, torch.zeros_like(self.prior_within)
@@ -603,11 +608,15 @@ class Recommender:
             alpha = 1.0 if mc.temperature <= 0 else 1.0 / (max(float(h.norm()), _EPS) * mc.temperature ** 0.5)
             scale = m.user_scale()  # learned_scale: the same factor scored_user_vectors applies
             alpha = alpha if scale is None else alpha * float(scale[0])
+            user_term, bias_term = alpha * qv @ user_vec, self.item_bias[idx]
+            if self.ranking == "product":  # the prior's terms join the user's (category share) and the item's
+                within, affinity = self._prior_terms(u, bag)
+                user_term, bias_term = user_term + affinity[idx], bias_term + within[idx]
             return Terms(history=(alpha * hist_rows @ qv.T).numpy().astype(np.float64),
                          friends=(alpha * friend_rows @ qv.T).numpy().astype(np.float64),
-                         user=(alpha * qv @ user_vec).numpy().astype(np.float64),
+                         user=user_term.numpy().astype(np.float64),
                          mlp=(alpha * qv @ mlp).numpy().astype(np.float64),
-                         bias=self.item_bias[idx].numpy().astype(np.float64))
+                         bias=bias_term.numpy().astype(np.float64))
 
     def _friend_rows(self, friends: Sequence[int], bag_full: torch.Tensor | None) -> torch.Tensor:
         """w_v s_v for each friend, with the model's aggregator weights (SocialRec._social)."""
@@ -637,7 +646,7 @@ class Recommender:
             parts = [t.history[:, k], t.friends[:, k], np.array([t.user[k], t.mlp[k], t.bias[k]])]
             scale = float(sum(np.abs(p).sum() for p in parts)) or 1.0
             doc: dict[str, Any] = {
-                "reason": "popularity" if cold else ("prior" if self.ranking == "prior" else "model"),
+                "reason": "popularity" if cold else self.ranking,  # model, prior or product (the DP selection)
                 "terms": {"history": float(t.history[:, k].sum()), "social": float(t.friends[:, k].sum()),
                           "user": float(t.user[k]), "mlp": float(t.mlp[k]), "bias": float(t.bias[k])},
                 "history": _top_terms(t.history[:, k], [self.items[i] for i in bag], "item", top, scale),

@@ -618,13 +618,13 @@ def train_centralized(cfg: Config, split: SplitData, progress: Callable[[dict[st
     test, n_eval = trainer.evaluate("test")
     selection = (compute_kept_selection(trainer, split, pc.selection_noise_multiplier, release_dir, epochs)
                  if after else None)
-    if selection is not None and selection["choice"] == "prior":  # what this training serves: the prior
+    if selection is not None and selection["choice"] != "model":  # what this training serves: another candidate
         from fedsocial.shared.metrics import evaluate_model
-        from fedsocial.shared.models.prior import PriorRanking
+        from fedsocial.shared.models.prior import candidate_model
 
-        prior = PriorRanking(trainer.model)
-        val = evaluate_model(prior, split, "val", builder=trainer.builder, device=trainer.device)[0]
-        test, n_eval = evaluate_model(prior, split, "test", builder=trainer.builder, device=trainer.device)
+        served = candidate_model(selection["choice"], trainer.model)
+        val = evaluate_model(served, split, "val", builder=trainer.builder, device=trainer.device)[0]
+        test, n_eval = evaluate_model(served, split, "test", builder=trainer.builder, device=trainer.device)
     best_epoch = best["epoch"] if select and best["epoch"] > 0 else len(history)
     return TrainOutcome(
         metrics=test, val_metrics=val, best_epoch=best_epoch, epochs_run=len(history),
@@ -639,13 +639,16 @@ def train_centralized(cfg: Config, split: SplitData, progress: Callable[[dict[st
 
 
 def compute_selection_per_user(trainer: LocalTrainer, split: SplitData) -> dict[str, np.ndarray]:
-    """Each validation user's NDCG@10 under each selection candidate (the trained model; the prior alone,
-    shared/models/prior.py), the same users in the same order: what the DP selection sums."""
-    from fedsocial.shared.metrics import evaluate_model_per_user
-    from fedsocial.shared.models.prior import PriorRanking
+    """Each validation user's NDCG@10 under each selection candidate of the config (the trained model; the prior
+    alone; their product: shared/models/prior.py), the same users in the same order, in one ranking pass: what
+    the DP selection sums."""
+    from fedsocial.shared.metrics import evaluate_models_per_user
+    from fedsocial.shared.models.prior import candidate_model
+    from fedsocial.shared.privacy.selection import selection_candidates
 
-    return {name: evaluate_model_per_user(model, split, "val", builder=trainer.builder, device=trainer.device)[2]
-            for name, model in (("model", trainer.model), ("prior", PriorRanking(trainer.model)))}
+    models = {name: candidate_model(name, trainer.model) for name in selection_candidates(trainer.cfg)}
+    done = evaluate_models_per_user(models, split, "val", builder=trainer.builder, device=trainer.device)
+    return {name: done[name][2] for name in models}
 
 
 def compute_kept_selection(trainer: LocalTrainer, split: SplitData, sigma: float, release_dir: Path | None,
@@ -658,6 +661,7 @@ def compute_kept_selection(trainer: LocalTrainer, split: SplitData, sigma: float
         compute_selection_release,
         load_selection_release,
         save_selection_release,
+        selection_candidates,
         selection_release_path,
     )
 
@@ -671,28 +675,35 @@ def compute_kept_selection(trainer: LocalTrainer, split: SplitData, sigma: float
     if saved is not None:
         if saved.get("sigma") != float(sigma):
             raise SelectionReleaseError(f"{path}: drawn at sigma {saved.get('sigma')!r}, not the config's {sigma:g}")
+        if tuple(saved["candidates"]) != selection_candidates(trainer.cfg):
+            raise SelectionReleaseError(f"{path}: drawn among {','.join(saved['candidates'])}, not the config's "
+                                        f"privacy.selection_candidates = {trainer.cfg.privacy.selection_candidates!r}")
         drawn: dict[str, Any] = {"choice": saved["choice"], "noisy_differences": list(saved["noisy_differences"]),
-                                 "noise_multiplier": float(sigma), "evaluated_users": int(saved["evaluated_users"])}
+                                 "noise_multiplier": float(sigma), "evaluated_users": int(saved["evaluated_users"]),
+                                 "candidates": list(saved["candidates"])}
         return drawn
     drawn = compute_dp_selection(trainer, split, sigma)
     save_selection_release(release_dir, compute_selection_release(round_, sigma, np.asarray(
-        drawn["noisy_differences"]), drawn["evaluated_users"]))
+        drawn["noisy_differences"]), drawn["evaluated_users"], selection_candidates(trainer.cfg)))
     return drawn
 
 
 def compute_dp_selection(trainer: LocalTrainer, split: SplitData, sigma: float) -> dict[str, Any]:
-    """The DP choice between the trained model and its item biases alone (shared/privacy/selection.py) on the
-    validation users: the Gaussian mechanism on the difference of the two NDCG@10 sums (noise from OS entropy),
-    the better by it served.
+    """The DP choice among the config's candidates (the trained model, its prior alone, their product:
+    shared/privacy/selection.py) on the validation users: the Gaussian mechanism on the differences of the
+    NDCG@10 sums to the model's (noise from OS entropy), the best by them served.
     The caller charges the event ``(sigma, 1, 1)`` in the run's epsilon."""
     from fedsocial.shared.privacy.selection import (
         compute_noisy_choice,
         compute_noisy_differences,
         compute_selection_differences,
+        selection_candidates,
     )
 
+    candidates = selection_candidates(trainer.cfg)
     per_user = compute_selection_per_user(trainer, split)
-    noisy = compute_noisy_differences(compute_selection_differences(per_user), sigma,
-                                      np.random.default_rng())  # OS entropy, never the seed
-    return {"choice": compute_noisy_choice(noisy), "noisy_differences": [float(x) for x in noisy],
-            "noise_multiplier": float(sigma), "evaluated_users": int(len(per_user["model"]))}
+    noisy = compute_noisy_differences(compute_selection_differences(per_user, candidates), sigma,
+                                      np.random.default_rng(), candidates)  # OS entropy, never the seed
+    return {"choice": compute_noisy_choice(noisy, candidates), "noisy_differences": [float(x) for x in noisy],
+            "noise_multiplier": float(sigma), "evaluated_users": int(len(per_user["model"])),
+            "candidates": list(candidates)}

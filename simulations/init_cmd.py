@@ -140,6 +140,10 @@ def compute_settings(s: DataStats, private: bool, partners: int) -> Settings:
                                                 "after the last round; the partner serves the better (epsilon "
                                                 "0.48 alone)"),
         })
+        if s.has_category:
+            privacy["selection_candidates"] = ("model,prior,product", "categories: the selection may also serve "
+                                               "the DP model times the prior personalised by the user's own "
+                                               "category shares (Ciao: docs/BENCHMARKS.md 10.11)")
         fed["local_batch_size"] = (local_batch, f"DP: ~1/4 of a partner's ~{per_partner} users")
         fed["clipping_norm"] = (100.0, "DP: a partner-update bound that does not cut the noisy signal")
     else:

@@ -128,8 +128,10 @@ def summary(doc: dict[str, Any]) -> str:
         rows.append(("epsilon", f"{doc['epsilon']:.3f} (delta {doc['delta']:g})"))
     if doc.get("selection"):
         sel = doc["selection"]
-        rows.append(("DP selection", f"serves the {sel['choice']} (noisy validation NDCG@10 sum of the prior "
-                                     f"minus the model's: {sel['noisy_differences'][0]:.1f})"))
+        others = sel.get("candidates", ["model", "prior"])[1:]
+        diffs = ", ".join(f"{name} {d:+.1f}" for name, d in zip(others, sel["noisy_differences"], strict=False))
+        rows.append(("DP selection", f"serves the {sel['choice']} (noisy validation NDCG@10 sums minus the model's: "
+                                     f"{diffs})"))
     for key in ("best_epoch", "epochs_run"):
         if key in doc:
             rows.append((key.replace("_", " "), str(doc[key])))

@@ -4,6 +4,7 @@ third-party warnings (the commands of `make demo` on a tiny config)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -100,6 +101,18 @@ def test_dp_settings_are_the_dp_ones() -> None:
     assert dp["privacy"]["target_delta"][0] < 1 / (10 * stats.users)
     assert dp["train"]["batch_size"][0] == 750 and dp["train"]["patience"][0] == 0
     assert dp["privacy"]["epochs"][0] == dp["train"]["epochs"][0]
+    assert "selection_candidates" not in dp["privacy"]  # the default two: no categories to personalise by
+
+
+def test_dp_settings_with_categories_let_the_selection_serve_the_product() -> None:
+    # Prepare: the same data with a category column in items.csv
+    stats = dataclasses.replace(_stats(3000, 4000, 30000), has_category=True)
+    # Execute
+    dp, plain = compute_settings(stats, True, 3), compute_settings(stats, False, 3)
+    # Assert: the three candidates where the prior is personalised by categories (DP only)
+    assert dp["model"]["use_category"][0] is True
+    assert dp["privacy"]["selection_candidates"][0] == "model,prior,product"
+    assert "selection_candidates" not in plain["privacy"]
 
 
 def test_dp_settings_validate_at_most_ten_times_because_each_pass_refits_every_user() -> None:

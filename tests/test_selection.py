@@ -22,12 +22,13 @@ from fedsocial.shared.privacy.accounting import compute_epsilon
 from fedsocial.shared.privacy.audit import EXIT_OK, audit_run
 from fedsocial.shared.privacy.round import compute_federation_prefix
 from fedsocial.shared.privacy.selection import (
+    DEFAULT_SELECTION_CANDIDATES,
     SELECTION_CANDIDATES,
-    SELECTION_SENSITIVITY,
     SelectionError,
     compute_noisy_choice,
     compute_noisy_differences,
     compute_selection_differences,
+    compute_selection_sensitivity,
     compute_selection_sums,
     load_selection_release,
     read_served_choice,
@@ -55,23 +56,56 @@ def kinds(entries: list[dict[str, Any]]) -> list[str]:
 
 # --- the pure mechanism -----------------------------------------------------------------------------
 
-def test_removing_any_one_user_moves_the_differences_by_at_most_sqrt_k_minus_1() -> None:
+@pytest.mark.parametrize("candidates", [DEFAULT_SELECTION_CANDIDATES, SELECTION_CANDIDATES])
+def test_removing_any_one_user_moves_the_differences_by_at_most_sqrt_k_minus_1(candidates: tuple[str, ...]) -> None:
     # Property, brute force: per-user metrics in [0, 1] for each candidate (extremes included), any user removed
     rng = np.random.default_rng(0)
-    k = len(SELECTION_CANDIDATES)
+    k = len(candidates)
+    sensitivity = compute_selection_sensitivity(candidates)
     worst = 0.0
-    for _ in range(2000):
+    for _ in range(1000):
         n = int(rng.integers(1, 40))
         per_user = rng.random((n, k)) * (rng.random((n, 1)) < 0.7)
         per_user[rng.integers(n)] = rng.choice([0.0, 1.0], k)
-        full = compute_selection_differences(dict(zip(SELECTION_CANDIDATES, per_user.T, strict=True)))
+        if rng.random() < 0.2:  # the extreme user: 0 under the model, 1 under every other candidate
+            per_user[rng.integers(n)] = [0.0] + [1.0] * (k - 1)
+        full = compute_selection_differences(dict(zip(candidates, per_user.T, strict=True)), candidates)
         for u in range(n):
             rest = np.delete(per_user, u, 0)
-            without = compute_selection_differences(dict(zip(SELECTION_CANDIDATES, rest.T, strict=True)))
+            without = compute_selection_differences(dict(zip(candidates, rest.T, strict=True)), candidates)
             worst = max(worst, float(np.linalg.norm(full - without)))
-    assert worst <= SELECTION_SENSITIVITY + 1e-12
-    assert worst == pytest.approx(1.0)  # attained: a user at 1 under one candidate and 0 under the other
-    assert math.isclose(SELECTION_SENSITIVITY, 1.0)
+    assert worst <= sensitivity + 1e-12
+    assert worst == pytest.approx(math.sqrt(k - 1))  # attained: a user at 0 under the model and 1 under the others
+    assert math.isclose(sensitivity, math.sqrt(k - 1))
+
+
+def test_three_candidates_release_two_differences_with_sigma_sqrt_2_and_choose_the_best() -> None:
+    # Prepare: known sums; default_rng(0).normal(0, 1, 2) = [0.12573022, -0.13210486]
+    three = ("model", "prior", "product")
+    per_user = {"model": np.array([0.5, 0.0]), "prior": np.array([0.25, 0.25]), "product": np.array([1.0, 0.5])}
+    # Execute
+    d = compute_selection_differences(per_user, three)
+    noisy = compute_noisy_differences(d, 2.0, np.random.default_rng(0), three)
+    # Assert: differences to the model, noise 2 * sqrt(2) on each, the argmax over [0, noisy...]
+    np.testing.assert_allclose(d, [0.0, 1.0])
+    np.testing.assert_allclose(noisy, [0.12573022 * 2 * math.sqrt(2), 1.0 - 0.13210486 * 2 * math.sqrt(2)],
+                               atol=1e-7)
+    assert compute_noisy_choice(noisy, three) == "product"
+    assert compute_noisy_choice(np.array([-1.0, -0.5]), three) == "model"
+    assert compute_noisy_choice(np.array([0.3, 0.3]), three) == "prior"  # ties to the earlier candidate
+    with pytest.raises(ValueError, match="differences"):
+        compute_noisy_differences(np.zeros(1), 1.0, np.random.default_rng(0), three)
+    with pytest.raises(ValueError, match="candidates"):
+        compute_noisy_choice(np.zeros(1), three)
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("prior,model", "first"), ("model", "first"), ("model,prior,prior", "first"), ("model,best", "unknown"),
+    ("", "unknown")])
+def test_the_candidates_setting_is_validated(text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=f"privacy.selection_candidates.*{message}"):
+        config_from_dict({"privacy": {"selection_candidates": text}})
+    assert selection.parse_selection_candidates(" model, product ") == ("model", "product")
 
 
 def test_differences_are_the_sums_against_the_first_candidate() -> None:
@@ -256,7 +290,7 @@ def test_one_selection_entry_after_the_last_round_composed_in_epsilon_and_audite
 
 def test_the_served_metrics_are_the_chosen_candidates(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Prepare: the noisy difference forced to favour the prior (post-processing of any release is as private)
-    monkeypatch.setattr(selection, "compute_noisy_differences", lambda diffs, sigma, rng: np.array([1.0]))
+    monkeypatch.setattr(selection, "compute_noisy_differences", lambda diffs, sigma, rng, *_: np.array([1.0]))
     partner = make_partner(tmp_path, selection_config())
     _, initial = partner.initial_parameters()
     new, _, _ = partner.fit(initial, 1)
@@ -311,7 +345,7 @@ def test_a_rerun_after_a_kill_reuses_the_saved_release_and_charges_it_once(
 def test_a_deleted_served_record_is_decided_by_the_ledger(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Prepare: a charged selection of the prior, then its served.json deleted (was: read as "no selection charged
     # yet", so the DP model was served instead of the charged choice, silently)
-    monkeypatch.setattr(selection, "compute_noisy_differences", lambda diffs, sigma, rng: np.array([1.0]))
+    monkeypatch.setattr(selection, "compute_noisy_differences", lambda diffs, sigma, rng, *_: np.array([1.0]))
     partner = make_partner(tmp_path, selection_config())
     _, initial = partner.initial_parameters()
     new, _, _ = partner.fit(initial, 1)
@@ -331,7 +365,7 @@ def test_an_uncharged_release_serves_the_model_and_a_record_the_ledger_never_cha
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Prepare: the partner killed before the charge (its release saved, no ledger entry)
-    monkeypatch.setattr(selection, "compute_noisy_differences", lambda diffs, sigma, rng: np.array([1.0]))
+    monkeypatch.setattr(selection, "compute_noisy_differences", lambda diffs, sigma, rng, *_: np.array([1.0]))
     partner = make_partner(tmp_path, selection_config())
     _, initial = partner.initial_parameters()
     new, _, _ = partner.fit(initial, 1)
@@ -532,7 +566,7 @@ def test_centralized_dp_training_reports_the_chosen_candidates_metrics(monkeypat
     # Prepare: the noisy difference forced to favour the prior (any post-processing of the release is as private)
     from fedsocial.shared.trainer import train_centralized
 
-    monkeypatch.setattr(selection, "compute_noisy_differences", lambda diffs, sigma, rng: np.array([1.0]))
+    monkeypatch.setattr(selection, "compute_noisy_differences", lambda diffs, sigma, rng, *_: np.array([1.0]))
     cfg, split = _centralized(SIGMA)
     # Execute
     out = train_centralized(cfg, split)

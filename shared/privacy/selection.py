@@ -5,17 +5,19 @@ popularity prior): its noisy user-item term drags it down. A partner must never 
 joint scope it may not look at its users' validation data without DP: the choice is part of every other
 user's recommendations. So, after the federation's last round (``federation.rounds``) and only then:
 
-* the candidates are :data:`SELECTION_CANDIDATES`: ``model`` (the DP model as trained, with each user's
-  local p_u refit from the user's own items) and ``prior`` (the DP popularity release's prior alone, or the
+* the candidates are the config's ``privacy.selection_candidates`` (:data:`DEFAULT_SELECTION_CANDIDATES`;
+  any of :data:`SELECTION_CANDIDATES`, ``model`` first): ``model`` (the DP model as trained, with each user's
+  local p_u refit from the user's own items), ``prior`` (the DP popularity release's prior alone, or the
   model's item biases where there is no release: :mod:`fedsocial.shared.models.prior`; the user-item term
-  dropped, seen items still excluded);
+  dropped, seen items still excluded) and ``product`` (the model's score plus the prior's: a product of the
+  two experts);
 * each validation user's NDCG@10 under each candidate is a function of that user's own record and of DP
   parameters only, and lies in [0, 1]; the choice needs only the K - 1 differences of each candidate's sum to
   the first's (``prior`` minus ``model``), and one user moves each difference by at most 1, so the vector of
-  differences moves by at most ``sqrt(K - 1)`` (= 1) in L2 norm when one user is added or removed
-  (:data:`SELECTION_SENSITIVITY`, user-level add/remove adjacency). Releasing the K sums instead (sensitivity
-  ``sqrt(K)``, their difference carrying noise ``2 sigma``) would compare through twice the noise at the same
-  epsilon (LastFM's 380-user partners chose wrongly that often: docs/BENCHMARKS.md 10.6);
+  differences moves by at most ``sqrt(K - 1)`` (1 for two candidates) in L2 norm when one user is added or removed
+  (:func:`compute_selection_sensitivity`, user-level add/remove adjacency). Releasing the K sums instead
+  (sensitivity ``sqrt(K)``, their difference carrying noise ``2 sigma``) would compare through twice the noise at
+  the same epsilon (LastFM's 380-user partners chose wrongly that often: docs/BENCHMARKS.md 10.6);
 * the partner releases the differences plus Gaussian noise of standard deviation ``sigma * sqrt(K - 1)`` on
   each (the Gaussian mechanism; RDP ``alpha / (2 sigma^2)``, the same as one sampled-Gaussian step at sample
   rate 1), charged once in its ledger as the event ``(sigma, 1.0, 1)`` with ``release = "selection"``; the
@@ -45,10 +47,32 @@ import numpy as np
 
 from fedsocial.shared.fileio import read_json_object, write_json_atomic
 
-SELECTION_CANDIDATES: tuple[str, ...] = ("model", "prior")
-SELECTION_SENSITIVITY = math.sqrt(len(SELECTION_CANDIDATES) - 1)  # K - 1 differences, a user moves each by <= 1
+SELECTION_CANDIDATES: tuple[str, ...] = ("model", "prior", "product")  # every candidate a partner can serve
+DEFAULT_SELECTION_CANDIDATES: tuple[str, ...] = ("model", "prior")
 SELECTION_FOLDER = "selection"
 SELECTION_METRIC = "ndcg@10"
+
+
+def compute_selection_sensitivity(candidates: Sequence[str]) -> float:
+    """The L2 sensitivity of the K - 1 differences: a user moves each by at most 1, so ``sqrt(K - 1)``."""
+    return math.sqrt(len(candidates) - 1)
+
+
+def parse_selection_candidates(text: str) -> tuple[str, ...]:
+    """``privacy.selection_candidates`` (comma-separated names) as a tuple, validated: known names, no repeat,
+    ``model`` first (ties go to it), at least two."""
+    names = tuple(n.strip() for n in str(text).split(","))
+    unknown = [n for n in names if n not in SELECTION_CANDIDATES]
+    if unknown:
+        raise ValueError(f"unknown candidate {unknown[0]!r} (known: {', '.join(SELECTION_CANDIDATES)})")
+    if len(set(names)) != len(names) or len(names) < 2 or names[0] != "model":
+        raise ValueError(f"must name 'model' first and at least one other candidate, each once, got {text!r}")
+    return names
+
+
+def selection_candidates(cfg: Any) -> tuple[str, ...]:
+    """The candidates of a config's selection (``privacy.selection_candidates``)."""
+    return parse_selection_candidates(cfg.privacy.selection_candidates)
 
 
 def uses_selection_release(cfg: Any) -> bool:
@@ -69,41 +93,47 @@ def compute_planned_selection_events(cfg: Any) -> list[tuple[float, float, int]]
     return [selection_event(cfg.privacy.selection_noise_multiplier)] if uses_selection_release(cfg) else []
 
 
-def compute_selection_sums(per_user: Mapping[str, np.ndarray]) -> np.ndarray:
-    """The K sums over the validation users of each candidate's per-user NDCG@10 (candidate order).
+def compute_selection_sums(per_user: Mapping[str, np.ndarray],
+                           candidates: Sequence[str] = DEFAULT_SELECTION_CANDIDATES) -> np.ndarray:
+    """The K sums over the validation users of each candidate's per-user NDCG@10 (``candidates``' order).
 
     Every candidate must score the same users, each value in [0, 1]: the sensitivity rests on it."""
-    rows = [np.asarray(per_user[name], dtype=np.float64) for name in SELECTION_CANDIDATES]
+    rows = [np.asarray(per_user[name], dtype=np.float64) for name in candidates]
     if len({r.shape for r in rows}) != 1 or rows[0].ndim != 1:
         raise ValueError(f"selection: every candidate must score the same users, got shapes {[r.shape for r in rows]}")
-    for name, r in zip(SELECTION_CANDIDATES, rows, strict=True):
+    for name, r in zip(candidates, rows, strict=True):
         if not (np.isfinite(r).all() and (r >= 0).all() and (r <= 1).all()):
             raise ValueError(f"selection: candidate {name!r} has a per-user metric outside [0, 1]")
     return np.array([r.sum() for r in rows], dtype=np.float64)
 
 
-def compute_selection_differences(per_user: Mapping[str, np.ndarray]) -> np.ndarray:
-    """The K - 1 differences ``sum(candidate k) - sum(candidate 0)``, k >= 1 (``prior`` minus ``model``), over the
-    validation users (each user's term in [-1, 1]: the sensitivity rests on it, :func:`compute_selection_sums`)."""
-    sums = compute_selection_sums(per_user)
+def compute_selection_differences(per_user: Mapping[str, np.ndarray],
+                                  candidates: Sequence[str] = DEFAULT_SELECTION_CANDIDATES) -> np.ndarray:
+    """The K - 1 differences ``sum(candidate k) - sum(candidate 0)``, k >= 1 (e.g. ``prior`` minus ``model``), over
+    the validation users (each user's term in [-1, 1]: the sensitivity rests on it, :func:`compute_selection_sums`)."""
+    sums = compute_selection_sums(per_user, candidates)
     return sums[1:] - sums[0]
 
 
-def compute_noisy_differences(differences: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
+def compute_noisy_differences(differences: np.ndarray, sigma: float, rng: np.random.Generator,
+                              candidates: Sequence[str] = DEFAULT_SELECTION_CANDIDATES) -> np.ndarray:
     """The Gaussian mechanism: ``differences + N(0, (sigma * sqrt(K - 1))^2)`` on every coordinate."""
     if not sigma > 0:
         raise ValueError(f"privacy.selection_noise_multiplier: must be > 0 for a release, got {sigma!r}")
     d = np.asarray(differences, dtype=np.float64)
-    if d.shape != (len(SELECTION_CANDIDATES) - 1,):
-        raise ValueError(f"selection: expected {len(SELECTION_CANDIDATES) - 1} differences, got shape {d.shape}")
-    return d + rng.normal(0.0, sigma * SELECTION_SENSITIVITY, d.shape)
+    if d.shape != (len(candidates) - 1,):
+        raise ValueError(f"selection: expected {len(candidates) - 1} differences, got shape {d.shape}")
+    return d + rng.normal(0.0, sigma * compute_selection_sensitivity(candidates), d.shape)
 
 
-def compute_noisy_choice(noisy_differences: np.ndarray) -> str:
+def compute_noisy_choice(noisy_differences: np.ndarray,
+                         candidates: Sequence[str] = DEFAULT_SELECTION_CANDIDATES) -> str:
     """The argmax over the first candidate (difference 0) and the others' noisy differences to it; ties go to the
     earlier candidate (``model`` first)."""
     scores = np.concatenate([[0.0], np.asarray(noisy_differences, dtype=np.float64).reshape(-1)])
-    return SELECTION_CANDIDATES[int(np.argmax(scores))]
+    if scores.shape != (len(candidates),):
+        raise ValueError(f"selection: {len(scores) - 1} differences for {len(candidates)} candidates")
+    return str(candidates[int(np.argmax(scores))])
 
 
 def _digest(release: Mapping[str, Any]) -> str:
@@ -112,10 +142,11 @@ def _digest(release: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical_json(dict(release)).encode("ascii")).hexdigest()
 
 
-def compute_selection_release(round_: int, sigma: float, noisy: np.ndarray, evaluated_users: int) -> dict[str, Any]:
-    """The record of one release (its noisy differences, the choice they give) and its digest."""
-    release = {"round": int(round_), "sigma": float(sigma), "candidates": list(SELECTION_CANDIDATES),
-               "noisy_differences": [float(v) for v in noisy], "choice": compute_noisy_choice(noisy),
+def compute_selection_release(round_: int, sigma: float, noisy: np.ndarray, evaluated_users: int,
+                              candidates: Sequence[str] = DEFAULT_SELECTION_CANDIDATES) -> dict[str, Any]:
+    """The record of one release (its candidates, noisy differences, the choice they give) and its digest."""
+    release = {"round": int(round_), "sigma": float(sigma), "candidates": list(candidates),
+               "noisy_differences": [float(v) for v in noisy], "choice": compute_noisy_choice(noisy, candidates),
                "evaluated_users": int(evaluated_users)}
     return {**release, "digest": _digest(release)}
 
@@ -135,6 +166,13 @@ def load_selection_release(state_dir: Path, round_: int) -> dict[str, Any] | Non
     """The saved release of ``round_``; None when missing, unreadable or altered (digest mismatch)."""
     doc = read_json_object(selection_release_path(state_dir, round_))
     if doc is None or doc.get("choice") not in SELECTION_CANDIDATES:
+        return None
+    cands = doc.get("candidates")
+    if not isinstance(cands, list) or not all(isinstance(c, str) for c in cands) or doc["choice"] not in cands:
+        return None
+    try:
+        parse_selection_candidates(",".join(cands))
+    except ValueError:
         return None
     body = {k: v for k, v in doc.items() if k != "digest"}
     try:
