@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,8 +59,8 @@ def load_checkpoint(path: Path) -> Checkpoint:
             doc = json.loads(bytes(z[STATE_KEY]).decode("utf-8"))
             arrays = [np.array(z[f"param/{n}"]) for n in doc["names"]]
             optimizer = {k[len("opt/"):]: np.array(z[k]) for k in z.files if k.startswith("opt/")}
-    except (OSError, KeyError, ValueError) as exc:
-        raise CheckpointError(f"{path}: unreadable checkpoint ({exc})") from None
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:  # truncated: BadZipFile, EOFError
+        raise CheckpointError(f"{path}: unreadable checkpoint ({type(exc).__name__}: {str(exc)[:200]})") from None
     return Checkpoint(int(doc["round"]), list(doc["names"]), arrays, dict(doc["state"]), optimizer)
 
 

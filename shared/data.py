@@ -7,9 +7,17 @@ directed (u, v): "u follows / trusts v"; undirected datasets list both direction
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
+
+MAX_ID_CHARS = 1024  # an id is a key of the partner's data and of its events.jsonl: no 100 KB user ids
+# what no id may hold, in the data (shared/loaders.py) and in events (shared/events.py) alike: control characters,
+# Unicode line breaks, lone surrogates (not text: they cannot be written as UTF-8), and the invisible format
+# characters (zero-width space and joiners, word joiner, a byte-order mark inside a file) that make "1" and "\u200b1"
+# two users who look the same
+BAD_ID_CHAR = re.compile("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028\u2029\u2060-\u2064\ufeff\ud800-\udfff]")
 
 
 class DataError(ValueError):

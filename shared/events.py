@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from fedsocial.shared.data import Dataset, SplitData
+from fedsocial.shared.data import BAD_ID_CHAR, MAX_ID_CHARS, Dataset, SplitData
 
 LOG = logging.getLogger("fedsocial.events")
 EVENTS_FILE = "events.jsonl"
@@ -35,13 +35,10 @@ SOCIAL = ("follow", "unfollow")
 # local-state entries with one row per user: grown with zero rows when events add users
 PER_USER_STATE = ("social_emb.weight", "user_emb.weight", "local_user")
 USER_FEATURE_STATE = "user_feat"  # the model's per-user feature codes (a buffer computed from the data)
-_CANONICAL_INT = re.compile(r"-?(0|[1-9][0-9]*)")  # what str(int) writes: "007", "+7", "-0" are other ids
+_CANONICAL_INT = re.compile(r"0|-?[1-9][0-9]*")  # what str(int) writes: "007", "+7", "-0" are other ids
 _MAX_INT_DIGITS = 4000  # below Python's int-from-string limit (4300 digits)
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1  # the loader's integer ids are int64 (shared.loaders._typed_ids)
-MAX_ID_CHARS = 1024  # an event's id is a key of the partner's data and its events.jsonl: no 100 KB user ids
-# what no id of the data can hold (the CSV loader refuses them in a row): control characters and Unicode line
-# breaks; a lone surrogate ("\ud800", valid in JSON) is not text at all: it cannot be written as UTF-8
-_BAD_ID_CHAR = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+_BAD_ID_CHAR = BAD_ID_CHAR  # what no id of the data can hold either (the CSV loader refuses them): shared/data.py
 
 
 class EventError(ValueError):
@@ -72,16 +69,16 @@ def _id(doc: Mapping[str, Any], key: str, where: str) -> int | str:
     bad = _BAD_ID_CHAR.search(value) if isinstance(value, str) else None
     if bad is not None:
         raise EventError(f"{where}field {key!r}: an id may not hold the character U+{ord(bad.group()):04X} "
-                         "(a control character, line break or lone surrogate)")
+                         "(a control character, line break, invisible format character or lone surrogate)")
     return compute_external_id(value)
 
 
 def compute_external_id(value: int | str) -> int | str:
     """An id as the service keys it: a canonical integer literal is the integer (URL path ids are strings).
 
-    The rule is the loader's (:func:`shared.loaders._typed_ids`): only ``-?(0|[1-9][0-9]*)`` (ASCII digits)
-    is an integer, so ``"007"`` and ``"7"`` stay two ids, a zero-padded id keeps its own spelling, and
-    ``"--5"``, ``"²"`` or a 5000-digit string are plain strings, never an error.
+    The rule is the loader's (:func:`shared.loaders._typed_ids`): only ``0|-?[1-9][0-9]*`` (ASCII digits)
+    is an integer (``0``, not ``-0``), so ``"007"`` and ``"7"`` stay two ids, a zero-padded id keeps its own
+    spelling, and ``"--5"``, ``"²"`` or a 5000-digit string are plain strings, never an error.
     """
     if isinstance(value, str) and len(value) <= _MAX_INT_DIGITS and _CANONICAL_INT.fullmatch(value.strip()):
         number = int(value.strip())

@@ -25,13 +25,18 @@ _HASH_BUCKETS = 1 << 18
 _TOKEN_RE = re.compile(r"\w+", re.UNICODE)
 
 
+MAX_SELF_NAMED_CODE = 65_535  # integer categories keep their value up to this: the category table has max + 1 rows
+
+
 def compute_codes(values: np.ndarray) -> tuple[np.ndarray, tuple[str, ...]]:
     """Integer codes of string values and the name of each code: canonical integers keep their value when all
-    are non-negative integers (Ciao's category ids, partition exports; they name themselves: ``()``), else the
-    rank in sorted order, code c named by the c-th distinct value."""
+    are non-negative integers of at most :data:`MAX_SELF_NAMED_CODE` (Ciao's category ids, partition exports; they
+    name themselves: ``()``), else the rank in sorted order, code c named by the c-th distinct value (a code of
+    10**18 would have sized a table of 10**18 rows: found in review)."""
     values = np.asarray(values, dtype=str)
     uniq, codes = np.unique(values, return_inverse=True)
-    if uniq.size and all(v.isdigit() and str(int(v)) == v for v in uniq.tolist()):
+    if uniq.size and all(v.isdigit() and str(int(v)) == v and int(v) <= MAX_SELF_NAMED_CODE
+                         for v in uniq.tolist()):
         return values.astype(np.int64), ()
     return codes.astype(np.int64), tuple(str(v) for v in uniq.tolist())
 
@@ -122,7 +127,7 @@ def cached_text_features(texts: list[str], dim: int) -> np.ndarray:
             cached = np.load(path, allow_pickle=False)
             if cached.shape == (len(texts), dim):
                 return np.asarray(cached, dtype=np.float32)
-        except (OSError, ValueError):
+        except (OSError, ValueError, EOFError):
             pass  # a damaged cache entry is recomputed and replaced
     features = compute_text_features(texts, dim)
     try:

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from fedsocial.shared.config import DataConfig, resolve_data_path
-from fedsocial.shared.data import DataError, Dataset
+from fedsocial.shared.data import BAD_ID_CHAR, MAX_ID_CHARS, DataError, Dataset
 from fedsocial.shared.features import cached_text_features, compute_codes, compute_price_bins
 
 PathLike = str | os.PathLike[str]
@@ -169,6 +169,10 @@ def split_lines(path: Path, text: str, *, numeric: bool = False) -> list[str]:
 
     A Unicode line separator or another control separator inside a row is refused with its line.
     """
+    nul = text.find("\x00")
+    if nul >= 0:  # numpy's text arrays drop trailing NULs: "0\x00" would silently become the id "0"
+        raise DataError(f"{path}:{text.count(chr(10), 0, nul) + 1}: a NUL character (U+0000): binary data, not "
+                        "text")
     found = (_ROW_BREAKS_NUMERIC if numeric else _ROW_BREAKS).search(text)
     if found is not None:
         line = text.count("\n", 0, found.start()) + 1
@@ -374,6 +378,8 @@ class CsvTable:
 
 
 def _decode(path: Path) -> str:
+    if path.is_dir():
+        raise DataError(f"{path}: a folder, not a file")
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     data = path.read_bytes()
@@ -509,12 +515,18 @@ def compute_line_commas(text: str, n_lines: int) -> tuple[np.ndarray, np.ndarray
 
 
 def _check_ids(table: CsvTable, names: Sequence[str]) -> None:
-    """Ids are non-empty and hold no other field separator (a stray ``;``, tab or ``|`` in a comma file)."""
+    """Ids are non-empty, at most :data:`MAX_ID_CHARS` long, hold no character events could not name
+    (:data:`BAD_ID_CHAR`: control and invisible format characters) and no other field separator (a stray ``;``,
+    tab or ``|`` in a comma file)."""
     for name in names:
         col = table.columns[name]
         empty = col == ""
         if empty.any():
             raise DataError(f"{table.path}:{table.where(empty)}: empty {name} id")
+        long = np.char.str_len(col) > MAX_ID_CHARS if col.size else np.zeros(0, dtype=bool)
+        if long.any():
+            raise DataError(f"{table.path}:{table.where(long)}: a {name} id of "
+                            f"{int(np.char.str_len(col[int(np.argmax(long))]))} characters (at most {MAX_ID_CHARS})")
         broken = np.char.find(col, "\n") >= 0 if col.size else np.zeros(0, dtype=bool)
         if broken.any():
             raise DataError(f"{table.path}:{table.where(broken)}: {name} id {str(col[int(np.argmax(broken))])!r} "
@@ -524,6 +536,12 @@ def _check_ids(table: CsvTable, names: Sequence[str]) -> None:
             if stray.any():
                 raise DataError(f"{table.path}:{table.where(stray)}: stray {label} separator in {name} id "
                                 f"{str(col[int(np.argmax(stray))])!r}; this format separates fields by commas")
+        if col.size and BAD_ID_CHAR.search("".join(col.tolist())) is not None:
+            k = next(k for k, v in enumerate(col.tolist()) if BAD_ID_CHAR.search(v))
+            bad = BAD_ID_CHAR.search(str(col[k]))
+            assert bad is not None
+            raise DataError(f"{table.path}:{table.line_no[k]}: {name} id {str(col[k])[:80]!r} holds the character "
+                            f"U+{ord(bad.group()):04X} (a control or invisible format character): no id may hold it")
 
 
 def _check_numbers(table: CsvTable, name: str) -> None:
@@ -609,7 +627,7 @@ def load_csv(folder: PathLike, *, strict: bool = False, price_bins: int = 8, tex
         src = dst = u_str[:0]
 
     catalogue = None
-    if (folder / "items.csv").is_file():
+    if (folder / "items.csv").exists():  # a folder of that name is an error (it was silently ignored)
         catalogue = _read_items_csv(folder / "items.csv")
         _check_known(inter, "item", catalogue["ids"], "item", "is not listed in items.csv")
     i_str = np.unique(items if catalogue is None else catalogue["ids"])
@@ -628,7 +646,7 @@ def load_csv(folder: PathLike, *, strict: bool = False, price_bins: int = 8, tex
                undirected=False, name=folder.resolve().name or "csv", item_catalogue=typed_catalogue)
     if catalogue is not None:
         ds = _with_item_features(ds, catalogue, np.searchsorted(i_str, catalogue["ids"]), price_bins, text_dim)
-    if (folder / "users.csv").is_file():
+    if (folder / "users.csv").exists():
         ds = _with_user_features(ds, folder / "users.csv", u_str, read_user_feature_values(folder / USER_VALUES_FILE))
     return ds
 

@@ -39,7 +39,8 @@ PRIVACY_MODEL = (
 )
 
 # A partner id names files on the server (ledgers/<id>.jsonl): a short, plain token.
-_PARTNER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+PARTNER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # what a partner id may be, wherever it is given
+_PARTNER_ID = PARTNER_ID
 _PARAM_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]{0,127}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 MAX_USERS = 10**9  # a declared user count above this is not a platform, it is an attempt to take the aggregate

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from fedsocial.shared.fileio import write_text_atomic
 from fedsocial.shared.privacy.audit import (
     EXIT_ACCOUNTING,
     EXIT_BUDGET,
@@ -57,8 +58,10 @@ def write_outputs(run: Path, result: AuditResult) -> None:
     """audit.json and privacy_report.html in the run folder; a failure to write is itself a finding."""
     try:
         text = json.dumps(compute_json_safe(result.to_dict()), indent=2, allow_nan=False, default=str)
-        (run / "audit.json").write_text(text + "\n", encoding="utf-8")
-        (run / "privacy_report.html").write_text(render_html(result), encoding="utf-8")
+        # renamed into place: a link planted where an output goes is replaced, never followed (the folder comes
+        # from the parties being audited)
+        write_text_atomic(run / "audit.json", text + "\n")
+        write_text_atomic(run / "privacy_report.html", render_html(result))
         result.outputs_written = True
     except (OSError, ValueError) as exc:
         result.add("input", None, None, None, f"cannot write the audit outputs in {run}: {exc}")

@@ -17,6 +17,7 @@ import csv
 import io
 import json
 import sys
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +77,11 @@ def resolve_source(path: Path, partner_id: str, data_dir: str | None = None, con
                    ledger_dir: str | None = None) -> ServedSource:
     """A simulation run folder (``config.toml``, ``checkpoints/``, ``partners/ID``, ``ledgers/ID.jsonl``), or a
     deployed partner (its ledger in ``partner.toml``'s ledger-dir, or ``ledger_dir``)."""
+    from fedsocial.shared.protocol import PARTNER_ID
+
+    if PARTNER_ID.fullmatch(partner_id) is None:  # "../partners/partner-0" was taken as a path (found in review)
+        raise ConfigError(f"--partner {partner_id[:80]!r}: a partner id is 1-64 letters, digits, '.', '_' or '-', "
+                          "starting with a letter or digit (e.g. partner-0), not a path")
     ledger = None if ledger_dir is None else Path(ledger_dir) / f"{partner_id}.jsonl"
     if (path / "config.toml").is_file() and config is None:
         sd = Path(state_dir) if state_dir else path / "partners" / partner_id
@@ -182,8 +188,13 @@ def serve_personalised(cfg: Config, split: SplitData, shared: SocialRec, state_d
     elif name == "finetune":
         trainer = LocalTrainer(compute_alone_config(cfg), split, device="cpu", seed=cfg.train.seed,
                                popularity_prior=uses_popularity_release(cfg))  # the fine-tune keeps the DP prior
-        with np.load(state_dir / PERSONAL_DIR / "finetune.npz", allow_pickle=False) as z:
-            trainer.model.load_state_dict({k: torch.as_tensor(z[k]) for k in z.files})
+        path = state_dir / PERSONAL_DIR / "finetune.npz"
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                trainer.model.load_state_dict({k: torch.as_tensor(z[k]) for k in z.files})
+        except (OSError, ValueError, KeyError, EOFError, RuntimeError, zipfile.BadZipFile) as exc:
+            raise ConfigError(f"{path}: unreadable fine-tuned model ({type(exc).__name__}: {str(exc)[:200]}); "
+                              "run the partner's personalisation again") from None
         model = trainer.model
     else:
         model = shared
@@ -217,6 +228,7 @@ def load_recommender(src: ServedSource, calibration: str = "auto", adapt: Adapte
     from fedsocial.shared.trainer import LocalTrainer
 
     cfg = src.config if src.config is not None else load_config(src.config_path)
+    check_served_privacy(cfg, src)  # an edited config must not turn a DP run's serving into non-DP serving
     privacy_scope = compute_serving_scope(cfg.privacy.enabled, cfg.privacy.scope)
     compute_calibration_method(calibration, privacy_scope)  # a refused calibration fails fast
     data = load_partner_data(cfg, src)
@@ -242,6 +254,43 @@ def load_recommender(src: ServedSource, calibration: str = "auto", adapt: Adapte
     return Recommender(model, split, calibration=calibration, events_path=src.state_dir / EVENTS_FILE,
                        refit_on_event=refit_on_event, seed=cfg.train.seed, ranking=ranking,
                        privacy_scope=privacy_scope)
+
+
+def check_served_privacy(cfg: Config, src: ServedSource) -> None:
+    """Refuse a config whose privacy (``privacy.enabled``, ``privacy.scope``) is not the one the partner's releases
+    were charged under (its ledger entries' ``scope``) or the run recorded (the signed ``run_manifest.json``'s
+    ``privacy``): the config decides what serving learns from the partner's records without DP (calibration on
+    validation records, exact counts for cold users, the charged DP selection), so an edited ``config.toml`` of a
+    joint-scope DP run would serve non-DP statistics of other users' records."""
+    import warnings
+
+    from fedsocial.shared.privacy.ledger import LedgerError, TornTailWarning, read_ledger
+
+    recorded: list[tuple[str, bool, str]] = []  # (where, DP on, scope)
+    if src.ledger_path is not None and src.ledger_path.is_file():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", TornTailWarning)
+                entries = read_ledger(src.ledger_path)
+        except LedgerError as exc:
+            raise ConfigError(f"the partner's ledger: {exc}") from None
+        recorded += [(str(src.ledger_path), True, str(scope))
+                     for scope in sorted({str(e.get("scope", "joint")) for e in entries})]
+    manifest = src.run_dir / "run_manifest.json" if src.run_dir is not None else None
+    if manifest is not None and manifest.is_file():
+        try:
+            privacy = json.loads(manifest.read_text(encoding="utf-8"))["privacy"]
+            recorded.append((str(manifest), bool(privacy["enabled"]), str(privacy.get("scope", "joint"))))
+        except (OSError, ValueError, KeyError, TypeError):
+            raise ConfigError(f"{manifest}: unreadable run manifest (fedsocial audit {src.run_dir} says what is "
+                              "wrong with the run's records)") from None
+    for where, enabled, scope in recorded:
+        if enabled != cfg.privacy.enabled or (enabled and scope != cfg.privacy.scope):
+            said = f"DP in {scope} scope" if enabled else "no DP"
+            now = f"DP in {cfg.privacy.scope} scope" if cfg.privacy.enabled else "no DP"
+            raise ConfigError(f"{src.config_path}: privacy.enabled / privacy.scope say {now}, but {where} records "
+                              f"{said}: serving follows the privacy the partner's releases were made and charged "
+                              "under; serve with the run's own config")
 
 
 def read_selection_charges(ledger_path: Path | None) -> list[dict[str, Any]] | None:
@@ -312,11 +361,41 @@ def format_rows(rows: list[dict[str, Any]], suffix: str) -> str:
         return "".join(json.dumps(r, default=json_default) + "\n" for r in rows)
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["user", "rank", "item", "score", "probability", "explanation"])
+    writer.writerow(LIST_HEADER.split(","))
     for r in rows:
         writer.writerow([r["user"], r["rank"], r["item"], repr(r["score"]), repr(r["probability"]),
                          json.dumps(r["explanation"], default=json_default)])
     return buf.getvalue()
+
+
+LIST_HEADER = "user,rank,item,score,probability,explanation"  # the first line of a .csv list (format_rows)
+
+
+def check_replaceable_output(out: Path) -> None:
+    """``--out`` may replace an empty file or an earlier list (lists are rerun after each round), never another file:
+    found in review, ``--out interactions.csv`` silently overwrote the partner's own training data."""
+    if not out.exists():
+        return
+    if not out.is_file():
+        raise ConfigError(f"--out {out}: exists and is not a file")
+    try:
+        with out.open("rb") as fh:
+            first = fh.readline(1 << 16).decode("utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--out {out}: exists and cannot be read as an earlier list ({exc}); not replaced") from None
+    if not first:
+        return
+    if out.suffix == ".csv" and first == LIST_HEADER:
+        return
+    if out.suffix == ".jsonl":
+        try:
+            doc = json.loads(first)
+        except ValueError:
+            doc = None
+        if isinstance(doc, dict) and {"user", "rank", "item"} <= doc.keys():
+            return
+    raise ConfigError(f"--out {out}: exists and is not an earlier list of fedsocial recommend; not replaced "
+                      "(remove it, or choose another path)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -332,6 +411,7 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out)
         if out.suffix not in (".jsonl", ".csv"):
             raise ConfigError(f"--out {out}: the file must end in .jsonl or .csv")
+        check_replaceable_output(out)  # before the model is loaded
         out.parent.mkdir(parents=True, exist_ok=True)  # a blocked --out fails before the model is loaded
         rec = load_recommender(source_from_args(args), args.calibration)
         users = list(rec.users) if args.users is None else [_partner_user(rec, u, args.partner) for u in args.users]

@@ -13,6 +13,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from fedsocial.shared.fileio import write_text_atomic
+
 METRIC_KEYS = ("recall@10", "ndcg@10", "hr@10", "recall@20", "ndcg@20", "hr@20")
 COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
 
@@ -215,7 +217,7 @@ def render_page(title: str, sections: Sequence[str]) -> str:
 
 def write_report(run_dir: Path, doc: dict[str, Any]) -> Path:
     path = Path(run_dir) / "report.html"
-    path.write_text(render_report(doc, f"fedsocial federated run: {Path(run_dir).name}"), encoding="utf-8")
+    write_text_atomic(path, render_report(doc, f"fedsocial federated run: {Path(run_dir).name}"))  # a link: replaced
     return path
 
 

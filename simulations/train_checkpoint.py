@@ -17,6 +17,7 @@ Arrays are read with ``allow_pickle=False``.
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -92,8 +93,9 @@ def _load_npz(path: Path) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as arrays:
             return {k: np.asarray(arrays[k]) for k in arrays.files}
-    except (OSError, ValueError) as exc:
-        raise TrainCheckpointError(f"{path}: unreadable checkpoint arrays ({exc})") from None
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:  # truncated: BadZipFile, EOFError
+        raise TrainCheckpointError(f"{path}: unreadable checkpoint arrays ({type(exc).__name__}: "
+                                   f"{str(exc)[:200]})") from None
 
 
 def load_train_checkpoint(out: Path) -> TrainCheckpoint | None:

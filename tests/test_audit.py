@@ -114,6 +114,24 @@ def test_one_changed_digit_fails_naming_partner_and_round(
     assert re.search(rf"TAMPER: partner {partner}, round {tampered['round']}, line {index + 1}:", output), output
 
 
+def test_outputs_replace_links_planted_in_the_folder_never_follow_them(run: Path, tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    # Regression (adversarial review): audit.json and privacy_report.html were written through planted symlinks
+    # Prepare: both outputs are links to files of the auditor's
+    victims = [tmp_path / "victim.json", tmp_path / "victim.html"]
+    for victim, name in zip(victims, ("audit.json", "privacy_report.html"), strict=True):
+        victim.write_text("mine\n")
+        (run / name).unlink(missing_ok=True)
+        (run / name).symlink_to(victim)
+    # Execute
+    code, output = audit(run, capsys)
+    # Assert: the links are replaced by the outputs; the auditor's files untouched
+    assert code == EXIT_OK, output
+    assert all(v.read_text() == "mine\n" for v in victims)
+    assert not (run / "audit.json").is_symlink() and json.loads((run / "audit.json").read_text())["verified"]
+    assert not (run / "privacy_report.html").is_symlink()
+
+
 def test_wrong_public_key_is_tampering(run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     trusted = tmp_path / "trusted"
     for pid in PARTNERS:  # the auditor's copies do not match the keys that signed
@@ -328,18 +346,27 @@ def test_signed_underreported_prv_is_an_accounting_mismatch(
 
 
 def test_metrics_understating_epsilon_is_reported(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    # Prepare: a signed metrics.json publishing 0.5, and an unsigned copy of it (its record removed)
+    # Prepare: a signed metrics.json publishing 0.5; an unsigned copy of it (its record removed); and an unsigned
+    # one of an earlier round (what a server killed between metrics.json and its record leaves)
     sign_metrics(run, metrics_doc(run, epsilon=0.5, delta=DELTA))
     unsigned = Path(shutil.copytree(run, run.parent / "unsigned"))
     (unsigned / "metrics_record.json").unlink()
+    earlier = Path(shutil.copytree(unsigned, run.parent / "earlier"))
+    doc = json.loads((earlier / "metrics.json").read_text())
+    (earlier / "metrics.json").write_text(json.dumps({**doc, "rounds_completed": doc["rounds_completed"] - 1}))
     # Execute
     code, output = audit(run, capsys)
     code_unsigned, output_unsigned = audit(unsigned, capsys)
+    code_earlier, output_earlier = audit(earlier, capsys)
     # Assert: signed, it publishes less than the entries the server's signed heads name (was: a warning, exit 0);
-    # unsigned, the numbers are the server's summary of nothing verified: a warning
+    # unsigned but of the heads' round, the same (was: a warning, found in review: no crash leaves it); of an
+    # earlier round, the numbers are a summary of nothing verified: a warning
     assert code == EXIT_ACCOUNTING, output
     assert "ACCOUNTING: run: the signed metrics.json publishes epsilon 0.5, below" in output
-    assert code_unsigned == EXIT_OK and "WARNING: run: metrics.json reports epsilon 0.5" in output_unsigned
+    assert code_unsigned == EXIT_ACCOUNTING, output_unsigned
+    assert "ACCOUNTING: run: the unsigned metrics.json (no metrics_record.json, yet of the signed heads' round) " \
+           "publishes epsilon 0.5, below" in output_unsigned
+    assert code_earlier == EXIT_OK and "WARNING: run: metrics.json reports epsilon 0.5" in output_earlier
 
 
 def test_signed_metrics_understating_one_partner_s_epsilon_is_an_accounting_finding(

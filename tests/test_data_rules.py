@@ -4,6 +4,7 @@ tests/test_fuzz_csv.py fuzzes the loaders (a clear DataError naming file and lin
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -266,6 +267,33 @@ def test_codes_keep_integer_category_ids_and_rank_names() -> None:
     assert compute_codes(np.array(["b", "a", "b"]))[0].tolist() == [1, 0, 1]
 
 
+def test_huge_integer_category_codes_are_ranked_and_named_not_used_as_table_rows() -> None:
+    # Regression (adversarial review): a code of 10**18 sized a category table of 10**18 rows (a traceback)
+    big = str(10**18)
+    codes, names = compute_codes(np.array([big, "65535", big]))
+    assert codes.tolist() == [0, 1, 0] and names == (big, "65535")  # sorted as text
+    assert compute_codes(np.array(["65535", "7"]))[0].tolist() == [65535, 7]  # small codes still name themselves
+
+
+@pytest.mark.parametrize(("bad", "char"), [("a\x1bz", "U+001B"), ("a\x7f", "U+007F"), ("a\x9b", "U+009B"),
+                                           ("\u200b1", "U+200B"), ("x\ufeffy", "U+FEFF"), ("\u2060a", "U+2060")])
+def test_an_id_with_a_control_or_invisible_character_is_refused_with_its_line(tmp_path: Path, bad: str,
+                                                                               char: str) -> None:
+    # Regression (adversarial review): the loader accepted ids that events then refused, and "\u200b1" was a
+    # second user who looks like "1"
+    folder = csv_folder(tmp_path, inter=f"user,item\na,x\n{bad},y\n")
+    with pytest.raises(DataError, match=rf"interactions.csv:3: user id .* holds the character {re.escape(char)}"):
+        load_csv(folder)
+
+
+def test_a_nul_anywhere_and_an_overlong_id_are_refused(tmp_path: Path) -> None:
+    # Regression: numpy's text arrays dropped a trailing NUL, merging "0\x00" into the user "0"
+    with pytest.raises(DataError, match=r"interactions.csv:3: a NUL character"):
+        load_csv(csv_folder(tmp_path / "nul", inter="user,item\n0,x\n0\x00,y\n"))
+    with pytest.raises(DataError, match=r"interactions.csv:2: a item id of 1025 characters \(at most 1024\)"):
+        load_csv(csv_folder(tmp_path / "long", inter=f"user,item\na,{'i' * 1025}\nb,x\n"))
+
+
 def test_text_features_deterministic_and_zero_for_empty_text() -> None:
     # Prepare
     texts = ["wireless mouse", "wireless keyboard", "", "garden hose", "garden chair"]
@@ -291,3 +319,16 @@ def test_text_features_equal_the_exact_truncated_svd_when_the_sketch_spans_the_c
     assert np.allclose(np.linalg.norm(feats, axis=0), s[:4], atol=1e-5)
     proj = u[:, :4] @ (u[:, :4].T @ feats)
     assert np.allclose(proj, feats, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["items.csv", "users.csv", "interactions.csv"])
+def test_a_folder_where_a_data_file_belongs_is_named_not_ignored(tmp_path: Path, name: str) -> None:
+    # Regression (adversarial review): an items.csv folder was silently ignored, an interactions.csv folder
+    # reported as "no such file"
+    folder = csv_folder(tmp_path)
+    target = folder / name
+    if target.exists():
+        target.unlink()
+    target.mkdir()
+    with pytest.raises(DataError, match=rf"{re.escape(name)}: a folder, not a file"):
+        load_csv(folder)

@@ -331,3 +331,35 @@ def test_simulate_resume_of_a_train_run_folder_is_refused_and_overwrites_nothing
     assert code == 2 and len(err) == 1 and "not a simulation run" in err[0]
     assert not ray.is_initialized()
     assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_ctrl_c_with_threads_that_never_end_stops_ray_and_exits_130_at_once(tmp_path: Path) -> None:
+    # Regression (adversarial review): Ctrl-C during `simulate` printed "interrupted" and then hung in
+    # threading._shutdown, Flower's and Ray's non-daemon threads alive. Prepare: a process in that state, with a
+    # stand-in for the ray module that records its shutdown
+    import subprocess
+    import sys
+    import textwrap
+    import time
+
+    script = tmp_path / "interrupted.py"
+    script.write_text(textwrap.dedent("""
+        import sys, threading, types
+        from fedsocial.simulations.common import user_errors
+        ray = types.ModuleType("ray")
+        ray.is_initialized = lambda: True
+        ray.shutdown = lambda: print("ray.shutdown", flush=True)
+        sys.modules["ray"] = ray
+        threading.Thread(target=threading.Event().wait).start()  # non-daemon, never ends
+
+        @user_errors
+        def main(argv=None):
+            raise KeyboardInterrupt
+        sys.exit(main())
+    """))
+    # Execute
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    # Assert: Ray stopped, exit 130 within seconds, no traceback
+    assert proc.returncode == 130 and time.monotonic() - t0 < 30
+    assert proc.stdout.strip() == "ray.shutdown" and proc.stderr.strip() == "interrupted"

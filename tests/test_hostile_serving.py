@@ -33,7 +33,8 @@ def client_of(rec: Recommender) -> TestClient:
 
 
 @pytest.mark.parametrize(("user", "code"), [("\ud800", "D800"), ("a\nb", "000A"), ("tab\there", "0009"),
-                                           ("nul\x00", "0000"), ("line\u2028sep", "2028"), ("del\x7f", "007F")])
+                                           ("nul\x00", "0000"), ("line\u2028sep", "2028"), ("del\x7f", "007F"),
+                                           ("\u200b1", "200B"), ("x\ufeff", "FEFF")])
 def test_an_event_id_no_data_set_can_hold_is_refused_and_never_breaks_the_service(tmp_path: Path, user: str,
                                                                                   code: str) -> None:
     # Prepare: a service whose events go to a file (a lone surrogate was accepted, appended to events.jsonl, and
@@ -52,7 +53,8 @@ def test_an_event_id_no_data_set_can_hold_is_refused_and_never_breaks_the_servic
     # Assert
     assert posted.status_code == 422 and follow.status_code == 422
     assert posted.json()["detail"] == (f"field 'user': an id may not hold the character U+{code} "
-                                       "(a control character, line break or lone surrogate)")
+                                       "(a control character, line break, invisible format character or lone "
+                                       "surrogate)")
     assert follow.json()["detail"].startswith(f"field 'neighbour': an id may not hold the character U+{code} ")
     assert not events.exists() and listed.status_code == 200 and len(listed.json()["users"]) == split.n_users
 
@@ -289,3 +291,37 @@ def test_an_append_after_a_write_cut_short_never_joins_it_and_the_file_stays_rea
     assert read_events(path) == [first]
     append_events_durably(path, [second])
     assert read_events(path) == [first, second]
+
+
+def test_a_client_gone_mid_body_is_no_internal_error_and_applies_nothing(tmp_path: Path,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
+    # Regression (adversarial review): a client that sent Content-Length 100000 and then disconnected made serve
+    # log "internal error" and Starlette's "Exception in ASGI application", two tracebacks
+    import asyncio
+
+    split = tiny_split()
+    events = tmp_path / "events.jsonl"
+    rec = Recommender(randomised_model(ModelConfig(dim=8), split, 1), split,  # type: ignore[arg-type]
+                      calibration="none", privacy_scope="none", events_path=events)
+    app = create_app(rec, "partner-0")
+    incoming = [{"type": "http.request", "body": b'{"user":', "more_body": True}, {"type": "http.disconnect"}]
+    sent: list[dict[str, object]] = []
+
+    async def receive() -> dict[str, object]:
+        return incoming.pop(0) if incoming else {"type": "http.disconnect"}
+
+    async def send(message: dict[str, object]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/events", "raw_path": b"/events", "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", b"application/json"), (b"content-length", b"100000")],
+             "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000)}
+    # Execute
+    with caplog.at_level("INFO"):
+        asyncio.run(app(scope, receive, send))
+    # Assert: a 400 (never delivered), logged as the client's doing, nothing stored
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    assert start["status"] == 400
+    assert "internal error" not in caplog.text and "Traceback" not in caplog.text
+    assert "disconnected before its body was complete" in caplog.text and not events.exists()

@@ -329,3 +329,11 @@ def test_sigkilled_writer_never_damages_complete_entries(tmp_path: Path, key: An
         assert [e["round"] for e in scan.entries] == list(range(1, len(scan.entries) + 1))
         counts.append(len(scan.entries))
     assert counts == sorted(counts) and counts[-1] > counts[0]  # each writer resumed the same chain
+
+
+def test_a_head_matching_no_entry_of_its_round_names_every_line_of_that_round() -> None:
+    # Regression (adversarial review): the finding named the round's first line even where the head was its last
+    entries = [{"round": 1, "v": 0}, {"round": 2, "v": 1}, {"round": 2, "v": 2, "release": "evaluation"}]
+    found = verify_head(entries, 2, "0" * 64, partner_id="alpha")
+    assert [(p.kind, p.round, p.line) for p in found] == [("head", 2, 3)]
+    assert "lines 2, 3" in found[0].message

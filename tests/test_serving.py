@@ -415,6 +415,24 @@ def test_recommend_refuses_unreadable_or_foreign_model_files_with_one_line(
     assert not (tmp_path / "x.jsonl").exists()
 
 
+@pytest.mark.parametrize("size", [0, 1000])
+def test_a_truncated_checkpoint_is_one_line_naming_it(run_dir: Path, tmp_path: Path, size: int,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    # Regression (adversarial review): a checkpoint cut short gave zipfile.BadZipFile / EOFError tracebacks
+    # Prepare: the run's checkpoint truncated to 1000 bytes, or emptied
+    import shutil
+
+    cut = Path(shutil.copytree(run_dir, tmp_path / "cut"))
+    path = cut / "checkpoints" / "round_0001.npz"
+    path.write_bytes(path.read_bytes()[:size])
+    # Execute
+    code = recommend.main([str(cut), "--partner", "partner-0", "--out", str(tmp_path / "x.jsonl")])
+    # Assert
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().splitlines() == [err.strip()] and "round_0001.npz: unreadable checkpoint" in err
+
+
 def test_partner_training_data_includes_served_events(run_dir: Path) -> None:
     """Regression for the loop: the partner's loader (client/partner.py) replays events.jsonl."""
     from fedsocial.client.partner import Partner, PartnerSettings
@@ -628,13 +646,15 @@ def test_an_event_id_is_an_integer_exactly_when_the_loader_would_make_it_one() -
     from fedsocial.shared.events import compute_external_id
     from fedsocial.shared.loaders import _typed_ids
 
-    cases = ["9223372036854775807", "-9223372036854775808", "9223372036854775808", "-9223372036854775809", "12"]
+    # ("-0": found in review, the service made it the integer 0, merging two users the loader keeps apart)
+    cases = ["9223372036854775807", "-9223372036854775808", "9223372036854775808", "-9223372036854775809", "12",
+             "-0", "0", "-7", "007"]
     # Execute
     service = [compute_external_id(c) for c in cases]
     loader = [_typed_ids(np.array([c, "1"]))[0] for c in cases]
     # Assert
-    assert [type(v) is int for v in service] == [isinstance(v, np.integer) for v in loader] == [True, True, False,
-                                                                                                   False, True]
+    assert [type(v) is int for v in service] == [isinstance(v, np.integer) for v in loader] == [
+        True, True, False, False, True, False, True, True, False]
     assert [str(v) for v in service] == cases
 
 
@@ -682,3 +702,36 @@ def test_serve_refuses_a_busy_port_before_loading_the_model(tmp_path: Path,
     assert rc == 2 and "serving" not in captured.out
     assert captured.err.strip() == captured.err.strip().splitlines()[0]
     assert f"--port {port}: cannot listen on 127.0.0.1:{port}" in captured.err
+
+
+def test_recommend_replaces_an_earlier_list_but_never_another_file(run_dir: Path, tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    # Regression (adversarial review): --out interactions.csv silently overwrote the partner's training data
+    # Prepare: a data file, and earlier lists in both formats
+    data = tmp_path / "interactions.csv"
+    data.write_text("user,item\n1,2\n")
+    args = [str(run_dir), "--partner", "partner-0", "--k", "2", "--users"]
+    assert recommend.main([*args[:-1], "--out", str(tmp_path / "all.jsonl")]) == 0
+    first_user = json.loads((tmp_path / "all.jsonl").read_text().splitlines()[0])["user"]
+    assert recommend.main([*args, str(first_user), "--out", str(tmp_path / "l.csv")]) == 0
+    capsys.readouterr()
+    # Execute
+    refused = recommend.main([*args, str(first_user), "--out", str(data)])
+    again_jsonl = recommend.main([*args, str(first_user), "--out", str(tmp_path / "all.jsonl")])
+    again_csv = recommend.main([*args, str(first_user), "--out", str(tmp_path / "l.csv")])
+    # Assert: the data file kept, one line naming it; the earlier lists replaced
+    err = capsys.readouterr().err
+    assert refused == 2 and data.read_text() == "user,item\n1,2\n"
+    assert f"--out {data}: exists and is not an earlier list" in err and "Traceback" not in err
+    assert again_jsonl == 0 and again_csv == 0
+    assert len((tmp_path / "all.jsonl").read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize("partner", ["../partners/partner-0", "./partner-0", "partner-0/", ".hidden"])
+def test_a_partner_given_as_a_path_is_refused(run_dir: Path, tmp_path: Path, partner: str,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    # Regression (adversarial review): "../partners/partner-0" served partner-0's lists while the ledger lookup
+    # (ledgers/../partners/partner-0.jsonl) missed the partner's ledger
+    code = recommend.main([str(run_dir), "--partner", partner, "--out", str(tmp_path / "x.jsonl")])
+    err = capsys.readouterr().err
+    assert code == 2 and "a partner id is" in err and "Traceback" not in err

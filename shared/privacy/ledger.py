@@ -384,8 +384,11 @@ def verify_head(
     if same_round:  # a round may hold a training and an evaluation release: the head names one of them
         if any(compute_entry_hash_or_none(entries[i]) == head_hash for i in same_round):
             return []
-        return [Problem(partner_id, head_round, same_round[0] + 1, "head",
-                        "entry differs from the head recorded by the server")]
+        lines = ", ".join(str(i + 1) for i in same_round)  # the head names one of them: none matches
+        return [Problem(partner_id, head_round, same_round[-1] + 1, "head",
+                        f"no entry of round {head_round} (line{'s' if len(same_round) > 1 else ''} {lines}) is the "
+                        "one the server recorded as this partner's head: an entry of that round was changed or "
+                        "replaced")]
     if head_round is None and head_hash == GENESIS_HASH:
         return []
     last = entries[-1].get("round") if entries else None
