@@ -77,6 +77,9 @@ ACTOR_DIED_MARKERS = ("The actor died unexpectedly", "The actor is dead because"
 _WORKER_EXIT = re.compile(r"Worker exit type: (\w+)")
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[@-Z\\-_]")  # CSI sequences (colours) and two-byte escapes
+
+
 def compute_failure_reason(text: str, limit: int = 300) -> str:
     """One line from a failed reply: a ClientApp's error arrives as a whole Ray traceback, whose last
     ``Message:`` (or last line) is the partner's own error; the rest would bury it in every log. A process
@@ -85,6 +88,7 @@ def compute_failure_reason(text: str, limit: int = 300) -> str:
         exit_type = _WORKER_EXIT.search(text)
         return ("its process died before replying (killed, out of memory or crashed"
                 + (f"; Ray worker exit type {exit_type.group(1)})" if exit_type else ")"))
+    text = _ANSI.sub("", text)  # Ray colours its tracebacks: escape codes in a log line are noise (found in review)
     lines = [ln.strip(" '\"\\>)") for ln in text.replace("\\n", "\n").splitlines() if ln.strip()]
     marked = [ln.split("Message:", 1)[1].strip() for ln in lines if "Message:" in ln]
     line = (marked or lines or [""])[-1]

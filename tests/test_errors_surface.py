@@ -363,3 +363,10 @@ def test_ctrl_c_with_threads_that_never_end_stops_ray_and_exits_130_at_once(tmp_
     # Assert: Ray stopped, exit 130 within seconds, no traceback
     assert proc.returncode == 130 and time.monotonic() - t0 < 30
     assert proc.stdout.strip() == "ray.shutdown" and proc.stderr.strip() == "interrupted"
+
+
+def test_a_coloured_ray_traceback_becomes_one_plain_line() -> None:
+    # Regression (adversarial review): a partner's error reached the driver's message full of ANSI escape codes
+    text = ("\x1b[36mray::ClientAppActor.run()\x1b[39m (pid=1, ip=127.0.0.1)\n  File \"x.py\", line 3\n"
+            "\x1b[1m\x1b[31mRuntimeError: Storage size calculation overflowed\x1b[0m\n")
+    assert compute_failure_reason(text) == "RuntimeError: Storage size calculation overflowed"
