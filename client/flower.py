@@ -149,10 +149,16 @@ def make_secagg_mod(fixed: Mapping[str, Any] | None = None) -> Mod:
     overrides = dict(fixed or {})
 
     def secagg_when_requested_mod(msg: Message, ctxt: Context, call_next: Any) -> Message:
-        if msg.metadata.message_type == MessageType.TRAIN and RECORD_KEY_CONFIGS in msg.content.config_records:
-            check_share_stage(dict(msg.content.config_records[RECORD_KEY_CONFIGS]), _share_expectation(
-                {**dict(ctxt.run_config), **overrides}, ctxt.node_config))
+        if msg.metadata.message_type != MessageType.TRAIN:
+            return call_next(msg, ctxt)  # type: ignore[no-any-return]
+        expected = _share_expectation({**dict(ctxt.run_config), **overrides}, ctxt.node_config)
+        if RECORD_KEY_CONFIGS in msg.content.config_records:
+            check_share_stage(dict(msg.content.config_records[RECORD_KEY_CONFIGS]), expected)
             return secaggplus_mod(msg, ctxt, call_next)  # type: ignore[no-any-return]
+        if expected is not None:  # found in review: a plain training message made the share leave in the clear
+            raise PartnerError("distributed noise: a training message outside SecAgg+; a Skellam share carries a "
+                               "fraction of the step's noise and may leave this partner only masked inside a secure "
+                               "sum: refusing the round (nothing drawn or charged)")
         return call_next(msg, ctxt)  # type: ignore[no-any-return]
 
     return secagg_when_requested_mod

@@ -76,6 +76,7 @@ class PartnerSettings:
     num_threads: int
     max_epsilon: float | None = None  # the partner's own budget cap (node config), tighter than the run's
     target_delta: float | None = None  # the partner's own delta (node config)
+    require_dp: bool = False  # node config require-dp: refuse a run config without privacy.enabled
 
 
 def _get(cfg: Mapping[str, Any], key: str, default: Any = None) -> Any:
@@ -121,7 +122,17 @@ def settings_from_context(run_config: Mapping[str, Any], node_config: Mapping[st
         num_threads=int(_get(node_config, "num-threads", _get(run_config, "num-threads", 0))),
         max_epsilon=_optional_float(node_config, "max-epsilon"),
         target_delta=_optional_float(node_config, "target-delta"),
+        require_dp=_optional_bool(node_config, "require-dp"),
     )
+
+
+def _optional_bool(node_config: Mapping[str, Any], key: str) -> bool:
+    value = _get(node_config, key)
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    if str(value).lower() in ("true", "false"):
+        return str(value).lower() == "true"
+    raise ConfigError(f"node config {key}: expected true or false, got {value!r}")
 
 
 def _optional_float(node_config: Mapping[str, Any], key: str) -> float | None:
@@ -141,6 +152,10 @@ def compute_partner_config(cfg: Config, s: PartnerSettings) -> Config:
     tighter one is applied; the noise is then calibrated to the partner's cap.
     """
     pc = cfg.privacy
+    if s.require_dp and not pc.enabled:  # a coordinator's config must not turn the partner's DP off (found in review)
+        raise ConfigError(f"{s.partner_id}: node config require-dp = true (the partner agreed to a DP federation), but "
+                          f"the run's config {s.config_path} has privacy.enabled = false; refusing to train or "
+                          "evaluate without DP")
     if s.max_epsilon is not None and s.max_epsilon > pc.max_epsilon:
         raise ConfigError(f"node config max-epsilon: {s.max_epsilon} exceeds the run's privacy.max_epsilon "
                           f"{pc.max_epsilon}")
@@ -369,8 +384,17 @@ class Partner:
         else:
             key = signing.load_or_create_keypair(s.state_dir / "ledger_signing.key")
         s.ledger_dir.mkdir(parents=True, exist_ok=True)
+        ledger = Ledger(s.ledger_dir / f"{s.partner_id}.jsonl", key, s.partner_id)
+        # one key per ledger: the audit verifies every entry with the one public key beside it, so entries under a
+        # new key (fedsocial keys --force mid-run) would make an honest run read as tampered (found in review)
+        other = sorted({str(e.get("public_key_fingerprint")) for e in ledger.entries()} - {ledger.fingerprint})
+        if other:
+            raise PartnerError(f"{self.partner_id}: the ledger {ledger.path} was signed with the key "
+                               f"{other[0][:16]}..., the signing key now given is {ledger.fingerprint[:16]}...: "
+                               "refusing to append under another key (restore the run's key, or start a new run "
+                               "with a new ledger)")
         signing.save_public_key(key.public_key(), s.ledger_dir / f"{s.partner_id}.pub")
-        return Ledger(s.ledger_dir / f"{s.partner_id}.jsonl", key, s.partner_id)
+        return ledger
 
     # --- rounds ------------------------------------------------------------------------------
     def _prepared_trainer(self, arrays: list[np.ndarray], local_round: int) -> tuple[Any, list[str]]:
@@ -798,6 +822,13 @@ class Partner:
             # every training round before it; kept local (as a partner whose fit of that round failed does)
             log.warning("%s: asked to release an evaluation of round %d before its fit of that round; kept local",
                         self.partner_id, round_)
+            return None, 0
+        from fedsocial.shared.privacy.ledger import RELEASE_KINDS, order_key
+
+        if any(order_key(e) > (round_, RELEASE_KINDS.index("evaluation")) for e in entries):
+            # the ledger would refuse its entry after the noise was drawn and saved (found in review): asked too late
+            log.warning("%s: asked to release the evaluation of round %d after a later release is in the ledger; "
+                        "kept local (nothing drawn or charged)", self.partner_id, round_)
             return None, 0
         pround = self._admitted_release(entries, round_, sigma, EVAL_SENSITIVITY, "federation.eval_noise_multiplier",
                                         "releasing the evaluation", "kept local")

@@ -354,8 +354,11 @@ class FedSocialStrategy(Strategy):
         if update is None:
             return ndarrays_to_parameters(self.global_params), {"accepted": 0, "dropped": len(dropped)}
         accepted = [r for _, _, r in reports]
+        # sigma C / n over the replies that contribute: a refusal (weight 0, budget exhausted) adds nothing to the
+        # mean, so counting it shrank the noise below one contributor's sensitivity (found in review)
+        contributors = [r for r in accepted if not r.budget_exhausted]
         std = compute_server_noise_std(self.cfg.federation.server_noise_multiplier, self.cfg.federation.clipping_norm,
-                                       len(accepted))
+                                       len(contributors))
         if std > 0:  # keyed by the server's secret, never by train.seed (which every party knows)
             (self.run_dir / "server").mkdir(parents=True, exist_ok=True)
             key = load_or_create_noise_key(self.run_dir / "server")  # 0600, OS entropy, never sent
@@ -529,6 +532,11 @@ class FedSocialStrategy(Strategy):
             return None
         return [a.astype(np.float64) for a in mean]
 
+    def _cap_of(self, partner_id: str) -> float:
+        """The partner's epsilon cap: its registered one where tighter than the run's."""
+        pc = self.cfg.privacy
+        return compute_privacy_bounds(self.registered.get(partner_id, {}), pc.max_epsilon, pc.target_delta)[0]
+
     def _privacy_refusal(self, rep: protocol.FitReport, update_norm: float) -> str | None:
         pc = self.cfg.privacy
         eps, delta = compute_privacy_bounds(self.registered.get(rep.partner_id, {}), pc.max_epsilon, pc.target_delta)
@@ -631,6 +639,11 @@ class FedSocialStrategy(Strategy):
                           "evaluation release no ledger is known to charge, not published")
             elif rep.partner_id != who:
                 reason = f"the evaluation claims partner id {rep.partner_id!r}, the node registered as {who!r}"
+            elif rep.released and rep.accounting is not None \
+                    and rep.accounting.epsilon > self._cap_of(who) * (1 + 1e-9):
+                # as a fit reply over its cap is refused (found in review: an evaluation at epsilon 50 was published)
+                reason = (f"epsilon {rep.accounting.epsilon:g} after this evaluation release exceeds the cap "
+                          f"{self._cap_of(who):g}: not published")
             elif rep.evaluated_users > int(self.registered[who]["num_users"]):
                 declared = self.registered[who]["num_users"]
                 reason = f"evaluated_users {rep.evaluated_users} exceeds the {declared} users it declared"

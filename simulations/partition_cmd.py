@@ -100,6 +100,7 @@ def partner_table(cfg: Config, index: int, partners: int) -> dict[str, Any]:
         "data-dir": ".", "state-dir": "state", "ledger-dir": "ledger",
         "signing-key": "keys/ledger_signing.key", "device": cfg.train.device,
         "max_epsilon": cfg.privacy.max_epsilon, "target_delta": cfg.privacy.target_delta,
+        "require_dp": bool(cfg.privacy.enabled),  # the partner refuses a run config that turns DP off
     }
 
 
@@ -177,13 +178,18 @@ def node_config(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The ``--node-config`` values of the partner described by ``partner.toml`` at ``path``."""
     table, _ = read_partner_toml(path)
     keys = ("data-dir", "state-dir", "ledger-dir", "signing-key", "device")
+    missing = [k for k in ("id", "max_epsilon", "target_delta") if k not in table]
+    if missing:  # was: a KeyError traceback (found in review)
+        raise ConfigError(f"{path}: [partner] lacks {', '.join(missing)} (fedsocial partition writes them)")
     budget = {"max-epsilon": table["max_epsilon"], "target-delta": table["target_delta"]}  # the partner's own cap
+    if "require_dp" in table:
+        budget["require-dp"] = bool(table["require_dp"])
     return {"partner-id": str(table["id"]), **{k: table[k] for k in keys if k in table}, **budget}
 
 
 def format_node_config(values: dict[str, Any]) -> str:
     """``--node-config`` text: space-separated ``key=value`` with TOML values (strings quoted)."""
-    return " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in values.items())
+    return " ".join(f"{k}={json.dumps(v) if isinstance(v, (str, bool)) else v}" for k, v in values.items())
 
 
 def main_node_config(argv: list[str] | None = None) -> int:

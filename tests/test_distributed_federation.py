@@ -326,3 +326,43 @@ def test_a_server_crash_after_a_released_round_loses_the_round_and_never_sums_a_
         assert rounds == [1, 2, 3]
     audited = audit_run(run)
     assert audited.exit_code == EXIT_OK, [str(f) for f in audited.findings]
+
+
+def test_a_plain_training_message_never_makes_a_share_leave_unmasked(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # Regression (adversarial review): a coordinator that sent a distributed-noise partner a plain training message
+    # (no SecAgg+ stage) got its Skellam share, 1/t of the step's noise, in the clear, charged as a full release
+    from flwr.app import Context, Message, RecordDict
+    from flwr.app.message_type import MessageType
+    from flwr.common import FitIns, ndarrays_to_parameters
+    from flwr.compat.common import recorddict_compat as compat
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedsocial.client.flower import make_secagg_mod, update_clipping_mod
+    from fedsocial.client.partner import Partner, PartnerError, settings_from_context
+    from fedsocial.shared import protocol
+    from fedsocial.shared.config import config_from_dict
+    from fedsocial.simulations.simulate import write_config
+
+    for name, value in (("_run_id", 7), ("_node_id", 0), ("_task_id", 1)):  # what a ClientApp process has set
+        monkeypatch.setattr(TaskIdentity, name, value, raising=False)
+    run = tmp_path / "run"
+    config = write_config(config_from_dict(tiny_raw()), run)
+    rc, nc = {"config-path": str(config), "run-dir": str(run)}, {"partition-id": 0, "num-partitions": 3}
+    partner = Partner(settings_from_context(rc, nc))
+    _, initial = partner.initial_parameters()
+    ins = protocol.FitInstructions(1, 1.0, 3, None, None, secure_aggregation=False, distributed_noise=True,
+                                   contributors=("partner-0", "partner-1", "partner-2")).to_config()
+    msg = Message(content=compat.fitins_to_recorddict(FitIns(ndarrays_to_parameters(initial), ins), keep_input=True),
+                  dst_node_id=1, message_type=MessageType.TRAIN)
+    ctx = Context(run_id=1, node_id=1, node_config=nc, state=RecordDict(), run_config=rc)
+    reached: list[int] = []
+
+    def fit(m: Message, c: Context) -> Message:
+        reached.append(1)
+        raise AssertionError("the partner's fit must not run")
+
+    # Execute / Assert: refused before the fit, nothing drawn or charged
+    with pytest.raises(PartnerError, match="a training message outside SecAgg\\+"):
+        make_secagg_mod({})(msg, ctx, lambda m, c: update_clipping_mod(m, c, fit))
+    assert reached == [] and not (run / "ledgers" / "partner-0.jsonl").exists()

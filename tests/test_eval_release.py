@@ -151,6 +151,25 @@ def test_a_dp_evaluation_is_released_only_for_a_planned_round_the_partner_has_re
         (1, "training"), (2, "training"), (2, "evaluation")]
 
 
+def test_an_evaluation_asked_after_a_later_release_draws_nothing(tmp_path: Path) -> None:
+    # Regression (adversarial review): the evaluation of round 1 asked after the fit of round 2 drew and saved a
+    # noisy release, which the ledger then refused (a raw LedgerError): a drawn, uncharged release on disk
+    partner = _partner(tmp_path, eval_noise_multiplier=4.0, eval_every=1)
+    ledger = tmp_path / "run" / "ledgers" / "partner-0.jsonl"
+    _, initial = partner.initial_parameters()
+    first, _, _ = partner.fit(initial, 1)
+    partner.fit(first, 2)
+    # Execute
+    kept = partner.evaluate(first, 1)
+    # Assert: kept local, nothing drawn, saved or charged
+    assert kept == (None, 0)
+    from fedsocial.shared.privacy.evaluation import EVAL_RELEASES
+
+    assert not (partner.settings.state_dir / EVAL_RELEASES / "round_0001.json").exists()
+    assert [(e["round"], e.get("release", "training")) for e in read_ledger(ledger)] == [
+        (1, "training"), (2, "training")]
+
+
 def test_pooled_metrics_weight_partners_by_their_users() -> None:
     evals = {"a": {**dict.fromkeys(EVAL_METRIC_KEYS, 0.2), "evaluated_users": 30},
              "b": {**dict.fromkeys(EVAL_METRIC_KEYS, 0.6), "evaluated_users": 10}}

@@ -80,7 +80,8 @@ def test_partner_folder_is_self_contained(tmp_path: Path) -> None:
     assert (table["max_epsilon"], table["target_delta"]) == (3.0, 1e-6)
     assert node["partner-id"] == "partner_1" and Path(node["data-dir"]) == (out / "partner_1").resolve()
     assert set(node) == {"partner-id", "data-dir", "state-dir", "ledger-dir", "signing-key", "device",
-                         "max-epsilon", "target-delta"}
+                         "max-epsilon", "target-delta", "require-dp"}
+    assert node["require-dp"] is True and "require-dp=true" in partition_cmd.format_node_config(node)
     assert (node["max-epsilon"], node["target-delta"]) == (3.0, 1e-6)  # the partner enforces its own cap
     assert partner_cfg.data.format == "csv" and partner_cfg.federation.partners == 2
     assert partner_cfg.federation.clipping_norm == 2.0 and partner_cfg.privacy.max_epsilon == 3.0
@@ -208,3 +209,36 @@ def test_a_deployed_partner_without_the_user_schema_refuses_to_load_naming_the_f
     with pytest.raises(DataError, match=r"partner_1/data/user_feature_values.json: no such file: with "
                                         r"model.use_user_features every partner codes users.csv"):
         load_partner_split(load_config(federation), settings)
+
+
+def test_a_dp_partner_refuses_a_run_config_that_turns_privacy_off(tmp_path: Path) -> None:
+    # Regression (adversarial review): a deployed partner whose partner.toml says DP with cap 3 trained and sent a
+    # non-DP update, with its exact loss, when the coordinator's config set privacy.enabled = false
+    from fedsocial.client.partner import compute_partner_config, settings_from_context
+    from fedsocial.shared.config import ConfigError
+
+    out = tmp_path / "parts"
+    cfg = load_config(_config(tmp_path), SMALL)
+    partition_cmd.write_partitions(cfg, load_dataset(cfg.data), 2, out)
+    node = partition_cmd.node_config(out / "partner_0" / "partner.toml")
+    off = tmp_path / "off.toml"
+    off.write_text((out / "federation.toml").read_text().replace("enabled = true", "enabled = false", 1))
+    assert not load_config(off).privacy.enabled
+    # Execute / Assert: refused naming the node config and the run's config; the agreed config is accepted
+    with pytest.raises(ConfigError, match=r"partner_0: node config require-dp = true .* privacy.enabled = false"):
+        compute_partner_config(load_config(off), settings_from_context({"config-path": str(off)}, node))
+    fed = str(out / "federation.toml")
+    assert compute_partner_config(load_config(fed), settings_from_context({"config-path": fed}, node)).privacy.enabled
+
+
+def test_a_partner_toml_without_its_budget_is_one_line(tmp_path: Path) -> None:
+    # Regression (adversarial review): a KeyError traceback
+    from fedsocial.shared.config import ConfigError
+
+    out = tmp_path / "parts"
+    cfg = load_config(_config(tmp_path), SMALL)
+    partition_cmd.write_partitions(cfg, load_dataset(cfg.data), 2, out)
+    path = out / "partner_0" / "partner.toml"
+    path.write_text("\n".join(line for line in path.read_text().splitlines() if not line.startswith("max_epsilon")))
+    with pytest.raises(ConfigError, match=r"partner.toml: \[partner\] lacks max_epsilon"):
+        partition_cmd.node_config(path)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
-from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common import Code, EvaluateRes, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.client_manager import SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
 
@@ -26,6 +28,7 @@ from fedsocial.server.aggregation import (
 )
 from fedsocial.server.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
 from fedsocial.server.strategy import FedSocialStrategy, QuorumError
+from fedsocial.shared import protocol
 from fedsocial.shared.config import Config
 
 NAMES = ["item_emb", "item_bias"]
@@ -324,3 +327,55 @@ def test_a_round_without_evaluation_is_still_recorded_and_checkpointed(tmp_path:
     assert len((tmp_path / "rounds.jsonl").read_text().splitlines()) == 1
     ckpt = latest_checkpoint(tmp_path)
     assert ckpt is not None and ckpt.round == 1
+
+
+def _dp_strategy(tmp_path: Path, **federation: Any) -> FedSocialStrategy:
+    cfg = Config().replace("federation", partners=3, min_partners=2, clipping_norm=1.0, **federation).replace(
+        "privacy", enabled=True, max_epsilon=8.0, target_delta=1e-5)
+    return FedSocialStrategy(cfg, tmp_path, NAMES, [np.zeros((5, 3), np.float32), np.ones(5, np.float32)],
+                             registrations=_registrations(3))
+
+
+def _dp_fit(node: int, arrays: list[np.ndarray], n: int, **metrics: Any) -> tuple[Any, FitRes]:
+    doc = {"round": 1, "partner_id": f"partner-{node}", "param_names": ",".join(NAMES), "num_users": 10,
+           "budget_exhausted": 0, **metrics}
+    return _Proxy(node), FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), n, doc)
+
+
+def _accounting(head: str) -> dict[str, Any]:
+    return {"epsilon": 2.0, "delta": 1e-5, "noise_multiplier": 1.0, "sample_rate": 0.1, "steps": 10,
+            "max_grad_norm": 0.1, "ledger_round": 1, "ledger_head": head * 64}
+
+
+def test_a_dp_evaluation_release_over_the_partners_cap_is_not_published(tmp_path: Path) -> None:
+    # Regression (adversarial review): an evaluation reply whose own accounting said epsilon 50 (cap 8) was published
+    # Prepare: a round trained by three partners, DP evaluation releases
+    s = _dp_strategy(tmp_path, eval_noise_multiplier=5.0)
+    s.aggregate_fit(1, [_dp_fit(i, _good_reply(np.random.default_rng(i)), 10, **_accounting(str(i)))
+                        for i in range(3)], [])
+
+    def ev(node: int, epsilon: float, head: str) -> tuple[Any, EvaluateRes]:
+        doc = {**dict.fromkeys(protocol.METRIC_KEYS, 0.2), "round": 1, "partner_id": f"partner-{node}",
+               "evaluated_users": 5, "eval_time_s": 0.1, "epsilon": epsilon, "ledger_round": 1,
+               "ledger_head": head * 64}
+        return _Proxy(node), EvaluateRes(Status(Code.OK, ""), 0.8, 5, doc)
+
+    # Execute
+    s.aggregate_evaluate(1, [ev(0, 2.1, "b"), ev(1, 2.1, "c"), ev(2, 50.0, "d")], [])
+    # Assert: dropped with the reason, the others published
+    record = json.loads((tmp_path / "rounds.jsonl").read_text().splitlines()[-1])
+    assert sorted(record["partners"]) == ["partner-0", "partner-1"]
+    (dropped,) = record["eval_dropped"]
+    assert dropped["partner"] == "partner-2" and "epsilon 50 after this evaluation release exceeds the cap 8" in \
+        dropped["reason"]
+
+
+def test_server_noise_counts_only_the_replies_that_contribute(tmp_path: Path) -> None:
+    # Regression (adversarial review): two budget-exhausted refusals (weight 0) divided the noise by three, though
+    # the mean was one partner's update alone
+    s = _dp_strategy(tmp_path, server_noise_multiplier=1.0)
+    zero = [np.zeros((5, 3), np.float32), np.zeros(5, np.float32)]
+    s.aggregate_fit(1, [_dp_fit(0, _good_reply(np.random.default_rng(0)), 10, **_accounting("a")),
+                        _dp_fit(1, zero, 0, budget_exhausted=1, epsilon=7.9, delta=1e-5),
+                        _dp_fit(2, zero, 0, budget_exhausted=1, epsilon=7.9, delta=1e-5)], [])
+    assert s._round["server_noise_std"] == pytest.approx(1.0)  # sigma C / 1 contributor
