@@ -504,8 +504,8 @@ class Recommender:
         if self.item_category is None:
             raise ServingError("field 'category': this catalogue has no categories")
         names = self.item_category_names
-        if isinstance(category, str) and category in names:
-            return names.index(category)
+        if not isinstance(category, bool) and str(category) in names:  # a name, also one that reads as a number
+            return names.index(str(category))  # (integer codes above 65,535 are kept as names: shared/features.py)
         if isinstance(category, str) and category.isascii() and category.lstrip("-").isdigit() \
                 and len(category) <= 20:
             category = int(category)  # a code given as text (a query string, a CLI argument)
