@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,19 @@ def compute_not_a_run(run_dir: Path) -> str:
     return ""
 
 
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # all but tab and newline: escape codes, bells
+
+
+def compute_terminal_text(text: str) -> str:
+    """``text`` with control characters shown as ``\\xNN``: the audit quotes what audited files hold, and an escape
+    sequence planted in a ledger must not drive the auditor's terminal (found in review)."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+def _say(text: str, file: Any = None) -> None:
+    print(compute_terminal_text(text), file=file if file is not None else sys.stdout)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.max_epsilon is not None and not (math.isfinite(args.max_epsilon) and args.max_epsilon > 0):
@@ -115,20 +129,20 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INPUT
     result = run_audit(args.run_dir, args.max_epsilon, args.public_keys)
     if result.partners:
-        print(summary_table(result))
-    print(f"privacy scope: {result.scope or 'not recorded (the run predates privacy.scope)'}")
+        _say(summary_table(result))
+    _say(f"privacy scope: {result.scope or 'not recorded (the run predates privacy.scope)'}")
     if noise_text(result):
-        print(f"noise: {noise_text(result)}")
-    print(f"metrics.json: {metrics_text(result)}")
+        _say(f"noise: {noise_text(result)}")
+    _say(f"metrics.json: {metrics_text(result)}")
     if result.records.get("trust"):
-        print(f"keys: {trust_text(result)}")
+        _say(f"keys: {trust_text(result)}")
     if canary_text(result):
-        print(f"canary_audit.json: {canary_text(result)}")
+        _say(f"canary_audit.json: {canary_text(result)}")
     for f in result.findings:
-        print(str(f), file=sys.stderr)
+        _say(str(f), file=sys.stderr)
     code = result.exit_code
     outputs = f" ({args.run_dir}/audit.json, privacy_report.html written)" if result.outputs_written else ""
-    print(f"audit: {'all ledgers verified' if code == EXIT_OK else f'FAILED, exit code {code}'}{outputs}")
+    _say(f"audit: {'all ledgers verified' if code == EXIT_OK else f'FAILED, exit code {code}'}{outputs}")
     return code
 
 

@@ -155,7 +155,8 @@ def render_svg(result: AuditResult, width: int = 640, height: int = 320) -> str:
         out.append(f'<text x="{left - 6}" y="{sy(v) + 4:.1f}" text-anchor="end">{v:.3g}</text>'
                    f'<line x1="{left}" x2="{width - right}" y1="{sy(v):.1f}" y2="{sy(v):.1f}" stroke="#eee"/>')
     for x in sorted(set(xs))[:: max(1, len(set(xs)) // 10)]:  # x ticks: at most about ten
-        out.append(f'<text x="{sx(x):.1f}" y="{height - bottom + 16}" text-anchor="middle">{x}</text>')
+        label = html.escape(str(x))
+        out.append(f'<text x="{sx(x):.1f}" y="{height - bottom + 16}" text-anchor="middle">{label}</text>')
     out.append(f'<text x="{(left + width - right) / 2}" y="{height - 6}" text-anchor="middle">round</text>')
     out.append(f'<text x="14" y="{(top + height - bottom) / 2}" text-anchor="middle" '
                f'transform="rotate(-90 14 {(top + height - bottom) / 2})">cumulative epsilon</text>')
@@ -331,7 +332,7 @@ def render_html(result: AuditResult) -> str:
 def _partner_html(p: PartnerReport) -> str:
     esc = html.escape
     head = (f"<h2>Partner {esc(p.partner_id)}</h2><p>Key {esc(p.key_fingerprint[:16])}&hellip; from "
-            f"<code>{esc(p.key_source)}</code>; cap {p.max_epsilon if p.max_epsilon is not None else 'none'} "
+            f"<code>{esc(p.key_source)}</code>; cap {esc(str(p.max_epsilon if p.max_epsilon is not None else 'none'))} "
             f"({esc(p.cap_source or 'n/a')}); final epsilon {p.epsilon:.4g}; "
             f"scope {esc(p.scope or 'not recorded')}; DP evaluation releases {p.eval_releases}; "
             f"DP popularity releases {p.popularity_releases}; "
@@ -340,10 +341,11 @@ def _partner_html(p: PartnerReport) -> str:
     cols = ("round", "sigma", "q", "steps", "C", "delta", "users", "accountant", "eps RDP", "eps PRV",
             "dp_accounting RDP", "dp_accounting PLD")
     rows = "".join(
-        f"<tr><td>{r.round}{'' if r.release == 'training' else ' (' + esc(r.release) + ')'}</td>"
-        f"<td>{r.noise_multiplier:.4g}</td><td>{r.sample_rate:.4g}</td><td>{r.steps}</td>"
-        f"<td>{r.max_grad_norm:.3g}</td><td>{r.target_delta:.3g}</td><td>{r.population}</td>"
-        f"<td>{r.accountant}</td><td>{r.epsilon_rdp:.4f}</td><td>{r.epsilon_prv:.4f}</td>"
+        # every field escaped: a ledger whose key is missing is shown unverified, its strings as the file holds them
+        f"<tr><td>{esc(str(r.round))}{'' if r.release == 'training' else ' (' + esc(str(r.release)) + ')'}</td>"
+        f"<td>{r.noise_multiplier:.4g}</td><td>{r.sample_rate:.4g}</td><td>{esc(str(r.steps))}</td>"
+        f"<td>{r.max_grad_norm:.3g}</td><td>{r.target_delta:.3g}</td><td>{esc(str(r.population))}</td>"
+        f"<td>{esc(str(r.accountant))}</td><td>{r.epsilon_rdp:.4f}</td><td>{r.epsilon_prv:.4f}</td>"
         f"<td>{r.epsilon_dp_accounting:.4f}</td><td>{r.epsilon_pld:.4f}</td></tr>"
         for r in p.rounds
     )

@@ -399,3 +399,28 @@ def test_cap_falls_back_to_the_run_config_toml(run: Path, capsys: pytest.Capture
     (run / "config.toml").write_text("[privacy]\nmax_epsilon = 'eight'\n")
     code, output = audit(run, capsys)
     assert code == EXIT_INPUT and "privacy.max_epsilon" in output
+
+
+def test_a_ledger_without_its_key_is_held_to_the_schema_and_shown_escaped(run: Path,
+                                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    # Regression (adversarial review): with the partner's public key deleted its ledger was never schema-checked, and
+    # a markup or escape-code `accountant` reached privacy_report.html as live markup and the terminal as raw bytes
+    # Prepare
+    (run / "ledgers" / "north.pub").unlink()
+    path = run / "ledgers" / "north.jsonl"
+    entries = [json.loads(line) for line in path.read_text().splitlines()]
+    payload = '<img src=x onerror="window.__x=1">\x1b]0;pwned\x07'
+    path.write_text("".join(json.dumps({**e, "accountant": payload}) + "\n" for e in entries))
+    # Execute
+    code, output = audit(run, capsys)
+    page = (run / "privacy_report.html").read_text()
+    # Assert: a schema finding (tampering), nothing of the payload live in the page or the terminal
+    assert code in (EXIT_TAMPER, EXIT_INPUT), output
+    assert "schema:" in output and "accountant" in output
+    assert "<img src=x" not in page and "\x1b" not in output
+
+
+def test_what_the_audit_prints_shows_control_characters_never_sends_them() -> None:
+    from fedsocial.simulations.audit import compute_terminal_text
+
+    assert compute_terminal_text("a\x1b]0;pwned\x07b\tc\nd\x9b") == "a\\x1b]0;pwned\\x07b\tc\nd\\x9b"

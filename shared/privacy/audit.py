@@ -76,6 +76,7 @@ from fedsocial.shared.privacy.ledger import (
     history_of,
     is_number,
     scan_ledger,
+    schema_problems,
     verify_head,
     verify_ledger,
 )
@@ -428,6 +429,12 @@ def _audit_partner_into(report: PartnerReport, ledgers: Path, keys_dir: Path | N
     n_before = len(result.findings)
     if key is None:
         report.key_fingerprint = ""
+        # no key to verify it with (already a finding): its entries are still held to the schema before any is
+        # recomputed or shown (found in review: an unchecked field reached the report as markup)
+        for number, entry in zip(scan.lines, scan.entries, strict=True):
+            for problem in schema_problems(entry):
+                result.add("tamper", partner, entry.get("round") if isinstance(entry.get("round"), int) else None,
+                           number, f"schema: {problem}")
     else:
         for p in verify_ledger(scan.entries, key, partner, scan.lines, raw=scan.raw):
             severity = "tamper" if p.kind in _TAMPER_KINDS else "accounting"
