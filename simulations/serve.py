@@ -54,11 +54,59 @@ def compute_health(rec: Recommender, partner_id: str) -> dict[str, Any]:
             "calibration": rec.calibrator.to_json(), "categories": rec.category_labels()}
 
 
-def create_app(rec: Recommender, partner_id: str = "") -> FastAPI:
-    """The FastAPI application over one :class:`Recommender`."""
-    app = FastAPI(title="fedsocial partner recommendations", version="1",
+SECURITY_HEADERS = {  # on every reply: no framing (clickjacking), no sniffing, nothing loaded from elsewhere
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Content-Security-Policy": "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' "
+                               "'unsafe-inline'; img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'; "
+                               "base-uri 'none'; form-action 'self'",
+}
+
+
+def compute_allowed_hosts(host: str) -> frozenset[str]:
+    """The Host names the service answers to: the address it binds and, bound to the loopback, its usual names.
+    A DNS-rebinding page reaches the service under its own name, which is not among them."""
+    names = {host.strip("[]").lower()}
+    if names & {"127.0.0.1", "localhost", "::1"}:
+        names |= {"127.0.0.1", "localhost", "::1"}
+    return frozenset(names)
+
+
+def _hostname(value: str) -> str:
+    from urllib.parse import urlsplit
+
+    try:
+        return (urlsplit(value if "//" in value else f"//{value}").hostname or "").lower()
+    except ValueError:
+        return ""
+
+
+def create_app(rec: Recommender, partner_id: str = "", allowed_hosts: frozenset[str] | None = None) -> FastAPI:
+    """The FastAPI application over one :class:`Recommender`.
+
+    ``allowed_hosts`` (``fedsocial serve`` passes :func:`compute_allowed_hosts` of its ``--host``): requests whose
+    ``Host`` is another name, and posts whose ``Origin`` is another site, are refused (DNS rebinding, cross-site
+    requests from a page the operator visits); None answers any (library use, tests). ``POST /events`` takes only
+    ``application/json``, which a cross-site page cannot send without a CORS preflight this service never grants.
+    The interactive ``/docs`` and ``/redoc`` pages are off: they load scripts from a CDN (``/openapi.json`` stays)."""
+    app = FastAPI(title="fedsocial partner recommendations", version="1", docs_url=None, redoc_url=None,
                   description="One partner's served model: lists, explanations, events, social analysis.")
     cache: dict[str, Any] = {}
+
+    @app.middleware("http")
+    async def _guard(request: Request, call_next: Any) -> Any:
+        if allowed_hosts is not None:
+            if _hostname(request.headers.get("host", "")) not in allowed_hosts:
+                return JSONResponse({"detail": "Host: not a name this service answers to"}, status_code=400,
+                                    headers=SECURITY_HEADERS)
+            origin = request.headers.get("origin")
+            if request.method not in ("GET", "HEAD") and origin is not None and _hostname(origin) not in allowed_hosts:
+                return JSONResponse({"detail": "Origin: a request from another site is refused"}, status_code=403,
+                                    headers=SECURITY_HEADERS)
+        response = await call_next(request)
+        response.headers.update(SECURITY_HEADERS)
+        return response
 
     def error(status: int, detail: str) -> JSONResponse:
         return JSONResponse({"detail": detail}, status_code=status)
@@ -94,7 +142,7 @@ def create_app(rec: Recommender, partner_id: str = "") -> FastAPI:
     async def health() -> dict[str, Any]:
         return compute_health(rec, partner_id)
 
-    @app.get("/users/{user}/recommendations")
+    @app.get("/users/{user:path}/recommendations")  # :path: an id may hold "/" (the data allows any string)
     async def recommendations(user: str, k: int = Query(10, ge=1, le=1000),
                               category: str | None = Query(None, max_length=1024),
                               explain: bool = True) -> dict[str, Any]:
@@ -103,7 +151,7 @@ def create_app(rec: Recommender, partner_id: str = "") -> FastAPI:
         return {"user": rec.users[rec.index_of(user)], "items": items, "calibration": rec.calibrator.to_json(),
                 "elapsed_ms": (time.perf_counter() - t0) * 1e3}
 
-    @app.get("/users/{user}")
+    @app.get("/users/{user:path}")
     async def profile(user: str) -> dict[str, Any]:
         return rec.user_profile(user)
 
@@ -114,6 +162,9 @@ def create_app(rec: Recommender, partner_id: str = "") -> FastAPI:
 
     @app.post("/events", response_model=None)
     async def events(request: Request) -> dict[str, Any] | JSONResponse:
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind != "application/json":  # a form or text/plain post needs no preflight: cross-site forgery (review)
+            return error(415, f"content-type: expected application/json, got {kind or 'none'!r}; nothing applied")
         try:
             raw = await read_body(request, MAX_BODY_BYTES)
         except ClientDisconnect:  # gone mid-body (found in review: logged as an internal error, twice)
@@ -229,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"serving {args.partner}: {len(rec.users)} users, {len(rec.items)} items on http://{args.host}:{args.port}/; "
           f"{describe_calibration(rec)}", flush=True)
-    uvicorn.run(create_app(rec, args.partner), host=args.host, port=args.port, log_level="warning")
+    uvicorn.run(create_app(rec, args.partner, compute_allowed_hosts(args.host)), host=args.host, port=args.port,
+                log_level="warning")
     return 0
 
 

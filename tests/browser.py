@@ -73,8 +73,13 @@ def has_playwright() -> bool:
 
 
 @contextlib.contextmanager
-def open_page(url: str, *, width: int = 1280, height: int = 900, timeout_ms: int = 15000) -> Iterator[Any]:
+def open_page(url: str, *, width: int = 1280, height: int = 900, timeout_ms: int = 15000,
+              bypass_csp: bool = True) -> Iterator[Any]:
     """A Playwright ``Page`` at ``url`` in headless Debian chromium; browser closed on exit.
+
+    ``bypass_csp``: the test's own ``wait_for_function`` strings are evaluated in the page, which the service's
+    Content-Security-Policy (no ``unsafe-eval``) forbids; ``tests/test_serve_http.py`` also loads the page with the
+    policy enforced and checks that the page itself breaks none of it.
 
     Skips the test when chromium or Playwright is missing (Playwright: ``pip install playwright``;
     never ``playwright install``, which downloads another browser).
@@ -87,7 +92,7 @@ def open_page(url: str, *, width: int = 1280, height: int = 900, timeout_ms: int
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=exe, headless=True, args=list(CHROMIUM_ARGS))
         try:
-            page = browser.new_page(viewport={"width": width, "height": height})
+            page = browser.new_page(viewport={"width": width, "height": height}, bypass_csp=bypass_csp)
             page.set_default_timeout(timeout_ms)
             page.goto(url)
             yield page

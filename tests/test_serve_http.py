@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -15,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from tests.browser import open_page, require_chromium, screenshot_variance
@@ -198,3 +200,74 @@ def test_page_shows_the_list_an_event_changes_it_and_social_view(server: tuple[s
     assert "probabilities: platt" in meta
     assert screenshot_variance(tmp_path / "list.png") > 50.0
     assert screenshot_variance(tmp_path / "social.png") > 50.0
+
+
+def _request(base: str, path: str, method: str = "GET", data: bytes | None = None,
+             headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    req = urllib.request.Request(base + path, data=data, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+def test_cross_site_posts_foreign_hosts_and_cdn_pages_are_refused(server: tuple[str, Path]) -> None:
+    # Regression (adversarial review): a page on another origin created users and events with a text/plain POST
+    # (no CORS preflight), a foreign Host header was answered (DNS rebinding), /docs and /redoc loaded a CDN
+    base, run_dir = server
+    user = first_user(base)
+    event = json.dumps({"user": "csrf-victim", "item": 0, "type": "purchase"}).encode()
+    events = run_dir / "partners" / "partner-0" / "events.jsonl"
+    before = events.read_bytes() if events.exists() else b""
+    # Execute
+    plain = _request(base, "/events", "POST", event, {"content-type": "text/plain"})
+    foreign_origin = _request(base, "/events", "POST", event, {"content-type": "application/json",
+                                                               "origin": "http://evil.example:8766"})
+    foreign_host = _request(base, "/health", headers={"host": "attacker.example"})
+    docs, redoc = _request(base, "/docs"), _request(base, "/redoc")
+    page = _request(base, "/")
+    # Assert: nothing stored; the service's own page and JSON carry the security headers
+    assert plain[0] == 415 and foreign_origin[0] == 403 and foreign_host[0] == 400
+    assert (events.read_bytes() if events.exists() else b"") == before
+    assert call(base, "/users?prefix=csrf")[1]["users"] == []
+    assert docs[0] == 404 and redoc[0] == 404 and _request(base, "/openapi.json")[0] == 200
+    headers = {k.lower(): v for k, v in page[1].items()}
+    assert "frame-ancestors 'none'" in headers["content-security-policy"] and headers["x-frame-options"] == "DENY"
+    assert headers["x-content-type-options"] == "nosniff"
+    assert b"https://" not in page[2] and b"http://" not in page[2]  # nothing loaded from elsewhere
+    assert call(base, f"/users/{user}")[0] == 200
+
+
+def test_the_page_runs_under_its_own_content_security_policy(server: tuple[str, Path]) -> None:
+    # The policy enforced (no bypass): the page's own script, styles and requests break none of it
+    require_chromium()
+    base, _ = server
+    user = first_user(base)
+    violations: list[str] = []
+    with open_page(f"{base}/?user={user}", bypass_csp=False) as page:
+        page.on("console", lambda m: violations.append(m.text) if "Content Security Policy" in m.text else None)
+        page.wait_for_selector("#list li")
+        shown = page.eval_on_selector_all("#list li", "els => els.length")
+    assert shown == 10 and violations == []
+
+
+def test_an_id_holding_a_slash_is_served(tmp_path: Path) -> None:
+    # Regression (adversarial review): /users/a%2Fb matched no route (404), so such users had no list or profile
+    from fastapi.testclient import TestClient
+
+    from fedsocial.shared.config import ModelConfig
+    from fedsocial.shared.serving import Recommender
+    from fedsocial.simulations.serve import create_app
+    from tests.test_serving import randomised_model, tiny_split
+
+    split = tiny_split()
+    ids = np.array([f"a/{u}" for u in range(split.n_users)], dtype=object)
+    split = dataclasses.replace(split, dataset=dataclasses.replace(split.dataset, user_ids=ids))
+    rec = Recommender(randomised_model(ModelConfig(dim=8), split, 1), split,  # type: ignore[arg-type]
+                      calibration="none", privacy_scope="none")
+    client = TestClient(create_app(rec, "partner-0"))
+    listed = client.get("/users/a%2F3/recommendations?k=3")
+    profile = client.get("/users/a%2F3")
+    assert listed.status_code == 200 and listed.json()["user"] == "a/3" and len(listed.json()["items"]) == 3
+    assert profile.status_code == 200
