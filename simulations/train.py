@@ -80,6 +80,11 @@ def run_train(cfg: Any, data_dir: str | None, out: Path, progress: bool = True, 
                     cfg.split.min_interactions)
     load_s = time.perf_counter() - t0
     epochs = (cfg.privacy.epochs or cfg.train.epochs) if cfg.privacy.enabled else cfg.train.epochs
+    if cfg.privacy.enabled and cfg.privacy.epochs and cfg.privacy.epochs != cfg.train.epochs:
+        # the DP schedule decides (the noise is calibrated for it): say so rather than ignore train.epochs silently
+        print(f"note: DP training runs privacy.epochs = {cfg.privacy.epochs} epochs (the schedule the noise is "
+              f"calibrated for), not train.epochs = {cfg.train.epochs}; set privacy.epochs to change it",
+              file=sys.stderr)
     # MostPop has no epochs (nothing to train): no epoch bar that would stay at 0/N
     bar = _Progress(epochs, progress and cfg.model.name != "mostpop")
     if start is not None:

@@ -130,3 +130,13 @@ def test_malformed_progress_file_is_a_clear_error(tmp_path: Path) -> None:
     # Execute / Assert
     with pytest.raises(ValueError, match=r"progress.json: malformed checkpoint"):
         run_train(cfg, None, out, progress=False, resume=True)
+
+
+def test_a_dp_run_says_when_privacy_epochs_overrides_train_epochs(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    # Found in review: under DP `--set train.epochs=1` was ignored in silence (privacy.epochs decides the schedule)
+    cfg = _cfg("privacy.enabled=true", "privacy.epochs=2", "train.epochs=1", "privacy.noise_multiplier=1.0")
+    doc = run_train(cfg, None, tmp_path / "run", progress=False)
+    err = capsys.readouterr().err
+    assert "DP training runs privacy.epochs = 2 epochs" in err and "not train.epochs = 1" in err
+    assert doc["epochs_run"] == 2
