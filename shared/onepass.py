@@ -38,18 +38,35 @@ class OnePassError(ValueError):
     """The model has a trained parameter in a layer type the one-pass clipper cannot handle."""
 
 
-def compute_embedding_norm_sq(ids: torch.Tensor, grads: torch.Tensor, vocab: int) -> torch.Tensor:
-    """Squared per-example gradient norm of an embedding table: ids [B, L], output grads [B, L, d] -> [B].
+def compute_embedding_row_sums(ids: torch.Tensor, grads: torch.Tensor,
+                               vocab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One example's gradient rows of an embedding table, duplicates summed: ids [B, L], output grads
+    [B, L, d] -> (example [U], table row [U], summed gradient [U, d]) over the U distinct (example, row) pairs.
 
-    Rows of one example with the same index add up before squaring (a 1-D key b * vocab + j).
+    The per-example norm and the clipped sum both read these U rows (U <= B L: a history item sampled again as
+    a negative, or the same neighbour twice, is one row), so the B L output rows are grouped once, not twice.
     """
     n_rows, width = ids.shape
     rows = torch.arange(n_rows, device=ids.device).repeat_interleave(width)
-    keys, inverse = torch.unique(rows * vocab + ids.reshape(-1), return_inverse=True)
+    keys, inverse = torch.unique(rows * vocab + ids.reshape(-1), return_inverse=True)  # a 1-D key b * vocab + j
     summed = torch.zeros(len(keys), grads.shape[-1], dtype=grads.dtype, device=grads.device)
     summed.index_add_(0, inverse, grads.reshape(-1, grads.shape[-1]))
-    norm_sq = torch.zeros(n_rows, dtype=grads.dtype, device=grads.device)
-    return norm_sq.index_add_(0, keys // vocab, (summed * summed).sum(1))
+    return keys // vocab, keys % vocab, summed
+
+
+def compute_embedding_norm_sq(ids: torch.Tensor, grads: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Squared per-example gradient norm of an embedding table: ids [B, L], output grads [B, L, d] -> [B].
+
+    Rows of one example with the same index add up before squaring (:func:`compute_embedding_row_sums`).
+    """
+    example, _, summed = compute_embedding_row_sums(ids, grads, vocab)
+    return compute_row_norm_sq(example, summed, ids.shape[0])
+
+
+def compute_row_norm_sq(example: torch.Tensor, summed: torch.Tensor, n_examples: int) -> torch.Tensor:
+    """Squared per-example norm [B] of distinct gradient rows ``summed`` [U, d] owned by ``example`` [U]."""
+    norm_sq = torch.zeros(n_examples, dtype=summed.dtype, device=summed.device)
+    return norm_sq.index_add_(0, example, (summed * summed).sum(1))
 
 
 def compute_linear_per_example(acts: torch.Tensor, grads: torch.Tensor,
@@ -180,24 +197,25 @@ class OnePassClipper:
             linear[module] = (gw, gb)
         for gw, gb in linear.values():
             norm_sq += (gw * gw).sum((1, 2)) + (0.0 if gb is None else (gb * gb).sum(1))
-        # each table's calls joined once, for its norms and then its clipped sum
-        joined = {m: (_join(ids_list), _join(g_list)) for m, (ids_list, g_list) in emb.items()}
-        for module, (ids, g) in joined.items():
+        # each table's distinct (example, row) gradient rows, for its norms and then its clipped sum
+        rows: dict[nn.Module, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        for module, (ids_list, g_list) in emb.items():
             assert isinstance(module, nn.Embedding)
-            norm_sq += compute_embedding_norm_sq(ids, g, module.num_embeddings)
+            rows[module] = compute_embedding_row_sums(_join(ids_list), _join(g_list), module.num_embeddings)
+            norm_sq += compute_row_norm_sq(rows[module][0], rows[module][2], n)
         factors = compute_clip_factors(norm_sq, max_grad_norm)
         for module, (gw, gb) in linear.items():
             assert isinstance(module, nn.Linear)
             self._put(module.weight, torch.einsum("b,boi->oi", factors, gw), into)
             if module.bias is not None and gb is not None:
                 self._put(module.bias, factors @ gb, into)
-        for module, (ids, g) in joined.items():
+        for module, (example, table_row, summed) in rows.items():
             assert isinstance(module, nn.Embedding)
-            weighted = (g * factors[:, None, None]).reshape(-1, g.shape[-1])
+            weighted = summed.mul_(factors[example, None])  # clip_b * (b's summed row j): the sum's terms, in place
             if into is None:
-                module.weight.grad = torch.zeros_like(module.weight).index_add_(0, ids.reshape(-1), weighted)
+                module.weight.grad = torch.zeros_like(module.weight).index_add_(0, table_row, weighted)
             else:
-                into[module.weight].index_add_(0, ids.reshape(-1), weighted)
+                into[module.weight].index_add_(0, table_row, weighted)
         self._records = {}
         return norm_sq.sqrt()
 

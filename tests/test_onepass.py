@@ -19,6 +19,7 @@ from fedsocial.shared.onepass import (
     OnePassError,
     compute_clip_factors,
     compute_embedding_norm_sq,
+    compute_embedding_row_sums,
     compute_linear_per_example,
 )
 from fedsocial.shared.split import split_dataset
@@ -92,6 +93,25 @@ def test_embedding_norm_known_value_with_repeated_ids() -> None:
     norm_sq = compute_embedding_norm_sq(ids, grads, vocab=3)
     # Assert: |(3, 0)|^2 = 9; |(0, 3)|^2 + |(4, 0)|^2 = 25
     torch.testing.assert_close(norm_sq, torch.tensor([9.0, 25.0]))
+
+
+def test_embedding_row_sums_against_a_brute_force_dictionary() -> None:
+    # Prepare: many repeated ids within and across examples (a small vocabulary), random output grads
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 7, (5, 30), generator=g)
+    grads = torch.randn(5, 30, 4, generator=g, dtype=torch.float64)
+    expected: dict[tuple[int, int], torch.Tensor] = {}
+    for b in range(5):
+        for t in range(30):
+            key = (b, int(ids[b, t]))
+            expected[key] = expected.get(key, torch.zeros(4, dtype=torch.float64)) + grads[b, t]
+    # Execute
+    example, table_row, summed = compute_embedding_row_sums(ids, grads, vocab=7)
+    # Assert: one row per distinct (example, id) pair, each the sum of that pair's output rows
+    got = {(int(b), int(j)): summed[k] for k, (b, j) in enumerate(zip(example, table_row, strict=True))}
+    assert set(got) == set(expected) and len(got) == len(example)
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value)
 
 
 def test_linear_per_example_matches_autograd() -> None:
