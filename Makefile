@@ -122,6 +122,13 @@ bench-privacy: $(STAMP)
 		$(SIM) --config configs/lastfm_dp_distributed.toml --set federation.min_partners=5 --set train.seed=$$s \
 			--set federation.rounds=40 --set federation.eval_every=40 --set train.lr=0.02 --set privacy.max_epsilon=2 \
 			--set privacy.popularity_noise_multiplier=4 --out runs/dist/e2_s$$s || exit 1; \
+		$(SIM) --config configs/lastfm_dp_distributed.toml --set federation.min_partners=5 --set train.seed=$$s \
+			--set model.temperature=0.15 --out runs/dist/e8_t015_s$$s || exit 1; \
+		$(SIM) --config configs/lastfm_dp_distributed.toml --set federation.min_partners=5 --set train.seed=$$s \
+			--set model.temperature=0.15 --set privacy.scope=partner --compare-alone --out runs/dist/partner_e8_t015_s$$s \
+			|| exit 1; \
+		$(PY) -m fedsocial.simulations.compare_alone runs/dist/partner_e8_t015_s$$s --data-dir $(DATA_DIR) --local-control \
+			|| exit 1; \
 	done
 	$(SIM) --config configs/lastfm_dp_distributed.toml --set privacy.scope=partner --compare-alone --out runs/dist/partner_e8
 
