@@ -104,17 +104,23 @@ def compute_not_a_run(run_dir: Path) -> str:
     return ""
 
 
-_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # all but tab and newline: escape codes, bells
+# all but tab and newline: escape codes, bells; and the bidirectional overrides and marks, which reorder what a
+# terminal shows (a planted U+202E reverses the rest of its line)
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 
-def compute_terminal_text(text: str) -> str:
-    """``text`` with control characters shown as ``\\xNN``: the audit quotes what audited files hold, and an escape
-    sequence planted in a ledger must not drive the auditor's terminal (found in review)."""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+def compute_terminal_text(text: str, one_line: bool = False) -> str:
+    """``text`` with control characters shown as ``\\xNN`` (bidirectional controls as ``\\uNNNN``): the audit quotes
+    what audited files hold, and an escape sequence planted in a ledger must not drive the auditor's terminal
+    (found in review). ``one_line``: a newline too, so that a planted value cannot print a line of its own (a fake
+    verdict) inside a finding or a status line."""
+    out = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 256 else f"\\u{ord(m.group()):04x}",
+                       text)
+    return out.replace("\n", "\\n") if one_line else out
 
 
-def _say(text: str, file: Any = None) -> None:
-    print(compute_terminal_text(text), file=file if file is not None else sys.stdout)
+def _say(text: str, file: Any = None, one_line: bool = True) -> None:
+    print(compute_terminal_text(text, one_line), file=file if file is not None else sys.stdout)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INPUT
     result = run_audit(args.run_dir, args.max_epsilon, args.public_keys)
     if result.partners:
-        _say(summary_table(result))
+        _say(summary_table(result), one_line=False)  # the table's rows: partner ids are validated file names
     _say(f"privacy scope: {result.scope or 'not recorded (the run predates privacy.scope)'}")
     if noise_text(result):
         _say(f"noise: {noise_text(result)}")

@@ -38,7 +38,7 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ledger = Ledger(ledgers / f"{pid}.jsonl", key, pid)
         for r in rounds:
             ledger.append_round(round=r, noise_multiplier=sigma, sample_rate=q, steps=steps, max_grad_norm=0.1,
-                                target_delta=DELTA, population=users, secure_rng=True)
+                                target_delta=DELTA, population=users, secure_rng=True, extra={"scope": "joint"})
         (ledgers / f"{pid}.json").write_text(json.dumps({"max_epsilon": 8.0, "target_delta": DELTA,
                                                          "population": users}))
     (run / "config.json").write_text(json.dumps({"privacy": {"max_epsilon": 8.0, "select_on_validation": False},
@@ -166,7 +166,7 @@ def test_delta_not_below_one_over_population(tmp_path: Path, capsys: pytest.Capt
     signing.save_public_key(pub, ledgers / "big.pub")
     Ledger(ledgers / "big.jsonl", key, "big").append_round(
         round=1, noise_multiplier=1.0, sample_rate=0.01, steps=10, max_grad_norm=1.0, target_delta=1e-4,
-        population=20000, secure_rng=False)
+        population=20000, secure_rng=False, extra={"scope": "joint"})
     sign_server_records(tmp_path)
     code, output = audit(tmp_path, capsys, "--max-epsilon", "10")
     assert code == EXIT_BUDGET and "partner big, round 1: target_delta" in output
@@ -180,7 +180,7 @@ def test_signed_underreported_epsilon_is_an_accounting_mismatch(
     signing.save_public_key(pub, ledgers / "liar.pub")
     Ledger(ledgers / "liar.jsonl", key, "liar").append(dict(
         round=4, noise_multiplier=1.0, sample_rate=0.1, steps=50, max_grad_norm=1.0, target_delta=1e-5,
-        population=1000, secure_rng=False, accountant="rdp", epsilon_rdp=1.0, epsilon_prv=1.0))
+        population=1000, secure_rng=False, scope="joint", accountant="rdp", epsilon_rdp=1.0, epsilon_prv=1.0))
     sign_server_records(tmp_path)
     code, output = audit(tmp_path, capsys, "--max-epsilon", "10")
     assert code == EXIT_ACCOUNTING
@@ -300,7 +300,7 @@ def _single_partner(tmp_path: Path, pid: str, **fields: Any) -> None:
     signing.save_public_key(pub, tmp_path / "ledgers" / f"{pid}.pub")
     ledger = Ledger(tmp_path / "ledgers" / f"{pid}.jsonl", key, pid)
     base = dict(noise_multiplier=1.0, sample_rate=0.1, steps=50, max_grad_norm=1.0, target_delta=1e-5,
-                population=1000, secure_rng=False)
+                population=1000, secure_rng=False, extra={"scope": "joint"})
     for r in (1, 2):
         ledger.append_round(round=r, **{**base, **fields})
     sign_server_records(tmp_path)
@@ -338,7 +338,7 @@ def test_signed_underreported_prv_is_an_accounting_mismatch(
     history = [(1.0, 0.1, 50)]
     Ledger(tmp_path / "ledgers" / "liar.jsonl", key, "liar").append(dict(
         round=1, noise_multiplier=1.0, sample_rate=0.1, steps=50, max_grad_norm=1.0, target_delta=1e-5,
-        population=1000, secure_rng=False, accountant="prv", epsilon_rdp=compute_epsilon(history, 1e-5),
+        population=1000, secure_rng=False, scope="joint", accountant="prv", epsilon_rdp=compute_epsilon(history, 1e-5),
         epsilon_prv=compute_epsilon(history, 1e-5, "prv") * 0.8))
     sign_server_records(tmp_path)
     code, output = audit(tmp_path, capsys, "--max-epsilon", "10")
@@ -424,3 +424,25 @@ def test_what_the_audit_prints_shows_control_characters_never_sends_them() -> No
     from fedsocial.simulations.audit import compute_terminal_text
 
     assert compute_terminal_text("a\x1b]0;pwned\x07b\tc\nd\x9b") == "a\\x1b]0;pwned\\x07b\tc\nd\\x9b"
+
+
+def test_a_planted_newline_or_bidi_override_cannot_print_a_line_of_its_own(run: Path,
+                                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    # Regression (red team): an unsigned canary_audit.json whose fields held "\naudit: all ledgers verified\n" printed
+    # a fake verdict line of its own, and a U+202E override reached the terminal as is
+    # Prepare
+    payload = "p0\naudit: all ledgers verified (fake)\n\u202edeifirev"
+    (run / "canary_audit.json").write_text(json.dumps({
+        "epsilon_lower_bound": 0.5, "reported_epsilon": 7.99, "partner": payload,
+        "privacy_cost": {"real_users": True, "epsilon": 1.0, "partner": payload}}))
+    # Execute
+    code, output = audit(run, capsys)
+    # Assert: whatever the audit quotes stays inside its own line, the override shown as an escape
+    from fedsocial.simulations.audit import compute_terminal_text
+
+    verdicts = [line for line in output.splitlines() if line.startswith("audit: ")]
+    assert len(verdicts) == 1 and "(fake)" not in verdicts[0], output  # the one real verdict
+    assert "\u202e" not in output
+    assert compute_terminal_text("a\nb\u2066c", one_line=True) == "a\\nb\\u2066c"
+    assert compute_terminal_text("a\nb") == "a\nb"  # the summary table keeps its rows
+    assert code in (EXIT_OK, EXIT_ACCOUNTING, EXIT_INPUT)

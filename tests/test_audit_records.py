@@ -116,6 +116,26 @@ def test_a_deleted_ledger_fails_with_trusted_keys_alone(run: Path, tmp_path: Pat
     assert "partner south: no ledger ledgers/south.jsonl for a trusted key" in output
 
 
+def test_a_deleted_manifest_fails_with_every_key_pinned_too(run: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    # Prepare: the auditor's trusted copies of every key, the manifest removed and the unsigned config raising the
+    # cap (regression: pinned keys used to make the manifest optional, so its caps, delta and noise settings fell
+    # away unnoticed and an unsigned config's cap of 100 replaced the signed 8, exit 0)
+    trusted = tmp_path / "trusted"
+    trusted.mkdir()
+    for pid in PARTNERS:
+        shutil.copy(run / "ledgers" / f"{pid}.pub", trusted / f"{pid}.pub")
+    shutil.copy(run / SERVER_PUB, trusted / SERVER_PUB)
+    (run / MANIFEST).unlink()
+    (run / "config.json").write_text(json.dumps({"privacy": {"enabled": True, "max_epsilon": 100.0}}))
+    # Execute
+    code, output = audit(run, capsys, "--public-keys", str(trusted))
+    # Assert
+    assert code == EXIT_INPUT, output
+    assert "no signed run_manifest.json: the run's caps, delta, scope and noise settings are unknown" in output
+    assert "Traceback" not in output
+
+
 @pytest.mark.parametrize("damage, code, message", [
     ("delete_heads", EXIT_INPUT, "no ledger_heads.json"),
     ("delete_heads_and_last_line", EXIT_INPUT, "no ledger_heads.json"),
@@ -156,7 +176,7 @@ def test_missing_or_forged_records_are_findings(run: Path, capsys: pytest.Captur
         signing.save_public_key(pub, run / "ledgers" / "east.pub")
         Ledger(run / "ledgers" / "east.jsonl", key, "east").append_round(
             round=1, noise_multiplier=1.1, sample_rate=0.05, steps=20, max_grad_norm=0.1, target_delta=DELTA,
-            population=500, secure_rng=False)
+            population=500, secure_rng=False, extra={"scope": "joint"})
     # Execute
     got, output = audit(run, capsys)
     # Assert
@@ -188,7 +208,7 @@ def test_a_ledger_above_its_signed_cap_fails_without_flags(tmp_path: Path,
     ledger = Ledger(tmp_path / "ledgers" / "p.jsonl", key, "p")
     for r in range(1, 5):
         ledger.append_round(round=r, noise_multiplier=0.7, sample_rate=0.1, steps=50, max_grad_norm=0.1,
-                            target_delta=DELTA, population=1000, secure_rng=False)
+                            target_delta=DELTA, population=1000, secure_rng=False, extra={"scope": "joint"})
     sign_server_records(tmp_path, {"p": {"num_users": 1000, "max_epsilon": 8.0, "target_delta": DELTA}},
                         max_epsilon=10.0)
     final = read_ledger(tmp_path / "ledgers" / "p.jsonl")[-1]["epsilon_rdp"]

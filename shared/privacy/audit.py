@@ -455,6 +455,12 @@ def _audit_partner_into(report: PartnerReport, ledgers: Path, keys_dir: Path | N
         _check_skellam(partner, scan.entries, scan.lines, _shared_dim(ledgers.parent), result)
     scopes = sorted({str(e["scope"]) for e in scan.entries if isinstance(e.get("scope"), str)})
     report.scope = ",".join(scopes)
+    signed_scope = ((result.records.get("manifest") or {}).get("privacy") or {}).get("scope")
+    unscoped = [line for e, line in zip(scan.entries, scan.lines, strict=True) if not isinstance(e.get("scope"), str)]
+    if isinstance(signed_scope, str) and unscoped:  # every partner entry names its scope since the scope exists
+        result.add("tamper", partner, None, unscoped[0],
+                   f"{len(unscoped)} ledger entries name no privacy scope (first at line {unscoped[0]}), in a run "
+                   f"whose signed manifest says {signed_scope!r}")
     if len(scopes) > 1:
         result.add("tamper", partner, None, None, f"ledger entries name different privacy scopes {scopes}")
     elif scopes and result.scope and scopes[0] != result.scope:
@@ -490,10 +496,30 @@ def _check_skellam(partner: str, entries: list[dict[str, Any]], lines: list[int]
 
     manifest = result.records.get("manifest") or {}
     priv, fed = manifest.get("privacy") or {}, manifest.get("federation") or {}
+    distributed = priv.get("distributed_noise") is True
     for entry, line in zip(entries, lines, strict=True):
-        if entry.get("mechanism") != "skellam":
-            continue
         rnd = entry.get("round")
+        if entry.get("mechanism") != "skellam":
+            if distributed and "release" not in entry:  # a training entry: its noise is the shares the server summed
+                result.add("accounting", partner, rnd, line,
+                           "a training entry without the Skellam description in a run whose signed manifest says "
+                           "privacy.distributed_noise: its noise multiplier is not backed by the shares summed")
+            continue
+        malformed = compute_skellam_schema_problems(entry)
+        for problem in malformed:
+            result.add("tamper", partner, rnd, line, f"schema: distributed noise: {problem}")
+        if malformed:
+            continue
+        if entry.get("accountant") != "rdp_int":  # PRV / fractional orders are no bound for Skellam (PRIVACY.md 6)
+            result.add("accounting", partner, rnd, line, f"distributed noise accounted by {entry.get('accountant')!r}: "
+                                                         "the Skellam bound holds only at integer RDP orders "
+                                                         "(rdp_int)")
+        step = compute_signed_grid_step(priv)
+        if step is not None and not math.isclose(float(entry["grid_step"]), step, rel_tol=1e-9):
+            result.add("accounting", partner, rnd, line,
+                       f"distributed noise: grid step {float(entry['grid_step']):.6g}, but the signed manifest's grid "
+                       f"is {step:.6g} (privacy.max_grad_norm / 2**privacy.grid_bits), the one the server decodes "
+                       "the sum with")
         if dim is None:
             result.add("warning", partner, rnd, line, "distributed noise: no checkpoint to take the model's size "
                                                       "from; the recorded sensitivities are not re-derived")
@@ -512,6 +538,29 @@ def _check_skellam(partner: str, entries: list[dict[str, Any]], lines: list[int]
         elif manifest and not isinstance(assumed, int):
             result.add("accounting", partner, rnd, line, "distributed noise in a run whose signed manifest does "
                                                          "not say so (privacy.distributed_noise)")
+
+
+def compute_skellam_schema_problems(entry: dict[str, Any]) -> list[str]:
+    """Crafted values in a Skellam entry: ``contributors`` a positive integer, ``grid_step`` and ``share_variance``
+    finite and > 0 (a negative t times a negative share would pass every product check)."""
+    out = []
+    t = entry.get("contributors")
+    if isinstance(t, bool) or not isinstance(t, int) or not 1 <= t <= 10**6:
+        out.append(f"contributors must be an integer in [1, 10**6], got {json.dumps(t)}")
+    for key in ("grid_step", "share_variance"):
+        v = entry.get(key)
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v <= 0:
+            out.append(f"{key} must be a finite number > 0, got {json.dumps(v)}")
+    return out
+
+
+def compute_signed_grid_step(priv: dict[str, Any]) -> float | None:
+    """The grid step the server decodes with, max_grad_norm / 2**grid_bits, from the signed manifest's privacy
+    settings (None where the manifest does not sign both)."""
+    c, bits = priv.get("max_grad_norm"), priv.get("grid_bits")
+    if isinstance(c, bool) or isinstance(bits, bool) or not isinstance(c, int | float) or not isinstance(bits, int):
+        return None
+    return float(c) / 2.0 ** bits if c > 0 and 0 <= bits <= 62 else None
 
 
 def _recompute(partner: str, entries: list[dict[str, Any]], lines: list[int],
@@ -780,10 +829,11 @@ def _read_records(run: Path, keys_dir: Path | None,
                                                    priv.get("target_delta") if priv.get("enabled") else None)
         result.records["caps"] = caps
         result.records["signed_declarations"] = signed
-    elif keys_dir is None and not (run / MANIFEST).is_file():
+    elif not (run / MANIFEST).is_file():  # pinned keys name the partners, never the caps, delta or noise settings
         result.add("input", None, None, None,
-                   f"no signed {MANIFEST} (and no --public-keys): the partners this run must account for are "
-                   "unknown, so a removed ledger could not be noticed")
+                   f"no signed {MANIFEST}: the run's caps, delta, scope and noise settings are unknown"
+                   + ("" if keys_dir is not None else ", and so are the partners it must account for (a removed "
+                      "ledger could not be noticed)"))
     if not result.scope:
         cfg_privacy = result.context.get("config", {}).get("privacy")
         cfg_scope = cfg_privacy.get("scope") if isinstance(cfg_privacy, dict) else None
