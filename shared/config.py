@@ -28,6 +28,15 @@ def _check(cond: bool, key: str, msg: str) -> None:
         raise ConfigError(f"{key}: {msg}")
 
 
+SEED_MAX = 2**32 - 1  # numpy's SeedSequence takes non-negative integers; torch's manual_seed fits 64 bits
+
+
+def _check_seed(value: Any, key: str) -> None:
+    """A seed is an integer in [0, 2**32 - 1] (a negative one is a numpy traceback deep in the run)."""
+    _check(isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= SEED_MAX, key,
+           f"must be an integer in [0, {SEED_MAX}] (2**32 - 1), got {value!r}")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     format: str = "synthetic"  # synthetic|filmtrust|lastfm|douban|ciao|csv
@@ -50,6 +59,7 @@ class DataConfig:
     min_value: float = 0.0
 
     def __post_init__(self) -> None:
+        _check_seed(self.synthetic_seed, "data.synthetic_seed")
         _check(self.price_bins >= 1, "data.price_bins", "must be >= 1")
         _check(math.isfinite(self.min_value) and self.min_value >= 0, "data.min_value",
                "must be a finite number >= 0 (0 keeps every interaction)")
@@ -81,6 +91,7 @@ class SplitConfig:
             _check(0.0 <= getattr(self, name) <= 1.0, f"split.{name}", "must be in [0, 1]")
         _check(abs(self.train + self.val + self.test - 1.0) < 1e-9, "split", "train + val + test must be 1")
         _check(self.min_interactions >= 1, "split.min_interactions", "must be >= 1")
+        _check_seed(self.seed, "split.seed")
 
 
 @dataclass(frozen=True)
@@ -93,6 +104,7 @@ class PartitionConfig:
         methods = ("random", "community", "dirichlet")
         _check(self.method in methods, "partition.method", f"must be one of {methods}, got {self.method!r}")
         _check(self.alpha > 0, "partition.alpha", "must be > 0")
+        _check_seed(self.seed, "partition.seed")
 
 
 @dataclass(frozen=True)
@@ -166,6 +178,7 @@ class TrainConfig:
         _check(self.patience >= 0, "train.patience", "must be >= 0")
         _check(self.eval_every >= 1, "train.eval_every", "must be >= 1")
         _check(self.num_threads >= 0, "train.num_threads", "must be >= 0")
+        _check_seed(self.seed, "train.seed")
         dev = self.device
         ok = dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())
         _check(ok, "train.device", f"must be auto|cpu|cuda|cuda:N, got {dev!r}")

@@ -1,18 +1,23 @@
 """``fedsocial train``: centralized training (non-private or user-level DP) and full-ranking evaluation.
 
 Writes ``OUT/metrics.json`` with the test metrics at the top level (``ndcg@10`` ...), the config,
-seed, epochs, wall time, and ``epsilon``/``delta`` when DP is on.
+seed, epochs, wall time, and ``epsilon``/``delta`` when DP is on. ``OUT`` must be new or empty (or
+``--resume`` an unfinished run of the same config: train_checkpoint.py). A diverged training (a NaN or
+infinite loss, or non-finite weights at a checkpoint) stops with one line and no metrics: its scores
+would rank nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import platform
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from fedsocial.shared.config import ConfigError
 from fedsocial.shared.fileio import write_json_atomic
 from fedsocial.simulations.common import add_config_arguments, config_from_args, format_table, user_errors
 from fedsocial.simulations.tracking import TrackedEpochs, add_track_argument, compute_final_scalars, make_tracker
@@ -49,6 +54,49 @@ class _Progress:
         self.bar.close()
 
 
+class TrainingDivergedError(ConfigError):
+    """The loss or the model's weights stopped being finite numbers (train.lr too high, most often)."""
+
+
+def _diverged(what: str, cfg: Any) -> TrainingDivergedError:
+    return TrainingDivergedError(f"training diverged: {what}; lower train.lr (now {cfg.train.lr:g}) and train "
+                                 "again (into a new --out if a checkpoint was written)")
+
+
+class _DivergenceCheck:
+    """The per-epoch callback: stops the run at the first epoch whose loss (or validation NDCG) is not finite,
+    before that epoch's checkpoint is written."""
+
+    def __init__(self, inner: Any, cfg: Any) -> None:
+        self.inner, self.cfg = inner, cfg
+
+    def __call__(self, row: dict[str, Any]) -> None:
+        for key in ("loss", "val_ndcg@10"):
+            value = row.get(key)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise _diverged(f"epoch {int(row.get('epoch', 0))} has a non-finite {key} ({value})", self.cfg)
+        self.inner(row)
+
+
+def compute_nonfinite_arrays(state: dict[str, Any] | None) -> list[str]:
+    """The names of the floating arrays of a model state that hold a NaN or an infinity."""
+    import numpy as np
+
+    bad = []
+    for name, arr in (state or {}).items():
+        a = np.asarray(arr)
+        if np.issubdtype(a.dtype, np.floating) and not bool(np.isfinite(a).all()):
+            bad.append(name)
+    return bad
+
+
+def _checked_state(state: dict[str, Any] | None, where: str, cfg: Any) -> None:
+    bad = compute_nonfinite_arrays(state)
+    if bad:  # the checked model is a release already (DP): testing it for NaN is post-processing, free
+        raise _diverged(f"{where} has non-finite weights ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})",
+                        cfg)
+
+
 def run_train(cfg: Any, data_dir: str | None, out: Path, progress: bool = True, track: str = "none",
               resume: bool = False) -> dict[str, Any]:
     """Load, split, train and evaluate; returns (and writes) the metrics document.
@@ -61,6 +109,7 @@ def run_train(cfg: Any, data_dir: str | None, out: Path, progress: bool = True, 
     from fedsocial.simulations.init_cmd import dp_advice_line
     from fedsocial.simulations.train_checkpoint import (
         CHECKPOINT_DIR,
+        json_safe,
         mark_finished,
         prepare_run_folder,
         save_train_checkpoint,
@@ -91,12 +140,23 @@ def run_train(cfg: Any, data_dir: str | None, out: Path, progress: bool = True, 
         bar.bar.update(min(start.epochs_done, epochs))
     tracker = make_tracker(track, out)  # --track: TensorBoard events under OUT/tensorboard (tracking.py)
     tracker.log_config(cfg.to_dict())
+    def checkpoint(ck: Any) -> None:  # a diverged model is never checkpointed (nor resumed from)
+        _checked_state(ck.state, f"the model after epoch {ck.epochs_done}", cfg)
+        _checked_state(ck.best_state, f"the best model so far (epoch {ck.best_epoch})", cfg)
+        save_train_checkpoint(out, ck, cfg)
+
     try:
-        outcome = train_centralized(cfg, split, progress=TrackedEpochs(bar, tracker),
-                                    checkpoint=lambda ck: save_train_checkpoint(out, ck, cfg), resume=start,
-                                    release_dir=out / CHECKPOINT_DIR)
+        outcome = train_centralized(cfg, split, progress=_DivergenceCheck(TrackedEpochs(bar, tracker), cfg),
+                                    checkpoint=checkpoint, resume=start, release_dir=out / CHECKPOINT_DIR)
+    except TrainingDivergedError:
+        tracker.close()
+        raise
     finally:
         bar.close()
+    _checked_state(outcome.state, "the trained model", cfg)
+    bad = [k for k in METRIC_KEYS if not math.isfinite(float(outcome.metrics[k]))]
+    if bad:
+        raise _diverged(f"the test metrics are not finite ({', '.join(bad)})", cfg)
     doc: dict[str, Any] = {k: float(outcome.metrics[k]) for k in METRIC_KEYS}
     doc.update(_outcome_fields(outcome))
     doc.update({
@@ -108,7 +168,7 @@ def run_train(cfg: Any, data_dir: str | None, out: Path, progress: bool = True, 
         "platform": {"python": platform.python_version(), "machine": platform.machine()},
         "config": cfg.to_dict(),
     })
-    write_json_atomic(out / "metrics.json", doc)
+    write_json_atomic(out / "metrics.json", json_safe(doc))  # strict JSON: a NaN anywhere is written as null
     mark_finished(out)
     tracker.log_scalars(compute_final_scalars(doc), int(doc.get("epochs_run") or epochs))
     tracker.close()

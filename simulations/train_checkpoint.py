@@ -10,13 +10,18 @@ After every ``train.eval_every``-th epoch the run folder gets
   the epsilon spent by the steps behind the checkpointed model.
 
 ``fedsocial train --config C --out RUN --resume`` continues RUN from ``progress.json`` (the config must
-be the one RUN was started with, ``RUN/config.toml``); a run that finished is not trained again.
-Arrays are read with ``allow_pickle=False``.
+be the one RUN was started with, ``RUN/config.toml``, and RUN a train run folder); a run that finished is not
+trained again. Without ``--resume`` the folder must be new or empty (or hold only what a start that failed
+before its first checkpoint left: a ``config.toml`` this project wrote): any other content (a finished run,
+a ``simulate`` run, the user's files) is refused, untouched. Arrays are read with ``allow_pickle=False``;
+JSON files never hold NaN or Infinity (written as null).
 """
 
 from __future__ import annotations
 
 import json
+import math
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -31,10 +36,27 @@ CHECKPOINT_DIR = "checkpoint"
 PROGRESS = "progress.json"
 BEST_SO_FAR = "best_so_far.json"
 CONFIG_NAME = "config.toml"
+TRACK_DIR = "tensorboard"  # --track tensorboard (tracking.py)
+METRICS = "metrics.json"
+# everything `fedsocial train` writes at the top of its run folder
+TRAIN_RUN_NAMES = frozenset({CONFIG_NAME, METRICS, BEST_SO_FAR, CHECKPOINT_DIR, TRACK_DIR})
+_TEMP_LEFTOVER = re.compile(r"^\..+\.tmp$")  # an atomic write killed before its rename (shared/fileio.py)
 
 
 class TrainCheckpointError(ConfigError):
     """A run folder's checkpoint cannot be resumed; the message names the file."""
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite float replaced by None: strict JSON (``json.dumps`` would write the
+    non-standard ``NaN`` / ``Infinity`` tokens, which other JSON readers reject)."""
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
 
 
 def save_train_checkpoint(out: Path, ck: TrainCheckpoint, cfg: Config, finished: bool = False) -> None:
@@ -51,7 +73,7 @@ def save_train_checkpoint(out: Path, ck: TrainCheckpoint, cfg: Config, finished:
         "best_epoch": ck.best_epoch, "best_ndcg": ck.best_ndcg, "best_val": ck.best_val, "history": ck.history,
         "noise_multiplier": ck.noise_multiplier, "sample_rate": ck.sample_rate, "steps": ck.steps,
     }
-    write_json_atomic(folder / PROGRESS, doc)
+    write_json_atomic(folder / PROGRESS, json_safe(doc))
     for old in folder.glob("*.npz"):  # only after the new progress file names its own set
         if old.name not in (state_name, best_name):
             old.unlink(missing_ok=True)
@@ -63,7 +85,7 @@ def save_train_checkpoint(out: Path, ck: TrainCheckpoint, cfg: Config, finished:
         best["epsilon_so_far"] = compute_epsilon([(ck.noise_multiplier, ck.sample_rate, ck.steps)],
                                                  cfg.privacy.target_delta, cfg.privacy.accountant)
         best["delta"] = cfg.privacy.target_delta
-    write_json_atomic(out / BEST_SO_FAR, best)
+    write_json_atomic(out / BEST_SO_FAR, json_safe(best))
 
 
 def mark_finished(out: Path) -> None:
@@ -72,7 +94,7 @@ def mark_finished(out: Path) -> None:
         if path.is_file():
             doc = json.loads(path.read_text(encoding="utf-8"))
             doc["finished"] = True
-            write_json_atomic(path, doc)
+            write_json_atomic(path, json_safe(doc))
 
 
 def read_progress(out: Path) -> dict[str, Any] | None:
@@ -161,16 +183,52 @@ def prepare_run_folder(cfg: Config, out: Path, resume: bool) -> TrainCheckpoint 
             # the first's as if only one had been made (averaging the two would remove noise)
             raise TrainCheckpointError(f"--out {out}: holds a finished DP run, whose releases are published; train "
                                        "into a new --out (each DP run is a separate release of the data)")
+        if progress is not None:  # its metrics, config and checkpoints would be replaced by another run's
+            raise TrainCheckpointError(f"--out {out}: holds a finished train run; choose a new folder")
+        if out.is_dir() and any(out.iterdir()) and not compute_failed_train_start(out):
+            # a finished `simulate` run (its signed records), another train run, the user's own files
+            raise TrainCheckpointError(f"--out {out}: not empty; choose a new folder, or --resume to continue an "
+                                       "unfinished train run of this config there")
         write_config(cfg, out)
         return None
     saved = out / CONFIG_NAME
     if not saved.is_file():
         raise TrainCheckpointError(f"--resume: {saved}: no such file (nothing to resume in {out})")
+    others = sorted(name for name in _entry_names(out) if name not in TRAIN_RUN_NAMES)
+    if others:  # e.g. a `simulate` run of the same config: train would replace its metrics and config
+        raise TrainCheckpointError(f"--resume: {out} is not a train run folder (it holds {', '.join(others[:3])}"
+                                   f"{', ...' if len(others) > 3 else ''}); choose a new folder")
     if load_config(saved) != cfg:
         raise TrainCheckpointError(f"--resume: the config differs from {saved}, the one this run started with")
     if progress is not None and progress.get("finished"):
         check_published_selection(cfg, out)
     return load_train_checkpoint(out)
+
+
+def _entry_names(out: Path) -> set[str]:
+    """The names at the top of ``out``, less the leftovers of killed atomic writes."""
+    return {p.name for p in out.iterdir() if not _TEMP_LEFTOVER.match(p.name)}
+
+
+def compute_failed_train_start(out: Path) -> bool:
+    """Whether ``out`` holds only what a train start that failed before its first checkpoint left behind: the
+    ``config.toml`` this project wrote (read back to the same text), maybe ``tensorboard/`` and an empty
+    ``checkpoint/``; no metrics, no progress, nothing else. Such a folder may be trained into again."""
+    from fedsocial.simulations.simulate import config_to_toml
+
+    names = _entry_names(out)
+    if CONFIG_NAME not in names or names - {CONFIG_NAME, TRACK_DIR, CHECKPOINT_DIR}:
+        return False
+    folder = out / CHECKPOINT_DIR
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        return False
+    path = out / CONFIG_NAME
+    if not path.is_file():
+        return False
+    try:
+        return config_to_toml(load_config(path)) == path.read_text(encoding="utf-8")
+    except (ConfigError, OSError, UnicodeDecodeError):
+        return False
 
 
 def _was_private(path: Path) -> bool:
