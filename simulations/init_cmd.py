@@ -41,9 +41,13 @@ class DataStats:
 
 
 def compute_stats(ds: Dataset) -> DataStats:
-    """The sizes that the settings depend on."""
+    """The sizes that the settings depend on (a users.csv column counts only where some user has a value)."""
+    import numpy as np
+
+    feats = ds.user_features
+    used = 0 if feats is None or not len(feats) else int((np.asarray(feats) > 0).any(axis=0).sum())  # 0: missing
     return DataStats(ds.n_users, ds.n_items, ds.n_interactions, ds.n_edges, ds.item_category is not None,
-                     ds.item_price_bin is not None, ds.item_text is not None, len(ds.user_feature_names))
+                     ds.item_price_bin is not None, ds.item_text is not None, used)
 
 
 def compute_clip_pow2(x: float, lo: int, hi: int) -> int:
@@ -93,14 +97,15 @@ def compute_settings(s: DataStats, private: bool, partners: int) -> Settings:
         "use_category": (s.has_category, "items.csv has a category column" if s.has_category else "no categories"),
         "use_price": (s.has_price, "items.csv has a price column" if s.has_price else "no prices"),
         "use_text": (s.has_text, "items.csv has a title/text column" if s.has_text else "no texts"),
-        "use_user_features": (s.user_features > 0, f"users.csv has {s.user_features} feature column(s)"
-                              if s.user_features else "no users.csv"),
+        "use_user_features": (s.user_features > 0, f"users.csv has {s.user_features} feature column(s) with values"
+                              if s.user_features else "no users.csv feature column with a value"),
     }
     train: dict[str, tuple[Any, str]] = {
         "epochs": (epochs, f"~2e6 / {s.interactions} interactions, in [10, {40 if private else 100}], "
                            "a multiple of eval_every"),
         "eval_every": (eval_every, eval_note),
-        "patience": (max(10, 3 * eval_every), "early stopping: 3 evaluations, at least 10 epochs"),
+        "patience": (max(10, 3 * eval_every), f"early stopping after {max(10, 3 * eval_every)} epochs without a "
+                                               "better validation NDCG@10 (at least 3 evaluations, 10 epochs)"),
         "lr": (0.005, "Adam"),
         "seed": (0, "fixed seed"),
         "device": ("auto", "cuda when available, else cpu"),
@@ -120,7 +125,8 @@ def compute_settings(s: DataStats, private: bool, partners: int) -> Settings:
         model["use_mlp"] = (False, "DP: the residual MLP costs clipping norm and measured no gain")
         model["learned_scale"] = (True, "DP: a learnt weight on the noisy user-item term, so that the model falls "
                                         "back on popularity where DP noise drowns it (BENCHMARKS.md 10.2)")
-        train["batch_size"] = (batch, f"DP: sample rate ~{batch}/{s.users} users (about 1/4, at most 1024)")
+        rate = "1: every user, every step" if batch >= s.users else f"~{batch}/{s.users} users"
+        train["batch_size"] = (batch, f"DP: sample rate {rate} (about 1/4, at least 16, at most 1024 users)")
         train["patience"] = (0, "DP: a fixed schedule (choosing the epoch on validation spends privacy)")
         privacy.update({
             "max_epsilon": (8.0, "budget cap"),
@@ -266,6 +272,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_evaluable(dataset: Dataset, data_dir: Path) -> None:
+    """Refuse, here rather than at the first train or simulate, data whose split would leave no user to
+    evaluate (every user below split.min_interactions: nothing to hold out)."""
+    from fedsocial.shared.config import SplitConfig
+    from fedsocial.shared.split import split_dataset
+    from fedsocial.simulations.preflight import check_evaluable
+
+    split = SplitConfig()
+    check_evaluable(split_dataset(dataset, split), str(data_dir), split.min_interactions)
+
+
 def write_init_config(data: Path, out: Path, private: bool, partners: int, force: bool = False,
                       distributed: bool = False, overrides: list[str] | None = None) -> DataStats:
     """Inspect ``data``, write the config to ``out`` (checked by reading it back); returns the stats."""
@@ -277,12 +294,14 @@ def write_init_config(data: Path, out: Path, private: bool, partners: int, force
         raise ConfigError(f"--out {out}: exists; choose another name or pass --force")
     data_dir = data.resolve()
     data_cfg = compute_data_config(data_dir, list(overrides or []))
-    stats = compute_stats(load_dataset(data_cfg))
+    dataset = load_dataset(data_cfg)
+    stats = compute_stats(dataset)
     if stats.users < 2 * partners:
         fix = (f"pass --partners {stats.users // 2} or fewer" if stats.users >= 2
                else "the data needs at least 2 users with interactions")
         raise ConfigError(f"{data_dir}: {stats.users} user(s) cannot be split into {partners} partner(s): each "
                           f"partner needs at least 2 users ({fix})")
+    _check_evaluable(dataset, data_dir)
     if distributed and not private:
         raise ConfigError("--distributed: distributed noise is a DP setting; pass --private too")
     settings = compute_settings(stats, private, partners)

@@ -86,6 +86,9 @@ def resolve_source(path: Path, partner_id: str, data_dir: str | None = None, con
     if (path / "config.toml").is_file() and config is None:
         sd = Path(state_dir) if state_dir else path / "partners" / partner_id
         if not sd.is_dir():
+            if not (path / "partners").is_dir() and state_dir is None:  # e.g. a `fedsocial train` run folder
+                raise ConfigError(f"{path}: not a federated run (no partners/ folder): recommend serves a partner of a "
+                                  "`fedsocial simulate` run, or a deployed partner's folder with --checkpoint")
             known = sorted(p.name for p in (path / "partners").iterdir()) if (path / "partners").is_dir() else []
             raise ConfigError(f"--partner {partner_id}: no folder {sd} (partners of this run: {', '.join(known)})")
         return ServedSource(path / "config.toml", Path(checkpoint) if checkpoint else None, sd, path, partner_id,

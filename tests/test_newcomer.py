@@ -169,11 +169,11 @@ def test_init_refuses_to_overwrite_and_names_bad_data(tmp_path: Path) -> None:
 
 def test_init_measures_the_data_with_min_value_and_writes_it(tmp_path: Path) -> None:
     # Prepare: was: `fedsocial init --set data.min_value=4` was refused (no --set), so a data set of explicit
-    # ratings got settings sized for every row and min_value = 0; 40 users rate 6 items 1-5
+    # ratings got settings sized for every row and min_value = 0; 40 users rate 6 items 3-5
     from fedsocial.simulations.init_cmd import write_init_config
 
     (tmp_path / "d").mkdir()
-    rows = "".join(f"u{u},sku-{(u + j) % 30},{j % 5 + 1}\n" for u in range(40) for j in range(6))
+    rows = "".join(f"u{u},sku-{(u + j) % 30},{j % 3 + 3}\n" for u in range(40) for j in range(6))
     (tmp_path / "d" / "interactions.csv").write_text("user,item,rating\n" + rows, encoding="utf-8")
     (tmp_path / "d" / "social.csv").write_text("user,friend\n" + "".join(f"u{u},u{(u + 1) % 40}\n" for u in range(40)),
                                                encoding="utf-8")
@@ -184,11 +184,11 @@ def test_init_measures_the_data_with_min_value_and_writes_it(tmp_path: Path) -> 
     with pytest.raises(ConfigError, match=r"--set 'train.epochs=3': fedsocial init takes only data.min_value"):
         write_init_config(tmp_path / "d", tmp_path / "bad.toml", private=False, partners=3,
                           overrides=["train.epochs=3"])
-    # Assert: measured on the ratings >= 4 only (2 of each user's 6), and the config keeps that rule
-    assert every.interactions == 240 and high.interactions == 80
+    # Assert: measured on the ratings >= 4 only (4 of each user's 6), and the config keeps that rule
+    assert every.interactions == 240 and high.interactions == 160
     assert load_config(tmp_path / "high.toml").data.min_value == 4.0
     assert load_config(tmp_path / "all.toml").data.min_value == 0.0
-    assert "80 interactions" in (tmp_path / "high.toml").read_text(encoding="utf-8")
+    assert "160 interactions" in (tmp_path / "high.toml").read_text(encoding="utf-8")
     assert not (tmp_path / "bad.toml").exists()
 
 
