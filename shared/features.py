@@ -31,14 +31,24 @@ MAX_SELF_NAMED_CODE = 65_535  # integer categories keep their value up to this: 
 def compute_codes(values: np.ndarray) -> tuple[np.ndarray, tuple[str, ...]]:
     """Integer codes of string values and the name of each code: canonical integers keep their value when all
     are non-negative integers of at most :data:`MAX_SELF_NAMED_CODE` (Ciao's category ids, partition exports; they
-    name themselves: ``()``), else the rank in sorted order, code c named by the c-th distinct value (a code of
-    10**18 would have sized a table of 10**18 rows: found in review)."""
-    values = np.asarray(values, dtype=str)
+    name themselves: ``()``; only ASCII digits make a code), else the rank in sorted order, code c named by the
+    c-th distinct value (a code of 10**18 would have sized a table of 10**18 rows: found in review). ``values``
+    may be an object array of str (a long name is not widened to a fixed-width array)."""
+    values = np.asarray(values)
+    if values.dtype.kind not in "UO":  # str arrays, or object arrays of str (long names: no fixed width)
+        values = values.astype(str)
     uniq, codes = np.unique(values, return_inverse=True)
-    if uniq.size and all(v.isdigit() and str(int(v)) == v and int(v) <= MAX_SELF_NAMED_CODE
-                         for v in uniq.tolist()):
-        return values.astype(np.int64), ()
-    return codes.astype(np.int64), tuple(str(v) for v in uniq.tolist())
+    names = [str(v) for v in uniq.tolist()]
+    codes = codes.reshape(-1).astype(np.int64)
+    if names and all(_is_code(v) for v in names):
+        return np.array([int(v) for v in names], dtype=np.int64)[codes], ()
+    return codes, tuple(names)
+
+
+def _is_code(value: str) -> bool:
+    """A canonical integer code: ASCII decimal digits only ("²" or "١" are names: ``int()`` takes some of them,
+    ``str.isdigit()`` all), no leading zero, at most :data:`MAX_SELF_NAMED_CODE`."""
+    return value.isascii() and value.isdigit() and str(int(value)) == value and int(value) <= MAX_SELF_NAMED_CODE
 
 
 def compute_price_bins(prices: np.ndarray, n_bins: int) -> np.ndarray:

@@ -365,7 +365,9 @@ _DELIMITERS = ((";", "semicolon"), ("\t", "tab"), ("|", "pipe"))
 
 @dataclass(frozen=True)
 class CsvTable:
-    """A validated comma-separated file held by column (stripped strings) with each row's line number."""
+    """A validated comma-separated file held by column (stripped strings) with each row's line number.
+
+    Id columns are numpy string arrays; another column may be an object array of str (:func:`_text_column`)."""
 
     path: Path
     header: list[str]
@@ -425,7 +427,12 @@ def _parse_header(
             if delim in line:
                 raise DataError(f"{path}:{line_no}: fields are separated by {label}s; "
                                 f"this format needs commas (header {expected})")
-    header = compute_canonical_header(next(csv.reader([line])), (*required, *optional))
+    try:  # the rules of the rows: spaces around a field are ignored, a quoted field must be well formed
+        names = next(csv.reader([line], strict=True, skipinitialspace=True))
+    except csv.Error as exc:
+        raise DataError(f"{path}:{line_no}: malformed quoting in the header ({exc}); expected header "
+                        f"{expected}") from None
+    header = compute_canonical_header(names, (*required, *optional))
     for col in header:
         if col not in (*required, *optional) and (not any_columns or not col or _INT_RE.match(col)):
             hint = " (missing header line?)" if _INT_RE.match(col) or not col else ""
@@ -451,6 +458,11 @@ def read_csv_table(path: Path, required: Sequence[str], optional: Sequence[str] 
 
     Files without quotes (the usual case) are split with vectorised numpy field counting; files
     with quoted fields go through the csv module. Either way each row keeps its line number.
+
+    The ``required`` columns are the file's ids: their length is checked (at most :data:`MAX_ID_CHARS`) on the
+    fields as read, before any fixed-width array is built, and they are held as numpy string arrays. Every other
+    column is a fixed-width string array only where that costs about what its text does; else an object array of
+    str (one 400 KB description would have made every row of a fixed-width column 1.6 MB wide).
     """
     path = Path(path)
     lines = split_lines(path, _decode(path))
@@ -460,29 +472,37 @@ def read_csv_table(path: Path, required: Sequence[str], optional: Sequence[str] 
     header = _parse_header(path, head + 1, lines[head], required, optional, any_columns)
     body = lines[head + 1:]
     first_line = head + 2
+    fields: list[list[str]]  # by column
     if any('"' in line for line in body):
         rows, numbers = [], []
         # strict: an unbalanced quote is an error, not a field that silently swallows the rest of the file;
         # each line keeps its "\n", so a quoted field may span lines (a record's line is where it starts)
         reader = csv.reader((line + "\n" for line in body), strict=True, skipinitialspace=True)
         consumed = 0  # lines of body the reader has read
-        while True:
-            k = consumed  # the next record starts on body line k
-            try:
-                fields = next(reader, None)
-            except csv.Error as exc:
-                raise DataError(f"{path}:{k + first_line}: malformed quoting ({exc}): a quoted field must end "
-                                "with a quote followed by a comma or the line end, a quote inside it doubled") from None
-            if fields is None:
-                break
-            consumed = reader.line_num
-            if not fields or (len(fields) == 1 and not fields[0].strip()):
-                continue  # blank line
-            if len(fields) != len(header):
-                raise _field_count_error(path, k + first_line, body[k], header, len(fields))
-            rows.append(fields)
-            numbers.append(k + first_line)
-        table = np.array(rows, dtype=str).reshape(len(rows), len(header))
+        # the csv module's field limit (128 Ki characters) would call a long quoted description "malformed"; the
+        # text is in memory already, so a field may be as long as the file
+        limit = csv.field_size_limit(max(csv.field_size_limit(), sum(map(len, body)) + len(body)))
+        try:
+            while True:
+                k = consumed  # the next record starts on body line k
+                try:
+                    row = next(reader, None)
+                except csv.Error as exc:
+                    raise DataError(f"{path}:{k + first_line}: malformed quoting ({exc}): a quoted field must end "
+                                    "with a quote followed by a comma or the line end, a quote inside it "
+                                    "doubled") from None
+                if row is None:
+                    break
+                consumed = reader.line_num
+                if not row or (len(row) == 1 and not row[0].strip()):
+                    continue  # blank line
+                if len(row) != len(header):
+                    raise _field_count_error(path, k + first_line, body[k], header, len(row))
+                rows.append(row)
+                numbers.append(k + first_line)
+        finally:
+            csv.field_size_limit(limit)
+        fields = [[v.strip() for v in col] for col in zip(*rows, strict=True)] if rows else [[] for _ in header]
         line_no = np.array(numbers, dtype=np.int64)
     else:
         commas, blank = compute_line_commas("\n".join(body), len(body))
@@ -492,16 +512,57 @@ def read_csv_table(path: Path, required: Sequence[str], optional: Sequence[str] 
             raise _field_count_error(path, k + first_line, body[k], header, int(commas[k]) + 1)
         keep = np.flatnonzero(~blank)
         text = ",".join([body[k] for k in keep.tolist()])
-        table = np.array(text.split(",") if keep.size else [], dtype=str).reshape(keep.size, len(header))
+        flat = text.split(",") if keep.size else []
+        if not text.isascii() or any(space in text for space in _ASCII_SPACES):
+            flat = [v.strip() for v in flat]  # some field may have spaces around it
+        fields = [flat[c::len(header)] for c in range(len(header))]
         line_no = keep.astype(np.int64) + first_line
-    if table.size and (np.char.str_len(table) != np.char.str_len(np.char.strip(table))).any():
-        table = np.char.strip(table)
-    if table.size:
-        repeated = np.all(np.char.lower(table) == np.array(header, dtype=str)[None, :], axis=1)
-        if repeated.any():
-            raise DataError(f"{path}:{int(line_no[int(np.argmax(repeated))])}: the header line is repeated "
-                            f"(first on line {head + 1}); concatenated files keep one header")
-    return CsvTable(path, header, {name: table[:, c] for c, name in enumerate(header)}, line_no)
+    for c, name in enumerate(header):
+        if name in required:
+            _check_id_lengths(path, name, fields[c], line_no)
+    columns = {name: np.array(fields[c], dtype=str) if name in required else _text_column(fields[c])
+               for c, name in enumerate(header)}
+    _refuse_repeated_header(path, head + 1, header, columns, line_no, (*required, *optional))
+    return CsvTable(path, header, columns, line_no)
+
+
+_ASCII_SPACES = " \t\x0b\x0c\r\x1c\x1d\x1e\x1f"  # what str.strip() removes among ASCII characters
+
+
+def _check_id_lengths(path: Path, name: str, values: list[str], line_no: np.ndarray) -> None:
+    """Refuse an id longer than :data:`MAX_ID_CHARS`, with its line, before the column becomes a fixed-width array."""
+    if values and max(map(len, values)) > MAX_ID_CHARS:
+        k = next(k for k, v in enumerate(values) if len(v) > MAX_ID_CHARS)
+        raise DataError(f"{path}:{line_no[k]}: a {name} id of {len(values[k])} characters (at most {MAX_ID_CHARS})")
+
+
+def _text_column(values: list[str]) -> np.ndarray:
+    """``values`` as a fixed-width string array when its width costs at most about twice their text, else as an
+    object array of str: memory stays proportional to the file, however long one field is."""
+    longest = max(map(len, values), default=0)
+    if longest * len(values) <= 2 * sum(map(len, values)) + 65_536:
+        return np.array(values, dtype=str)
+    out = np.empty(len(values), dtype=object)
+    out[:] = values
+    return out
+
+
+def _refuse_repeated_header(path: Path, header_line: int, header: list[str], columns: dict[str, np.ndarray],
+                            line_no: np.ndarray, known: Sequence[str]) -> None:
+    """Refuse a row that reads as the header (in any spelling the header may use: case, aliases), with its line."""
+    if line_no.size == 0:
+        return
+    lead = header[0]
+    spellings = {lead, *(alias for alias, canonical in COLUMN_ALIASES.items() if canonical == lead and lead in known)}
+    col = columns[lead]
+    if col.dtype.kind == "U":
+        candidates = np.flatnonzero(np.isin(np.char.lower(col), sorted(spellings))).tolist()
+    else:
+        candidates = [k for k, v in enumerate(col.tolist()) if v.lower() in spellings]
+    for k in candidates:
+        if compute_canonical_header([str(columns[name][k]) for name in header], known) == header:
+            raise DataError(f"{path}:{int(line_no[k])}: the header line is repeated (first on line {header_line}); "
+                            "concatenated files keep one header")
 
 
 def compute_line_commas(text: str, n_lines: int) -> tuple[np.ndarray, np.ndarray]:
@@ -546,28 +607,39 @@ def _check_ids(table: CsvTable, names: Sequence[str]) -> None:
 
 def _check_numbers(table: CsvTable, name: str) -> None:
     col = table.columns[name]
-    try:
-        ok = np.isfinite(col.astype(np.float64))
-    except ValueError:
-        ok = np.array([_is_finite_number(s) for s in col.tolist()], dtype=bool)
+    ok = None
+    if col.dtype.kind == "U" and col.size:  # vectorised: only the characters of plain notation, then a cast
+        points = col.view(np.uint32)  # that refuses the same strings float() does
+        if int(points.max()) < _NUMBER_CHARS.size and _NUMBER_CHARS[points].all():
+            try:
+                ok = np.isfinite(col.astype(np.float64))
+            except ValueError:
+                ok = None
+    if ok is None:
+        ok = np.array([_is_finite_number(v) for v in col.tolist()], dtype=bool)
     if not ok.all():
         k = int(np.argmax(~ok))
         raise DataError(f"{table.path}:{table.line_no[k]}: column {name!r} must be a number, "
-                        f"got {str(col[k])!r}")
+                        f"got {str(col[k])[:80]!r}")
+
+
+# a number field: ASCII decimal or scientific notation only (float() would also take "1_000", "١٢" or "inf")
+_NUMBER = r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"
+_NUMBER_RE = re.compile(_NUMBER)
+_NUMBER_CHARS = np.zeros(128, dtype=bool)  # the characters of that notation, and numpy's padding (NUL)
+_NUMBER_CHARS[[0, *map(ord, "0123456789+-.eE")]] = True
 
 
 def _is_finite_number(text: str) -> bool:
-    try:
-        return bool(np.isfinite(float(text)))
-    except ValueError:
-        return False
+    """``text`` is a number in plain ASCII decimal or scientific notation, and finite as a float64."""
+    return _NUMBER_RE.fullmatch(text) is not None and bool(np.isfinite(float(text)))
 
 
 def _check_known(table: CsvTable, name: str, known: np.ndarray, what: str, where: str) -> None:
     missing = ~np.isin(table.columns[name], known)
     if missing.any():
         k = int(np.argmax(missing))
-        raise DataError(f"{table.path}:{table.line_no[k]}: {what} {str(table.columns[name][k])!r} {where}")
+        raise DataError(f"{table.path}:{table.line_no[k]}: {what} {str(table.columns[name][k])[:80]!r} {where}")
 
 
 def _typed_ids(ids: np.ndarray) -> np.ndarray:
@@ -644,10 +716,16 @@ def load_csv(folder: PathLike, *, strict: bool = False, price_bins: int = 8, tex
     ds = clean(conv(users, u_str, u_typed), conv(items, i_str, i_typed),
                conv(src, u_str, u_typed), conv(dst, u_str, u_typed),
                undirected=False, name=folder.resolve().name or "csv", item_catalogue=typed_catalogue)
+    # clean() indexes ids in sorted order of their typed values (integers numerically: 1, 2, 10), u_str / i_str
+    # are sorted as strings ("1", "10", "2"): the index of each string id is looked up, never assumed
+    assert ds.user_ids is not None and ds.item_ids is not None
+    u_index, i_index = np.searchsorted(ds.user_ids, u_typed), np.searchsorted(ds.item_ids, i_typed)
     if catalogue is not None:
-        ds = _with_item_features(ds, catalogue, np.searchsorted(i_str, catalogue["ids"]), price_bins, text_dim)
+        ds = _with_item_features(ds, catalogue, i_index[np.searchsorted(i_str, catalogue["ids"])], price_bins,
+                                 text_dim)
     if (folder / "users.csv").exists():
-        ds = _with_user_features(ds, folder / "users.csv", u_str, read_user_feature_values(folder / USER_VALUES_FILE))
+        ds = _with_user_features(ds, folder / "users.csv", u_str, u_index,
+                                 read_user_feature_values(folder / USER_VALUES_FILE))
     return ds
 
 
@@ -681,7 +759,8 @@ def _with_item_features(ds: Dataset, catalogue: dict[str, Any], index: np.ndarra
                         text_dim: int) -> Dataset:
     """``ds`` with items.csv's optional columns as features, ``index`` = each catalogue row's item index.
 
-    ``clean`` indexes items in sorted order of their ids, as ``i_str`` is sorted: row r is item index[r].
+    Row r of the catalogue is item ``index[r]`` of ``ds`` (looked up by id: ``clean`` sorts integer ids
+    numerically, the catalogue's strings sort otherwise).
     """
     changes: dict[str, Any] = {}
     if catalogue.get("category") is None:
@@ -700,11 +779,12 @@ def _with_item_features(ds: Dataset, catalogue: dict[str, Any], index: np.ndarra
     return dataclasses.replace(ds, **changes) if changes else ds
 
 
-def _with_user_features(ds: Dataset, path: Path, u_str: np.ndarray,
+def _with_user_features(ds: Dataset, path: Path, u_str: np.ndarray, u_index: np.ndarray,
                         schema: dict[str, tuple[str, ...]] | None = None) -> Dataset:
     """users.csv (``user`` + categorical columns) as codes [n_users, F], 0 for a missing value or user: a value's
     rank among the column's values, or its place in ``schema`` (``user_feature_values.json``) where given; with a
-    schema the columns are in its order, whatever order the file's header has.
+    schema the columns are in its order, whatever order the file's header has. ``u_str`` is the sorted string ids
+    of the users with interactions, ``u_index`` the index in ``ds`` of each.
 
     Rows for users without interactions are ignored (they have no record to train on).
     """
@@ -717,26 +797,24 @@ def _with_user_features(ds: Dataset, path: Path, u_str: np.ndarray,
         raise DataError(f"{path.parent / USER_VALUES_FILE}: lists columns {sorted(schema)}, {path} has {sorted(names)}")
     if schema is not None:  # the schema's column order, not the file's: column f's codes are rows of the same
         names = tuple(schema)  # shared table on every partner whatever order its users.csv lists them in
-    pos = np.searchsorted(u_str, ids)
-    known = (pos < u_str.size) & (u_str[np.minimum(pos, u_str.size - 1)] == ids)
+    pos = np.minimum(np.searchsorted(u_str, ids), max(u_str.size - 1, 0))
+    known = u_str[pos] == ids if u_str.size else np.zeros(ids.size, dtype=bool)
+    rows = u_index[pos[known]]  # each known row's user index in ds
     out = np.zeros((ds.n_users, len(names)), dtype=np.int64)
     sizes, vocabularies = [], []
     for f, name in enumerate(names):
-        col = table.columns[name]
-        present = col != ""
-        vocabulary = schema[name] if schema is not None else tuple(np.unique(col[present]).tolist())
-        vocab = np.asarray(vocabulary, dtype=str)
-        order = np.argsort(vocab, kind="stable")
-        given = col[present]
-        at = np.minimum(np.searchsorted(vocab[order], given), max(vocab.size - 1, 0))
-        unknown = vocab[order][at] != given if vocab.size else np.ones(given.size, dtype=bool)
-        if unknown.any():
-            r = int(np.flatnonzero(present)[np.argmax(unknown)])
-            raise DataError(f"{path}:{table.line_no[r]}: column {name!r}: value {str(col[r])[:80]!r} is not "
-                            f"among the {len(vocabulary)} values {path.parent / USER_VALUES_FILE} lists")
-        values = np.zeros(col.size, dtype=np.int64)
-        values[present] = order[at] + 1
-        out[pos[known], f] = values[known]
+        col = [str(v) for v in table.columns[name].tolist()]
+        vocabulary = schema[name] if schema is not None else tuple(sorted({v for v in col if v}))
+        code_of = {v: k + 1 for k, v in enumerate(vocabulary)}  # code 0: missing
+        values = np.zeros(len(col), dtype=np.int64)
+        for r, v in enumerate(col):
+            if v:
+                code = code_of.get(v)
+                if code is None:
+                    raise DataError(f"{path}:{table.line_no[r]}: column {name!r}: value {v[:80]!r} is not "
+                                    f"among the {len(vocabulary)} values {path.parent / USER_VALUES_FILE} lists")
+                values[r] = code
+        out[rows, f] = values[known]
         sizes.append(len(vocabulary) + 1)
         vocabularies.append(tuple(str(v) for v in vocabulary))
     return dataclasses.replace(ds, user_features=out, user_feature_names=names, user_feature_sizes=tuple(sizes),
@@ -786,7 +864,7 @@ def _read_prices(table: CsvTable) -> np.ndarray:
             continue
         if not _is_finite_number(text) or float(text) < 0:
             raise DataError(f"{table.path}:{table.line_no[k]}: column 'price' must be a number >= 0 "
-                            f"or empty, got {text!r}")
+                            f"or empty, got {text[:80]!r}")
         prices[k] = float(text)
     return prices
 
