@@ -83,10 +83,7 @@ def test_a_complete_run_passes_and_names_its_scope(run: Path, capsys: pytest.Cap
 def test_a_deleted_ledger_fails_also_with_trusted_keys_and_a_cap(run: Path, tmp_path: Path,
                                                                  capsys: pytest.CaptureFixture[str]) -> None:
     # Prepare: the auditor's trusted copies of both keys, then one ledger and its key removed
-    trusted = tmp_path / "trusted"
-    trusted.mkdir()
-    for pid in PARTNERS:
-        shutil.copy(run / "ledgers" / f"{pid}.pub", trusted / f"{pid}.pub")
+    trusted = _trusted_keys(run, tmp_path, server=False)
     (run / "ledgers" / "south.jsonl").unlink()
     (run / "ledgers" / "south.pub").unlink()
     # Execute
@@ -101,10 +98,7 @@ def test_a_deleted_ledger_fails_also_with_trusted_keys_and_a_cap(run: Path, tmp_
 
 def test_a_deleted_ledger_fails_with_trusted_keys_alone(run: Path, tmp_path: Path,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
-    trusted = tmp_path / "trusted"
-    trusted.mkdir()
-    for pid in PARTNERS:
-        shutil.copy(run / "ledgers" / f"{pid}.pub", trusted / f"{pid}.pub")
+    trusted = _trusted_keys(run, tmp_path, server=False)
     for name in ("south.jsonl", "south.pub"):
         (run / "ledgers" / name).unlink()
     for name in (MANIFEST, HEADS):
@@ -121,11 +115,7 @@ def test_a_deleted_manifest_fails_with_every_key_pinned_too(run: Path, tmp_path:
     # Prepare: the auditor's trusted copies of every key, the manifest removed and the unsigned config raising the
     # cap (regression: pinned keys used to make the manifest optional, so its caps, delta and noise settings fell
     # away unnoticed and an unsigned config's cap of 100 replaced the signed 8, exit 0)
-    trusted = tmp_path / "trusted"
-    trusted.mkdir()
-    for pid in PARTNERS:
-        shutil.copy(run / "ledgers" / f"{pid}.pub", trusted / f"{pid}.pub")
-    shutil.copy(run / SERVER_PUB, trusted / SERVER_PUB)
+    trusted = _trusted_keys(run, tmp_path, server=True)
     (run / MANIFEST).unlink()
     (run / "config.json").write_text(json.dumps({"privacy": {"enabled": True, "max_epsilon": 100.0}}))
     # Execute
