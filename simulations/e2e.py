@@ -511,7 +511,8 @@ def check_audit_catches(c: Cluster, run_dir: Path, partners: Path, work: Path) -
         steps *= 2
     ledger.append_round(round=int(last["round"]) + 1, noise_multiplier=event[0], sample_rate=event[1], steps=steps,
                         max_grad_norm=last["max_grad_norm"], target_delta=last["target_delta"],
-                        population=last["population"], secure_rng=False)
+                        population=last["population"], secure_rng=False,
+                        extra={"scope": last["scope"]} if "scope" in last else None)  # as the partner writes it
     gone = work / "audit-deleted-ledger"
     shutil.copytree(run_dir, gone)
     for name in ("partner_1.jsonl", "partner_1.pub"):
