@@ -16,8 +16,12 @@ MAX_ID_CHARS = 1024  # an id is a key of the partner's data and of its events.js
 # what no id may hold, in the data (shared/loaders.py) and in events (shared/events.py) alike: control characters,
 # Unicode line breaks, lone surrogates (not text: they cannot be written as UTF-8), and the invisible format
 # characters (zero-width space and joiners, word joiner, a byte-order mark inside a file) that make "1" and "\u200b1"
-# two users who look the same
-BAD_ID_CHAR = re.compile("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028\u2029\u2060-\u2064\ufeff\ud800-\udfff]")
+# two users who look the same; also the soft hyphen, the bidirectional embeddings, overrides and isolates (U+202E
+# shows "3" as another id on the operator page), the tag characters, and the noncharacters U+FFFE / U+FFFF (of the
+# basic plane and of the planes in use)
+BAD_ID_CHAR = re.compile("[\x00-\x1f\x7f-\x9f\xad\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff\ufffe\uffff"
+                         "\ud800-\udfff\U000e0000-\U000e007f\U0001fffe\U0001ffff\U0002fffe\U0002ffff\U0003fffe"
+                         "\U0003ffff\U000efffe\U000effff\U000ffffe\U000fffff\U0010fffe\U0010ffff]")
 
 
 class DataError(ValueError):

@@ -62,8 +62,9 @@ class Event:
 
 def _id(doc: Mapping[str, Any], key: str, where: str) -> int | str:
     value = doc.get(key)
-    if isinstance(value, bool) or not isinstance(value, int | str) or value == "":
-        raise EventError(f"{where}field {key!r}: expected a non-empty string or integer id, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int | str) or (isinstance(value, str) and not value.strip()):
+        # blank after the loader's strip of spaces around a field: no data set can hold it as an id
+        raise EventError(f"{where}field {key!r}: expected a non-empty string or integer id, got {str(value)[:80]!r}")
     if len(str(value)) > MAX_ID_CHARS:  # a JSON integer too: 4,000 digits are no id either
         raise EventError(f"{where}field {key!r}: an id of {len(str(value))} characters (at most {MAX_ID_CHARS})")
     bad = _BAD_ID_CHAR.search(value) if isinstance(value, str) else None
@@ -108,10 +109,19 @@ def parse_event(doc: Any, where: str = "") -> Event:
         return Event(user=user, type=str(kind), neighbour=neighbour)
     value = doc.get("value")
     if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
-                              or not math.isfinite(value)):
-        raise EventError(f"{where}field 'value': expected a finite number, got {value!r}")
+                              or not math.isfinite(compute_float_or_inf(value))):
+        raise EventError(f"{where}field 'value': expected a finite number, got {str(value)[:80]}")
     return Event(user=user, type=str(kind), item=_id(doc, "item", where),
                  value=None if value is None else float(value))
+
+
+def compute_float_or_inf(value: int | float) -> float:
+    """``float(value)``, or infinity for a JSON integer beyond float's range (a 400-digit value was an
+    OverflowError, answered 500 by the service: found by a red team)."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf
 
 
 _TAIL_BYTES = 1 << 20  # how far back an append looks for the end of the last complete line

@@ -366,9 +366,18 @@ def format_rows(rows: list[dict[str, Any]], suffix: str) -> str:
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(LIST_HEADER.split(","))
     for r in rows:
-        writer.writerow([r["user"], r["rank"], r["item"], repr(r["score"]), repr(r["probability"]),
-                         json.dumps(r["explanation"], default=json_default)])
+        writer.writerow([compute_csv_cell(r["user"]), r["rank"], compute_csv_cell(r["item"]), repr(r["score"]),
+                         repr(r["probability"]), json.dumps(r["explanation"], default=json_default)])
     return buf.getvalue()
+
+
+_FORMULA_START = ("=", "+", "@", "\t", "\r")  # what a spreadsheet evaluates; "-" is left: "-3" is a plain id
+
+
+def compute_csv_cell(value: Any) -> Any:
+    """An id as a CSV cell a spreadsheet shows as text: one starting like a formula (``=cmd|...``, an id an event
+    created; found by a red team) gets a leading apostrophe (OWASP's CSV-injection advice); others unchanged."""
+    return "'" + value if isinstance(value, str) and value.startswith(_FORMULA_START) else value
 
 
 LIST_HEADER = "user,rank,item,score,probability,explanation"  # the first line of a .csv list (format_rows)
@@ -414,6 +423,8 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out)
         if out.suffix not in (".jsonl", ".csv"):
             raise ConfigError(f"--out {out}: the file must end in .jsonl or .csv")
+        if not 1 <= args.k <= 1000:  # before the model is loaded (a minute or more), as the service checks it
+            raise ConfigError(f"--k: must be an integer in [1, 1000], got {args.k}")
         check_replaceable_output(out)  # before the model is loaded
         out.parent.mkdir(parents=True, exist_ok=True)  # a blocked --out fails before the model is loaded
         rec = load_recommender(source_from_args(args), args.calibration)

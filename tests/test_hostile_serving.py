@@ -34,7 +34,11 @@ def client_of(rec: Recommender) -> TestClient:
 
 @pytest.mark.parametrize(("user", "code"), [("\ud800", "D800"), ("a\nb", "000A"), ("tab\there", "0009"),
                                            ("nul\x00", "0000"), ("line\u2028sep", "2028"), ("del\x7f", "007F"),
-                                           ("\u200b1", "200B"), ("x\ufeff", "FEFF")])
+                                           ("\u200b1", "200B"), ("x\ufeff", "FEFF"),
+                                           # found by a red team: a soft hyphen, a right-to-left override (shows
+                                           # "3" as another id), an isolate, a tag character, noncharacters
+                                           ("\xad3", "00AD"), ("\u202e3", "202E"), ("\u20663", "2066"),
+                                           ("3\U000e0041", "E0041"), ("\ufffe", "FFFE"), ("\U0010ffff", "10FFFF")])
 def test_an_event_id_no_data_set_can_hold_is_refused_and_never_breaks_the_service(tmp_path: Path, user: str,
                                                                                   code: str) -> None:
     # Prepare: a service whose events go to a file (a lone surrogate was accepted, appended to events.jsonl, and
@@ -127,6 +131,33 @@ def test_a_json_integer_beyond_int64_names_the_user_the_loader_keeps_as_a_string
     assert huge.status_code == 400 and huge.json()["detail"].startswith("body: not valid JSON (Exceeds the limit")
     assert long.status_code == 422 and long.json()["detail"] == "field 'user': an id of 2000 characters (at most 1024)"
     assert parse_event({"user": 2**63 - 1, "item": 1, "type": "view"}).user == 2**63 - 1  # int64 stays an integer
+
+
+def test_a_huge_integer_value_or_a_blank_id_is_a_422_and_a_bug_is_a_500_with_the_security_headers(
+        tmp_path: Path) -> None:
+    # Regression (red team): a 400-digit integer "value" raised OverflowError in math.isfinite: a 500 without the
+    # security headers and two tracebacks in the log; ids of spaces only (or U+00A0, U+3000) were accepted
+    # Prepare
+    split = tiny_split()
+    events = tmp_path / "events.jsonl"
+    rec = Recommender(randomised_model(ModelConfig(dim=8), split, 1), split,  # type: ignore[arg-type]
+                      calibration="none", privacy_scope="none", events_path=events)
+    client = client_of(rec)
+    headers = {"content-type": "application/json"}
+    # Execute
+    huge = client.post("/events", content='{"user": 3, "item": 1, "type": "rating", "value": 1' + "0" * 400 + "}",
+                       headers=headers)
+    blanks = [client.post("/events", content=json.dumps({"user": blank, "item": 1, "type": "view"}), headers=headers)
+              for blank in (" ", "\xa0", "\u3000")]
+    rec.recommend = None  # type: ignore[assignment,method-assign]  # a bug in the model: calling it raises
+    bug = client.get("/users/3/recommendations")
+    # Assert
+    assert huge.status_code == 422 and huge.json()["detail"].startswith("field 'value': expected a finite number")
+    assert all(b.status_code == 422 and "expected a non-empty string or integer id" in b.json()["detail"]
+               for b in blanks)
+    assert not events.exists()
+    assert bug.status_code == 500 and bug.json()["detail"] == "internal error: TypeError"
+    assert bug.headers["x-frame-options"] == "DENY" and "content-security-policy" in bug.headers
 
 
 @pytest.fixture(scope="module")
@@ -325,3 +356,22 @@ def test_a_client_gone_mid_body_is_no_internal_error_and_applies_nothing(tmp_pat
     assert start["status"] == 400
     assert "internal error" not in caplog.text and "Traceback" not in caplog.text
     assert "disconnected before its body was complete" in caplog.text and not events.exists()
+
+
+def test_a_csv_list_shows_formula_like_ids_as_text_and_k_is_checked_before_the_model_loads(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Regression (red team): an event can create the user "=cmd|' /C calc'!A0", which `recommend --out x.csv` wrote
+    # as a bare first cell that a spreadsheet evaluates; `--k 0` was refused only after a minute of model loading
+    from fedsocial.simulations.recommend import compute_csv_cell, format_rows, main
+
+    # Prepare
+    row = {"user": "=cmd|' /C calc'!A0", "rank": 1, "item": "@SUM(1)", "score": 1.5, "probability": 0.5,
+           "explanation": {}}
+    # Execute
+    text = format_rows([row, {**row, "user": "-3", "item": 7}], ".csv")
+    code = main([str(tmp_path / "no-such-run"), "--partner", "partner-0", "--k", "0", "--out", str(tmp_path / "x.csv")])
+    # Assert: formula starts are text; a negative numeric id and integers are unchanged
+    lines = text.splitlines()
+    assert lines[1].startswith("'=cmd|' /C calc'!A0,1,'@SUM(1),") and lines[2].startswith("-3,1,7,")
+    assert compute_csv_cell("+33") == "'+33" and compute_csv_cell(5) == 5
+    assert code == 2 and "--k: must be an integer in [1, 1000], got 0" in capsys.readouterr().err
