@@ -32,6 +32,15 @@ def client_of(rec: Recommender) -> TestClient:
         return TestClient(create_app(rec, "partner-0"), raise_server_exceptions=False)
 
 
+def service_of(tmp_path: Path) -> tuple[SplitData, Recommender, TestClient, Path]:
+    """(split, recommender, client, events file) of a tiny served model whose events go to a file."""
+    split = tiny_split()
+    events = tmp_path / "events.jsonl"
+    rec = Recommender(randomised_model(ModelConfig(dim=8), split, 1), split,  # type: ignore[arg-type]
+                      calibration="none", privacy_scope="none", events_path=events)
+    return split, rec, client_of(rec), events
+
+
 @pytest.mark.parametrize(("user", "code"), [("\ud800", "D800"), ("a\nb", "000A"), ("tab\there", "0009"),
                                            ("nul\x00", "0000"), ("line\u2028sep", "2028"), ("del\x7f", "007F"),
                                            ("\u200b1", "200B"), ("x\ufeff", "FEFF"),
@@ -43,11 +52,7 @@ def test_an_event_id_no_data_set_can_hold_is_refused_and_never_breaks_the_servic
                                                                                   code: str) -> None:
     # Prepare: a service whose events go to a file (a lone surrogate was accepted, appended to events.jsonl, and
     # from then on GET /users answered 500 and `fedsocial recommend --out x.csv` died in a UnicodeEncodeError)
-    split = tiny_split()
-    events = tmp_path / "events.jsonl"
-    rec = Recommender(randomised_model(ModelConfig(dim=8), split, 1), split,  # type: ignore[arg-type]
-                      calibration="none", privacy_scope="none", events_path=events)
-    client = client_of(rec)
+    split, rec, client, events = service_of(tmp_path)
     # Execute
     headers = {"content-type": "application/json"}  # json.dumps escapes as "\\ud800", as a hostile client sends it
     posted = client.post("/events", content=json.dumps({"user": user, "item": 3, "type": "view"}), headers=headers)
@@ -138,11 +143,7 @@ def test_a_huge_integer_value_or_a_blank_id_is_a_422_and_a_bug_is_a_500_with_the
     # Regression (red team): a 400-digit integer "value" raised OverflowError in math.isfinite: a 500 without the
     # security headers and two tracebacks in the log; ids of spaces only (or U+00A0, U+3000) were accepted
     # Prepare
-    split = tiny_split()
-    events = tmp_path / "events.jsonl"
-    rec = Recommender(randomised_model(ModelConfig(dim=8), split, 1), split,  # type: ignore[arg-type]
-                      calibration="none", privacy_scope="none", events_path=events)
-    client = client_of(rec)
+    split, rec, client, events = service_of(tmp_path)
     headers = {"content-type": "application/json"}
     # Execute
     huge = client.post("/events", content='{"user": 3, "item": 1, "type": "rating", "value": 1' + "0" * 400 + "}",
