@@ -69,6 +69,7 @@ from fedsocial.shared.models.prior import (
 from fedsocial.shared.models.social import SocialRec, compute_user_feature_index
 from fedsocial.shared.privacy.selection import SELECTION_CANDIDATES
 
+MAX_K = 1000  # the longest list one request may ask for (service, recommend CLI, Recommender alike)
 REFIT_CHUNK = 1024  # users per batched p_u refit (refit_all_local_vectors' chunk)
 _EPS = 1e-12  # torch.nn.functional.normalize's eps: the model's cosine uses it
 
@@ -529,8 +530,8 @@ class Recommender:
     def recommend(self, user: int | str, k: int = 10, category: int | str | None = None,
                   explain: bool = True) -> list[dict[str, Any]]:
         """Top-``k`` unseen items for ``user`` (optionally within one catalogue category: its code or name)."""
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 1000:
-            raise ServingError(f"field 'k': must be an integer in [1, 1000], got {k!r}")
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
+            raise ServingError(f"field 'k': must be an integer in [1, {MAX_K}], got {k!r}")
         code = None if category is None else self.category_code(category)
         u = self.index_of(user)
         with self._lock:  # the scores and the explanation read the same p_u

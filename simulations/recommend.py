@@ -41,6 +41,7 @@ from fedsocial.shared.models.social import SocialRec
 from fedsocial.shared.privacy.selection import SelectionError
 from fedsocial.shared.serving import (
     CALIBRATIONS,
+    MAX_K,
     Recommender,
     ServingError,
     UnknownUserError,
@@ -423,8 +424,8 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out)
         if out.suffix not in (".jsonl", ".csv"):
             raise ConfigError(f"--out {out}: the file must end in .jsonl or .csv")
-        if not 1 <= args.k <= 1000:  # before the model is loaded (a minute or more), as the service checks it
-            raise ConfigError(f"--k: must be an integer in [1, 1000], got {args.k}")
+        if not 1 <= args.k <= MAX_K:  # before the model is loaded (a minute or more), as the service checks it
+            raise ConfigError(f"--k: must be an integer in [1, {MAX_K}], got {args.k}")
         check_replaceable_output(out)  # before the model is loaded
         out.parent.mkdir(parents=True, exist_ok=True)  # a blocked --out fails before the model is loaded
         rec = load_recommender(source_from_args(args), args.calibration)

@@ -36,7 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from fedsocial.shared.events import EventError, parse_event
-from fedsocial.shared.serving import Recommender, ServingError, UnknownUserError
+from fedsocial.shared.serving import MAX_K, Recommender, ServingError, UnknownUserError
 
 log = logging.getLogger("fedsocial.serve")
 PAGE = Path(__file__).with_name("serve_page.html")
@@ -148,7 +148,7 @@ def create_app(rec: Recommender, partner_id: str = "", allowed_hosts: frozenset[
         return compute_health(rec, partner_id)
 
     @app.get("/users/{user:path}/recommendations")  # :path: an id may hold "/" (the data allows any string)
-    async def recommendations(user: str, k: int = Query(10, ge=1, le=1000),
+    async def recommendations(user: str, k: int = Query(10, ge=1, le=MAX_K),
                               category: str | None = Query(None, max_length=1024),
                               explain: bool = True) -> dict[str, Any]:
         t0 = time.perf_counter()

@@ -496,7 +496,7 @@ def _check_skellam(partner: str, entries: list[dict[str, Any]], lines: list[int]
 
     manifest = result.records.get("manifest") or {}
     priv, fed = manifest.get("privacy") or {}, manifest.get("federation") or {}
-    distributed = priv.get("distributed_noise") is True
+    distributed, step = priv.get("distributed_noise") is True, compute_signed_grid_step(priv)
     for entry, line in zip(entries, lines, strict=True):
         rnd = entry.get("round")
         if entry.get("mechanism") != "skellam":
@@ -514,7 +514,6 @@ def _check_skellam(partner: str, entries: list[dict[str, Any]], lines: list[int]
             result.add("accounting", partner, rnd, line, f"distributed noise accounted by {entry.get('accountant')!r}: "
                                                          "the Skellam bound holds only at integer RDP orders "
                                                          "(rdp_int)")
-        step = compute_signed_grid_step(priv)
         if step is not None and not math.isclose(float(entry["grid_step"]), step, rel_tol=1e-9):
             result.add("accounting", partner, rnd, line,
                        f"distributed noise: grid step {float(entry['grid_step']):.6g}, but the signed manifest's grid "
